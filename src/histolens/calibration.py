@@ -1,0 +1,66 @@
+"""Temperature scaling and decision-threshold choice, both fitted on the validation split."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histolens.errors import ConfigError
+
+__all__ = ["choose_threshold", "fit_temperature"]
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature T > 0 minimising validation NLL of logits / T (Guo et al., 2017).
+
+    Binary models have one logit column (sigmoid), others one per class (softmax). Optimised in
+    log T so T stays positive; returns 1.0 when there is nothing to fit.
+    """
+    logits = logits.detach().float().clone()  # may come from inference mode
+    if len(logits) < 2:
+        return 1.0
+    targets = targets.detach().clone()
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        scaled = logits / log_t.exp()
+        if logits.shape[1] == 1:
+            loss = F.binary_cross_entropy_with_logits(scaled[:, 0], targets.float())
+        else:
+            loss = F.cross_entropy(scaled, targets.long())
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    t = float(log_t.detach().exp())
+    return t if np.isfinite(t) and 0.05 <= t <= 20 else 1.0
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, method: str = "youden",
+                     target_sensitivity: float = 0.95) -> float:
+    """Decision threshold on validation probabilities of the positive class.
+
+    'youden' maximises sensitivity + specificity - 1; 'sensitivity' is the highest threshold whose
+    sensitivity reaches the target; 'fixed' is 0.5. Falls back to 0.5 with one class only.
+    """
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, float)
+    if method == "fixed" or len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    finite = np.isfinite(thr)
+    fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
+    if method == "youden":
+        best = int(np.argmax(tpr - fpr))
+        # Midway to the next lower score keeps the threshold off a validation point.
+        lower = p[p < thr[best]]
+        return float((thr[best] + lower.max()) / 2) if len(lower) else float(thr[best])
+    if method == "sensitivity":
+        ok = np.flatnonzero(tpr >= target_sensitivity)
+        return float(thr[ok[0]]) if len(ok) else float(thr[-1])
+    raise ConfigError(f"Unknown threshold method '{method}'; choose youden, sensitivity or fixed.")

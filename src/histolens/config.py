@@ -1,0 +1,239 @@
+"""Typed run configuration: dataclasses are the source of truth; presets, YAML and flags override.
+
+The resolved config is saved with every run (``config.json``) and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histolens.errors import ConfigError, check_choice, did_you_mean
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RECIPES",
+    "RunConfig",
+    "StainConfig",
+    "TrainConfig",
+    "load_yaml_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are split."""
+
+    path: str = ""
+    magnification: str = "all"
+    task: str = "binary"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+    group_by: str = "group"  # "group": numeric core of the BreakHis id; "patient": exact ids
+
+    def __post_init__(self) -> None:
+        self.magnification = str(self.magnification).upper().rstrip("X").lower()
+        check_choice("magnification", self.magnification, ["40", "100", "200", "400", "all"])
+        check_choice("task", self.task, ["binary", "subtype"])
+        check_choice("group-by", self.group_by, ["group", "patient"])
+
+
+@dataclass
+class ModelConfig:
+    """Backbone by name and the original project's head."""
+
+    backbone: str = "vgg16"
+    pretrained: str = "imagenet"
+    unfreeze: int = 0
+    head_dims: tuple[int, ...] = (512, 256)
+    dropouts: tuple[float, ...] = (0.5, 0.3)
+
+    def __post_init__(self) -> None:
+        self.head_dims = tuple(int(d) for d in self.head_dims)
+        self.dropouts = tuple(float(d) for d in self.dropouts)
+        if len(self.head_dims) != len(self.dropouts):
+            raise ConfigError("head_dims and dropouts need the same length.")
+        if self.unfreeze < 0:
+            raise ConfigError(f"--unfreeze must be 0 or more, got {self.unfreeze}.")
+
+
+@dataclass
+class AugmentConfig:
+    """Keras ImageDataGenerator-style geometric augmentation, plus stain augmentation."""
+
+    enabled: bool = True
+    rotation: float = 20.0  # degrees, uniform in [-r, r]
+    shift: float = 0.2  # fraction of width/height
+    # Keras reads shear_range in degrees, so the original project's 0.2 is a 0.2-degree shear.
+    shear: float = 0.2
+    zoom: float = 0.2  # scale in [1 - z, 1 + z], per axis as in Keras
+    hflip: bool = True
+    vflip: bool = True
+    fill: str = "nearest"  # "nearest" (replicate edges, Keras's default) or "reflect"/"constant"
+    stain: bool = False  # HED-space colour jitter
+    stain_sigma: float = 0.05
+    stain_bias: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_choice("fill mode", self.fill, ["nearest", "reflect", "constant"])
+
+
+@dataclass
+class StainConfig:
+    """Stain normalisation: method and an optional reference image (else chosen from training)."""
+
+    method: str = "none"
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("stain normalisation", self.method, ["none", "macenko", "reinhard"])
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe."""
+
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 50
+    class_weights: bool = True
+    early_stopping_patience: int = 10
+    lr_patience: int = 5
+    lr_factor: float = 0.2
+    min_lr: float = 1e-6
+    backbone_lr_factor: float = 0.1  # unfrozen backbone layers train at lr * this
+    feature_cache: bool = True  # frozen backbone: compute features once, train the head on them
+    cache_views: int = 4  # augmented views per training image in the cache
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: str = "auto"
+    precision: str = "32-true"
+    threshold_method: str = "youden"  # or "sensitivity"
+    target_sensitivity: float = 0.95
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, ["sgd", "adam", "adamw"])
+        check_choice("threshold method", self.threshold_method, ["youden", "sensitivity", "fixed"])
+        for name in ("lr", "batch_size", "epochs", "cache_views"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ConfigError("target_sensitivity must be in (0, 1].")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as JSON next to its checkpoints."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stain: StainConfig = field(default_factory=StainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        cfg = cls(recipe=d.pop("recipe", "default"))
+        for section, value in d.items():
+            cfg = cfg.override({section: value})
+        return cfg
+
+    def override(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with ``{"section": {"key": value}}`` or ``{"section.key": value}`` applied."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        nested: dict[str, dict[str, Any]] = {}
+        recipe = self.recipe
+        for key, value in overrides.items():
+            if key == "recipe":
+                recipe = value
+                continue
+            if "." in key:
+                sec, sub = key.split(".", 1)
+                nested.setdefault(sec, {})[sub] = value
+            elif isinstance(value, dict):
+                nested.setdefault(key, {}).update(value)
+            else:
+                raise ConfigError(f"Config key '{key}' needs a section, e.g. 'train.{key}'.")
+        new_sections = {}
+        for sec, obj in sections.items():
+            if sec == "recipe":
+                continue
+            changes = nested.pop(sec, {})
+            valid = {f.name for f in dataclasses.fields(obj)}
+            for name in changes:
+                if name not in valid:
+                    raise ConfigError(
+                        f"Unknown setting '{sec}.{name}'; valid: {', '.join(sorted(valid))}."
+                        + did_you_mean(name, valid)
+                    )
+            new_sections[sec] = dataclasses.replace(obj, **changes) if changes else obj
+        if nested:
+            bad = next(iter(nested))
+            raise ConfigError(
+                f"Unknown config section '{bad}'; valid: data, model, augment, stain, train."
+                + did_you_mean(bad, ["data", "model", "augment", "stain", "train"])
+            )
+        return RunConfig(**new_sections, recipe=recipe)
+
+
+# The original project's recipe, exactly; and histolens's defaults, chosen by patient-level
+# cross-validation on real BreakHis images (see README, "Why these defaults").
+RECIPES: dict[str, dict[str, Any]] = {
+    "original": {
+        "recipe": "original",
+        "model.backbone": "vgg16",
+        "train.optimizer": "sgd",
+        "train.lr": 1e-4,
+        "train.momentum": 0.9,
+        "train.batch_size": 32,
+        "train.epochs": 50,
+        "train.class_weights": True,
+        "train.early_stopping_patience": 10,
+        "train.lr_patience": 5,
+        "train.lr_factor": 0.2,
+        "train.feature_cache": False,
+        "augment.enabled": True,
+        "augment.stain": False,
+        "stain.method": "none",
+    },
+    "default": {"recipe": "default"},
+}
+
+
+def recipe_config(name: str) -> RunConfig:
+    """The RunConfig of a named recipe ('default' or 'original')."""
+    check_choice("recipe", name, list(RECIPES))
+    return RunConfig().override(RECIPES[name])
+
+
+def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (or JSON) file of ``section: {key: value}`` overrides."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read config file {p}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a mapping of sections.")
+    return data

@@ -1,0 +1,186 @@
+"""Pure metric functions over aligned arrays; patient-level metrics and bootstrap over patients.
+
+Every function takes labels and scores of the same rows; the evaluation module builds those rows
+from (path, patient, label, probability) records, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "binary_metrics",
+    "bootstrap_ci",
+    "expected_calibration_error",
+    "multiclass_metrics",
+    "patient_level_auc",
+    "patient_recognition_rate",
+    "reliability_curve",
+    "safe_auc",
+]
+
+
+def safe_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC, or NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, score))
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of the positive-class probability: bin-size-weighted |accuracy - confidence|."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    if len(y) == 0:
+        return float("nan")
+    bins = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(y[m].mean() - p[m].mean())
+    return float(ece)
+
+
+def reliability_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-bin mean predicted probability, observed frequency and count (empty bins are NaN)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    bins = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
+    conf = np.full(n_bins, np.nan)
+    freq = np.full(n_bins, np.nan)
+    count = np.zeros(n_bins, int)
+    for b in range(n_bins):
+        m = bins == b
+        count[b] = int(m.sum())
+        if m.any():
+            conf[b], freq[b] = p[m].mean(), y[m].mean()
+    return conf, freq, count
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Image-level metrics of positive-class probabilities ``p`` against 0/1 labels ``y``."""
+    from sklearn.metrics import average_precision_score
+
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, float)
+    pred = (p >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    sens, spec = ratio(tp, tp + fn), ratio(tn, tn + fp)
+    prec = ratio(tp, tp + fp)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    both = len(np.unique(y)) == 2
+    return {
+        "n": int(len(y)),
+        "accuracy": ratio(tp + tn, len(y)),
+        "precision": prec,
+        "recall": sens,
+        "sensitivity": sens,
+        "specificity": spec,
+        "f1": f1,
+        "balanced_accuracy": float(np.nanmean([sens, spec])) if both else float("nan"),
+        "roc_auc": safe_auc(y, p),
+        "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
+        "brier": float(np.mean((p - y) ** 2)) if len(y) else float("nan"),
+        "ece": expected_calibration_error(y, p),
+        "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+        "threshold": float(threshold),
+    }
+
+
+def multiclass_metrics(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+                       ) -> dict[str, object]:
+    """Accuracy, per-class precision/recall/F1, macro and weighted averages, one-vs-rest AUC."""
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    probs = np.asarray(probs, float)
+    pred = probs.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out: dict[str, object] = {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(s[i])} for i, c in enumerate(class_names)},
+    }
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg,
+                                                        zero_division=0)
+        out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = (
+            float(pa), float(ra), float(fa))
+    present = np.unique(y)
+    if len(present) > 1:
+        try:
+            sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+            out["roc_auc_ovr"] = float(roc_auc_score(np.searchsorted(present, y), sub,
+                                                     multi_class="ovr", average="macro")
+                                       if len(present) > 2 else
+                                       roc_auc_score(y == present[1], sub[:, 1]))
+        except ValueError:
+            out["roc_auc_ovr"] = float("nan")
+    else:
+        out["roc_auc_ovr"] = float("nan")
+    ll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)) if len(y) else np.array([])
+    out["log_loss"] = float(ll.mean()) if len(y) else float("nan")
+    return out
+
+
+def patient_recognition_rate(patients: Sequence[str], correct: np.ndarray) -> float:
+    """BreakHis protocol: per patient, the fraction of its images right; averaged over patients."""
+    correct = np.asarray(correct, float)
+    patients = np.asarray(patients)
+    uniq = np.unique(patients)
+    if len(uniq) == 0:
+        return float("nan")
+    return float(np.mean([correct[patients == q].mean() for q in uniq]))
+
+
+def patient_level_auc(patients: Sequence[str], y: np.ndarray, p: np.ndarray) -> float:
+    """AUC over patients, each scored by its mean probability and labelled by its majority."""
+    patients = np.asarray(patients)
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    uniq = np.unique(patients)
+    py = np.array([round(y[patients == q].mean()) for q in uniq])
+    pp = np.array([p[patients == q].mean() for q in uniq])
+    return safe_auc(py, pp)
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    patients: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile CI of ``statistic(row_indices)`` resampling patients (not images) with replacement.
+
+    Images of one patient are correlated; resampling images would give falsely narrow intervals.
+    Resamples where the statistic is undefined (NaN, e.g. one class only) are dropped.
+    """
+    patients = np.asarray(patients)
+    uniq = np.unique(patients)
+    rows_of = {q: np.flatnonzero(patients == q) for q in uniq}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        chosen = rng.choice(uniq, size=len(uniq), replace=True)
+        idx = np.concatenate([rows_of[q] for q in chosen])
+        v = statistic(idx)
+        if np.isfinite(v):
+            values.append(v)
+    if len(values) < max(10, n_boot // 10):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)

@@ -1,0 +1,178 @@
+"""From image files to model inputs and cached backbone features.
+
+``ImageBank`` decodes and resizes each image once; ``InputPipeline`` turns uint8 batches into
+model inputs (stain normalisation, seeded augmentation, mean/std) exactly as the Predictor does;
+``FeatureCache`` holds a frozen backbone's features for K augmented views of each image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from histolens.data import Skipped
+from histolens.errors import ImageLoadError
+from histolens.imageio import load_rgb
+from histolens.transforms import Augmenter, Preprocess, view_generator
+
+__all__ = ["FeatureCache", "ImageBank", "InputPipeline"]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+class ImageBank:
+    """Decoded, resized uint8 images kept in memory, keyed by path; unreadable files skipped."""
+
+    def __init__(self, paths: Sequence[str], preprocess: Preprocess, progress: bool = True,
+                 workers: int = 2) -> None:
+        self.preprocess = preprocess
+        self.images: dict[str, torch.Tensor] = {}
+        self.skipped: list[Skipped] = []
+
+        def load(path: str) -> torch.Tensor | Skipped:
+            try:
+                return preprocess.resize(load_rgb(path))
+            except ImageLoadError as exc:
+                return Skipped(path, exc.reason)
+
+        unique = list(dict.fromkeys(str(p) for p in paths))
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _progress(
+            len(unique), "Reading images", progress
+        ) as bar:
+            for path, result in zip(unique, pool.map(load, unique), strict=True):
+                if isinstance(result, Skipped):
+                    self.skipped.append(result)
+                else:
+                    self.images[path] = result
+                bar.update(1)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.images
+
+    def stack(self, paths: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self.images[p] for p in paths])
+
+
+@dataclass
+class InputPipeline:
+    """uint8 batch -> model input; the training side adds seeded augmentation per (image, view)."""
+
+    preprocess: Preprocess
+    augmenter: Augmenter | None = None
+    stain: object | None = None  # a fitted histolens.stain.StainNormalizer
+    seed: int = 42
+    device: torch.device = torch.device("cpu")
+
+    def _to_float(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, torch.float32) / 255.0
+        if self.stain is not None:
+            x, _ = self.stain(x)
+        return x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+    def eval_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the Predictor feeds the model: stain normalisation, then mean/std."""
+        return self._finish(self._to_float(images))
+
+    def train_inputs(self, images: torch.Tensor, keys: Sequence[str], view: int) -> torch.Tensor:
+        """Augmented view ``view`` of each image; image ``k`` draws from view_generator(seed, k, view)."""
+        x = self._to_float(images)
+        if self.augmenter is not None and self.augmenter.active:
+            gens = [view_generator(self.seed, k, view) for k in keys]
+            x = self.augmenter(x, gens)
+        return self._finish(x)
+
+
+class FeatureCache:
+    """Pooled backbone features: one clean view per image and K augmented views of train images."""
+
+    def __init__(self, clean: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
+                 fingerprint: str) -> None:
+        self.clean = clean
+        self.views = views
+        self.fingerprint = fingerprint
+
+    @staticmethod
+    def fingerprint_of(**parts: object) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, model: torch.nn.Module, bank: ImageBank, pipeline: InputPipeline,
+              clean_paths: Sequence[str], view_paths: Sequence[str], n_views: int,
+              fingerprint: str, batch_size: int = 32, progress: bool = True) -> FeatureCache:
+        """Run the frozen backbone once over every clean image and every augmented view."""
+        model.eval()
+        clean: dict[str, torch.Tensor] = {}
+        views: dict[str, list[torch.Tensor]] = {p: [] for p in view_paths}
+        clean_paths = [p for p in dict.fromkeys(clean_paths) if p in bank]
+        view_paths = [p for p in view_paths if p in bank]
+        total = len(clean_paths) + len(view_paths) * n_views
+        with _progress(total, "Backbone features", progress) as bar:
+            for i in range(0, len(clean_paths), batch_size):
+                chunk = clean_paths[i:i + batch_size]
+                feats = model.features(pipeline.eval_inputs(bank.stack(chunk))).float().cpu()
+                clean.update(zip(chunk, feats, strict=True))
+                bar.update(len(chunk))
+            for v in range(n_views):
+                for i in range(0, len(view_paths), batch_size):
+                    chunk = view_paths[i:i + batch_size]
+                    x = pipeline.train_inputs(bank.stack(chunk), chunk, v)
+                    feats = model.features(x).float().cpu()
+                    for p, f in zip(chunk, feats, strict=True):
+                        views[p].append(f)
+                    bar.update(len(chunk))
+        return cls(clean, {p: torch.stack(v) for p, v in views.items() if v}, fingerprint)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        from histolens.atomic import atomic_path
+
+        keys = sorted(self.clean)
+        vkeys = sorted(self.views)
+        tensors = {}
+        if keys:
+            tensors["clean"] = torch.stack([self.clean[k] for k in keys])
+        if vkeys:
+            tensors["views"] = torch.stack([self.views[k] for k in vkeys])
+        meta = {"fingerprint": self.fingerprint, "clean": json.dumps(keys),
+                "views": json.dumps(vkeys)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, fingerprint: str) -> FeatureCache | None:
+        """The cache saved at ``path`` if it was built with the same settings, else None."""
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("fingerprint") != fingerprint:
+                    return None
+                keys, vkeys = json.loads(meta["clean"]), json.loads(meta["views"])
+                clean_t = fh.get_tensor("clean") if keys else None
+                views_t = fh.get_tensor("views") if vkeys else None
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            return None
+        clean = dict(zip(keys, clean_t, strict=True)) if keys else {}
+        views = dict(zip(vkeys, views_t, strict=True)) if vkeys else {}
+        return cls(clean, views, fingerprint)

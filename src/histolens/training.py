@@ -1,0 +1,488 @@
+"""``histolens train``: Lightning runs the loop; a frozen backbone trains its head on cached features.
+
+The run directory holds the resolved config, the split, the feature cache, Lightning's
+``last.ckpt`` for ``--resume``, the CSV log, and ``best.safetensors``, the self-describing
+checkpoint everything else loads through :class:`histolens.predictor.Predictor`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from histolens.atomic import atomic_write_text
+from histolens.backbones import get_backbone_spec
+from histolens.checkpoint import BEST_CHECKPOINT, read_metadata, save_checkpoint
+from histolens.config import RunConfig
+from histolens.data import (
+    Dataset as Records,
+)
+from histolens.data import (
+    ImageRecord,
+    class_names_for,
+    discover,
+    filter_records,
+    target_of,
+)
+from histolens.errors import ConfigError, DataError
+from histolens.model import HistoClassifier, build_model
+from histolens.pipeline import FeatureCache, ImageBank, InputPipeline
+from histolens.splits import Split, balanced_class_weights, split_by_patient
+from histolens.transforms import Augmenter, resolve_preprocess
+
+__all__ = ["ClassifierModule", "TrainResult", "prepare_records", "train"]
+
+log = logging.getLogger("histolens")
+
+FEATURE_CACHE = "features.safetensors"
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.csv"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    checkpoint: Path
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_records(cfg: RunConfig) -> tuple[Records, list[ImageRecord], tuple[str, ...]]:
+    """Discover the data, keep the configured magnification and task, and name the classes."""
+    dataset = discover(cfg.data.path)
+    records = filter_records(dataset.records, cfg.data.magnification, cfg.data.task)
+    classes = class_names_for(cfg.data.task, records)
+    present = {target_of(r, cfg.data.task) for r in records}
+    if len(present) < 2:
+        raise DataError(
+            f"Training needs at least two classes; {cfg.data.path} has only {', '.join(present)}."
+        )
+    return dataset, records, classes
+
+
+class _ImageSet(Dataset):
+    def __init__(self, bank: ImageBank, records: Sequence[ImageRecord], targets: Sequence[int]):
+        self.bank, self.paths, self.targets = bank, [r.path for r in records], list(targets)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.bank.images[self.paths[i]], self.targets[i], self.paths[i]
+
+
+class ClassifierModule:
+    """Factory for the LightningModule (imported lazily: Lightning is slow to import)."""
+
+    def __new__(cls, *args, **kwargs):
+        return _lightning_module_class()(*args, **kwargs)
+
+
+def _lightning_module_class():
+    import lightning as L
+
+    class _ClassifierModule(L.LightningModule):
+        """Trains the head (cached features) or head + unfrozen stages (images) of a model."""
+
+        def __init__(self, model: HistoClassifier, cfg: RunConfig, class_weights: Sequence[float],
+                     pipeline: InputPipeline | None, cached: bool) -> None:
+            super().__init__()
+            self.model = model
+            self.cfg = cfg
+            self.cached = cached
+            self.pipeline = pipeline
+            self.register_buffer("class_weights", torch.tensor(list(class_weights), dtype=torch.float32))
+            self.binary = model.head.out.out_features == 1
+            self._val_logits: list[torch.Tensor] = []
+            self._val_targets: list[torch.Tensor] = []
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            # The backbone keeps its ImageNet batch-norm statistics (Keras's frozen layers too).
+            self.model.backbone.eval()
+            return self
+
+        def _logits(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.cached:
+                feats, y = batch
+                if feats.dim() == 3:  # (B, K, D): epoch e trains on view e mod K
+                    feats = feats[:, self.current_epoch % feats.shape[1]]
+                return self.model.head(feats), y
+            images, y, keys = batch
+            if train:
+                x = self.pipeline.train_inputs(images, keys, self.current_epoch)
+            else:
+                x = self.pipeline.eval_inputs(images)
+            return self.model(x), y
+
+        def _loss(self, logits: torch.Tensor, y: torch.Tensor, weighted: bool) -> torch.Tensor:
+            w = self.class_weights if weighted and self.cfg.train.class_weights else None
+            if self.binary:
+                sample_w = w[y.long()] if w is not None else None
+                return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), weight=sample_w)
+            return F.cross_entropy(logits, y.long(), weight=w)
+
+        def training_step(self, batch, batch_idx):
+            logits, y = self._logits(batch, train=True)
+            loss = self._loss(logits, y, weighted=True)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=len(y))
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            logits, y = self._logits(batch, train=False)
+            self._val_logits.append(logits.detach().float().cpu())
+            self._val_targets.append(y.detach().cpu())
+
+        def on_validation_epoch_end(self):
+            if not self._val_logits:
+                return
+            logits, y = torch.cat(self._val_logits), torch.cat(self._val_targets)
+            self._val_logits.clear()
+            self._val_targets.clear()
+            # Unweighted, as Keras reports validation loss.
+            self.log("val_loss", self._loss(logits, y, weighted=False), prog_bar=True)
+            from histolens.metrics import safe_auc
+
+            if self.binary:
+                p = torch.sigmoid(logits[:, 0]).numpy()
+                self.log("val_acc", float(((p >= 0.5) == y.numpy().astype(bool)).mean()))
+                auc = safe_auc(y.numpy(), p)
+            else:
+                probs = torch.softmax(logits, 1).numpy()
+                self.log("val_acc", float((probs.argmax(1) == y.numpy()).mean()))
+                auc = float("nan")
+            if np.isfinite(auc):
+                self.log("val_auc", auc, prog_bar=True)
+
+        def configure_optimizers(self):
+            t = self.cfg.train
+            head = [p for p in self.model.head.parameters() if p.requires_grad]
+            backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+            groups = [{"params": head, "lr": t.lr}]
+            if backbone:
+                groups.append({"params": backbone, "lr": t.lr * t.backbone_lr_factor})
+            if t.optimizer == "sgd":
+                opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum,
+                                      weight_decay=t.weight_decay)
+            elif t.optimizer == "adam":
+                opt = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+            else:
+                opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr)
+            return {"optimizer": opt,
+                    "lr_scheduler": {"scheduler": sched, "monitor": self._monitor()}}
+
+        def _monitor(self) -> str:
+            return "val_loss" if self.trainer is None or self.trainer.val_dataloaders else "train_loss"
+
+    return _ClassifierModule
+
+
+def _export_callback_class():
+    from lightning.pytorch.callbacks import Callback
+
+    class ExportBestCheckpoint(Callback):
+        """Writes best.safetensors (atomically) whenever the monitored loss improves."""
+
+        def __init__(self, path: Path, metadata: dict[str, Any], monitor: str) -> None:
+            self.path, self.metadata, self.monitor = path, metadata, monitor
+            self.best = float("inf")
+            self.best_epoch = -1
+
+        def _maybe_save(self, trainer, pl_module) -> None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is None or not trainer.is_global_zero:
+                return
+            value = float(value)
+            if value < self.best:
+                self.best, self.best_epoch = value, trainer.current_epoch
+                meta = {**self.metadata, "epoch": trainer.current_epoch,
+                        "best_val_loss": value,
+                        "val_auc_at_best": float(trainer.callback_metrics.get("val_auc", np.nan))}
+                save_checkpoint(self.path, pl_module.model, meta)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self._maybe_save(trainer, pl_module)
+
+        def state_dict(self):
+            return {"best": self.best, "best_epoch": self.best_epoch}
+
+        def load_state_dict(self, state):
+            self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+    return ExportBestCheckpoint
+
+
+def _loggers(run_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    # A resumed run logs into a new version folder, so the earlier epochs' log is kept.
+    logs = run_dir / "logs"
+    version = 0
+    while (logs / f"version_{version}" / "metrics.csv").exists():
+        version += 1
+    loggers = [CSVLogger(str(run_dir), name="logs", version=version)]
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=version))
+    except ImportError:
+        pass
+    return loggers
+
+
+def _fit_stain(cfg: RunConfig, bank: ImageBank, train_paths: Sequence[str], preprocess
+               ) -> tuple[Any, str | None]:
+    """A StainNormalizer fitted to the given reference, or to the median-like training image."""
+    if cfg.stain.method == "none":
+        return None, None
+    from histolens.imageio import load_rgb
+    from histolens.stain import StainNormalizer, choose_reference
+
+    normalizer = StainNormalizer(cfg.stain.method)
+    if cfg.stain.reference:
+        ref = preprocess.resize(load_rgb(cfg.stain.reference))
+        normalizer.fit(ref)
+        return normalizer, str(cfg.stain.reference)
+    paths = [p for p in train_paths if p in bank]
+    step = max(1, len(paths) // 200)  # a median over up to ~200 images is plenty
+    candidates = paths[::step]
+    idx = choose_reference([bank.images[p] for p in candidates], method=cfg.stain.method)
+    normalizer.fit(bank.images[candidates[idx]])
+    return normalizer, candidates[idx]
+
+
+def _targets(records: Sequence[ImageRecord], classes: Sequence[str], task: str) -> list[int]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[target_of(r, task)] for r in records]
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
+          split: Split | None = None, progress: bool = True, evaluate: bool = True
+          ) -> TrainResult:
+    """Train a model as ``cfg`` says, writing everything into ``run_dir``.
+
+    With ``resume`` the run continues from its ``lightning/last.ckpt``; the feature cache is
+    reused when its fingerprint matches. ``split`` overrides the patient-level split (for CV).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    start = time.perf_counter()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run_dir = Path(run_dir)
+    notes: list[str] = []
+    if resume:
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"Cannot resume: {run_dir} has no {CONFIG_FILE}.")
+        cfg = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+    elif (run_dir / "lightning" / "last.ckpt").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a training run; use --resume to continue it or choose "
+            "another --out."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+
+    dataset, records, classes = prepare_records(cfg)
+    if split is None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            split = split_by_patient(records, cfg.data.task, cfg.data.val_fraction,
+                                     cfg.data.test_fraction, cfg.data.seed, cfg.data.group_by)
+        notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    notes += split.warnings
+    for n in notes:
+        log.warning(n)
+
+    spec = get_backbone_spec(cfg.model.backbone)
+    model = build_model(spec, len(classes), cfg.model.pretrained, cfg.model.head_dims,
+                        cfg.model.dropouts)
+    preprocess = resolve_preprocess(model.backbone)
+    cached = cfg.train.feature_cache and cfg.model.unfreeze == 0
+    model.set_trainable(cfg.model.unfreeze)
+
+    all_records = split.train + split.val + split.test
+    bank = ImageBank([r.path for r in all_records], preprocess, progress)
+    if bank.skipped:
+        notes.append(f"{len(bank.skipped)} unreadable image(s) skipped; see skipped.csv.")
+        _write_skipped(run_dir / "skipped.csv", bank.skipped + dataset.skipped)
+    keep = [r for r in all_records if r.path in bank]
+    split = Split([r for r in split.train if r.path in bank], [r for r in split.val if r.path in bank],
+                  [r for r in split.test if r.path in bank], split.patient_level, split.warnings)
+    if not split.train:
+        raise DataError("No readable training images.")
+    split.write_csv(run_dir / SPLIT_FILE)
+
+    stain, stain_ref = _fit_stain(cfg, bank, [r.path for r in split.train], preprocess)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator
+                          in ("auto", "gpu", "cuda") else "cpu")
+    model.to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    pipeline = InputPipeline(preprocess, Augmenter(cfg.augment), stain, cfg.train.seed, device)
+
+    weights = balanced_class_weights(split.train, classes, cfg.data.task)
+    y_train = _targets(split.train, classes, cfg.data.task)
+    y_val = _targets(split.val, classes, cfg.data.task)
+
+    if cached:
+        fingerprint = FeatureCache.fingerprint_of(
+            backbone=spec.timm_name, pretrained=cfg.model.pretrained, preprocess=preprocess.to_dict(),
+            stain=stain.to_dict() if stain is not None else None, augment=cfg.augment,
+            views=cfg.train.cache_views, seed=cfg.train.seed,
+            paths=[r.path for r in keep], train=[r.path for r in split.train])
+        cache = FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
+        if cache is None:
+            n_views = cfg.train.cache_views if pipeline.augmenter.active else 1
+            cache = FeatureCache.build(model, bank, pipeline, [r.path for r in keep],
+                                       [r.path for r in split.train], n_views, fingerprint,
+                                       cfg.train.batch_size, progress)
+            cache.save(run_dir / FEATURE_CACHE)
+        if not pipeline.augmenter.active:
+            train_x = torch.stack([cache.clean[r.path] for r in split.train])
+        else:
+            train_x = torch.stack([cache.views[r.path] for r in split.train])
+        train_set = TensorDataset(train_x, torch.tensor(y_train))
+        val_set = (TensorDataset(torch.stack([cache.clean[r.path] for r in split.val]),
+                                 torch.tensor(y_val)) if split.val else None)
+    else:
+        cache = None
+        train_set = _ImageSet(bank, split.train, y_train)
+        val_set = _ImageSet(bank, split.val, y_val) if split.val else None
+
+    bs = cfg.train.batch_size
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=gen,
+                              drop_last=len(train_set) % bs == 1,
+                              num_workers=0 if cached else cfg.train.num_workers)
+    val_loader = DataLoader(val_set, batch_size=max(bs, 64)) if val_set is not None else None
+    monitor = "val_loss" if val_loader is not None else "train_loss"
+
+    metadata = _checkpoint_metadata(cfg, spec, classes, preprocess, stain, stain_ref, split,
+                                    weights, dataset)
+    module = ClassifierModule(model, cfg, weights, pipeline, cached)
+    export = _export_callback_class()(run_dir / BEST_CHECKPOINT, metadata, monitor)
+    callbacks = [
+        EarlyStopping(monitor=monitor, patience=cfg.train.early_stopping_patience, mode="min"),
+        ModelCheckpoint(dirpath=str(run_dir / "lightning"), filename="best-{epoch}",
+                        monitor=monitor, mode="min", save_last=True, save_top_k=1),
+        LearningRateMonitor(logging_interval="epoch"),
+        export,
+    ]
+    if progress:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader) // 2)))
+    trainer = L.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=cfg.train.accelerator,
+        devices=_devices(cfg.train.devices),
+        precision=cfg.train.precision,
+        callbacks=callbacks,
+        logger=_loggers(run_dir),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, len(train_loader)),
+        deterministic=False,
+        default_root_dir=str(run_dir),
+    )
+    last = run_dir / "lightning" / "last.ckpt"
+    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        trainer.fit(module, train_loader, val_loader,
+                    ckpt_path=str(last) if resume and last.exists() else None,
+                    weights_only=False)
+    if stain is not None:
+        notes.append(f"Stain normalisation ({cfg.stain.method}) fell back to the unchanged image "
+                     f"on {stain.fallbacks} of {stain.seen} image passes.")
+    if not (run_dir / BEST_CHECKPOINT).exists():
+        save_checkpoint(run_dir / BEST_CHECKPOINT, model, {**metadata, "epoch": trainer.current_epoch})
+    result = TrainResult(run_dir, run_dir / BEST_CHECKPOINT, trainer.current_epoch,
+                         export.best_epoch, export.best, time.perf_counter() - start,
+                         notes=notes)
+    if evaluate and trainer.is_global_zero:
+        from histolens.evaluation import finalize_run
+
+        result.metrics = finalize_run(run_dir, cfg, split, classes, bank=bank, cache=cache,
+                                      progress=progress, notes=notes)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _devices(value: str):
+    if value in ("auto", ""):
+        return "auto"
+    return int(value) if str(value).isdigit() else value
+
+
+def _write_skipped(path: Path, skipped) -> None:
+    import csv
+
+    from histolens.atomic import atomic_open
+
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        for s in skipped:
+            w.writerow([s.path, s.reason])
+
+
+def _checkpoint_metadata(cfg: RunConfig, spec, classes, preprocess, stain, stain_ref, split: Split,
+                         weights, dataset: Records) -> dict[str, Any]:
+    return {
+        "model_id": f"{spec.name}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "backbone": spec.name,
+        "timm_name": spec.timm_name,
+        "pretrained": cfg.model.pretrained,
+        "task": cfg.data.task,
+        "class_names": list(classes),
+        "head": {"dims": list(cfg.model.head_dims), "dropouts": list(cfg.model.dropouts)},
+        "preprocess": preprocess.to_dict(),
+        "stain": stain.to_dict() if stain is not None else None,
+        "stain_reference": stain_ref,
+        "magnification": cfg.data.magnification,
+        "threshold": 0.5,
+        "temperature": 1.0,
+        "config": cfg.to_dict(),
+        "class_weights": dict(zip(classes, weights, strict=True)),
+        "data": {"path": str(cfg.data.path), "layout": dataset.layout,
+                 "patient_level_split": split.patient_level, "split": split.summary(cfg.data.task)},
+    }
+
+
+def checkpoint_task_guard(checkpoint: str | os.PathLike, task: str) -> None:
+    """Refuse to use a checkpoint for another task (binary vs subtype) than it was trained for."""
+    meta = read_metadata(checkpoint)
+    if meta.get("task") != task:
+        raise ConfigError(
+            f"The checkpoint was trained for the {meta.get('task')} task "
+            f"({', '.join(meta.get('class_names', []))}), not {task}."
+        )

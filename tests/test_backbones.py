@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from histolens.backbones import (
+    BACKBONES,
+    create_backbone,
+    get_backbone_spec,
+    lite0_package_state_dict,
+    resolve_module,
+)
+from histolens.errors import ConfigError, PretrainedWeightsError
+from histolens.model import build_model
+from histolens.transforms import resolve_preprocess
+
+
+def test_lite0_package_weights_classify_a_cat():
+    """The key mapping is right: ImageNet Lite0 puts a cat class (281-285) in chelsea's top 5."""
+    import timm
+    from skimage import data
+    from PIL import Image
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(lite0_package_state_dict(), strict=True)
+    model.eval()
+    pre = resolve_preprocess(model)
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+    img = Image.fromarray(data.chelsea())
+    x = pre.normalize(pre.resize(img).float().unsqueeze(0) / 255)
+    with torch.no_grad():
+        top5 = model(x).topk(5).indices[0].tolist()
+    assert any(281 <= c <= 285 for c in top5), top5
+
+
+def test_offline_imagenet_error_names_the_remedies(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = get_backbone_spec("resnet50")
+    with pytest.raises(PretrainedWeightsError, match="--pretrained FILE.*--pretrained none"):
+        create_backbone(spec, "imagenet")
+
+
+def test_local_weight_files(tmp_path):
+    from safetensors.torch import save_file
+
+    spec = get_backbone_spec("test_resnet")
+    src = create_backbone(spec, "none")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    for f in ("w.safetensors", "w.pth"):
+        loaded = create_backbone(spec, str(tmp_path / f))
+        for k, v in src.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), (f, k)
+    wrong = create_backbone(get_backbone_spec("test_efficientnet"), "none")
+    save_file({k: v.contiguous() for k, v in wrong.state_dict().items()}, tmp_path / "x.safetensors")
+    with pytest.raises(PretrainedWeightsError, match="does not match this backbone"):
+        create_backbone(spec, str(tmp_path / "x.safetensors"))
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(PretrainedWeightsError, match="Cannot read weights"):
+        create_backbone(spec, str(tmp_path / "bad.pth"))
+    with pytest.raises(ConfigError, match="Did you mean 'imagenet'"):
+        create_backbone(spec, "imagnet")
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(PretrainedWeightsError):
+        create_backbone(get_backbone_spec("test_resnet"), str(tmp_path / "evil.pth"))
+
+
+def test_unknown_backbone_suggests():
+    with pytest.raises(ConfigError, match="Did you mean 'vgg16'"):
+        get_backbone_spec("vgg61")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_registry_entries_build(name):
+    spec = get_backbone_spec(name)
+    model = build_model(spec, 2, "none")
+    resolve_module(model.backbone, spec.target_layer)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1)
+    assert len(model.backbone_stages()) >= 5
+
+
+def test_head_width_follows_backbone():
+    for name, width in (("test_resnet", None), ("test_efficientnet", None)):
+        m = build_model(get_backbone_spec(name), 8, "none")
+        assert m.head.body[0].in_features == m.feature_dim
+        with torch.no_grad():
+            m.eval()
+            assert m(torch.zeros(2, 3, 64, 64)).shape == (2, 8)
+        assert width is None
