@@ -36,3 +36,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from histolens.testing import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_small, tmp_path_factory):
+    """A finished 2-epoch run on the small synthetic set: (run_dir, TrainResult)."""
+    from histolens.training import train
+
+    run = tmp_path_factory.mktemp("run") / "r"
+    from histolens.testing import tiny_config
+
+    result = train(tiny_config(synth_small), run, progress=False)
+    return run, result

@@ -16,8 +16,8 @@ from histolens.transforms import resolve_preprocess
 def test_lite0_package_weights_classify_a_cat():
     """The key mapping is right: ImageNet Lite0 puts a cat class (281-285) in chelsea's top 5."""
     import timm
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     model.load_state_dict(lite0_package_state_dict(), strict=True)
@@ -50,7 +50,9 @@ def test_local_weight_files(tmp_path):
         for k, v in src.state_dict().items():
             assert torch.equal(loaded.state_dict()[k], v), (f, k)
     wrong = create_backbone(get_backbone_spec("test_efficientnet"), "none")
-    save_file({k: v.contiguous() for k, v in wrong.state_dict().items()}, tmp_path / "x.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in wrong.state_dict().items()}, tmp_path / "x.safetensors"
+    )
     with pytest.raises(PretrainedWeightsError, match="does not match this backbone"):
         create_backbone(spec, str(tmp_path / "x.safetensors"))
     (tmp_path / "bad.pth").write_bytes(b"garbage")

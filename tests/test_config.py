@@ -11,7 +11,14 @@ def test_original_recipe_is_the_student_projects():
     assert (cfg.train.batch_size, cfg.train.epochs) == (32, 50)
     a = cfg.augment
     assert (a.rotation, a.shift, a.shear, a.zoom, a.hflip, a.vflip, a.fill) == (
-        20.0, 0.2, 0.2, 0.2, True, True, "nearest")
+        20.0,
+        0.2,
+        0.2,
+        0.2,
+        True,
+        True,
+        "nearest",
+    )
     assert cfg.train.class_weights
 
 

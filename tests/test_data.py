@@ -16,10 +16,19 @@ from histolens.data import (
 from histolens.errors import ConfigError, DataError
 
 
-@pytest.mark.parametrize("subtype,cls", [("A", "benign"), ("F", "benign"), ("PT", "benign"),
-                                         ("TA", "benign"), ("DC", "malignant"),
-                                         ("LC", "malignant"), ("MC", "malignant"),
-                                         ("PC", "malignant")])
+@pytest.mark.parametrize(
+    "subtype,cls",
+    [
+        ("A", "benign"),
+        ("F", "benign"),
+        ("PT", "benign"),
+        ("TA", "benign"),
+        ("DC", "malignant"),
+        ("LC", "malignant"),
+        ("MC", "malignant"),
+        ("PC", "malignant"),
+    ],
+)
 @pytest.mark.parametrize("mag", [40, 100, 200, 400])
 def test_parse_every_subtype_and_magnification(subtype, cls, mag):
     code = "B" if cls == "benign" else "M"
@@ -34,13 +43,22 @@ def test_parse_every_subtype_and_magnification(subtype, cls, mag):
 def test_parse_examples_from_breakhis():
     p = parse_breakhis_name("SOB_B_TA-14-3411F-100-001.png")
     assert (p.label, p.subtype, p.patient, p.magnification, p.image_number) == (
-        "benign", "TA", "14-3411F", 100, 1)
+        "benign",
+        "TA",
+        "14-3411F",
+        100,
+        1,
+    )
     p = parse_breakhis_name("/x/y/SOB_M_PC-15-190EF-400-014.png")
     assert (p.patient, p.magnification) == ("15-190EF", 400)
     assert patient_group(p.patient) == "190"
     short = parse_breakhis_name("DC_10926_003.png")
     assert (short.label, short.subtype, short.patient, short.magnification) == (
-        "malignant", "DC", "10926", None)
+        "malignant",
+        "DC",
+        "10926",
+        None,
+    )
 
 
 def test_patient_groups_share_numeric_core():
@@ -49,8 +67,15 @@ def test_patient_groups_share_numeric_core():
     assert patient_group("15-190EF") == "190"
 
 
-@pytest.mark.parametrize("name", ["photo.png", "SOB_X_TA-14-3411F-100-001.png",
-                                  "SOB_B_ZZ-14-3411F-100-001.png", "SOB_B_TA-14-3411F-50-001.png"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "photo.png",
+        "SOB_X_TA-14-3411F-100-001.png",
+        "SOB_B_ZZ-14-3411F-100-001.png",
+        "SOB_B_TA-14-3411F-50-001.png",
+    ],
+)
 def test_non_breakhis_names(name):
     assert parse_breakhis_name(name) is None
 

@@ -20,8 +20,16 @@ def _records(n_benign_groups=6, n_malignant_groups=10, per_group=(3, 12)):
             size = per_group[0] + (g * 7) % (per_group[1] - per_group[0])
             for i in range(size):
                 gid = f"{cls[0]}{g}"
-                recs.append(ImageRecord(f"/d/{gid}_{i}.png", cls, "F" if cls == "benign" else "DC",
-                                        f"14-{gid}", gid, 400))
+                recs.append(
+                    ImageRecord(
+                        f"/d/{gid}_{i}.png",
+                        cls,
+                        "F" if cls == "benign" else "DC",
+                        f"14-{gid}",
+                        gid,
+                        400,
+                    )
+                )
     return recs
 
 
@@ -46,8 +54,9 @@ def test_seeded_and_reproducible():
     b = split_by_patient(list(reversed(recs)), seed=7)
     assert {r.path for r in a.test} == {r.path for r in b.test}
     c = split_by_patient(recs, seed=8)
-    assert {r.group for r in a.test} != {r.group for r in c.test} or \
-        {r.group for r in a.val} != {r.group for r in c.val}
+    assert {r.group for r in a.test} != {r.group for r in c.test} or {r.group for r in a.val} != {
+        r.group for r in c.val
+    }
 
 
 def test_leakage_check_refuses_shared_patient():
@@ -70,8 +79,14 @@ def test_exact_patient_option_splits_finer():
     for g in range(8):
         for suffix in ("AB", "CD"):
             for i in range(3):
-                recs.append(ImageRecord(f"/{g}{suffix}{i}.png", "benign" if g < 4 else "malignant",
-                                        patient=f"14-{g}{suffix}", group=str(g)))
+                recs.append(
+                    ImageRecord(
+                        f"/{g}{suffix}{i}.png",
+                        "benign" if g < 4 else "malignant",
+                        patient=f"14-{g}{suffix}",
+                        group=str(g),
+                    )
+                )
     by_group = split_by_patient(recs, group_by="group")
     by_patient = split_by_patient(recs, group_by="patient")
     assert len({r.group for r in by_patient.train}) > len({r.group for r in by_group.train})
@@ -96,7 +111,8 @@ def test_kfold_disjoint_covers_all():
 
 def test_balanced_class_weights():
     recs = [ImageRecord(f"/{i}", "benign") for i in range(10)] + [
-        ImageRecord(f"/m{i}", "malignant") for i in range(30)]
+        ImageRecord(f"/m{i}", "malignant") for i in range(30)
+    ]
     w = balanced_class_weights(recs, ("benign", "malignant"), "binary")
     assert w == pytest.approx([2.0, 2 / 3])
 

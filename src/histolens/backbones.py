@@ -82,11 +82,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         BackboneSpec("resnet50", "resnet50.a1_in1k", "layer4", "ResNet-50; CAM on layer4"),
         BackboneSpec(
-            "densenet121", "densenet121.ra_in1k", "features.norm5",
+            "densenet121",
+            "densenet121.ra_in1k",
+            "features.norm5",
             "DenseNet-121; CAM on the final norm",
         ),
         BackboneSpec(
-            "efficientnet_b0", "efficientnet_b0.ra_in1k", "bn2",
+            "efficientnet_b0",
+            "efficientnet_b0.ra_in1k",
+            "bn2",
             "EfficientNet-B0; CAM on the conv head (after its BN and activation)",
         ),
         BackboneSpec(
@@ -124,17 +128,25 @@ def get_backbone_spec(name: str) -> BackboneSpec:
             "name)." + (did_you_mean(name, BACKBONES) or did_you_mean(name, timm.list_models()))
         )
     model = timm.create_model(name, pretrained=False, num_classes=0)
-    token = getattr(model, "num_prefix_tokens", None) is not None and model.forward_features(
-        torch.zeros(1, 3, *model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
-    ).dim() == 3
+    token = (
+        getattr(model, "num_prefix_tokens", None) is not None
+        and model.forward_features(
+            torch.zeros(1, 3, *model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        ).dim()
+        == 3
+    )
     target = model.feature_info[-1]["module"]
     if hasattr(model, "conv_head") and hasattr(model, "bn2"):  # EfficientNet/MobileNet family
         target = "bn2"
     if token:
         target = f"{target}.norm1"
     return BackboneSpec(
-        name, name, target, f"timm model {name} (generic entry)",
-        pooling="token" if token else "avg", token_output=token,
+        name,
+        name,
+        target,
+        f"timm model {name} (generic entry)",
+        pooling="token" if token else "avg",
+        token_output=token,
     )
 
 
@@ -160,14 +172,26 @@ def map_lite0_package_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """
     positions = [(s, j) for s, size in enumerate(_LITE0_STAGE_SIZES) for j in range(size)]
     first_block = {
-        "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn1",
+        "_project_conv": "conv_pw",
+        "_bn2": "bn2",
     }
     other_blocks = {
-        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-        "_project_conv": "conv_pwl", "_bn2": "bn3",
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
     }
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-           "_fc": "classifier"}
+    top = {
+        "_conv_stem": "conv_stem",
+        "_bn0": "bn1",
+        "_conv_head": "conv_head",
+        "_bn1": "bn2",
+        "_fc": "classifier",
+    }
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         m = re.match(r"^_blocks\.(\d+)\.(_\w+)\.(.+)$", key)
@@ -271,7 +295,9 @@ def _create_timm_backbone(spec: BackboneSpec, pretrained: str) -> nn.Module:
     if pretrained == "none":
         return timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
     if pretrained == "imagenet":
-        if spec.name == "tf_efficientnet_lite0" or spec.timm_name.startswith("tf_efficientnet_lite0"):
+        if spec.name == "tf_efficientnet_lite0" or spec.timm_name.startswith(
+            "tf_efficientnet_lite0"
+        ):
             model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
             load_backbone_weights(model, lite0_package_state_dict(), "The Lite0 package weights")
             return model

@@ -39,8 +39,9 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
     return t if np.isfinite(t) and 0.05 <= t <= 20 else 1.0
 
 
-def choose_threshold(y: np.ndarray, p: np.ndarray, method: str = "youden",
-                     target_sensitivity: float = 0.95) -> float:
+def choose_threshold(
+    y: np.ndarray, p: np.ndarray, method: str = "youden", target_sensitivity: float = 0.95
+) -> float:
     """Decision threshold on validation probabilities of the positive class.
 
     'youden' maximises sensitivity + specificity - 1; 'sensitivity' is the highest threshold whose

@@ -42,8 +42,12 @@ def versions() -> dict[str, str]:
 
     from histolens import __version__
 
-    return {"histolens": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
+    return {
+        "histolens": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
@@ -62,14 +66,19 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, Any]
-                    ) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, Any]
+) -> Path:
     """Write weights and metadata atomically; an interrupted save leaves the old file intact."""
     from safetensors.torch import save_file
 
-    meta = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
-            "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(), **metadata}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        **metadata,
+    }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     target = Path(path)
     with atomic_path(target) as tmp:

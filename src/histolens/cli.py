@@ -26,8 +26,12 @@ class _Group(click.Group):
         except HistolensError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            click.secho("interrupted; the last good checkpoint is intact (train --resume RUN_DIR "
-                        "continues).", fg="yellow", err=True)
+            click.secho(
+                "interrupted; the last good checkpoint is intact (train --resume RUN_DIR "
+                "continues).",
+                fg="yellow",
+                err=True,
+            )
             sys.exit(130)
 
 
@@ -47,19 +51,39 @@ def data() -> None:
 
 
 def _split_options(f):
-    for opt in reversed([
-        click.option("--magnification", "-m", default="all", show_default=True,
-                     type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False)),
-        click.option("--task", default="binary", show_default=True,
-                     type=click.Choice(["binary", "subtype"])),
-        click.option("--val-fraction", default=0.15, show_default=True, type=float),
-        click.option("--test-fraction", default=0.15, show_default=True, type=float),
-        click.option("--seed", default=42, show_default=True, type=int,
-                     help="Seed of the patient-level split."),
-        click.option("--group-by", default="group", show_default=True,
-                     type=click.Choice(["group", "patient"]),
-                     help="Keep patient groups (numeric id core) or exact patient ids together."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--magnification",
+                "-m",
+                default="all",
+                show_default=True,
+                type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
+            ),
+            click.option(
+                "--task",
+                default="binary",
+                show_default=True,
+                type=click.Choice(["binary", "subtype"]),
+            ),
+            click.option("--val-fraction", default=0.15, show_default=True, type=float),
+            click.option("--test-fraction", default=0.15, show_default=True, type=float),
+            click.option(
+                "--seed",
+                default=42,
+                show_default=True,
+                type=int,
+                help="Seed of the patient-level split.",
+            ),
+            click.option(
+                "--group-by",
+                default="group",
+                show_default=True,
+                type=click.Choice(["group", "patient"]),
+                help="Keep patient groups (numeric id core) or exact patient ids together.",
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -71,18 +95,27 @@ def data_summary(path, magnification, task, val_fraction, test_fraction, seed, g
     """Images per class, subtype, magnification and patient group, and the split training uses."""
     from histolens.summary import render_summary
 
-    click.echo(render_summary(path, magnification, task, val_fraction, test_fraction, seed,
-                              group_by))
+    click.echo(
+        render_summary(path, magnification, task, val_fraction, test_fraction, seed, group_by)
+    )
 
 
 @data.command("synth")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n", "n", default=240, show_default=True, type=click.IntRange(2, 100000))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--magnification", default=400, show_default=True,
-              type=click.Choice(["40", "100", "200", "400"]))
-@click.option("--patients", default=None, type=click.IntRange(2, 10000),
-              help="Number of synthetic patients (default: from --n).")
+@click.option(
+    "--magnification",
+    default=400,
+    show_default=True,
+    type=click.Choice(["40", "100", "200", "400"]),
+)
+@click.option(
+    "--patients",
+    default=None,
+    type=click.IntRange(2, 10000),
+    help="Number of synthetic patients (default: from --n).",
+)
 def data_synth(out, n, seed, magnification, patients):
     """Write a synthetic H&E-like dataset (BreakHis names, lesion masks, a contact sheet)."""
     from tqdm.auto import tqdm
@@ -90,29 +123,62 @@ def data_synth(out, n, seed, magnification, patients):
     from histolens.synth import generate_synthetic
 
     with tqdm(total=n, desc="Synthesising", unit="img") as bar:
-        summary = generate_synthetic(out, n=n, seed=seed, magnification=int(magnification),
-                                     n_patients=patients,
-                                     progress=lambda done, total: bar.update(done - bar.n))
-    click.echo(f"Wrote {summary.n_images} images of {summary.n_patients} patients to {out} in "
-               f"{summary.seconds:.1f} s; contact sheet: {summary.contact_sheet}")
+        summary = generate_synthetic(
+            out,
+            n=n,
+            seed=seed,
+            magnification=int(magnification),
+            n_patients=patients,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
+    click.echo(
+        f"Wrote {summary.n_images} images of {summary.n_patients} patients to {out} in "
+        f"{summary.seconds:.1f} s; contact sheet: {summary.contact_sheet}"
+    )
 
 
 # --- train ------------------------------------------------------------------------------------
 @main.command()
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
-              help="Image folder (any supported layout) or CSV manifest.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Run directory (default runs/<backbone>-<task>-<time>).")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Continue the run in this directory from its last checkpoint.")
-@click.option("--recipe", type=click.Choice(["default", "original"]), default="default",
-              show_default=True, help="'original' is the student project's recipe exactly.")
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              help="YAML file of overrides (sections data/model/augment/stain/train).")
-@click.option("--magnification", "-m", type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False))
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    help="Image folder (any supported layout) or CSV manifest.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory (default runs/<backbone>-<task>-<time>).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Continue the run in this directory from its last checkpoint.",
+)
+@click.option(
+    "--recipe",
+    type=click.Choice(["default", "original"]),
+    default="default",
+    show_default=True,
+    help="'original' is the student project's recipe exactly.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="YAML file of overrides (sections data/model/augment/stain/train).",
+)
+@click.option(
+    "--magnification", "-m", type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False)
+)
 @click.option("--task", type=click.Choice(["binary", "subtype"]))
-@click.option("--backbone", help="vgg16 (default), resnet50, densenet121, efficientnet_b0, "
-              "tf_efficientnet_lite0, vit_small_patch16_224, or any timm name.")
+@click.option(
+    "--backbone",
+    help="vgg16 (default), resnet50, densenet121, efficientnet_b0, "
+    "tf_efficientnet_lite0, vit_small_patch16_224, or any timm name.",
+)
 @click.option("--pretrained", help="imagenet (default), none, or a weights file.")
 @click.option("--epochs", type=click.IntRange(1))
 @click.option("--batch-size", type=click.IntRange(1))
@@ -123,8 +189,11 @@ def data_synth(out, n, seed, magnification, patients):
 @click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]))
 @click.option("--stain-reference", type=click.Path(exists=True, dir_okay=False))
 @click.option("--stain-augment/--no-stain-augment", default=None)
-@click.option("--feature-cache/--no-feature-cache", default=None,
-              help="Frozen backbone: compute features once for K views (default on).")
+@click.option(
+    "--feature-cache/--no-feature-cache",
+    default=None,
+    help="Frozen backbone: compute features once for K views (default on).",
+)
 @click.option("--cache-views", type=click.IntRange(1), help="K augmented views per image.")
 @click.option("--class-weights/--no-class-weights", default=None)
 @click.option("--patience", type=click.IntRange(1), help="Early-stopping patience (epochs).")
@@ -149,18 +218,32 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
     if config_file:
         cfg = cfg.override(load_yaml_overrides(config_file))
     mapping = {
-        "magnification": "data.magnification", "task": "data.task",
-        "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
-        "seed": "data.seed", "group_by": "data.group_by",
-        "backbone": "model.backbone", "pretrained": "model.pretrained",
-        "unfreeze": "model.unfreeze", "epochs": "train.epochs", "batch_size": "train.batch_size",
-        "lr": "train.lr", "optimizer": "train.optimizer", "augment": "augment.enabled",
-        "stain_norm": "stain.method", "stain_reference": "stain.reference",
-        "stain_augment": "augment.stain", "feature_cache": "train.feature_cache",
-        "cache_views": "train.cache_views", "class_weights": "train.class_weights",
-        "patience": "train.early_stopping_patience", "threshold_method": "train.threshold_method",
-        "target_sensitivity": "train.target_sensitivity", "accelerator": "train.accelerator",
-        "devices": "train.devices", "precision": "train.precision",
+        "magnification": "data.magnification",
+        "task": "data.task",
+        "val_fraction": "data.val_fraction",
+        "test_fraction": "data.test_fraction",
+        "seed": "data.seed",
+        "group_by": "data.group_by",
+        "backbone": "model.backbone",
+        "pretrained": "model.pretrained",
+        "unfreeze": "model.unfreeze",
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "optimizer": "train.optimizer",
+        "augment": "augment.enabled",
+        "stain_norm": "stain.method",
+        "stain_reference": "stain.reference",
+        "stain_augment": "augment.stain",
+        "feature_cache": "train.feature_cache",
+        "cache_views": "train.cache_views",
+        "class_weights": "train.class_weights",
+        "patience": "train.early_stopping_patience",
+        "threshold_method": "train.threshold_method",
+        "target_sensitivity": "train.target_sensitivity",
+        "accelerator": "train.accelerator",
+        "devices": "train.devices",
+        "precision": "train.precision",
     }
     overrides = {mapping[k]: v for k, v in flags.items() if v is not None}
     if data_path is not None:
@@ -173,16 +256,34 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
     elif out is None:
         import time
 
-        out = Path("runs") / f"{cfg.model.backbone}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run_training(cfg, out, resume=resume is not None, progress=not quiet)
+        out = (
+            Path("runs") / f"{cfg.model.backbone}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+    if resume is not None:
+        ignored = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
+        if ignored or data_path is not None:
+            click.secho(
+                "note: --resume uses the run's saved config; only --epochs is applied.",
+                fg="yellow",
+                err=True,
+            )
+    result = run_training(
+        cfg,
+        out,
+        resume=resume is not None,
+        progress=not quiet,
+        epochs=flags.get("epochs") if resume is not None else None,
+    )
     click.echo(_train_summary(result))
 
 
 def _train_summary(result) -> str:
-    lines = [f"Run: {result.run_dir}",
-             f"Best checkpoint: {result.checkpoint} (epoch {result.best_epoch + 1}, "
-             f"validation loss {result.best_val_loss:.4f}); {result.epochs_run} epochs in "
-             f"{result.seconds:.1f} s"]
+    lines = [
+        f"Run: {result.run_dir}",
+        f"Best checkpoint: {result.checkpoint} (epoch {result.best_epoch + 1}, "
+        f"validation loss {result.best_val_loss:.4f}); {result.epochs_run} epochs in "
+        f"{result.seconds:.1f} s",
+    ]
     img = result.metrics.get("image", {})
     if img:
         ci = img.get("ci95", {})
@@ -196,13 +297,20 @@ def _train_summary(result) -> str:
             return f"{v:.3f}{band}"
 
         split = result.metrics.get("split", "test")
-        lines.append(f"{split.capitalize()} split ({result.metrics['n_images']} images, "
-                     f"{result.metrics['n_patients']} patients):")
-        for key, name in (("roc_auc", "ROC AUC"), ("balanced_accuracy", "balanced accuracy"),
-                          ("sensitivity", "sensitivity"), ("specificity", "specificity"),
-                          ("patient_recognition_rate", "patient recognition rate"),
-                          ("patient_auc", "patient-level AUC"), ("accuracy", "accuracy"),
-                          ("macro_f1", "macro F1")):
+        lines.append(
+            f"{split.capitalize()} split ({result.metrics['n_images']} images, "
+            f"{result.metrics['n_patients']} patients):"
+        )
+        for key, name in (
+            ("roc_auc", "ROC AUC"),
+            ("balanced_accuracy", "balanced accuracy"),
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("patient_recognition_rate", "patient recognition rate"),
+            ("patient_auc", "patient-level AUC"),
+            ("accuracy", "accuracy"),
+            ("macro_f1", "macro F1"),
+        ):
             if key in img:
                 lines.append(f"  {name}: {fmt(key)}")
     for n in result.notes:
@@ -213,12 +321,64 @@ def _train_summary(result) -> str:
     return "\n".join(lines)
 
 
+@main.command("cv")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--recipe", type=click.Choice(["default", "original"]), default="default", show_default=True
+)
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--magnification", "-m", type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False)
+)
+@click.option("--task", type=click.Choice(["binary", "subtype"]))
+@click.option("--backbone")
+@click.option("--pretrained")
+@click.option("--epochs", type=click.IntRange(1))
+@click.option("--lr", type=float)
+@click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]))
+@click.option("--stain-augment/--no-stain-augment", default=None)
+@click.option("--seed", type=int, default=42, show_default=True)
+def cv(data_path, folds, recipe, config_file, seed, **flags):
+    """Patient-level k-fold cross-validation: mean and spread of AUC and patient metrics."""
+    from histolens.config import load_yaml_overrides, recipe_config
+    from histolens.crossval import cross_validate
+
+    cfg = recipe_config(recipe)
+    if config_file:
+        cfg = cfg.override(load_yaml_overrides(config_file))
+    mapping = {
+        "magnification": "data.magnification",
+        "task": "data.task",
+        "backbone": "model.backbone",
+        "pretrained": "model.pretrained",
+        "epochs": "train.epochs",
+        "lr": "train.lr",
+        "stain_norm": "stain.method",
+        "stain_augment": "augment.stain",
+    }
+    overrides = {mapping[k]: v for k, v in flags.items() if v is not None}
+    cfg = cfg.override({**overrides, "data.path": str(data_path), "data.seed": seed})
+    click.echo(
+        f"{folds}-fold patient-level cross-validation of {cfg.model.backbone} on "
+        f"{data_path} (magnification {cfg.data.magnification}, task {cfg.data.task})"
+    )
+    result = cross_validate(cfg, folds)
+    for key, (mean, std) in result.summary().items():
+        click.echo(f"  {key}: {mean:.3f} +/- {std:.3f}")
+    click.echo(f"  ({result.seconds:.0f} s)")
+
+
 # --- predict / evaluate / report --------------------------------------------------------------
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("predictions.csv"), show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("predictions.csv"),
+    show_default=True,
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--quiet", is_flag=True)
 def predict(checkpoint, inputs, out, batch_size, quiet):
@@ -236,8 +396,11 @@ def predict(checkpoint, inputs, out, batch_size, quiet):
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p)
-                            and "masks" not in p.relative_to(item).parts)
+            paths += sorted(
+                p
+                for p in item.rglob("*")
+                if p.is_file() and is_image_name(p) and "masks" not in p.relative_to(item).parts
+            )
         else:
             paths.append(item)
     if not paths:
@@ -254,10 +417,12 @@ def predict(checkpoint, inputs, out, batch_size, quiet):
             writer.writerow(row)
     counts = Counter(p.label for p in preds)
     uncertain = sum(p.uncertain for p in preds)
-    click.echo(f"{len(preds)} image(s) predicted with {predictor.backbone_name} "
-               f"(threshold {predictor.threshold:.3f}): "
-               + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
-               + f"; {uncertain} flagged for review. Written to {out}")
+    click.echo(
+        f"{len(preds)} image(s) predicted with {predictor.backbone_name} "
+        f"(threshold {predictor.threshold:.3f}): "
+        + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+        + f"; {uncertain} flagged for review. Written to {out}"
+    )
     if len(preds) <= 20:
         for p in preds:
             flag = "  [review]" if p.uncertain else ""
@@ -268,25 +433,40 @@ def predict(checkpoint, inputs, out, batch_size, quiet):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
-              help="Data to evaluate on (default: the data the run was trained on).")
-@click.option("--split", "split_name", type=click.Choice(["test", "val", "all"]), default="test",
-              show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: <run>/evaluation-<split>).")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    help="Data to evaluate on (default: the data the run was trained on).",
+)
+@click.option(
+    "--split",
+    "split_name",
+    type=click.Choice(["test", "val", "all"]),
+    default="test",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: <run>/evaluation-<split>).",
+)
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0))
 @click.option("--quiet", is_flag=True)
 def evaluate(checkpoint, data_path, split_name, out, n_boot, quiet):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
-    from histolens.evaluation import evaluate_checkpoint, write_evaluation
-    from histolens.evaluation import records_for_evaluation
+    from histolens.evaluation import evaluate_checkpoint, records_for_evaluation, write_evaluation
 
     ckpt, records, where = records_for_evaluation(checkpoint, data_path, split_name)
     result, skipped = evaluate_checkpoint(ckpt, records, n_boot=n_boot, progress=not quiet)
     result.metrics["split"] = split_name
     out = out or (ckpt.parent / f"evaluation-{split_name}")
-    run_dir = ckpt.parent if (ckpt.parent / "config.json").exists() and out.parent == ckpt.parent \
+    run_dir = (
+        ckpt.parent
+        if (ckpt.parent / "config.json").exists() and out.parent == ckpt.parent
         else None
+    )
     write_evaluation(result, out, run_dir=None, checkpoint=ckpt)
     if run_dir is not None:
         from histolens.plots import plot_training_curves
@@ -296,10 +476,22 @@ def evaluate(checkpoint, data_path, split_name, out, n_boot, quiet):
 
         write_report(out, evaluation_dir=out, checkpoint=ckpt)
     img = result.metrics["image"]
-    click.echo(f"Evaluated {result.metrics['n_images']} images of {result.metrics['n_patients']} "
-               f"patients ({where}).")
-    for key in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity",
-                "specificity", "patient_recognition_rate", "patient_auc", "macro_f1", "ece"):
+    click.echo(
+        f"Evaluated {result.metrics['n_images']} images of {result.metrics['n_patients']} "
+        f"patients ({where})."
+    )
+    for key in (
+        "roc_auc",
+        "pr_auc",
+        "accuracy",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "patient_recognition_rate",
+        "patient_auc",
+        "macro_f1",
+        "ece",
+    ):
         if key in img:
             lo, hi = img.get("ci95", {}).get(key, (float("nan"),) * 2)
             ci = f"  (95% CI {lo:.3f}-{hi:.3f})" if lo == lo else ""
@@ -319,6 +511,19 @@ def report(run_dir):
         raise click.UsageError(f"{run_dir} is not a run directory (no best.safetensors).")
     click.echo(f"Report: {write_report(run_dir)}")
 
+
+def _register_front_ends() -> None:
+    # Each front end keeps its click command (light imports only) in its own subpackage.
+    from histolens.explain.cli import explain_command
+    from histolens.gui.cli import gui_command
+    from histolens.web.cli import serve_command
+
+    main.add_command(explain_command, "explain")
+    main.add_command(gui_command, "gui")
+    main.add_command(serve_command, "serve")
+
+
+_register_front_ends()
 
 if __name__ == "__main__":
     main()

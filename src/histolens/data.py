@@ -232,9 +232,7 @@ def _record_from_folders(path: Path, root: Path, classes_seen: set[str]) -> Imag
     parsed = parse_breakhis_name(path.name)
     folder_label = remaining[0] if remaining else None
     if parsed is not None:
-        folder_says = next(
-            (p.lower() for p in remaining if p.lower() in BINARY_CLASSES), None
-        )
+        folder_says = next((p.lower() for p in remaining if p.lower() in BINARY_CLASSES), None)
         if folder_says and folder_says != parsed.label:
             return f"file name says {parsed.label} but the folder says {folder_says}"
         return ImageRecord(
@@ -282,15 +280,19 @@ def _read_manifest(csv_path: Path) -> Dataset:
                 if not row.get("path") or not row.get("label"):
                     skipped.append(Skipped(f"{csv_path}:{line_no}", "row without path or label"))
                     continue
-                path = (base / row["path"]).resolve() if not os.path.isabs(row["path"]) else Path(
-                    row["path"]
+                path = (
+                    (base / row["path"]).resolve()
+                    if not os.path.isabs(row["path"])
+                    else Path(row["path"])
                 )
                 parsed = parse_breakhis_name(path.name)
                 patient = row.get("patient") or (parsed.patient if parsed else None)
                 group = row.get("group") or (patient_group(patient) if patient else None)
                 mag_text = row.get("magnification", "").upper().rstrip("X")
-                magnification = int(mag_text) if mag_text.isdigit() else (
-                    parsed.magnification if parsed else None
+                magnification = (
+                    int(mag_text)
+                    if mag_text.isdigit()
+                    else (parsed.magnification if parsed else None)
                 )
                 subtype = row.get("subtype") or (parsed.subtype if parsed else None)
                 label = row["label"]
@@ -364,8 +366,11 @@ def filter_records(
     if not kept:
         raise DataError(
             f"No images left for magnification {magnification} and task {task}"
-            + ("; subtype labels come from BreakHis file names or a manifest's subtype column."
-               if task == "subtype" else ".")
+            + (
+                "; subtype labels come from BreakHis file names or a manifest's subtype column."
+                if task == "subtype"
+                else "."
+            )
         )
     return kept
 

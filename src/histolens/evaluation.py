@@ -74,9 +74,13 @@ class EvalResult:
         return int(np.argmax(row.probs))
 
 
-def rows_from_logits(records: Sequence[ImageRecord], logits: torch.Tensor,
-                     classes: Sequence[str], task: str, temperature: float
-                     ) -> list[PredictionRow]:
+def rows_from_logits(
+    records: Sequence[ImageRecord],
+    logits: torch.Tensor,
+    classes: Sequence[str],
+    task: str,
+    temperature: float,
+) -> list[PredictionRow]:
     """Pair each record with its own logits; raises if the counts differ."""
     if len(records) != len(logits):
         raise ValueError(f"{len(records)} records but {len(logits)} logits.")
@@ -91,8 +95,17 @@ def rows_from_logits(records: Sequence[ImageRecord], logits: torch.Tensor,
                 f"{r.path} is labelled '{label}', which the model does not know "
                 f"(classes: {', '.join(classes)}); is this checkpoint for another task?"
             )
-        rows.append(PredictionRow(r.path, r.group or r.patient or r.path, r.magnification, label,
-                                  index[label], tuple(map(float, pc)), tuple(map(float, pr))))
+        rows.append(
+            PredictionRow(
+                r.path,
+                r.group or r.patient or r.path,
+                r.magnification,
+                label,
+                index[label],
+                tuple(map(float, pc)),
+                tuple(map(float, pr)),
+            )
+        )
     return rows
 
 
@@ -123,22 +136,29 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
     y = np.array([r.target for r in rows])
     patients = np.array([r.patient for r in rows])
     probs = np.array([r.probs for r in rows])
-    out: dict[str, Any] = {"n_images": len(rows), "n_patients": int(len(np.unique(patients))),
-                           "threshold": result.threshold, "temperature": result.temperature}
+    out: dict[str, Any] = {
+        "n_images": len(rows),
+        "n_patients": int(len(np.unique(patients))),
+        "threshold": result.threshold,
+        "temperature": result.temperature,
+    }
     if len(result.classes) == 2:
         p = probs[:, 1]
         out["image"] = _binary_block(y, p, patients, result.threshold, n_boot, seed)
         out["image_at_0.5"] = binary_metrics(y, p, 0.5)
         p_raw = np.array([r.probs_uncalibrated[1] for r in rows])
-        out["uncalibrated"] = {"brier": binary_metrics(y, p_raw, 0.5)["brier"],
-                               "ece": binary_metrics(y, p_raw, 0.5)["ece"]}
+        out["uncalibrated"] = {
+            "brier": binary_metrics(y, p_raw, 0.5)["brier"],
+            "ece": binary_metrics(y, p_raw, 0.5)["ece"],
+        }
         mags = sorted({r.magnification for r in rows if r.magnification})
         if len(mags) > 1:
             out["per_magnification"] = {}
             for m in mags:
                 idx = np.array([r.magnification == m for r in rows])
                 out["per_magnification"][f"{m}X"] = _binary_block(
-                    y[idx], p[idx], patients[idx], result.threshold, 0, seed)
+                    y[idx], p[idx], patients[idx], result.threshold, 0, seed
+                )
     else:
         mc = multiclass_metrics(y, probs, result.classes)
         pred = probs.argmax(1)
@@ -146,17 +166,27 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
         mc["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
         if n_boot:
             mc["ci95"] = {
-                "accuracy": bootstrap_ci(lambda i: float(correct[i].mean()), patients, n_boot, seed),
+                "accuracy": bootstrap_ci(
+                    lambda i: float(correct[i].mean()), patients, n_boot, seed
+                ),
                 "patient_recognition_rate": bootstrap_ci(
-                    lambda i: patient_recognition_rate(patients[i], correct[i]), patients, n_boot,
-                    seed),
+                    lambda i: patient_recognition_rate(patients[i], correct[i]),
+                    patients,
+                    n_boot,
+                    seed,
+                ),
             }
         out["image"] = mc
     return out
 
 
-def _logits_for(predictor: Predictor, records: Sequence[ImageRecord], bank=None, cache=None,
-                progress: bool = False) -> tuple[list[ImageRecord], torch.Tensor, list]:
+def _logits_for(
+    predictor: Predictor,
+    records: Sequence[ImageRecord],
+    bank=None,
+    cache=None,
+    progress: bool = False,
+) -> tuple[list[ImageRecord], torch.Tensor, list]:
     """Logits for records, from cached features, an image bank, or the files themselves."""
     if not records:
         n_out = 1 if predictor.is_binary else len(predictor.class_names)
@@ -168,21 +198,32 @@ def _logits_for(predictor: Predictor, records: Sequence[ImageRecord], bank=None,
     if bank is not None and all(r.path in bank for r in records):
         chunks = []
         for i in range(0, len(records), 32):
-            batch = bank.stack([r.path for r in records[i:i + 32]])
+            batch = bank.stack([r.path for r in records[i : i + 32]])
             chunks.append(predictor.logits(predictor.to_input(batch)).float().cpu())
         return list(records), torch.cat(chunks), []
     from tqdm.auto import tqdm
 
     by_path = {r.path: r for r in records}
-    with tqdm(total=len(records), desc="Predicting", unit="img", disable=not progress,
-              leave=False) as bar:
-        kept, logits, skipped = predictor.logits_for_paths([r.path for r in records],
-                                                           progress=bar.update)
+    with tqdm(
+        total=len(records), desc="Predicting", unit="img", disable=not progress, leave=False
+    ) as bar:
+        kept, logits, skipped = predictor.logits_for_paths(
+            [r.path for r in records], progress=bar.update
+        )
     return [by_path[p] for p in kept], logits, skipped
 
 
-def finalize_run(run_dir: str | os.PathLike, cfg, split, classes: Sequence[str], bank=None,
-                 cache=None, progress: bool = True, notes: Sequence[str] = ()) -> dict[str, Any]:
+def finalize_run(
+    run_dir: str | os.PathLike,
+    cfg,
+    split,
+    classes: Sequence[str],
+    bank=None,
+    cache=None,
+    progress: bool = True,
+    notes: Sequence[str] = (),
+    write_outputs: bool = True,
+) -> dict[str, Any]:
     """After training: fit temperature and threshold on validation, evaluate on test, report."""
     from histolens.checkpoint import update_metadata
 
@@ -197,42 +238,81 @@ def finalize_run(run_dir: str | os.PathLike, cfg, split, classes: Sequence[str],
         temperature = fit_temperature(val_logits, y_val)
         if len(classes) == 2:
             p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
-            threshold = choose_threshold(y_val.numpy(), p_val, cfg.train.threshold_method,
-                                         cfg.train.target_sensitivity)
+            threshold = choose_threshold(
+                y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
+            )
     predictor.temperature, predictor.threshold = temperature, threshold
     test_part = "test" if split.test else "val"
     records = split.test or split.val
     kept, logits, _ = _logits_for(predictor, records, bank, cache)
-    result = EvalResult(rows_from_logits(kept, logits, classes, task, temperature), tuple(classes),
-                        task, threshold, temperature)
-    result.metrics = compute_metrics(result, seed=cfg.data.seed)
+    result = EvalResult(
+        rows_from_logits(kept, logits, classes, task, temperature),
+        tuple(classes),
+        task,
+        threshold,
+        temperature,
+    )
+    result.metrics = compute_metrics(
+        result, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
+    )
     result.metrics["split"] = test_part
     summary = _headline(result.metrics)
-    update_metadata(run_dir / "best.safetensors", temperature=temperature, threshold=threshold,
-                    metrics={"split": test_part, **summary},
-                    threshold_method=cfg.train.threshold_method)
-    write_evaluation(result, run_dir / "evaluation", run_dir=run_dir, notes=notes)
+    update_metadata(
+        run_dir / "best.safetensors",
+        temperature=temperature,
+        threshold=threshold,
+        metrics={"split": test_part, **summary},
+        threshold_method=cfg.train.threshold_method,
+    )
+    if write_outputs:
+        write_evaluation(result, run_dir / "evaluation", run_dir=run_dir, notes=notes)
+    else:
+        write_predictions_csv(result, run_dir / "predictions.csv")
     return result.metrics
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     img = metrics["image"]
-    keys = ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
-            "f1", "brier", "ece", "patient_recognition_rate", "patient_auc", "macro_f1",
-            "roc_auc_ovr")
-    return {k: img[k] for k in keys if k in img} | {"n_images": metrics["n_images"],
-                                                     "n_patients": metrics["n_patients"]}
+    keys = (
+        "roc_auc",
+        "pr_auc",
+        "accuracy",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "brier",
+        "ece",
+        "patient_recognition_rate",
+        "patient_auc",
+        "macro_f1",
+        "roc_auc_ovr",
+    )
+    return {k: img[k] for k in keys if k in img} | {
+        "n_images": metrics["n_images"],
+        "n_patients": metrics["n_patients"],
+    }
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, records: Sequence[ImageRecord],
-                        n_boot: int = 1000, progress: bool = True, seed: int = 0
-                        ) -> tuple[EvalResult, list]:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    records: Sequence[ImageRecord],
+    n_boot: int = 1000,
+    progress: bool = True,
+    seed: int = 0,
+) -> tuple[EvalResult, list]:
     """Evaluate a checkpoint on records, with its stored threshold and temperature."""
     predictor = Predictor.from_checkpoint(checkpoint)
     kept, logits, skipped = _logits_for(predictor, records, progress=progress)
-    result = EvalResult(rows_from_logits(kept, logits, predictor.class_names, predictor.task,
-                                         predictor.temperature), predictor.class_names,
-                        predictor.task, predictor.threshold, predictor.temperature)
+    result = EvalResult(
+        rows_from_logits(
+            kept, logits, predictor.class_names, predictor.task, predictor.temperature
+        ),
+        predictor.class_names,
+        predictor.task,
+        predictor.threshold,
+        predictor.temperature,
+    )
     result.metrics = compute_metrics(result, n_boot=n_boot, seed=seed)
     return result, skipped
 
@@ -243,18 +323,33 @@ def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
         w = csv.writer(fh)
         binary = len(result.classes) == 2
         prob_cols = ["probability"] if binary else [f"p_{c}" for c in result.classes]
-        w.writerow(["path", "patient", "magnification", "label", *prob_cols, "prediction",
-                    "correct"])
+        w.writerow(
+            ["path", "patient", "magnification", "label", *prob_cols, "prediction", "correct"]
+        )
         for r in result.rows:
             pred = result.classes[result.predicted(r)]
             probs = [f"{r.probs[1]:.6f}"] if binary else [f"{q:.6f}" for q in r.probs]
-            w.writerow([r.path, r.patient, r.magnification or "", r.label, *probs, pred,
-                        int(pred == r.label)])
+            w.writerow(
+                [
+                    r.path,
+                    r.patient,
+                    r.magnification or "",
+                    r.label,
+                    *probs,
+                    pred,
+                    int(pred == r.label),
+                ]
+            )
     return Path(path)
 
 
-def write_evaluation(result: EvalResult, out_dir: str | os.PathLike, run_dir=None,
-                     notes: Sequence[str] = (), checkpoint=None) -> Path:
+def write_evaluation(
+    result: EvalResult,
+    out_dir: str | os.PathLike,
+    run_dir=None,
+    notes: Sequence[str] = (),
+    checkpoint=None,
+) -> Path:
     """metrics.json, predictions.csv and the plots; then the HTML report."""
     from histolens import plots
 
@@ -269,26 +364,35 @@ def write_evaluation(result: EvalResult, out_dir: str | os.PathLike, run_dir=Non
         p = np.array([r.probs[1] for r in result.rows])
         p_raw = np.array([r.probs_uncalibrated[1] for r in result.rows])
         plots.plot_roc_pr(y, p, result.threshold, out / "roc_pr.png")
-        plots.plot_probability_distribution(y, p, result.classes, result.threshold,
-                                            out / "probability_distribution.png")
+        plots.plot_probability_distribution(
+            y, p, result.classes, result.threshold, out / "probability_distribution.png"
+        )
         plots.plot_reliability(y, p_raw, p, result.temperature, out / "reliability.png")
-    wrong = [(r.path, r.label, result.classes[result.predicted(r)],
-              max(r.probs) if len(result.classes) > 2 else
-              (r.probs[1] if result.predicted(r) else r.probs[0]))
-             for r in result.rows if result.predicted(r) != r.target]
+    wrong = [
+        (
+            r.path,
+            r.label,
+            result.classes[result.predicted(r)],
+            max(r.probs)
+            if len(result.classes) > 2
+            else (r.probs[1] if result.predicted(r) else r.probs[0]),
+        )
+        for r in result.rows
+        if result.predicted(r) != r.target
+    ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
     plots.plot_misclassified(wrong, out / "misclassified.png")
     if run_dir is not None:
-        plots.plot_training_curves(Path(run_dir) / "logs",
-                                   out / "training_curves.png")
+        plots.plot_training_curves(Path(run_dir) / "logs", out / "training_curves.png")
     from histolens.report import write_report
 
     write_report(run_dir or out, evaluation_dir=out, notes=notes, checkpoint=checkpoint)
     return out
 
 
-def records_for_evaluation(checkpoint: str | os.PathLike, data_path: str | os.PathLike | None,
-                           split_name: str) -> tuple[Path, list[ImageRecord], str]:
+def records_for_evaluation(
+    checkpoint: str | os.PathLike, data_path: str | os.PathLike | None, split_name: str
+) -> tuple[Path, list[ImageRecord], str]:
     """The records to evaluate a checkpoint on, and a phrase saying where they came from.
 
     A run's own ``split.csv`` is used when the data are the run's; other data are split the same
@@ -305,20 +409,31 @@ def records_for_evaluation(checkpoint: str | os.PathLike, data_path: str | os.Pa
     trained_on = meta.get("data", {}).get("path")
     split_csv = ckpt.parent / "split.csv"
     same_data = data_path is None or (
-        trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve())
+        trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
+    )
     if same_data and split_csv.is_file():
         split = load_split_csv(split_csv)
         parts = split.parts()
-        records = (parts["train"] + parts["val"] + parts["test"]) if split_name == "all" \
+        records = (
+            (parts["train"] + parts["val"] + parts["test"])
+            if split_name == "all"
             else parts[split_name]
+        )
         return ckpt, records, f"{split_name} split of the run's split.csv"
     path = data_path or trained_on
     if path is None:
         raise DataError("Give --data: the checkpoint does not say what it was trained on.")
-    records = filter_records(discover(path).records, meta.get("magnification", "all"),
-                             meta.get("task", "binary"))
+    records = filter_records(
+        discover(path).records, meta.get("magnification", "all"), meta.get("task", "binary")
+    )
     if split_name == "all":
         return ckpt, records, f"all images of {path}"
-    split = split_by_patient(records, meta.get("task", "binary"), cfg.data.val_fraction,
-                             cfg.data.test_fraction, cfg.data.seed, cfg.data.group_by)
+    split = split_by_patient(
+        records,
+        meta.get("task", "binary"),
+        cfg.data.val_fraction,
+        cfg.data.test_fraction,
+        cfg.data.seed,
+        cfg.data.group_by,
+    )
     return ckpt, split.parts()[split_name], f"{split_name} split of {path} (seed {cfg.data.seed})"

@@ -46,8 +46,9 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -
     return float(ece)
 
 
-def reliability_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability_curve(
+    y: np.ndarray, p: np.ndarray, n_bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-bin mean predicted probability, observed frequency and count (empty bins are NaN)."""
     y, p = np.asarray(y, float), np.asarray(p, float)
     bins = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
@@ -94,13 +95,17 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict
         "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
         "brier": float(np.mean((p - y) ** 2)) if len(y) else float("nan"),
         "ece": expected_calibration_error(y, p),
-        "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+        "tp": tp,
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
         "threshold": float(threshold),
     }
 
 
-def multiclass_metrics(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
-                       ) -> dict[str, object]:
+def multiclass_metrics(
+    y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> dict[str, object]:
     """Accuracy, per-class precision/recall/F1, macro and weighted averages, one-vs-rest AUC."""
     from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
@@ -112,22 +117,34 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, class_names: Sequence[s
     out: dict[str, object] = {
         "n": int(len(y)),
         "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                          "support": int(s[i])} for i, c in enumerate(class_names)},
+        "per_class": {
+            c: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i, c in enumerate(class_names)
+        },
     }
     for avg in ("macro", "weighted"):
-        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg,
-                                                        zero_division=0)
+        pa, ra, fa, _ = precision_recall_fscore_support(
+            y, pred, labels=labels, average=avg, zero_division=0
+        )
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = (
-            float(pa), float(ra), float(fa))
+            float(pa),
+            float(ra),
+            float(fa),
+        )
     present = np.unique(y)
     if len(present) > 1:
         try:
             sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
-            out["roc_auc_ovr"] = float(roc_auc_score(np.searchsorted(present, y), sub,
-                                                     multi_class="ovr", average="macro")
-                                       if len(present) > 2 else
-                                       roc_auc_score(y == present[1], sub[:, 1]))
+            out["roc_auc_ovr"] = float(
+                roc_auc_score(np.searchsorted(present, y), sub, multi_class="ovr", average="macro")
+                if len(present) > 2
+                else roc_auc_score(y == present[1], sub[:, 1])
+            )
         except ValueError:
             out["roc_auc_ovr"] = float("nan")
     else:

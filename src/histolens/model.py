@@ -22,14 +22,23 @@ def n_outputs(n_classes: int) -> int:
 class ClassifierHead(nn.Module):
     """Dense 512 + ReLU, BatchNorm, Dropout 0.5, Dense 256 + ReLU, BatchNorm, Dropout 0.3, logits."""
 
-    def __init__(self, in_features: int, n_out: int, dims: Sequence[int] = (512, 256),
-                 dropouts: Sequence[float] = (0.5, 0.3)) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        n_out: int,
+        dims: Sequence[int] = (512, 256),
+        dropouts: Sequence[float] = (0.5, 0.3),
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
         for dim, p in zip(dims, dropouts, strict=True):
-            layers += [nn.Linear(width, dim), nn.ReLU(inplace=True), nn.BatchNorm1d(dim),
-                       nn.Dropout(p)]
+            layers += [
+                nn.Linear(width, dim),
+                nn.ReLU(inplace=True),
+                nn.BatchNorm1d(dim),
+                nn.Dropout(p),
+            ]
             width = dim
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(width, n_out)
@@ -41,9 +50,14 @@ class ClassifierHead(nn.Module):
 class HistoClassifier(nn.Module):
     """Backbone -> pooled features -> head. ``forward`` returns logits (B, n_out)."""
 
-    def __init__(self, spec: BackboneSpec, backbone: nn.Module, n_classes: int,
-                 head_dims: Sequence[int] = (512, 256),
-                 dropouts: Sequence[float] = (0.5, 0.3)) -> None:
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        backbone: nn.Module,
+        n_classes: int,
+        head_dims: Sequence[int] = (512, 256),
+        dropouts: Sequence[float] = (0.5, 0.3),
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.backbone = backbone
@@ -79,16 +93,23 @@ class HistoClassifier(nn.Module):
         named = list(self.backbone.named_parameters())
         if self.spec.stages:
             groups = [[p for n, p in named if re.match(rx, n)] for rx in self.spec.stages]
-            tail = [p for n, p in named if not any(re.match(rx, n) for rx in self.spec.stages)
-                    and not n.startswith("features.")]
+            tail = [
+                p
+                for n, p in named
+                if not any(re.match(rx, n) for rx in self.spec.stages)
+                and not n.startswith("features.")
+            ]
             groups[-1].extend(tail)
             return [g for g in groups if g]
         from timm.models import group_parameters
 
         by_name = dict(named)
         grouped = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
-        return [[by_name[n] for n in names if n in by_name] for names in grouped.values()
-                if any(n in by_name for n in names)]
+        return [
+            [by_name[n] for n in names if n in by_name]
+            for names in grouped.values()
+            if any(n in by_name for n in names)
+        ]
 
     def set_trainable(self, unfreeze: int) -> list[nn.Parameter]:
         """Freeze the backbone except its last ``unfreeze`` stages; return those parameters."""
@@ -99,15 +120,21 @@ class HistoClassifier(nn.Module):
             )
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        trainable = [p for stage in stages[len(stages) - unfreeze:] for p in stage] if unfreeze else []
+        trainable = (
+            [p for stage in stages[len(stages) - unfreeze :] for p in stage] if unfreeze else []
+        )
         for p in trainable:
             p.requires_grad_(True)
         return trainable
 
 
-def build_model(spec: BackboneSpec, n_classes: int, pretrained: str = "imagenet",
-                head_dims: Sequence[int] = (512, 256),
-                dropouts: Sequence[float] = (0.5, 0.3)) -> HistoClassifier:
+def build_model(
+    spec: BackboneSpec,
+    n_classes: int,
+    pretrained: str = "imagenet",
+    head_dims: Sequence[int] = (512, 256),
+    dropouts: Sequence[float] = (0.5, 0.3),
+) -> HistoClassifier:
     """Make the classifier; the backbone's weights come from ``pretrained`` (see create_backbone)."""
     backbone = create_backbone(spec, pretrained)
     return HistoClassifier(spec, backbone, n_classes, head_dims, dropouts)

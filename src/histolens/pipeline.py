@@ -34,8 +34,9 @@ def _progress(total: int, desc: str, enabled: bool):
 class ImageBank:
     """Decoded, resized uint8 images kept in memory, keyed by path; unreadable files skipped."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess, progress: bool = True,
-                 workers: int = 2) -> None:
+    def __init__(
+        self, paths: Sequence[str], preprocess: Preprocess, progress: bool = True, workers: int = 2
+    ) -> None:
         self.preprocess = preprocess
         self.images: dict[str, torch.Tensor] = {}
         self.skipped: list[Skipped] = []
@@ -47,9 +48,10 @@ class ImageBank:
                 return Skipped(path, exc.reason)
 
         unique = list(dict.fromkeys(str(p) for p in paths))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _progress(
-            len(unique), "Reading images", progress
-        ) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+            _progress(len(unique), "Reading images", progress) as bar,
+        ):
             for path, result in zip(unique, pool.map(load, unique), strict=True):
                 if isinstance(result, Skipped):
                     self.skipped.append(result)
@@ -100,8 +102,9 @@ class InputPipeline:
 class FeatureCache:
     """Pooled backbone features: one clean view per image and K augmented views of train images."""
 
-    def __init__(self, clean: dict[str, torch.Tensor], views: dict[str, torch.Tensor],
-                 fingerprint: str) -> None:
+    def __init__(
+        self, clean: dict[str, torch.Tensor], views: dict[str, torch.Tensor], fingerprint: str
+    ) -> None:
         self.clean = clean
         self.views = views
         self.fingerprint = fingerprint
@@ -112,32 +115,58 @@ class FeatureCache:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
-    @torch.inference_mode()
-    def build(cls, model: torch.nn.Module, bank: ImageBank, pipeline: InputPipeline,
-              clean_paths: Sequence[str], view_paths: Sequence[str], n_views: int,
-              fingerprint: str, batch_size: int = 32, progress: bool = True) -> FeatureCache:
+    def build(
+        cls,
+        model: torch.nn.Module,
+        bank: ImageBank,
+        pipeline: InputPipeline,
+        clean_paths: Sequence[str],
+        view_paths: Sequence[str],
+        n_views: int,
+        fingerprint: str,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> FeatureCache:
         """Run the frozen backbone once over every clean image and every augmented view."""
+        cache = cls({}, {}, fingerprint)
+        cache.extend(model, bank, pipeline, clean_paths, view_paths, n_views, batch_size, progress)
+        return cache
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        model: torch.nn.Module,
+        bank: ImageBank,
+        pipeline: InputPipeline,
+        clean_paths: Sequence[str],
+        view_paths: Sequence[str],
+        n_views: int,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> None:
+        """Compute features only for the images (and views) not cached yet."""
         model.eval()
-        clean: dict[str, torch.Tensor] = {}
-        views: dict[str, list[torch.Tensor]] = {p: [] for p in view_paths}
-        clean_paths = [p for p in dict.fromkeys(clean_paths) if p in bank]
-        view_paths = [p for p in view_paths if p in bank]
-        total = len(clean_paths) + len(view_paths) * n_views
+        clean_todo = [p for p in dict.fromkeys(clean_paths) if p in bank and p not in self.clean]
+        view_todo = [p for p in dict.fromkeys(view_paths) if p in bank and p not in self.views]
+        total = len(clean_todo) + len(view_todo) * n_views
+        if not total:
+            return
+        new_views: dict[str, list[torch.Tensor]] = {p: [] for p in view_todo}
         with _progress(total, "Backbone features", progress) as bar:
-            for i in range(0, len(clean_paths), batch_size):
-                chunk = clean_paths[i:i + batch_size]
+            for i in range(0, len(clean_todo), batch_size):
+                chunk = clean_todo[i : i + batch_size]
                 feats = model.features(pipeline.eval_inputs(bank.stack(chunk))).float().cpu()
-                clean.update(zip(chunk, feats, strict=True))
+                self.clean.update(zip(chunk, feats, strict=True))
                 bar.update(len(chunk))
             for v in range(n_views):
-                for i in range(0, len(view_paths), batch_size):
-                    chunk = view_paths[i:i + batch_size]
+                for i in range(0, len(view_todo), batch_size):
+                    chunk = view_todo[i : i + batch_size]
                     x = pipeline.train_inputs(bank.stack(chunk), chunk, v)
                     feats = model.features(x).float().cpu()
                     for p, f in zip(chunk, feats, strict=True):
-                        views[p].append(f)
+                        new_views[p].append(f)
                     bar.update(len(chunk))
-        return cls(clean, {p: torch.stack(v) for p, v in views.items() if v}, fingerprint)
+        self.views.update({p: torch.stack(v) for p, v in new_views.items()})
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
@@ -151,8 +180,11 @@ class FeatureCache:
             tensors["clean"] = torch.stack([self.clean[k] for k in keys])
         if vkeys:
             tensors["views"] = torch.stack([self.views[k] for k in vkeys])
-        meta = {"fingerprint": self.fingerprint, "clean": json.dumps(keys),
-                "views": json.dumps(vkeys)}
+        meta = {
+            "fingerprint": self.fingerprint,
+            "clean": json.dumps(keys),
+            "views": json.dumps(vkeys),
+        }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 

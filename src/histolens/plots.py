@@ -38,8 +38,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def plot_roc_pr(y: np.ndarray, p: np.ndarray, threshold: float, path: str | os.PathLike,
-                title: str = "") -> Path:
+def plot_roc_pr(
+    y: np.ndarray, p: np.ndarray, threshold: float, path: str | os.PathLike, title: str = ""
+) -> Path:
     """ROC and precision-recall curves side by side, with the operating point marked."""
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
@@ -52,8 +53,7 @@ def plot_roc_pr(y: np.ndarray, p: np.ndarray, threshold: float, path: str | os.P
         a.plot(fpr, tpr, lw=2, label=f"ROC AUC = {auc(fpr, tpr):.3f}")
         op_fpr = (pred & (y == 0)).sum() / max(1, (y == 0).sum())
         op_tpr = (pred & (y == 1)).sum() / max(1, (y == 1).sum())
-        a.plot([op_fpr], [op_tpr], "o", color="crimson", ms=8,
-               label=f"threshold {threshold:.2f}")
+        a.plot([op_fpr], [op_tpr], "o", color="crimson", ms=8, label=f"threshold {threshold:.2f}")
         prec, rec, _ = precision_recall_curve(y, p)
         b.plot(rec, prec, lw=2, label=f"PR AUC = {auc(rec, prec):.3f}")
         op_prec = (pred & (y == 1)).sum() / max(1, pred.sum())
@@ -62,10 +62,20 @@ def plot_roc_pr(y: np.ndarray, p: np.ndarray, threshold: float, path: str | os.P
     else:
         a.text(0.5, 0.5, "one class only: no ROC", ha="center")
     a.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    a.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
-          title="ROC curve", xlim=(0, 1), ylim=(0, 1.02))
-    b.set(xlabel="Recall (sensitivity)", ylabel="Precision", title="Precision-recall curve",
-          xlim=(0, 1), ylim=(0, 1.02))
+    a.set(
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title="ROC curve",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    b.set(
+        xlabel="Recall (sensitivity)",
+        ylabel="Precision",
+        title="Precision-recall curve",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     a.legend(loc="lower right")
     b.legend(loc="lower left")
     if title:
@@ -73,8 +83,9 @@ def plot_roc_pr(y: np.ndarray, p: np.ndarray, threshold: float, path: str | os.P
     return _save(fig, path)
 
 
-def plot_confusion_matrix(y: Sequence[int], pred: Sequence[int], classes: Sequence[str],
-                          path: str | os.PathLike) -> Path:
+def plot_confusion_matrix(
+    y: Sequence[int], pred: Sequence[int], classes: Sequence[str], path: str | os.PathLike
+) -> Path:
     """Counts with row percentages (share of each true class)."""
     plt = _plt()
     k = len(classes)
@@ -88,48 +99,88 @@ def plot_confusion_matrix(y: Sequence[int], pred: Sequence[int], classes: Sequen
     ax.imshow(pct, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{cm[i, j]}\n{pct[i, j]:.0%}", ha="center", va="center",
-                    color="white" if pct[i, j] > 0.6 else "black", fontsize=10 if k <= 4 else 8)
-    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
-           xlabel="Predicted", ylabel="True", title="Confusion matrix (count, row %)")
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{pct[i, j]:.0%}",
+                ha="center",
+                va="center",
+                color="white" if pct[i, j] > 0.6 else "black",
+                fontsize=10 if k <= 4 else 8,
+            )
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="Predicted",
+        ylabel="True",
+        title="Confusion matrix (count, row %)",
+    )
     plt.setp(ax.get_xticklabels(), rotation=30 if k > 2 else 0, ha="right" if k > 2 else "center")
     return _save(fig, path)
 
 
-def plot_probability_distribution(y: np.ndarray, p: np.ndarray, classes: Sequence[str],
-                                  threshold: float, path: str | os.PathLike) -> Path:
+def plot_probability_distribution(
+    y: np.ndarray, p: np.ndarray, classes: Sequence[str], threshold: float, path: str | os.PathLike
+) -> Path:
     """Histogram of the positive-class probability for each true class."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     bins = np.linspace(0, 1, 21)
     colors = ["#3a7dc9", "#d1495b"]
     for c in range(2):
-        ax.hist(np.asarray(p)[np.asarray(y) == c], bins=bins, alpha=0.6, color=colors[c],
-                label=f"true {classes[c]}")
+        ax.hist(
+            np.asarray(p)[np.asarray(y) == c],
+            bins=bins,
+            alpha=0.6,
+            color=colors[c],
+            label=f"true {classes[c]}",
+        )
     ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.2f}")
-    ax.set(xlabel=f"Predicted probability of {classes[1]}", ylabel="Images",
-           title="Probability distribution per class")
+    ax.set(
+        xlabel=f"Predicted probability of {classes[1]}",
+        ylabel="Images",
+        title="Probability distribution per class",
+    )
     ax.legend()
     return _save(fig, path)
 
 
-def plot_reliability(y: np.ndarray, p_before: np.ndarray, p_after: np.ndarray,
-                     temperature: float, path: str | os.PathLike) -> Path:
+def plot_reliability(
+    y: np.ndarray,
+    p_before: np.ndarray,
+    p_after: np.ndarray,
+    temperature: float,
+    path: str | os.PathLike,
+) -> Path:
     """Reliability diagram before and after temperature scaling."""
     from histolens.metrics import expected_calibration_error, reliability_curve
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.3), sharey=True)
-    for ax, p, name in ((axes[0], p_before, "Before calibration"),
-                        (axes[1], p_after, f"After temperature scaling (T = {temperature:.2f})")):
+    for ax, p, name in (
+        (axes[0], p_before, "Before calibration"),
+        (axes[1], p_after, f"After temperature scaling (T = {temperature:.2f})"),
+    ):
         conf, freq, count = reliability_curve(y, p)
         centers = (np.arange(10) + 0.5) / 10
-        ax.bar(centers, np.nan_to_num(freq), width=0.09, alpha=0.7, edgecolor="black",
-               label="observed frequency")
+        ax.bar(
+            centers,
+            np.nan_to_num(freq),
+            width=0.09,
+            alpha=0.7,
+            edgecolor="black",
+            label="observed frequency",
+        )
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         ax.plot(conf, freq, "o-", color="crimson", label="mean predicted")
-        ax.set(title=f"{name}\nECE = {expected_calibration_error(y, p):.3f}",
-               xlabel="Predicted probability", xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(
+            title=f"{name}\nECE = {expected_calibration_error(y, p):.3f}",
+            xlabel="Predicted probability",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+        )
     axes[0].set_ylabel("Fraction positive")
     axes[0].legend(loc="upper left", fontsize=8)
     return _save(fig, path)
@@ -139,8 +190,9 @@ def plot_training_curves(logs_dir: str | os.PathLike, path: str | os.PathLike) -
     """Loss and validation AUC per epoch from Lightning's CSV logs (resumed runs have several
     version folders, read in order); None when there is no log."""
     logs_dir = Path(logs_dir)
-    files = sorted(logs_dir.glob("version_*/metrics.csv"),
-                   key=lambda p: int(p.parent.name.split("_")[1]))
+    files = sorted(
+        logs_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])
+    )
     series: dict[str, dict[int, float]] = {}
     for metrics_csv in files:
         with open(metrics_csv, newline="") as fh:
@@ -170,8 +222,9 @@ def plot_training_curves(logs_dir: str | os.PathLike, path: str | os.PathLike) -
     return _save(fig, path)
 
 
-def plot_misclassified(items: Sequence[tuple[str, str, str, float]], path: str | os.PathLike,
-                       max_items: int = 16) -> Path | None:
+def plot_misclassified(
+    items: Sequence[tuple[str, str, str, float]], path: str | os.PathLike, max_items: int = 16
+) -> Path | None:
     """Grid of misclassified images: (path, true, predicted, probability of predicted)."""
     from histolens.errors import ImageLoadError
     from histolens.imageio import load_rgb

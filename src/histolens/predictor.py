@@ -48,8 +48,12 @@ class Prediction:
     path: str | None = None
 
     def as_row(self) -> dict[str, Any]:
-        row = {"path": self.path, "prediction": self.label,
-               "probability": round(self.probability, 6), "uncertain": self.uncertain}
+        row = {
+            "path": self.path,
+            "prediction": self.label,
+            "probability": round(self.probability, 6),
+            "uncertain": self.uncertain,
+        }
         row.update({f"p_{k}": round(v, 6) for k, v in self.scores.items()})
         return row
 
@@ -76,8 +80,13 @@ class Predictor:
             spec = get_backbone_spec(meta["backbone"])
             classes = tuple(meta["class_names"])
             head = meta.get("head", {})
-            model = build_model(spec, len(classes), "none", head.get("dims", (512, 256)),
-                                head.get("dropouts", (0.5, 0.3)))
+            model = build_model(
+                spec,
+                len(classes),
+                "none",
+                head.get("dims", (512, 256)),
+                head.get("dropouts", (0.5, 0.3)),
+            )
             preprocess = Preprocess.from_dict(meta["preprocess"])
         except KeyError as exc:
             raise CheckpointError(f"Checkpoint {path} lacks the metadata field {exc}.") from None
@@ -96,9 +105,17 @@ class Predictor:
         model.to(dev).eval()
         if dev.type == "cpu":
             model.to(memory_format=torch.channels_last)
-        return cls(model, preprocess, classes, float(meta.get("threshold", 0.5)),
-                   float(meta.get("temperature", 1.0)), stain, meta, dev,
-                   str(resolve_checkpoint_path(path)))
+        return cls(
+            model,
+            preprocess,
+            classes,
+            float(meta.get("threshold", 0.5)),
+            float(meta.get("temperature", 1.0)),
+            stain,
+            meta,
+            dev,
+            str(resolve_checkpoint_path(path)),
+        )
 
     # --- properties the front ends show ---------------------------------------------------
     @property
@@ -147,28 +164,40 @@ class Predictor:
         if self.is_binary:
             p = float(probs[1])
             label = self.class_names[1] if p >= self.threshold else self.class_names[0]
-            return Prediction(label, scores[label], scores, p, self.threshold,
-                              abs(p - self.threshold) < UNCERTAINTY_MARGIN, path)
+            return Prediction(
+                label,
+                scores[label],
+                scores,
+                p,
+                self.threshold,
+                abs(p - self.threshold) < UNCERTAINTY_MARGIN,
+                path,
+            )
         order = np.argsort(probs)[::-1]
         top, second = float(probs[order[0]]), float(probs[order[1]])
         label = self.class_names[int(order[0])]
-        return Prediction(label, top, scores, None, None, top - second < 2 * UNCERTAINTY_MARGIN,
-                          path)
+        return Prediction(
+            label, top, scores, None, None, top - second < 2 * UNCERTAINTY_MARGIN, path
+        )
 
     def predict_images(self, images: Sequence, batch_size: int = 32) -> list[Prediction]:
         """Predictions for PIL RGB images."""
         out: list[Prediction] = []
         for i in range(0, len(images), batch_size):
-            probs = self.probabilities(self.logits(self.prepare(images[i:i + batch_size])))
+            probs = self.probabilities(self.logits(self.prepare(images[i : i + batch_size])))
             out += [self.decide(p) for p in probs]
         return out
 
     def predict_image(self, image) -> Prediction:
         return self.predict_images([image])[0]
 
-    def iter_batches(self, paths: Sequence[str | os.PathLike], batch_size: int = 32,
-                     progress: Callable[[int], None] | None = None, workers: int = 2
-                     ) -> Iterable[tuple[list[str], torch.Tensor | None, list[Skipped]]]:
+    def iter_batches(
+        self,
+        paths: Sequence[str | os.PathLike],
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+        workers: int = 2,
+    ) -> Iterable[tuple[list[str], torch.Tensor | None, list[Skipped]]]:
         """Load and resize images in a thread pool; yield (paths, uint8 batch, skipped) batches."""
 
         def load(p: str) -> torch.Tensor | Skipped:
@@ -179,19 +208,25 @@ class Predictor:
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for i in range(0, len(paths), batch_size):
-                chunk = [str(p) for p in paths[i:i + batch_size]]
+                chunk = [str(p) for p in paths[i : i + batch_size]]
                 results = list(pool.map(load, chunk))
-                ok = [(p, r) for p, r in zip(chunk, results, strict=True)
-                      if isinstance(r, torch.Tensor)]
+                ok = [
+                    (p, r)
+                    for p, r in zip(chunk, results, strict=True)
+                    if isinstance(r, torch.Tensor)
+                ]
                 skipped = [r for r in results if isinstance(r, Skipped)]
                 batch = torch.stack([r for _, r in ok]) if ok else None
                 yield [p for p, _ in ok], batch, skipped
                 if progress:
                     progress(len(chunk))
 
-    def predict_paths(self, paths: Sequence[str | os.PathLike], batch_size: int = 32,
-                      progress: Callable[[int], None] | None = None
-                      ) -> tuple[list[Prediction], list[Skipped]]:
+    def predict_paths(
+        self,
+        paths: Sequence[str | os.PathLike],
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[Prediction], list[Skipped]]:
         """Predictions for image files, batched; unreadable files are returned with reasons."""
         predictions: list[Prediction] = []
         skipped: list[Skipped] = []
@@ -203,9 +238,12 @@ class Predictor:
             predictions += [self.decide(p, path) for p, path in zip(probs, ok_paths, strict=True)]
         return predictions, skipped
 
-    def logits_for_paths(self, paths: Sequence[str], batch_size: int = 32,
-                         progress: Callable[[int], None] | None = None
-                         ) -> tuple[list[str], torch.Tensor, list[Skipped]]:
+    def logits_for_paths(
+        self,
+        paths: Sequence[str],
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[str], torch.Tensor, list[Skipped]]:
         """Raw logits for files, with the paths they belong to (unreadable ones skipped)."""
         kept: list[str] = []
         chunks: list[torch.Tensor] = []

@@ -62,56 +62,85 @@ def _ci(ci: dict, key: str) -> str:
 def _metrics_table(metrics: dict[str, Any]) -> str:
     img = metrics.get("image", {})
     ci = img.get("ci95", {})
-    names = [("roc_auc", "ROC AUC (image)"), ("pr_auc", "PR AUC"), ("accuracy", "Accuracy"),
-             ("balanced_accuracy", "Balanced accuracy"), ("sensitivity", "Sensitivity (recall)"),
-             ("specificity", "Specificity"), ("precision", "Precision"), ("f1", "F1"),
-             ("brier", "Brier score"), ("ece", "Expected calibration error"),
-             ("patient_recognition_rate", "Patient recognition rate"),
-             ("patient_auc", "Patient-level AUC"), ("macro_f1", "Macro F1"),
-             ("weighted_f1", "Weighted F1"), ("roc_auc_ovr", "ROC AUC (one-vs-rest)")]
+    names = [
+        ("roc_auc", "ROC AUC (image)"),
+        ("pr_auc", "PR AUC"),
+        ("accuracy", "Accuracy"),
+        ("balanced_accuracy", "Balanced accuracy"),
+        ("sensitivity", "Sensitivity (recall)"),
+        ("specificity", "Specificity"),
+        ("precision", "Precision"),
+        ("f1", "F1"),
+        ("brier", "Brier score"),
+        ("ece", "Expected calibration error"),
+        ("patient_recognition_rate", "Patient recognition rate"),
+        ("patient_auc", "Patient-level AUC"),
+        ("macro_f1", "Macro F1"),
+        ("weighted_f1", "Weighted F1"),
+        ("roc_auc_ovr", "ROC AUC (one-vs-rest)"),
+    ]
     rows = []
     at05 = metrics.get("image_at_0.5", {})
     for key, label in names:
         if key not in img:
             continue
-        rows.append(f"<tr><td>{label}</td><td class=num>{_fmt(img[key])}</td>"
-                    f"<td class=num>{_ci(ci, key)}</td>"
-                    f"<td class=num>{_fmt(at05[key]) if key in at05 else ''}</td></tr>")
-    head = ("<tr><th>Metric</th><th>Value (chosen threshold "
-            f"{metrics.get('threshold', 0.5):.3f})</th><th>95% CI (bootstrap over patients)</th>"
-            "<th>At threshold 0.5</th></tr>")
+        rows.append(
+            f"<tr><td>{label}</td><td class=num>{_fmt(img[key])}</td>"
+            f"<td class=num>{_ci(ci, key)}</td>"
+            f"<td class=num>{_fmt(at05[key]) if key in at05 else ''}</td></tr>"
+        )
+    head = (
+        "<tr><th>Metric</th><th>Value (chosen threshold "
+        f"{metrics.get('threshold', 0.5):.3f})</th><th>95% CI (bootstrap over patients)</th>"
+        "<th>At threshold 0.5</th></tr>"
+    )
     table = f"<table>{head}{''.join(rows)}</table>"
     per_class = img.get("per_class")
     if per_class:
         pc = "".join(
             f"<tr><td>{html.escape(c)}</td><td class=num>{v['precision']:.3f}</td>"
             f"<td class=num>{v['recall']:.3f}</td><td class=num>{v['f1']:.3f}</td>"
-            f"<td class=num>{v['support']}</td></tr>" for c, v in per_class.items())
-        table += ("<h3>Per class</h3><table><tr><th>Class</th><th>Precision</th><th>Recall</th>"
-                  f"<th>F1</th><th>Images</th></tr>{pc}</table>")
+            f"<td class=num>{v['support']}</td></tr>"
+            for c, v in per_class.items()
+        )
+        table += (
+            "<h3>Per class</h3><table><tr><th>Class</th><th>Precision</th><th>Recall</th>"
+            f"<th>F1</th><th>Images</th></tr>{pc}</table>"
+        )
     per_mag = metrics.get("per_magnification")
     if per_mag:
         pm = "".join(
             f"<tr><td>{m}</td><td class=num>{v['n']}</td><td class=num>{v['n_patients']}</td>"
             f"<td class=num>{_fmt(v['roc_auc'])}</td><td class=num>{_fmt(v['accuracy'])}</td>"
             f"<td class=num>{_fmt(v['patient_recognition_rate'])}</td></tr>"
-            for m, v in per_mag.items())
-        table += ("<h3>Per magnification</h3><table><tr><th>Magnification</th><th>Images</th>"
-                  "<th>Patients</th><th>ROC AUC</th><th>Accuracy</th>"
-                  f"<th>Patient recognition rate</th></tr>{pm}</table>")
+            for m, v in per_mag.items()
+        )
+        table += (
+            "<h3>Per magnification</h3><table><tr><th>Magnification</th><th>Images</th>"
+            "<th>Patients</th><th>ROC AUC</th><th>Accuracy</th>"
+            f"<th>Patient recognition rate</th></tr>{pm}</table>"
+        )
     return table
 
 
 def _cards(metrics: dict[str, Any]) -> str:
     img = metrics.get("image", {})
-    items = [("ROC AUC", img.get("roc_auc", img.get("roc_auc_ovr"))),
-             ("Patient recognition rate", img.get("patient_recognition_rate")),
-             ("Patient-level AUC", img.get("patient_auc")),
-             ("Balanced accuracy", img.get("balanced_accuracy", img.get("accuracy"))),
-             ("Images / patients", f"{metrics.get('n_images')} / {metrics.get('n_patients')}")]
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><b>{_fmt(v)}</b><span>{k}</span></div>' for k, v in items
-        if v is not None) + "</div>"
+    items = [
+        ("ROC AUC", img.get("roc_auc", img.get("roc_auc_ovr"))),
+        ("Patient recognition rate", img.get("patient_recognition_rate")),
+        ("Patient-level AUC", img.get("patient_auc")),
+        ("Balanced accuracy", img.get("balanced_accuracy", img.get("accuracy"))),
+        ("Images / patients", f"{metrics.get('n_images')} / {metrics.get('n_patients')}"),
+    ]
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><b>{_fmt(v)}</b><span>{k}</span></div>'
+            for k, v in items
+            if v is not None
+        )
+        + "</div>"
+    )
 
 
 def _split_table(data: dict[str, Any]) -> str:
@@ -119,12 +148,17 @@ def _split_table(data: dict[str, Any]) -> str:
     if not split:
         return ""
     classes = sorted({c for part in split.values() for c in part.get("classes", {})})
-    head = "<tr><th>Split</th><th>Images</th><th>Patient groups</th>" + "".join(
-        f"<th>{html.escape(c)}</th>" for c in classes) + "</tr>"
+    head = (
+        "<tr><th>Split</th><th>Images</th><th>Patient groups</th>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+        + "</tr>"
+    )
     body = "".join(
         f"<tr><td>{name}</td><td class=num>{p['images']}</td><td class=num>{p['groups']}</td>"
-        + "".join(f"<td class=num>{p['classes'].get(c, 0)}</td>" for c in classes) + "</tr>"
-        for name, p in split.items())
+        + "".join(f"<td class=num>{p['classes'].get(c, 0)}</td>" for c in classes)
+        + "</tr>"
+        for name, p in split.items()
+    )
     return f"<table>{head}{body}</table>"
 
 
@@ -135,15 +169,15 @@ def _model_card(meta: dict[str, Any]) -> str:
 classifier of H&amp;E breast histopathology images behaves, comparing backbones and training
 recipes, teaching. <b>Not for diagnosis</b> and not a medical device; a pathologist's reading
 of the slide is the reference.</p>
-<p><b>Model.</b> {html.escape(str(meta.get('backbone')))} backbone (weights:
-{html.escape(str(meta.get('pretrained')))}) with the original project's head; task
-{html.escape(str(meta.get('task')))}; classes {html.escape(', '.join(meta.get('class_names', [])))};
-decision threshold {float(meta.get('threshold', 0.5)):.3f} chosen on the validation split;
-temperature {float(meta.get('temperature', 1.0)):.3f}; stain normalisation
-{html.escape(str((meta.get('stain') or {}).get('method', 'none')))}.</p>
-<p><b>Data.</b> {html.escape(str(data.get('path', '')))} ({html.escape(str(data.get('layout', '')))}),
-magnification {html.escape(str(meta.get('magnification')))}; split by
-{'patient group' if data.get('patient_level_split', True) else 'image (no patient ids: optimistic)'}.</p>
+<p><b>Model.</b> {html.escape(str(meta.get("backbone")))} backbone (weights:
+{html.escape(str(meta.get("pretrained")))}) with the original project's head; task
+{html.escape(str(meta.get("task")))}; classes {html.escape(", ".join(meta.get("class_names", [])))};
+decision threshold {float(meta.get("threshold", 0.5)):.3f} chosen on the validation split;
+temperature {float(meta.get("temperature", 1.0)):.3f}; stain normalisation
+{html.escape(str((meta.get("stain") or {}).get("method", "none")))}.</p>
+<p><b>Data.</b> {html.escape(str(data.get("path", "")))} ({html.escape(str(data.get("layout", "")))}),
+magnification {html.escape(str(meta.get("magnification")))}; split by
+{"patient group" if data.get("patient_level_split", True) else "image (no patient ids: optimistic)"}.</p>
 <p><b>Limitations.</b> Trained on few patients: confidence intervals are wide and performance on
 other labs, scanners, stains and magnifications is unknown. Image-level metrics count correlated
 images of one patient many times; read the patient-level figures. Heatmaps show what the model
@@ -151,8 +185,12 @@ used, not where the tumour is, and can be unfaithful; check their faithfulness s
 """
 
 
-def write_report(run_dir: str | os.PathLike, evaluation_dir: str | os.PathLike | None = None,
-                 notes: Sequence[str] = (), checkpoint: str | os.PathLike | None = None) -> Path:
+def write_report(
+    run_dir: str | os.PathLike,
+    evaluation_dir: str | os.PathLike | None = None,
+    notes: Sequence[str] = (),
+    checkpoint: str | os.PathLike | None = None,
+) -> Path:
     """Write ``report.html`` into ``run_dir`` from its checkpoint, evaluation and explanations."""
     from histolens.checkpoint import BEST_CHECKPOINT, read_metadata
 
@@ -163,41 +201,60 @@ def write_report(run_dir: str | os.PathLike, evaluation_dir: str | os.PathLike |
     metrics_file = ev / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     data = meta.get("data", {})
-    parts = [f"<h1>histolens report</h1><div class=sub>{html.escape(str(meta.get('model_id', '')))}"
-             f" &middot; saved {html.escape(str(meta.get('saved_at', '')))}</div>"]
+    parts = [
+        f"<h1>histolens report</h1><div class=sub>{html.escape(str(meta.get('model_id', '')))}"
+        f" &middot; saved {html.escape(str(meta.get('saved_at', '')))}</div>"
+    ]
     parts.append('<div class="warn">Research and education use only. Not for diagnosis.</div>')
     for n in notes:
         parts.append(f'<div class="warn">{html.escape(n)}</div>')
     if metrics:
-        parts.append(f"<section><h2>Headline ({html.escape(str(metrics.get('split', 'test')))} "
-                     f"split, unseen patients)</h2>{_cards(metrics)}</section>")
+        parts.append(
+            f"<section><h2>Headline ({html.escape(str(metrics.get('split', 'test')))} "
+            f"split, unseen patients)</h2>{_cards(metrics)}</section>"
+        )
         parts.append(f"<section><h2>Metrics</h2>{_metrics_table(metrics)}</section>")
     if data:
-        parts.append(f"<section><h2>Data and split</h2><p>{html.escape(str(data.get('path')))} "
-                     f"&middot; layout: {html.escape(str(data.get('layout')))} &middot; "
-                     f"class weights: {html.escape(json.dumps(meta.get('class_weights', {})))}</p>"
-                     f"{_split_table(data)}</section>")
+        parts.append(
+            f"<section><h2>Data and split</h2><p>{html.escape(str(data.get('path')))} "
+            f"&middot; layout: {html.escape(str(data.get('layout')))} &middot; "
+            f"class weights: {html.escape(json.dumps(meta.get('class_weights', {})))}</p>"
+            f"{_split_table(data)}</section>"
+        )
     figures = [(ev / f, t) for f, t in _PLOTS if (ev / f).is_file()]
     if figures:
-        parts.append("<section><h2>Plots</h2>" + "".join(
-            f"<h3>{t}</h3>{_img(p)}" for p, t in figures) + "</section>")
+        parts.append(
+            "<section><h2>Plots</h2>"
+            + "".join(f"<h3>{t}</h3>{_img(p)}" for p, t in figures)
+            + "</section>"
+        )
     gallery = sorted((run_dir / "explanations").glob("*_panel.png"))[:12]
     if gallery:
-        parts.append("<section><h2>Example heatmaps</h2><div class=gallery>" + "".join(
-            f"<figure>{_img(p)}<figcaption>{html.escape(p.stem.replace('_panel', ''))}"
-            "</figcaption></figure>" for p in gallery) + "</div></section>")
+        parts.append(
+            "<section><h2>Example heatmaps</h2><div class=gallery>"
+            + "".join(
+                f"<figure>{_img(p)}<figcaption>{html.escape(p.stem.replace('_panel', ''))}"
+                "</figcaption></figure>"
+                for p in gallery
+            )
+            + "</div></section>"
+        )
     faith = run_dir / "explanations" / "faithfulness.json"
     if faith.is_file():
         parts.append(_faithfulness_section(json.loads(faith.read_text())))
     if meta:
         parts.append(f"<section><h2>Model card</h2>{_model_card(meta)}</section>")
-        parts.append("<section><h2>Resolved configuration</h2><pre>"
-                     f"{html.escape(json.dumps(meta.get('config', {}), indent=2))}</pre>"
-                     f"<p>Package versions: {html.escape(json.dumps(meta.get('versions', {})))}"
-                     "</p></section>")
-    doc = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>histolens report</title>"
-           f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{_CSS}</style>"
-           f"</head><body><main>{''.join(parts)}</main></body></html>")
+        parts.append(
+            "<section><h2>Resolved configuration</h2><pre>"
+            f"{html.escape(json.dumps(meta.get('config', {}), indent=2))}</pre>"
+            f"<p>Package versions: {html.escape(json.dumps(meta.get('versions', {})))}"
+            "</p></section>"
+        )
+    doc = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>histolens report</title>"
+        f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{_CSS}</style>"
+        f"</head><body><main>{''.join(parts)}</main></body></html>"
+    )
     return atomic_write_text(run_dir / "report.html", doc)
 
 
@@ -207,8 +264,16 @@ def _faithfulness_section(table: dict[str, Any]) -> str:
         return ""
     cols = [c for c in rows[0] if c != "method"]
     head = "<tr><th>Method</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
-    body = "".join("<tr><td>" + html.escape(str(r["method"])) + "</td>" + "".join(
-        f"<td class=num>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return ("<section><h2>Explanation faithfulness</h2><p>Deletion AUC: lower is better; "
-            "insertion AUC: higher is better; compared with a random heatmap.</p>"
-            f"<table>{head}{body}</table></section>")
+    body = "".join(
+        "<tr><td>"
+        + html.escape(str(r["method"]))
+        + "</td>"
+        + "".join(f"<td class=num>{_fmt(r.get(c))}</td>" for c in cols)
+        + "</tr>"
+        for r in rows
+    )
+    return (
+        "<section><h2>Explanation faithfulness</h2><p>Deletion AUC: lower is better; "
+        "insertion AUC: higher is better; compared with a random heatmap.</p>"
+        f"<table>{head}{body}</table></section>"
+    )

@@ -182,8 +182,10 @@ def group_kfold(
     groups = [_group_key(r) for r in records]
     n_groups = len(set(groups))
     if n_groups < n_splits:
-        raise DataError(f"{n_splits}-fold cross-validation needs at least {n_splits} patient "
-                        f"groups; the data have {n_groups}.")
+        raise DataError(
+            f"{n_splits}-fold cross-validation needs at least {n_splits} patient "
+            f"groups; the data have {n_groups}."
+        )
     y = [target_of(r, task) for r in records]
     with warnings.catch_warnings():
         # "The least populated class has only N members" is expected with few patients.
@@ -191,12 +193,15 @@ def group_kfold(
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         folds = [(list(tr), list(te)) for tr, te in cv.split(np.zeros(len(y)), y, groups)]
     for tr, te in folds:
-        assert_patient_disjoint({"train": [records[i] for i in tr], "test": [records[i] for i in te]})
+        assert_patient_disjoint(
+            {"train": [records[i] for i in tr], "test": [records[i] for i in te]}
+        )
     return folds
 
 
-def balanced_class_weights(records: Sequence[ImageRecord], classes: Sequence[str], task: str
-                           ) -> list[float]:
+def balanced_class_weights(
+    records: Sequence[ImageRecord], classes: Sequence[str], task: str
+) -> list[float]:
     """Balanced weights n / (k * n_c), as scikit-learn's 'balanced'; 0 for an absent class."""
     counts = Counter(target_of(r, task) for r in records)
     n = sum(counts[c] for c in classes)

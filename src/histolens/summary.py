@@ -17,20 +17,30 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] +
-                     [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    )
 
 
-def render_summary(path: str | os.PathLike, magnification: str = "all", task: str = "binary",
-                   val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
-                   group_by: str = "group", max_skipped: int = 20) -> str:
+def render_summary(
+    path: str | os.PathLike,
+    magnification: str = "all",
+    task: str = "binary",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+    group_by: str = "group",
+    max_skipped: int = 20,
+) -> str:
     """The summary text: counts by class/subtype/magnification/patient group, skipped files, split."""
     from histolens.data import class_names_for
-    from histolens.imageio import load_rgb
     from histolens.errors import ImageLoadError
+    from histolens.imageio import load_rgb
 
     ds = discover(path)
     out = [f"Data: {ds.root}", f"Layout: {ds.layout}", f"Images found: {len(ds.records)}"]
@@ -47,34 +57,70 @@ def render_summary(path: str | os.PathLike, magnification: str = "all", task: st
     bad = {p for p, _ in unreadable}
     records = [r for r in records if r.path not in bad]
     classes = Counter(r.label for r in records)
-    groups_per_class = {c: len({r.group for r in records if r.label == c and r.group})
-                        for c in classes}
-    out += ["", _table(["class", "images", "patient groups"],
-                       [[c, n, groups_per_class[c] or "-"] for c, n in sorted(classes.items())])]
+    groups_per_class = {
+        c: len({r.group for r in records if r.label == c and r.group}) for c in classes
+    }
+    out += [
+        "",
+        _table(
+            ["class", "images", "patient groups"],
+            [[c, n, groups_per_class[c] or "-"] for c, n in sorted(classes.items())],
+        ),
+    ]
     subtypes = Counter((r.label, r.subtype) for r in records if r.subtype)
     if subtypes:
-        out += ["", _table(["subtype", "name", "class", "images", "patient groups"], [
-            [s, SUBTYPE_NAMES.get(s, ""), c, n,
-             len({r.group for r in records if r.subtype == s and r.group})]
-            for (c, s), n in sorted(subtypes.items())])]
+        out += [
+            "",
+            _table(
+                ["subtype", "name", "class", "images", "patient groups"],
+                [
+                    [
+                        s,
+                        SUBTYPE_NAMES.get(s, ""),
+                        c,
+                        n,
+                        len({r.group for r in records if r.subtype == s and r.group}),
+                    ]
+                    for (c, s), n in sorted(subtypes.items())
+                ],
+            ),
+        ]
     mags = Counter(r.magnification for r in records)
-    out += ["", _table(["magnification"] + sorted(classes), [
-        [f"{m}X" if m else "unknown"] + [sum(1 for r in records if r.magnification == m
-                                             and r.label == c) for c in sorted(classes)]
-        for m in sorted(mags, key=lambda m: m or 0)])]
+    out += [
+        "",
+        _table(
+            ["magnification"] + sorted(classes),
+            [
+                [f"{m}X" if m else "unknown"]
+                + [
+                    sum(1 for r in records if r.magnification == m and r.label == c)
+                    for c in sorted(classes)
+                ]
+                for m in sorted(mags, key=lambda m: m or 0)
+            ],
+        ),
+    ]
     groups = Counter((r.group, r.label) for r in records if r.group)
     if groups:
         subtype_of = {}
         for r in records:
             if r.group:
                 subtype_of.setdefault(r.group, set()).add(r.subtype or "")
-        rows = [[g, c, "/".join(sorted(subtype_of[g])), n]
-                for (g, c), n in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[1]))]
-        out += ["", f"Patient groups: {len({g for g, _ in groups})}",
-                _table(["group", "class", "subtypes", "images"], rows)]
+        rows = [
+            [g, c, "/".join(sorted(subtype_of[g])), n]
+            for (g, c), n in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[1]))
+        ]
+        out += [
+            "",
+            f"Patient groups: {len({g for g, _ in groups})}",
+            _table(["group", "class", "subtypes", "images"], rows),
+        ]
     else:
-        out += ["", "Patient ids: none (file names are not BreakHis names and there is no "
-                    "manifest): splits fall back to images, with a warning."]
+        out += [
+            "",
+            "Patient ids: none (file names are not BreakHis names and there is no "
+            "manifest): splits fall back to images, with a warning.",
+        ]
     skipped = [(s.path, s.reason) for s in ds.skipped] + unreadable
     if skipped:
         out += ["", f"Skipped files: {len(skipped)}"]
@@ -87,13 +133,22 @@ def render_summary(path: str | os.PathLike, magnification: str = "all", task: st
             split = split_by_patient(records, task, val_fraction, test_fraction, seed, group_by)
         names = class_names_for(task, records)
         summary = split.summary(task)
-        out += ["", f"Split training would use ({'patient-disjoint' if split.patient_level else 'by IMAGE: no patient ids'}, "
-                    f"seed {seed}, val {val_fraction:.0%}, test {test_fraction:.0%}):",
-                _table(["split", "images", "groups"] + list(names), [
+        out += [
+            "",
+            f"Split training would use ({'patient-disjoint' if split.patient_level else 'by IMAGE: no patient ids'}, "
+            f"seed {seed}, val {val_fraction:.0%}, test {test_fraction:.0%}):",
+            _table(
+                ["split", "images", "groups"] + list(names),
+                [
                     [name, s["images"], s["groups"]] + [s["classes"].get(c, 0) for c in names]
-                    for name, s in summary.items()])]
+                    for name, s in summary.items()
+                ],
+            ),
+        ]
         weights = balanced_class_weights(split.train, names, task)
-        out.append("Class weights (balanced, from training): " + ", ".join(
-            f"{c} {w:.3f}" for c, w in zip(names, weights, strict=True)))
+        out.append(
+            "Class weights (balanced, from training): "
+            + ", ".join(f"{c} {w:.3f}" for c, w in zip(names, weights, strict=True))
+        )
         out += [f"warning: {w}" for w in split.warnings]
     return "\n".join(out)

@@ -20,13 +20,19 @@ from histolens.data import BINARY_CLASSES
 from histolens.model import build_model
 from histolens.transforms import resolve_preprocess
 
-__all__ = ["make_checkpoint", "make_tissue_image"]
+__all__ = ["make_checkpoint", "make_tissue_image", "tiny_config"]
 
 
-def make_checkpoint(path: str | os.PathLike, backbone: str = "test_resnet",
-                    class_names: Sequence[str] = BINARY_CLASSES, threshold: float = 0.5,
-                    temperature: float = 1.0, stain: dict | None = None, seed: int = 0,
-                    metrics: dict | None = None) -> Path:
+def make_checkpoint(
+    path: str | os.PathLike,
+    backbone: str = "test_resnet",
+    class_names: Sequence[str] = BINARY_CLASSES,
+    threshold: float = 0.5,
+    temperature: float = 1.0,
+    stain: dict | None = None,
+    seed: int = 0,
+    metrics: dict | None = None,
+) -> Path:
     """A checkpoint of a randomly initialised model (timm's tiny ``test_*`` nets by default)."""
     torch.manual_seed(seed)
     spec = get_backbone_spec(backbone)
@@ -43,7 +49,8 @@ def make_checkpoint(path: str | os.PathLike, backbone: str = "test_resnet",
         "backbone": spec.name,
         "timm_name": spec.timm_name,
         "pretrained": "none",
-        "task": "binary" if tuple(class_names) == BINARY_CLASSES or len(class_names) == 2
+        "task": "binary"
+        if tuple(class_names) == BINARY_CLASSES or len(class_names) == 2
         else "subtype",
         "class_names": list(class_names),
         "head": {"dims": [512, 256], "dropouts": [0.5, 0.3]},
@@ -58,8 +65,9 @@ def make_checkpoint(path: str | os.PathLike, backbone: str = "test_resnet",
     return save_checkpoint(path, model, meta)
 
 
-def make_tissue_image(size: tuple[int, int] = (96, 64), seed: int = 0, dark: bool = False
-                      ) -> Image.Image:
+def make_tissue_image(
+    size: tuple[int, int] = (96, 64), seed: int = 0, dark: bool = False
+) -> Image.Image:
     """A small H&E-coloured RGB image (pink stroma, purple blobs) for tests."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -74,3 +82,16 @@ def make_tissue_image(size: tuple[int, int] = (96, 64), seed: int = 0, dark: boo
     od = conc_h[..., None] * v_h + conc_e[..., None] * v_e
     rgb = np.clip(255 * np.exp(-od), 0, 255).astype(np.uint8)
     return Image.fromarray(rgb, "RGB")
+
+
+def tiny_config(data: str | os.PathLike, **overrides):
+    """A training config that runs in seconds: tiny timm backbone, random init, 2 epochs."""
+    from histolens.config import RunConfig
+
+    base = {
+        "data.path": str(data), "data.val_fraction": 0.25, "data.test_fraction": 0.25,
+        "model.backbone": "test_resnet", "model.pretrained": "none", "train.epochs": 2,
+        "train.batch_size": 8, "train.cache_views": 2, "train.lr": 0.01,
+    }
+    base.update(overrides)
+    return RunConfig().override(base)

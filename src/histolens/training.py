@@ -102,14 +102,22 @@ def _lightning_module_class():
     class _ClassifierModule(L.LightningModule):
         """Trains the head (cached features) or head + unfrozen stages (images) of a model."""
 
-        def __init__(self, model: HistoClassifier, cfg: RunConfig, class_weights: Sequence[float],
-                     pipeline: InputPipeline | None, cached: bool) -> None:
+        def __init__(
+            self,
+            model: HistoClassifier,
+            cfg: RunConfig,
+            class_weights: Sequence[float],
+            pipeline: InputPipeline | None,
+            cached: bool,
+        ) -> None:
             super().__init__()
             self.model = model
             self.cfg = cfg
             self.cached = cached
             self.pipeline = pipeline
-            self.register_buffer("class_weights", torch.tensor(list(class_weights), dtype=torch.float32))
+            self.register_buffer(
+                "class_weights", torch.tensor(list(class_weights), dtype=torch.float32)
+            )
             self.binary = model.head.out.out_features == 1
             self._val_logits: list[torch.Tensor] = []
             self._val_targets: list[torch.Tensor] = []
@@ -143,8 +151,9 @@ def _lightning_module_class():
         def training_step(self, batch, batch_idx):
             logits, y = self._logits(batch, train=True)
             loss = self._loss(logits, y, weighted=True)
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                     batch_size=len(y))
+            self.log(
+                "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y)
+            )
             return loss
 
         def validation_step(self, batch, batch_idx):
@@ -181,19 +190,25 @@ def _lightning_module_class():
             if backbone:
                 groups.append({"params": backbone, "lr": t.lr * t.backbone_lr_factor})
             if t.optimizer == "sgd":
-                opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum,
-                                      weight_decay=t.weight_decay)
+                opt = torch.optim.SGD(
+                    groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+                )
             elif t.optimizer == "adam":
                 opt = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
             else:
                 opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="min", factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr)
-            return {"optimizer": opt,
-                    "lr_scheduler": {"scheduler": sched, "monitor": self._monitor()}}
+                opt, mode="min", factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr
+            )
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": self._monitor()},
+            }
 
         def _monitor(self) -> str:
-            return "val_loss" if self.trainer is None or self.trainer.val_dataloaders else "train_loss"
+            return (
+                "val_loss" if self.trainer is None or self.trainer.val_dataloaders else "train_loss"
+            )
 
     return _ClassifierModule
 
@@ -216,9 +231,12 @@ def _export_callback_class():
             value = float(value)
             if value < self.best:
                 self.best, self.best_epoch = value, trainer.current_epoch
-                meta = {**self.metadata, "epoch": trainer.current_epoch,
-                        "best_val_loss": value,
-                        "val_auc_at_best": float(trainer.callback_metrics.get("val_auc", np.nan))}
+                meta = {
+                    **self.metadata,
+                    "epoch": trainer.current_epoch,
+                    "best_val_loss": value,
+                    "val_auc_at_best": float(trainer.callback_metrics.get("val_auc", np.nan)),
+                }
                 save_checkpoint(self.path, pl_module.model, meta)
 
         def on_train_epoch_end(self, trainer, pl_module):
@@ -252,8 +270,9 @@ def _loggers(run_dir: Path):
     return loggers
 
 
-def _fit_stain(cfg: RunConfig, bank: ImageBank, train_paths: Sequence[str], preprocess
-               ) -> tuple[Any, str | None]:
+def _fit_stain(
+    cfg: RunConfig, bank: ImageBank, train_paths: Sequence[str], preprocess
+) -> tuple[Any, str | None]:
     """A StainNormalizer fitted to the given reference, or to the median-like training image."""
     if cfg.stain.method == "none":
         return None, None
@@ -278,13 +297,25 @@ def _targets(records: Sequence[ImageRecord], classes: Sequence[str], task: str) 
     return [index[target_of(r, task)] for r in records]
 
 
-def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
-          split: Split | None = None, progress: bool = True, evaluate: bool = True
-          ) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    split: Split | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+    epochs: int | None = None,
+    bank: ImageBank | None = None,
+    feature_store: dict[str, FeatureCache] | None = None,
+    write_outputs: bool = True,
+) -> TrainResult:
     """Train a model as ``cfg`` says, writing everything into ``run_dir``.
 
-    With ``resume`` the run continues from its ``lightning/last.ckpt``; the feature cache is
-    reused when its fingerprint matches. ``split`` overrides the patient-level split (for CV).
+    With ``resume`` the run continues from its ``lightning/last.ckpt`` with its saved config
+    (``epochs`` may extend it); the feature cache is reused when its fingerprint matches.
+    ``split`` overrides the patient-level split; ``bank`` and ``feature_store`` let several
+    runs over the same images (cross-validation folds) decode and featurise each image once;
+    ``write_outputs=False`` skips plots and the report.
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -299,6 +330,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
         if not saved.is_file():
             raise ConfigError(f"Cannot resume: {run_dir} has no {CONFIG_FILE}.")
         cfg = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        if epochs is not None:
+            cfg = cfg.override({"train.epochs": epochs})
     elif (run_dir / "lightning" / "last.ckpt").exists():
         raise ConfigError(
             f"{run_dir} already holds a training run; use --resume to continue it or choose "
@@ -308,39 +341,55 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
+    spec = get_backbone_spec(cfg.model.backbone)  # a mistyped name fails before any work
     dataset, records, classes = prepare_records(cfg)
     if split is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            split = split_by_patient(records, cfg.data.task, cfg.data.val_fraction,
-                                     cfg.data.test_fraction, cfg.data.seed, cfg.data.group_by)
+            split = split_by_patient(
+                records,
+                cfg.data.task,
+                cfg.data.val_fraction,
+                cfg.data.test_fraction,
+                cfg.data.seed,
+                cfg.data.group_by,
+            )
         notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     notes += split.warnings
     for n in notes:
         log.warning(n)
 
-    spec = get_backbone_spec(cfg.model.backbone)
-    model = build_model(spec, len(classes), cfg.model.pretrained, cfg.model.head_dims,
-                        cfg.model.dropouts)
+    model = build_model(
+        spec, len(classes), cfg.model.pretrained, cfg.model.head_dims, cfg.model.dropouts
+    )
     preprocess = resolve_preprocess(model.backbone)
     cached = cfg.train.feature_cache and cfg.model.unfreeze == 0
     model.set_trainable(cfg.model.unfreeze)
 
     all_records = split.train + split.val + split.test
-    bank = ImageBank([r.path for r in all_records], preprocess, progress)
+    if bank is None or bank.preprocess != preprocess:
+        bank = ImageBank([r.path for r in all_records], preprocess, progress)
     if bank.skipped:
         notes.append(f"{len(bank.skipped)} unreadable image(s) skipped; see skipped.csv.")
         _write_skipped(run_dir / "skipped.csv", bank.skipped + dataset.skipped)
     keep = [r for r in all_records if r.path in bank]
-    split = Split([r for r in split.train if r.path in bank], [r for r in split.val if r.path in bank],
-                  [r for r in split.test if r.path in bank], split.patient_level, split.warnings)
+    split = Split(
+        [r for r in split.train if r.path in bank],
+        [r for r in split.val if r.path in bank],
+        [r for r in split.test if r.path in bank],
+        split.patient_level,
+        split.warnings,
+    )
     if not split.train:
         raise DataError("No readable training images.")
     split.write_csv(run_dir / SPLIT_FILE)
 
     stain, stain_ref = _fit_stain(cfg, bank, [r.path for r in split.train], preprocess)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator
-                          in ("auto", "gpu", "cuda") else "cpu")
+    device = torch.device(
+        "cuda"
+        if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda")
+        else "cpu"
+    )
     model.to(device)
     if device.type == "cpu":
         model.to(memory_format=torch.channels_last)
@@ -352,24 +401,45 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
 
     if cached:
         fingerprint = FeatureCache.fingerprint_of(
-            backbone=spec.timm_name, pretrained=cfg.model.pretrained, preprocess=preprocess.to_dict(),
-            stain=stain.to_dict() if stain is not None else None, augment=cfg.augment,
-            views=cfg.train.cache_views, seed=cfg.train.seed,
-            paths=[r.path for r in keep], train=[r.path for r in split.train])
-        cache = FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
+            backbone=spec.timm_name,
+            pretrained=cfg.model.pretrained,
+            preprocess=preprocess.to_dict(),
+            stain=stain.to_dict() if stain is not None else None,
+            augment=cfg.augment,
+            views=cfg.train.cache_views,
+            seed=cfg.train.seed,
+        )
+        store = feature_store if feature_store is not None else {}
+        cache = store.get(fingerprint) or FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
         if cache is None:
-            n_views = cfg.train.cache_views if pipeline.augmenter.active else 1
-            cache = FeatureCache.build(model, bank, pipeline, [r.path for r in keep],
-                                       [r.path for r in split.train], n_views, fingerprint,
-                                       cfg.train.batch_size, progress)
+            cache = FeatureCache({}, {}, fingerprint)
+        store[fingerprint] = cache
+        n_views = cfg.train.cache_views if pipeline.augmenter.active else 1
+        before = (len(cache.clean), len(cache.views))
+        cache.extend(
+            model,
+            bank,
+            pipeline,
+            [r.path for r in keep],
+            [r.path for r in split.train],
+            n_views,
+            cfg.train.batch_size,
+            progress,
+        )
+        if feature_store is None and (len(cache.clean), len(cache.views)) != before:
             cache.save(run_dir / FEATURE_CACHE)
         if not pipeline.augmenter.active:
             train_x = torch.stack([cache.clean[r.path] for r in split.train])
         else:
             train_x = torch.stack([cache.views[r.path] for r in split.train])
         train_set = TensorDataset(train_x, torch.tensor(y_train))
-        val_set = (TensorDataset(torch.stack([cache.clean[r.path] for r in split.val]),
-                                 torch.tensor(y_val)) if split.val else None)
+        val_set = (
+            TensorDataset(
+                torch.stack([cache.clean[r.path] for r in split.val]), torch.tensor(y_val)
+            )
+            if split.val
+            else None
+        )
     else:
         cache = None
         train_set = _ImageSet(bank, split.train, y_train)
@@ -377,20 +447,32 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
 
     bs = cfg.train.batch_size
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=gen,
-                              drop_last=len(train_set) % bs == 1,
-                              num_workers=0 if cached else cfg.train.num_workers)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=bs,
+        shuffle=True,
+        generator=gen,
+        drop_last=len(train_set) % bs == 1,
+        num_workers=0 if cached else cfg.train.num_workers,
+    )
     val_loader = DataLoader(val_set, batch_size=max(bs, 64)) if val_set is not None else None
     monitor = "val_loss" if val_loader is not None else "train_loss"
 
-    metadata = _checkpoint_metadata(cfg, spec, classes, preprocess, stain, stain_ref, split,
-                                    weights, dataset)
+    metadata = _checkpoint_metadata(
+        cfg, spec, classes, preprocess, stain, stain_ref, split, weights, dataset
+    )
     module = ClassifierModule(model, cfg, weights, pipeline, cached)
     export = _export_callback_class()(run_dir / BEST_CHECKPOINT, metadata, monitor)
     callbacks = [
         EarlyStopping(monitor=monitor, patience=cfg.train.early_stopping_patience, mode="min"),
-        ModelCheckpoint(dirpath=str(run_dir / "lightning"), filename="best-{epoch}",
-                        monitor=monitor, mode="min", save_last=True, save_top_k=1),
+        ModelCheckpoint(
+            dirpath=str(run_dir / "lightning"),
+            filename="best-{epoch}",
+            monitor=monitor,
+            mode="min",
+            save_last=True,
+            save_top_k=1,
+        ),
         LearningRateMonitor(logging_interval="epoch"),
         export,
     ]
@@ -417,22 +499,47 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        trainer.fit(module, train_loader, val_loader,
-                    ckpt_path=str(last) if resume and last.exists() else None,
-                    weights_only=False)
+        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+        trainer.fit(
+            module,
+            train_loader,
+            val_loader,
+            ckpt_path=str(last) if resume and last.exists() else None,
+            weights_only=False,
+        )
     if stain is not None:
-        notes.append(f"Stain normalisation ({cfg.stain.method}) fell back to the unchanged image "
-                     f"on {stain.fallbacks} of {stain.seen} image passes.")
+        notes.append(
+            f"Stain normalisation ({cfg.stain.method}) fell back to the unchanged image "
+            f"on {stain.fallbacks} of {stain.seen} image passes."
+        )
     if not (run_dir / BEST_CHECKPOINT).exists():
-        save_checkpoint(run_dir / BEST_CHECKPOINT, model, {**metadata, "epoch": trainer.current_epoch})
-    result = TrainResult(run_dir, run_dir / BEST_CHECKPOINT, trainer.current_epoch,
-                         export.best_epoch, export.best, time.perf_counter() - start,
-                         notes=notes)
+        save_checkpoint(
+            run_dir / BEST_CHECKPOINT, model, {**metadata, "epoch": trainer.current_epoch}
+        )
+    result = TrainResult(
+        run_dir,
+        run_dir / BEST_CHECKPOINT,
+        trainer.current_epoch,
+        export.best_epoch,
+        export.best,
+        time.perf_counter() - start,
+        notes=notes,
+    )
     if evaluate and trainer.is_global_zero:
         from histolens.evaluation import finalize_run
 
-        result.metrics = finalize_run(run_dir, cfg, split, classes, bank=bank, cache=cache,
-                                      progress=progress, notes=notes)
+        result.metrics = finalize_run(
+            run_dir,
+            cfg,
+            split,
+            classes,
+            bank=bank,
+            cache=cache,
+            progress=progress,
+            notes=notes,
+            write_outputs=write_outputs,
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -455,8 +562,17 @@ def _write_skipped(path: Path, skipped) -> None:
             w.writerow([s.path, s.reason])
 
 
-def _checkpoint_metadata(cfg: RunConfig, spec, classes, preprocess, stain, stain_ref, split: Split,
-                         weights, dataset: Records) -> dict[str, Any]:
+def _checkpoint_metadata(
+    cfg: RunConfig,
+    spec,
+    classes,
+    preprocess,
+    stain,
+    stain_ref,
+    split: Split,
+    weights,
+    dataset: Records,
+) -> dict[str, Any]:
     return {
         "model_id": f"{spec.name}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}",
         "backbone": spec.name,
@@ -473,8 +589,12 @@ def _checkpoint_metadata(cfg: RunConfig, spec, classes, preprocess, stain, stain
         "temperature": 1.0,
         "config": cfg.to_dict(),
         "class_weights": dict(zip(classes, weights, strict=True)),
-        "data": {"path": str(cfg.data.path), "layout": dataset.layout,
-                 "patient_level_split": split.patient_level, "split": split.summary(cfg.data.task)},
+        "data": {
+            "path": str(cfg.data.path),
+            "layout": dataset.layout,
+            "patient_level_split": split.patient_level,
+            "split": split.summary(cfg.data.task),
+        },
     }
 
 

@@ -48,8 +48,12 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   d.get("interpolation", "bicubic"))
+        return cls(
+            tuple(d["input_size"]),
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            d.get("interpolation", "bicubic"),
+        )
 
     def resize(self, img: Image.Image) -> torch.Tensor:
         """PIL RGB image -> uint8 tensor (3, H, W) at the model's input size."""
@@ -74,8 +78,12 @@ def resolve_preprocess(backbone: torch.nn.Module) -> Preprocess:
 
     cfg = resolve_model_data_config(backbone)
     _, h, w = cfg["input_size"]
-    return Preprocess((int(h), int(w)), tuple(float(m) for m in cfg["mean"]),
-                      tuple(float(s) for s in cfg["std"]), str(cfg.get("interpolation", "bicubic")))
+    return Preprocess(
+        (int(h), int(w)),
+        tuple(float(m) for m in cfg["mean"]),
+        tuple(float(s) for s in cfg["std"]),
+        str(cfg.get("interpolation", "bicubic")),
+    )
 
 
 def view_generator(seed: int, key: str, view: int) -> torch.Generator:
@@ -119,7 +127,9 @@ class Augmenter:
         zx, zy = uniform(1 - c.zoom, 1 + c.zoom), uniform(1 - c.zoom, 1 + c.zoom)
         fx = -1.0 if c.hflip and torch.rand((), generator=g) < 0.5 else 1.0
         fy = -1.0 if c.vflip and torch.rand((), generator=g) < 0.5 else 1.0
-        rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+        rot = torch.tensor(
+            [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]
+        )
         sh = torch.tensor([[1.0, -math.sin(shear)], [0.0, math.cos(shear)]])
         zoom = torch.tensor([[zx, 0.0], [0.0, zy]])
         flip = torch.tensor([[fx, 0.0], [0.0, fy]])
@@ -133,8 +143,13 @@ class Augmenter:
             theta = torch.stack([self._matrix(g) for g in generators]).to(batch)
             grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
             padding = {"nearest": "border", "reflect": "reflection", "constant": "zeros"}
-            out = F.grid_sample(batch, grid, mode="bilinear",
-                                padding_mode=padding[self.config.fill], align_corners=False)
+            out = F.grid_sample(
+                batch,
+                grid,
+                mode="bilinear",
+                padding_mode=padding[self.config.fill],
+                align_corners=False,
+            )
         if self._stain is not None:
-            out = torch.cat([self._stain(out[i:i + 1], generators[i]) for i in range(len(out))])
+            out = torch.cat([self._stain(out[i : i + 1], generators[i]) for i in range(len(out))])
         return out.clamp(0, 1)

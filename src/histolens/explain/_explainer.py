@@ -119,10 +119,12 @@ class Explainer:
         self._rerooting = False
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
         self._reroot_handle = None
+        # Weights never need gradients when truncating; the naive way (for comparison) is
+        # pytorch-grad-cam's usual one, where every weight requires grad.
+        self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._saved_requires_grad:
+            p.requires_grad_(not truncate_gradients)
         if truncate_gradients:
-            self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
-            for p, _ in self._saved_requires_grad:
-                p.requires_grad_(False)
             # prepend: runs before the CAM's own hooks, so they see the re-rooted output.
             self._reroot_handle = self.target_layer.register_forward_hook(
                 self._reroot_at_target, prepend=True)
@@ -259,9 +261,12 @@ class Explainer:
         forward = self._forward_scores("probability")
         torch.manual_seed(self.seed)
         if method == "lime":
+            from captum._utils.models.linear_model import SkLearnRidge
             from captum.attr import Lime
 
-            explainer = Lime(forward)
+            # Ridge, as the original LIME: Captum's default Lasso zeroes every superpixel
+            # when the probability moves by less than its penalty.
+            explainer = Lime(forward, interpretable_model=SkLearnRidge(alpha=1.0))
         else:
             from captum.attr import KernelShap
 

@@ -18,7 +18,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestGuard", "UploadTooLarge", "format_bytes"]
+__all__ = ["MULTIPART_OVERHEAD", "RequestGuard", "UploadTooLarge", "format_bytes"]
+
+# Room for multipart framing (boundaries, part headers, small form fields) on top of the limit.
+MULTIPART_OVERHEAD = 64 * 1024
 
 
 def format_bytes(n: int) -> str:
@@ -41,8 +44,9 @@ class UploadTooLarge(HTTPException):
         super().__init__(413, f"Upload is larger than the {format_bytes(limit)} limit.")
 
 
-async def _send_json(send: Send, status: int, detail: str,
-                     headers: dict[str, str] | None = None) -> None:
+async def _send_json(
+    send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
     body = json.dumps({"detail": detail}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -59,11 +63,17 @@ class RequestGuard:
         app: the ASGI app to protect.
         token: the expected bearer token, or None for an open service.
         protected_prefix: paths that need the token (others, like the page, stay open).
-        body_limit_for: maps a request path to its byte limit (None: no limit).
+        body_limit_for: maps a request path to its upload limit in bytes (None: no limit); the
+            body may exceed it by ``MULTIPART_OVERHEAD`` for the multipart framing.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, protected_prefix: str,
-                 body_limit_for: Callable[[str], int | None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str | None,
+        protected_prefix: str,
+        body_limit_for: Callable[[str], int | None],
+    ) -> None:
         self.app = app
         self.token = token
         self.protected_prefix = protected_prefix
@@ -82,20 +92,24 @@ class RequestGuard:
         path: str = scope["path"]
         headers = Headers(scope=scope)
         if self.token and path.startswith(self.protected_prefix) and not self._authorized(headers):
-            detail = ("This service needs an API token: send 'Authorization: Bearer <token>'."
-                      if "authorization" not in headers else "The API token is not valid.")
+            detail = (
+                "This service needs an API token: send 'Authorization: Bearer <token>'."
+                if "authorization" not in headers
+                else "The API token is not valid."
+            )
             await _send_json(send, 401, detail, {"WWW-Authenticate": "Bearer"})
             return
-        limit = self.body_limit_for(path)
-        if limit is None:
+        stated_limit = self.body_limit_for(path)
+        if stated_limit is None:
             await self.app(scope, receive, send)
             return
+        limit = stated_limit + MULTIPART_OVERHEAD
         try:
             declared = int(headers.get("content-length", ""))
         except ValueError:
             declared = None
         if declared is not None and declared > limit:
-            await _send_json(send, 413, UploadTooLarge(limit).detail)
+            await _send_json(send, 413, UploadTooLarge(stated_limit).detail)
             return
 
         received = 0
@@ -107,7 +121,7 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise UploadTooLarge(limit)
+                    raise UploadTooLarge(stated_limit)
             return message
 
         async def tracking_send(message: Message) -> None:

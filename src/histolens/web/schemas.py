@@ -40,8 +40,10 @@ class PredictionOut(BaseModel):
     threshold: float | None = Field(
         None, description="Binary models: decision threshold on the positive-class probability."
     )
-    uncertain: bool = Field(description="True when the result is close to the decision boundary "
-                            "and should be reviewed by a person.")
+    uncertain: bool = Field(
+        description="True when the result is close to the decision boundary "
+        "and should be reviewed by a person."
+    )
     model_id: str
 
 

@@ -11,6 +11,7 @@ one ``Predictor.predict_images`` call. Explanations run one at a time on the sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -53,9 +54,14 @@ class InferenceService:
         explainer_factory: builds the Explainer on first use (on the worker thread).
     """
 
-    def __init__(self, predictor: Any, max_queue: int = 64, max_batch: int = 16,
-                 batch_wait_ms: float = 2.0,
-                 explainer_factory: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        predictor: Any,
+        max_queue: int = 64,
+        max_batch: int = 16,
+        batch_wait_ms: float = 2.0,
+        explainer_factory: Callable[[Any], Any] | None = None,
+    ) -> None:
         if max_queue < 1 or max_batch < 1 or batch_wait_ms < 0:
             raise ValueError("max_queue and max_batch must be >= 1 and batch_wait_ms >= 0.")
         self.predictor = predictor
@@ -82,10 +88,8 @@ class InferenceService:
             return
         self._closed = True
         if self._thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
-                pass
             self._thread.join(timeout)
         leftovers = list(self._carry)
         while True:
@@ -155,8 +159,11 @@ class InferenceService:
                         nxt = self._next(deadline - time.monotonic())
                     except queue.Empty:
                         break
-                    if (nxt is _STOP or nxt.kind != "predict"
-                            or n_images + len(nxt.images) > self.max_batch):
+                    if (
+                        nxt is _STOP
+                        or nxt.kind != "predict"
+                        or n_images + len(nxt.images) > self.max_batch
+                    ):
                         self._carry.append(nxt)
                         break
                     batch.append(nxt)
@@ -182,7 +189,7 @@ class InferenceService:
         self.images_run += len(images)
         start = 0
         for job in live:
-            job.future.set_result(predictions[start:start + len(job.images)])
+            job.future.set_result(predictions[start : start + len(job.images)])
             start += len(job.images)
 
     def _run_explain(self, job: _Job) -> None:
@@ -191,7 +198,7 @@ class InferenceService:
         try:
             if self._explainer is None:
                 if self._explainer_factory is None:
-                    raise ServiceClosedError("Explanations are not available.")
+                    raise RuntimeError("Explanations are not available.")
                 self._explainer = self._explainer_factory(self.predictor)
             job.future.set_result(self._explainer.explain(job.images[0], method=job.method))
         except Exception as exc:

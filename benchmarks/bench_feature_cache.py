@@ -1,0 +1,136 @@
+"""Cached vs uncached training of a frozen backbone: wall time for 50 epochs, and validation AUC.
+
+The uncached way (the original project's) runs the frozen backbone on every image every epoch;
+histolens computes the features of K augmented views once and trains the head on them. Both runs
+use the same data, split, recipe and seed; early stopping is off so both do every epoch.
+For slow backbones, ``--uncached-epochs N`` times 1 and N uncached epochs and extrapolates the
+wall time to the full run from the per-epoch difference (every frozen epoch costs the same);
+the table marks it.
+
+Run: .venv/bin/python benchmarks/bench_feature_cache.py [--backbones vgg16 tf_efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import print_table, require_real_data, setup  # noqa: E402
+
+
+def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrained: str):
+    from histolens.config import RunConfig
+    from histolens.metrics import safe_auc
+    from histolens.training import train
+
+    cfg = RunConfig().override(
+        {
+            "data.path": str(data),
+            "model.backbone": backbone,
+            "model.pretrained": pretrained,
+            "train.epochs": epochs,
+            "train.early_stopping_patience": 10_000,
+            "train.feature_cache": cached,
+            "train.cache_views": 4,
+        }
+    )
+    start = time.perf_counter()
+    result = train(
+        cfg,
+        tmp / f"{backbone}-{'cached' if cached else 'uncached'}-{epochs}",
+        progress=False,
+        write_outputs=False,
+    )
+    seconds = time.perf_counter() - start
+    # Validation AUC of the best checkpoint on the validation split.
+    from histolens.evaluation import _logits_for
+    from histolens.predictor import Predictor
+    from histolens.splits import load_split_csv
+
+    run_dir = result.run_dir
+    predictor = Predictor.from_checkpoint(run_dir)
+    val = load_split_csv(run_dir / "split.csv").val
+    _, logits, _ = _logits_for(predictor, val)
+    y = [int(r.label == "malignant") for r in val]
+    return seconds, safe_auc(y, logits[:, 0].numpy())
+
+
+def main() -> None:
+    setup()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "vgg16"])
+    ap.add_argument("--data", default=None, help="default: breakhis-dev/100X")
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument(
+        "--uncached-epochs",
+        type=int,
+        default=None,
+        help="time only this many uncached epochs and extrapolate (slow backbones)",
+    )
+    ap.add_argument(
+        "--pretrained",
+        default="imagenet",
+        help="vgg16 ImageNet weights need the hub cache; 'none' times the same work",
+    )
+    args = ap.parse_args()
+    data = Path(args.data) if args.data else require_real_data("100X")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in args.backbones:
+            pretrained = args.pretrained
+            if backbone != "tf_efficientnet_lite0" and pretrained == "imagenet":
+                try:
+                    from histolens.backbones import create_backbone, get_backbone_spec
+
+                    create_backbone(get_backbone_spec(backbone), "imagenet")
+                except Exception as exc:  # offline: time the same computation, random weights
+                    print(f"{backbone}: {exc} Timing with --pretrained none.", flush=True)
+                    pretrained = "none"
+            print(f"== {backbone}: cached", flush=True)
+            t_c, auc_c = run(backbone, True, args.epochs, data, Path(tmp), pretrained)
+            n_unc = args.uncached_epochs or args.epochs
+            print(f"== {backbone}: uncached ({n_unc} epochs)", flush=True)
+            t_u, auc_u = run(backbone, False, n_unc, data, Path(tmp), pretrained)
+            note, auc_u_s = "", f"{auc_u:.3f}"
+            if n_unc != args.epochs:
+                t_1, _ = run(backbone, False, 1, data, Path(tmp), pretrained)
+                per_epoch = (t_u - t_1) / max(1, n_unc - 1)
+                t_u = t_1 + per_epoch * (args.epochs - 1)
+                note = f" (extrapolated: {per_epoch:.0f} s/epoch)"
+                auc_u_s = f"{auc_u:.3f} after {n_unc} epochs"
+            rows.append(
+                [
+                    backbone,
+                    pretrained,
+                    f"{t_c:.0f}",
+                    f"{t_u:.0f}{note}",
+                    f"{t_u / t_c:.1f}x",
+                    f"{auc_c:.3f}",
+                    auc_u_s,
+                ]
+            )
+    print()
+    print(
+        f"{args.epochs} epochs, frozen backbone, {data}, 2 threads; wall time includes reading "
+        "images and computing the cache"
+    )
+    print_table(
+        [
+            "backbone",
+            "weights",
+            "cached s",
+            "uncached s",
+            "speed-up",
+            "val AUC cached",
+            "val AUC uncached",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Patient-level (stratified group) k-fold cross-validation of a training config.
+
+Each fold trains on its training patients (an inner patient-level split gives the validation set
+for early stopping, threshold and temperature) and is scored on its held-out patients. Images
+are decoded once and a frozen backbone's features are computed once per image and view, so
+the folds cost little more than one run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from histolens.config import RunConfig
+from histolens.splits import Split, group_kfold, split_by_patient
+
+__all__ = ["CVResult", "cross_validate"]
+
+FOLD_METRICS = (
+    "roc_auc",
+    "patient_recognition_rate",
+    "patient_auc",
+    "balanced_accuracy",
+    "accuracy",
+)
+
+
+@dataclass
+class CVResult:
+    """Per-fold metrics and their mean and standard deviation."""
+
+    folds: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def mean_std(self, key: str) -> tuple[float, float]:
+        vals = np.array([f[key] for f in self.folds if key in f and np.isfinite(f[key])])
+        if not len(vals):
+            return float("nan"), float("nan")
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        return {k: self.mean_std(k) for k in FOLD_METRICS}
+
+
+def cross_validate(
+    cfg: RunConfig,
+    n_splits: int = 5,
+    seed: int | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    feature_store: dict | None = None,
+    bank=None,
+) -> CVResult:
+    """Run k-fold patient-level cross-validation of ``cfg``; returns fold metrics.
+
+    ``feature_store`` and ``bank`` may be shared between calls with the same backbone to reuse
+    decoded images and features across settings (e.g. learning-rate grids).
+    """
+    import time
+
+    from histolens.backbones import create_backbone, get_backbone_spec
+    from histolens.pipeline import ImageBank
+    from histolens.training import prepare_records, train
+    from histolens.transforms import resolve_preprocess
+
+    start = time.perf_counter()
+    seed = cfg.data.seed if seed is None else seed
+    _, records, _ = prepare_records(cfg)
+    task = cfg.data.task
+    folds = group_kfold(records, task, n_splits, seed)
+    if bank is None:
+        preprocess = resolve_preprocess(
+            create_backbone(get_backbone_spec(cfg.model.backbone), "none")
+        )
+        bank = ImageBank([r.path for r in records], preprocess, progress)
+    store = feature_store if feature_store is not None else {}
+    result = CVResult()
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        for k, (tr, te) in enumerate(folds):
+            train_recs = [records[i] for i in tr]
+            test_recs = [records[i] for i in te]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                inner = split_by_patient(
+                    train_recs,
+                    task,
+                    val_fraction=0.2,
+                    test_fraction=0.0,
+                    seed=seed + k,
+                    group_by=cfg.data.group_by,
+                )
+            split = Split(inner.train, inner.val, test_recs, inner.patient_level)
+            run = train(
+                cfg,
+                Path(tmp) / f"fold{k}",
+                split=split,
+                bank=bank,
+                feature_store=store,
+                progress=False,
+                write_outputs=False,
+            )
+            img = run.metrics["image"]
+            fold = {key: float(img[key]) for key in FOLD_METRICS if key in img}
+            fold.update(
+                n_test_images=len(test_recs),
+                n_test_patients=len({r.group for r in test_recs}),
+                best_epoch=run.best_epoch + 1,
+            )
+            result.folds.append(fold)
+            if progress:
+                print(
+                    f"  fold {k + 1}/{n_splits}: "
+                    + ", ".join(f"{key} {fold[key]:.3f}" for key in FOLD_METRICS if key in fold),
+                    flush=True,
+                )
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,213 @@
+"""How faithful are the heatmaps? Deletion / insertion AUC, ROAD, pointing game and mask IoU.
+
+Deletion and insertion follow RISE (Petsiuk et al., 2018): pixels are removed from (replaced by
+the mean colour) or revealed on (a heavily blurred copy of) the image most important first, and
+the area under the explained class's probability curve is reported; lower deletion and higher
+insertion are better. ROAD is pytorch-grad-cam's ``ROADCombined`` (higher is better). On
+synthetic data with lesion masks the pointing game (is the heatmap's maximum inside the lesion?)
+and the IoU of the heatmap's top pixels with the lesion (as many pixels as the lesion has) test
+localisation. Every metric is also computed for a smooth random heatmap, the bar to beat.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from histolens.explain._explainer import Explainer
+from histolens.explain._render import heatmap_to_size
+from histolens.explain._targets import ClassProbability
+from histolens.imageio import load_rgb
+
+__all__ = [
+    "FaithfulnessRow",
+    "RANDOM",
+    "deletion_insertion_auc",
+    "evaluate_faithfulness",
+    "mask_iou",
+    "pointing_game",
+    "random_heatmap",
+    "road_score",
+]
+
+RANDOM = "random"
+METRICS = ("deletion_auc", "insertion_auc", "road", "pointing_game", "iou")
+
+
+@dataclass
+class FaithfulnessRow:
+    """Mean metrics of one method over the evaluated images (None where not measurable)."""
+
+    method: str
+    deletion_auc: float | None
+    insertion_auc: float | None
+    road: float | None
+    pointing_game: float | None
+    iou: float | None
+    n: int
+    n_masks: int
+
+    def as_dict(self) -> dict:
+        def r(v):
+            return None if v is None else round(float(v), 4)
+
+        return {"method": self.method, "deletion_auc": r(self.deletion_auc),
+                "insertion_auc": r(self.insertion_auc), "road": r(self.road),
+                "pointing_game": r(self.pointing_game), "iou": r(self.iou), "n": self.n,
+                "n_masks": self.n_masks}
+
+
+def random_heatmap(shape: tuple[int, int], seed: int, grid: int = 7) -> np.ndarray:
+    """A smooth random map (a random ``grid`` x ``grid`` field, upsampled) of ``shape`` (H, W).
+
+    Smooth like a CAM, so the comparison is about *where* a map points, not its texture.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((grid, grid)).astype(np.float32)
+    return heatmap_to_size(coarse, (shape[1], shape[0]))
+
+
+def _ranked_masks(heatmap: np.ndarray, steps: int, seed: int) -> torch.Tensor:
+    """(steps + 1, 1, H, W) masks; mask k is 1 on the top k/steps of pixels by ``heatmap``."""
+    h, w = heatmap.shape
+    jitter = np.random.default_rng(seed).random(h * w) * 1e-6  # break ties (flat regions)
+    order = np.argsort(-(heatmap.ravel().astype(np.float64) + jitter), kind="stable")
+    rank = np.empty(h * w, dtype=np.int64)
+    rank[order] = np.arange(h * w)
+    counts = np.round(np.linspace(0, h * w, steps + 1)).astype(np.int64)
+    masks = rank[None, :] < counts[:, None]
+    return torch.from_numpy(masks.reshape(steps + 1, 1, h, w).astype(np.float32))
+
+
+def deletion_insertion_auc(model: torch.nn.Module, x: torch.Tensor, heatmap: np.ndarray,
+                           score: Callable[[torch.Tensor], torch.Tensor], steps: int = 20,
+                           batch_size: int = 32, seed: int = 0) -> tuple[float, float]:
+    """RISE deletion and insertion AUCs of one image ``x`` (1, 3, H, W) for a (H, W) heatmap."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    heatmap = heatmap_to_size(heatmap, (x.shape[-1], x.shape[-2]))
+    masks = _ranked_masks(heatmap, steps, seed).to(x.device)
+    blurred = gaussian_blur(x, kernel_size=[51, 51], sigma=[15.0, 15.0])
+    deleted = x * (1 - masks)  # the mean colour is 0 in normalised space
+    inserted = blurred * (1 - masks) + x * masks
+
+    def curve(batch: torch.Tensor) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, batch.shape[0], batch_size):
+                out.append(score(model(batch[i:i + batch_size].contiguous())).float().cpu())
+        return torch.cat(out).numpy()
+
+    dx = 1.0 / steps
+    return (float(np.trapezoid(curve(deleted), dx=dx)),
+            float(np.trapezoid(curve(inserted), dx=dx)))
+
+
+def road_score(model: torch.nn.Module, x: torch.Tensor, heatmap: np.ndarray, target,
+               percentiles: Sequence[int] = (20, 40, 60, 80)) -> float:
+    """pytorch-grad-cam's ROAD (MoRF and LeRF, noisy linear imputation); higher is better."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+
+    heatmap = heatmap_to_size(heatmap, (x.shape[-1], x.shape[-2]))
+    metric = ROADCombined(percentiles=list(percentiles))
+    x = x.contiguous()
+    return float(metric(x, heatmap[None], [target], model)[0])
+
+
+def _mask_array(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
+    mask = Image.open(mask_path).convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    return np.asarray(mask) > 127
+
+
+def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """1.0 when the heatmap's maximum lies inside the lesion mask, else 0.0."""
+    return float(mask.ravel()[int(np.argmax(heatmap))])
+
+
+def mask_iou(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of the lesion with the heatmap's top pixels, as many as the lesion has."""
+    k = int(mask.sum())
+    if k == 0:
+        return float("nan")
+    top = np.zeros(heatmap.size, dtype=bool)
+    top[np.argsort(-heatmap.ravel(), kind="stable")[:k]] = True
+    flat = mask.ravel()
+    return float((top & flat).sum() / (top | flat).sum())
+
+
+def _mask_class(path: Path, class_names: Sequence[str], predicted: str) -> str:
+    """The class a lesion mask belongs to: the image's folder name when it is a class."""
+    for part in reversed(path.parts[:-1]):
+        if part in class_names:
+            return part
+    return predicted
+
+
+def evaluate_faithfulness(explainer: Explainer, paths: Sequence[str | os.PathLike],
+                          methods: Sequence[str], *, steps: int = 20,
+                          road_percentiles: Sequence[int] = (20, 40, 60, 80),
+                          road: bool = True, seed: int = 0,
+                          progress: Callable[[int], None] | None = None
+                          ) -> list[FaithfulnessRow]:
+    """Mean faithfulness metrics per method (and the random baseline) over image files.
+
+    Deletion, insertion and ROAD follow the predicted class. Where ``mask_path_for`` finds a
+    lesion mask, the map of the mask's class (its folder, e.g. malignant) is scored by the
+    pointing game and IoU, whatever the prediction was.
+    """
+    try:
+        from histolens.synth import mask_path_for
+    except ImportError:  # synthetic data support not installed: no masks
+        def mask_path_for(_path):
+            return None
+
+    predictor = explainer.predictor
+    model = predictor.model
+    names = list(methods) + [RANDOM]
+    sums: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in names}
+    n_images = n_masks = 0
+    for i, raw in enumerate(paths):
+        path = Path(raw)
+        image = load_rgb(path)
+        mask_path = mask_path_for(path)
+        mask = _mask_array(mask_path, image.size) if mask_path is not None else None
+        x = predictor.to_input(predictor.preprocess.resize(image)[None])
+        n_images += 1
+        n_masks += mask is not None
+        predicted = predictor.predict_images([image])[0].label
+        for method in names:
+            if method == RANDOM:
+                heat, label = random_heatmap((image.height, image.width), seed + i), predicted
+            else:
+                explanation = explainer.explain(image, method)
+                heat, label = explanation.heatmap, explanation.target_class
+            index = predictor.class_names.index(label)
+            target = ClassProbability(index, predictor.temperature)
+            d_auc, i_auc = deletion_insertion_auc(model, x, heat, target, steps, seed=seed + i)
+            sums[method]["deletion_auc"].append(d_auc)
+            sums[method]["insertion_auc"].append(i_auc)
+            if road:
+                sums[method]["road"].append(road_score(model, x, heat, target, road_percentiles))
+            if mask is not None:
+                lesion_class = _mask_class(path, predictor.class_names, label)
+                if method != RANDOM and lesion_class != label:
+                    heat = explainer.explain(image, method, lesion_class).heatmap
+                sums[method]["pointing_game"].append(pointing_game(heat, mask))
+                sums[method]["iou"].append(mask_iou(heat, mask))
+        if progress:
+            progress(1)
+
+    def mean(values: list[float]) -> float | None:
+        values = [v for v in values if np.isfinite(v)]
+        return float(np.mean(values)) if values else None
+
+    return [FaithfulnessRow(m, *(mean(sums[m][k]) for k in METRICS), n_images, n_masks)
+            for m in names]

@@ -1,0 +1,216 @@
+"""The real Tk window under Xvfb: open a checkpoint, a folder and an image, take a screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.gui
+
+SCREEN = (1440, 900)
+
+
+@pytest.fixture(scope="module")
+def xvfb_display() -> Iterator[str]:
+    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd)."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (Debian: apt install xvfb)")
+    try:
+        import tkinter  # noqa: F401
+    except ImportError:
+        pytest.skip("this Python was built without tkinter")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [
+            "Xvfb",
+            "-displayfd",
+            str(write_fd),
+            "-screen",
+            "0",
+            f"{SCREEN[0]}x{SCREEN[1]}x24",
+            "-nolisten",
+            "tcp",
+        ],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as fh:
+        number = fh.readline().strip()
+    if not number:
+        proc.kill()
+        pytest.skip("Xvfb did not start")
+    display = f":{number}"
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = display
+    try:
+        yield display
+    finally:
+        if old is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = old
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def pump(root, done: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    """Run the Tk event loop until ``done()`` or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        root.update()
+        if done():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def screenshot(display: str, target: Path) -> Path:
+    """The whole X screen as PNG (ImageMagick's import, or Pillow's ImageGrab as a fallback)."""
+    if shutil.which("import"):
+        subprocess.run(
+            ["import", "-display", display, "-window", "root", str(target)], check=True, timeout=30
+        )
+    else:
+        from PIL import ImageGrab
+
+        ImageGrab.grab(xdisplay=display).save(target)
+    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
+        out = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(target, out / target.name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def breakhis_like(tmp_path_factory) -> tuple[Path, Path]:
+    """Twelve 700x460 synthetic BreakHis tiles and a checkpoint whose probabilities spread
+    like a trained model's: random weights, the last bias centred on these tiles and a
+    temperature that widens the logits, so both classes and some review flags appear."""
+    import torch
+
+    from histolens.checkpoint import save_checkpoint
+    from histolens.gui.presenter import find_images
+    from histolens.predictor import Predictor
+    from histolens.synth import generate_synthetic
+    from histolens.testing import make_checkpoint
+
+    root = tmp_path_factory.mktemp("gui")
+    generate_synthetic(root, n=12, seed=0)
+    data = root / "400X"  # beside it: masks/ and a contact sheet, not tiles
+    probe = Predictor.from_checkpoint(make_checkpoint(root / "probe.safetensors", seed=2))
+    _, logits, _ = probe.logits_for_paths(find_images(data))
+    last = [m for m in probe.model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias -= float(logits.mean())
+    meta = dict(probe.metadata)
+    meta.update(
+        temperature=float(logits.std()) / 1.5,
+        metrics={
+            "split": "test",
+            "roc_auc": 0.934,
+            "balanced_accuracy": 0.871,
+            "patient_recognition_rate": 0.889,
+            "n_images": 1186,
+            "n_patients": 17,
+        },
+    )
+    return data, save_checkpoint(root / "viewer.safetensors", probe.model, meta)
+
+
+def test_viewer_window_end_to_end(xvfb_display, breakhis_like, image_folder, tmp_path):
+    import tkinter as tk
+
+    from histolens.gui.app import ViewerApp
+
+    data, ckpt = breakhis_like
+    root = tk.Tk()
+    root.geometry(f"{SCREEN[0]}x{SCREEN[1] - 28}+0+0")  # the menu bar sits above this
+    app = ViewerApp(root, ckpt)
+    presenter = app.presenter
+    try:
+        pump(root, lambda: presenter.predictor is not None and not presenter.busy, "the model")
+        assert str(app.method_var.get()) == "Grad-CAM"
+
+        # A wrong checkpoint: a message in the window, the loaded model kept.
+        junk = tmp_path / "junk.safetensors"
+        junk.write_bytes(b"not a checkpoint")
+        app.open_checkpoint(junk)
+        pump(root, lambda: not presenter.busy, "the wrong checkpoint")
+        assert app.error_message.startswith("Cannot load checkpoint:")
+        assert "not a readable histolens checkpoint" in app.error_message
+        assert presenter.model_info.backbone == "test_resnet"
+        screenshot(xvfb_display, tmp_path / "histolens-gui-error.png")
+        app.clear_error()
+
+        # An unreadable image, from a folder with a broken file: a row flagged, no traceback.
+        app.open_folder(image_folder)
+        pump(
+            root,
+            lambda: len(app.tree.get_children()) == 6 and not presenter.busy,
+            "the small folder's results",
+        )
+        assert app.tree.set(str(image_folder / "broken.png"), "review") == "unreadable"
+        app.open_image(image_folder / "broken.png")
+        pump(root, lambda: bool(app.error_message), "the unreadable-image message")
+        assert "broken.png: not an image file PIL can read" in app.error_message
+        app.clear_error()
+
+        # The realistic folder: 12 tiles, sorted by probability, one clicked.
+        started = time.perf_counter()
+        app.open_folder(data)
+        pump(root, lambda: len(presenter.results) == 12 and not presenter.busy, "the batch")
+        batch_seconds = time.perf_counter() - started
+        assert float(app.progress.cget("value")) == 0  # reset when done
+        assert str(app.status_text.cget("text")).startswith("Analysed 12 images:")
+        app.presenter.sort_results("probability")
+        rows = app.tree.get_children()
+        probs = [float(app.tree.set(r, "probability")) for r in rows]
+        assert probs == sorted(probs, reverse=True)
+        assert app.tree.heading("probability", "text") == "Probability ▼"
+        flagged = [r for r in rows if app.tree.set(r, "review") == "review needed"]
+        assert flagged and len(flagged) < len(rows), "some, not all, close to the threshold"
+        assert "review" in app.tree.item(flagged[0], "tags")
+
+        app.select_row(flagged[0])
+        pump(
+            root,
+            lambda: (
+                presenter.current_path == flagged[0] and "heatmap_s" in presenter.current_timings
+            ),
+            "the clicked row's heatmap",
+        )
+        row = next(r for r in presenter.results if r.path == flagged[0])
+        assert app.headline.cget("text") == row.label
+        assert app.review_badge.winfo_ismapped()
+        assert "Review needed" in str(app.review_badge.cget("text"))
+        assert str(app.heatmap_panel.title.cget("text")).startswith("HEATMAP  ·  Grad-CAM")
+        assert app.heatmap_panel._photo is not None and app.image_panel._photo is not None
+
+        # Opacity is a re-blend: no job is queued.
+        app.opacity_var.set(60)
+        app._opacity_moved("60")
+        assert not presenter.busy
+        assert str(app.heatmap_panel.title.cget("text")).endswith("opacity 60%")
+        for _ in range(20):
+            root.update()
+        shot = screenshot(xvfb_display, tmp_path / "histolens-gui.png")
+        with Image.open(shot) as png:
+            assert png.size == SCREEN
+            # Not a blank screen: the dark image canvases and the red notice are drawn.
+            colours = png.convert("RGB").resize((144, 90)).getcolors(144 * 90)
+            assert len(colours) > 50
+        print(
+            f"batch of 12 tiles: {batch_seconds:.2f} s; open-to-heatmap (clicked row): "
+            f"{presenter.current_timings}"
+        )
+    finally:
+        app.close()

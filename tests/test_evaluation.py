@@ -1,0 +1,107 @@
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from histolens.cli import main
+from histolens.data import discover
+from histolens.errors import DataError
+from histolens.evaluation import evaluate_checkpoint, rows_from_logits
+
+
+def test_loader_order_changes_nothing(trained_run, synth_small):
+    run, _ = trained_run
+    records = discover(synth_small).records
+    a, _ = evaluate_checkpoint(run, records, n_boot=50, progress=False)
+    shuffled = list(records)
+    random.Random(0).shuffle(shuffled)
+    b, _ = evaluate_checkpoint(run, shuffled, n_boot=50, progress=False)
+    by_path_a = {r.path: r.probs for r in a.rows}
+    by_path_b = {r.path: r.probs for r in b.rows}
+    assert by_path_a.keys() == by_path_b.keys()
+    for k in by_path_a:
+        np.testing.assert_allclose(by_path_a[k], by_path_b[k], atol=1e-6)
+    for key in ("roc_auc", "accuracy", "patient_recognition_rate", "patient_auc"):
+        assert a.metrics["image"][key] == pytest.approx(b.metrics["image"][key], nan_ok=True)
+
+
+def test_rows_pair_each_record_with_its_own_logits(synth_small):
+    import torch
+
+    records = discover(synth_small).records[:4]
+    with pytest.raises(ValueError, match="4 records but 3 logits"):
+        rows_from_logits(records, torch.zeros(3, 1), ("benign", "malignant"), "binary", 1.0)
+    with pytest.raises(DataError, match="another task"):
+        rows_from_logits(records, torch.zeros(4, 8), ("A", "F", "PT", "TA", "X", "Y", "Z", "W"),
+                         "binary", 1.0)
+
+
+def test_evaluate_cli_writes_report_and_predictions(trained_run, tmp_path):
+    run, _ = trained_run
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--split", "all", "--out", str(out),
+                                    "--n-boot", "50", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "patient_recognition_rate" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 32
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"path", "patient", "label", "probability", "prediction"} <= set(rows[0])
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "Not for diagnosis" in html
+
+
+def test_predict_cli(trained_run, synth_small, tmp_path):
+    run, _ = trained_run
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "p.csv"
+    res = CliRunner().invoke(main, ["predict", str(run), str(synth_small / "400X" / "benign"),
+                                    str(bad), "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "broken.png" in res.output and "corrupt" in res.output
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["prediction"] in ("benign", "malignant") for r in rows)
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"nope")
+    res = CliRunner().invoke(main, ["predict", str(tmp_path / "x.safetensors"), str(tmp_path)])
+    assert res.exit_code == 1
+    assert res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--epoch", "3"])
+    assert res.exit_code == 2 and "Did you mean '--epochs'" in res.output
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--backbone", "vgg61"])
+    assert res.exit_code == 1 and "Did you mean 'vgg16'" in res.output
+
+
+def test_data_summary_cli(synth_small):
+    res = CliRunner().invoke(main, ["data", "summary", str(synth_small)])
+    assert res.exit_code == 0, res.output
+    assert "Layout: original project" in res.output
+    assert "Patient groups: 8" in res.output
+    assert "patient-disjoint" in res.output and "Class weights" in res.output
+
+
+def test_report_cli(trained_run):
+    run, _ = trained_run
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    html = (run / "report.html").read_text()
+    for part in ("Model card", "ROC", "Resolved configuration", "Patient recognition rate"):
+        assert part in html
+
+
+@pytest.mark.real_data
+def test_data_summary_on_real_breakhis(real_data):
+    res = CliRunner().invoke(main, ["data", "summary", str(real_data / "100X")])
+    assert res.exit_code == 0, res.output
+    assert "benign        111               5" in res.output
+    assert "Patient groups: 18" in res.output

@@ -1,0 +1,354 @@
+"""The service's endpoints, answers and errors, through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from histolens.predictor import Predictor
+from histolens.testing import make_tissue_image
+
+
+def _file(data: bytes, name: str = "tile.png", mime: str = "image/png") -> dict:
+    return {"file": (name, data, mime)}
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+# --- predictions ------------------------------------------------------------------------------
+def test_predict_matches_the_predictor(client, checkpoint, tissue_png):
+    r = client.post("/v1/predict", files=_file(tissue_png))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = Predictor.from_checkpoint(checkpoint).predict_images(
+        [Image.open(io.BytesIO(tissue_png)).convert("RGB")]
+    )[0]
+    assert body["class"] == expected.label
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-5)
+    assert body["scores"] == pytest.approx(expected.scores, abs=1e-5)
+    assert body["probability"] == pytest.approx(body["scores"][body["class"]])
+    assert body["threshold"] == 0.5
+    assert body["uncertain"] == expected.uncertain
+    assert body["model_id"] == "test-test_resnet"
+    assert body["filename"] == "tile.png"
+
+
+def test_batch_gives_each_file_its_result_or_error(client, tissue_png):
+    files = [
+        ("files", ("a.png", tissue_png, "image/png")),
+        ("files", ("notes.txt", b"not an image", "text/plain")),
+        ("files", ("b.png", tissue_png[:300], "image/png")),
+    ]
+    r = client.post("/v1/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["n_ok"], body["n_failed"]) == (1, 2)
+    ok, not_image, truncated = body["results"]
+    assert ok["status"] == 200 and ok["prediction"]["class"] in ("benign", "malignant")
+    assert not_image["status"] == 415 and "notes.txt" in not_image["error"]
+    assert truncated["status"] == 422 and "truncated" in truncated["error"]
+    assert not_image["prediction"] is None
+
+
+def test_batch_refuses_too_many_files(make_client, tissue_png):
+    client = make_client(max_batch_files=2)
+    files = [("files", (f"{i}.png", tissue_png, "image/png")) for i in range(3)]
+    r = client.post("/v1/predict/batch", files=files)
+    assert r.status_code == 413
+    assert r.json() == {"detail": "Send at most 2 files per batch request (got 3)."}
+
+
+def test_model_info_shows_checkpoint_metadata_and_test_metrics(client):
+    r = client.get("/v1/model")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["backbone"] == "test_resnet"
+    assert info["class_names"] == ["benign", "malignant"]
+    assert info["metrics"] == {"test": {"accuracy": 0.875, "auc": 0.931}}
+    assert info["task"] == "binary" and info["threshold"] == 0.5
+    assert "gradcam" in info["explain_methods"]
+    assert "not for diagnosis" in info["notice"]
+    assert info["auth_required"] is False
+
+
+def test_health_page_and_docs_are_served(client):
+    health = client.get("/healthz").json()
+    assert health == {
+        "status": "ok",
+        "model_id": "test-test_resnet",
+        "queue_depth": 0,
+        "queue_capacity": 64,
+    }
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "not for diagnosis" in page.text.lower()
+    assert not re.search(r'(src|href)="(https?:)?//', page.text)  # no CDN: works offline
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/explain", "/v1/model", "/healthz"} <= set(
+        paths
+    )
+
+
+# --- explanations -----------------------------------------------------------------------------
+def test_explain_png_is_an_overlay_at_the_image_size(client, tissue_png):
+    r = client.post("/v1/explain", files=_file(tissue_png), data={"alpha": "0.4"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    overlay = Image.open(io.BytesIO(r.content))
+    assert overlay.size == (96, 64)
+    assert r.headers["x-histolens-class"] in ("benign", "malignant")
+
+
+def test_explain_json_base64_heatmap_decodes_to_the_image_shape(client, tissue_png):
+    r = client.post(
+        "/v1/explain", files=_file(tissue_png), data={"format": "json", "method": "gradcam"}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    heat = body["heatmap"]
+    assert heat["encoding"] == "base64-float32-le" and (heat["height"], heat["width"]) == (64, 96)
+    values = np.frombuffer(base64.b64decode(heat["data"]), dtype="<f4").reshape(64, 96)
+    assert values.min() >= 0.0 and values.max() <= 1.0
+    assert body["method"] == "gradcam"
+    assert body["prediction"]["class"] == body["target_class"]
+
+
+def test_explain_json_list_encoding(client, tissue_png):
+    r = client.post(
+        "/v1/explain", files=_file(tissue_png), data={"format": "json", "encoding": "list"}
+    )
+    heat = r.json()["heatmap"]
+    assert heat["encoding"] == "list"
+    assert np.asarray(heat["data"]).shape == (64, 96)
+
+
+def test_unknown_explain_method_names_the_valid_ones(client, tissue_png):
+    r = client.post("/v1/explain", files=_file(tissue_png), data={"method": "gradcm"})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "Unknown explanation method 'gradcm'" in detail
+    assert "gradcam, gradcam++" in detail and "Did you mean 'gradcam'?" in detail
+
+
+def test_invalid_form_values_get_one_sentence(client, tissue_png):
+    r = client.post("/v1/explain", files=_file(tissue_png), data={"alpha": "3"})
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("Invalid value for 'alpha':")
+    r = client.post("/v1/predict", data={"x": "1"})
+    assert r.status_code == 422 and r.json() == {"detail": "Missing form field 'file'."}
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "/v1/nothing" in r.json()["detail"]
+
+
+# --- bad uploads --------------------------------------------------------------------------------
+def test_non_image_is_415(client):
+    r = client.post("/v1/predict", files=_file(b"%PDF-1.4 not a tile", "scan.pdf", "image/png"))
+    assert r.status_code == 415
+    assert r.json() == {
+        "detail": "'scan.pdf' is not an image this service can read (PNG, JPEG, TIFF, BMP, WebP)."
+    }
+
+
+@pytest.mark.parametrize("cut", [100, 400])
+def test_truncated_image_is_422(client, tissue_png, cut):
+    r = client.post("/v1/predict", files=_file(tissue_png[:cut]))
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("Cannot use 'tile.png':")
+
+
+def test_empty_upload_is_422(client):
+    r = client.post("/v1/predict", files=_file(b""))
+    assert r.status_code == 422
+    assert r.json()["detail"] == "Cannot use 'tile.png': file is empty (0 bytes)."
+
+
+def test_decompression_bomb_is_refused(client, bomb_png):
+    assert len(bomb_png) < 100
+    r = client.post("/v1/predict", files=_file(bomb_png, "bomb.png"))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert detail.startswith("Cannot use 'bomb.png':") and "decompression bomb" in detail
+
+
+def test_upload_over_the_limit_is_413_from_content_length(make_client, tissue_png):
+    client = make_client(max_upload_bytes=100_000)
+    r = client.post("/v1/predict", files=_file(b"\x89PNG" + b"\0" * 300_000))
+    assert r.status_code == 413
+    assert r.json() == {"detail": "Upload is larger than the 97.7 KB limit."}
+    assert client.post("/v1/predict", files=_file(tissue_png)).status_code == 200
+
+
+def test_upload_over_the_limit_is_413_while_streaming(make_client):
+    """No Content-Length (chunked): the bytes are counted as they arrive."""
+    client = make_client(max_upload_bytes=100_000)
+    request = httpx.Request(
+        "POST", "http://x/v1/predict", files=_file(b"\x89PNG" + b"\0" * 300_000)
+    )
+    body = request.read()
+    chunks = (body[i : i + 16_384] for i in range(0, len(body), 16_384))
+    r = client.post(
+        "/v1/predict", content=chunks, headers={"content-type": request.headers["content-type"]}
+    )
+    assert r.status_code == 413
+    assert r.json()["detail"] == "Upload is larger than the 97.7 KB limit."
+
+
+def test_one_file_over_the_limit_in_a_batch_is_that_files_error(make_client, tissue_png):
+    client = make_client(max_upload_bytes=len(tissue_png) + 10)
+    files = [
+        ("files", ("ok.png", tissue_png, "image/png")),
+        ("files", ("big.png", tissue_png + b"\0" * 200, "image/png")),
+    ]
+    results = client.post("/v1/predict/batch", files=files).json()["results"]
+    assert [r["status"] for r in results] == [200, 413]
+    assert "'big.png' is larger than" in results[1]["error"]
+
+
+# --- token --------------------------------------------------------------------------------------
+def test_token_protects_the_api_but_not_the_page_or_health(make_client, tissue_png):
+    client = make_client(token="s3cret")
+    r = client.post("/v1/predict", files=_file(tissue_png))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["detail"] == (
+        "This service needs an API token: send 'Authorization: Bearer <token>'."
+    )
+    r = client.get("/v1/model", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["detail"] == "The API token is not valid."
+    ok = {"Authorization": "Bearer s3cret"}
+    assert client.post("/v1/predict", files=_file(tissue_png), headers=ok).status_code == 200
+    assert client.get("/v1/model", headers=ok).json()["auth_required"] is True
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/").status_code == 200
+
+
+def test_token_is_checked_before_the_body_is_read(make_client):
+    client = make_client(token="s3cret", max_upload_bytes=1000)
+    r = client.post("/v1/predict", files=_file(b"\0" * 50_000))
+    assert r.status_code == 401
+
+
+# --- queue and micro-batching -------------------------------------------------------------------
+class _GatedPredict:
+    """Wraps predict_images: records batch sizes; the first call waits until the gate opens."""
+
+    def __init__(self, predict_images):
+        self.predict_images = predict_images
+        self.sizes: list[int] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, images, batch_size=32):
+        self.sizes.append(len(images))
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.predict_images(images, batch_size)
+
+
+def _post_in_threads(client, n, payload):
+    results: list = []
+
+    def post():
+        results.append(client.post("/v1/predict", files=_file(payload)))
+
+    threads = [threading.Thread(target=post) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _gate(client, monkeypatch) -> _GatedPredict:
+    predictor = client.app.state.predictor
+    gated = _GatedPredict(predictor.predict_images)
+    monkeypatch.setattr(predictor, "predict_images", gated)
+    return gated
+
+
+def test_full_queue_answers_503_with_retry_after(make_client, tissue_png, monkeypatch):
+    client = make_client(max_queue=1, max_batch=1)
+    service = client.app.state.service
+    gated = _gate(client, monkeypatch)
+    first, results = _post_in_threads(client, 1, tissue_png)
+    assert gated.entered.wait(10)  # the worker holds request 1
+    second, more = _post_in_threads(client, 1, tissue_png)
+    _wait_until(lambda: service.queue_depth == 1)  # request 2 waits: the queue is full
+    r = client.post("/v1/predict", files=_file(tissue_png))
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert "queue is full" in r.json()["detail"]
+    gated.gate.set()
+    for t in first + second:
+        t.join(30)
+    assert [x.status_code for x in results + more] == [200, 200]
+
+
+@pytest.mark.parametrize(("max_batch", "expected_sizes"), [(8, [1, 5]), (1, [1] * 6)])
+def test_concurrent_predicts_are_micro_batched(
+    make_client, tissue_png, monkeypatch, max_batch, expected_sizes
+):
+    client = make_client(max_batch=max_batch, batch_wait_ms=0)
+    service = client.app.state.service
+    gated = _gate(client, monkeypatch)
+    first, results = _post_in_threads(client, 1, tissue_png)
+    assert gated.entered.wait(10)
+    rest, more = _post_in_threads(client, 5, tissue_png)
+    _wait_until(lambda: service.queue_depth == 5)
+    gated.gate.set()
+    for t in first + rest:
+        t.join(30)
+    assert [r.status_code for r in results + more] == [200] * 6
+    assert gated.sizes == expected_sizes
+    # Batched or not, every request gets the same answer for the same image.
+    assert len({r.json()["probability"] for r in results + more}) == 1
+
+
+def test_batch_wait_collects_requests_arriving_shortly_after(make_client, tissue_png, monkeypatch):
+    client = make_client(max_batch=8, batch_wait_ms=500)
+    sizes: list[int] = []
+    predictor = client.app.state.predictor
+    original = predictor.predict_images
+
+    def recording(images, batch_size=32):
+        sizes.append(len(images))
+        return original(images, batch_size)
+
+    monkeypatch.setattr(predictor, "predict_images", recording)
+    threads, results = _post_in_threads(client, 4, tissue_png)
+    for t in threads:
+        t.join(30)
+    assert [r.status_code for r in results] == [200] * 4
+    assert len(sizes) < 4 and sum(sizes) == 4
+
+
+def test_explain_not_installed_is_501(make_client, tissue_png, monkeypatch):
+    import histolens.web.app as web_app
+
+    monkeypatch.setattr(web_app, "_load_explain_module", lambda: None)
+    client = make_client()
+    r = client.post("/v1/explain", files=_file(tissue_png))
+    assert r.status_code == 501 and "not available" in r.json()["detail"]
+    assert client.get("/v1/model").json()["explain_methods"] == []
+
+
+def test_rgba_and_grayscale_uploads_work(client):
+    for mode in ("RGBA", "L"):
+        img = make_tissue_image((80, 60)).convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        assert client.post("/v1/predict", files=_file(buf.getvalue())).status_code == 200

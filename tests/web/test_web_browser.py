@@ -1,0 +1,138 @@
+"""The page in headless Chromium against a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from histolens.testing import make_tissue_image
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+# Sum of the canvas's pixel values: changes when the heatmap opacity changes.
+CANVAS_SUM = """() => {
+  const c = document.getElementById('canvas');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2];
+  return s;
+}"""
+
+
+@pytest.fixture
+def sync_playwright():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found (install Debian's chromium package)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    return playwright.sync_playwright
+
+
+@pytest.fixture
+def live_server(checkpoint):
+    uvicorn = pytest.importorskip("uvicorn")
+    from histolens.web.app import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other tests
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(checkpoint), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_upload_shows_prediction_and_heatmap_and_slider_only_redraws(
+    live_server, sync_playwright, tmp_path
+):
+    image_path = tmp_path / "tile.png"
+    make_tissue_image((700, 460), seed=7).save(image_path)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            api_calls: list[str] = []
+            page.on("request", lambda r: api_calls.append(r.url) if "/v1/" in r.url else None)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live_server + "/")
+
+            assert "not for diagnosis" in page.locator(".notice").inner_text().lower()
+            page.wait_for_function(
+                "document.getElementById('model-chip-text').textContent.includes('test-')"
+            )
+            assert "test_resnet" in page.locator("#model-facts").inner_text()
+            assert "auc" in page.locator("#metrics").inner_text()
+
+            page.set_input_files("#file-input", str(image_path))
+            page.wait_for_selector("#result:not([hidden])")
+            label = page.locator("#label").inner_text().lower()
+            assert label in ("benign", "malignant")
+            assert page.locator("#probability").inner_text().endswith("%")
+            page.wait_for_function(
+                "document.getElementById('canvas').dataset.method === 'gradcam'", timeout=30_000
+            )
+            assert page.locator("#heatmap-busy").is_hidden()
+            size = page.evaluate("() => [canvas.width, canvas.height]")
+            assert size == [700, 460]
+
+            calls_before = len(api_calls)
+            page.locator("#alpha").fill("0")
+            plain = page.evaluate(CANVAS_SUM)
+            page.locator("#alpha").fill("80")
+            assert page.locator("#alpha-value").inner_text() == "80%"
+            blended = page.evaluate(CANVAS_SUM)
+            assert blended != plain  # the slider changes what is shown...
+            page.locator("#alpha").fill("55")
+            assert len(api_calls) == calls_before  # ...without asking the server again
+            assert errors == []
+
+            screenshot = tmp_path / "web_page.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
+        target = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, target / screenshot.name)
+
+
+def test_bad_upload_shows_the_services_message(live_server, sync_playwright, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(live_server + "/")
+            page.set_input_files("#file-input", str(bad))
+            page.wait_for_selector("#error:not([hidden])")
+            assert "is not an image this service can read" in page.locator("#error").inner_text()
+            assert page.locator("#dropzone").is_visible()
+        finally:
+            browser.close()

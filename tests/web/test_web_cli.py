@@ -1,0 +1,90 @@
+"""``histolens serve``: options reach create_app and uvicorn; --help stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from histolens.errors import CheckpointError
+from histolens.web.cli import serve_command
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    import uvicorn
+
+    calls: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    return calls
+
+
+def test_serve_passes_options_to_the_app_and_uvicorn(checkpoint, captured_run):
+    from fastapi.testclient import TestClient
+
+    result = CliRunner().invoke(
+        serve_command,
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            "8123",
+            "--token",
+            "abc",
+            "--max-upload-mb",
+            "1",
+            "--max-batch",
+            "1",
+            "--max-queue",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "http://127.0.0.1:8123/" in result.output and "token required" in result.output
+    [(app, kwargs)] = captured_run
+    assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8123
+    with TestClient(app) as client:
+        assert client.get("/v1/model").status_code == 401
+        limits = client.get("/v1/model", headers={"Authorization": "Bearer abc"}).json()["limits"]
+    assert limits["max_upload_bytes"] == 1024 * 1024
+    assert (limits["max_batch"], limits["max_queue"]) == (1, 3)
+
+
+def test_token_can_come_from_the_environment(checkpoint, captured_run):
+    result = CliRunner().invoke(
+        serve_command, ["--checkpoint", str(checkpoint)], env={"HISTOLENS_TOKEN": "from-env"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "token required" in result.output
+
+
+def test_public_host_without_token_warns(checkpoint, captured_run):
+    result = CliRunner().invoke(
+        serve_command,
+        ["--checkpoint", str(checkpoint), "--host", "0.0.0.0"],
+        env={"HISTOLENS_TOKEN": ""},
+    )
+    assert "without --token" in result.output
+
+
+def test_unusable_checkpoint_fails_before_serving(tmp_path, captured_run):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(serve_command, ["--checkpoint", str(bad)])
+    assert isinstance(result.exception, CheckpointError)
+    assert "not a readable histolens checkpoint" in str(result.exception)
+    assert captured_run == []
+
+
+def test_help_imports_neither_torch_nor_fastapi():
+    code = (
+        "import sys; from click.testing import CliRunner; "
+        "from histolens.web.cli import serve_command; "
+        "r = CliRunner().invoke(serve_command, ['--help']); assert r.exit_code == 0; "
+        "assert '--max-batch' in r.output; "
+        "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,123 @@
+"""InferenceService on its own, with a stand-in predictor: batching, errors, shutdown."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from histolens.web.service import InferenceService, QueueFullError, ServiceClosedError
+
+
+class FakePredictor:
+    """predict_images doubles each input; the first call can be held at a gate."""
+
+    def __init__(self, hold_first: bool = False, fail: bool = False):
+        self.calls: list[list[int]] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if not hold_first:
+            self.gate.set()
+        self.fail = fail
+
+    def predict_images(self, images, batch_size=32):
+        self.calls.append(list(images))
+        self.entered.set()
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return [2 * x for x in images]
+
+
+class FakeExplainer:
+    instances: list[FakeExplainer] = []
+
+    def __init__(self, predictor):
+        self.closed = False
+        self.threads: set[str] = set()
+        FakeExplainer.instances.append(self)
+
+    def explain(self, image, method="gradcam"):
+        self.threads.add(threading.current_thread().name)
+        return (image, method)
+
+    def close(self):
+        self.closed = True
+
+
+def test_queued_jobs_are_batched_and_split_back_in_order():
+    predictor = FakePredictor(hold_first=True)
+    service = InferenceService(predictor, max_queue=8, max_batch=8, batch_wait_ms=0).start()
+    first = service.submit_predict([1])
+    assert predictor.entered.wait(5)
+    futures = [service.submit_predict([10 * i, 10 * i + 1]) for i in range(1, 4)]
+    predictor.gate.set()
+    assert first.result(5) == [2]
+    assert [f.result(5) for f in futures] == [[20, 22], [40, 42], [60, 62]]
+    assert predictor.calls == [[1], [10, 11, 20, 21, 30, 31]]
+    service.close()
+
+
+def test_a_job_that_does_not_fit_waits_for_the_next_batch():
+    predictor = FakePredictor(hold_first=True)
+    service = InferenceService(predictor, max_queue=8, max_batch=3, batch_wait_ms=0).start()
+    service.submit_predict([0])
+    assert predictor.entered.wait(5)
+    a, b, c = (service.submit_predict(x) for x in ([1, 2], [3, 4], [5]))
+    predictor.gate.set()
+    assert (a.result(5), b.result(5), c.result(5)) == ([2, 4], [6, 8], [10])
+    assert predictor.calls[1:] == [[1, 2], [3, 4, 5]]
+    service.close()
+
+
+def test_queue_full_is_refused_at_once():
+    predictor = FakePredictor(hold_first=True)
+    service = InferenceService(predictor, max_queue=2, max_batch=1).start()
+    service.submit_predict([0])
+    assert predictor.entered.wait(5)
+    waiting = [service.submit_predict([1]), service.submit_predict([2])]
+    with pytest.raises(QueueFullError, match=r"queue is full \(2 requests waiting\)"):
+        service.submit_predict([3])
+    predictor.gate.set()
+    assert [f.result(5) for f in waiting] == [[2], [4]]
+    service.close()
+
+
+def test_model_errors_reach_every_request_of_the_batch():
+    service = InferenceService(FakePredictor(fail=True), max_batch=4).start()
+    future = service.submit_predict([1, 2])
+    with pytest.raises(RuntimeError, match="model exploded"):
+        future.result(5)
+    service.close()
+
+
+def test_close_fails_waiting_jobs_and_refuses_new_ones():
+    predictor = FakePredictor(hold_first=True)
+    service = InferenceService(predictor, max_queue=4, max_batch=1).start()
+    running = service.submit_predict([1])
+    assert predictor.entered.wait(5)
+    waiting = service.submit_predict([2])
+    closer = threading.Thread(target=service.close)
+    closer.start()
+    predictor.gate.set()
+    closer.join(10)
+    assert running.result(5) == [2]
+    # The stop signal was queued after it, so the waiting job still ran; none is left hanging.
+    assert waiting.done()
+    with pytest.raises(ServiceClosedError):
+        service.submit_predict([3])
+
+
+def test_explanations_run_on_the_worker_and_the_explainer_is_closed():
+    FakeExplainer.instances.clear()
+    service = InferenceService(FakePredictor(), explainer_factory=FakeExplainer).start()
+    assert service.submit_explain("img", "gradcam").result(5) == ("img", "gradcam")
+    assert service.submit_explain("img2", "eigencam").result(5) == ("img2", "eigencam")
+    service.close()
+    [explainer] = FakeExplainer.instances  # made once, on first use
+    assert explainer.threads == {"histolens-inference"} and explainer.closed
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="max_queue and max_batch"):
+        InferenceService(FakePredictor(), max_batch=0)
