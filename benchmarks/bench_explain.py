@@ -24,8 +24,14 @@ from histolens.explain import METHODS, Explainer  # noqa: E402
 from histolens.predictor import Predictor  # noqa: E402
 from histolens.testing import make_checkpoint, make_tissue_image  # noqa: E402
 
-BACKBONES = ("vgg16", "resnet50", "densenet121", "efficientnet_b0", "tf_efficientnet_lite0",
-             "vit_small_patch16_224")
+BACKBONES = (
+    "vgg16",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "tf_efficientnet_lite0",
+    "vit_small_patch16_224",
+)
 
 
 def seconds_per_image(explainer: Explainer, method: str, images, repeats: int) -> float:
@@ -48,15 +54,17 @@ def main() -> None:
     backbones = [b for b in args.backbones.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]
     images = [make_tissue_image((700, 460), seed=s) for s in range(3)]
-    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else ''}"
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}); 700x460 images, "
-          f"{args.repeats} repeats, LIME/SHAP {args.n_samples} samples")
+    print(
+        f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else ''}"
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}); 700x460 images, "
+        f"{args.repeats} repeats, LIME/SHAP {args.n_samples} samples"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         predictors = {}
         for bb in backbones:
             predictors[bb] = Predictor.from_checkpoint(
-                make_checkpoint(Path(tmp) / f"{bb}.safetensors", backbone=bb),
-                device=args.device)
+                make_checkpoint(Path(tmp) / f"{bb}.safetensors", backbone=bb), device=args.device
+            )
         header = f"{'method':<22}" + "".join(f"{b[:14]:>15}" for b in backbones)
         print("\nseconds per image\n" + header)
         table = {m: {} for m in methods}
@@ -65,8 +73,9 @@ def main() -> None:
             for m in methods:
                 for bb in backbones:
                     table[m][bb] = seconds_per_image(explainers[bb], m, images, args.repeats)
-                print(f"{m:<22}" + "".join(f"{table[m][bb]:>15.3f}" for bb in backbones),
-                      flush=True)
+                print(
+                    f"{m:<22}" + "".join(f"{table[m][bb]:>15.3f}" for bb in backbones), flush=True
+                )
         finally:
             for ex in explainers.values():
                 ex.close()
@@ -77,8 +86,10 @@ def main() -> None:
             q = Predictor.from_checkpoint(p.source, device=args.device)
             timing = {}
             # Interleaved rounds so drift (turbo, other load) hits both alike.
-            with Explainer(p, truncate_gradients=True) as fast, \
-                    Explainer(q, truncate_gradients=False) as naive:
+            with (
+                Explainer(p, truncate_gradients=True) as fast,
+                Explainer(q, truncate_gradients=False) as naive,
+            ):
                 for ex in (fast, naive):
                     ex.explain(images[0], "gradcam")
                 for flag in (True, False):
@@ -87,9 +98,11 @@ def main() -> None:
                     for flag, ex in ((True, fast), (False, naive)):
                         timing[flag].append(seconds_per_image(ex, "gradcam", images, 1))
             t_fast, t_naive = (sorted(timing[f])[len(timing[f]) // 2] for f in (True, False))
-            print(f"\nVGG16 Grad-CAM (median of {args.ratio_repeats}): full backward "
-                  f"{t_naive:.3f} s, truncated at features.29 {t_fast:.3f} s, "
-                  f"speed-up x{t_naive / t_fast:.2f}")
+            print(
+                f"\nVGG16 Grad-CAM (median of {args.ratio_repeats}): full backward "
+                f"{t_naive:.3f} s, truncated at features.29 {t_fast:.3f} s, "
+                f"speed-up x{t_naive / t_fast:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -36,21 +36,23 @@ def test_bad_files_have_reasons(tmp_path):
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
     expectations = {
-        "empty.png": "empty",
-        "text.png": "not an image",
-        "trunc.png": "corrupt|truncated",
-        "missing.png": "does not exist",
+        "empty.png": ("empty", "empty"),
+        "text.png": ("not an image", "not_image"),
+        "trunc.png": ("corrupt|truncated", "corrupt"),
+        "missing.png": ("does not exist", "missing"),
     }
-    for name, reason in expectations.items():
+    for name, (reason, kind) in expectations.items():
         with pytest.raises(ImageLoadError, match=reason) as info:
             load_rgb(tmp_path / name)
         assert info.value.path.endswith(name)
+        assert info.value.kind == kind
 
 
 def test_decompression_bomb_is_refused(tmp_path):
     Image.new("L", (5000, 5000)).save(tmp_path / "big.png", optimize=True)
-    with pytest.raises(ImageLoadError, match="decompression bomb"):
+    with pytest.raises(ImageLoadError, match="decompression bomb") as info:
         load_rgb(tmp_path / "big.png", max_pixels=1_000_000)
+    assert info.value.kind == "too_large"
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_rgb_bytes((tmp_path / "big.png").read_bytes(), max_pixels=1_000_000)
 

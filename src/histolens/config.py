@@ -79,7 +79,7 @@ class AugmentConfig:
     fill: str = "nearest"  # "nearest" (replicate edges, Keras's default) or "reflect"/"constant"
     stain: bool = False  # HED-space colour jitter
     stain_sigma: float = 0.05
-    stain_bias: float = 0.05
+    stain_bias: float = 0.02  # in HED optical-density units; tissue is ~0.05
 
     def __post_init__(self) -> None:
         check_choice("fill mode", self.fill, ["nearest", "reflect", "constant"])

@@ -26,11 +26,16 @@ class DataError(HistolensError):
 
 
 class ImageLoadError(HistolensError):
-    """One image cannot be read; carries the path and the reason."""
+    """One image cannot be read; carries the path, the reason and a machine-readable kind.
 
-    def __init__(self, path: object, reason: str) -> None:
+    ``kind`` is one of 'missing', 'empty', 'not_image', 'corrupt', 'too_large' (decompression
+    bombs and oversized images) or 'unreadable' (permissions, folders).
+    """
+
+    def __init__(self, path: object, reason: str, kind: str = "corrupt") -> None:
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{self.path}: {reason}")
 
 

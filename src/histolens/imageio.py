@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 # Microscopy tiles are at most a few thousand pixels a side; 64 MP leaves room for stitched
 # fields of view while refusing decompression bombs long before they allocate gigabytes.
 MAX_PIXELS = 64_000_000
+# PIL's bomb limit is a module global; opening under a lock keeps concurrent callers (the web
+# service decodes in threads) from seeing each other's limit.
+_OPEN_LOCK = threading.Lock()
 
 
 def is_image_name(path: str | os.PathLike) -> bool:
@@ -53,40 +57,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _open_checked(fp, path_for_errors: str, max_pixels: int) -> Image.Image:
-    old_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(fp)
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageLoadError(
-                        path_for_errors,
-                        f"image is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
-                        "(possible decompression bomb)",
-                    )
-                img.load()
-            except ImageLoadError:
-                raise
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with _OPEN_LOCK:
+                old_limit = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = max_pixels
+                try:
+                    img = Image.open(fp)  # reads the header only
+                finally:
+                    Image.MAX_IMAGE_PIXELS = old_limit
+            width, height = img.size
+            if width * height > max_pixels:
                 raise ImageLoadError(
-                    path_for_errors, f"refused as a possible decompression bomb ({exc})"
-                ) from None
-            except UnidentifiedImageError:
-                raise ImageLoadError(path_for_errors, "not an image file PIL can read") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                msg = str(exc) or type(exc).__name__
-                if "truncated" in msg.lower():
-                    msg = f"truncated or corrupt image data ({msg})"
-                else:
-                    msg = f"corrupt image data ({msg})"
-                raise ImageLoadError(path_for_errors, msg) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
+                    path_for_errors,
+                    f"image is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
+                    "(possible decompression bomb)",
+                    "too_large",
+                )
+            img.load()
+        except ImageLoadError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError(
+                path_for_errors, f"refused as a possible decompression bomb ({exc})", "too_large"
+            ) from None
+        except UnidentifiedImageError:
+            raise ImageLoadError(path_for_errors, "not an image file PIL can read",
+                                 "not_image") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            msg = str(exc) or type(exc).__name__
+            if "truncated" in msg.lower():
+                msg = f"truncated or corrupt image data ({msg})"
+            else:
+                msg = f"corrupt image data ({msg})"
+            raise ImageLoadError(path_for_errors, msg, "corrupt") from None
     if img.size[0] == 0 or img.size[1] == 0:
-        raise ImageLoadError(path_for_errors, "image has zero width or height")
+        raise ImageLoadError(path_for_errors, "image has zero width or height", "corrupt")
     return img
 
 
@@ -94,25 +101,25 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Ima
     """Read an image file as 8-bit RGB, only reading the file; raise ImageLoadError on failure."""
     path = Path(path)
     if not path.exists():
-        raise ImageLoadError(path, "file does not exist")
+        raise ImageLoadError(path, "file does not exist", "missing")
     if path.is_dir():
-        raise ImageLoadError(path, "is a folder, not an image file")
+        raise ImageLoadError(path, "is a folder, not an image file", "unreadable")
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise ImageLoadError(path, f"cannot be read ({exc.strerror})") from None
+        raise ImageLoadError(path, f"cannot be read ({exc.strerror})", "unreadable") from None
     if size == 0:
-        raise ImageLoadError(path, "file is empty (0 bytes)")
+        raise ImageLoadError(path, "file is empty (0 bytes)", "empty")
     try:
         with open(path, "rb") as fh:
             img = _open_checked(fh, str(path), max_pixels)
             return to_rgb(img)
     except PermissionError:
-        raise ImageLoadError(path, "permission denied") from None
+        raise ImageLoadError(path, "permission denied", "unreadable") from None
 
 
 def load_rgb_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Read an in-memory image (an upload) as RGB; raise ImageLoadError on failure."""
     if not data:
-        raise ImageLoadError(name, "file is empty (0 bytes)")
+        raise ImageLoadError(name, "file is empty (0 bytes)", "empty")
     return to_rgb(_open_checked(io.BytesIO(data), name, max_pixels))

@@ -352,3 +352,29 @@ def test_rgba_and_grayscale_uploads_work(client):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         assert client.post("/v1/predict", files=_file(buf.getvalue())).status_code == 200
+
+
+def test_model_failure_is_a_json_500(checkpoint, tissue_png, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from histolens.web.app import create_app
+
+    with TestClient(create_app(checkpoint), raise_server_exceptions=False) as client:
+
+        def broken(images, batch_size=32):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(client.app.state.predictor, "predict_images", broken)
+        r = client.post("/v1/predict", files=_file(tissue_png))
+        assert r.status_code == 500
+        assert r.json() == {"detail": "Internal error (RuntimeError); see the server log."}
+        monkeypatch.undo()
+        assert client.post("/v1/predict", files=_file(tissue_png)).status_code == 200
+
+
+def test_invalid_limits_are_refused_when_the_app_is_made(checkpoint):
+    from histolens.errors import ConfigError
+    from histolens.web.app import create_app
+
+    with pytest.raises(ConfigError, match="max_queue and max_batch must be at least 1"):
+        create_app(checkpoint, max_batch=0)

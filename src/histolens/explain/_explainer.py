@@ -100,9 +100,17 @@ class Explainer:
         seed: seed of the sampling in LIME and Kernel SHAP.
     """
 
-    def __init__(self, predictor: Predictor, *, truncate_gradients: bool = True,
-                 n_samples: int = 200, n_segments: int = 60, ig_steps: int = 32,
-                 batch_size: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        truncate_gradients: bool = True,
+        n_samples: int = 200,
+        n_segments: int = 60,
+        ig_steps: int = 32,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
         self.predictor = predictor
         self.model = predictor.model
         self.spec = self.model.spec
@@ -116,18 +124,20 @@ class Explainer:
         self._lock = threading.RLock()
         self._cams: dict[str, Any] = {}
         self._closed = False
-        self._rerooting = False
-        self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
+        self._cam_thread: int | None = None  # the thread inside a CAM call, if any
         self._reroot_handle = None
         # Weights never need gradients when truncating; the naive way (for comparison) is
         # pytorch-grad-cam's usual one, where every weight requires grad.
-        self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = [
+            (p, p.requires_grad) for p in self.model.parameters()
+        ]
         for p, _ in self._saved_requires_grad:
             p.requires_grad_(not truncate_gradients)
         if truncate_gradients:
             # prepend: runs before the CAM's own hooks, so they see the re-rooted output.
             self._reroot_handle = self.target_layer.register_forward_hook(
-                self._reroot_at_target, prepend=True)
+                self._reroot_at_target, prepend=True
+            )
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Explainer:
@@ -150,8 +160,18 @@ class Explainer:
             self._saved_requires_grad = []
             self._closed = True
 
+    def _gated(self, hook):
+        """``hook`` run only for forward passes of this Explainer's own CAM call and thread."""
+
+        def gated(module, args, output):
+            if self._cam_thread == threading.get_ident():
+                return hook(module, args, output)
+            return None
+
+        return gated
+
     def _reroot_at_target(self, module, args, output):
-        if not self._rerooting or not torch.is_grad_enabled():
+        if self._cam_thread != threading.get_ident() or not torch.is_grad_enabled():
             return None
         # A fresh leaf: backward stops here. The clone keeps later in-place ops legal.
         return output.detach().requires_grad_(True).clone()
@@ -162,16 +182,29 @@ class Explainer:
             import pytorch_grad_cam
 
             cls = getattr(pytorch_grad_cam, _CAM_CLASSES[method])
-            cam = cls(model=self.model, target_layers=[self.target_layer],
-                      reshape_transform=self.spec.reshape_transform)
+            cam = cls(
+                model=self.model,
+                target_layers=[self.target_layer],
+                reshape_transform=self.spec.reshape_transform,
+            )
             if method == "scorecam":
                 cam.batch_size = self.batch_size
+            # Re-register the CAM's hooks behind a gate: a shared model also serves predictions
+            # (desktop app, web service), and ungated hooks would pile up their activations.
+            hooks = cam.activations_and_grads
+            for handle in hooks.handles:
+                handle.remove()
+            hooks.handles = [
+                self.target_layer.register_forward_hook(self._gated(hooks.save_activation)),
+                self.target_layer.register_forward_hook(self._gated(hooks.save_gradient)),
+            ]
             self._cams[method] = cam
         return cam
 
     # --- public API -------------------------------------------------------------------------
-    def explain(self, image: Image.Image, method: str = "gradcam",
-                target_class: str | None = None) -> Explanation:
+    def explain(
+        self, image: Image.Image, method: str = "gradcam", target_class: str | None = None
+    ) -> Explanation:
         """Explain one PIL image; the class explained is the predicted one unless given."""
         check_choice("explanation method", method, METHODS)
         if target_class is not None:
@@ -183,8 +216,7 @@ class Explainer:
             image = image.convert("RGB")
             uint8 = self.predictor.preprocess.resize(image)
             x = self.predictor.to_input(uint8.unsqueeze(0))
-            index = None if target_class is None else self.predictor.class_names.index(
-                target_class)
+            index = None if target_class is None else self.predictor.class_names.index(target_class)
             if method in _GRADIENT_CAMS:
                 target = _PredictedClass(self.predictor, index)
                 small = self._run_cam(method, x, target)
@@ -199,15 +231,14 @@ class Explainer:
                 else:
                     small = self._attribute(method, x, uint8, index)
             heatmap = heatmap_to_size(_normalise(small), image.size)
-            return Explanation(heatmap, prediction, method, self.predictor.class_names[index],
-                               image, time.perf_counter() - start)
-
-    def input_heatmap(self, image: Image.Image, method: str, target_class: str | None = None
-                      ) -> tuple[Explanation, torch.Tensor]:
-        """An explanation plus the model input it was computed on (for faithfulness metrics)."""
-        explanation = self.explain(image, method, target_class)
-        x = self.predictor.to_input(self.predictor.preprocess.resize(image.convert("RGB"))[None])
-        return explanation, x
+            return Explanation(
+                heatmap,
+                prediction,
+                method,
+                self.predictor.class_names[index],
+                image,
+                time.perf_counter() - start,
+            )
 
     # --- internals --------------------------------------------------------------------------
     def _predict(self, x: torch.Tensor) -> Prediction:
@@ -217,11 +248,11 @@ class Explainer:
 
     def _run_cam(self, method: str, x: torch.Tensor, target) -> np.ndarray:
         cam = self._cam(method)
-        self._rerooting = True
+        self._cam_thread = threading.get_ident()
         try:
             maps = cam(input_tensor=x, targets=[target])
         finally:
-            self._rerooting = False
+            self._cam_thread = None
             cam.activations_and_grads.clear()
         if isinstance(target, _PredictedClass) and target.prediction is None:
             target.prediction = self._predict(x)
@@ -240,23 +271,32 @@ class Explainer:
 
         return probabilities if kind == "probability" else logits
 
-    def _attribute(self, method: str, x: torch.Tensor, uint8: torch.Tensor,
-                   index: int) -> np.ndarray:
+    def _attribute(
+        self, method: str, x: torch.Tensor, uint8: torch.Tensor, index: int
+    ) -> np.ndarray:
         if method == "integrated_gradients":
             from captum.attr import IntegratedGradients
 
             ig = IntegratedGradients(self._forward_scores("logit"))
-            attr = ig.attribute(x.clone().requires_grad_(True), baselines=torch.zeros_like(x),
-                                target=index, n_steps=self.ig_steps,
-                                internal_batch_size=self.batch_size)
+            attr = ig.attribute(
+                x.clone().requires_grad_(True),
+                baselines=torch.zeros_like(x),
+                target=index,
+                n_steps=self.ig_steps,
+                internal_batch_size=self.batch_size,
+            )
             magnitude = attr.detach().abs().sum(dim=1)[0].cpu().numpy()
             from scipy.ndimage import gaussian_filter
 
             return gaussian_filter(magnitude, sigma=max(1.0, 0.02 * max(magnitude.shape)))
         from skimage.segmentation import slic
 
-        segments = slic(uint8.permute(1, 2, 0).numpy(), n_segments=self.n_segments,
-                        compactness=10.0, start_label=0)
+        segments = slic(
+            uint8.permute(1, 2, 0).numpy(),
+            n_segments=self.n_segments,
+            compactness=10.0,
+            start_label=0,
+        )
         mask = torch.from_numpy(segments).to(x.device).long()[None, None]
         forward = self._forward_scores("probability")
         torch.manual_seed(self.seed)
@@ -271,8 +311,12 @@ class Explainer:
             from captum.attr import KernelShap
 
             explainer = KernelShap(forward)
-        attr = explainer.attribute(x, baselines=torch.zeros_like(x), target=index,
-                                   feature_mask=mask.expand(1, 3, -1, -1),
-                                   n_samples=self.n_samples,
-                                   perturbations_per_eval=self.batch_size)
+        attr = explainer.attribute(
+            x,
+            baselines=torch.zeros_like(x),
+            target=index,
+            feature_mask=mask.expand(1, 3, -1, -1),
+            n_samples=self.n_samples,
+            perturbations_per_eval=self.batch_size,
+        )
         return attr.detach()[0, 0].cpu().numpy()

@@ -36,14 +36,16 @@ def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5)
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-def render_panel(image: Image.Image, heatmap: np.ndarray, lines: list[str],
-                 alpha: float = 0.5, height: int = 300) -> Image.Image:
+def render_panel(
+    image: Image.Image, heatmap: np.ndarray, lines: list[str], alpha: float = 0.5, height: int = 300
+) -> Image.Image:
     """Image and overlay side by side (scaled to ``height``) above a caption of ``lines``."""
     scale = height / image.height
     width = max(1, round(image.width * scale))
     left = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-    right = overlay_heatmap(image, heatmap, alpha).resize((width, height),
-                                                          Image.Resampling.BILINEAR)
+    right = overlay_heatmap(image, heatmap, alpha).resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
     font = ImageFont.load_default()
     line_h = 14
     caption_h = 8 + line_h * len(lines)

@@ -15,8 +15,17 @@ from histolens.errors import HistolensError
 
 __all__ = ["explain_command"]
 
-_METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "scorecam", "eigencam", "layercam",
-                 "lime", "kernelshap", "integrated_gradients")
+_METHOD_NAMES = (
+    "gradcam",
+    "gradcam++",
+    "hirescam",
+    "scorecam",
+    "eigencam",
+    "layercam",
+    "lime",
+    "kernelshap",
+    "integrated_gradients",
+)
 
 
 def _default_out(checkpoint: Path) -> Path:
@@ -29,8 +38,11 @@ def _image_paths(target: Path) -> list[Path]:
 
     if not target.is_dir():
         return [target]
-    return sorted(p for p in target.rglob("*") if p.is_file() and is_image_name(p)
-                  and "masks" not in p.relative_to(target).parts)
+    return sorted(
+        p
+        for p in target.rglob("*")
+        if p.is_file() and is_image_name(p) and "masks" not in p.relative_to(target).parts
+    )
 
 
 def _stem(path: Path, root: Path) -> str:
@@ -89,42 +101,106 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
 @click.command("explain")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.argument("target", metavar="IMAGE_OR_FOLDER", type=click.Path(exists=True, path_type=Path))
-@click.option("--method", "-m", "methods", multiple=True,
-              help=f"Method(s), repeatable or comma-separated, or 'all': "
-                   f"{', '.join(_METHOD_NAMES)}. [default: gradcam; all with --evaluate]")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: <run dir>/explanations).")
-@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="Opacity of the heatmap in overlays.")
-@click.option("--target-class", default=None,
-              help="Explain this class instead of the predicted one.")
-@click.option("--evaluate", is_flag=True,
-              help="Write the faithfulness table (deletion/insertion AUC, ROAD, and on synthetic "
-                   "data the pointing game and lesion IoU) instead of heatmaps.")
-@click.option("--max-images", default=40, show_default=True, type=click.IntRange(1),
-              help="With --evaluate: evaluate at most this many images (evenly spread).")
+@click.option(
+    "--method",
+    "-m",
+    "methods",
+    multiple=True,
+    help=f"Method(s), repeatable or comma-separated, or 'all': "
+    f"{', '.join(_METHOD_NAMES)}. [default: gradcam; all with --evaluate]",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: <run dir>/explanations).",
+)
+@click.option(
+    "--alpha",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Opacity of the heatmap in overlays.",
+)
+@click.option(
+    "--target-class", default=None, help="Explain this class instead of the predicted one."
+)
+@click.option(
+    "--evaluate",
+    is_flag=True,
+    help="Write the faithfulness table (deletion/insertion AUC, ROAD, and on synthetic "
+    "data the pointing game and lesion IoU) instead of heatmaps.",
+)
+@click.option(
+    "--max-images",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="With --evaluate: evaluate at most this many images (evenly spread).",
+)
 @click.option("--no-road", is_flag=True, help="With --evaluate: skip ROAD (the slowest metric).")
-@click.option("--n-samples", default=200, show_default=True, type=click.IntRange(10),
-              help="Perturbed images per LIME / Kernel SHAP explanation.")
+@click.option(
+    "--n-samples",
+    default=200,
+    show_default=True,
+    type=click.IntRange(10),
+    help="Perturbed images per LIME / Kernel SHAP explanation.",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
-def explain_command(checkpoint, target, methods, out, alpha, target_class, evaluate, max_images,
-                    no_road, n_samples, device, quiet):
+def explain_command(
+    checkpoint,
+    target,
+    methods,
+    out,
+    alpha,
+    target_class,
+    evaluate,
+    max_images,
+    no_road,
+    n_samples,
+    device,
+    quiet,
+):
     """Heatmaps of what the model looked at, for an image or a folder of images.
 
     Per image and method: <name>_<method>_heatmap.npy (float32 at the image's own size),
     _overlay.png and _panel.png, and index.csv for the whole run.
     """
     try:
-        _run(checkpoint, target, methods, out, alpha, target_class, evaluate, max_images,
-             no_road, n_samples, device, quiet)
+        _run(
+            checkpoint,
+            target,
+            methods,
+            out,
+            alpha,
+            target_class,
+            evaluate,
+            max_images,
+            no_road,
+            n_samples,
+            device,
+            quiet,
+        )
     except HistolensError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 
 
-def _run(checkpoint, target, methods, out, alpha, target_class, evaluate, max_images, no_road,
-         n_samples, device, quiet) -> None:
+def _run(
+    checkpoint,
+    target,
+    methods,
+    out,
+    alpha,
+    target_class,
+    evaluate,
+    max_images,
+    no_road,
+    n_samples,
+    device,
+    quiet,
+) -> None:
     from tqdm.auto import tqdm
 
     from histolens.explain import Explainer
@@ -144,10 +220,12 @@ def _run(checkpoint, target, methods, out, alpha, target_class, evaluate, max_im
         if evaluate:
             _evaluate(explainer, paths, chosen, out, max_images, not no_road, quiet)
         else:
-            with tqdm(total=len(paths) * len(chosen), desc="Explaining", unit="map",
-                      disable=quiet) as bar:
-                rows = _explain_all(explainer, paths, target, chosen, out, alpha, target_class,
-                                    bar.update)
+            with tqdm(
+                total=len(paths) * len(chosen), desc="Explaining", unit="map", disable=quiet
+            ) as bar:
+                rows = _explain_all(
+                    explainer, paths, target, chosen, out, alpha, target_class, bar.update
+                )
             _report(rows, out, quiet)
 
 
@@ -173,18 +251,30 @@ def _explain_all(explainer, paths, root, methods, out, alpha, target_class, adva
             panel_file = base.with_name(base.name + "_panel.png")
             _save_npy(e.heatmap, heat_file)
             _save_png(e.overlay(alpha), overlay_file)
-            caption = [f"{path.name}  |  method: {method}",
-                       f"prediction: {e.prediction.label} (p = {e.prediction.probability:.3f})"
-                       + ("  [review]" if e.prediction.uncertain else ""),
-                       f"explained class: {e.target_class}"]
+            caption = [
+                f"{path.name}  |  method: {method}",
+                f"prediction: {e.prediction.label} (p = {e.prediction.probability:.3f})"
+                + ("  [review]" if e.prediction.uncertain else ""),
+                f"explained class: {e.target_class}",
+            ]
             _save_png(render_panel(image, e.heatmap, caption, alpha), panel_file)
-            rows.append({"path": str(path), "status": "ok", "method": method,
-                         "prediction": e.prediction.label,
-                         "probability": round(e.prediction.probability, 6),
-                         "uncertain": e.prediction.uncertain, "target_class": e.target_class,
-                         "width": image.width, "height": image.height,
-                         "heatmap": heat_file.name, "overlay": overlay_file.name,
-                         "panel": panel_file.name, "seconds": round(e.seconds, 4)})
+            rows.append(
+                {
+                    "path": str(path),
+                    "status": "ok",
+                    "method": method,
+                    "prediction": e.prediction.label,
+                    "probability": round(e.prediction.probability, 6),
+                    "uncertain": e.prediction.uncertain,
+                    "target_class": e.target_class,
+                    "width": image.width,
+                    "height": image.height,
+                    "heatmap": heat_file.name,
+                    "overlay": overlay_file.name,
+                    "panel": panel_file.name,
+                    "seconds": round(e.seconds, 4),
+                }
+            )
             advance(1)
     return rows
 
@@ -197,11 +287,14 @@ def _report(rows: list[dict], out: Path, quiet: bool) -> None:
     skipped = [r for r in rows if r["status"] != "ok"]
     if not done:
         raise HistolensError(f"no image could be read; see {index}.")
-    click.echo(f"{len(done)} heatmap(s) of {len({r['path'] for r in done})} image(s) written to "
-               f"{out} (index: {index.name}).")
+    click.echo(
+        f"{len(done)} heatmap(s) of {len({r['path'] for r in done})} image(s) written to "
+        f"{out} (index: {index.name})."
+    )
     for r in skipped:
-        click.secho(f"skipped {r['path']}: {r['status'].removeprefix('skipped: ')}",
-                    fg="yellow", err=True)
+        click.secho(
+            f"skipped {r['path']}: {r['status'].removeprefix('skipped: ')}", fg="yellow", err=True
+        )
 
 
 def _evaluate(explainer, paths, methods, out, max_images, road, quiet) -> None:
@@ -226,8 +319,16 @@ def _evaluate(explainer, paths, methods, out, max_images, road, quiet) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """The faithfulness rows as a fixed-width text table (None shown as '-')."""
-    cols = ["method", "deletion_auc", "insertion_auc", "road", "pointing_game", "iou", "n",
-            "n_masks"]
+    cols = [
+        "method",
+        "deletion_auc",
+        "insertion_auc",
+        "road",
+        "pointing_game",
+        "iou",
+        "n",
+        "n_masks",
+    ]
     lines = ["  ".join(f"{c:>13}" if i else f"{c:<22}" for i, c in enumerate(cols))]
     for r in rows:
         cells = []

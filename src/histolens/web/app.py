@@ -69,11 +69,11 @@ def _load_explain_module() -> Any:
 
 def _upload_status(exc: ImageLoadError) -> int:
     """415 for data that is no image format at all, 422 for a broken or refused image."""
-    return 415 if exc.reason.startswith("not an image") else 422
+    return 415 if exc.kind == "not_image" else 422
 
 
 def _upload_message(exc: ImageLoadError) -> str:
-    if exc.reason.startswith("not an image"):
+    if exc.kind == "not_image":
         return f"'{exc.path}' is not an image this service can read (PNG, JPEG, TIFF, BMP, WebP)."
     reason = exc.reason if exc.reason.endswith((".", ".)")) else exc.reason + "."
     return f"Cannot use '{exc.path}': {reason}"
@@ -134,8 +134,11 @@ def create_app(
         max_pixels: images with more pixels are refused as possible decompression bombs.
         device: torch device for the model.
     """
-    if max_upload_bytes < 1 or max_batch_files < 1:
-        raise ConfigError("max_upload_bytes and max_batch_files must be at least 1.")
+    if min(max_upload_bytes, max_batch_files, max_queue, max_batch) < 1 or batch_wait_ms < 0:
+        raise ConfigError(
+            "max_upload_bytes, max_batch_files, max_queue and max_batch must be at least 1, "
+            "and batch_wait_ms at least 0."
+        )
     max_batch_bytes = max_batch_bytes or 8 * max_upload_bytes
     limits = Limits(
         max_upload_bytes=max_upload_bytes,
@@ -218,6 +221,13 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_message(exc)}, 422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer is sent.
+        return JSONResponse(
+            {"detail": f"Internal error ({type(exc).__name__}); see the server log."}, 500
+        )
 
     @app.exception_handler(HistolensError)
     async def histolens_error(request: Request, exc: HistolensError) -> JSONResponse:

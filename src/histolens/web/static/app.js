@@ -61,7 +61,7 @@ async function loadModel() {
     $("model-chip-text").textContent = `${info.model_id} · ${info.backbone} · ${info.task}`;
     const facts = [
       ["Model", info.model_id], ["Backbone", info.backbone], ["Task", info.task],
-      ["Classes", info.class_names.join(", ")],
+      ["Classes", info.class_names.map((c) => c.replace(/_/g, " ")).join(", ")],
       ["Magnification", info.magnification ? (info.magnification === "all" ? "all" : `${info.magnification}×`) : "n/a"],
     ];
     if (info.threshold !== null) facts.push(["Threshold", fmt(info.threshold)]);
@@ -87,7 +87,11 @@ async function loadModel() {
     if (info.auth_required && state.token) $("token-panel").classList.remove("needed");
   } catch (error) {
     $("health-dot").className = "dot bad";
-    $("model-chip-text").textContent = error.status === 401 ? "API token needed" : "service unavailable";
+    const status = error.status === 401 ? "API token needed" : "service unavailable";
+    $("model-chip-text").textContent = status;
+    const dt = document.createElement("dt"); dt.textContent = "Status";
+    const dd = document.createElement("dd"); dd.textContent = status; dd.className = "muted";
+    $("model-facts").replaceChildren(dt, dd);
     if (error.status !== 401) showError(error.message);
   }
 }

@@ -1,0 +1,224 @@
+"""``histolens explain`` (explain_command) and the faithfulness metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from histolens.explain.cli import explain_command
+from histolens.explain.faithfulness import (
+    deletion_insertion_auc,
+    mask_iou,
+    pointing_game,
+    random_heatmap,
+    road_score,
+)
+from histolens.testing import make_tissue_image
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(explain_command, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    make_tissue_image((140, 92), seed=1).save(root / "a" / "x.png")
+    make_tissue_image((120, 80), seed=2, dark=True).save(root / "b" / "x.png")
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_corrupt_image_gives_one_line_error(tmp_path, tiny_checkpoint):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    result = CliRunner().invoke(
+        explain_command, [str(tiny_checkpoint), str(bad), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bad.png" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path, tiny_checkpoint):
+    img = tmp_path / "x.png"
+    make_tissue_image().save(img)
+    result = CliRunner().invoke(explain_command, [str(tiny_checkpoint), str(img), "-m", "gradcm"])
+    assert result.exit_code == 1
+    assert "Did you mean 'gradcam'" in result.output and len(result.output.splitlines()) == 1
+
+
+def test_folder_writes_heatmaps_overlays_panels_and_index(tmp_path, tiny_checkpoint, folder):
+    out = tmp_path / "out"
+    result = _invoke(
+        tiny_checkpoint, folder, "--out", out, "-m", "gradcam,eigencam", "--alpha", "0.3", "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 heatmap(s) of 2 image(s)" in result.output
+    assert "skipped" in result.output and "broken.png" in result.output
+    heat = np.load(out / "a__x_gradcam_heatmap.npy")
+    assert heat.shape == (92, 140) and heat.dtype == np.float32
+    assert np.load(out / "b__x_eigencam_heatmap.npy").shape == (80, 120)
+    assert Image.open(out / "a__x_gradcam_overlay.png").size == (140, 92)
+    assert Image.open(out / "b__x_eigencam_panel.png").mode == "RGB"
+    index = (out / "index.csv").read_text().splitlines()
+    assert len(index) == 1 + 4 + 1  # header, 4 maps, 1 skipped row
+    assert "skipped: " in (out / "index.csv").read_text()
+    assert not list(out.glob(".*.tmp"))  # atomic writes left no temp files
+
+
+def test_default_output_is_next_to_the_checkpoint(tmp_path, tiny_checkpoint):
+    ckpt = tmp_path / "run" / "best.safetensors"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_checkpoint, ckpt)
+    img = tmp_path / "x.png"
+    make_tissue_image().save(img)
+    result = _invoke(ckpt.parent, img, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "explanations" / "x_gradcam_panel.png").is_file()
+
+
+def test_evaluate_writes_the_faithfulness_table(tmp_path, tiny_checkpoint, synth_small):
+    out = tmp_path / "ev"
+    result = _invoke(
+        tiny_checkpoint,
+        synth_small,
+        "--evaluate",
+        "-m",
+        "gradcam",
+        "--max-images",
+        "6",
+        "--no-road",
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "faithfulness.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gradcam", "random"]
+    for r in rows:
+        assert set(r) >= {
+            "method",
+            "deletion_auc",
+            "insertion_auc",
+            "road",
+            "pointing_game",
+            "iou",
+            "n",
+        }
+        assert r["n"] == 6 and r["road"] is None
+        assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1
+        assert r["n_masks"] > 0 and 0 <= r["pointing_game"] <= 1 and 0 <= r["iou"] <= 1
+    assert (out / "faithfulness.csv").read_text().startswith("method,deletion_auc")
+
+
+# --- metric functions --------------------------------------------------------------------
+class _LeftTexture(torch.nn.Module):
+    """A 'model' whose logit is the fine texture of the image's left half, nothing else."""
+
+    def forward(self, x):
+        left = x[:, :, :, : x.shape[-1] // 2]
+        return (left[..., 1:] - left[..., :-1]).abs().mean(dim=(1, 2, 3))[:, None] * 4 - 2
+
+
+def _left_and_right_maps() -> tuple[np.ndarray, np.ndarray]:
+    good = np.zeros((32, 32), np.float32)
+    good[:, :16] = np.linspace(1.0, 0.5, 16)  # graded, so percentiles split it cleanly
+    bad = np.zeros((32, 32), np.float32)
+    bad[:, 16:] = np.linspace(0.5, 1.0, 16)
+    return good, bad
+
+
+def test_deletion_and_insertion_reward_the_right_map():
+    torch.manual_seed(0)
+    model, x = _LeftTexture(), torch.randn(1, 3, 32, 32)
+    good, bad = _left_and_right_maps()
+
+    def score(out):
+        return torch.sigmoid(out[:, 0])
+
+    d_good, i_good = deletion_insertion_auc(model, x, good, score, steps=10)
+    d_bad, i_bad = deletion_insertion_auc(model, x, bad, score, steps=10)
+    assert d_good < d_bad - 0.1
+    assert i_good > i_bad + 0.1
+
+
+def test_road_rewards_the_right_map():
+    torch.manual_seed(0)
+    model, x = _LeftTexture(), torch.randn(1, 3, 32, 32)
+    good, bad = _left_and_right_maps()
+
+    def target(out):
+        return out[..., 0]
+
+    assert road_score(model, x, good, target, (50,)) > road_score(model, x, bad, target, (50,))
+
+
+def test_pointing_game_and_iou():
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 2:5] = True
+    heat = np.zeros((10, 10), np.float32)
+    heat[3, 3] = 1
+    assert pointing_game(heat, mask) == 1.0
+    assert pointing_game(1 - heat, mask) == 0.0
+    assert mask_iou(mask.astype(np.float32), mask) == 1.0
+    assert mask_iou(1 - mask.astype(np.float32), mask) == 0.0
+    r = random_heatmap((10, 20), seed=1)
+    assert r.shape == (10, 20) and r.std() > 0
+
+
+@pytest.mark.slow
+def test_trained_gradcam_beats_random_on_the_pointing_game(tmp_path):
+    """A Lite0 model trained on synthetic data points at the lesion more often than chance."""
+    synth = pytest.importorskip("histolens.synth")
+    from histolens.cli import main
+
+    data = tmp_path / "data"
+    synth.generate_synthetic(data, n=96, seed=5)
+    run = tmp_path / "run"
+    train = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--backbone",
+            "tf_efficientnet_lite0",
+            "--epochs",
+            "15",
+            "--out",
+            str(run),
+            "--quiet",
+        ],
+    )
+    if train.exit_code != 0 and "Lite0" in train.output and "not installed" in train.output:
+        pytest.skip("Lite0 ImageNet weights package not installed")
+    assert train.exit_code == 0, train.output
+    out = tmp_path / "ev"
+    result = _invoke(
+        run,
+        data,
+        "--evaluate",
+        "-m",
+        "gradcam",
+        "--no-road",
+        "--max-images",
+        "40",
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((out / "faithfulness.json").read_text())["rows"]}
+    assert rows["gradcam"]["n_masks"] >= 10
+    assert rows["gradcam"]["pointing_game"] > rows["random"]["pointing_game"]
+    assert rows["gradcam"]["iou"] > rows["random"]["iou"]
