@@ -105,3 +105,14 @@ def test_data_summary_on_real_breakhis(real_data):
     assert res.exit_code == 0, res.output
     assert "benign        111               5" in res.output
     assert "Patient groups: 18" in res.output
+
+
+def test_cross_validation_cli(synth_small):
+    res = CliRunner().invoke(main, ["cv", "--data", str(synth_small), "--folds", "2",
+                                    "--backbone", "test_resnet", "--pretrained", "none",
+                                    "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "fold 2/2" in res.output
+    line = next(x for x in res.output.splitlines() if x.strip().startswith("roc_auc:"))
+    mean = float(line.split(":")[1].split("+/-")[0])
+    assert 0.0 <= mean <= 1.0

@@ -462,19 +462,8 @@ def evaluate(checkpoint, data_path, split_name, out, n_boot, quiet):
     result, skipped = evaluate_checkpoint(ckpt, records, n_boot=n_boot, progress=not quiet)
     result.metrics["split"] = split_name
     out = out or (ckpt.parent / f"evaluation-{split_name}")
-    run_dir = (
-        ckpt.parent
-        if (ckpt.parent / "config.json").exists() and out.parent == ckpt.parent
-        else None
-    )
-    write_evaluation(result, out, run_dir=None, checkpoint=ckpt)
-    if run_dir is not None:
-        from histolens.plots import plot_training_curves
-
-        plot_training_curves(run_dir / "logs", out / "training_curves.png")
-        from histolens.report import write_report
-
-        write_report(out, evaluation_dir=out, checkpoint=ckpt)
+    logs = ckpt.parent / "logs"
+    write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None, checkpoint=ckpt)
     img = result.metrics["image"]
     click.echo(
         f"Evaluated {result.metrics['n_images']} images of {result.metrics['n_patients']} "

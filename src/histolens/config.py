@@ -101,7 +101,7 @@ class TrainConfig:
     """The optimisation recipe."""
 
     optimizer: str = "sgd"
-    lr: float = 1e-2
+    lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 32

@@ -265,7 +265,8 @@ def finalize_run(
         threshold_method=cfg.train.threshold_method,
     )
     if write_outputs:
-        write_evaluation(result, run_dir / "evaluation", run_dir=run_dir, notes=notes)
+        write_evaluation(result, run_dir / "evaluation", logs_dir=run_dir / "logs",
+                         report_dir=run_dir, notes=notes)
     else:
         write_predictions_csv(result, run_dir / "predictions.csv")
     return result.metrics
@@ -346,11 +347,13 @@ def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
 def write_evaluation(
     result: EvalResult,
     out_dir: str | os.PathLike,
-    run_dir=None,
+    logs_dir: str | os.PathLike | None = None,
+    report_dir: str | os.PathLike | None = None,
     notes: Sequence[str] = (),
-    checkpoint=None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Path:
-    """metrics.json, predictions.csv and the plots; then the HTML report."""
+    """metrics.json, predictions.csv and the plots in ``out_dir`` (training curves from
+    ``logs_dir`` when given); then ``report.html`` in ``report_dir`` (default ``out_dir``)."""
     from histolens import plots
 
     out = Path(out_dir)
@@ -382,11 +385,11 @@ def write_evaluation(
     ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
     plots.plot_misclassified(wrong, out / "misclassified.png")
-    if run_dir is not None:
-        plots.plot_training_curves(Path(run_dir) / "logs", out / "training_curves.png")
+    if logs_dir is not None:
+        plots.plot_training_curves(logs_dir, out / "training_curves.png")
     from histolens.report import write_report
 
-    write_report(run_dir or out, evaluation_dir=out, notes=notes, checkpoint=checkpoint)
+    write_report(report_dir or out, evaluation_dir=out, notes=notes, checkpoint=checkpoint)
     return out
 
 
