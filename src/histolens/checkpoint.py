@@ -67,9 +67,12 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, Any]
+    path: str | os.PathLike,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    metadata: dict[str, Any],
 ) -> Path:
-    """Write weights and metadata atomically; an interrupted save leaves the old file intact."""
+    """Write weights (a module or its state dict) and metadata atomically; an interrupted save
+    leaves the old file intact."""
     from safetensors.torch import save_file
 
     meta = {
@@ -79,7 +82,8 @@ def save_checkpoint(
         "versions": versions(),
         **metadata,
     }
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     target = Path(path)
     with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta, default=_json_default)})

@@ -119,8 +119,20 @@ def _lightning_module_class():
                 "class_weights", torch.tensor(list(class_weights), dtype=torch.float32)
             )
             self.binary = model.head.out.out_features == 1
+            self.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
+            # A frozen backbone is rebuilt from its pretrained source on resume, so Lightning's
+            # checkpoints (written every epoch) hold only what trains.
+            self.strict_loading = not self.frozen_backbone
             self._val_logits: list[torch.Tensor] = []
             self._val_targets: list[torch.Tensor] = []
+
+        def on_save_checkpoint(self, checkpoint):
+            if self.frozen_backbone:
+                checkpoint["state_dict"] = {
+                    k: v
+                    for k, v in checkpoint["state_dict"].items()
+                    if not k.startswith("model.backbone.")
+                }
 
         def train(self, mode: bool = True):
             super().train(mode)
@@ -217,14 +229,30 @@ def _export_callback_class():
     from lightning.pytorch.callbacks import Callback
 
     class ExportBestCheckpoint(Callback):
-        """Writes best.safetensors (atomically) whenever the monitored loss improves."""
+        """Keeps the best weights (lowest monitored loss) and writes best.safetensors atomically.
 
-        def __init__(self, path: Path, metadata: dict[str, Any], monitor: str) -> None:
+        The best state is copied in memory at every improvement and written at most every
+        ``flush_seconds`` and at the end (or on an exception), so a fast head-only run is not
+        bound by disk writes while an interrupted run still leaves a recent best checkpoint.
+        """
+
+        def __init__(
+            self, path: Path, metadata: dict[str, Any], monitor: str, flush_seconds: float = 15.0
+        ) -> None:
             self.path, self.metadata, self.monitor = path, metadata, monitor
+            self.flush_seconds = flush_seconds
             self.best = float("inf")
             self.best_epoch = -1
+            self._pending: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+            self._last_flush = time.monotonic()
 
-        def _maybe_save(self, trainer, pl_module) -> None:
+        def _flush(self) -> None:
+            if self._pending is not None:
+                save_checkpoint(self.path, *self._pending)
+                self._pending = None
+            self._last_flush = time.monotonic()
+
+        def on_train_epoch_end(self, trainer, pl_module):
             value = trainer.callback_metrics.get(self.monitor)
             if value is None or not trainer.is_global_zero:
                 return
@@ -237,10 +265,18 @@ def _export_callback_class():
                     "best_val_loss": value,
                     "val_auc_at_best": float(trainer.callback_metrics.get("val_auc", np.nan)),
                 }
-                save_checkpoint(self.path, pl_module.model, meta)
+                state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+                self._pending = (state, meta)
+            if time.monotonic() - self._last_flush >= self.flush_seconds:
+                self._flush()
 
-        def on_train_epoch_end(self, trainer, pl_module):
-            self._maybe_save(trainer, pl_module)
+        def on_train_end(self, trainer, pl_module):
+            if trainer.is_global_zero:
+                self._flush()
+
+        def on_exception(self, trainer, pl_module, exception):
+            if trainer.is_global_zero:
+                self._flush()
 
         def state_dict(self):
             return {"best": self.best, "best_epoch": self.best_epoch}
@@ -465,13 +501,11 @@ def train(
     export = _export_callback_class()(run_dir / BEST_CHECKPOINT, metadata, monitor)
     callbacks = [
         EarlyStopping(monitor=monitor, patience=cfg.train.early_stopping_patience, mode="min"),
-        ModelCheckpoint(
-            dirpath=str(run_dir / "lightning"),
-            filename="best-{epoch}",
-            monitor=monitor,
-            mode="min",
-            save_last=True,
-            save_top_k=1,
+        # Lightning's last.ckpt is for --resume; the best model is best.safetensors (above).
+        *(
+            [ModelCheckpoint(dirpath=str(run_dir / "lightning"), save_top_k=0, save_last=True)]
+            if write_outputs
+            else []
         ),
         LearningRateMonitor(logging_interval="epoch"),
         export,
@@ -488,6 +522,7 @@ def train(
         callbacks=callbacks,
         logger=_loggers(run_dir),
         enable_progress_bar=progress,
+        enable_checkpointing=write_outputs,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, len(train_loader)),
