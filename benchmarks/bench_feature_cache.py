@@ -66,6 +66,12 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="default: breakhis-dev/100X")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument(
+        "--extrapolate",
+        nargs="*",
+        default=["vgg16"],
+        help="backbones whose uncached run is timed for --uncached-epochs and extrapolated",
+    )
+    ap.add_argument(
         "--uncached-epochs",
         type=int,
         default=None,
@@ -92,7 +98,9 @@ def main() -> None:
                     pretrained = "none"
             print(f"== {backbone}: cached", flush=True)
             t_c, auc_c = run(backbone, True, args.epochs, data, Path(tmp), pretrained)
-            n_unc = args.uncached_epochs or args.epochs
+            n_unc = args.epochs
+            if args.uncached_epochs and backbone in args.extrapolate:
+                n_unc = args.uncached_epochs
             print(f"== {backbone}: uncached ({n_unc} epochs)", flush=True)
             t_u, auc_u = run(backbone, False, n_unc, data, Path(tmp), pretrained)
             note, auc_u_s = "", f"{auc_u:.3f}"

@@ -53,6 +53,12 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--only", nargs="*", help="only settings containing one of these strings")
+    ap.add_argument(
+        "--per-fold-reference",
+        action="store_true",
+        help="choose the stain reference among each fold's training images (as training does; "
+        "features are then recomputed per fold) instead of once among all images",
+    )
     args = ap.parse_args()
     from histolens.backbones import create_backbone, get_backbone_spec
     from histolens.config import RunConfig
@@ -76,6 +82,18 @@ def main() -> None:
         if args.only and not any(o in name for o in args.only):
             continue
         print(f"== {name}", flush=True)
+        setting = dict(setting)
+        method = setting.get("stain.method", "none")
+        if method != "none" and not args.per_fold_reference:
+            # The reference is picked without labels, so one pick among all images leaks no
+            # label information and lets every fold share the features.
+            from histolens.stain import choose_reference
+
+            paths = list(bank.images)
+            setting["stain.reference"] = paths[
+                choose_reference([bank.images[p] for p in paths[:: max(1, len(paths) // 200)]],
+                                 method=method) * max(1, len(paths) // 200)]
+            print(f"   reference: {setting['stain.reference']}", flush=True)
         result = cross_validate(base.override(setting), args.folds, feature_store=store, bank=bank)
         rows.append(cv_rows(name, result))
     print()
