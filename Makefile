@@ -29,9 +29,12 @@ demo: $(STAMP)
 	@echo "== 2/4 Train tf_efficientnet_lite0 (offline ImageNet weights, frozen, cached features)"
 	$(HL) train --data $(DEMO)/data --backbone tf_efficientnet_lite0 --out $(DEMO)/run --quiet
 	@echo "== 3/4 Explain a few test images (Grad-CAM) and measure faithfulness"
-	$(HL) explain $(DEMO)/run --from-split test --limit 6 --evaluate --out $(DEMO)/run/explanations --quiet
+	$(HL) explain $(DEMO)/run --split test --limit 6 --out $(DEMO)/run/explanations --quiet
+	$(HL) explain $(DEMO)/run --split test --evaluate --max-images 12 --no-road \
+		--method gradcam,gradcam++,hirescam,eigencam,layercam --out $(DEMO)/run/explanations --quiet
 	@echo "== 4/4 Report"
 	$(HL) report $(DEMO)/run
+	@echo "Open $(DEMO)/run/report.html in a browser."
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -93,3 +93,9 @@ def test_threshold_choice():
     assert t_sens <= 0.4
     assert binary_metrics(y, p, t_sens)["sensitivity"] == 1.0
     assert choose_threshold(np.ones(5), np.ones(5)) == 0.5
+
+
+def test_separable_validation_sharpens_to_the_bound_not_back_to_one():
+    logits = torch.tensor([[-0.2], [-0.1], [0.1], [0.2]])
+    t = fit_temperature(logits, torch.tensor([0, 0, 1, 1]))
+    assert t == pytest.approx(0.05)

@@ -8,14 +8,17 @@ import torch.nn.functional as F
 
 from histolens.errors import ConfigError
 
-__all__ = ["choose_threshold", "fit_temperature"]
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "choose_threshold", "fit_temperature"]
+
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> float:
     """The temperature T > 0 minimising validation NLL of logits / T (Guo et al., 2017).
 
     Binary models have one logit column (sigmoid), others one per class (softmax). Optimised in
-    log T so T stays positive; returns 1.0 when there is nothing to fit.
+    log T so T stays positive, then clipped to [0.05, 20]; 1.0 when there is nothing to fit.
     """
     logits = logits.detach().float().clone()  # may come from inference mode
     if len(logits) < 2:
@@ -36,7 +39,10 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
     opt.step(nll)
     t = float(log_t.detach().exp())
-    return t if np.isfinite(t) and 0.05 <= t <= 20 else 1.0
+    if not np.isfinite(t):
+        return 1.0
+    # Separable validation data drive T towards 0 (ever more confident); keep it in a sane range.
+    return float(np.clip(t, MIN_TEMPERATURE, MAX_TEMPERATURE))
 
 
 def choose_threshold(

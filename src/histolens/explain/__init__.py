@@ -5,14 +5,36 @@ registered target layer, LIME / Kernel SHAP over SLIC superpixels and Integrated
 through Captum. It returns arrays only; ``histolens explain`` (``explain.cli``) writes files.
 """
 
-from histolens.explain._explainer import (
-    ATTRIBUTION_METHODS,
-    CAM_METHODS,
-    METHODS,
-    Explainer,
-    Explanation,
-)
-from histolens.explain._render import overlay_heatmap
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from histolens.explain._explainer import (
+        ATTRIBUTION_METHODS,
+        CAM_METHODS,
+        METHODS,
+        Explainer,
+        Explanation,
+    )
+    from histolens.explain._render import overlay_heatmap
+
+_LAZY = {
+    "ATTRIBUTION_METHODS": "_explainer",
+    "CAM_METHODS": "_explainer",
+    "METHODS": "_explainer",
+    "Explainer": "_explainer",
+    "Explanation": "_explainer",
+    "overlay_heatmap": "_render",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): importing histolens.explain.cli for `histolens --help` must not load torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"histolens.explain.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'histolens.explain' has no attribute '{name}'")
+
 
 __all__ = [
     "ATTRIBUTION_METHODS",

@@ -6,6 +6,7 @@ The main CLI group registers ``explain_command``; heavy imports stay inside the 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,22 @@ _METHOD_NAMES = (
     "kernelshap",
     "integrated_gradients",
 )
+
+
+def _split_paths(checkpoint: Path, split_name: str) -> list[Path]:
+    """Images of one side of a run's split.csv (the run directory holding CHECKPOINT)."""
+    from histolens.checkpoint import resolve_checkpoint_path
+    from histolens.splits import load_split_csv
+
+    split_csv = resolve_checkpoint_path(checkpoint).parent / "split.csv"
+    if not split_csv.is_file():
+        raise click.UsageError(f"--split needs a run directory with split.csv ({split_csv}).")
+    parts = load_split_csv(split_csv).parts()
+    records = (
+        [r for side in parts.values() for r in side] if split_name == "all" else parts[split_name]
+    )
+    # Sorted by class then name, so an evenly spread --limit covers every class.
+    return [Path(r.path) for r in sorted(records, key=lambda r: (r.label, r.path))]
 
 
 def _default_out(checkpoint: Path) -> Path:
@@ -100,7 +117,25 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
 
 @click.command("explain")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.argument("target", metavar="IMAGE_OR_FOLDER", type=click.Path(exists=True, path_type=Path))
+@click.argument(
+    "target",
+    metavar="[IMAGE_OR_FOLDER]",
+    required=False,
+    type=click.Path(exists=True, path_type=Path),
+)
+@click.option(
+    "--split",
+    "split_name",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default=None,
+    help="Instead of IMAGE_OR_FOLDER: images of this side of the run's split.csv.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=None,
+    help="Explain at most this many images (evenly spread over the sorted list).",
+)
 @click.option(
     "--method",
     "-m",
@@ -151,6 +186,8 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
 def explain_command(
     checkpoint,
     target,
+    split_name,
+    limit,
     methods,
     out,
     alpha,
@@ -167,7 +204,10 @@ def explain_command(
     Per image and method: <name>_<method>_heatmap.npy (float32 at the image's own size),
     _overlay.png and _panel.png, and index.csv for the whole run.
     """
+    if (target is None) == (split_name is None):
+        raise click.UsageError("give IMAGE_OR_FOLDER or --split (one of them).")
     try:
+        paths = _split_paths(checkpoint, split_name) if split_name else None
         _run(
             checkpoint,
             target,
@@ -181,6 +221,8 @@ def explain_command(
             n_samples,
             device,
             quiet,
+            paths=paths,
+            limit=limit,
         )
     except HistolensError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
@@ -200,6 +242,8 @@ def _run(
     n_samples,
     device,
     quiet,
+    paths=None,
+    limit=None,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -207,7 +251,13 @@ def _run(
     from histolens.predictor import Predictor
 
     chosen = _resolve_methods(methods, evaluate)
-    paths = _image_paths(target)
+    if paths is None:
+        paths = _image_paths(target)
+    else:
+        target = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
+    if limit is not None and len(paths) > limit:
+        step = len(paths) / limit
+        paths = [paths[int(i * step)] for i in range(limit)]
     if not paths:
         raise click.UsageError(f"no image files found in {target}.")
     if not target.is_dir():
