@@ -222,3 +222,18 @@ def test_trained_gradcam_beats_random_on_the_pointing_game(tmp_path):
     assert rows["gradcam"]["n_masks"] >= 10
     assert rows["gradcam"]["pointing_game"] > rows["random"]["pointing_game"]
     assert rows["gradcam"]["iou"] > rows["random"]["iou"]
+
+
+def test_split_option_explains_the_runs_test_images(trained_run, tmp_path):
+    from click.testing import CliRunner
+
+    from histolens.explain.cli import explain_command
+
+    run, _ = trained_run
+    out = tmp_path / "x"
+    res = CliRunner().invoke(explain_command, [str(run), "--split", "test", "--limit", "2",
+                                               "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("*_panel.png"))) == 2
+    res = CliRunner().invoke(explain_command, [str(run)])
+    assert res.exit_code == 2 and "IMAGE_OR_FOLDER or --split" in res.output
