@@ -84,11 +84,28 @@ def main() -> None:
             p.poll()
             pool.shutdown()
             med, med_naive = statistics.median(ours), statistics.median(naive)
-            rows.append([backbone, f"{load_s:.2f}", f"{med:.2f}", f"{min(ours):.2f}",
-                         f"{med_naive:.2f}", f"{med_naive / med:.1f}x"])
+            rows.append(
+                [
+                    backbone,
+                    f"{load_s:.2f}",
+                    f"{med:.2f}",
+                    f"{min(ours):.2f}",
+                    f"{med_naive:.2f}",
+                    f"{med_naive / med:.1f}x",
+                ]
+            )
     print(f"Open image -> heatmap shown, median over {args.images} images (700x460), 2 threads")
-    print_table(["backbone", "checkpoint load s", "open-to-heatmap s", "min s",
-                 "naive predict+explain s", "ratio"], rows)
+    print_table(
+        [
+            "backbone",
+            "checkpoint load s",
+            "open-to-heatmap s",
+            "min s",
+            "naive predict+explain s",
+            "ratio",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

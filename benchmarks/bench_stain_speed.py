@@ -48,8 +48,10 @@ def main() -> None:
     ref = u8[ref_idx]
     n = len(u8)
     rows = []
-    for method, ts_cls in (("macenko", torchstain.normalizers.MacenkoNormalizer),
-                           ("reinhard", torchstain.normalizers.ReinhardNormalizer)):
+    for method, ts_cls in (
+        ("macenko", torchstain.normalizers.MacenkoNormalizer),
+        ("reinhard", torchstain.normalizers.ReinhardNormalizer),
+    ):
         ours = StainNormalizer(method).fit(ref)
         theirs = ts_cls(backend="torch")
         theirs.fit(ref)
@@ -68,18 +70,42 @@ def main() -> None:
         t_loop = best_ms(loop, n, args.repeats)
         ours.reset_counts()
         ours(batch)
-        rows.append([method, f"{t_ours:.2f}", f"{t_loop:.2f}", f"{t_loop / t_ours:.1f}x",
-                     f"{ours.fallbacks}/{ours.seen}"])
+        rows.append(
+            [
+                method,
+                f"{t_ours:.2f}",
+                f"{t_loop:.2f}",
+                f"{t_loop / t_ours:.1f}x",
+                f"{ours.fallbacks}/{ours.seen}",
+            ]
+        )
     aug = StainAugmenter()
     g = torch.Generator().manual_seed(0)
-    rows.append(["HED augmentation", f"{best_ms(lambda: aug(batch, g), n, args.repeats):.2f}",
-                 "-", "-", "-"])
+    rows.append(
+        [
+            "HED augmentation",
+            f"{best_ms(lambda: aug(batch, g), n, args.repeats):.2f}",
+            "-",
+            "-",
+            "-",
+        ]
+    )
     start = time.perf_counter()
     choose_reference(list(u8), "macenko")
-    print(f"{n} real BreakHis 100X tiles at 224x224, 2 threads, best of {args.repeats}; "
-          f"choosing the reference among them took {time.perf_counter() - start:.2f} s")
-    print_table(["method", "histolens ms/img (batched)", "torchstain ms/img (loop)", "speed-up",
-                 "fallbacks"], rows)
+    print(
+        f"{n} real BreakHis 100X tiles at 224x224, 2 threads, best of {args.repeats}; "
+        f"choosing the reference among them took {time.perf_counter() - start:.2f} s"
+    )
+    print_table(
+        [
+            "method",
+            "histolens ms/img (batched)",
+            "torchstain ms/img (loop)",
+            "speed-up",
+            "fallbacks",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

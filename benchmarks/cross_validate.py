@@ -27,10 +27,16 @@ SUITES: dict[str, dict[str, dict]] = {
         "SGD lr 1e-2 (+aug)": {"train.optimizer": "sgd", "train.lr": 1e-2},
         "SGD lr 3e-2 (+aug)": {"train.optimizer": "sgd", "train.lr": 3e-2},
         "Adam lr 1e-3 (+aug)": {"train.optimizer": "adam", "train.lr": 1e-3},
-        "SGD lr 1e-2, no aug": {"train.optimizer": "sgd", "train.lr": 1e-2,
-                                "augment.enabled": False},
-        "SGD lr 1e-2, wd 1e-3 (+aug)": {"train.optimizer": "sgd", "train.lr": 1e-2,
-                                        "train.weight_decay": 1e-3},
+        "SGD lr 1e-2, no aug": {
+            "train.optimizer": "sgd",
+            "train.lr": 1e-2,
+            "augment.enabled": False,
+        },
+        "SGD lr 1e-2, wd 1e-3 (+aug)": {
+            "train.optimizer": "sgd",
+            "train.lr": 1e-2,
+            "train.weight_decay": 1e-3,
+        },
     },
     "stain": {
         "no normalisation": {"stain.method": "none"},
@@ -45,11 +51,15 @@ SUITES: dict[str, dict[str, dict]] = {
 
 def main() -> None:
     setup()
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--suite", choices=list(SUITES), default="defaults")
-    ap.add_argument("--magnification", default=None,
-                    help="default: all for 'defaults' and 'stain', 100 for 'headline'")
+    ap.add_argument(
+        "--magnification",
+        default=None,
+        help="default: all for 'defaults' and 'stain', 100 for 'headline'",
+    )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--only", nargs="*", help="only settings containing one of these strings")
@@ -69,8 +79,12 @@ def main() -> None:
 
     data = require_real_data()
     mag = args.magnification or ("100" if args.suite == "headline" else "all")
-    over = {"data.path": str(data), "data.magnification": mag,
-            "model.backbone": "tf_efficientnet_lite0", "model.pretrained": "imagenet"}
+    over = {
+        "data.path": str(data),
+        "data.magnification": mag,
+        "model.backbone": "tf_efficientnet_lite0",
+        "model.pretrained": "imagenet",
+    }
     if args.epochs:
         over["train.epochs"] = args.epochs
     base = RunConfig().override(over)
@@ -91,15 +105,20 @@ def main() -> None:
 
             paths = list(bank.images)
             setting["stain.reference"] = paths[
-                choose_reference([bank.images[p] for p in paths[:: max(1, len(paths) // 200)]],
-                                 method=method) * max(1, len(paths) // 200)]
+                choose_reference(
+                    [bank.images[p] for p in paths[:: max(1, len(paths) // 200)]], method=method
+                )
+                * max(1, len(paths) // 200)
+            ]
             print(f"   reference: {setting['stain.reference']}", flush=True)
         result = cross_validate(base.override(setting), args.folds, feature_store=store, bank=bank)
         rows.append(cv_rows(name, result))
     print()
-    print(f"{args.folds}-fold patient-level CV on {data} (magnification {mag}), "
-          f"tf_efficientnet_lite0 frozen + original head, {base.train.epochs} epochs; "
-          "mean +/- sd over folds")
+    print(
+        f"{args.folds}-fold patient-level CV on {data} (magnification {mag}), "
+        f"tf_efficientnet_lite0 frozen + original head, {base.train.epochs} epochs; "
+        "mean +/- sd over folds"
+    )
     print_table(CV_HEADERS, rows)
 
 

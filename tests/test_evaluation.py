@@ -35,15 +35,18 @@ def test_rows_pair_each_record_with_its_own_logits(synth_small):
     with pytest.raises(ValueError, match="4 records but 3 logits"):
         rows_from_logits(records, torch.zeros(3, 1), ("benign", "malignant"), "binary", 1.0)
     with pytest.raises(DataError, match="another task"):
-        rows_from_logits(records, torch.zeros(4, 8), ("A", "F", "PT", "TA", "X", "Y", "Z", "W"),
-                         "binary", 1.0)
+        rows_from_logits(
+            records, torch.zeros(4, 8), ("A", "F", "PT", "TA", "X", "Y", "Z", "W"), "binary", 1.0
+        )
 
 
 def test_evaluate_cli_writes_report_and_predictions(trained_run, tmp_path):
     run, _ = trained_run
     out = tmp_path / "ev"
-    res = CliRunner().invoke(main, ["evaluate", str(run), "--split", "all", "--out", str(out),
-                                    "--n-boot", "50", "--quiet"])
+    res = CliRunner().invoke(
+        main,
+        ["evaluate", str(run), "--split", "all", "--out", str(out), "--n-boot", "50", "--quiet"],
+    )
     assert res.exit_code == 0, res.output
     assert "patient_recognition_rate" in res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -61,8 +64,18 @@ def test_predict_cli(trained_run, synth_small, tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = tmp_path / "p.csv"
-    res = CliRunner().invoke(main, ["predict", str(run), str(synth_small / "400X" / "benign"),
-                                    str(bad), "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(run),
+            str(synth_small / "400X" / "benign"),
+            str(bad),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "broken.png" in res.output and "corrupt" in res.output
     with open(out) as fh:
@@ -108,9 +121,22 @@ def test_data_summary_on_real_breakhis(real_data):
 
 
 def test_cross_validation_cli(synth_small):
-    res = CliRunner().invoke(main, ["cv", "--data", str(synth_small), "--folds", "2",
-                                    "--backbone", "test_resnet", "--pretrained", "none",
-                                    "--epochs", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "cv",
+            "--data",
+            str(synth_small),
+            "--folds",
+            "2",
+            "--backbone",
+            "test_resnet",
+            "--pretrained",
+            "none",
+            "--epochs",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "fold 2/2" in res.output
     line = next(x for x in res.output.splitlines() if x.strip().startswith("roc_auc:"))

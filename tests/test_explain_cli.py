@@ -231,8 +231,9 @@ def test_split_option_explains_the_runs_test_images(trained_run, tmp_path):
 
     run, _ = trained_run
     out = tmp_path / "x"
-    res = CliRunner().invoke(explain_command, [str(run), "--split", "test", "--limit", "2",
-                                               "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(
+        explain_command, [str(run), "--split", "test", "--limit", "2", "--out", str(out), "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("*_panel.png"))) == 2
     res = CliRunner().invoke(explain_command, [str(run)])

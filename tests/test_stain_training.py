@@ -11,15 +11,18 @@ from histolens.training import train
 
 
 def test_reference_saved_in_checkpoint_is_applied_by_predictor(synth_small, tmp_path):
-    cfg = tiny_config(synth_small, **{"stain.method": "macenko", "train.epochs": 1,
-                                      "augment.stain": True})
+    cfg = tiny_config(
+        synth_small, **{"stain.method": "macenko", "train.epochs": 1, "augment.stain": True}
+    )
     result = train(cfg, tmp_path / "run", progress=False, write_outputs=False)
     meta = read_metadata(tmp_path / "run")
     assert meta["stain"]["method"] == "macenko"
     ref_path = meta["stain_reference"]
-    train_paths = {line.split(",")[1] for line in
-                   (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
-                   if line.startswith("train,")}
+    train_paths = {
+        line.split(",")[1]
+        for line in (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
+        if line.startswith("train,")
+    }
     assert ref_path in train_paths  # chosen among the training images
     predictor = Predictor.from_checkpoint(tmp_path / "run")
     assert predictor.stain is not None

@@ -265,8 +265,13 @@ def finalize_run(
         threshold_method=cfg.train.threshold_method,
     )
     if write_outputs:
-        write_evaluation(result, run_dir / "evaluation", logs_dir=run_dir / "logs",
-                         report_dir=run_dir, notes=notes)
+        write_evaluation(
+            result,
+            run_dir / "evaluation",
+            logs_dir=run_dir / "logs",
+            report_dir=run_dir,
+            notes=notes,
+        )
     else:
         write_predictions_csv(result, run_dir / "predictions.csv")
     return result.metrics

@@ -83,8 +83,9 @@ def _open_checked(fp, path_for_errors: str, max_pixels: int) -> Image.Image:
                 path_for_errors, f"refused as a possible decompression bomb ({exc})", "too_large"
             ) from None
         except UnidentifiedImageError:
-            raise ImageLoadError(path_for_errors, "not an image file PIL can read",
-                                 "not_image") from None
+            raise ImageLoadError(
+                path_for_errors, "not an image file PIL can read", "not_image"
+            ) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             msg = str(exc) or type(exc).__name__
             if "truncated" in msg.lower():

@@ -89,9 +89,15 @@ def tiny_config(data: str | os.PathLike, **overrides):
     from histolens.config import RunConfig
 
     base = {
-        "data.path": str(data), "data.val_fraction": 0.25, "data.test_fraction": 0.25,
-        "model.backbone": "test_resnet", "model.pretrained": "none", "train.epochs": 2,
-        "train.batch_size": 8, "train.cache_views": 2, "train.lr": 0.01,
+        "data.path": str(data),
+        "data.val_fraction": 0.25,
+        "data.test_fraction": 0.25,
+        "model.backbone": "test_resnet",
+        "model.pretrained": "none",
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.cache_views": 2,
+        "train.lr": 0.01,
     }
     base.update(overrides)
     return RunConfig().override(base)
