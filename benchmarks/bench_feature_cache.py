@@ -121,6 +121,7 @@ def main() -> None:
                     auc_u_s,
                 ]
             )
+            print("   " + " | ".join(str(c) for c in rows[-1]), flush=True)
     print()
     print(
         f"{args.epochs} epochs, frozen backbone, {data}, 2 threads; wall time includes reading "
