@@ -7,7 +7,12 @@ For slow backbones, ``--uncached-epochs N`` times 1 and N uncached epochs and ex
 wall time to the full run from the per-epoch difference (every frozen epoch costs the same);
 the table marks it.
 
+One validation split of a few patients is too small to tell whether both ways reach the same AUC,
+so ``--cv-folds 5`` also runs patient-level (stratified group) cross-validation both ways with the
+default recipe (early stopping on) and prints mean +/- sd of the held-out metrics.
+
 Run: .venv/bin/python benchmarks/bench_feature_cache.py [--backbones vgg16 tf_efficientnet_lite0]
+         [--cv-folds 5 --cv-backbone tf_efficientnet_lite0]
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, require_real_data, setup  # noqa: E402
+from _common import CV_HEADERS, cv_rows, print_table, require_real_data, setup  # noqa: E402
 
 
 def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrained: str):
@@ -59,10 +64,39 @@ def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrai
     return seconds, safe_auc(y, logits[:, 0].numpy())
 
 
+def cross_validated(backbone: str, folds: int, data: Path, pretrained: str) -> None:
+    """Held-out metrics of cached and uncached training over the same patient-level folds."""
+    from histolens.backbones import create_backbone, get_backbone_spec
+    from histolens.config import RunConfig
+    from histolens.crossval import cross_validate
+    from histolens.pipeline import ImageBank
+    from histolens.training import prepare_records
+    from histolens.transforms import resolve_preprocess
+
+    base = RunConfig().override(
+        {"data.path": str(data), "model.backbone": backbone, "model.pretrained": pretrained}
+    )
+    pre = resolve_preprocess(create_backbone(get_backbone_spec(backbone), "none"))
+    bank = ImageBank([r.path for r in prepare_records(base)[1]], pre, progress=False)
+    rows = []
+    for cached in (True, False):
+        name = "cached (4 views)" if cached else "uncached (fresh views every epoch)"
+        print(f"== {backbone}: {folds}-fold CV, {name}", flush=True)
+        cfg = base.override({"train.feature_cache": cached})
+        result = cross_validate(cfg, folds, feature_store={}, bank=bank)
+        rows.append(cv_rows(name, result))
+    print()
+    print(
+        f"{folds}-fold patient-level CV on {data}, {backbone} ({pretrained}) frozen, default "
+        "recipe (early stopping on); mean +/- sd over folds; seconds include feature caching"
+    )
+    print_table(CV_HEADERS, rows)
+
+
 def main() -> None:
     setup()
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "vgg16"])
+    ap.add_argument("--backbones", nargs="*", default=["tf_efficientnet_lite0", "vgg16"])
     ap.add_argument("--data", default=None, help="default: breakhis-dev/100X")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument(
@@ -82,6 +116,8 @@ def main() -> None:
         default="imagenet",
         help="vgg16 ImageNet weights need the hub cache; 'none' times the same work",
     )
+    ap.add_argument("--cv-folds", type=int, default=0, help="also cross-validate both ways")
+    ap.add_argument("--cv-backbone", default="tf_efficientnet_lite0")
     args = ap.parse_args()
     data = Path(args.data) if args.data else require_real_data("100X")
     rows = []
@@ -139,6 +175,9 @@ def main() -> None:
         ],
         rows,
     )
+    if args.cv_folds:
+        print()
+        cross_validated(args.cv_backbone, args.cv_folds, data, "imagenet")
 
 
 if __name__ == "__main__":

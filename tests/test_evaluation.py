@@ -91,8 +91,12 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
     res = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--epoch", "3"])
     assert res.exit_code == 2 and "Did you mean '--epochs'" in res.output
-    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--backbone", "vgg61"])
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        main, ["train", "--data", str(tmp_path), "--backbone", "vgg61", "--out", str(out)]
+    )
     assert res.exit_code == 1 and "Did you mean 'vgg16'" in res.output
+    assert not out.exists()  # nothing is left behind by a failed start
 
 
 def test_data_summary_cli(synth_small):
@@ -110,6 +114,21 @@ def test_report_cli(trained_run):
     html = (run / "report.html").read_text()
     for part in ("Model card", "ROC", "Resolved configuration", "Patient recognition rate"):
         assert part in html
+
+
+def test_report_keeps_the_run_notes(trained_run, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    notes_file = run / "evaluation" / "notes.json"
+    assert isinstance(json.loads(notes_file.read_text()), list)  # written by training
+    notes_file.write_text(json.dumps(["Only 1 validation patient group & <few> images."]))
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    html = (run / "report.html").read_text()
+    assert "Only 1 validation patient group &amp; &lt;few&gt; images." in html
 
 
 @pytest.mark.real_data

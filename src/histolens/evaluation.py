@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from histolens.atomic import atomic_open, atomic_write_text
-from histolens.calibration import choose_threshold, fit_temperature
+from histolens.calibration import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    choose_threshold,
+    fit_temperature,
+)
 from histolens.data import ImageRecord, target_of
 from histolens.errors import DataError
 from histolens.metrics import (
@@ -242,6 +247,14 @@ def finalize_run(
                 y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
             )
     predictor.temperature, predictor.threshold = temperature, threshold
+    notes = list(notes)
+    if temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
+        notes.append(
+            f"The calibration temperature reached its bound ({temperature:g}): the validation "
+            "patients are "
+            + ("perfectly separated" if temperature == MIN_TEMPERATURE else "barely separable")
+            + ", so the probabilities' calibration is not well determined."
+        )
     test_part = "test" if split.test else "val"
     records = split.test or split.val
     kept, logits, _ = _logits_for(predictor, records, bank, cache)
@@ -365,6 +378,8 @@ def write_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2, default=float))
     write_predictions_csv(result, out / "predictions.csv")
+    # Kept beside the metrics so that `histolens report` later shows the same warnings.
+    atomic_write_text(out / "notes.json", json.dumps(list(notes), indent=2))
     y = np.array([r.target for r in result.rows])
     pred = np.array([result.predicted(r) for r in result.rows])
     plots.plot_confusion_matrix(y, pred, result.classes, out / "confusion_matrix.png")

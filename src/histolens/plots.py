@@ -246,6 +246,6 @@ def plot_misclassified(
         except ImageLoadError:
             ax.text(0.5, 0.5, "unreadable", ha="center")
         name = Path(img_path).name
-        ax.set_title(f"{name[:34]}\ntrue {true}, predicted {pred} ({prob:.2f})", fontsize=7.5)
+        ax.set_title(f"{name[:34]}\ntrue {true}, predicted {pred} (P = {prob:.2f})", fontsize=7.5)
     fig.suptitle(f"Misclassified images ({len(items)} shown)")
     return _save(fig, path)

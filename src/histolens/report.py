@@ -123,6 +123,11 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return table
 
 
+def _weights_text(weights: dict) -> str:
+    """``benign 1.101, malignant 0.916``: the loss weights, rounded for reading."""
+    return ", ".join(f"{k} {float(v):.3f}" for k, v in weights.items()) or "none"
+
+
 def _cards(metrics: dict[str, Any]) -> str:
     img = metrics.get("image", {})
     items = [
@@ -201,6 +206,9 @@ def write_report(
     metrics_file = ev / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     data = meta.get("data", {})
+    notes_file = ev / "notes.json"
+    saved_notes = json.loads(notes_file.read_text()) if notes_file.is_file() else []
+    notes = list(dict.fromkeys([*saved_notes, *notes]))  # saved first, no repeats
     parts = [
         f"<h1>histolens report</h1><div class=sub>{html.escape(str(meta.get('model_id', '')))}"
         f" &middot; saved {html.escape(str(meta.get('saved_at', '')))}</div>"
@@ -218,7 +226,7 @@ def write_report(
         parts.append(
             f"<section><h2>Data and split</h2><p>{html.escape(str(data.get('path')))} "
             f"&middot; layout: {html.escape(str(data.get('layout')))} &middot; "
-            f"class weights: {html.escape(json.dumps(meta.get('class_weights', {})))}</p>"
+            f"class weights: {html.escape(_weights_text(meta.get('class_weights') or {}))}</p>"
             f"{_split_table(data)}</section>"
         )
     figures = [(ev / f, t) for f, t in _PLOTS if (ev / f).is_file()]

@@ -373,7 +373,6 @@ def train(
             f"{run_dir} already holds a training run; use --resume to continue it or choose "
             "another --out."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
@@ -398,6 +397,8 @@ def train(
     model = build_model(
         spec, len(classes), cfg.model.pretrained, cfg.model.head_dims, cfg.model.dropouts
     )
+    # Created only now: a mistyped option, bad data or missing weights leave no empty run folder.
+    run_dir.mkdir(parents=True, exist_ok=True)
     preprocess = resolve_preprocess(model.backbone)
     cached = cfg.train.feature_cache and cfg.model.unfreeze == 0
     model.set_trainable(cfg.model.unfreeze)
