@@ -50,7 +50,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n-samples", type=int, default=200)
     parser.add_argument("--ratio-repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backbones = [b for b in args.backbones.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]
     images = [make_tissue_image((700, 460), seed=s) for s in range(3)]

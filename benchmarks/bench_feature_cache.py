@@ -94,7 +94,6 @@ def cross_validated(backbone: str, folds: int, data: Path, pretrained: str) -> N
 
 
 def main() -> None:
-    setup()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--backbones", nargs="*", default=["tf_efficientnet_lite0", "vgg16"])
     ap.add_argument("--data", default=None, help="default: breakhis-dev/100X")
@@ -118,7 +117,9 @@ def main() -> None:
     )
     ap.add_argument("--cv-folds", type=int, default=0, help="also cross-validate both ways")
     ap.add_argument("--cv-backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args()
+    setup(args.threads)
     data = Path(args.data) if args.data else require_real_data("100X")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,7 +161,7 @@ def main() -> None:
             print("   " + " | ".join(str(c) for c in rows[-1]), flush=True)
     print()
     print(
-        f"{args.epochs} epochs, frozen backbone, {data}, 2 threads; wall time includes reading "
+        f"{args.epochs} epochs, frozen backbone, {data}, {args.threads} thread(s); wall time includes reading "
         "images and computing the cache"
     )
     print_table(
