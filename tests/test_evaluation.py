@@ -131,6 +131,32 @@ def test_report_keeps_the_run_notes(trained_run, tmp_path):
     assert "Only 1 validation patient group &amp; &lt;few&gt; images." in html
 
 
+def test_report_shows_heatmaps_and_faithfulness(trained_run, tmp_path):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from histolens.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    exp = run / "explanations"
+    exp.mkdir()
+    Image.new("RGB", (40, 20), "white").save(exp / "a_gradcam_panel.png")
+    (exp / "index.csv").write_text(
+        "path,status,method,prediction,probability,uncertain,panel\n"
+        "/data/a.png,ok,gradcam,malignant,0.8765,True,a_gradcam_panel.png\n"
+    )
+    row = {"deletion_auc": 0.41, "insertion_auc": 0.8, "road": None, "pointing_game": None}
+    rows = [{"method": "gradcam", **row, "iou": None, "n": 3, "n_masks": 0}]
+    (exp / "faithfulness.json").write_text(json.dumps({"rows": rows}))
+    html = write_report(run).read_text()
+    assert "a.png: malignant (P = 0.88), review, gradcam" in html
+    assert "Deletion AUC (lower is better)" in html and "<td class=num>0.410</td>" in html
+    assert "ROAD</th>" not in html and "Pointing game" not in html  # not measured: no column
+
+
 @pytest.mark.real_data
 def test_data_summary_on_real_breakhis(real_data):
     res = CliRunner().invoke(main, ["data", "summary", str(real_data / "100X")])

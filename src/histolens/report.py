@@ -238,10 +238,12 @@ def write_report(
         )
     gallery = sorted((run_dir / "explanations").glob("*_panel.png"))[:12]
     if gallery:
+        captions = _gallery_captions(run_dir / "explanations" / "index.csv")
         parts.append(
             "<section><h2>Example heatmaps</h2><div class=gallery>"
             + "".join(
-                f"<figure>{_img(p)}<figcaption>{html.escape(p.stem.replace('_panel', ''))}"
+                f"<figure>{_img(p)}<figcaption>"
+                f"{html.escape(captions.get(p.name, p.stem.replace('_panel', '')))}"
                 "</figcaption></figure>"
                 for p in gallery
             )
@@ -266,22 +268,61 @@ def write_report(
     return atomic_write_text(run_dir / "report.html", doc)
 
 
+def _gallery_captions(index_csv: Path) -> dict[str, str]:
+    """Panel file name -> "file: predicted class (P = 0.91), method" from explain's index.csv."""
+    import csv
+
+    if not index_csv.is_file():
+        return {}
+    captions = {}
+    with index_csv.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("status") != "ok" or not row.get("panel"):
+                continue
+            try:
+                prob = f" (P = {float(row['probability']):.2f})"
+            except (KeyError, ValueError):
+                prob = ""
+            flag = ", review" if row.get("uncertain") == "True" else ""
+            captions[Path(row["panel"]).name] = (
+                f"{Path(row['path']).name}: {row.get('prediction', '?')}{prob}{flag}, "
+                f"{row.get('method', '')}"
+            )
+    return captions
+
+
+_FAITH_COLUMNS = {
+    "deletion_auc": "Deletion AUC (lower is better)",
+    "insertion_auc": "Insertion AUC",
+    "road": "ROAD",
+    "pointing_game": "Pointing game",
+    "iou": "Lesion IoU",
+    "n": "Images",
+    "n_masks": "With lesion masks",
+}
+
+
 def _faithfulness_section(table: dict[str, Any]) -> str:
     rows = table.get("rows", [])
     if not rows:
         return ""
-    cols = [c for c in rows[0] if c != "method"]
-    head = "<tr><th>Method</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    # Only the columns that were measured (ROAD can be skipped; masks exist on synthetic data).
+    cols = [c for c in _FAITH_COLUMNS if any(r.get(c) is not None for r in rows)]
+    head = "<tr><th>Method</th>" + "".join(f"<th>{_FAITH_COLUMNS[c]}</th>" for c in cols) + "</tr>"
     body = "".join(
         "<tr><td>"
         + html.escape(str(r["method"]))
         + "</td>"
-        + "".join(f"<td class=num>{_fmt(r.get(c))}</td>" for c in cols)
+        + "".join(f"<td class=num>{'-' if r.get(c) is None else _fmt(r.get(c))}</td>" for c in cols)
         + "</tr>"
         for r in rows
     )
     return (
-        "<section><h2>Explanation faithfulness</h2><p>Deletion AUC: lower is better; "
-        "insertion AUC: higher is better; compared with a random heatmap.</p>"
+        "<section><h2>Explanation faithfulness</h2><p>Each heatmap's most important pixels are "
+        "deleted (or revealed) first while the explained class's probability is followed: a "
+        "faithful map gives a low deletion and a high insertion AUC. ROAD (higher is better) "
+        "repeats this with noisy linear imputation. On synthetic data the pointing game (is the "
+        "map's maximum inside the lesion?) and the lesion IoU test localisation. The last row is "
+        "a smooth random map: the bar every method must clear.</p>"
         f"<table>{head}{body}</table></section>"
     )
