@@ -66,18 +66,13 @@ def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrai
 
 def cross_validated(backbone: str, folds: int, data: Path, pretrained: str) -> None:
     """Held-out metrics of cached and uncached training over the same patient-level folds."""
-    from histolens.backbones import create_backbone, get_backbone_spec
     from histolens.config import RunConfig
-    from histolens.crossval import cross_validate
-    from histolens.pipeline import ImageBank
-    from histolens.training import prepare_records
-    from histolens.transforms import resolve_preprocess
+    from histolens.crossval import cross_validate, image_bank_for
 
     base = RunConfig().override(
         {"data.path": str(data), "model.backbone": backbone, "model.pretrained": pretrained}
     )
-    pre = resolve_preprocess(create_backbone(get_backbone_spec(backbone), "none"))
-    bank = ImageBank([r.path for r in prepare_records(base)[1]], pre, progress=False)
+    bank = image_bank_for(base, progress=False)  # decoded once for both ways
     rows = []
     for cached in (True, False):
         name = "cached (4 views)" if cached else "uncached (fresh views every epoch)"

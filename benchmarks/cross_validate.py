@@ -70,12 +70,8 @@ def main() -> None:
         "features are then recomputed per fold) instead of once among all images",
     )
     args = ap.parse_args()
-    from histolens.backbones import create_backbone, get_backbone_spec
     from histolens.config import RunConfig
-    from histolens.crossval import cross_validate
-    from histolens.pipeline import ImageBank
-    from histolens.training import prepare_records
-    from histolens.transforms import resolve_preprocess
+    from histolens.crossval import cross_validate, image_bank_for
 
     data = require_real_data()
     mag = args.magnification or ("100" if args.suite == "headline" else "all")
@@ -88,8 +84,7 @@ def main() -> None:
     if args.epochs:
         over["train.epochs"] = args.epochs
     base = RunConfig().override(over)
-    pre = resolve_preprocess(create_backbone(get_backbone_spec(base.model.backbone), "none"))
-    bank = ImageBank([r.path for r in prepare_records(base)[1]], pre, progress=False)
+    bank = image_bank_for(base, progress=False)
     store: dict = {}
     rows = []
     for name, setting in SUITES[args.suite].items():
@@ -103,13 +98,9 @@ def main() -> None:
             # label information and lets every fold share the features.
             from histolens.stain import choose_reference
 
-            paths = list(bank.images)
-            setting["stain.reference"] = paths[
-                choose_reference(
-                    [bank.images[p] for p in paths[:: max(1, len(paths) // 200)]], method=method
-                )
-                * max(1, len(paths) // 200)
-            ]
+            candidates = list(bank.images)[:: max(1, len(bank.images) // 200)]
+            pick = choose_reference([bank.images[p] for p in candidates], method=method)
+            setting["stain.reference"] = candidates[pick]
             print(f"   reference: {setting['stain.reference']}", flush=True)
         result = cross_validate(base.override(setting), args.folds, feature_store=store, bank=bank)
         rows.append(cv_rows(name, result))

@@ -18,7 +18,7 @@ import numpy as np
 from histolens.config import RunConfig
 from histolens.splits import Split, group_kfold, split_by_patient
 
-__all__ = ["CVResult", "cross_validate"]
+__all__ = ["CVResult", "cross_validate", "image_bank_for"]
 
 FOLD_METRICS = (
     "roc_auc",
@@ -46,6 +46,20 @@ class CVResult:
         return {k: self.mean_std(k) for k in FOLD_METRICS}
 
 
+def image_bank_for(cfg: RunConfig, progress: bool = True, records=None):
+    """The decoded images of ``cfg``'s data (or of ``records``), preprocessed for its backbone:
+    one bank that several cross-validations of the same data and backbone can share."""
+    from histolens.backbones import create_backbone, get_backbone_spec
+    from histolens.pipeline import ImageBank
+    from histolens.training import prepare_records
+    from histolens.transforms import resolve_preprocess
+
+    if records is None:
+        records = prepare_records(cfg)[1]
+    preprocess = resolve_preprocess(create_backbone(get_backbone_spec(cfg.model.backbone), "none"))
+    return ImageBank([r.path for r in records], preprocess, progress)
+
+
 def cross_validate(
     cfg: RunConfig,
     n_splits: int = 5,
@@ -62,10 +76,7 @@ def cross_validate(
     """
     import time
 
-    from histolens.backbones import create_backbone, get_backbone_spec
-    from histolens.pipeline import ImageBank
     from histolens.training import prepare_records, train
-    from histolens.transforms import resolve_preprocess
 
     start = time.perf_counter()
     seed = cfg.data.seed if seed is None else seed
@@ -73,10 +84,7 @@ def cross_validate(
     task = cfg.data.task
     folds = group_kfold(records, task, n_splits, seed)
     if bank is None:
-        preprocess = resolve_preprocess(
-            create_backbone(get_backbone_spec(cfg.model.backbone), "none")
-        )
-        bank = ImageBank([r.path for r in records], preprocess, progress)
+        bank = image_bank_for(cfg, progress, records)
     store = feature_store if feature_store is not None else {}
     result = CVResult()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:

@@ -409,7 +409,7 @@ def write_evaluation(
         plots.plot_training_curves(logs_dir, out / "training_curves.png")
     from histolens.report import write_report
 
-    write_report(report_dir or out, evaluation_dir=out, notes=notes, checkpoint=checkpoint)
+    write_report(report_dir or out, evaluation_dir=out, checkpoint=checkpoint)  # notes.json
     return out
 
 
@@ -435,13 +435,7 @@ def records_for_evaluation(
         trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
     )
     if same_data and split_csv.is_file():
-        split = load_split_csv(split_csv)
-        parts = split.parts()
-        records = (
-            (parts["train"] + parts["val"] + parts["test"])
-            if split_name == "all"
-            else parts[split_name]
-        )
+        records = load_split_csv(split_csv).side(split_name)
         return ckpt, records, f"{split_name} split of the run's split.csv"
     path = data_path or trained_on
     if path is None:

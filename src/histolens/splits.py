@@ -42,6 +42,10 @@ class Split:
     def parts(self) -> dict[str, list[ImageRecord]]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
+    def side(self, name: str) -> list[ImageRecord]:
+        """The records of ``name`` ('train', 'val' or 'test'), or of all three for 'all'."""
+        return self.train + self.val + self.test if name == "all" else self.parts()[name]
+
     def summary(self, task: str) -> dict[str, dict]:
         out = {}
         for name, recs in self.parts().items():

@@ -37,12 +37,18 @@ def _split_paths(checkpoint: Path, split_name: str) -> list[Path]:
     split_csv = resolve_checkpoint_path(checkpoint).parent / "split.csv"
     if not split_csv.is_file():
         raise click.UsageError(f"--split needs a run directory with split.csv ({split_csv}).")
-    parts = load_split_csv(split_csv).parts()
-    records = (
-        [r for side in parts.values() for r in side] if split_name == "all" else parts[split_name]
-    )
+    records = load_split_csv(split_csv).side(split_name)
     # Sorted by class then name, so an evenly spread --limit covers every class.
     return [Path(r.path) for r in sorted(records, key=lambda r: (r.label, r.path))]
+
+
+def _evenly_spread(paths: list[Path], n: int) -> list[Path]:
+    """At most ``n`` of ``paths``, evenly spread from the first to the last."""
+    import numpy as np
+
+    if len(paths) <= n:
+        return paths
+    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, n).round()]
 
 
 def _default_out(checkpoint: Path) -> Path:
@@ -255,9 +261,8 @@ def _run(
         paths = _image_paths(target)
     else:
         target = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
-    if limit is not None and len(paths) > limit:
-        step = len(paths) / limit
-        paths = [paths[int(i * step)] for i in range(limit)]
+    if limit is not None:
+        paths = _evenly_spread(paths, limit)
     if not paths:
         raise click.UsageError(f"no image files found in {target}.")
     if not target.is_dir():
@@ -350,14 +355,12 @@ def _report(rows: list[dict], out: Path, quiet: bool) -> None:
 def _evaluate(explainer, paths, methods, out, max_images, road, quiet) -> None:
     import json
 
-    import numpy as np
     from tqdm.auto import tqdm
 
     from histolens.atomic import atomic_write_text
     from histolens.explain.faithfulness import evaluate_faithfulness
 
-    if len(paths) > max_images:
-        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_images).round()]
+    paths = _evenly_spread(paths, max_images)
     with tqdm(total=len(paths), desc="Evaluating", unit="img", disable=quiet) as bar:
         rows = evaluate_faithfulness(explainer, paths, methods, road=road, progress=bar.update)
     table = [r.as_dict() for r in rows]
