@@ -100,6 +100,50 @@ def data_summary(path, magnification, task, val_fraction, test_fraction, seed, g
     )
 
 
+@data.command("audit")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--magnification",
+    "-m",
+    default="all",
+    show_default=True,
+    type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
+)
+@click.option(
+    "--threshold",
+    default=0.70,
+    show_default=True,
+    type=click.FloatRange(0.5, 1.0),
+    help="Grouped cross-validated AUC at which an attribute is flagged.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the grouped folds.")
+@click.option(
+    "--colour/--no-colour",
+    default=True,
+    show_default=True,
+    help="Decode a thumbnail per image for the colour attributes (--no-colour: headers only).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_audit(path, magnification, threshold, seed, colour, quiet):
+    """Warn when image size, format, source folder or colour predicts the label across patients.
+
+    Advice only: the exit code is 0 whether or not something is flagged.
+    """
+    from histolens.audit import audit_dataset
+
+    report = audit_dataset(
+        path,
+        threshold=threshold,
+        progress=not quiet,
+        seed=seed,
+        magnification=magnification,
+        colour=colour,
+    )
+    click.echo(report.render())
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}")
+
+
 @data.command("synth")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n", "n", default=240, show_default=True, type=click.IntRange(2, 100000))
