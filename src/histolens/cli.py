@@ -224,6 +224,27 @@ def data_synth(out, n, seed, magnification, patients):
     "tf_efficientnet_lite0, vit_small_patch16_224, or any timm name.",
 )
 @click.option("--pretrained", help="imagenet (default), none, or a weights file.")
+@click.option(
+    "--head",
+    type=click.Choice(["linear", "mlp"]),
+    help="linear: logistic regression on frozen features, regularised by inner patient-level "
+    "CV (default); mlp: the original project's head, trained by Lightning.",
+)
+@click.option(
+    "--input-size",
+    help="HEIGHTxWIDTH the whole image is resized to (default 294x448; larger inputs are "
+    "tiled at the backbone's own size), or 'pretrained' for the backbone's input size.",
+)
+@click.option(
+    "--feature-layer",
+    help="Where the head reads the backbone: auto (default), last, or blocks.N.",
+)
+@click.option(
+    "--cv-folds",
+    type=click.IntRange(0),
+    help="Patient-level k-fold estimate before fitting on all patients (default 5); "
+    "0: a single held-out split (--val-fraction/--test-fraction).",
+)
 @click.option("--epochs", type=click.IntRange(1))
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--lr", type=float)
@@ -252,7 +273,11 @@ def data_synth(out, n, seed, magnification, patients):
 @click.option("--precision", help="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data_path, out, resume, recipe, config_file, quiet, **flags):
-    """Train a classifier (frozen backbone + the original project's head by default)."""
+    """Train a classifier: frozen EfficientNet-Lite0 features and a linear probe by default.
+
+    By default every patient trains the shipped model, and the metrics shown are a patient-level
+    cross-validated estimate (out-of-fold predictions of every patient, 95% CIs over patients).
+    """
     from histolens.config import load_yaml_overrides, recipe_config
     from histolens.training import train as run_training
 
@@ -271,6 +296,10 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
         "backbone": "model.backbone",
         "pretrained": "model.pretrained",
         "unfreeze": "model.unfreeze",
+        "head": "model.head",
+        "input_size": "model.input_size",
+        "feature_layer": "model.feature_layer",
+        "cv_folds": "train.cv_folds",
         "epochs": "train.epochs",
         "batch_size": "train.batch_size",
         "lr": "train.lr",
@@ -290,6 +319,8 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
         "precision": "train.precision",
     }
     overrides = {mapping[k]: v for k, v in flags.items() if v is not None}
+    if flags.get("input_size") is not None:
+        overrides["model.input_size"] = _parse_input_size(flags["input_size"])
     if data_path is not None:
         overrides["data.path"] = str(data_path)
     if flags.get("seed") is not None:
@@ -321,14 +352,42 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
     click.echo(_train_summary(result))
 
 
+def _parse_input_size(text: str):
+    """'294x448' -> (294, 448); 'pretrained' -> None (the backbone's own input size)."""
+    if text.strip().lower() in ("pretrained", "none", "default"):
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(
+            f"'{text}' is not HEIGHTxWIDTH (e.g. 294x448) or 'pretrained'.",
+            param_hint="--input-size",
+        ) from None
+    return (h, w)
+
+
 def _train_summary(result) -> str:
-    lines = [
-        f"Run: {result.run_dir}",
-        f"Best checkpoint: {result.checkpoint} (epoch {result.best_epoch + 1}, "
-        f"validation loss {result.best_val_loss:.4f}); {result.epochs_run} epochs in "
-        f"{result.seconds:.1f} s",
-    ]
+    from histolens.checkpoint import read_metadata
+    from histolens.estimate import estimate_lines
+
+    meta = read_metadata(result.checkpoint) if result.checkpoint.exists() else {}
+    if result.epochs_run:
+        trained = (
+            f"(epoch {result.best_epoch + 1}, validation loss {result.best_val_loss:.4f}); "
+            f"{result.epochs_run} epochs in {result.seconds:.1f} s"
+        )
+    else:
+        train_part = meta.get("data", {}).get("split", {}).get("train", {})
+        trained = (
+            f"(linear probe fitted on {train_part.get('images', '?')} images of "
+            f"{train_part.get('groups', '?')} patient groups, "
+            f"C={meta.get('probe', {}).get('C', float('nan')):g}); {result.seconds:.1f} s"
+        )
+    lines = [f"Run: {result.run_dir}", f"Checkpoint: {result.checkpoint} {trained}"]
     img = result.metrics.get("image", {})
+    if meta.get("estimate"):
+        lines += estimate_lines(meta["estimate"])
+        img = {}
     if img:
         ci = img.get("ci95", {})
 
@@ -357,8 +416,10 @@ def _train_summary(result) -> str:
         ):
             if key in img:
                 lines.append(f"  {name}: {fmt(key)}")
+    shown = set(meta.get("estimate", {}).get("warnings", []))
     for n in result.notes:
-        lines.append(f"note: {n}")
+        if n not in shown:
+            lines.append(f"note: {n}")
     report = result.run_dir / "report.html"
     if report.exists():
         lines.append(f"Report: {report}")

@@ -47,21 +47,41 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone by name and the original project's head."""
+    """Backbone by name, its input size, and the head: a linear probe or the original MLP."""
 
-    backbone: str = "vgg16"
+    backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "imagenet"
     unfreeze: int = 0
+    # "linear": logistic regression on frozen features, C by inner patient-level CV (default);
+    # "mlp": the original project's head trained by Lightning (head_dims/dropouts below).
+    head: str = "linear"
     head_dims: tuple[int, ...] = (512, 256)
     dropouts: tuple[float, ...] = (0.5, 0.3)
+    # (height, width) fed to the backbone; None: the backbone's pretrained input size. The
+    # whole field of view is resized to it (a convolutional backbone takes any size).
+    input_size: tuple[int, int] | None = (294, 448)
+    # Where the head reads the backbone: "auto" (the linear probe: the backbone's registered
+    # probe layers, blocks.2 + blocks.5 for EfficientNet-Lite0; the MLP: the last layer),
+    # "last", or "blocks.N[,blocks.M...]" (pooled outputs concatenated).
+    feature_layer: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("head", self.head, ["linear", "mlp"])
         self.head_dims = tuple(int(d) for d in self.head_dims)
         self.dropouts = tuple(float(d) for d in self.dropouts)
         if len(self.head_dims) != len(self.dropouts):
             raise ConfigError("head_dims and dropouts need the same length.")
         if self.unfreeze < 0:
             raise ConfigError(f"--unfreeze must be 0 or more, got {self.unfreeze}.")
+        if self.head == "linear" and self.unfreeze:
+            raise ConfigError("--unfreeze trains backbone stages, which needs --head mlp.")
+        if self.input_size is not None:
+            size = tuple(int(v) for v in self.input_size)
+            if len(size) != 2 or min(size) < 32 or max(size) > 4096:
+                raise ConfigError(
+                    f"input_size must be (height, width) between 32 and 4096, got {self.input_size}."
+                )
+            self.input_size = size
 
 
 @dataclass
@@ -89,7 +109,9 @@ class AugmentConfig:
 class StainConfig:
     """Stain normalisation: method and an optional reference image (else chosen from training)."""
 
-    method: str = "none"
+    method: str = "macenko"
+    # An image file, a JSON file of a fitted normaliser (a run's checkpoint "stain" state), or
+    # None: the median stain of up to 200 training images.
     reference: str | None = None
 
     def __post_init__(self) -> None:
@@ -121,6 +143,12 @@ class TrainConfig:
     threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.95
     seed: int = 42
+    # The estimate on unseen patients: patient-level k-fold cross-validation (out-of-fold
+    # predictions of every patient), then the shipped model is fitted on all patients.
+    # 0: a single held-out split (data.val_fraction / data.test_fraction) instead.
+    cv_folds: int = 5
+    # Linear probe: inverse regularisation strengths tried by inner patient-level CV.
+    probe_cs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ["sgd", "adam", "adamw"])
@@ -130,6 +158,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
         if not 0 < self.target_sensitivity <= 1:
             raise ConfigError("target_sensitivity must be in (0, 1].")
+        if self.cv_folds == 1 or self.cv_folds < 0:
+            raise ConfigError(
+                f"--cv-folds must be 0 (held-out split) or 2 or more, got {self.cv_folds}."
+            )
+        self.probe_cs = tuple(float(c) for c in self.probe_cs)
+        if not self.probe_cs or min(self.probe_cs) <= 0:
+            raise ConfigError("probe_cs must be one or more positive numbers.")
 
 
 @dataclass
@@ -201,6 +236,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "original": {
         "recipe": "original",
         "model.backbone": "vgg16",
+        "model.head": "mlp",
+        "model.input_size": None,
+        "model.feature_layer": "last",
+        "train.cv_folds": 0,
         "train.optimizer": "sgd",
         "train.lr": 1e-4,
         "train.momentum": 0.9,

@@ -33,6 +33,7 @@ from histolens.metrics import (
     multiclass_metrics,
     patient_level_auc,
     patient_recognition_rate,
+    safe_auc,
 )
 from histolens.predictor import Predictor, probabilities_from_logits
 
@@ -120,11 +121,18 @@ def _binary_block(y, p, patients, threshold, n_boot, seed) -> dict[str, Any]:
     out["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
     out["patient_auc"] = patient_level_auc(patients, y, p)
     out["n_patients"] = int(len(np.unique(patients)))
+    positive = p >= threshold
+
+    def rate(i: np.ndarray, cls: int) -> float:
+        of_class = y[i] == cls
+        return float((positive[i][of_class] == bool(cls)).mean()) if of_class.any() else np.nan
+
     stats = {
-        "roc_auc": lambda i: binary_metrics(y[i], p[i], threshold)["roc_auc"],
+        "roc_auc": lambda i: safe_auc(y[i], p[i]),
         "accuracy": lambda i: float(correct[i].mean()),
-        "sensitivity": lambda i: binary_metrics(y[i], p[i], threshold)["sensitivity"],
-        "specificity": lambda i: binary_metrics(y[i], p[i], threshold)["specificity"],
+        "balanced_accuracy": lambda i: float(np.mean([rate(i, 1), rate(i, 0)])),
+        "sensitivity": lambda i: rate(i, 1),
+        "specificity": lambda i: rate(i, 0),
         "patient_recognition_rate": lambda i: patient_recognition_rate(patients[i], correct[i]),
         "patient_auc": lambda i: patient_level_auc(patients[i], y[i], p[i]),
     }

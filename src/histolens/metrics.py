@@ -23,13 +23,20 @@ __all__ = [
 
 
 def safe_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC, or NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
+    """ROC AUC, or NaN when only one class is present.
 
-    y = np.asarray(y)
-    if len(np.unique(y)) < 2:
+    The Mann-Whitney form on average ranks (ties count a half), identical to scikit-learn's
+    ``roc_auc_score`` and about 50x cheaper per call: bootstrap CIs call it thousands of times.
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(roc_auc_score(y, score))
+    ranks = rankdata(np.asarray(score, float))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
@@ -156,21 +163,21 @@ def multiclass_metrics(
 
 def patient_recognition_rate(patients: Sequence[str], correct: np.ndarray) -> float:
     """BreakHis protocol: per patient, the fraction of its images right; averaged over patients."""
-    correct = np.asarray(correct, float)
-    patients = np.asarray(patients)
-    uniq = np.unique(patients)
+    uniq, inverse = np.unique(np.asarray(patients), return_inverse=True)
     if len(uniq) == 0:
         return float("nan")
-    return float(np.mean([correct[patients == q].mean() for q in uniq]))
+    per_patient = np.bincount(inverse, weights=np.asarray(correct, float)) / np.bincount(inverse)
+    return float(per_patient.mean())
 
 
 def patient_level_auc(patients: Sequence[str], y: np.ndarray, p: np.ndarray) -> float:
     """AUC over patients, each scored by its mean probability and labelled by its majority."""
-    patients = np.asarray(patients)
-    y, p = np.asarray(y, float), np.asarray(p, float)
-    uniq = np.unique(patients)
-    py = np.array([round(y[patients == q].mean()) for q in uniq])
-    pp = np.array([p[patients == q].mean() for q in uniq])
+    uniq, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    if len(uniq) == 0:
+        return float("nan")
+    counts = np.bincount(inverse)
+    py = np.round(np.bincount(inverse, weights=np.asarray(y, float)) / counts)
+    pp = np.bincount(inverse, weights=np.asarray(p, float)) / counts
     return safe_auc(py, pp)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -11,7 +12,27 @@ from torch import nn
 from histolens.backbones import BackboneSpec, create_backbone
 from histolens.errors import ConfigError
 
-__all__ = ["ClassifierHead", "HistoClassifier", "build_model", "n_outputs"]
+__all__ = [
+    "ClassifierHead",
+    "HistoClassifier",
+    "build_model",
+    "n_outputs",
+    "resolve_feature_layer",
+    "tile_starts",
+]
+
+
+def tile_starts(length: int, tile: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length`` pixels, evenly overlapped.
+
+    A margin under 15% of a tile is cropped rather than given a tile of its own.
+    """
+    if length <= tile:
+        return [0]
+    n = max(1, math.ceil(length / tile - 0.15))
+    if n == 1:
+        return [(length - tile) // 2]
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 def n_outputs(n_classes: int) -> int:
@@ -57,15 +78,35 @@ class HistoClassifier(nn.Module):
         n_classes: int,
         head_dims: Sequence[int] = (512, 256),
         dropouts: Sequence[float] = (0.5, 0.3),
+        feature_layer: str | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.backbone = backbone
         self.n_classes = n_classes
+        self.feature_layer = feature_layer or None
+        # Indices of the blocks whose pooled outputs are concatenated (None: the last layer).
+        self._levels: list[int] | None = (
+            _cut_after(backbone, feature_layer) if feature_layer else None
+        )
         self.feature_dim = self._feature_dim()
         self.head = ClassifierHead(self.feature_dim, n_outputs(n_classes), head_dims, dropouts)
+        # Inputs larger than the backbone's pretrained size are cut into tiles of that size
+        # (ImageNet features are made at that scale); an image's features are the tiles' mean.
+        size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        self.tile_size: tuple[int, int] | None = (
+            None if spec.pooling == "token" else (int(size[1]), int(size[2]))
+        )
+        self._grid: tuple[int, list[int], list[int], tuple[int, int]] | None = None
 
     def _feature_dim(self) -> int:
+        if self._levels:
+            width = 0
+            for i in self._levels:
+                stage = self.backbone.blocks[i]
+                last = stage[-1] if isinstance(stage, nn.Sequential) else stage
+                width += [m for m in last.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+            return int(width)
         if self.spec.pooling == "token":
             return int(self.backbone.num_features)
         info = getattr(self.backbone, "feature_info", None)
@@ -83,7 +124,78 @@ class HistoClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, feature_dim): what the feature cache stores."""
-        return self.pool(self.backbone.forward_features(x))
+        tiles = self._tiles(x)
+        if tiles is None:
+            return self._pooled(x)
+        pooled = self._pooled(tiles)
+        return pooled.view(x.shape[0], -1, pooled.shape[-1]).mean(1)
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._levels:
+            return self.pool(self.backbone.forward_features(x))
+        bb = self.backbone
+        h = bb.bn1(bb.conv_stem(x))
+        pooled = []
+        for i, stage in enumerate(bb.blocks):
+            h = stage(h)
+            if i in self._levels:
+                pooled.append(h.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    @property
+    def cam_target_layer(self) -> str:
+        """The layer a CAM explains: with several feature levels, the shallowest, whose
+        gradient carries every path to the output; else the registry's target layer."""
+        if self._levels and len(self._levels) > 1:
+            return f"blocks.{self._levels[0]}"
+        return self.spec.target_layer
+
+    def _tiles(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B * T, 3, th, tw) tiles of an input larger than the tile size, image-major; else None."""
+        self._grid = None
+        if self.tile_size is None:
+            return None
+        h, w = x.shape[-2:]
+        th, tw = min(self.tile_size[0], h), min(self.tile_size[1], w)
+        ys, xs = tile_starts(h, th), tile_starts(w, tw)
+        if len(ys) * len(xs) == 1 and (th, tw) == (h, w):
+            return None
+        self._grid = (x.shape[0], ys, xs, (th, tw))
+        crops = [x[:, :, y : y + th, x0 : x0 + tw] for y in ys for x0 in xs]
+        tiles = torch.stack(crops, dim=1).flatten(0, 1)
+        return (
+            tiles.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else tiles
+        )
+
+    def stitch_tiles(self, maps: torch.Tensor) -> torch.Tensor:
+        """Per-tile feature maps (B * T, C, h, w) of the last forward -> one map (B, C, H, W).
+
+        Each tile's map is placed where the tile lies in the image (overlaps averaged): the
+        reshape transform that lets a CAM explain a tiled image as a whole.
+        """
+        if self._grid is None or maps.dim() != 4:
+            return maps
+        batch, ys, xs, (th, tw) = self._grid
+        if maps.shape[0] != batch * len(ys) * len(xs):
+            return maps
+        fh, fw = maps.shape[-2:]
+        sy, sx = th / fh, tw / fw  # pixels per feature cell
+        rows = [round(y / sy) for y in ys]
+        cols = [round(x / sx) for x in xs]
+        out = maps.new_zeros(batch, maps.shape[1], rows[-1] + fh, cols[-1] + fw)
+        count = maps.new_zeros(1, 1, rows[-1] + fh, cols[-1] + fw)
+        per_image = maps.view(batch, len(ys) * len(xs), *maps.shape[1:])
+        for i, (r, c) in enumerate((r, c) for r in rows for c in cols):
+            out[:, :, r : r + fh, c : c + fw] += per_image[:, i]
+            count[:, :, r : r + fh, c : c + fw] += 1
+        return out / count.clamp_min(1)
+
+    def cam_reshape_transform(self, activations: torch.Tensor) -> torch.Tensor:
+        """What a CAM applies to the target layer's output: token grid (ViT) or stitched tiles."""
+        transform = self.spec.reshape_transform
+        if transform is not None:
+            return transform(activations)
+        return self.stitch_tiles(activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -128,13 +240,57 @@ class HistoClassifier(nn.Module):
         return trainable
 
 
+def _cut_after(backbone: nn.Module, layers: str) -> list[int]:
+    """Cut an EfficientNet/MobileNet-style timm backbone after the deepest of ``layers``.
+
+    ``layers`` is 'blocks.N' or a comma-separated list of them, whose pooled outputs the head
+    then reads (concatenated). The later blocks go, and the conv head and its norm become
+    identities (the CAM target ``bn2`` then sees the cut block's output). Returns the indices.
+    """
+    blocks = getattr(backbone, "blocks", None)
+    names = [name.strip() for name in layers.split(",") if name.strip()]
+    matches = [re.fullmatch(r"blocks\.(\d+)", name) for name in names]
+    if (
+        not names
+        or not all(matches)
+        or not isinstance(blocks, nn.Sequential)
+        or not hasattr(backbone, "conv_head")
+    ):
+        raise ConfigError(
+            f"Feature layer '{layers}' is not supported for this backbone: use 'blocks.N' (or a "
+            "comma-separated list) with an EfficientNet/MobileNet-style backbone, or 'last'."
+        )
+    levels = sorted({int(m.group(1)) for m in matches})
+    if levels[-1] >= len(blocks):
+        raise ConfigError(f"Feature layer '{layers}': the backbone has {len(blocks)} blocks.")
+    backbone.blocks = blocks[: levels[-1] + 1]
+    backbone.conv_head = nn.Identity()
+    backbone.bn2 = nn.Identity()
+    return levels
+
+
+def resolve_feature_layer(spec: BackboneSpec, setting: str | None, head: str) -> str | None:
+    """'auto' -> the registry's probe layer (linear head) or the last layer (MLP head);
+    'last' or None -> no cut; else the given 'blocks.N'."""
+    if setting in (None, "", "last"):
+        return None
+    if setting == "auto":
+        return spec.probe_layer if head == "linear" else None
+    return setting
+
+
 def build_model(
     spec: BackboneSpec,
     n_classes: int,
     pretrained: str = "imagenet",
     head_dims: Sequence[int] = (512, 256),
     dropouts: Sequence[float] = (0.5, 0.3),
+    feature_layer: str | None = None,
 ) -> HistoClassifier:
-    """Make the classifier; the backbone's weights come from ``pretrained`` (see create_backbone)."""
+    """Make the classifier; the backbone's weights come from ``pretrained`` (see create_backbone).
+
+    ``feature_layer`` ('blocks.N') cuts the backbone after that block: its pooled output is
+    what the head sees.
+    """
     backbone = create_backbone(spec, pretrained)
-    return HistoClassifier(spec, backbone, n_classes, head_dims, dropouts)
+    return HistoClassifier(spec, backbone, n_classes, head_dims, dropouts, feature_layer)

@@ -86,6 +86,7 @@ class Predictor:
                 "none",
                 head.get("dims", (512, 256)),
                 head.get("dropouts", (0.5, 0.3)),
+                meta.get("feature_layer"),
             )
             preprocess = Preprocess.from_dict(meta["preprocess"])
         except KeyError as exc:

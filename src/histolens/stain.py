@@ -356,6 +356,49 @@ class StainNormalizer:
             self.lab_std = std[0].clone()
         return self
 
+    def fit_median(self, images: Sequence[torch.Tensor] | torch.Tensor) -> StainNormalizer:
+        """Learn the target stain as the median over many images (a label-free, robust reference).
+
+        Macenko: the element-wise median of the images' unit stain vectors (renormalised) and of
+        their 99th-percentile concentrations; Reinhard: the median LAB mean and std. Unlike one
+        reference image, a median is not thrown by one unusual slide. Images that cannot be
+        fitted are skipped.
+
+        Raises:
+            DataError: none of the images can be fitted.
+        """
+        tensors = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
+        firsts, seconds = [], []
+        for image in tensors:
+            pixels, finite = _pixels(_as_float_image(image).unsqueeze(0))
+            od = _optical_density(pixels, self.io)
+            if not bool(finite[0]):
+                continue
+            if self.method == "macenko":
+                he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
+                if bool(ok[0]):
+                    firsts.append(he[0])
+                    seconds.append(max_conc[0])
+            else:
+                mean, std = _lab_stats(_rgb_to_lab(pixels))
+                ok = _enough_tissue(_tissue_mask(od, self.beta)) & (std > _MIN_LAB_STD).all(dim=1)
+                if bool(ok[0]):
+                    firsts.append(mean[0])
+                    seconds.append(std[0])
+        if not firsts:
+            raise DataError(
+                f"None of the {len(tensors)} images has enough tissue to fit {self.method} "
+                "stain statistics for a median reference."
+            )
+        first = torch.stack(firsts).median(dim=0).values
+        second = torch.stack(seconds).median(dim=0).values
+        if self.method == "macenko":
+            self.stain_matrix = first / first.norm(dim=0, keepdim=True).clamp_min(1e-8)
+            self.max_concentrations = second
+        else:
+            self.lab_mean, self.lab_std = first, second
+        return self
+
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise a batch.
 

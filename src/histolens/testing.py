@@ -85,7 +85,8 @@ def make_tissue_image(
 
 
 def tiny_config(data: str | os.PathLike, **overrides):
-    """A training config that runs in seconds: tiny timm backbone, random init, 2 epochs."""
+    """A training config that runs in seconds: tiny timm backbone, random init, 2 epochs of the
+    MLP head on one held-out split (override ``model.head``/``train.cv_folds`` for the probe)."""
     from histolens.config import RunConfig
 
     base = {
@@ -94,6 +95,12 @@ def tiny_config(data: str | os.PathLike, **overrides):
         "data.test_fraction": 0.25,
         "model.backbone": "test_resnet",
         "model.pretrained": "none",
+        # The Lightning path (MLP head, one held-out split) at the backbone's own input size;
+        # tests of the default linear probe override these three.
+        "model.head": "mlp",
+        "model.input_size": None,
+        "train.cv_folds": 0,
+        "stain.method": "none",
         "train.epochs": 2,
         "train.batch_size": 8,
         "train.cache_views": 2,

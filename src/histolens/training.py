@@ -37,7 +37,7 @@ from histolens.data import (
     target_of,
 )
 from histolens.errors import ConfigError, DataError
-from histolens.model import HistoClassifier, build_model
+from histolens.model import HistoClassifier, build_model, resolve_feature_layer
 from histolens.pipeline import FeatureCache, ImageBank, InputPipeline
 from histolens.splits import Split, balanced_class_weights, split_by_patient
 from histolens.transforms import Augmenter, resolve_preprocess
@@ -309,13 +309,28 @@ def _loggers(run_dir: Path):
 def _fit_stain(
     cfg: RunConfig, bank: ImageBank, train_paths: Sequence[str], preprocess
 ) -> tuple[Any, str | None]:
-    """A StainNormalizer fitted to the given reference, or to the median-like training image."""
+    """A StainNormalizer fitted to the given reference image, or to the median of up to 200
+    training images (label-free, and robust to one unusual slide)."""
     if cfg.stain.method == "none":
         return None, None
     from histolens.imageio import load_rgb
-    from histolens.stain import StainNormalizer, choose_reference
+    from histolens.stain import StainNormalizer
 
     normalizer = StainNormalizer(cfg.stain.method)
+    if cfg.stain.reference and str(cfg.stain.reference).lower().endswith(".json"):
+        try:
+            state = json.loads(Path(cfg.stain.reference).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"Cannot read the stain reference {cfg.stain.reference}: {exc}"
+            ) from None
+        fitted = StainNormalizer.from_dict(state)
+        if fitted.method != cfg.stain.method or not fitted.fitted:
+            raise ConfigError(
+                f"The stain reference {cfg.stain.reference} holds no fitted {cfg.stain.method} "
+                "state; give an image, or a JSON state saved from the same method."
+            )
+        return fitted, str(cfg.stain.reference)
     if cfg.stain.reference:
         ref = preprocess.resize(load_rgb(cfg.stain.reference))
         normalizer.fit(ref)
@@ -323,9 +338,8 @@ def _fit_stain(
     paths = [p for p in train_paths if p in bank]
     step = max(1, len(paths) // 200)  # a median over up to ~200 images is plenty
     candidates = paths[::step]
-    idx = choose_reference([bank.images[p] for p in candidates], method=cfg.stain.method)
-    normalizer.fit(bank.images[candidates[idx]])
-    return normalizer, candidates[idx]
+    normalizer.fit_median([bank.images[p] for p in candidates])
+    return normalizer, f"median of {len(candidates)} training images"
 
 
 def _targets(records: Sequence[ImageRecord], classes: Sequence[str], task: str) -> list[int]:
@@ -368,10 +382,16 @@ def train(
         cfg = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
         if epochs is not None:
             cfg = cfg.override({"train.epochs": epochs})
-    elif (run_dir / "lightning" / "last.ckpt").exists():
+    elif (run_dir / "lightning" / "last.ckpt").exists() or (run_dir / BEST_CHECKPOINT).exists():
         raise ConfigError(
             f"{run_dir} already holds a training run; use --resume to continue it or choose "
             "another --out."
+        )
+    if cfg.model.head == "linear":
+        from histolens.probe_run import train_probe
+
+        return train_probe(
+            cfg, run_dir, split, progress, evaluate, bank, feature_store, write_outputs
         )
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -394,12 +414,14 @@ def train(
     for n in notes:
         log.warning(n)
 
+    layer = resolve_feature_layer(spec, cfg.model.feature_layer, cfg.model.head)
     model = build_model(
-        spec, len(classes), cfg.model.pretrained, cfg.model.head_dims, cfg.model.dropouts
+        spec, len(classes), cfg.model.pretrained, cfg.model.head_dims, cfg.model.dropouts, layer
     )
     # Created only now: a mistyped option, bad data or missing weights leave no empty run folder.
     run_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = resolve_preprocess(model.backbone)
+    size = None if spec.pooling == "token" else cfg.model.input_size
+    preprocess = resolve_preprocess(model.backbone, size)
     cached = cfg.train.feature_cache and cfg.model.unfreeze == 0
     model.set_trainable(cfg.model.unfreeze)
 
@@ -439,6 +461,7 @@ def train(
     if cached:
         fingerprint = FeatureCache.fingerprint_of(
             backbone=spec.timm_name,
+            feature_layer=layer,
             pretrained=cfg.model.pretrained,
             preprocess=preprocess.to_dict(),
             stain=stain.to_dict() if stain is not None else None,
@@ -617,6 +640,7 @@ def _checkpoint_metadata(
         "task": cfg.data.task,
         "class_names": list(classes),
         "head": {"dims": list(cfg.model.head_dims), "dropouts": list(cfg.model.dropouts)},
+        "feature_layer": resolve_feature_layer(spec, cfg.model.feature_layer, cfg.model.head),
         "preprocess": preprocess.to_dict(),
         "stain": stain.to_dict() if stain is not None else None,
         "stain_reference": stain_ref,

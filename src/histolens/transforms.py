@@ -72,12 +72,20 @@ class Preprocess:
         return (batch - mean) / std
 
 
-def resolve_preprocess(backbone: torch.nn.Module) -> Preprocess:
-    """Read mean, std, input size and interpolation from the timm model's pretrained config."""
+def resolve_preprocess(
+    backbone: torch.nn.Module, input_size: Sequence[int] | None = None
+) -> Preprocess:
+    """Read mean, std, input size and interpolation from the timm model's pretrained config.
+
+    ``input_size`` (height, width) replaces the pretrained input size: a convolutional backbone
+    with global pooling takes any size, and a larger input keeps more of the tissue's detail.
+    """
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(backbone)
     _, h, w = cfg["input_size"]
+    if input_size is not None:
+        h, w = input_size
     return Preprocess(
         (int(h), int(w)),
         tuple(float(m) for m in cfg["mean"]),

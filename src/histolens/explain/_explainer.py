@@ -114,7 +114,7 @@ class Explainer:
         self.predictor = predictor
         self.model = predictor.model
         self.spec = self.model.spec
-        self.target_layer = resolve_module(self.model.backbone, self.spec.target_layer)
+        self.target_layer = resolve_module(self.model.backbone, self.model.cam_target_layer)
         self.n_samples = int(n_samples)
         self.n_segments = int(n_segments)
         self.ig_steps = int(ig_steps)
@@ -185,7 +185,7 @@ class Explainer:
             cam = cls(
                 model=self.model,
                 target_layers=[self.target_layer],
-                reshape_transform=self.spec.reshape_transform,
+                reshape_transform=self.model.cam_reshape_transform,
             )
             if method == "scorecam":
                 cam.batch_size = self.batch_size

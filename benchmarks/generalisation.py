@@ -1,0 +1,309 @@
+"""The number we steer by: how a training configuration does on patients it has never seen.
+
+Protocol (the generalisation issue): repeated (default 3 seeds) 5-fold stratified group k-fold
+over the patient groups of breakhis-dev. Each fold trains on ALL images (every magnification,
+both sources) of its training groups, through the same code path as ``histolens train``, and
+scores ONLY the 100X original images of its held-out groups. Out-of-fold predictions are pooled
+per repeat; the table shows mean +/- sd over repeats, and wall time per configuration.
+
+The peer, in the same run: frozen EfficientNet-Lite0 features at 224 px (histolens's own
+feature code), StandardScaler, LogisticRegression(C=0.01, class_weight="balanced").
+
+Run:  .venv/bin/python benchmarks/generalisation.py [--task binary|subtype] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import print_table, require_real_data, setup  # noqa: E402
+
+SCORED_MAGNIFICATION = 100
+
+# Each lever as config overrides of the default recipe (or of the original recipe).
+BASE = {"model.backbone": "tf_efficientnet_lite0", "model.pretrained": "imagenet"}
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "previous default: MLP head, SGD 1e-4, 224 px, last layer": (
+        "original",
+        {**BASE, "train.feature_cache": True},
+    ),
+    "MLP head, Adam 1e-3, no aug, 294x448 tiles, blocks.2+5, Macenko": (
+        "default",
+        {
+            "model.head": "mlp",
+            "model.feature_layer": "blocks.2,blocks.5",
+            "train.optimizer": "adam",
+            "train.lr": 1e-3,
+            "augment.enabled": False,
+        },
+    ),
+    "linear probe, 224 px, last layer, no stain": (
+        "default",
+        {"model.input_size": None, "model.feature_layer": "last", "stain.method": "none"},
+    ),
+    "linear probe, 294x448 tiles, last layer, no stain": (
+        "default",
+        {"model.feature_layer": "last", "stain.method": "none"},
+    ),
+    "linear probe, 294x448 tiles, blocks.2+5, no stain": ("default", {"stain.method": "none"}),
+    "linear probe, 294x448 tiles, last layer, Macenko": (
+        "default",
+        {"model.feature_layer": "last"},
+    ),
+    "linear probe, 224 px, blocks.2+5, Macenko": ("default", {"model.input_size": None}),
+    "default: linear probe, 294x448 tiles, blocks.2+5, Macenko": ("default", {}),
+}
+
+
+def _records(data: Path, task: str):
+    from histolens.data import discover, filter_records
+
+    return filter_records(discover(data / "manifest.csv").records, "all", task)
+
+
+def _folds(records, task: str, seed: int, k: int = 5):
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from histolens.data import target_of
+
+    y = np.array([target_of(r, task) for r in records])
+    groups = np.array([r.group for r in records])
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return list(splitter.split(np.zeros(len(y)), y, groups))
+
+
+def _scores(records, probs: dict[str, np.ndarray], classes, task: str) -> dict[str, float]:
+    """Pooled out-of-fold metrics over the scored images."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from histolens.data import target_of
+    from histolens.metrics import patient_level_auc, patient_recognition_rate, safe_auc
+
+    scored = [r for r in records if r.path in probs]
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[target_of(r, task)] for r in scored])
+    p = np.stack([probs[r.path] for r in scored])
+    patients = np.array([r.group for r in scored])
+    if task == "binary":
+        score = p[:, 1]
+        pred = (score >= 0.5).astype(int)
+        return {
+            "image AUC": safe_auc(y, score),
+            "balanced accuracy": balanced_accuracy_score(y, pred),
+            "patient recognition rate": patient_recognition_rate(patients, pred == y),
+            "patient AUC": patient_level_auc(patients, y, score),
+        }
+    pred = p.argmax(1)
+    present = sorted(set(y))
+    return {
+        "macro F1": f1_score(y, pred, labels=present, average="macro"),
+        "balanced accuracy": balanced_accuracy_score(y, pred),
+        "patient recognition rate": patient_recognition_rate(patients, pred == y),
+    }
+
+
+def _peer_features(records):
+    """Frozen Lite0 at 224 px: the features histolens itself computes (mean = std = 0.5)."""
+    import torch
+
+    from histolens.backbones import get_backbone_spec
+    from histolens.model import build_model
+    from histolens.pipeline import ImageBank, InputPipeline
+    from histolens.transforms import resolve_preprocess
+
+    model = build_model(get_backbone_spec("tf_efficientnet_lite0"), 2, "imagenet").eval()
+    preprocess = resolve_preprocess(model.backbone)
+    bank = ImageBank([r.path for r in records], preprocess, progress=False)
+    pipeline = InputPipeline(preprocess)
+    feats = {}
+    paths = [r.path for r in records]
+    with torch.inference_mode():
+        for i in range(0, len(paths), 32):
+            chunk = paths[i : i + 32]
+            f = model.features(pipeline.eval_inputs(bank.stack(chunk)))
+            feats.update(zip(chunk, f.double().numpy(), strict=True))
+    return feats
+
+
+def run_peer(records, classes, task, seeds, feats) -> list[dict[str, float]]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from histolens.data import target_of
+
+    index = {c: i for i, c in enumerate(classes)}
+    x = np.stack([feats[r.path] for r in records])
+    y = np.array([index[target_of(r, task)] for r in records])
+    out = []
+    for seed in seeds:
+        probs: dict[str, np.ndarray] = {}
+        for tr, te in _folds(records, task, seed):
+            scaler = StandardScaler().fit(x[tr])
+            lr = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000)
+            lr.fit(scaler.transform(x[tr]), y[tr])
+            te = [i for i in te if records[i].magnification == SCORED_MAGNIFICATION]
+            if not te:
+                continue
+            p = lr.predict_proba(scaler.transform(x[te]))
+            full = np.zeros((len(te), len(classes)))
+            full[:, lr.classes_] = p
+            probs.update({records[i].path: row for i, row in zip(te, full, strict=True)})
+        out.append(_scores(records, probs, classes, task))
+    return out
+
+
+def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
+    """Train each fold through histolens.training.train; pool the held-out 100X predictions."""
+    from histolens.config import recipe_config
+    from histolens.splits import Split
+    from histolens.training import train
+
+    cfg = recipe_config(recipe).override(
+        {**overrides, "data.path": str(data / "manifest.csv"), "data.task": task}
+    )
+    key = ("bank", cfg.model.input_size)
+    if key not in shared:
+        from histolens.crossval import image_bank_for
+
+        shared[key] = image_bank_for(cfg, progress=False, records=records)
+    bank = shared[key]
+    if cfg.stain.method != "none":
+        # The median stain reference is label-free: fitted once over all images, it lets every
+        # fold share the features (training fits it on its own training images).
+        ref_key = ("stain", cfg.stain.method, cfg.model.input_size)
+        if ref_key not in shared:
+            from histolens.stain import StainNormalizer
+
+            paths = list(bank.images)[:: max(1, len(bank.images) // 200)]
+            state = StainNormalizer(cfg.stain.method).fit_median([bank.images[p] for p in paths])
+            ref = Path(tempfile.mkdtemp()) / "stain.json"
+            ref.write_text(json.dumps(state.to_dict()), encoding="utf-8")
+            shared[ref_key] = str(ref)
+        cfg = cfg.override({"stain.reference": shared[ref_key]})
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            probs: dict[str, np.ndarray] = {}
+            for k, (tr, te) in enumerate(_folds(records, task, seed)):
+                train_recs = [records[i] for i in tr]
+                test_recs = [records[i] for i in te if records[i].magnification == 100]
+                if not test_recs:
+                    continue
+                if cfg.model.head == "mlp":  # early stopping needs validation patients
+                    from histolens.splits import split_by_patient
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)
+                        inner = split_by_patient(train_recs, task, 0.2, 0.0, seed + k)
+                    split = Split(inner.train, inner.val, test_recs, True)
+                else:
+                    split = Split(train_recs, [], test_recs, True)
+                run_dir = Path(tmp) / f"s{seed}f{k}"
+                train(
+                    cfg,
+                    run_dir,
+                    split=split,
+                    bank=bank,
+                    feature_store=shared.setdefault(("store", cfg.model.input_size), {}),
+                    progress=False,
+                    write_outputs=False,
+                )
+                probs.update(_read_predictions(run_dir / "predictions.csv", classes))
+            out.append(_scores(records, probs, classes, task))
+    return out
+
+
+def _read_predictions(path: Path, classes) -> dict[str, np.ndarray]:
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if "probability" in row:
+                p = float(row["probability"])
+                rows[row["path"]] = np.array([1 - p, p])
+            else:
+                rows[row["path"]] = np.array([float(row[f"p_{c}"]) for c in classes])
+    return rows
+
+
+def _summarise(name: str, runs: list[dict[str, float]], seconds: float) -> list[object]:
+    keys = list(runs[0])
+    cells = []
+    for k in keys:
+        v = np.array([r[k] for r in runs], float)
+        cells.append(f"{np.nanmean(v):.3f} +/- {np.nanstd(v, ddof=1) if len(v) > 1 else 0:.3f}")
+    return [name, *cells, f"{seconds:.0f}"]
+
+
+def main() -> None:
+    setup()
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--task", choices=["binary", "subtype"], default="binary")
+    ap.add_argument("--repeats", type=int, default=3, help="seeds 0..repeats-1")
+    ap.add_argument("--only", nargs="*", help="only configurations containing one of these")
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args()
+    import logging
+
+    logging.getLogger("histolens").setLevel(logging.ERROR)
+    from histolens.data import class_names_for
+
+    data = require_real_data()
+    records = _records(data, args.task)
+    classes = class_names_for(args.task, records)
+    seeds = list(range(args.repeats))
+    scored = [r for r in records if r.magnification == SCORED_MAGNIFICATION]
+    print(
+        f"{len(records)} images of {len({r.group for r in records})} patient groups; scored: "
+        f"{len(scored)} 100X images of {len({r.group for r in scored})} groups; task {args.task}; "
+        f"{len(seeds)} x 5-fold stratified group k-fold",
+        flush=True,
+    )
+    rows = []
+    if not args.no_peer:
+        start = time.perf_counter()
+        peer = run_peer(records, classes, args.task, seeds, _peer_features(records))
+        rows.append(
+            _summarise(
+                "peer: Lite0 224 px + StandardScaler + LR(C=0.01)",
+                peer,
+                time.perf_counter() - start,
+            )
+        )
+        print("  ".join(map(str, rows[-1])), flush=True)
+    shared: dict = {}
+    for name, (recipe, overrides) in CONFIGS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        start = time.perf_counter()
+        runs = run_config(records, classes, args.task, seeds, data, recipe, overrides, shared)
+        rows.append(_summarise(name, runs, time.perf_counter() - start))
+        print("  ".join(map(str, rows[-1])), flush=True)
+    keys = (
+        ["image AUC", "balanced accuracy", "patient recognition rate", "patient AUC"]
+        if args.task == "binary"
+        else ["macro F1", "balanced accuracy", "patient recognition rate"]
+    )
+    print()
+    print(
+        "Scored on the held-out groups' 100X images only; mean +/- sd over "
+        f"{len(seeds)} repeats of 5-fold patient-group CV; seconds = wall time for all folds."
+    )
+    print_table(["configuration", *keys, "seconds"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""``histolens train`` with the linear head (the default): every patient trains the shipped model.
+
+Steps: decode the images once; compute the frozen backbone's pooled features once (cached on
+disk); estimate performance on unseen patients by patient-level k-fold cross-validation, each
+fold choosing its own regularisation by inner cross-validation; fit temperature and threshold on
+the out-of-fold predictions; fit the shipped probe on all patients; write the checkpoint with
+the estimate, and the evaluation of the out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histolens.atomic import atomic_write_text
+from histolens.backbones import get_backbone_spec
+from histolens.checkpoint import BEST_CHECKPOINT, save_checkpoint, update_metadata
+from histolens.config import RunConfig
+from histolens.data import ImageRecord
+from histolens.errors import DataError
+from histolens.model import build_model, resolve_feature_layer
+from histolens.pipeline import FeatureCache, ImageBank, InputPipeline
+from histolens.probe import ProbeFit, fit_linear_probe, group_folds
+from histolens.splits import Split, balanced_class_weights, split_by_patient
+
+__all__ = ["train_probe"]
+
+log = logging.getLogger("histolens")
+
+
+def _group_of(r: ImageRecord) -> str:
+    return r.group or r.patient or r.path
+
+
+def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) -> Split:
+    """All patients train (cross-validated estimate), or the configured held-out split."""
+    if cfg.train.cv_folds:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Only for its checks and warnings (no patient ids, too few patients): no held-out part.
+            check = split_by_patient(
+                records, cfg.data.task, 0.0, 0.0, cfg.data.seed, cfg.data.group_by
+            )
+        notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        return Split(check.train, [], [], check.patient_level, check.warnings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = split_by_patient(
+            records,
+            cfg.data.task,
+            cfg.data.val_fraction,
+            cfg.data.test_fraction,
+            cfg.data.seed,
+            cfg.data.group_by,
+        )
+    notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return split
+
+
+def _features(
+    cfg: RunConfig,
+    model,
+    bank: ImageBank,
+    pipeline: InputPipeline,
+    paths: Sequence[str],
+    run_dir: Path,
+    feature_store: dict | None,
+    preprocess,
+    progress: bool,
+    write_outputs: bool,
+) -> FeatureCache:
+    from histolens.training import FEATURE_CACHE
+
+    spec = model.spec
+    fingerprint = FeatureCache.fingerprint_of(
+        backbone=spec.timm_name,
+        feature_layer=model.feature_layer,
+        pretrained=cfg.model.pretrained,
+        preprocess=preprocess.to_dict(),
+        stain=pipeline.stain.to_dict() if pipeline.stain is not None else None,
+    )
+    store = feature_store if feature_store is not None else {}
+    cache = store.get(fingerprint) or FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
+    if cache is None:
+        cache = FeatureCache({}, {}, fingerprint)
+    store[fingerprint] = cache
+    before = len(cache.clean)
+    cache.extend(model, bank, pipeline, paths, [], 0, cfg.train.batch_size, progress)
+    if write_outputs and feature_store is None and len(cache.clean) != before:
+        cache.save(run_dir / FEATURE_CACHE)
+    return cache
+
+
+def _fit(cfg: RunConfig, x, y, g, n_classes: int, seed: int) -> ProbeFit:
+    return fit_linear_probe(x, y, g, n_classes, cfg.train.probe_cs, 5, seed)
+
+
+def _cross_validated_logits(
+    cfg: RunConfig, x: np.ndarray, y: np.ndarray, g: np.ndarray, n_classes: int, progress: bool
+) -> tuple[np.ndarray, int]:
+    """Out-of-fold logits of every image from patient-level k-fold (nested C selection)."""
+    folds = group_folds(y, g, cfg.train.cv_folds, cfg.data.seed)
+    n_out = 1 if n_classes == 2 else n_classes
+    oof = np.full((len(y), n_out), np.nan)
+    for k, (tr, te) in enumerate(folds):
+        if len(np.unique(y[tr])) < 2:
+            continue
+        fit = _fit(cfg, x[tr], y[tr], g[tr], n_classes, cfg.data.seed + k)
+        oof[te] = fit.logits(x[te])
+        if progress:
+            log.info(
+                "fold %d/%d: %d held-out images of %d patients, C=%g",
+                k + 1,
+                len(folds),
+                len(te),
+                len(np.unique(g[te])),
+                fit.C,
+            )
+    return oof, len(folds)
+
+
+def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int):
+    from histolens.calibration import choose_threshold, fit_temperature
+    from histolens.predictor import probabilities_from_logits
+
+    ok = ~np.isnan(logits).any(1)
+    if ok.sum() < 2:
+        return 1.0, 0.5
+    t_logits = torch.as_tensor(logits[ok], dtype=torch.float32)
+    t_y = torch.as_tensor(y[ok])
+    temperature = fit_temperature(t_logits, t_y)
+    threshold = 0.5
+    if n_classes == 2:
+        p = probabilities_from_logits(t_logits, temperature)[:, 1].numpy()
+        threshold = choose_threshold(
+            y[ok], p, cfg.train.threshold_method, cfg.train.target_sensitivity
+        )
+    return temperature, threshold
+
+
+def train_probe(
+    cfg: RunConfig,
+    run_dir: Path,
+    split: Split | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+    bank: ImageBank | None = None,
+    feature_store: dict | None = None,
+    write_outputs: bool = True,
+):
+    """Train the linear-probe model as ``cfg`` says; see the module docstring for the steps.
+
+    With ``split`` given, the probe trains on its train + val images and is scored on its test
+    images (what cross-validation benchmarks use); otherwise ``cfg.train.cv_folds`` decides.
+    """
+    from histolens.evaluation import EvalResult, compute_metrics, rows_from_logits
+    from histolens.training import (
+        CONFIG_FILE,
+        SPLIT_FILE,
+        TrainResult,
+        _checkpoint_metadata,
+        _fit_stain,
+        _targets,
+        _write_skipped,
+        prepare_records,
+    )
+    from histolens.transforms import resolve_preprocess
+
+    start = time.perf_counter()
+    notes: list[str] = []
+    spec = get_backbone_spec(cfg.model.backbone)
+    dataset, records, classes = prepare_records(cfg)
+    if split is None:
+        notes += _audit_notes(records, progress)
+        split = _choose_split(cfg, records, notes)
+    notes = list(dict.fromkeys(notes + split.warnings))
+    for n in notes:
+        log.warning(n)
+    n_classes = len(classes)
+    layer = resolve_feature_layer(spec, cfg.model.feature_layer, "linear")
+    model = build_model(spec, n_classes, cfg.model.pretrained, (), (), layer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    size = None if spec.pooling == "token" else cfg.model.input_size
+    preprocess = resolve_preprocess(model.backbone, size)
+    model.set_trainable(0)
+    model.eval()
+    if not torch.cuda.is_available():
+        model.to(memory_format=torch.channels_last)
+
+    everything = split.train + split.val + split.test
+    if bank is None or bank.preprocess != preprocess:
+        bank = ImageBank([r.path for r in everything], preprocess, progress)
+    if bank.skipped:
+        notes.append(f"{len(bank.skipped)} unreadable image(s) skipped; see skipped.csv.")
+        _write_skipped(run_dir / "skipped.csv", bank.skipped + dataset.skipped)
+    split = Split(
+        *[[r for r in part if r.path in bank] for part in (split.train, split.val, split.test)],
+        split.patient_level,
+        split.warnings,
+    )
+    fit_records = split.train + split.val
+    if not fit_records:
+        raise DataError("No readable training images.")
+    if write_outputs:
+        split.write_csv(run_dir / SPLIT_FILE)
+        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
+
+    stain, stain_ref = _fit_stain(cfg, bank, [r.path for r in fit_records], preprocess)
+    pipeline = InputPipeline(preprocess, None, stain, cfg.train.seed, torch.device("cpu"))
+    cache = _features(
+        cfg,
+        model,
+        bank,
+        pipeline,
+        [r.path for r in fit_records + split.test],
+        run_dir,
+        feature_store,
+        preprocess,
+        progress,
+        write_outputs,
+    )
+
+    def arrays(recs: Sequence[ImageRecord]):
+        x = torch.stack([cache.clean[r.path] for r in recs]).double().numpy()
+        return (
+            x,
+            np.array(_targets(recs, classes, cfg.data.task)),
+            np.array([_group_of(r) for r in recs]),
+        )
+
+    x, y, g = arrays(fit_records)
+    if len(np.unique(y)) < 2:
+        raise DataError("The training images hold only one class; the probe needs two or more.")
+    final = _fit(cfg, x, y, g, n_classes, cfg.data.seed)
+    if split.test:
+        eval_records = split.test
+        eval_logits = final.logits(arrays(split.test)[0])
+        calib_logits = final.oof_logits if final.oof_logits is not None else eval_logits[:0]
+        calib_y = y if final.oof_logits is not None else y[:0]
+        method = "a held-out test split of patients"
+        n_folds = 0
+    else:
+        oof, n_folds = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
+        eval_records, eval_logits, calib_logits, calib_y = fit_records, oof, oof, y
+        method = f"{n_folds}-fold patient-level cross-validation (out-of-fold predictions)"
+    temperature, threshold = _calibrate(cfg, calib_logits, calib_y, n_classes)
+    final.load_into(model.head.out)
+
+    weights = balanced_class_weights(fit_records, classes, cfg.data.task)
+    metadata = _checkpoint_metadata(
+        cfg, spec, classes, preprocess, stain, stain_ref, split, weights, dataset
+    )
+    metadata.update(
+        head={"dims": [], "dropouts": []},
+        feature_layer=layer,
+        threshold=threshold,
+        temperature=temperature,
+        threshold_method=cfg.train.threshold_method,
+        probe={"C": final.C, "inner_cv": {f"{c:g}": s for c, s in final.inner_scores.items()}},
+    )
+    ckpt = run_dir / BEST_CHECKPOINT
+    save_checkpoint(ckpt, model, metadata)
+
+    result = TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, notes=notes)
+    if evaluate:
+        scored = ~np.isnan(eval_logits).any(1)
+        kept = [r for r, ok in zip(eval_records, scored, strict=True) if ok]
+        logits = torch.as_tensor(eval_logits[scored], dtype=torch.float32)
+        ev = EvalResult(
+            rows_from_logits(kept, logits, classes, cfg.data.task, temperature),
+            tuple(classes),
+            cfg.data.task,
+            threshold,
+            temperature,
+        )
+        result.metrics = compute_metrics(
+            ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
+        )
+        result.metrics["split"] = "out-of-fold" if n_folds else "test"
+        if write_outputs:
+            _write_outputs(run_dir, ev, cfg, method, dataset, notes, n_folds, result.metrics)
+        else:
+            from histolens.evaluation import write_predictions_csv
+
+            write_predictions_csv(ev, run_dir / "predictions.csv")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _audit_notes(records: Sequence[ImageRecord], progress: bool) -> list[str]:
+    """The shortcut audit's warnings (image size, source folder, format) at the start of a run."""
+    from histolens.audit import audit_dataset
+
+    try:
+        report = audit_dataset(list(records), progress=False, colour=False)
+    except DataError:
+        return []
+    return [f"Shortcut audit: {w}" for w in report.warnings]
+
+
+def _write_outputs(
+    run_dir: Path, ev, cfg: RunConfig, method: str, dataset, notes, n_folds: int, metrics
+) -> None:
+    from histolens.estimate import build_estimate
+    from histolens.evaluation import _headline, write_evaluation
+
+    groups = {r.patient for r in ev.rows}
+    description = (
+        f"{len(ev.rows)} images of {len(groups)} patient groups in {Path(cfg.data.path).name}"
+        f" (magnification {cfg.data.magnification})"
+    )
+    estimate = build_estimate(ev, method, description, n_boot=1000, seed=cfg.data.seed)
+    summary: dict[str, Any] = {"split": metrics["split"], **_headline(metrics)}
+    update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
+    notes = list(notes) + estimate["warnings"]
+    write_evaluation(ev, run_dir / "evaluation", logs_dir=None, report_dir=run_dir, notes=notes)
