@@ -26,11 +26,11 @@ demo: $(STAMP)
 	@rm -rf $(DEMO)
 	@echo "== 1/4 Synthetic H&E data (no download needed)"
 	$(HL) data synth $(DEMO)/data --n 240 --seed 0
-	@echo "== 2/4 Train tf_efficientnet_lite0 (offline ImageNet weights, frozen, cached features)"
-	$(HL) train --data $(DEMO)/data --backbone tf_efficientnet_lite0 --out $(DEMO)/run --quiet
-	@echo "== 3/4 Explain a few test images (Grad-CAM) and measure faithfulness"
-	$(HL) explain $(DEMO)/run --split test --limit 6 --out $(DEMO)/run/explanations --quiet
-	$(HL) explain $(DEMO)/run --split test --evaluate --max-images 8 --no-road \
+	@echo "== 2/4 Train (frozen EfficientNet-Lite0, offline weights; estimate by patient-level CV)"
+	$(HL) train --data $(DEMO)/data --out $(DEMO)/run --quiet
+	@echo "== 3/4 Explain a few images (Grad-CAM) and measure faithfulness"
+	$(HL) explain $(DEMO)/run --split all --limit 6 --out $(DEMO)/run/explanations --quiet
+	$(HL) explain $(DEMO)/run --split all --evaluate --max-images 8 --no-road \
 		--method gradcam,gradcam++,eigencam --out $(DEMO)/run/explanations --quiet
 	@echo "== 4/4 Report"
 	$(HL) report $(DEMO)/run

@@ -48,3 +48,40 @@ def trained_run(synth_small, tmp_path_factory):
 
     result = train(tiny_config(synth_small), run, progress=False)
     return run, result
+
+
+@pytest.fixture(scope="session")
+def estimate() -> dict:
+    """A real estimate (build_estimate over made-up out-of-fold predictions): 11 patients, 8
+    malignant and 3 benign, at 100X and 400X, so that it carries class-support warnings."""
+    import numpy as np
+
+    from histolens.estimate import build_estimate
+    from histolens.evaluation import EvalResult, PredictionRow
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(11):
+        label = "benign" if i < 3 else "malignant"
+        for mag in (100, 400):
+            for j in range(3):
+                p = float(np.clip(rng.normal(0.3 if label == "benign" else 0.7, 0.2), 0.01, 0.99))
+                rows.append(
+                    PredictionRow(
+                        f"/data/p{i}-{mag}-{j}.png",
+                        f"p{i}",
+                        mag,
+                        label,
+                        int(label == "malignant"),
+                        (1 - p, p),
+                        (1 - p, p),
+                    )
+                )
+    result = EvalResult(rows, ("benign", "malignant"), "binary", 0.5, 1.0)
+    return build_estimate(
+        result,
+        "5-fold patient-level cross-validation (out-of-fold predictions)",
+        "66 images of 11 patient groups in manifest.csv (magnification all)",
+        n_boot=100,
+        per_magnification_boot=50,
+    )

@@ -48,14 +48,21 @@ def test_evaluate_cli_writes_report_and_predictions(trained_run, tmp_path):
         ["evaluate", str(run), "--split", "all", "--out", str(out), "--n-boot", "50", "--quiet"],
     )
     assert res.exit_code == 0, res.output
-    assert "patient_recognition_rate" in res.output
+    assert res.output.startswith("Evaluated 32 images of 8 patients (")
+    assert "all split of the run's split.csv, including the patients the model was trained on" in (
+        res.output
+    )
+    assert "  patient recognition rate: " in res.output and "(95% CI " in res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 32
+    assert metrics["estimate"]["n_images"] == 32
+    assert sum(metrics["estimate"]["patients_per_class"].values()) == 8
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {"path", "patient", "label", "probability", "prediction"} <= set(rows[0])
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "Not for diagnosis" in html
+    assert "<h2>Performance on the evaluated images</h2>" in html
 
 
 def test_predict_cli(trained_run, synth_small, tmp_path):
@@ -187,3 +194,81 @@ def test_cross_validation_cli(synth_small):
     line = next(x for x in res.output.splitlines() if x.strip().startswith("roc_auc:"))
     mean = float(line.split(":")[1].split("+/-")[0])
     assert 0.0 <= mean <= 1.0
+
+
+# --- one magnification of a new cohort -------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_magnifications(tmp_path_factory):
+    """A manifest of 32 synthetic images of 4 patients: 16 at 100X and the same 16 at 400X."""
+    from histolens.synth import generate_synthetic
+
+    root = tmp_path_factory.mktemp("cohort")
+    lines = []
+    for part, mag in (("a", 100), ("b", 400)):
+        generate_synthetic(
+            root / part, n=16, seed=5, magnification=mag, size=(96, 64), n_patients=4
+        )
+        rows = (root / part / "manifest.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        for row in rows[1:]:
+            cells = dict(zip(header, row.split(","), strict=True))
+            cells["path"] = f"{part}/{cells['path']}"
+            cells["mask"] = f"{part}/{cells['mask']}" if cells.get("mask") else ""
+            lines.append(",".join(cells[h] for h in header))
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join([",".join(header), *lines]) + "\n")
+    return manifest
+
+
+def test_records_for_evaluation_keeps_one_magnification(tmp_path, two_magnifications):
+    from histolens.evaluation import records_for_evaluation
+    from histolens.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")  # trained on every magnification
+    _, records, where = records_for_evaluation(ckpt, two_magnifications, "all")
+    assert len(records) == 32 and {r.magnification for r in records} == {100, 400}
+    assert where == f"all images of {two_magnifications}"
+    _, records, where = records_for_evaluation(ckpt, two_magnifications, "all", "100")
+    assert len(records) == 16 and {r.magnification for r in records} == {100}
+    assert where.endswith(", magnification 100X")
+    with pytest.raises(DataError, match=r"No 40X image was found in .*; its images are at 100X, "):
+        records_for_evaluation(ckpt, two_magnifications, "all", "40")
+
+
+def test_evaluate_cli_at_one_magnification_says_what_the_figures_rest_on(
+    tmp_path, two_magnifications
+):
+    from histolens.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")
+    out = tmp_path / "ev"
+    args = ["evaluate", str(ckpt), "--data", str(two_magnifications), "--split", "all"]
+    res = CliRunner().invoke(main, [*args, "-m", "400", "--n-boot", "20", "--quiet", "--out", out])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == (
+        "Evaluated 16 images of 4 patients (2 benign, 2 malignant): all images of "
+        f"{two_magnifications}, magnification 400X."
+    )
+    assert lines[1].startswith("  ROC AUC: ")
+    assert "  100X: " not in res.output  # one magnification: no per-magnification lines
+    assert (
+        "warning: Only 2 benign patients support this estimate: its confidence interval rests on "
+        "very few people and may not hold for new patients."
+    ) in lines
+    estimate = json.loads((out / "metrics.json").read_text())["estimate"]
+    assert estimate["n_images"] == 16 and estimate["patients_per_class"] == {
+        "benign": 2,
+        "malignant": 2,
+    }
+    with open(out / "predictions.csv") as fh:
+        assert {row["magnification"] for row in csv.DictReader(fh)} == {"400"}
+    html = (out / "report.html").read_text()
+    assert "Only 2 malignant patients support this estimate" in html
+
+    res = CliRunner().invoke(main, [*args, "-m", "40", "--quiet", "--out", tmp_path / "ev40"])
+    assert res.exit_code == 1
+    assert res.output.strip() == (
+        f"error: No 40X image was found in {two_magnifications}; its images are at 100X, 400X."
+    )
+    assert not (tmp_path / "ev40").exists()

@@ -557,39 +557,46 @@ def predict(checkpoint, inputs, out, batch_size, quiet):
     default=None,
     help="Output folder (default: <run>/evaluation-<split>).",
 )
+@click.option(
+    "--magnification",
+    "-m",
+    type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
+    default=None,
+    help="Score only the images of this magnification (default: the run's own split as it is; "
+    "of other data, the magnification the model was trained on, 'all' by default).",
+)
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0))
 @click.option("--quiet", is_flag=True)
-def evaluate(checkpoint, data_path, split_name, out, n_boot, quiet):
+def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, quiet):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
+    from histolens.estimate import build_estimate
     from histolens.evaluation import evaluate_checkpoint, records_for_evaluation, write_evaluation
+    from histolens.performance import figure_lines, support_text
 
-    ckpt, records, where = records_for_evaluation(checkpoint, data_path, split_name)
+    ckpt, records, where = records_for_evaluation(checkpoint, data_path, split_name, magnification)
     result, skipped = evaluate_checkpoint(ckpt, records, n_boot=n_boot, progress=not quiet)
     result.metrics["split"] = split_name
-    out = out or (ckpt.parent / f"evaluation-{split_name}")
+    n_images, n_patients = result.metrics["n_images"], result.metrics["n_patients"]
+    # The figures with their CIs and the patients of each class behind them: shown here, and
+    # stored in metrics.json so that the report leads with the same.
+    estimate = build_estimate(
+        result,
+        "'histolens evaluate' with the model's stored threshold and temperature",
+        f"{n_images} images of {n_patients} patient groups: {where}",
+        n_boot=n_boot,
+        per_magnification_boot=min(n_boot, 500),
+    )
+    result.metrics["estimate"] = estimate
+    if out is None:
+        mag = "" if magnification in (None, "all") else f"-{magnification}x"
+        out = ckpt.parent / f"evaluation-{split_name}{mag}"
     logs = ckpt.parent / "logs"
     write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None, checkpoint=ckpt)
-    img = result.metrics["image"]
-    click.echo(
-        f"Evaluated {result.metrics['n_images']} images of {result.metrics['n_patients']} "
-        f"patients ({where})."
-    )
-    for key in (
-        "roc_auc",
-        "pr_auc",
-        "accuracy",
-        "balanced_accuracy",
-        "sensitivity",
-        "specificity",
-        "patient_recognition_rate",
-        "patient_auc",
-        "macro_f1",
-        "ece",
-    ):
-        if key in img:
-            lo, hi = img.get("ci95", {}).get(key, (float("nan"),) * 2)
-            ci = f"  (95% CI {lo:.3f}-{hi:.3f})" if lo == lo else ""
-            click.echo(f"  {key}: {img[key]:.3f}{ci}")
+    # Whether the model saw these patients in training, evaluate cannot know of other data:
+    # it says what the figures rest on and leaves that judgement to the reader.
+    click.echo(f"Evaluated {support_text(estimate)}: {where}.")
+    for line in figure_lines(estimate):
+        click.echo(line)
     for s in skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
     click.echo(f"Report: {out / 'report.html'}")

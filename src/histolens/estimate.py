@@ -68,11 +68,25 @@ def class_support_warnings(
 
 def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
     from histolens.evaluation import EvalResult, compute_metrics
+    from histolens.metrics import bootstrap_ci
 
     sub = EvalResult(list(rows), result.classes, result.task, result.threshold, result.temperature)
     metrics = compute_metrics(sub, n_boot=n_boot, seed=seed)
-    img = metrics["image"]
-    ci = img.get("ci95", {})
+    img = dict(metrics["image"])
+    ci = dict(img.get("ci95", {}))
+    if len(result.classes) > 2:
+        # The subtype headline (and the probe's choice of C): compute_metrics has no balanced
+        # accuracy for subtypes, so it is computed here, with its CI over patients.
+        y = np.array([r.target for r in rows])
+        correct = np.array([int(np.argmax(r.probs)) == r.target for r in rows])
+        patients = np.array([r.patient for r in rows])
+
+        def balanced_accuracy(i: np.ndarray) -> float:
+            return float(np.mean([correct[i][y[i] == c].mean() for c in np.unique(y[i])]))
+
+        img["balanced_accuracy"] = balanced_accuracy(np.arange(len(rows)))
+        if n_boot:
+            ci["balanced_accuracy"] = bootstrap_ci(balanced_accuracy, patients, n_boot, seed)
     return {
         "n_images": metrics["n_images"],
         "n_patients": metrics["n_patients"],
@@ -141,7 +155,8 @@ def _fmt_metric(block: dict[str, Any], key: str) -> str:
 
 def _support(block: dict[str, Any]) -> str:
     per_class = ", ".join(f"{n} {c}" for c, n in block.get("patients_per_class", {}).items())
-    return f"{block['n_images']} images of {block['n_patients']} patients ({per_class})"
+    detail = f" ({per_class})" if per_class else ""
+    return f"{block['n_images']} images of {block['n_patients']} patients{detail}"
 
 
 def headline_text(estimate: dict[str, Any]) -> str:

@@ -278,12 +278,25 @@ def finalize_run(
     )
     result.metrics["split"] = test_part
     summary = _headline(result.metrics)
+    estimate = None
+    if write_outputs and len({r.target for r in result.rows}) > 1:
+        from histolens.estimate import build_estimate
+
+        estimate = build_estimate(
+            result,
+            f"the held-out {test_part} split of patients (one split, no cross-validation)",
+            f"{result.metrics['n_images']} images of {result.metrics['n_patients']} patient "
+            f"groups in {Path(str(cfg.data.path)).name} (magnification {cfg.data.magnification})",
+            seed=cfg.data.seed,
+        )
+        notes = notes + [w for w in estimate["warnings"] if w not in notes]
     update_metadata(
         run_dir / "best.safetensors",
         temperature=temperature,
         threshold=threshold,
         metrics={"split": test_part, **summary},
         threshold_method=cfg.train.threshold_method,
+        **({"estimate": estimate} if estimate else {}),
     )
     if write_outputs:
         write_evaluation(
@@ -422,12 +435,20 @@ def write_evaluation(
 
 
 def records_for_evaluation(
-    checkpoint: str | os.PathLike, data_path: str | os.PathLike | None, split_name: str
+    checkpoint: str | os.PathLike,
+    data_path: str | os.PathLike | None,
+    split_name: str,
+    magnification: str | int | None = None,
 ) -> tuple[Path, list[ImageRecord], str]:
     """The records to evaluate a checkpoint on, and a phrase saying where they came from.
 
     A run's own ``split.csv`` is used when the data are the run's; other data are split the same
     way (the checkpoint's seed and fractions) or used whole with ``split_name='all'``.
+
+    Args:
+        magnification: keep only the images of this magnification (40, 100, 200, 400 or 'all').
+            None: the run's own split as it is, or of other data the magnification the model was
+            trained on ('all' for a model trained on every magnification).
     """
     from histolens.checkpoint import read_metadata, resolve_checkpoint_path
     from histolens.config import RunConfig
@@ -444,15 +465,26 @@ def records_for_evaluation(
     )
     if same_data and split_csv.is_file():
         records = load_split_csv(split_csv).side(split_name)
-        return ckpt, records, f"{split_name} split of the run's split.csv"
+        where = f"{split_name} split of the run's split.csv"
+        if split_name == "all":
+            where += ", including the patients the model was trained on"
+        if not records:
+            raise DataError(
+                f"The run's split.csv has no {split_name} images (under cross-validation every "
+                "patient trains the model; its estimate is in the run's report); evaluate other "
+                "data with --data PATH --split all."
+            )
+        part = "the run's split.csv" if split_name == "all" else f"the {where}"
+        records = _of_magnification(records, magnification, part)
+        return ckpt, records, where + _magnification_phrase(magnification)
     path = data_path or trained_on
     if path is None:
         raise DataError("Give --data: the checkpoint does not say what it was trained on.")
-    records = filter_records(
-        discover(path).records, meta.get("magnification", "all"), meta.get("task", "binary")
-    )
+    mag = meta.get("magnification", "all") if magnification is None else magnification
+    records = _of_magnification(discover(path).records, mag, str(path))
+    records = filter_records(records, "all", meta.get("task", "binary"))
     if split_name == "all":
-        return ckpt, records, f"all images of {path}"
+        return ckpt, records, f"all images of {path}{_magnification_phrase(mag)}"
     split = split_by_patient(
         records,
         meta.get("task", "binary"),
@@ -461,4 +493,37 @@ def records_for_evaluation(
         cfg.data.seed,
         cfg.data.group_by,
     )
-    return ckpt, split.parts()[split_name], f"{split_name} split of {path} (seed {cfg.data.seed})"
+    return (
+        ckpt,
+        split.parts()[split_name],
+        f"{split_name} split of {path} (seed {cfg.data.seed}){_magnification_phrase(mag)}",
+    )
+
+
+def _magnification_phrase(magnification: str | int | None) -> str:
+    if magnification is None or str(magnification).lower() == "all":
+        return ""
+    return f", magnification {str(magnification).upper().rstrip('X')}X"
+
+
+def _of_magnification(
+    records: Sequence[ImageRecord], magnification: str | int | None, where: str
+) -> list[ImageRecord]:
+    """The records of one magnification (None or 'all': every record); one sentence if none."""
+    from histolens.data import MAGNIFICATIONS
+    from histolens.errors import check_choice
+
+    if magnification is None or str(magnification).lower() == "all":
+        return list(records)
+    mag = str(magnification).upper().rstrip("X")
+    check_choice("magnification", mag, [str(m) for m in MAGNIFICATIONS] + ["all"])
+    kept = [r for r in records if r.magnification == int(mag)]
+    if not kept:
+        found = sorted({r.magnification for r in records if r.magnification})
+        has = (
+            "its images are at " + ", ".join(f"{m}X" for m in found)
+            if found
+            else "no image there names its magnification (file name or manifest column)"
+        )
+        raise DataError(f"No {mag}X image was found in {where}; {has}.")
+    return kept

@@ -185,6 +185,9 @@ def train_probe(
         log.warning(n)
     n_classes = len(classes)
     layer = resolve_feature_layer(spec, cfg.model.feature_layer, "linear")
+    # As the Lightning path's seed_everything: a randomly initialised backbone (--pretrained none)
+    # is then the same in every run, so features shared through feature_store match its weights.
+    torch.manual_seed(cfg.train.seed)
     model = build_model(spec, n_classes, cfg.model.pretrained, (), (), layer)
     run_dir.mkdir(parents=True, exist_ok=True)
     size = None if spec.pooling == "token" else cfg.model.input_size
@@ -284,6 +287,7 @@ def train_probe(
             ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
         )
         result.metrics["split"] = "out-of-fold" if n_folds else "test"
+        ev.metrics = result.metrics
         if write_outputs:
             _write_outputs(run_dir, ev, cfg, method, dataset, notes, n_folds, result.metrics)
         else:
@@ -302,7 +306,13 @@ def _audit_notes(records: Sequence[ImageRecord], progress: bool) -> list[str]:
         report = audit_dataset(list(records), progress=False, colour=False)
     except DataError:
         return []
-    return [f"Shortcut audit: {w}" for w in report.warnings]
+    if not report.warnings:
+        return []
+    others = report.flagged[1:]
+    also = f" Also flagged: {', '.join(others)}." if others else ""
+    return [
+        f"Shortcut audit: {report.warnings[0]}{also} See 'histolens data audit' for the table."
+    ]
 
 
 def _write_outputs(

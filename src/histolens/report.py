@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from histolens.atomic import atomic_write_text
+from histolens.estimate import ESTIMATE_KEYS
+from histolens.performance import (
+    checkpoint_estimate,
+    estimate_from_metrics,
+    headline,
+    is_from_metrics,
+    measured_on,
+    support_text,
+)
 
 __all__ = ["write_report"]
 
@@ -35,6 +44,8 @@ font-variant-numeric:tabular-nums}.cards{display:flex;flex-wrap:wrap;gap:12px}.c
 background:#f0f4fa;border-radius:8px;padding:10px 14px}.card b{display:block;font-size:1.6em}
 .card span{color:#5b6575;font-size:.85em}img{max-width:100%;border-radius:6px}
 .warn{background:#fff4e5;border-left:4px solid #f0a030;padding:8px 12px;margin:8px 0}
+.warn ul{margin:4px 0 0;padding-left:20px}.card small{display:block;color:#3d4757;font-size:.8em}
+.how{color:#3d4757}.how b{color:#1d2430}table.fig{width:auto;min-width:60%}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:12px}
 .gallery figure{margin:0}.gallery figcaption{font-size:.8em;color:#5b6575}
 pre{background:#f0f2f5;padding:10px;border-radius:6px;overflow:auto;font-size:.82em;max-height:360px}
@@ -137,15 +148,184 @@ def _cards(metrics: dict[str, Any]) -> str:
         ("Balanced accuracy", img.get("balanced_accuracy", img.get("accuracy"))),
         ("Images / patients", f"{metrics.get('n_images')} / {metrics.get('n_patients')}"),
     ]
+    return _card_row([(k, _fmt(v), "") for k, v in items if v is not None])
+
+
+def _card_row(items: Sequence[tuple[str, str, str]]) -> str:
+    """Cards of (name, value, small print under the value), all already HTML-safe."""
     return (
         '<div class="cards">'
         + "".join(
-            f'<div class="card"><b>{_fmt(v)}</b><span>{k}</span></div>'
-            for k, v in items
-            if v is not None
+            f'<div class="card"><b>{v}</b>{f"<small>{note}</small>" if note else ""}'
+            f"<span>{k}</span></div>"
+            for k, v, note in items
         )
         + "</div>"
     )
+
+
+def _ci_text(estimate: dict[str, Any], key: str) -> str:
+    ci = estimate.get("ci95", {}).get(key)
+    if not ci or any(v is None or math.isnan(v) for v in ci):
+        return ""
+    return f"95% CI {ci[0]:.2f}&ndash;{ci[1]:.2f}"
+
+
+def _estimate_cards(estimate: dict[str, Any]) -> str:
+    """The estimate's main figures with their CIs, and the patients behind them."""
+    values = estimate.get("metrics", {})
+    keys = (
+        ("roc_auc", "patient_auc", "balanced_accuracy")
+        if "roc_auc" in values
+        else ("balanced_accuracy", "macro_f1", "patient_recognition_rate")
+    )
+    items = [
+        (
+            f"{ESTIMATE_KEYS[k][0].upper()}{ESTIMATE_KEYS[k][1:]}",
+            _fmt(values[k]),
+            _ci_text(estimate, k),
+        )
+        for k in keys
+        if k in values
+    ]
+    per_class = estimate.get("patients_per_class") or {}
+    patients = html.escape(str(estimate.get("n_patients", "?")))
+    note = ", ".join(f"{n} {html.escape(str(c))}" for c, n in per_class.items())
+    items.append(("Patients", patients, note))
+    if estimate.get("n_images") is not None:
+        items.append(("Images", html.escape(str(estimate["n_images"])), ""))
+    return _card_row(items)
+
+
+def _estimate_section(title: str, estimate: dict[str, Any]) -> str:
+    """The figures a reader should quote: value, 95% CI, what they were measured on, the
+    patients of each class behind them, per magnification, and the warnings in words."""
+    values = estimate.get("metrics", {})
+    if is_from_metrics(estimate):
+        how = f"<p class=how>{html.escape(measured_on(estimate))}</p>"
+    else:
+        how = (
+            f"<p class=how><b>Method:</b> {html.escape(str(estimate['method']))}.<br>"
+            f"<b>Data:</b> {html.escape(str(estimate['description']))}.</p>"
+        )
+    support = (
+        f"<p class=how><b>Patients behind these figures:</b> "
+        f"{html.escape(support_text(estimate))}.</p>"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=num>{_fmt(values[k])}</td>"
+        f"<td class=num>{_ci_text(estimate, k).replace('95% CI ', '') or 'not stored'}</td></tr>"
+        for k, name in ESTIMATE_KEYS.items()
+        if k in values
+    )
+    table = (
+        "<table class=fig><tr><th>Metric</th><th>Value</th><th>95% CI (bootstrap over patients)</th></tr>"
+        f"{rows}</table>"
+    )
+    per_mag = estimate.get("per_magnification") or {}
+    if per_mag:
+        key = "roc_auc" if "roc_auc" in values else "balanced_accuracy"
+        body = ""
+        for mag, block in per_mag.items():
+            per_class = block.get("patients_per_class") or {}
+            classes = ", ".join(f"{n} {html.escape(str(c))}" for c, n in per_class.items())
+            value = block.get("metrics", {}).get(key)
+            ci = _ci_text(block, key)
+            shown = "n/a (one class only)" if value is None else _fmt(value)
+            body += (
+                f"<tr><td>{html.escape(str(mag))}</td><td class=num>{block.get('n_images', '')}"
+                f"</td><td class=num>{block.get('n_patients', '')}</td><td>{classes or '?'}</td>"
+                f"<td class=num>{shown}{f' ({ci})' if ci else ''}</td></tr>"
+            )
+        table += (
+            "<h3>Per magnification</h3><table class=fig><tr><th>Magnification</th><th>Images</th>"
+            f"<th>Patients</th><th>Patients per class</th><th>{ESTIMATE_KEYS[key]}</th></tr>"
+            f"{body}</table>"
+        )
+    warnings = estimate.get("warnings") or []
+    box = ""
+    if warnings:
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+        box = f'<div class="warn"><b>Read these figures with care</b><ul>{items}</ul></div>'
+    return (
+        f"<section id=estimate><h2>{html.escape(title)}</h2>{_estimate_cards(estimate)}"
+        f"{how}{support}{box}{table}</section>"
+    )
+
+
+def _report_estimate(
+    meta: dict[str, Any], metrics: dict[str, Any], ev: Path, own_evaluation: bool
+) -> tuple[str, dict[str, Any] | None]:
+    """The figures this report leads with, and their section's title.
+
+    An evaluation of new images ('histolens evaluate') stores its own estimate in metrics.json;
+    a run's own evaluation is what the checkpoint's estimate was made from; evaluations without
+    an estimate (older runs, the Lightning head's test split) are labelled by their split.
+    """
+    unseen = "Estimated performance on unseen patients"
+    if isinstance(metrics.get("estimate"), dict):
+        return "Performance on the evaluated images", metrics["estimate"]
+    if own_evaluation and isinstance(meta.get("estimate"), dict):
+        return unseen, meta["estimate"]
+    if metrics.get("image"):
+        classes = list(meta.get("class_names") or [])
+        overall, per_mag_classes = _patients_per_class(ev / "predictions.csv")
+        blocks = {}
+        for mag, block in (metrics.get("per_magnification") or {}).items():
+            blocks[mag] = {
+                "n_images": block.get("n"),
+                "n_patients": block.get("n_patients"),
+                "patients_per_class": per_mag_classes.get(mag, {}),
+                "metrics": {k: block[k] for k in ESTIMATE_KEYS if k in block},
+                "ci95": {},
+            }
+        headline = {
+            **metrics["image"],
+            "split": metrics.get("split", "test"),
+            "n_images": metrics.get("n_images"),
+            "n_patients": metrics.get("n_patients"),
+        }
+        estimate = estimate_from_metrics(
+            headline,
+            classes or sorted(overall),
+            str(meta.get("task", "binary")),
+            metrics.get("threshold"),
+            patients_per_class=overall,
+            per_magnification=blocks,
+        )
+    else:
+        estimate = checkpoint_estimate(meta)
+    # Figures of patients held out from training (a test split, out-of-fold predictions) are an
+    # estimate on unseen patients; a validation split chose the threshold, so it is not.
+    held_out = estimate is not None and (
+        not is_from_metrics(estimate) or estimate.get("split") in ("test", "out-of-fold")
+    )
+    return (unseen if held_out else "Performance"), estimate
+
+
+def _patients_per_class(
+    predictions_csv: Path,
+) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Patients of each class in an evaluation's predictions.csv, overall and per magnification
+    ('100X'); each patient counted under the label of most of their images."""
+    import csv
+    from collections import Counter
+
+    if not predictions_csv.is_file():
+        return {}, {}
+    # (magnification or "" for all, patient) -> label counts of that patient's images
+    labels: dict[tuple[str, str], Counter] = {}
+    with predictions_csv.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            labels.setdefault(("", row["patient"]), Counter())[row["label"]] += 1
+            if row.get("magnification"):
+                mag = (f"{row['magnification']}X", row["patient"])
+                labels.setdefault(mag, Counter())[row["label"]] += 1
+    per_mag: dict[str, Counter] = {}
+    for (mag, _), counts in labels.items():
+        per_mag.setdefault(mag, Counter())[counts.most_common(1)[0][0]] += 1
+    overall = per_mag.pop("", Counter())
+    return dict(sorted(overall.items())), {m: dict(sorted(c.items())) for m, c in per_mag.items()}
 
 
 def _split_table(data: dict[str, Any]) -> str:
@@ -163,26 +343,45 @@ def _split_table(data: dict[str, Any]) -> str:
         + "".join(f"<td class=num>{p['classes'].get(c, 0)}</td>" for c in classes)
         + "</tr>"
         for name, p in split.items()
+        if p.get("images") or name == "train"  # cross-validated runs have no val/test parts
     )
     return f"<table>{head}{body}</table>"
 
 
-def _model_card(meta: dict[str, Any]) -> str:
+def _head_text(meta: dict[str, Any]) -> str:
+    if meta.get("head", {}).get("dims", [1]):
+        return "the original project's head"
+    layer = meta.get("feature_layer") or "the last layer"
+    C = (meta.get("probe") or {}).get("C")
+    return f"a linear probe (C={C:g}) on the pooled features of {layer}" if C else "a linear probe"
+
+
+def _threshold_source(meta: dict[str, Any]) -> str:
+    if "cross-validation" in str((meta.get("estimate") or {}).get("method", "")):
+        return "the out-of-fold predictions of every training patient"
+    if not meta.get("head", {}).get("dims", [1]):
+        return "the inner out-of-fold predictions of the training patients"
+    return "the validation split"
+
+
+def _model_card(meta: dict[str, Any], estimate: dict[str, Any] | None = None) -> str:
     data = meta.get("data", {})
+    performance = html.escape(headline(estimate if estimate else checkpoint_estimate(meta)))
     return f"""
 <p><b>Intended use.</b> Research and education in computational pathology: studying how a
 classifier of H&amp;E breast histopathology images behaves, comparing backbones and training
 recipes, teaching. <b>Not for diagnosis</b> and not a medical device; a pathologist's reading
 of the slide is the reference.</p>
 <p><b>Model.</b> {html.escape(str(meta.get("backbone")))} backbone (weights:
-{html.escape(str(meta.get("pretrained")))}) with the original project's head; task
+{html.escape(str(meta.get("pretrained")))}) with {_head_text(meta)}; task
 {html.escape(str(meta.get("task")))}; classes {html.escape(", ".join(meta.get("class_names", [])))};
-decision threshold {float(meta.get("threshold", 0.5)):.3f} chosen on the validation split;
+decision threshold {float(meta.get("threshold", 0.5)):.3f} chosen on {_threshold_source(meta)};
 temperature {float(meta.get("temperature", 1.0)):.3f}; stain normalisation
 {html.escape(str((meta.get("stain") or {}).get("method", "none")))}.</p>
 <p><b>Data.</b> {html.escape(str(data.get("path", "")))} ({html.escape(str(data.get("layout", "")))}),
 magnification {html.escape(str(meta.get("magnification")))}; split by
 {"patient group" if data.get("patient_level_split", True) else "image (no patient ids: optimistic)"}.</p>
+<p><b>Performance.</b> {performance}.</p>
 <p><b>Limitations.</b> Trained on few patients: confidence intervals are wide and performance on
 other labs, scanners, stains and magnifications is unknown. Image-level metrics count correlated
 images of one patient many times; read the patient-level figures. Heatmaps show what the model
@@ -214,14 +413,25 @@ def write_report(
         f" &middot; saved {html.escape(str(meta.get('saved_at', '')))}</div>"
     ]
     parts.append('<div class="warn">Research and education use only. Not for diagnosis.</div>')
+    own = evaluation_dir is None or ev.resolve() == (run_dir / "evaluation").resolve()
+    title, estimate = _report_estimate(meta, metrics, ev, own)
+    shown = set(estimate.get("warnings", [])) if estimate else set()
     for n in notes:
-        parts.append(f'<div class="warn">{html.escape(n)}</div>')
-    if metrics:
+        if n not in shown:  # the estimate's warnings are shown with it, below
+            parts.append(f'<div class="warn">{html.escape(n)}</div>')
+    if estimate:
+        parts.append(_estimate_section(title, estimate))
+    elif metrics:
         parts.append(
             f"<section><h2>Headline ({html.escape(str(metrics.get('split', 'test')))} "
-            f"split, unseen patients)</h2>{_cards(metrics)}</section>"
+            f"split)</h2>{_cards(metrics)}</section>"
         )
-        parts.append(f"<section><h2>Metrics</h2>{_metrics_table(metrics)}</section>")
+    if metrics:
+        split = html.escape(str(metrics.get("split", "test")))
+        parts.append(
+            f"<section><h2>All metrics of these predictions ({split})</h2>"
+            f"{_metrics_table(metrics)}</section>"
+        )
     if data:
         parts.append(
             f"<section><h2>Data and split</h2><p>{html.escape(str(data.get('path')))} "
@@ -253,7 +463,8 @@ def write_report(
     if faith.is_file():
         parts.append(_faithfulness_section(json.loads(faith.read_text())))
     if meta:
-        parts.append(f"<section><h2>Model card</h2>{_model_card(meta)}</section>")
+        card_estimate = estimate if own else checkpoint_estimate(meta)
+        parts.append(f"<section><h2>Model card</h2>{_model_card(meta, card_estimate)}</section>")
         parts.append(
             "<section><h2>Resolved configuration</h2><pre>"
             f"{html.escape(json.dumps(meta.get('config', {}), indent=2))}</pre>"

@@ -91,7 +91,7 @@ def screenshot(display: str, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def breakhis_like(tmp_path_factory) -> tuple[Path, Path]:
+def breakhis_like(tmp_path_factory, estimate) -> tuple[Path, Path]:
     """Twelve 700x460 synthetic BreakHis tiles and a checkpoint whose probabilities spread
     like a trained model's: random weights, the last bias centred on these tiles and a
     temperature that widens the logits, so both classes and some review flags appear."""
@@ -122,11 +122,12 @@ def breakhis_like(tmp_path_factory) -> tuple[Path, Path]:
             "n_images": 1186,
             "n_patients": 17,
         },
+        estimate=estimate,
     )
     return data, save_checkpoint(root / "viewer.safetensors", probe.model, meta)
 
 
-def test_viewer_window_end_to_end(xvfb_display, breakhis_like, image_folder, tmp_path):
+def test_viewer_window_end_to_end(xvfb_display, breakhis_like, image_folder, tmp_path, estimate):
     import tkinter as tk
 
     from histolens.gui.app import ViewerApp
@@ -139,6 +140,13 @@ def test_viewer_window_end_to_end(xvfb_display, breakhis_like, image_folder, tmp
     try:
         pump(root, lambda: presenter.predictor is not None and not presenter.busy, "the model")
         assert str(app.method_var.get()) == "Grad-CAM"
+        # The estimate, with its CI, support and warnings, in the model panel.
+        shown = app.performance_text.get("1.0", "end")
+        auc, (lo, hi) = estimate["metrics"]["roc_auc"], estimate["ci95"]["roc_auc"]
+        assert shown.startswith(f"ROC AUC: {auc:.3f} (95% CI {lo:.2f}-{hi:.2f})\n")
+        assert "Support: 66 images of 11 patients (3 benign, 8 malignant)." in shown
+        assert "\u26a0 Only 3 benign patients support this estimate at 100X" in shown
+        assert "100X: ROC AUC" in shown
 
         # A wrong checkpoint: a message in the window, the loaded model kept.
         junk = tmp_path / "junk.safetensors"

@@ -118,15 +118,56 @@ def test_checkpoint_shows_backbone_task_data_and_metrics(loaded, checkpoint):
     assert rows["Task"] == "binary: benign, malignant"
     assert rows["Threshold"] == "0.500"
     assert rows["Training data"].startswith("synthetic (test fixture)")
-    assert info.metrics == (
-        ("ROC AUC", "0.912"),
-        ("Patient recognition rate", "0.875"),
-        ("Images", "40"),
+    # An older checkpoint: test-split figures, labelled as such, with a warning in words.
+    assert info.performance_title == "MEASURED PERFORMANCE"
+    assert info.performance_text == (
+        "Measured on a held-out test split of 40 images (number of patients not stored); "
+        "no confidence interval was stored.",
+        "  ROC AUC: 0.912",
+        "  patient recognition rate: 0.875",
     )
-    assert info.metrics_split == "test"
+    assert info.performance_warnings == (
+        "The number of test patients is not stored: the figures may not hold for new patients.",
+    )
     assert view.last("show_methods") == (FAKE_METHODS, "gradcam")
     assert not presenter.busy
     assert view.all("set_busy") == [(True,), (False,)]
+
+
+def test_checkpoint_with_an_estimate_shows_its_cis_support_and_warnings(tmp_path, estimate):
+    from histolens.checkpoint import update_metadata
+
+    path = make_checkpoint(tmp_path / "m.safetensors", metrics={"split": "out-of-fold"})
+    update_metadata(path, estimate=estimate)
+    presenter, view = make_presenter()
+    presenter.open_checkpoint(path)
+    presenter.poll()
+    (info,) = view.last("show_model")
+    assert info.performance_title == "PERFORMANCE ON UNSEEN PATIENTS"
+    text = info.performance_text
+    assert text[0] == (
+        "Estimated on unseen patients by 5-fold patient-level cross-validation (out-of-fold "
+        "predictions): 66 images of 11 patient groups in manifest.csv (magnification all)."
+    )
+    assert text[1] == "Support: 66 images of 11 patients (3 benign, 8 malignant)."
+    auc, (lo, hi) = estimate["metrics"]["roc_auc"], estimate["ci95"]["roc_auc"]
+    assert f"  ROC AUC: {auc:.3f} (95% CI {lo:.2f}-{hi:.2f})" in text
+    assert any(line.startswith("  100X: ROC AUC ") for line in text)
+    assert info.performance_warnings == tuple(estimate["warnings"])
+    assert info.performance_warnings[0].startswith("Only 3 benign patients support this")
+
+
+def test_checkpoint_with_few_test_patients_says_so(tmp_path):
+    metrics = {"split": "test", "patient_auc": 1.0, "n_images": 52, "n_patients": 7}
+    presenter, view = make_presenter()
+    presenter.open_checkpoint(make_checkpoint(tmp_path / "m.safetensors", metrics=metrics))
+    presenter.poll()
+    (info,) = view.last("show_model")
+    assert info.performance_text[0].startswith("Measured on a held-out test split of 7 patients")
+    assert "  patient AUC: 1.000" in info.performance_text
+    assert info.performance_warnings == (
+        "Measured on only 7 test patients: the figures may not hold for new patients.",
+    )
 
 
 def test_open_image_shows_image_prediction_and_heatmap(loaded, image_path):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from histolens.predictor import Predictor
-from histolens.testing import make_tissue_image
+from histolens.testing import make_checkpoint, make_tissue_image
 
 
 def _file(data: bytes, name: str = "tile.png", mime: str = "image/png") -> dict:
@@ -79,10 +79,72 @@ def test_model_info_shows_checkpoint_metadata_and_test_metrics(client):
     assert info["backbone"] == "test_resnet"
     assert info["class_names"] == ["benign", "malignant"]
     assert info["metrics"] == {"test": {"accuracy": 0.875, "auc": 0.931}}
+    # An older checkpoint: no estimate, its metrics labelled with what they were measured on.
+    assert info["estimate"] is None
+    assert info["metrics_description"] == ("a held-out test split (number of patients not stored)")
+    assert info["metrics_warnings"] == [
+        "The number of test patients is not stored: the figures may not hold for new patients."
+    ]
+    assert info["data"] == {
+        "name": "synthetic",
+        "layout": "test fixture",
+        "patient_level_split": None,
+        "split": {},
+    }
     assert info["task"] == "binary" and info["threshold"] == 0.5
     assert "gradcam" in info["explain_methods"]
     assert "not for diagnosis" in info["notice"]
     assert info["auth_required"] is False
+
+
+def test_model_info_returns_the_estimate_and_no_server_path(tmp_path, estimate):
+    from fastapi.testclient import TestClient
+
+    from histolens.checkpoint import update_metadata
+    from histolens.web.app import create_app
+
+    data_dir = tmp_path / "private" / "breakhis-dev"
+    path = make_checkpoint(
+        tmp_path / "m.safetensors",
+        metrics={"split": "out-of-fold", "roc_auc": 0.98, "n_images": 66, "n_patients": 11},
+    )
+    split = {"train": {"images": 66, "groups": 11, "classes": {"benign": 18, "malignant": 48}}}
+    update_metadata(
+        path,
+        estimate=estimate,
+        data={
+            "path": str(data_dir),
+            "layout": "manifest",
+            "patient_level_split": True,
+            "split": split,
+        },
+        stain_reference=str(tmp_path / "private" / "reference.png"),
+    )
+    with TestClient(create_app(path)) as client:
+        r = client.get("/v1/model")
+    assert r.status_code == 200
+    assert str(tmp_path) not in r.text and "private" not in r.text
+    info = r.json()
+    assert info["data"] == {
+        "name": "breakhis-dev",
+        "layout": "manifest",
+        "patient_level_split": True,
+        "split": split,
+    }
+    est = info["estimate"]
+    assert est["method"] == "5-fold patient-level cross-validation (out-of-fold predictions)"
+    assert est["description"].startswith("66 images of 11 patient groups")
+    assert (est["n_images"], est["n_patients"]) == (66, 11)
+    assert est["patients_per_class"] == {"benign": 3, "malignant": 8}
+    assert est["metrics"]["roc_auc"] == pytest.approx(estimate["metrics"]["roc_auc"])
+    lo, hi = est["ci95"]["roc_auc"]
+    assert lo <= est["metrics"]["roc_auc"] <= hi
+    assert set(est["per_magnification"]) == {"100X", "400X"}
+    assert est["per_magnification"]["100X"]["patients_per_class"] == {"benign": 3, "malignant": 8}
+    assert est["warnings"] == estimate["warnings"] == info["metrics_warnings"]
+    assert est["warnings"][0].startswith("Only 3 benign patients support this estimate")
+    assert info["metrics"]["split"] == "out-of-fold"  # kept for older clients
+    assert info["metrics_description"] == "the out-of-fold predictions of 11 patients (66 images)"
 
 
 def test_health_page_and_docs_are_served(client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,8 +44,9 @@ def sync_playwright():
     return playwright.sync_playwright
 
 
-@pytest.fixture
-def live_server(checkpoint):
+@contextlib.contextmanager
+def serve(checkpoint):
+    """The service of ``checkpoint`` on a free loopback port: yields its base URL."""
     uvicorn = pytest.importorskip("uvicorn")
     from histolens.web.app import create_app
 
@@ -55,14 +57,29 @@ def live_server(checkpoint):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def live_server(checkpoint):
+    with serve(checkpoint) as url:
+        yield url
+
+
+def _keep_screenshot(screenshot: Path) -> None:
+    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
+        target = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, target / screenshot.name)
 
 
 def test_upload_shows_prediction_and_heatmap_and_slider_only_redraws(
@@ -86,7 +103,13 @@ def test_upload_shows_prediction_and_heatmap_and_slider_only_redraws(
                 "document.getElementById('model-chip-text').textContent.includes('test-')"
             )
             assert "test_resnet" in page.locator("#model-facts").inner_text()
-            assert "auc" in page.locator("#metrics").inner_text()
+            # An older checkpoint: its test figures, labelled, with the warning in words.
+            assert "ROC AUC" in page.locator("#metrics").inner_text()
+            assert page.locator("#metrics-title").inner_text() == "Measured performance"
+            assert (
+                "number of test patients is not stored"
+                in page.locator("#metrics-warnings").inner_text()
+            )
 
             page.set_input_files("#file-input", str(image_path))
             page.wait_for_selector("#result:not([hidden])")
@@ -116,10 +139,44 @@ def test_upload_shows_prediction_and_heatmap_and_slider_only_redraws(
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
-    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
-        target = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(screenshot, target / screenshot.name)
+    _keep_screenshot(screenshot)
+
+
+def test_model_panel_shows_the_estimate_with_cis_support_and_warnings(
+    sync_playwright, tmp_path, estimate
+):
+    from histolens.checkpoint import update_metadata
+    from histolens.testing import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m.safetensors", metrics={"split": "out-of-fold"})
+    update_metadata(path, estimate=estimate)
+    auc, (lo, hi) = estimate["metrics"]["roc_auc"], estimate["ci95"]["roc_auc"]
+    with serve(path) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            page.goto(url + "/")
+            page.wait_for_selector("#metrics-block:not([hidden])")
+            assert page.locator("#metrics-title").inner_text() == "Performance on unseen patients"
+            headline = page.locator("#headline-figure").inner_text()
+            assert f"{auc:.3f}" in headline and f"95% CI {lo:.2f}–{hi:.2f}" in headline
+            assert (
+                "5-fold patient-level cross-validation"
+                in page.locator("#metrics-about").inner_text()
+            )
+            assert (
+                "11 patients (3 benign, 8 malignant) · 66 images"
+                in page.locator("#metrics-support").inner_text()
+            )
+            warnings = page.locator("#metrics-warnings li").all_inner_texts()
+            assert len(warnings) == 3 and warnings[0].startswith("Only 3 benign patients")
+            page.locator("#per-mag summary").click()
+            assert "100X" in page.locator("#per-mag-table").inner_text()
+            screenshot = tmp_path / "web_page_estimate.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    _keep_screenshot(screenshot)
 
 
 def test_bad_upload_shows_the_services_message(live_server, sync_playwright, tmp_path):

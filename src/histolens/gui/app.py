@@ -50,6 +50,7 @@ _MUTED = "#5b6473"
 _ACCENT = "#2f5d8a"
 _NOTICE = "#8b1e1e"
 _REVIEW_BG = "#f6c344"
+_WARNING_BG = "#fff4e0"
 _ERROR_BG = "#fde2e1"
 _ERROR_FG = "#8b1e1e"
 _COLUMN_TITLES = {"file": "File", "class": "Class", "probability": "Probability", "review": "Flag"}
@@ -152,6 +153,7 @@ class ViewerApp:
         self._poll_after: str | None = None
         self._method_keys: dict[str, str] = {}
         self._score_rows: dict[str, tuple[ttk.Progressbar, ttk.Label]] = {}
+        self.performance_text: tk.Text | None = None  # the model's figures and warnings
         self._setup_root()
         self._build_menu()
         self._build_layout()
@@ -403,7 +405,7 @@ class ViewerApp:
             self.heatmap_panel.grid(row=0, column=1, sticky="nsew", padx=(3, 0), pady=0)
 
     def _build_side(self, master: tk.Misc) -> ttk.Frame:
-        side = ttk.Frame(master, width=300, height=200)
+        side = ttk.Frame(master, width=330, height=200)
         side.pack_propagate(False)  # a fixed-width column; long values wrap instead
         pred = ttk.Frame(side, style="Panel.TFrame", padding=(10, 6, 10, 10))
         pred.pack(fill="x")
@@ -549,8 +551,11 @@ class ViewerApp:
 
     # --- View protocol: presenter -> widgets ----------------------------------------------------
     def show_model(self, info: ModelInfo | None) -> None:
+        for row in range(self.model_frame.grid_size()[1]):
+            self.model_frame.rowconfigure(row, weight=0)
         for child in self.model_frame.winfo_children():
             child.destroy()
+        self.performance_text = None
         if info is None:
             ttk.Label(
                 self.model_frame,
@@ -567,22 +572,59 @@ class ViewerApp:
             ttk.Label(
                 self.model_frame, text=value, style="Value.TLabel", wraplength=178, justify="left"
             ).grid(row=row, column=1, sticky="nw", pady=1)
-        # Metrics get their own grid: their long names must not narrow the values above.
-        metrics = ttk.Frame(self.model_frame, style="Panel.TFrame")
-        metrics.grid(row=len(info.rows()), column=0, columnspan=2, sticky="ew", pady=(10, 0))
-        split = f" ({info.metrics_split} split)" if info.metrics_split else ""
-        ttk.Label(metrics, text="TEST METRICS" + split, style="PanelTitle.TLabel").grid(
-            row=0, column=0, columnspan=2, sticky="w", pady=(0, 2)
+        # The figures get their own full-width area: long sentences must not narrow the values
+        # above, and a scrollable text keeps every warning readable in a narrow column.
+        first = len(info.rows())
+        ttk.Label(self.model_frame, text=info.performance_title, style="PanelTitle.TLabel").grid(
+            row=first, column=0, columnspan=2, sticky="w", pady=(10, 2)
         )
-        if not info.metrics:
-            ttk.Label(metrics, text="none stored in the checkpoint", style="Muted.TLabel").grid(
-                row=1, column=0, columnspan=2, sticky="w"
-            )
-        for row, (key, value) in enumerate(info.metrics, start=1):
-            ttk.Label(metrics, text=key, style="Key.TLabel").grid(
-                row=row, column=0, sticky="w", padx=(0, 8)
-            )
-            ttk.Label(metrics, text=value, style="Value.TLabel").grid(row=row, column=1, sticky="w")
+        area = ttk.Frame(self.model_frame, style="Panel.TFrame")
+        area.grid(row=first + 1, column=0, columnspan=2, sticky="nsew")
+        self.model_frame.rowconfigure(first + 1, weight=1)
+        text = self.performance_text = tk.Text(
+            area,
+            wrap="word",
+            height=8,
+            width=30,
+            relief="flat",
+            borderwidth=0,
+            highlightthickness=0,
+            background=_PANEL,
+            foreground=_TEXT,
+            font=("DejaVu Sans", 9),
+            padx=0,
+            pady=0,
+            cursor="arrow",
+        )
+        scroll = ttk.Scrollbar(area, orient="vertical", command=text.yview)
+        text.configure(yscrollcommand=scroll.set)
+        text.pack(side="left", fill="both", expand=True)
+        scroll.pack(side="right", fill="y")
+        text.tag_configure("headline", font=("DejaVu Sans", 11, "bold"), spacing3=2)
+        text.tag_configure("about", foreground=_MUTED, spacing3=3)
+        text.tag_configure("figure", lmargin1=0, lmargin2=12, spacing1=1)
+        text.tag_configure(
+            "warning",
+            background=_WARNING_BG,
+            foreground="#5c3d00",
+            lmargin1=4,
+            lmargin2=4,
+            rmargin=2,
+            spacing1=4,
+            spacing3=2,
+        )
+        # What must be seen without scrolling comes first: the main figure, what it was measured
+        # on, the patients behind it and the warnings; then the other figures.
+        figures = info.performance_figures
+        if figures:
+            text.insert("end", figures[0] + "\n", "headline")
+        for line in info.performance_about:
+            text.insert("end", line + "\n", "about")
+        for warning in info.performance_warnings:
+            text.insert("end", f"\u26a0 {warning}\n", "warning")
+        for line in figures[1:]:
+            text.insert("end", line + "\n", "figure")
+        text.configure(state="disabled")
         self._build_scores(info.class_names)
 
     def _build_scores(self, class_names: Sequence[str]) -> None:

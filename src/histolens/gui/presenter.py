@@ -146,13 +146,16 @@ class ModelInfo:
     threshold: float | None
     temperature: float
     training_data: str
-    metrics: tuple[tuple[str, str], ...]
-    metrics_split: str
+    performance: tuple[str, ...]
+    performance_title: str
     saved_at: str
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ModelInfo:
+        from histolens.performance import checkpoint_estimate, is_from_metrics, performance_lines
+
         meta = predictor.metadata or {}
+        estimate = checkpoint_estimate(meta)
         return cls(
             source=str(getattr(predictor, "source", "")),
             model_id=str(meta.get("model_id") or Path(str(predictor.source)).stem),
@@ -162,8 +165,12 @@ class ModelInfo:
             threshold=predictor.threshold if len(predictor.class_names) == 2 else None,
             temperature=float(predictor.temperature),
             training_data=_describe_data(meta.get("data"), meta.get("magnification")),
-            metrics=_describe_metrics(meta.get("metrics")),
-            metrics_split=str((meta.get("metrics") or {}).get("split", "")),
+            performance=tuple(performance_lines(estimate)),
+            performance_title=(
+                "PERFORMANCE ON UNSEEN PATIENTS"
+                if estimate and not is_from_metrics(estimate)
+                else "MEASURED PERFORMANCE"
+            ),
             saved_at=str(meta.get("saved_at", "")),
         )
 
@@ -181,6 +188,31 @@ class ModelInfo:
             rows.append(("Saved", self.saved_at))
         rows.append(("File", self.source))
         return rows
+
+    @property
+    def performance_text(self) -> tuple[str, ...]:
+        """What the figures were measured on, the support and the figures, without warnings."""
+        return tuple(line for line in self.performance if not line.startswith(_WARNING))
+
+    @property
+    def performance_about(self) -> tuple[str, ...]:
+        """What the figures were measured on, and the patients of each class behind them."""
+        return tuple(line for line in self.performance_text if not line.startswith("  "))
+
+    @property
+    def performance_figures(self) -> tuple[str, ...]:
+        """'ROC AUC: 0.916 (95% CI 0.71-1.00)', ..., then one line per magnification."""
+        return tuple(line.strip() for line in self.performance_text if line.startswith("  "))
+
+    @property
+    def performance_warnings(self) -> tuple[str, ...]:
+        """The figures' warnings in words (too few patients of a class, no CI stored, ...)."""
+        return tuple(
+            line[len(_WARNING) :] for line in self.performance if line.startswith(_WARNING)
+        )
+
+
+_WARNING = "warning: "
 
 
 def _describe_data(data: Any, magnification: Any = None) -> str:
@@ -202,52 +234,6 @@ def _describe_data(data: Any, magnification: Any = None) -> str:
     if data.get("patient_level_split") is False:
         parts.append("(split not patient-level)")
     return " ".join(parts)
-
-
-def _format_metric(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict):
-        for key in ("value", "point", "estimate", "mean"):
-            if isinstance(value.get(key), int | float):
-                text = f"{value[key]:.3f}"
-                lo, hi = (
-                    value.get("low", value.get("ci_low")),
-                    value.get("high", value.get("ci_high")),
-                )
-                if isinstance(lo, int | float) and isinstance(hi, int | float):
-                    text += f" [{lo:.3f}, {hi:.3f}]"
-                return text
-    return str(value)
-
-
-_METRIC_LABELS = {
-    "roc_auc": "ROC AUC",
-    "roc_auc_ovr": "ROC AUC (one-vs-rest)",
-    "pr_auc": "PR AUC",
-    "f1": "F1",
-    "macro_f1": "Macro F1",
-    "ece": "ECE",
-    "brier": "Brier score",
-    "patient_auc": "Patient-level AUC",
-    "n_images": "Images",
-    "n_patients": "Patients",
-}
-
-
-def _describe_metrics(metrics: Any) -> tuple[tuple[str, str], ...]:
-    """(label, value) rows of the checkpoint's stored test metrics, labels in plain words."""
-    if not isinstance(metrics, dict):
-        return ()
-    return tuple(
-        (_METRIC_LABELS.get(key, key.replace("_", " ").capitalize()), _format_metric(value))
-        for key, value in metrics.items()
-        if key != "split"
-    )
 
 
 @dataclass(frozen=True)

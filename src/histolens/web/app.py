@@ -26,6 +26,7 @@ from histolens.web.guard import RequestGuard, format_bytes
 from histolens.web.schemas import (
     BatchItem,
     BatchResponse,
+    DataSummary,
     ErrorResponse,
     ExplainResponse,
     Health,
@@ -172,7 +173,13 @@ def create_app(
             await run_in_threadpool(service.close)
 
     def _model_info(predictor: Any, explain: Any) -> ModelInfo:
+        from histolens.performance import estimate_from_metrics
+
         meta = predictor.metadata
+        estimate = meta.get("estimate") if isinstance(meta.get("estimate"), dict) else None
+        stored = estimate_from_metrics(
+            meta.get("metrics"), list(predictor.class_names), predictor.task
+        )
         return ModelInfo(
             model_id=predictor.model_id,
             backbone=predictor.backbone_name,
@@ -182,8 +189,11 @@ def create_app(
             temperature=predictor.temperature,
             magnification=None if meta.get("magnification") is None else str(meta["magnification"]),
             saved_at=meta.get("saved_at"),
-            data=meta.get("data") or {},
+            data=_data_summary(meta.get("data")),
+            estimate=estimate,
             metrics=meta.get("metrics") or {},
+            metrics_description=stored["description"] if stored else None,
+            metrics_warnings=(estimate or stored or {}).get("warnings", []),
             versions=meta.get("versions") or {},
             explain_methods=list(explain.METHODS) if explain else [],
             auth_required=bool(token),
@@ -423,6 +433,23 @@ def _encode_heatmap(heatmap: Any, encoding: str) -> Heatmap:
         return Heatmap(encoding="list", height=height, width=width, data=np.round(arr, 4).tolist())
     data = base64.b64encode(arr.astype("<f4").tobytes()).decode("ascii")
     return Heatmap(encoding="base64-float32-le", height=height, width=width, data=data)
+
+
+def _data_summary(data: Any) -> DataSummary:
+    """The training data's layout and counts; its path stays on the server."""
+    if not isinstance(data, dict):
+        return DataSummary()
+    # The last part of the path only (written on Windows or POSIX): never the folders above it.
+    name = str(data.get("path") or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    split = data.get("split")
+    return DataSummary(
+        name=name or None,
+        layout=None if data.get("layout") is None else str(data["layout"]),
+        patient_level_split=data.get("patient_level_split"),
+        split={k: v for k, v in split.items() if isinstance(v, dict)}
+        if isinstance(split, dict)
+        else {},
+    )
 
 
 def _version() -> str:

@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "BatchItem",
     "BatchResponse",
+    "DataSummary",
     "ErrorResponse",
+    "Estimate",
+    "EstimateBlock",
     "ExplainResponse",
     "Health",
     "Heatmap",
@@ -94,8 +97,59 @@ class Limits(BaseModel):
     batch_wait_ms: float
 
 
+class EstimateBlock(BaseModel):
+    """Figures measured on a set of patients, with their 95% CIs and the patients behind them."""
+
+    n_images: int | None = None
+    n_patients: int | None = None
+    patients_per_class: dict[str, int] = Field(
+        default_factory=dict,
+        description="Patients of each class behind the figures.",
+        examples=[{"benign": 8, "malignant": 22}],
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="roc_auc, patient_auc, balanced_accuracy, patient_recognition_rate, "
+        "sensitivity, specificity, accuracy (binary); macro_f1, balanced_accuracy, accuracy, "
+        "patient_recognition_rate (subtypes).",
+    )
+    ci95: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="95% confidence interval [low, high] of each figure, by bootstrap over "
+        "patients.",
+    )
+
+
+class Estimate(EstimateBlock):
+    """How well the model does on patients it has not seen, measured how, on what, and how many
+    patients of each class support it; ``warnings`` say in words where that is too few."""
+
+    method: str = Field(
+        examples=["5-fold patient-level cross-validation (out-of-fold predictions)"]
+    )
+    description: str = Field(
+        examples=["735 images of 30 patient groups in manifest.csv (magnification all)"]
+    )
+    per_magnification: dict[str, EstimateBlock] = Field(
+        default_factory=dict, description="The same figures at each magnification ('100X')."
+    )
+    warnings: list[str] = Field(default_factory=list)
+
+
+class DataSummary(BaseModel):
+    """What the model was trained on: counts only, never a path on the server."""
+
+    name: str | None = Field(None, description="The data folder's or manifest's name.")
+    layout: str | None = None
+    patient_level_split: bool | None = None
+    split: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Images, patient groups and images per class of each part of the split.",
+    )
+
+
 class ModelInfo(BaseModel):
-    """What the checkpoint says about the model, including its held-out test metrics."""
+    """What the checkpoint says about the model and how well it does on unseen patients."""
 
     model_id: str
     backbone: str
@@ -105,8 +159,27 @@ class ModelInfo(BaseModel):
     temperature: float
     magnification: str | None = None
     saved_at: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict, description="Test-set metrics.")
+    data: DataSummary = Field(default_factory=DataSummary)
+    estimate: Estimate | None = Field(
+        None,
+        description="The performance to quote. None for checkpoints saved before estimates "
+        "were stored: then read metrics with metrics_description and metrics_warnings.",
+    )
+    metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Headline metrics stored with the checkpoint; 'split' says of what "
+        "('out-of-fold' or 'test').",
+    )
+    metrics_description: str | None = Field(
+        None,
+        description="What metrics were measured on.",
+        examples=["a held-out test split of 7 patients (52 images)"],
+    )
+    metrics_warnings: list[str] = Field(
+        default_factory=list,
+        description="Why the figures may not hold for new patients (too few patients of a "
+        "class, or in a test split), in words.",
+    )
     versions: dict[str, Any] = Field(default_factory=dict)
     explain_methods: list[str] = Field(
         default_factory=list, description="Methods /v1/explain accepts (empty if unavailable)."

@@ -43,14 +43,94 @@ function fmt(value, digits = 3) {
   return typeof value === "number" ? value.toFixed(digits).replace(/\.?0+$/, "") || "0" : String(value);
 }
 
-function flatMetrics(metrics, prefix = "") {
-  const rows = [];
-  for (const [key, value] of Object.entries(metrics || {})) {
-    const name = prefix ? `${prefix} ${key}` : key;
-    if (value && typeof value === "object" && !Array.isArray(value)) rows.push(...flatMetrics(value, name));
-    else if (typeof value === "number") rows.push([name.replace(/_/g, " "), value]);
+// The names every histolens front end gives the estimate's figures, in display order.
+const FIGURES = {
+  roc_auc: "ROC AUC", patient_auc: "patient AUC", balanced_accuracy: "balanced accuracy",
+  patient_recognition_rate: "patient recognition rate", sensitivity: "sensitivity",
+  specificity: "specificity", macro_f1: "macro F1", accuracy: "accuracy",
+};
+const ALIASES = { auc: "roc_auc", patient_level_auc: "patient_auc" };
+
+function figure(value) { return value.toFixed(3); }
+
+function ciText(ci) {
+  return Array.isArray(ci) && ci.every((v) => typeof v === "number")
+    ? `95% CI ${ci[0].toFixed(2)}–${ci[1].toFixed(2)}` : "";
+}
+
+function supportText(block) {
+  const perClass = Object.entries(block.patients_per_class || {})
+    .map(([c, n]) => `${n} ${c.replace(/_/g, " ")}`).join(", ");
+  const patients = block.n_patients === null || block.n_patients === undefined ? "?" : block.n_patients;
+  let text = `${patients} patients${perClass ? ` (${perClass})` : ""}`;
+  if (typeof block.n_images === "number") text += ` · ${block.n_images} images`;
+  return text;
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const [text, cls] of cells) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.append(td);
   }
-  return rows;
+  return tr;
+}
+
+// The figures of an older checkpoint, which stores a headline of its test split only.
+function storedFigures(metrics) {
+  let flat = metrics || {};
+  const own = Object.keys(flat).some((k) => (FIGURES[k] || ALIASES[k]) && typeof flat[k] === "number");
+  if (!own) {
+    const nested = Object.values(flat).find((v) => v && typeof v === "object" && !Array.isArray(v));
+    flat = nested || {};
+  }
+  const figures = {};
+  for (const [key, value] of Object.entries(flat)) {
+    const name = ALIASES[key] || key;
+    if (FIGURES[name] && typeof value === "number") figures[name] = value;
+  }
+  return figures;
+}
+
+function showPerformance(info) {
+  const est = info.estimate;
+  const figures = est ? est.metrics : storedFigures(info.metrics);
+  const keys = Object.keys(FIGURES).filter((k) => typeof figures[k] === "number");
+  $("metrics-block").hidden = keys.length === 0;
+  if (keys.length === 0) return;
+  const ci = est ? est.ci95 : {};
+  $("metrics-title").textContent = est ? "Performance on unseen patients" : "Measured performance";
+  const main = keys.includes("roc_auc") ? "roc_auc" : keys.includes("balanced_accuracy") ? "balanced_accuracy" : keys[0];
+  $("headline-figure").replaceChildren(
+    Object.assign(document.createElement("b"), { textContent: figure(figures[main]) }),
+    ` ${FIGURES[main]}`,
+    Object.assign(document.createElement("span"), {
+      className: "ci", textContent: ciText(ci[main]) || "no confidence interval stored",
+    }),
+  );
+  $("metrics-about").textContent = est
+    ? `${est.method}: ${est.description}.`
+    : `Measured on ${info.metrics_description || "a test split"}.`;
+  $("metrics-support").textContent = est ? `Patients behind these figures: ${supportText(est)}.` : "";
+  $("metrics-support").hidden = !est;
+  $("metrics-warnings").replaceChildren(...(info.metrics_warnings || []).map((w) => {
+    const li = document.createElement("li");
+    li.textContent = w;
+    return li;
+  }));
+  $("metrics").replaceChildren(...keys.map((k) => row([
+    [FIGURES[k]], [figure(figures[k]), "num"], [ciText(ci[k]).replace("95% CI ", ""), "ci"],
+  ])));
+  const mags = Object.entries((est && est.per_magnification) || {});
+  $("per-mag").hidden = mags.length === 0;
+  $("per-mag-table").replaceChildren(...mags.map(([mag, block]) => {
+    const k = typeof block.metrics.roc_auc === "number" ? "roc_auc" : "balanced_accuracy";
+    const value = typeof block.metrics[k] === "number"
+      ? `${FIGURES[k]} ${figure(block.metrics[k])} ${ciText(block.ci95[k])}` : "n/a (one class only)";
+    return row([[mag], [`${value}; ${supportText(block)}`, "wide"]]);
+  }));
 }
 
 async function loadModel() {
@@ -74,15 +154,7 @@ async function loadModel() {
       const dd = document.createElement("dd"); dd.textContent = v;
       dl.append(dt, dd);
     }
-    const rows = flatMetrics(info.metrics);
-    $("metrics-block").hidden = rows.length === 0;
-    $("metrics").replaceChildren(...rows.map(([name, value]) => {
-      const tr = document.createElement("tr");
-      const a = document.createElement("td"); a.textContent = name;
-      const b = document.createElement("td"); b.textContent = fmt(value);
-      tr.append(a, b);
-      return tr;
-    }));
+    showPerformance(info);
     fillMethods(info.explain_methods);
     if (info.auth_required && state.token) $("token-panel").classList.remove("needed");
   } catch (error) {
