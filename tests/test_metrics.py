@@ -10,6 +10,7 @@ from histolens.metrics import (
     multiclass_metrics,
     patient_level_auc,
     patient_recognition_rate,
+    safe_auc,
 )
 
 
@@ -99,3 +100,26 @@ def test_separable_validation_sharpens_to_the_bound_not_back_to_one():
     logits = torch.tensor([[-0.2], [-0.1], [0.1], [0.2]])
     t = fit_temperature(logits, torch.tensor([0, 0, 1, 1]))
     assert t == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_safe_auc_equals_scikit_learn(ties):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    for n in (2, 7, 300):
+        y = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        score = rng.normal(size=n) + y
+        if ties:  # few distinct values: many tied pairs, within and across classes
+            score = np.round(score * 2) / 2
+        assert safe_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    # Ties across the classes count a half: all scores equal is 0.5, not 0 or 1.
+    assert safe_auc([0, 1, 0, 1], [0.3, 0.3, 0.3, 0.3]) == 0.5
+    assert safe_auc([0, 0, 1], [0.2, 0.5, 0.5]) == pytest.approx(0.75)
+    assert safe_auc([True, False], [0.1, 0.9]) == 0.0  # boolean labels, reversed scores
+
+
+def test_safe_auc_is_nan_for_one_class():
+    assert np.isnan(safe_auc([1, 1, 1], [0.1, 0.5, 0.9]))
+    assert np.isnan(safe_auc([0, 0], [0.1, 0.5]))
+    assert np.isnan(safe_auc([], []))

@@ -283,6 +283,59 @@ def test_choose_reference_without_usable_images_raises():
         choose_reference([torch.ones(3, 32, 32), torch.zeros(3, 32, 32)])
 
 
+def _angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    cos = (_unit(a) * _unit(b)).sum().clamp(-1, 1)
+    return math.degrees(math.acos(float(cos)))
+
+
+@pytest.fixture(scope="module")
+def median_images() -> list[torch.Tensor]:
+    """Four alike slides and one stained very differently (haematoxylin turned by 0.6 rad)."""
+    angles = [0.0, 0.0, 0.0, 0.0, 0.6]
+    return [to_uint8(he_image(50 + i, angle=a)) for i, a in enumerate(angles)]
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_fit_median_is_the_median_of_the_single_image_fits(method, median_images):
+    white = torch.full((3, 64, 64), 255, dtype=torch.uint8)  # cannot be fitted: skipped
+    fits = [StainNormalizer(method).fit(image) for image in median_images]
+    norm = StainNormalizer(method).fit_median([*median_images, white])
+    assert norm.fitted
+    if method == "macenko":
+        median = torch.stack([f.stain_matrix for f in fits]).median(dim=0).values
+        torch.testing.assert_close(norm.stain_matrix, median / median.norm(dim=0, keepdim=True))
+        assert torch.allclose(norm.stain_matrix.norm(dim=0), torch.ones(2))
+        expected = torch.stack([f.max_concentrations for f in fits]).median(dim=0).values
+        torch.testing.assert_close(norm.max_concentrations, expected)
+    else:
+        for attr in ("lab_mean", "lab_std"):
+            expected = torch.stack([getattr(f, attr) for f in fits]).median(dim=0).values
+            torch.testing.assert_close(getattr(norm, attr), expected)
+    # A stacked batch is the same as a list; the fitted state normalises and serialises.
+    stacked = StainNormalizer(method).fit_median(torch.stack([*median_images, white]))
+    assert stacked.to_dict() == norm.to_dict()
+    out, fell_back = norm(torch.stack(median_images).float() / 255)
+    assert out.shape == (5, 3, 64, 64) and not fell_back.any()
+
+
+def test_fit_median_is_not_thrown_by_one_unusual_slide(median_images):
+    fits = [StainNormalizer("macenko").fit(image).stain_matrix for image in median_images]
+    typical = torch.stack(fits[:4]).mean(dim=0)[:, 0]
+    outlier = fits[4][:, 0]
+    assert _angle_degrees(outlier, typical) > 15  # the unusual slide really is unusual
+    median = StainNormalizer("macenko").fit_median(median_images).stain_matrix[:, 0]
+    mean = torch.stack(fits).mean(dim=0)[:, 0]
+    # The median's haematoxylin is that of the four alike slides; a mean is pulled away.
+    assert _angle_degrees(median, typical) < 1.5
+    assert _angle_degrees(mean, typical) > 3 * _angle_degrees(median, typical)
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_fit_median_without_usable_images_raises(method):
+    with pytest.raises(DataError, match=f"None of the 2 images has enough tissue to fit {method}"):
+        StainNormalizer(method).fit_median([torch.ones(3, 32, 32), torch.zeros(3, 32, 32)])
+
+
 # ------------------------------------------------------------------------------ augmentation
 
 

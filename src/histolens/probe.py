@@ -84,8 +84,14 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, n_classes: int):
         # A class absent from this training fold: give it a logit that never wins.
         full = np.zeros((n_classes, x.shape[1]))
         inter = np.full(n_classes, -1e4)
-        full[model.classes_] = coef
-        inter[model.classes_] = model.intercept_
+        if len(model.classes_) == 2:
+            # scikit-learn fits two classes as one logit of classes_[1] against 0 for classes_[0].
+            full[model.classes_[1]] = coef[0]
+            inter[model.classes_[1]] = model.intercept_[0]
+            inter[model.classes_[0]] = 0.0
+        else:
+            full[model.classes_] = coef
+            inter[model.classes_] = model.intercept_
         coef, intercept = full, inter
     else:
         intercept = model.intercept_

@@ -131,6 +131,11 @@ def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int
     from histolens.predictor import probabilities_from_logits
 
     ok = ~np.isnan(logits).any(1)
+    if n_classes > 2:
+        # A class absent from a fold's training patients has a logit that never wins (-1e4);
+        # its held-out images say nothing about calibration and would drive T to its bound.
+        true_logit = np.take_along_axis(np.nan_to_num(logits), y[:, None], axis=1)[:, 0]
+        ok &= true_logit > -1e3
     if ok.sum() < 2:
         return 1.0, 0.5
     t_logits = torch.as_tensor(logits[ok], dtype=torch.float32)
