@@ -234,7 +234,7 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
     manifest = _manifest(synth_small)
     meta = read_metadata(run)
     est = meta["estimate"]
-    assert est["method"] == "3-fold patient-level cross-validation (out-of-fold predictions)"
+    assert est["method"].startswith("3-fold patient-level cross-validation (out-of-fold predictions;")
     assert est["n_images"] == len(manifest) == 32
     groups = {r["group"] for r in manifest}
     assert est["n_patients"] == len(groups) == 8
@@ -258,7 +258,7 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
 def test_checkpoint_records_the_probe(cv_run):
     run, _, cfg = cv_run
     meta = read_metadata(run)
-    assert meta["head"] == {"dims": [], "dropouts": []}
+    assert meta["head"] == {"kind": "linear", "dims": [], "dropouts": []}
     assert meta["feature_layer"] is None  # test_resnet has no probe layer: its last layer
     assert meta["probe"]["C"] in cfg.train.probe_cs
     assert set(meta["probe"]["inner_cv"]) == {"0.01", "0.1"}
@@ -281,14 +281,18 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
     x = torch.stack([cache.clean[p] for p in paths]).double().numpy()
     y = np.array([int(r["label"] == "malignant") for r in rows])
     g = np.array([r["patient"] for r in rows])
-    oof = np.full(len(y), np.nan)
+    from histolens.probe_run import _calibrate
+
+    decision = np.full(len(y), np.nan)
     for k, (tr, te) in enumerate(group_folds(y, g, 3, cfg.data.seed)):
         assert not set(g[tr]) & set(g[te])
         fold = fit_linear_probe(x[tr], y[tr], g[tr], 2, cfg.train.probe_cs, 5, cfg.data.seed + k)
-        oof[te] = fold.logits(x[te])[:, 0]
+        # Each fold's temperature and threshold come from its own inner out-of-fold logits.
+        t_k, thr_k = _calibrate(cfg, fold.oof_logits, y[tr], 2)
+        decision[te] = fold.logits(x[te])[:, 0] / t_k - np.log(thr_k / (1 - thr_k))
     temperature = read_metadata(run)["temperature"]
     probability = np.array([float(r["probability"]) for r in rows])
-    np.testing.assert_allclose(probability, sigmoid(oof / temperature), atol=1e-5)
+    np.testing.assert_allclose(probability, sigmoid(decision), atol=1e-5)
 
     # ... which are not what the model fitted on every patient says about its own images.
     final = fit_linear_probe(x, y, g, 2, cfg.train.probe_cs, 5, cfg.data.seed)

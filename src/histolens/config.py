@@ -188,6 +188,19 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(d)
         cfg = cls(recipe=d.pop("recipe", "default"))
+        if "head" not in d.get("model", {"head": None}):
+            # Saved before the linear probe existed: those runs were the MLP head at the
+            # backbone's own input size, on one held-out split, without stain normalisation
+            # unless the config says so.
+            cfg = cfg.override(
+                {
+                    "model.head": "mlp",
+                    "model.input_size": None,
+                    "model.feature_layer": "last",
+                    "train.cv_folds": 0,
+                    "stain.method": "none",
+                }
+            )
         for section, value in d.items():
             cfg = cfg.override({section: value})
         return cfg

@@ -279,7 +279,8 @@ def finalize_run(
     result.metrics["split"] = test_part
     summary = _headline(result.metrics)
     estimate = None
-    if write_outputs and len({r.target for r in result.rows}) > 1:
+    # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
+    if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
         from histolens.estimate import build_estimate
 
         estimate = build_estimate(

@@ -55,7 +55,7 @@ def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) 
         split = split_by_patient(
             records,
             cfg.data.task,
-            cfg.data.val_fraction,
+            0.0,  # the probe needs no validation patients: C comes from inner CV
             cfg.data.test_fraction,
             cfg.data.seed,
             cfg.data.group_by,
@@ -104,16 +104,36 @@ def _fit(cfg: RunConfig, x, y, g, n_classes: int, seed: int) -> ProbeFit:
 
 def _cross_validated_logits(
     cfg: RunConfig, x: np.ndarray, y: np.ndarray, g: np.ndarray, n_classes: int, progress: bool
-) -> tuple[np.ndarray, int]:
-    """Out-of-fold logits of every image from patient-level k-fold (nested C selection)."""
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Out-of-fold logits of every image from patient-level k-fold (nested C selection).
+
+    Returns the raw logits and the fold's decision logits: calibrated by the fold's own
+    temperature and, for two classes, shifted by the fold's own threshold (chosen on the fold's
+    inner out-of-fold predictions), so that 0 is each fold's decision boundary. Scoring those at
+    0.5 never lets a held-out patient choose its own threshold.
+    """
+    from scipy.special import logit
+
+    for cls in np.unique(y):
+        if len(np.unique(g[y == cls])) < 2:
+            raise DataError(
+                f"Cross-validation needs at least 2 patient groups of every class; class index "
+                f"{cls} has 1. Add patients, or train with --cv-folds 0 and a held-out split."
+            )
     folds = group_folds(y, g, cfg.train.cv_folds, cfg.data.seed)
     n_out = 1 if n_classes == 2 else n_classes
     oof = np.full((len(y), n_out), np.nan)
+    decision = np.full((len(y), n_out), np.nan)
     for k, (tr, te) in enumerate(folds):
         if len(np.unique(y[tr])) < 2:
             continue
         fit = _fit(cfg, x[tr], y[tr], g[tr], n_classes, cfg.data.seed + k)
         oof[te] = fit.logits(x[te])
+        inner = fit.oof_logits if fit.oof_logits is not None else oof[te][:0]
+        t_k, thr_k = _calibrate(cfg, inner, y[tr] if len(inner) else y[:0], n_classes)
+        decision[te] = oof[te] / t_k
+        if n_classes == 2:
+            decision[te] -= logit(np.clip(thr_k, 1e-6, 1 - 1e-6))
         if progress:
             log.info(
                 "fold %d/%d: %d held-out images of %d patients, C=%g",
@@ -123,7 +143,7 @@ def _cross_validated_logits(
                 len(np.unique(g[te])),
                 fit.C,
             )
-    return oof, len(folds)
+    return oof, decision, len(folds)
 
 
 def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int):
@@ -247,6 +267,7 @@ def train_probe(
     if len(np.unique(y)) < 2:
         raise DataError("The training images hold only one class; the probe needs two or more.")
     final = _fit(cfg, x, y, g, n_classes, cfg.data.seed)
+    unit = "patient-level" if split.patient_level else "image-level (no patient ids)"
     if split.test:
         eval_records = split.test
         eval_logits = final.logits(arrays(split.test)[0])
@@ -254,11 +275,21 @@ def train_probe(
         calib_y = y if final.oof_logits is not None else y[:0]
         method = "a held-out test split of patients"
         n_folds = 0
+    elif not cfg.train.cv_folds:
+        raise DataError(
+            "--cv-folds 0 needs held-out test patients, and the split left none: raise "
+            "--test-fraction, add patients, or use cross-validation (--cv-folds 5)."
+        )
     else:
-        oof, n_folds = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
-        eval_records, eval_logits, calib_logits, calib_y = fit_records, oof, oof, y
-        method = f"{n_folds}-fold patient-level cross-validation (out-of-fold predictions)"
+        oof, eval_logits, n_folds = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
+        eval_records, calib_logits, calib_y = fit_records, oof, y
+        method = (
+            f"{n_folds}-fold {unit} cross-validation (out-of-fold predictions; C, threshold "
+            "and temperature chosen inside each fold)"
+        )
     temperature, threshold = _calibrate(cfg, calib_logits, calib_y, n_classes)
+    # Out-of-fold decision logits are already calibrated and centred on each fold's threshold.
+    eval_temperature, eval_threshold = (temperature, threshold) if n_folds == 0 else (1.0, 0.5)
     final.load_into(model.head.out)
 
     weights = balanced_class_weights(fit_records, classes, cfg.data.task)
@@ -266,7 +297,7 @@ def train_probe(
         cfg, spec, classes, preprocess, stain, stain_ref, split, weights, dataset
     )
     metadata.update(
-        head={"dims": [], "dropouts": []},
+        head={"kind": "linear", "dims": [], "dropouts": []},
         feature_layer=layer,
         threshold=threshold,
         temperature=temperature,
@@ -282,11 +313,11 @@ def train_probe(
         kept = [r for r, ok in zip(eval_records, scored, strict=True) if ok]
         logits = torch.as_tensor(eval_logits[scored], dtype=torch.float32)
         ev = EvalResult(
-            rows_from_logits(kept, logits, classes, cfg.data.task, temperature),
+            rows_from_logits(kept, logits, classes, cfg.data.task, eval_temperature),
             tuple(classes),
             cfg.data.task,
-            threshold,
-            temperature,
+            eval_threshold,
+            eval_temperature,
         )
         result.metrics = compute_metrics(
             ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
@@ -315,9 +346,7 @@ def _audit_notes(records: Sequence[ImageRecord], progress: bool) -> list[str]:
         return []
     others = report.flagged[1:]
     also = f" Also flagged: {', '.join(others)}." if others else ""
-    return [
-        f"Shortcut audit: {report.warnings[0]}{also} See 'histolens data audit' for the table."
-    ]
+    return [f"Shortcut audit: {report.warnings[0]}{also} See 'histolens data audit' for the table."]
 
 
 def _write_outputs(

@@ -348,8 +348,12 @@ def _split_table(data: dict[str, Any]) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _is_probe(meta: dict[str, Any]) -> bool:
+    return meta.get("head", {}).get("kind") == "linear"
+
+
 def _head_text(meta: dict[str, Any]) -> str:
-    if meta.get("head", {}).get("dims", [1]):
+    if not _is_probe(meta):
         return "the original project's head"
     layer = meta.get("feature_layer") or "the last layer"
     C = (meta.get("probe") or {}).get("C")
@@ -359,7 +363,7 @@ def _head_text(meta: dict[str, Any]) -> str:
 def _threshold_source(meta: dict[str, Any]) -> str:
     if "cross-validation" in str((meta.get("estimate") or {}).get("method", "")):
         return "the out-of-fold predictions of every training patient"
-    if not meta.get("head", {}).get("dims", [1]):
+    if _is_probe(meta):
         return "the inner out-of-fold predictions of the training patients"
     return "the validation split"
 

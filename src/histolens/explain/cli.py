@@ -38,6 +38,11 @@ def _split_paths(checkpoint: Path, split_name: str) -> list[Path]:
     if not split_csv.is_file():
         raise click.UsageError(f"--split needs a run directory with split.csv ({split_csv}).")
     records = load_split_csv(split_csv).side(split_name)
+    if not records and split_name in ("val", "test"):
+        raise click.UsageError(
+            f"The run's split.csv has no {split_name} images: the run was cross-validated and "
+            "every patient trained the model. Use --split all, or give images."
+        )
     # Sorted by class then name, so an evenly spread --limit covers every class.
     return [Path(r.path) for r in sorted(records, key=lambda r: (r.label, r.path))]
 
