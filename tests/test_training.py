@@ -89,10 +89,10 @@ def test_resume_continues_from_saved_epoch(synth_small, tmp_path):
     first = read_metadata(run)
     result = train(RunConfig(), run, resume=True, epochs=3, progress=False, evaluate=False)
     assert result.epochs_run == 3
-    with open(run / "logs" / "version_1" / "metrics.csv") as fh:
-        epochs = {int(r["epoch"]) for r in csv.DictReader(fh) if r.get("epoch")}
-    assert min(epochs) == 1 and max(epochs) == 2  # the resumed run did epochs 2 and 3 only
-    assert (run / "logs" / "version_0" / "metrics.csv").exists()  # the first log is kept
+    assert result.first_epoch == 1  # the resumed run did epochs 2 and 3 only
+    with open(run / "logs" / "version_0" / "metrics.csv") as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
+    assert epochs == [0, 1, 2]  # one log, continued: the first epoch's row is kept
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
     assert first["backbone"] == "test_resnet"
     with pytest.raises(ConfigError, match="already holds a training run"):

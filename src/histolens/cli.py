@@ -342,12 +342,15 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
                 fg="yellow",
                 err=True,
             )
+    # Progress bars redraw with carriage returns; a log file gets one line per epoch instead.
+    terminal = sys.stderr.isatty()
     result = run_training(
         cfg,
         out,
         resume=resume is not None,
-        progress=not quiet,
+        progress=not quiet and terminal,
         epochs=flags.get("epochs") if resume is not None else None,
+        epoch_lines=not quiet and not terminal,
     )
     click.echo(_train_summary(result))
 
@@ -376,6 +379,8 @@ def _train_summary(result) -> str:
             f"(epoch {result.best_epoch + 1}, validation loss {result.best_val_loss:.4f}); "
             f"{result.epochs_run} epochs in {result.seconds:.1f} s"
         )
+        if result.first_epoch:
+            trained += f" (resumed after epoch {result.first_epoch})"
     else:
         train_part = meta.get("data", {}).get("split", {}).get("train", {})
         trained = (

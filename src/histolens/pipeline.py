@@ -169,6 +169,7 @@ class FeatureCache:
         self.views.update({p: torch.stack(v) for p, v in new_views.items()})
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the cache atomically: a killed save leaves the previous file (or none)."""
         from safetensors.torch import save_file
 
         from histolens.atomic import atomic_path
@@ -190,7 +191,11 @@ class FeatureCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fingerprint: str) -> FeatureCache | None:
-        """The cache saved at ``path`` if it was built with the same settings, else None."""
+        """The cache saved at ``path`` if it was built with the same settings, else None.
+
+        Every entry is one image's finished features (``save`` is atomic and only ever writes
+        whole tensors), so a cache that lacks some images is valid: ``extend`` adds them.
+        """
         from safetensors import safe_open
 
         if not Path(path).is_file():
@@ -201,10 +206,8 @@ class FeatureCache:
                 if meta.get("fingerprint") != fingerprint:
                     return None
                 keys, vkeys = json.loads(meta["clean"]), json.loads(meta["views"])
-                clean_t = fh.get_tensor("clean") if keys else None
-                views_t = fh.get_tensor("views") if vkeys else None
-        except Exception:  # a damaged cache is rebuilt, never trusted
+                clean = dict(zip(keys, fh.get_tensor("clean"), strict=True)) if keys else {}
+                views = dict(zip(vkeys, fh.get_tensor("views"), strict=True)) if vkeys else {}
+        except Exception:  # a damaged or inconsistent cache is rebuilt, never trusted
             return None
-        clean = dict(zip(keys, clean_t, strict=True)) if keys else {}
-        views = dict(zip(vkeys, views_t, strict=True)) if vkeys else {}
         return cls(clean, views, fingerprint)

@@ -7,9 +7,13 @@ checkpoint everything else loads through :class:`histolens.predictor.Predictor`.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from histolens.atomic import atomic_write_text
+from histolens.atomic import atomic_open, atomic_path, atomic_write_text
 from histolens.backbones import get_backbone_spec
 from histolens.checkpoint import BEST_CHECKPOINT, read_metadata, save_checkpoint
 from histolens.config import RunConfig
@@ -49,6 +53,11 @@ log = logging.getLogger("histolens")
 FEATURE_CACHE = "features.safetensors"
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"
+LAST_CHECKPOINT = Path("lightning") / "last.ckpt"
+# One row per epoch; under logs/version_0 where Lightning's CSVLogger used to write it, which
+# the training-curve plot and evaluate still read.
+EPOCH_LOG = Path("logs") / "version_0" / "metrics.csv"
+EPOCH_LOG_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_acc", "val_auc", "lr")
 
 
 @dataclass
@@ -63,6 +72,7 @@ class TrainResult:
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    first_epoch: int = 0  # where this invocation started: > 0 for a resumed run
 
 
 def prepare_records(cfg: RunConfig) -> tuple[Records, list[ImageRecord], tuple[str, ...]]:
@@ -278,32 +288,174 @@ def _export_callback_class():
             if trainer.is_global_zero:
                 self._flush()
 
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            # The best model is on disk before last.ckpt records it as the best.
+            if trainer.is_global_zero:
+                self._flush()
+
         def state_dict(self):
             return {"best": self.best, "best_epoch": self.best_epoch}
 
         def load_state_dict(self, state):
             self.best, self.best_epoch = state["best"], state["best_epoch"]
+            # A run killed between writing best.safetensors and last.ckpt has a newer best on
+            # disk than in last.ckpt; the file is what the resumed run has to beat.
+            if self.path.exists():
+                meta = read_metadata(self.path)
+                if "best_val_loss" in meta:
+                    self.best, self.best_epoch = float(meta["best_val_loss"]), int(meta["epoch"])
 
     return ExportBestCheckpoint
 
 
-def _loggers(run_dir: Path):
-    from lightning.pytorch.loggers import CSVLogger
+def _last_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    # A resumed run logs into a new version folder, so the earlier epochs' log is kept.
-    logs = run_dir / "logs"
-    version = 0
-    while (logs / f"version_{version}" / "metrics.csv").exists():
-        version += 1
-    loggers = [CSVLogger(str(run_dir), name="logs", version=version)]
+    class LastCheckpoint(ModelCheckpoint):
+        """``lightning/last.ckpt`` for --resume, written at the end of each epoch.
+
+        Lightning's ``save_last`` alone writes it only next to a top-k checkpoint (so never with
+        ``save_top_k=0``) and at the end of training. Epochs shorter than ``overhead`` times a
+        write (head-only epochs on cached features take milliseconds) are batched, up to
+        ``max_gap`` seconds of them, so writing costs about 1/overhead of the training time
+        and a kill loses at most one epoch or ``max_gap`` seconds of work.
+        """
+
+        def __init__(self, dirpath: Path, overhead: float = 50.0, max_gap: float = 10.0) -> None:
+            super().__init__(
+                dirpath=str(dirpath),
+                save_top_k=0,
+                save_last=True,
+                every_n_epochs=1,
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
+            self.overhead, self.max_gap = overhead, max_gap
+            self.writes, self.write_seconds = 0, 0.0
+            # The fastest write so far: one slowed by a busy disk does not stretch the gap.
+            self._written_at, self._cost = -math.inf, math.inf
+
+        def _write(self, trainer) -> None:
+            start = time.monotonic()
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._written_at = time.monotonic()
+            self._cost = min(self._cost, self._written_at - start)
+            self.writes += 1
+            self.write_seconds += self._written_at - start
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            gap = min(self.overhead * self._cost, self.max_gap)
+            due = time.monotonic() - self._written_at >= gap
+            if due and not self._should_skip_saving_checkpoint(trainer):
+                self._write(trainer)
+
+        def on_train_end(self, trainer, pl_module):
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._write(trainer)
+
+    return LastCheckpoint
+
+
+def _atomic_checkpoint_io():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Writes a checkpoint next to its target, then renames it into place.
+
+        Lightning's fsspec transaction writes to the system temp folder and moves the file,
+        which is a copy, torn by a kill, when that folder is on another file system.
+        """
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            with atomic_open(path, "wb") as fh:
+                torch.save(checkpoint, fh)
+
+    return AtomicCheckpointIO()
+
+
+def _read_epoch_log(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("epoch")]
+
+
+def _epoch_line(row: dict[str, Any], max_epochs: int) -> str:
+    values = ", ".join(
+        f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_auc") if k in row
+    )
+    return f"epoch {row['epoch'] + 1}/{max_epochs}: {values}"
+
+
+def _epoch_log_class():
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochLog(Callback):
+        """One CSV row per finished epoch (and, with ``echo``, one line on stderr).
+
+        Lightning's CSVLogger deletes its file on resume and flushes every 100 steps. This log
+        is rewritten atomically with each last.ckpt and at the end and, on resume, keeps only
+        the epochs that the checkpoint holds, so a killed and resumed run logs every epoch
+        exactly once.
+        """
+
+        def __init__(self, path: Path, echo: bool = False) -> None:
+            self.path, self.echo = path, echo
+            self.rows: list[dict[str, Any]] = []
+            self.first_epoch = 0
+            self._lr = math.nan
+
+        def _write(self, trainer) -> None:
+            if not trainer.is_global_zero:
+                return
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, EPOCH_LOG_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            # No fsync: os.replace is what makes a kill safe.
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+        def on_train_start(self, trainer, pl_module):
+            self.first_epoch = trainer.current_epoch
+            done = _read_epoch_log(self.path)
+            self.rows = [r for r in done if int(float(r["epoch"])) < self.first_epoch]
+            self._write(trainer)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            metrics = trainer.callback_metrics
+            row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "lr": self._lr}
+            row.update({k: float(metrics[k]) for k in EPOCH_LOG_COLUMNS[2:6] if k in metrics})
+            self.rows.append(row)
+            if self.echo and trainer.is_global_zero:
+                print(_epoch_line(row, trainer.max_epochs), file=sys.stderr, flush=True)
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self._write(trainer)
+
+        def on_train_end(self, trainer, pl_module):
+            self._write(trainer)
+
+        def on_exception(self, trainer, pl_module, exception):
+            self._write(trainer)
+
+    return EpochLog
+
+
+def _loggers(run_dir: Path):
+    """TensorBoard when installed (a resumed run adds a version); the CSV log is EpochLog."""
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=version))
     except ImportError:
-        pass
-    return loggers
+        return []
+    version = 0
+    while (run_dir / "tensorboard" / f"version_{version}").exists():
+        version += 1
+    return [TensorBoardLogger(str(run_dir), name="tensorboard", version=version)]
 
 
 def _fit_stain(
@@ -358,6 +510,7 @@ def train(
     bank: ImageBank | None = None,
     feature_store: dict[str, FeatureCache] | None = None,
     write_outputs: bool = True,
+    epoch_lines: bool = False,
 ) -> TrainResult:
     """Train a model as ``cfg`` says, writing everything into ``run_dir``.
 
@@ -365,10 +518,11 @@ def train(
     (``epochs`` may extend it); the feature cache is reused when its fingerprint matches.
     ``split`` overrides the patient-level split; ``bank`` and ``feature_store`` let several
     runs over the same images (cross-validation folds) decode and featurise each image once;
-    ``write_outputs=False`` skips plots and the report.
+    ``write_outputs=False`` skips plots and the report. ``epoch_lines`` prints one line per
+    epoch to stderr, for logs that progress bars would fill with carriage returns.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 
     start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -376,13 +530,8 @@ def train(
     run_dir = Path(run_dir)
     notes: list[str] = []
     if resume:
-        saved = run_dir / CONFIG_FILE
-        if not saved.is_file():
-            raise ConfigError(f"Cannot resume: {run_dir} has no {CONFIG_FILE}.")
-        cfg = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
-        if epochs is not None:
-            cfg = cfg.override({"train.epochs": epochs})
-    elif (run_dir / "lightning" / "last.ckpt").exists() or (run_dir / BEST_CHECKPOINT).exists():
+        cfg = _resume_config(run_dir, epochs)
+    elif (run_dir / LAST_CHECKPOINT).exists() or (run_dir / BEST_CHECKPOINT).exists():
         raise ConfigError(
             f"{run_dir} already holds a training run; use --resume to continue it or choose "
             "another --out."
@@ -393,6 +542,13 @@ def train(
         return train_probe(
             cfg, run_dir, split, progress, evaluate, bank, feature_store, write_outputs
         )
+    mlp_notes: list[str] = []
+    if cfg.train.cv_folds:
+        mlp_notes.append(
+            "The MLP head is trained and measured on one held-out split (--val-fraction, "
+            "--test-fraction); --cv-folds applies to the linear probe."
+        )
+        cfg = cfg.override({"train.cv_folds": 0})
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
 
@@ -410,7 +566,7 @@ def train(
                 cfg.data.group_by,
             )
         notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    notes += split.warnings
+    notes += mlp_notes + split.warnings
     for n in notes:
         log.warning(n)
 
@@ -523,16 +679,15 @@ def train(
     )
     module = ClassifierModule(model, cfg, weights, pipeline, cached)
     export = _export_callback_class()(run_dir / BEST_CHECKPOINT, metadata, monitor)
+    epoch_log = _epoch_log_class()(run_dir / EPOCH_LOG, echo=epoch_lines and not progress)
+    loggers = _loggers(run_dir)
     callbacks = [
         EarlyStopping(monitor=monitor, patience=cfg.train.early_stopping_patience, mode="min"),
         # Lightning's last.ckpt is for --resume; the best model is best.safetensors (above).
-        *(
-            [ModelCheckpoint(dirpath=str(run_dir / "lightning"), save_top_k=0, save_last=True)]
-            if write_outputs
-            else []
-        ),
-        LearningRateMonitor(logging_interval="epoch"),
+        *([_last_checkpoint_class()(run_dir / LAST_CHECKPOINT.parent)] if write_outputs else []),
+        *([LearningRateMonitor(logging_interval="epoch")] if loggers else []),
         export,
+        epoch_log,
     ]
     if progress:
         from lightning.pytorch.callbacks import TQDMProgressBar
@@ -544,7 +699,8 @@ def train(
         devices=_devices(cfg.train.devices),
         precision=cfg.train.precision,
         callbacks=callbacks,
-        logger=_loggers(run_dir),
+        logger=loggers or False,
+        plugins=[_atomic_checkpoint_io()],
         enable_progress_bar=progress,
         enable_checkpointing=write_outputs,
         enable_model_summary=False,
@@ -553,7 +709,7 @@ def train(
         deterministic=False,
         default_root_dir=str(run_dir),
     )
-    last = run_dir / "lightning" / "last.ckpt"
+    last = run_dir / LAST_CHECKPOINT
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -564,7 +720,7 @@ def train(
             module,
             train_loader,
             val_loader,
-            ckpt_path=str(last) if resume and last.exists() else None,
+            ckpt_path=str(last) if resume else None,
             weights_only=False,
         )
     if stain is not None:
@@ -584,6 +740,7 @@ def train(
         export.best,
         time.perf_counter() - start,
         notes=notes,
+        first_epoch=epoch_log.first_epoch,
     )
     if evaluate and trainer.is_global_zero:
         from histolens.evaluation import finalize_run
@@ -601,6 +758,38 @@ def train(
         )
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _resume_config(run_dir: Path, epochs: int | None) -> RunConfig:
+    """The saved config of the run in ``run_dir``, or a ConfigError saying what to run instead."""
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        raise ConfigError(
+            f"Cannot resume {run_dir}: it has no {CONFIG_FILE}, so no run was started there; "
+            f"start one with 'histolens train --data DATA --out {run_dir}'."
+        )
+    cfg = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+    if cfg.model.head == "linear" and (run_dir / BEST_CHECKPOINT).exists():
+        raise ConfigError(
+            f"{run_dir} is a finished linear-probe run, and a linear probe has nothing to "
+            "resume (it is fitted in one go); to train again, run 'histolens train' with a "
+            "new --out."
+        )
+    if cfg.model.head != "linear" and not (run_dir / LAST_CHECKPOINT).is_file():
+        raise ConfigError(
+            f"Cannot resume {run_dir}: it stopped before its first epoch ended, so it has no "
+            f"{LAST_CHECKPOINT.as_posix()}; run the same 'histolens train' command again "
+            "without --resume."
+        )
+    _remove_stale_temp_files(run_dir)
+    return cfg.override({"train.epochs": epochs}) if epochs is not None else cfg
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Drop the temp files of atomic writes that a killed run left (never read, but large)."""
+    for folder in (run_dir, run_dir / LAST_CHECKPOINT.parent, run_dir / EPOCH_LOG.parent):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _devices(value: str):
