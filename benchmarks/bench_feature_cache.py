@@ -26,6 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import CV_HEADERS, cv_rows, print_table, require_real_data, setup  # noqa: E402
 
+MLP_HEAD = {  # the MLP head these measurements are about, at the backbone's own input size
+    "model.head": "mlp",
+    "model.input_size": None,
+    "model.feature_layer": "last",
+    "stain.method": "none",
+    "train.cv_folds": 0,
+}
+
 
 def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrained: str):
     from histolens.config import RunConfig
@@ -34,6 +42,7 @@ def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrai
 
     cfg = RunConfig().override(
         {
+            **MLP_HEAD,
             "data.path": str(data),
             "model.backbone": backbone,
             "model.pretrained": pretrained,
@@ -70,7 +79,12 @@ def cross_validated(backbone: str, folds: int, data: Path, pretrained: str) -> N
     from histolens.crossval import cross_validate, image_bank_for
 
     base = RunConfig().override(
-        {"data.path": str(data), "model.backbone": backbone, "model.pretrained": pretrained}
+        {
+            **MLP_HEAD,
+            "data.path": str(data),
+            "model.backbone": backbone,
+            "model.pretrained": pretrained,
+        }
     )
     bank = image_bank_for(base, progress=False)  # decoded once for both ways
     rows = []

@@ -76,6 +76,12 @@ def main() -> None:
     data = require_real_data()
     mag = args.magnification or ("100" if args.suite == "headline" else "all")
     over = {
+        # The MLP head these suites were written for, at the backbone's own input size.
+        "model.head": "mlp",
+        "model.input_size": None,
+        "model.feature_layer": "last",
+        "stain.method": "none",
+        "train.cv_folds": 0,
         "data.path": str(data),
         "data.magnification": mag,
         "model.backbone": "tf_efficientnet_lite0",

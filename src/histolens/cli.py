@@ -220,8 +220,8 @@ def data_synth(out, n, seed, magnification, patients):
 @click.option("--task", type=click.Choice(["binary", "subtype"]))
 @click.option(
     "--backbone",
-    help="vgg16 (default), resnet50, densenet121, efficientnet_b0, "
-    "tf_efficientnet_lite0, vit_small_patch16_224, or any timm name.",
+    help="tf_efficientnet_lite0 (default), vgg16, resnet50, densenet121, efficientnet_b0, "
+    "vit_small_patch16_224, or any timm name.",
 )
 @click.option("--pretrained", help="imagenet (default), none, or a weights file.")
 @click.option(

@@ -488,7 +488,7 @@ def _fit_stain(
         normalizer.fit(ref)
         return normalizer, str(cfg.stain.reference)
     paths = [p for p in train_paths if p in bank]
-    step = max(1, len(paths) // 200)  # a median over up to ~200 images is plenty
+    step = max(1, -(-len(paths) // 200))  # a median over up to 200 images is plenty
     candidates = paths[::step]
     normalizer.fit_median([bank.images[p] for p in candidates])
     return normalizer, f"median of {len(candidates)} training images"
