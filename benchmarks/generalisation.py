@@ -6,6 +6,11 @@ both sources) of its training groups, through the same code path as ``histolens 
 scores ONLY the 100X original images of its held-out groups. Out-of-fold predictions are pooled
 per repeat; the table shows mean +/- sd over repeats, and wall time per configuration.
 
+Each fold's probabilities are read with its temperature undone (a temperature never changes one
+model's ranking, but folds with different temperatures would pool on different scales). The
+MLP configurations hold 20% of each fold's training groups back for early stopping. The median
+stain reference is fitted once over all images (it uses no labels) so that folds share features.
+
 The peer, in the same run: frozen EfficientNet-Lite0 features at 224 px (histolens's own
 feature code), StandardScaler, LogisticRegression(C=0.01, class_weight="balanced").
 
@@ -55,13 +60,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "default",
         {"model.feature_layer": "last", "stain.method": "none"},
     ),
+    "linear probe, 294x448 tiles, last layer, Macenko": ("default", {"model.feature_layer": "last"}),
     "linear probe, 294x448 tiles, blocks.2+5, no stain": ("default", {"stain.method": "none"}),
-    "linear probe, 294x448 tiles, last layer, Macenko": (
-        "default",
-        {"model.feature_layer": "last"},
-    ),
     "linear probe, 224 px, blocks.2+5, Macenko": ("default", {"model.input_size": None}),
-    "default: linear probe, 294x448 tiles, blocks.2+5, Macenko": ("default", {}),
+    "default: linear probe, 294x448 tiles, blocks.2+5, Macenko, C=0.003": ("default", {}),
+    "default, but C chosen by inner patient-level CV": (
+        "default",
+        {"train.probe_cs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
+    ),
 }
 
 
@@ -220,20 +226,30 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                     progress=False,
                     write_outputs=False,
                 )
-                probs.update(_read_predictions(run_dir / "predictions.csv", classes))
+                # Undo the fold's temperature: a user scores new patients with one model, whose
+                # ranking no temperature changes, but pooling folds that each carry their own
+                # temperature would mix scales and understate that figure.
+                from histolens.checkpoint import read_metadata
+
+                temperature = float(read_metadata(run_dir)["temperature"])
+                probs.update(_read_predictions(run_dir / "predictions.csv", classes, temperature))
             out.append(_scores(records, probs, classes, task))
     return out
 
 
-def _read_predictions(path: Path, classes) -> dict[str, np.ndarray]:
+def _read_predictions(path: Path, classes, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Class probabilities per image from a predictions.csv, with ``temperature`` undone."""
     rows = {}
     with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if "probability" in row:
-                p = float(row["probability"])
+                p = np.clip(float(row["probability"]), 1e-12, 1 - 1e-12)
+                p = 1 / (1 + np.exp(-np.log(p / (1 - p)) * temperature))
                 rows[row["path"]] = np.array([1 - p, p])
             else:
-                rows[row["path"]] = np.array([float(row[f"p_{c}"]) for c in classes])
+                logp = np.log(np.clip([float(row[f"p_{c}"]) for c in classes], 1e-12, 1))
+                z = np.exp((logp - logp.max()) * temperature)
+                rows[row["path"]] = z / z.sum()
     return rows
 
 

@@ -281,3 +281,18 @@ def test_real_breakhis_224px_source_is_flagged(real_data):
     assert folder.detail == "'200X-224px' is 82% malignant (others 53%)"
     assert _finding(report, "image width").detail == "224 is 82% malignant (others 53%)"
     assert not _finding(report, "bytes per pixel").flagged
+
+
+def test_source_folder_is_found_from_a_relative_path(tmp_path, monkeypatch):
+    # Record paths are absolute; a dataset given by a relative path must still have folders.
+    for folder, cls, n in (("lab_a", "malignant", 6), ("lab_b", "benign", 6)):
+        for p in range(n):
+            for i in range(2):
+                path = tmp_path / "data" / folder / cls / _name(cls, p, i, "PNG")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _texture((40, 40), seed=i).save(path)
+    monkeypatch.chdir(tmp_path)
+    report = audit_dataset("data", progress=False, colour=False)
+    folder = _finding(report, "source folder")
+    assert folder.n_values == 2
+    assert folder.flagged

@@ -289,7 +289,7 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
         fold = fit_linear_probe(x[tr], y[tr], g[tr], 2, cfg.train.probe_cs, 5, cfg.data.seed + k)
         # Each fold's temperature and threshold come from its own inner out-of-fold logits.
         t_k, thr_k = _calibrate(cfg, fold.oof_logits, y[tr], 2)
-        decision[te] = fold.logits(x[te])[:, 0] / t_k - np.log(thr_k / (1 - thr_k))
+        decision[te] = fold.logits(x[te])[:, 0] - t_k * np.log(thr_k / (1 - thr_k))
     temperature = read_metadata(run)["temperature"]
     probability = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(probability, sigmoid(decision), atol=1e-5)

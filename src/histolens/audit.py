@@ -469,7 +469,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _source_folders(records: Sequence[ImageRecord], root: Path | None) -> list[str]:
     """First folder under the root of each image, unless that folder is a class folder."""
-    paths = [Path(r.path) for r in records]
+    paths = [Path(os.path.abspath(r.path)) for r in records]
+    if root is not None:
+        root = Path(os.path.abspath(root))  # record paths are absolute; a given root may not be
     if root is None:
         try:
             root = Path(os.path.commonpath([p.parent for p in paths]))

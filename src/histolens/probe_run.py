@@ -107,10 +107,11 @@ def _cross_validated_logits(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Out-of-fold logits of every image from patient-level k-fold (nested C selection).
 
-    Returns the raw logits and the fold's decision logits: calibrated by the fold's own
-    temperature and, for two classes, shifted by the fold's own threshold (chosen on the fold's
-    inner out-of-fold predictions), so that 0 is each fold's decision boundary. Scoring those at
-    0.5 never lets a held-out patient choose its own threshold.
+    Returns the raw logits and the fold's decision logits: for two classes, shifted so that 0 is
+    the fold's own decision boundary (threshold and temperature chosen on the fold's inner
+    out-of-fold predictions). Scoring those at 0.5 never lets a held-out patient choose its own
+    threshold; they stay on the raw scale, since folds calibrated by different temperatures would
+    pool on different scales and understate the AUC of one model.
     """
     from scipy.special import logit
 
@@ -131,9 +132,9 @@ def _cross_validated_logits(
         oof[te] = fit.logits(x[te])
         inner = fit.oof_logits if fit.oof_logits is not None else oof[te][:0]
         t_k, thr_k = _calibrate(cfg, inner, y[tr] if len(inner) else y[:0], n_classes)
-        decision[te] = oof[te] / t_k
-        if n_classes == 2:
-            decision[te] -= logit(np.clip(thr_k, 1e-6, 1 - 1e-6))
+        decision[te] = oof[te]
+        if n_classes == 2:  # the fold's boundary p = thr_k, with p = sigmoid(z / t_k)
+            decision[te] -= t_k * logit(np.clip(thr_k, 1e-6, 1 - 1e-6))
         if progress:
             log.info(
                 "fold %d/%d: %d held-out images of %d patients, C=%g",
@@ -283,12 +284,13 @@ def train_probe(
     else:
         oof, eval_logits, n_folds = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
         eval_records, calib_logits, calib_y = fit_records, oof, y
+        chosen = "C, threshold" if len(cfg.train.probe_cs) > 1 else "threshold"
         method = (
-            f"{n_folds}-fold {unit} cross-validation (out-of-fold predictions; C, threshold "
+            f"{n_folds}-fold {unit} cross-validation (out-of-fold predictions; {chosen} "
             "and temperature chosen inside each fold)"
         )
     temperature, threshold = _calibrate(cfg, calib_logits, calib_y, n_classes)
-    # Out-of-fold decision logits are already calibrated and centred on each fold's threshold.
+    # Out-of-fold decision logits are already centred on each fold's own threshold.
     eval_temperature, eval_threshold = (temperature, threshold) if n_folds == 0 else (1.0, 0.5)
     final.load_into(model.head.out)
 
