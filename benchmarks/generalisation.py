@@ -60,7 +60,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "default",
         {"model.feature_layer": "last", "stain.method": "none"},
     ),
-    "linear probe, 294x448 tiles, last layer, Macenko": ("default", {"model.feature_layer": "last"}),
+    "linear probe, 294x448 tiles, last layer, Macenko": (
+        "default",
+        {"model.feature_layer": "last"},
+    ),
     "linear probe, 294x448 tiles, blocks.2+5, no stain": ("default", {"stain.method": "none"}),
     "linear probe, 224 px, blocks.2+5, Macenko": ("default", {"model.input_size": None}),
     "default: linear probe, 294x448 tiles, blocks.2+5, Macenko, C=0.003": ("default", {}),

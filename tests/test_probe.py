@@ -234,7 +234,9 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
     manifest = _manifest(synth_small)
     meta = read_metadata(run)
     est = meta["estimate"]
-    assert est["method"].startswith("3-fold patient-level cross-validation (out-of-fold predictions;")
+    assert est["method"].startswith(
+        "3-fold patient-level cross-validation (out-of-fold predictions;"
+    )
     assert est["n_images"] == len(manifest) == 32
     groups = {r["group"] for r in manifest}
     assert est["n_patients"] == len(groups) == 8
