@@ -194,8 +194,8 @@ def train_probe(
         _checkpoint_metadata,
         _fit_stain,
         _targets,
-        _write_skipped,
         prepare_records,
+        readable_split,
     )
     from histolens.transforms import resolve_preprocess
 
@@ -223,17 +223,7 @@ def train_probe(
     if not torch.cuda.is_available():
         model.to(memory_format=torch.channels_last)
 
-    everything = split.train + split.val + split.test
-    if bank is None or bank.preprocess != preprocess:
-        bank = ImageBank([r.path for r in everything], preprocess, progress)
-    if bank.skipped:
-        notes.append(f"{len(bank.skipped)} unreadable image(s) skipped; see skipped.csv.")
-        _write_skipped(run_dir / "skipped.csv", bank.skipped + dataset.skipped)
-    split = Split(
-        *[[r for r in part if r.path in bank] for part in (split.train, split.val, split.test)],
-        split.patient_level,
-        split.warnings,
-    )
+    bank, split = readable_split(split, preprocess, bank, progress, run_dir, dataset, notes)
     fit_records = split.train + split.val
     if not fit_records:
         raise DataError("No readable training images.")

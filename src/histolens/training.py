@@ -581,20 +581,8 @@ def train(
     cached = cfg.train.feature_cache and cfg.model.unfreeze == 0
     model.set_trainable(cfg.model.unfreeze)
 
-    all_records = split.train + split.val + split.test
-    if bank is None or bank.preprocess != preprocess:
-        bank = ImageBank([r.path for r in all_records], preprocess, progress)
-    if bank.skipped:
-        notes.append(f"{len(bank.skipped)} unreadable image(s) skipped; see skipped.csv.")
-        _write_skipped(run_dir / "skipped.csv", bank.skipped + dataset.skipped)
-    keep = [r for r in all_records if r.path in bank]
-    split = Split(
-        [r for r in split.train if r.path in bank],
-        [r for r in split.val if r.path in bank],
-        [r for r in split.test if r.path in bank],
-        split.patient_level,
-        split.warnings,
-    )
+    bank, split = readable_split(split, preprocess, bank, progress, run_dir, dataset, notes)
+    keep = split.train + split.val + split.test
     if not split.train:
         raise DataError("No readable training images.")
     split.write_csv(run_dir / SPLIT_FILE)
@@ -790,6 +778,21 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
     for folder in (run_dir, run_dir / LAST_CHECKPOINT.parent, run_dir / EPOCH_LOG.parent):
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def readable_split(
+    split: Split, preprocess, bank: ImageBank | None, progress: bool, run_dir: Path, dataset, notes
+) -> tuple[ImageBank, Split]:
+    """Decode the split's images once (or reuse ``bank``) and drop the unreadable ones from it,
+    listing them in ``skipped.csv`` and a note."""
+    everything = split.train + split.val + split.test
+    if bank is None or bank.preprocess != preprocess:
+        bank = ImageBank([r.path for r in everything], preprocess, progress)
+    if bank.skipped:
+        notes.append(f"{len(bank.skipped)} unreadable image(s) skipped; see skipped.csv.")
+        _write_skipped(run_dir / "skipped.csv", bank.skipped + dataset.skipped)
+    parts = [[r for r in part if r.path in bank] for part in (split.train, split.val, split.test)]
+    return bank, Split(*parts, split.patient_level, split.warnings)
 
 
 def _devices(value: str):
