@@ -60,6 +60,11 @@ class BackboneSpec:
     # A texture level and a structure level transfer better to tissue than the last layer alone.
     probe_layer: str | None = None
 
+    def input_size_for(self, requested: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The input size to use: a token backbone (ViT) keeps its pretrained size, a
+        convolutional one takes the requested size (None: its pretrained size)."""
+        return None if self.pooling == "token" else requested
+
     @property
     def reshape_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return vit_reshape_transform if self.token_output else None

@@ -57,7 +57,7 @@ def image_bank_for(cfg: RunConfig, progress: bool = True, records=None):
     if records is None:
         records = prepare_records(cfg)[1]
     spec = get_backbone_spec(cfg.model.backbone)
-    size = None if spec.pooling == "token" else cfg.model.input_size
+    size = spec.input_size_for(cfg.model.input_size)
     preprocess = resolve_preprocess(create_backbone(spec, "none"), size)
     return ImageBank([r.path for r in records], preprocess, progress)
 

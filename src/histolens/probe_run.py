@@ -216,7 +216,7 @@ def train_probe(
     torch.manual_seed(cfg.train.seed)
     model = build_model(spec, n_classes, cfg.model.pretrained, (), (), layer)
     run_dir.mkdir(parents=True, exist_ok=True)
-    size = None if spec.pooling == "token" else cfg.model.input_size
+    size = spec.input_size_for(cfg.model.input_size)
     preprocess = resolve_preprocess(model.backbone, size)
     model.set_trainable(0)
     model.eval()

@@ -576,7 +576,7 @@ def train(
     )
     # Created only now: a mistyped option, bad data or missing weights leave no empty run folder.
     run_dir.mkdir(parents=True, exist_ok=True)
-    size = None if spec.pooling == "token" else cfg.model.input_size
+    size = spec.input_size_for(cfg.model.input_size)
     preprocess = resolve_preprocess(model.backbone, size)
     cached = cfg.train.feature_cache and cfg.model.unfreeze == 0
     model.set_trainable(cfg.model.unfreeze)
