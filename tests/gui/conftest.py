@@ -1,16 +1,17 @@
-"""Fixtures for the desktop viewer: a tiny real checkpoint, tissue images, a fake explainer."""
+"""Fixtures for the desktop viewer: a tiny real checkpoint and tissue images."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from gui_helpers import SCREEN
 
 from histolens.testing import make_checkpoint, make_tissue_image
-
-FAKE_METHODS = ("gradcam", "gradcam++", "eigencam")
 
 
 @pytest.fixture(scope="session")
@@ -48,36 +49,46 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-class FakeExplanation:
-    """Stands in for histolens.explain's Explanation: a heatmap and an opacity blend."""
-
-    def __init__(self, image: Image.Image, method: str, prediction) -> None:
-        self.image = image
-        self.method = method
-        self.prediction = prediction
-        w, h = image.size
-        self.heatmap = np.linspace(0, 1, w * h, dtype=np.float32).reshape(h, w)
-
-    def overlay(self, alpha: float) -> Image.Image:
-        red = Image.new("RGB", self.image.size, (255, 0, 0))
-        return Image.blend(self.image, red, alpha)
-
-
-class FakeExplainer:
-    """Counts calls, so tests can show what does and does not re-run the model."""
-
-    instances: list[FakeExplainer] = []
-
-    def __init__(self, predictor) -> None:
-        self.predictor = predictor
-        self.calls: list[str] = []
-        self.closed = False
-        FakeExplainer.instances.append(self)
-
-    def explain(self, image: Image.Image, method: str = "gradcam") -> FakeExplanation:
-        assert not self.closed, "explain() after close()"
-        self.calls.append(method)
-        return FakeExplanation(image, method, self.predictor.predict_image(image))
-
-    def close(self) -> None:
-        self.closed = True
+@pytest.fixture(scope="session")
+def xvfb_display() -> Iterator[str]:
+    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd)."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (Debian: apt install xvfb)")
+    try:
+        import tkinter  # noqa: F401
+    except ImportError:
+        pytest.skip("this Python was built without tkinter")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [
+            "Xvfb",
+            "-displayfd",
+            str(write_fd),
+            "-screen",
+            "0",
+            f"{SCREEN[0]}x{SCREEN[1]}x24",
+            "-nolisten",
+            "tcp",
+        ],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as fh:
+        number = fh.readline().strip()
+    if not number:
+        proc.kill()
+        pytest.skip("Xvfb did not start")
+    display = f":{number}"
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = display
+    try:
+        yield display
+    finally:
+        if old is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = old
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -6,71 +6,13 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from gui_helpers import SCREEN, pump
 from PIL import Image
 
 pytestmark = pytest.mark.gui
-
-SCREEN = (1440, 900)
-
-
-@pytest.fixture(scope="module")
-def xvfb_display() -> Iterator[str]:
-    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd)."""
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (Debian: apt install xvfb)")
-    try:
-        import tkinter  # noqa: F401
-    except ImportError:
-        pytest.skip("this Python was built without tkinter")
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(
-        [
-            "Xvfb",
-            "-displayfd",
-            str(write_fd),
-            "-screen",
-            "0",
-            f"{SCREEN[0]}x{SCREEN[1]}x24",
-            "-nolisten",
-            "tcp",
-        ],
-        pass_fds=(write_fd,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write_fd)
-    with os.fdopen(read_fd) as fh:
-        number = fh.readline().strip()
-    if not number:
-        proc.kill()
-        pytest.skip("Xvfb did not start")
-    display = f":{number}"
-    old = os.environ.get("DISPLAY")
-    os.environ["DISPLAY"] = display
-    try:
-        yield display
-    finally:
-        if old is None:
-            os.environ.pop("DISPLAY", None)
-        else:
-            os.environ["DISPLAY"] = old
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def pump(root, done: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    """Run the Tk event loop until ``done()`` or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        root.update()
-        if done():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def screenshot(display: str, target: Path) -> Path:

@@ -8,7 +8,7 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_METHODS, FakeExplainer
+from gui_helpers import FAKE_METHODS, FakeExplainer
 from PIL import Image
 
 from histolens.gui.presenter import (
@@ -332,6 +332,56 @@ def test_folder_batch_fills_sorts_and_flags_results(loaded, image_folder):
         presenter.sort_results("colour")
 
 
+def test_open_paths_shows_one_image_or_runs_folders_and_files_as_one_batch(
+    loaded, image_folder, image_path, tmp_path
+):
+    presenter, view = loaded
+    presenter.open_paths([image_path])
+    presenter.poll()
+    assert view.last("show_image")[0] == str(image_path) and not presenter.results
+    assert view.last("show_prediction")[0] is not None
+
+    presenter.open_paths([image_folder])
+    presenter.poll()
+    assert [r.name for r in presenter.results][-1] == "patient_b/tile_9.png"
+    assert len(presenter.results) == 6
+
+    (tmp_path / "empty").mkdir()
+    presenter.open_paths([image_path, image_folder / "patient_b", tmp_path / "empty"])
+    presenter.poll()
+    # Named from the folder above them all; an empty folder adds nothing.
+    assert [r.name for r in presenter.results] == [
+        image_path.name,
+        "slides/patient_b/tile_9.png",
+    ]
+    assert view.last("show_status")[0].startswith("Analysed 2 images:")
+
+    presenter.open_paths([tmp_path / "empty", tmp_path / "empty"])
+    presenter.poll()
+    title, message = view.last("show_error")
+    assert title == "Batch stopped" and message.startswith(f"No images in {tmp_path / 'empty'}")
+
+
+def test_paths_given_at_start_wait_for_the_checkpoint(checkpoint, image_folder, image_path):
+    """What `histolens gui -c CKPT FOLDER` does: the folder is opened before the model loaded."""
+    executor = ManualExecutor()
+    presenter, view = make_presenter(executor)
+    presenter.open_checkpoint(checkpoint)
+    presenter.open_paths([image_folder])
+    assert view.last("show_status") == ("Waiting for the checkpoint to load …",)
+    executor.run_all(presenter)
+    assert len(presenter.results) == 6 and presenter.predictor is not None
+    assert view.last("show_status")[0].startswith("Analysed 6 images:")
+
+    presenter, view = make_presenter(executor)
+    presenter.open_checkpoint(checkpoint)
+    presenter.open_paths([image_path])
+    executor.run_all(presenter)
+    assert presenter.current_path == str(image_path)
+    assert presenter.current_prediction is not None
+    assert view.last("show_heatmap")[0] is not None
+
+
 def test_clicking_a_result_shows_its_prediction_at_once(loaded, image_folder):
     presenter, view = loaded
     presenter.open_folder(image_folder)
@@ -388,26 +438,14 @@ def test_export_writes_csv_and_overlay_pngs(loaded, image_folder, tmp_path):
     assert presenter.last_export.n_overlays == 5
 
 
-def test_export_without_results_or_heatmaps(checkpoint, image_folder, tmp_path):
-    presenter, view = make_presenter(explainer=lambda predictor: None)
+def test_export_without_results_says_what_to_do(tmp_path):
+    presenter, view = make_presenter()
     presenter.export(tmp_path / "x")
-    assert view.last("show_error")[0] == "Nothing to export"
-    presenter.open_checkpoint(checkpoint)
-    presenter.poll()
-    assert view.last("show_methods") == ((), "gradcam")
-    assert "heatmaps unavailable" in view.all("show_status")[-1][0]
-    presenter.open_image(image_folder / "tile_0.png")
-    presenter.poll()
-    assert view.last("show_heatmap") == (
-        None,
-        "Heatmaps unavailable (histolens.explain not installed)",
+    assert view.last("show_error") == (
+        "Nothing to export",
+        "Open a folder or several images first; their results are what gets exported.",
     )
-    presenter.open_folder(image_folder)
-    presenter.poll()
-    presenter.export(tmp_path / "csv-only")
-    presenter.poll()
-    assert (tmp_path / "csv-only" / "predictions.csv").is_file()
-    assert not (tmp_path / "csv-only" / "overlays").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_stale_results_never_replace_the_newer_image(checkpoint, image_folder):
@@ -487,13 +525,14 @@ def test_find_images_and_method_labels(image_folder, tmp_path):
     assert method_label("gradcam++") == "Grad-CAM++" and method_label("new_cam") == "new_cam"
 
 
-def test_real_explainer_when_available(checkpoint, image_path):
-    explain = pytest.importorskip("histolens.explain", reason="histolens.explain not written yet")
+def test_real_explainer(checkpoint, image_path):
+    from histolens.explain import CAM_METHODS
+
     view = FakeView()
     presenter = Presenter(view, ImmediateExecutor())
     presenter.open_checkpoint(checkpoint)
     presenter.poll()
-    assert set(presenter.methods) == set(explain.CAM_METHODS)
+    assert set(presenter.methods) == set(CAM_METHODS)
     presenter.open_image(image_path)
     presenter.poll()
     overlay, caption = view.last("show_heatmap")

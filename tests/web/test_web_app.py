@@ -336,7 +336,7 @@ def _post_in_threads(client, n, payload):
 
 
 def _gate(client, monkeypatch) -> _GatedPredict:
-    predictor = client.app.state.predictor
+    predictor = client.app.state.service.predictor
     gated = _GatedPredict(predictor.predict_images)
     monkeypatch.setattr(predictor, "predict_images", gated)
     return gated
@@ -383,7 +383,7 @@ def test_concurrent_predicts_are_micro_batched(
 def test_batch_wait_collects_requests_arriving_shortly_after(make_client, tissue_png, monkeypatch):
     client = make_client(max_batch=8, batch_wait_ms=500)
     sizes: list[int] = []
-    predictor = client.app.state.predictor
+    predictor = client.app.state.service.predictor
     original = predictor.predict_images
 
     def recording(images, batch_size=32):
@@ -398,14 +398,12 @@ def test_batch_wait_collects_requests_arriving_shortly_after(make_client, tissue
     assert len(sizes) < 4 and sum(sizes) == 4
 
 
-def test_explain_not_installed_is_501(make_client, tissue_png, monkeypatch):
-    import histolens.web.app as web_app
-
-    monkeypatch.setattr(web_app, "_load_explain_module", lambda: None)
+def test_requests_while_shutting_down_get_503_with_retry_after(make_client, tissue_png):
     client = make_client()
-    r = client.post("/v1/explain", files=_file(tissue_png))
-    assert r.status_code == 501 and "not available" in r.json()["detail"]
-    assert client.get("/v1/model").json()["explain_methods"] == []
+    client.app.state.service.close()  # what the lifespan does when the server stops
+    r = client.post("/v1/predict", files=_file(tissue_png))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json() == {"detail": "The service is shutting down; retry shortly."}
 
 
 def test_rgba_and_grayscale_uploads_work(client):
@@ -426,7 +424,7 @@ def test_model_failure_is_a_json_500(checkpoint, tissue_png, monkeypatch):
         def broken(images, batch_size=32):
             raise RuntimeError("out of memory")
 
-        monkeypatch.setattr(client.app.state.predictor, "predict_images", broken)
+        monkeypatch.setattr(client.app.state.service.predictor, "predict_images", broken)
         r = client.post("/v1/predict", files=_file(tissue_png))
         assert r.status_code == 500
         assert r.json() == {"detail": "Internal error (RuntimeError); see the server log."}

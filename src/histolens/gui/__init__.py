@@ -1,4 +1,8 @@
-"""The desktop viewer: a Tk window (``app``) over a toolkit-free presenter (``presenter``).
+"""The desktop viewer: a Tk window over a toolkit-free presenter.
 
-Nothing is imported here so that ``histolens --help`` and the presenter's tests stay light.
+``presenter`` (the window's actions) drives ``inspector`` (the image on screen), ``batch`` (the
+results list) and ``export``, with model work run by ``jobs``; ``display`` and ``model_info``
+hold what the view shows. The Tk side is ``app`` (the window's wiring) over ``panels``,
+``widgets`` and ``style``. Nothing is imported here so that ``histolens --help`` and the
+presenter's tests stay light.
 """

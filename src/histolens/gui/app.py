@@ -1,160 +1,70 @@
-"""The Tk window of the desktop viewer: thin widgets over :class:`Presenter`.
+"""The Tk window of the desktop viewer: panels wired to a :class:`Presenter`.
 
-Every decision lives in the presenter; this module lays out widgets, turns user input into
-presenter calls and draws what the presenter asks for. Model work runs on one worker thread;
-``after()`` polls its results, so the window never freezes.
+Every decision lives in the presenter; the panels (``panels``, ``widgets``) draw what it asks
+for. This module builds the window around them (menu, toolbar, error bar, status line), turns
+user input into presenter calls and implements the presenter's ``View``. Model work runs on one
+worker thread; ``after()`` polls its results, so the window never freezes.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import tkinter as tk
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from pathlib import Path
 from tkinter import filedialog, ttk
 
-import numpy as np
-from PIL import Image, ImageTk
+from PIL import Image
 
-from histolens.gui.presenter import (
+from histolens.gui.display import (
     DEFAULT_OPACITY,
     RESEARCH_NOTICE,
-    SORT_COLUMNS,
-    ModelInfo,
     PredictionSummary,
-    Presenter,
     ResultRow,
     method_label,
 )
+from histolens.gui.model_info import ModelInfo
+from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
+from histolens.gui.presenter import Presenter
+from histolens.gui.style import apply_style
+from histolens.gui.widgets import ImagesArea
 from histolens.imageio import IMAGE_SUFFIXES
 
 __all__ = ["ViewerApp", "run_app"]
 
 POLL_MS = 30
-SELECT_DEBOUNCE_MS = 120
 _IMAGE_TYPES = [
     ("Images", " ".join(f"*{s} *{s.upper()}" for s in sorted(IMAGE_SUFFIXES))),
     ("All files", "*"),
 ]
 _CHECKPOINT_TYPES = [("histolens checkpoints", "*.safetensors"), ("All files", "*")]
 
-# A sober palette: dark chrome around the images, neutral panels, amber for "review needed",
-# red only for the research notice and errors.
-_BG = "#eef0f3"
-_PANEL = "#ffffff"
-_CANVAS = "#23262b"
-_TEXT = "#1d2330"
-_MUTED = "#5b6473"
-_ACCENT = "#2f5d8a"
-_NOTICE = "#8b1e1e"
-_REVIEW_BG = "#f6c344"
-_WARNING_BG = "#fff4e0"
-_ERROR_BG = "#fde2e1"
-_ERROR_FG = "#8b1e1e"
-_COLUMN_TITLES = {"file": "File", "class": "Class", "probability": "Probability", "review": "Flag"}
-
-
-@functools.lru_cache(maxsize=1)
-def _colour_scale(width: int = 120, height: int = 10) -> Image.Image | None:
-    """The heatmap's colour map as a low-to-high strip, drawn by the same overlay function."""
-    try:
-        from histolens.explain import overlay_heatmap
-    except ImportError:
-        return None
-    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
-    return overlay_heatmap(Image.new("RGB", (width, height)), ramp, 1.0)
-
-
-class ImagePanel(ttk.Frame):
-    """A titled canvas that shows one PIL image scaled to fit, or a centred note."""
-
-    def __init__(self, master: tk.Misc, title: str) -> None:
-        super().__init__(master, style="Panel.TFrame")
-        header = ttk.Frame(self, style="Panel.TFrame")
-        header.pack(fill="x", padx=8, pady=(6, 2))
-        self.title = ttk.Label(header, text=title, style="PanelTitle.TLabel")
-        self.title.pack(side="left")
-        self.legend = ttk.Frame(header, style="Panel.TFrame")
-        self._legend_photo: ImageTk.PhotoImage | None = None
-        self.canvas = tk.Canvas(
-            self, background=_CANVAS, highlightthickness=0, width=240, height=160
-        )
-        self.canvas.pack(fill="both", expand=True, padx=8, pady=(0, 8))
-        self._image: Image.Image | None = None
-        self._note = ""
-        self._photo: ImageTk.PhotoImage | None = None
-        self.canvas.bind("<Configure>", lambda _e: self._render())
-
-    def show(self, image: Image.Image | None, note: str = "") -> None:
-        self._image, self._note = image, note
-        self._render()
-
-    def show_legend(self, scale: Image.Image | None) -> None:
-        """A colour scale (low to high) at the title's right, or none."""
-        if scale is None:
-            self.legend.pack_forget()
-            return
-        if self._legend_photo is None:
-            self._legend_photo = ImageTk.PhotoImage(scale, master=self)
-            ttk.Label(self.legend, text="low", style="Muted.TLabel").pack(side="left")
-            ttk.Label(self.legend, image=self._legend_photo, style="Panel.TLabel").pack(
-                side="left", padx=4
-            )
-            ttk.Label(self.legend, text="high", style="Muted.TLabel").pack(side="left")
-        self.legend.pack(side="right")
-
-    def _render(self) -> None:
-        c = self.canvas
-        c.delete("all")
-        w, h = max(1, c.winfo_width()), max(1, c.winfo_height())
-        if self._image is None:
-            self._photo = None
-            if self._note:
-                c.create_text(
-                    w // 2,
-                    h // 2,
-                    text=self._note,
-                    fill="#c9ced6",
-                    font=("DejaVu Sans", 11),
-                    width=max(100, w - 40),
-                )
-            return
-        iw, ih = self._image.size
-        # Small tiles are enlarged (up to 4x) so tissue detail is readable; large ones shrunk.
-        scale = min((w - 8) / iw, (h - 8) / ih, 4.0)
-        size = (max(1, round(iw * scale)), max(1, round(ih * scale)))
-        shown = (
-            self._image
-            if size == self._image.size
-            else self._image.resize(
-                size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-            )
-        )
-        self._photo = ImageTk.PhotoImage(shown, master=c)
-        c.create_image(w // 2, h // 2, image=self._photo, anchor="center")
-
 
 class ViewerApp:
-    """The viewer window. Implements the presenter's :class:`~histolens.gui.presenter.View`."""
+    """The viewer window. Implements the presenter's :class:`~histolens.gui.display.View`.
+
+    Args:
+        root: the Tk root to build the window in.
+        checkpoint: a checkpoint file or run folder to load at start.
+        executor: where model work runs (default: one worker thread owned by the window).
+        paths: images or folders to open at start (as ``histolens gui PATH...``).
+    """
 
     def __init__(
         self,
         root: tk.Tk,
         checkpoint: str | os.PathLike | None = None,
         executor: Executor | None = None,
+        paths: Sequence[str | os.PathLike] = (),
     ) -> None:
         self.root = root
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="histolens-worker")
-        self._row_ids: dict[str, str] = {}
-        self._select_after: str | None = None
-        self._poll_after: str | None = None
         self._method_keys: dict[str, str] = {}
-        self._score_rows: dict[str, tuple[ttk.Progressbar, ttk.Label]] = {}
-        self.performance_text: tk.Text | None = None  # the model's figures and warnings
-        self._setup_root()
+        self._poll_after: str | None = None
+        root.title("histolens — breast histopathology viewer (research use only)")
+        root.minsize(1000, 640)
+        apply_style(root)
         self._build_menu()
         self._build_layout()
         self._bind_keys()
@@ -169,71 +79,10 @@ class ViewerApp:
         self._poll_after = root.after(POLL_MS, self._poll)
         if checkpoint is not None:
             self.presenter.open_checkpoint(checkpoint)
+        if paths:
+            self.presenter.open_paths(paths)  # waits for the checkpoint, if one is loading
 
     # --- construction ---------------------------------------------------------------------------
-    def _setup_root(self) -> None:
-        root = self.root
-        root.title("histolens — breast histopathology viewer (research use only)")
-        root.configure(background=_BG)
-        root.minsize(1000, 640)
-        style = ttk.Style(root)
-        if "clam" in style.theme_names():
-            style.theme_use("clam")
-        base = ("DejaVu Sans", 10)
-        style.configure(".", font=base, background=_BG, foreground=_TEXT)
-        style.configure("Panel.TFrame", background=_PANEL)
-        style.configure("Panel.TLabel", background=_PANEL)
-        style.configure(
-            "PanelTitle.TLabel",
-            background=_PANEL,
-            foreground=_MUTED,
-            font=("DejaVu Sans", 9, "bold"),
-        )
-        style.configure(
-            "Muted.TLabel", background=_PANEL, foreground=_MUTED, font=("DejaVu Sans", 9)
-        )
-        style.configure("Key.TLabel", background=_PANEL, foreground=_MUTED, font=("DejaVu Sans", 9))
-        style.configure("Value.TLabel", background=_PANEL, font=("DejaVu Sans", 9))
-        style.configure(
-            "Headline.TLabel",
-            background=_PANEL,
-            foreground=_ACCENT,
-            font=("DejaVu Sans", 22, "bold"),
-        )
-        style.configure("Probability.TLabel", background=_PANEL, font=("DejaVu Sans", 13))
-        style.configure(
-            "Review.TLabel",
-            background=_REVIEW_BG,
-            foreground="#3d2c00",
-            font=("DejaVu Sans", 10, "bold"),
-            padding=(8, 4),
-        )
-        style.configure(
-            "Clear.TLabel",
-            background=_PANEL,
-            foreground="#2e6b3a",
-            font=("DejaVu Sans", 10),
-            padding=(0, 4),
-        )
-        style.configure(
-            "Notice.TLabel",
-            background=_NOTICE,
-            foreground="white",
-            font=("DejaVu Sans", 10, "bold"),
-            padding=(10, 5),
-        )
-        style.configure("Error.TFrame", background=_ERROR_BG)
-        style.configure(
-            "Error.TLabel", background=_ERROR_BG, foreground=_ERROR_FG, font=("DejaVu Sans", 10)
-        )
-        style.configure("Status.TLabel", background="#dfe3e8", foreground=_TEXT, padding=(8, 3))
-        style.configure("Toolbar.TFrame", background=_BG)
-        style.configure("Treeview", rowheight=22, font=("DejaVu Sans", 9))
-        style.configure("Treeview.Heading", font=("DejaVu Sans", 9, "bold"))
-        style.configure(
-            "Score.Horizontal.TProgressbar", troughcolor="#e3e6ea", background=_ACCENT, thickness=10
-        )
-
     def _build_menu(self) -> None:
         menu = tk.Menu(self.root)
         file_menu = tk.Menu(menu, tearoff=False)
@@ -288,18 +137,37 @@ class ViewerApp:
         ttk.Button(self.error_bar, text="Dismiss", command=self.clear_error).pack(
             side="right", padx=8, pady=3
         )
-
         status = ttk.Frame(root)
         status.pack(fill="x", side="bottom")
         self.status_text = ttk.Label(status, style="Status.TLabel", anchor="w")
         self.status_text.pack(side="left", fill="x", expand=True)
         self.busy_bar = ttk.Progressbar(status, mode="indeterminate", length=90)
 
-        self.body = ttk.PanedWindow(root, orient="horizontal")
-        self.body.pack(fill="both", expand=True, padx=6, pady=6)
-        self.body.add(self._build_results(self.body), weight=0)
-        self.body.add(self._build_images(self.body), weight=1)
-        self.body.add(self._build_side(self.body), weight=0)
+        body = ttk.PanedWindow(root, orient="horizontal")
+        body.pack(fill="both", expand=True, padx=6, pady=6)
+        self.results_panel = ResultsPanel(
+            body,
+            on_sort=lambda column: self.presenter.sort_results(column),
+            on_open=self._open_selected,
+            on_stop=lambda: self.presenter.cancel_batch(),
+        )
+        self.images = ImagesArea(body)
+        side = ttk.Frame(body, width=330, height=200)
+        side.pack_propagate(False)  # a fixed-width column; long values wrap instead
+        self.prediction_panel = PredictionPanel(side)
+        self.prediction_panel.pack(fill="x")
+        self.model_panel = ModelPanel(side)
+        self.model_panel.pack(fill="both", expand=True, pady=(6, 0))
+        body.add(self.results_panel, weight=0)
+        body.add(self.images, weight=1)
+        body.add(side, weight=0)
+        # The parts scripts and tests look at, by their familiar names.
+        self.tree, self.progress = self.results_panel.tree, self.results_panel.progress
+        self.image_panel, self.heatmap_panel = self.images.image_panel, self.images.heatmap_panel
+        self.headline, self.review_badge = (
+            self.prediction_panel.headline,
+            self.prediction_panel.review_badge,
+        )
 
     def _build_toolbar(self) -> None:
         bar = self.toolbar = ttk.Frame(self.root, style="Toolbar.TFrame", padding=(6, 6, 6, 2))
@@ -328,107 +196,6 @@ class ViewerApp:
             bar, text="Show heatmap", variable=self.heatmap_var, command=self._heatmap_toggled
         ).pack(side="left", padx=(10, 0))
 
-    def _build_results(self, master: tk.Misc) -> ttk.Frame:
-        frame = ttk.Frame(master, style="Panel.TFrame", width=360)
-        ttk.Label(frame, text="RESULTS", style="PanelTitle.TLabel").pack(
-            fill="x", padx=8, pady=(6, 2)
-        )
-        table = ttk.Frame(frame, style="Panel.TFrame")
-        table.pack(fill="both", expand=True, padx=8)
-        self.tree = ttk.Treeview(
-            table, columns=SORT_COLUMNS, show="headings", selectmode="browse", height=20
-        )
-        widths = {"file": 230, "class": 84, "probability": 86, "review": 104}
-        for col in SORT_COLUMNS:
-            self.tree.heading(
-                col, text=_COLUMN_TITLES[col], command=lambda c=col: self.presenter.sort_results(c)
-            )
-            self.tree.column(
-                col,
-                width=widths[col],
-                stretch=col == "file",
-                anchor="e" if col == "probability" else "w",
-            )
-        self.tree.tag_configure("review", background="#fdf0c8")
-        self.tree.tag_configure("unreadable", foreground="#8a8f98")
-        scroll = ttk.Scrollbar(table, orient="vertical", command=self.tree.yview)
-        self.tree.configure(yscrollcommand=scroll.set)
-        self.tree.pack(side="left", fill="both", expand=True)
-        scroll.pack(side="right", fill="y")
-        self.tree.bind("<<TreeviewSelect>>", self._row_selected)
-        footer = ttk.Frame(frame, style="Panel.TFrame")
-        footer.pack(fill="x", padx=8, pady=8)
-        self.progress = ttk.Progressbar(footer, mode="determinate")
-        self.progress.pack(side="left", fill="x", expand=True)
-        self.progress_text = ttk.Label(footer, style="Muted.TLabel", width=11, anchor="e")
-        self.progress_text.pack(side="left", padx=4)
-        self.stop_button = ttk.Button(
-            footer, text="Stop", width=6, command=lambda: self.presenter.cancel_batch()
-        )
-        self.stop_button.pack(side="left")
-        self.stop_button.state(["disabled"])
-        return frame
-
-    def _build_images(self, master: tk.Misc) -> ttk.Frame:
-        frame = self.images_frame = ttk.Frame(master)
-        self.image_panel = ImagePanel(frame, "IMAGE")
-        self.heatmap_panel = ImagePanel(frame, "HEATMAP")
-        self._images_stacked: bool | None = None
-        frame.bind("<Configure>", lambda _e: self._arrange_images())
-        self._arrange_images()
-        return frame
-
-    def _arrange_images(self) -> None:
-        """Image and heatmap side by side or one above the other, whichever shows them larger."""
-        frame = self.images_frame
-        w, h = max(2, frame.winfo_width()), max(2, frame.winfo_height())
-        image = self.image_panel._image
-        iw, ih = image.size if image is not None else (700, 460)  # BreakHis tiles
-        stacked = min(w / iw, h / 2 / ih) > min(w / 2 / iw, h / ih)
-        if stacked == self._images_stacked:
-            return
-        self._images_stacked = stacked
-        for i in range(2):
-            frame.columnconfigure(i, weight=0, uniform="")
-            frame.rowconfigure(i, weight=0, uniform="")
-        if stacked:
-            frame.columnconfigure(0, weight=1)
-            for i in range(2):
-                frame.rowconfigure(i, weight=1, uniform="img")
-            self.image_panel.grid(row=0, column=0, sticky="nsew", pady=(0, 3), padx=0)
-            self.heatmap_panel.grid(row=1, column=0, sticky="nsew", pady=(3, 0), padx=0)
-        else:
-            frame.rowconfigure(0, weight=1)
-            for i in range(2):
-                frame.columnconfigure(i, weight=1, uniform="img")
-            self.image_panel.grid(row=0, column=0, sticky="nsew", padx=(0, 3), pady=0)
-            self.heatmap_panel.grid(row=0, column=1, sticky="nsew", padx=(3, 0), pady=0)
-
-    def _build_side(self, master: tk.Misc) -> ttk.Frame:
-        side = ttk.Frame(master, width=330, height=200)
-        side.pack_propagate(False)  # a fixed-width column; long values wrap instead
-        pred = ttk.Frame(side, style="Panel.TFrame", padding=(10, 6, 10, 10))
-        pred.pack(fill="x")
-        ttk.Label(pred, text="PREDICTION", style="PanelTitle.TLabel").pack(anchor="w")
-        self.headline = ttk.Label(pred, style="Headline.TLabel")
-        self.headline.pack(anchor="w", pady=(4, 0))
-        self.probability_text = ttk.Label(pred, style="Probability.TLabel")
-        self.probability_text.pack(anchor="w")
-        self.threshold_text = ttk.Label(pred, style="Muted.TLabel")
-        self.threshold_text.pack(anchor="w", pady=(0, 6))
-        self.review_badge = ttk.Label(pred, style="Review.TLabel", wraplength=250)
-        self.scores_frame = ttk.Frame(pred, style="Panel.TFrame")
-        self.scores_frame.pack(fill="x", pady=(6, 0), side="bottom")
-        self.scores_frame.columnconfigure(1, weight=1)
-
-        model = ttk.Frame(side, style="Panel.TFrame", padding=(10, 6, 10, 10))
-        model.pack(fill="both", expand=True, pady=(6, 0))
-        ttk.Label(model, text="MODEL", style="PanelTitle.TLabel").pack(anchor="w")
-        self.model_frame = ttk.Frame(model, style="Panel.TFrame")
-        self.model_frame.pack(fill="both", expand=True, pady=(4, 0))
-        self.model_frame.columnconfigure(1, weight=1)
-        return side
-
     def _bind_keys(self) -> None:
         bindings = {
             "<Control-o>": self.ask_images,
@@ -448,7 +215,7 @@ class ViewerApp:
             parent=self.root, title="Open image(s)", filetypes=_IMAGE_TYPES
         )
         if paths:
-            self.presenter.open_images(list(self.root.tk.splitlist(paths)))
+            self.presenter.open_paths(list(self.root.tk.splitlist(paths)))
 
     def ask_folder(self) -> None:
         folder = filedialog.askdirectory(
@@ -496,18 +263,7 @@ class ViewerApp:
         self.heatmap_var.set(not self.heatmap_var.get())
         self._heatmap_toggled()
 
-    def _row_selected(self, _event=None) -> None:
-        selection = self.tree.selection()
-        if not selection:
-            return
-        # Debounced: holding an arrow key should not queue a heatmap for every row passed.
-        if self._select_after is not None:
-            self.root.after_cancel(self._select_after)
-        path = selection[0]
-        self._select_after = self.root.after(SELECT_DEBOUNCE_MS, self._open_selected, path)
-
     def _open_selected(self, path: str) -> None:
-        self._select_after = None
         if path != self.presenter.current_path:
             self.presenter.select_result(path)
 
@@ -536,8 +292,12 @@ class ViewerApp:
 
     def select_row(self, path: str) -> None:
         """Select a row as a click would (the heatmap follows after the debounce)."""
-        self.tree.selection_set(path)
-        self.tree.see(path)
+        self.results_panel.select(path)
+
+    @property
+    def performance_text(self) -> tk.Text | None:
+        """The model panel's figures and warnings (None while no model is loaded)."""
+        return self.model_panel.performance_text
 
     def close(self) -> None:
         """Stop polling, release the explainer and the worker, and destroy the window."""
@@ -551,97 +311,8 @@ class ViewerApp:
 
     # --- View protocol: presenter -> widgets ----------------------------------------------------
     def show_model(self, info: ModelInfo | None) -> None:
-        for row in range(self.model_frame.grid_size()[1]):
-            self.model_frame.rowconfigure(row, weight=0)
-        for child in self.model_frame.winfo_children():
-            child.destroy()
-        self.performance_text = None
-        if info is None:
-            ttk.Label(
-                self.model_frame,
-                text="No checkpoint loaded.\nFile ▸ Open checkpoint… (Ctrl+L)",
-                style="Muted.TLabel",
-                justify="left",
-            ).grid(sticky="w")
-            self._build_scores(())
-            return
-        for row, (key, value) in enumerate(info.rows()):
-            ttk.Label(self.model_frame, text=key, style="Key.TLabel").grid(
-                row=row, column=0, sticky="nw", padx=(0, 8), pady=1
-            )
-            ttk.Label(
-                self.model_frame, text=value, style="Value.TLabel", wraplength=178, justify="left"
-            ).grid(row=row, column=1, sticky="nw", pady=1)
-        # The figures get their own full-width area: long sentences must not narrow the values
-        # above, and a scrollable text keeps every warning readable in a narrow column.
-        first = len(info.rows())
-        ttk.Label(self.model_frame, text=info.performance_title, style="PanelTitle.TLabel").grid(
-            row=first, column=0, columnspan=2, sticky="w", pady=(10, 2)
-        )
-        area = ttk.Frame(self.model_frame, style="Panel.TFrame")
-        area.grid(row=first + 1, column=0, columnspan=2, sticky="nsew")
-        self.model_frame.rowconfigure(first + 1, weight=1)
-        text = self.performance_text = tk.Text(
-            area,
-            wrap="word",
-            height=8,
-            width=30,
-            relief="flat",
-            borderwidth=0,
-            highlightthickness=0,
-            background=_PANEL,
-            foreground=_TEXT,
-            font=("DejaVu Sans", 9),
-            padx=0,
-            pady=0,
-            cursor="arrow",
-        )
-        scroll = ttk.Scrollbar(area, orient="vertical", command=text.yview)
-        text.configure(yscrollcommand=scroll.set)
-        text.pack(side="left", fill="both", expand=True)
-        scroll.pack(side="right", fill="y")
-        text.tag_configure("headline", font=("DejaVu Sans", 11, "bold"), spacing3=2)
-        text.tag_configure("about", foreground=_MUTED, spacing3=3)
-        text.tag_configure("figure", lmargin1=0, lmargin2=12, spacing1=1)
-        text.tag_configure(
-            "warning",
-            background=_WARNING_BG,
-            foreground="#5c3d00",
-            lmargin1=4,
-            lmargin2=4,
-            rmargin=2,
-            spacing1=4,
-            spacing3=2,
-        )
-        # What must be seen without scrolling comes first: the main figure, what it was measured
-        # on, the patients behind it and the warnings; then the other figures.
-        figures = info.performance_figures
-        if figures:
-            text.insert("end", figures[0] + "\n", "headline")
-        for line in info.performance_about:
-            text.insert("end", line + "\n", "about")
-        for warning in info.performance_warnings:
-            text.insert("end", f"\u26a0 {warning}\n", "warning")
-        for line in figures[1:]:
-            text.insert("end", line + "\n", "figure")
-        text.configure(state="disabled")
-        self._build_scores(info.class_names)
-
-    def _build_scores(self, class_names: Sequence[str]) -> None:
-        for child in self.scores_frame.winfo_children():
-            child.destroy()
-        self._score_rows = {}
-        for i, name in enumerate(class_names):
-            ttk.Label(self.scores_frame, text=name, style="Key.TLabel").grid(
-                row=i, column=0, sticky="w", padx=(0, 6)
-            )
-            bar = ttk.Progressbar(
-                self.scores_frame, maximum=1.0, length=120, style="Score.Horizontal.TProgressbar"
-            )
-            bar.grid(row=i, column=1, sticky="ew", pady=2)
-            value = ttk.Label(self.scores_frame, text="", style="Value.TLabel", width=6, anchor="e")
-            value.grid(row=i, column=2, sticky="e")
-            self._score_rows[name] = (bar, value)
+        self.model_panel.show(info)
+        self.prediction_panel.set_classes(info.class_names if info else ())
 
     def show_methods(self, methods: Sequence[str], current: str) -> None:
         self._method_keys = {method_label(m): m for m in methods}
@@ -649,91 +320,31 @@ class ViewerApp:
         if methods:
             self.method_box.state(["!disabled", "readonly"])
             self.method_var.set(method_label(current))
-        else:
+        else:  # no model loaded yet
             self.method_box.state(["disabled"])
             self.method_var.set("unavailable")
 
     def show_image(self, path: str, image: Image.Image | None) -> None:
-        name = Path(path).name
-        if image is None:
-            self.image_panel.title.configure(text=f"IMAGE  ·  {name}")
-            self.image_panel.show(None, f"Cannot display {name}")
-            return
-        self.image_panel.title.configure(
-            text=f"IMAGE  ·  {name}  ·  {image.width}×{image.height} px"
-        )
-        self.image_panel.show(image)
-        self._arrange_images()
-        if path in self._row_ids and self.tree.selection() != (path,):
-            # Keeps the list in step with the image; the select event it raises is a no-op
-            # because the path is already the presenter's current one.
-            self.tree.selection_set(path)
-            self.tree.see(path)
+        self.images.show_image(path, image)
+        if image is not None:
+            self.results_panel.follow(path)
 
     def show_prediction(self, summary: PredictionSummary | None) -> None:
-        self.review_badge.pack_forget()
-        if summary is None:
-            self.headline.configure(text="—")
-            self.probability_text.configure(text="")
-            self.threshold_text.configure(text="")
-            for bar, value in self._score_rows.values():
-                bar.configure(value=0)
-                value.configure(text="")
-            return
-        self.headline.configure(text=summary.label)
-        self.probability_text.configure(text=summary.probability_text)
-        self.threshold_text.configure(text=summary.threshold_text + "  ·  calibrated")
-        if summary.uncertain:
-            self.review_badge.configure(text=f"⚑  {summary.review_text}")
-            self.review_badge.pack(anchor="w", fill="x", pady=(2, 4), before=self.scores_frame)
-        for name, (bar, value) in self._score_rows.items():
-            p = summary.scores.get(name, 0.0)
-            bar.configure(value=p)
-            value.configure(text=f"{p:.3f}")
+        self.prediction_panel.show(summary)
 
     def show_heatmap(self, overlay: Image.Image | None, caption: str) -> None:
-        self.heatmap_panel.title.configure(text=f"HEATMAP  ·  {caption}" if overlay else "HEATMAP")
-        self.heatmap_panel.show(overlay, "" if overlay else caption)
-        self.heatmap_panel.show_legend(_colour_scale() if overlay else None)
-
-    def _row_values(self, row: ResultRow) -> tuple[str, str, str, str]:
-        prob = "" if row.probability is None else f"{row.probability:.3f}"
-        return row.name, row.label or "—", prob, row.review
-
-    def _insert_rows(self, rows: Sequence[ResultRow]) -> None:
-        for row in rows:
-            tags = ("unreadable",) if row.error else ("review",) if row.uncertain else ()
-            self._row_ids[row.path] = self.tree.insert(
-                "", "end", iid=row.path, values=self._row_values(row), tags=tags
-            )
+        self.images.show_heatmap(overlay, caption)
 
     def show_results(
         self, rows: Sequence[ResultRow], sort_column: str | None, descending: bool
     ) -> None:
-        selected = self.tree.selection()
-        self.tree.delete(*self.tree.get_children())
-        self._row_ids = {}
-        self._insert_rows(rows)
-        for col in SORT_COLUMNS:
-            arrow = (" ▼" if descending else " ▲") if col == sort_column else ""
-            self.tree.heading(col, text=_COLUMN_TITLES[col] + arrow)
-        keep = [s for s in selected if s in self._row_ids]
-        if keep:
-            self.tree.selection_set(keep)
-            self.tree.see(keep[0])
+        self.results_panel.show_results(rows, sort_column, descending)
 
     def append_results(self, rows: Sequence[ResultRow]) -> None:
-        self._insert_rows(rows)
+        self.results_panel.append_results(rows)
 
     def show_progress(self, done: int, total: int) -> None:
-        if total <= 0:
-            self.progress.configure(value=0, maximum=1)
-            self.progress_text.configure(text="")
-            self.stop_button.state(["disabled"])
-            return
-        self.progress.configure(value=done, maximum=total)
-        self.progress_text.configure(text=f"{done} / {total}")
-        self.stop_button.state(["!disabled"])
+        self.results_panel.show_progress(done, total)
 
     def show_status(self, message: str) -> None:
         self.status_text.configure(text=message)
@@ -763,12 +374,16 @@ class ViewerApp:
             self.root.configure(cursor="")
 
 
-def run_app(checkpoint: str | os.PathLike | None = None, root: tk.Tk | None = None) -> None:
-    """Open the viewer window and run until it is closed (needs a display)."""
+def run_app(
+    checkpoint: str | os.PathLike | None = None,
+    root: tk.Tk | None = None,
+    paths: Sequence[str | os.PathLike] = (),
+) -> None:
+    """Open the viewer window, with a checkpoint and images if given; run until it is closed."""
     root = root or tk.Tk(className="histolens")
     # Leave room for the menu bar and the desktop's panels.
     width = min(1440, root.winfo_screenwidth() - 40)
     height = min(900, root.winfo_screenheight() - 80)
     root.geometry(f"{width}x{height}")
-    ViewerApp(root, checkpoint)
+    ViewerApp(root, checkpoint, paths=paths)
     root.mainloop()

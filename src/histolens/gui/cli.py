@@ -17,8 +17,17 @@ __all__ = ["gui_command"]
     default=None,
     help="Checkpoint file or run folder to load at start (File > Open checkpoint changes it).",
 )
-def gui_command(checkpoint: Path | None) -> None:
+@click.argument(
+    "paths",
+    nargs=-1,
+    metavar="[IMAGE_OR_FOLDER]...",
+    type=click.Path(exists=True, path_type=Path),
+)
+def gui_command(checkpoint: Path | None, paths: tuple[Path, ...]) -> None:
     """Open the desktop viewer: images, folders, predictions and heatmaps.
+
+    Images and folders given are opened at start: one image is shown, a folder or several
+    paths are classified into the results list.
 
     Research use only; not for diagnosis.
     """
@@ -37,4 +46,4 @@ def gui_command(checkpoint: Path | None) -> None:
         ) from None
     from histolens.gui.app import run_app
 
-    run_app(checkpoint, root)
+    run_app(checkpoint, root, paths)

@@ -182,7 +182,7 @@ class ModelInfo(BaseModel):
     )
     versions: dict[str, Any] = Field(default_factory=dict)
     explain_methods: list[str] = Field(
-        default_factory=list, description="Methods /v1/explain accepts (empty if unavailable)."
+        default_factory=list, description="Methods /v1/explain accepts."
     )
     auth_required: bool
     limits: Limits

@@ -1,205 +1,222 @@
-"""The inference worker: one thread owns the model, fed by a bounded queue, micro-batching predicts.
+"""The one object the web routes call: uploads in, typed answers out.
 
-Requests never run the model on the event loop. Each one becomes a job on a bounded queue; when
-the queue is full the caller gets :class:`QueueFullError` at once (the app answers 503) instead of
-waiting behind work it cannot finish in time. The worker takes one job, then keeps taking queued
-predict jobs until it holds ``max_batch`` images or ``batch_wait_ms`` has passed, and runs them as
-one ``Predictor.predict_images`` call. Explanations run one at a time on the same thread, so the
-(not thread-safe) Explainer and the model are only ever touched by that thread.
+:class:`ModelService` holds the loaded model and its :class:`~histolens.web.worker.InferenceWorker`.
+It decodes uploads within the service's limits, queues them for the worker and shapes the
+results into the response schemas. It raises plain exceptions (:class:`UploadRefused`, a full or
+closing queue, a :class:`~histolens.errors.ConfigError` for an unknown method); the handlers in
+:mod:`histolens.web.errors` turn them into HTTP answers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import queue
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
+import base64
+import io
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["InferenceService", "QueueFullError", "ServiceClosedError"]
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from histolens.errors import ImageLoadError, check_choice
+from histolens.imageio import load_rgb_bytes
+from histolens.web.errors import UploadRefused
+from histolens.web.guard import format_bytes
+from histolens.web.model_info import describe_model
+from histolens.web.schemas import (
+    BatchItem,
+    BatchResponse,
+    ExplainResponse,
+    Health,
+    Heatmap,
+    PredictionOut,
+    PredictResponse,
+)
+from histolens.web.settings import ServiceSettings
+from histolens.web.worker import InferenceWorker
+
+if TYPE_CHECKING:
+    from fastapi import UploadFile
+    from PIL import Image
+
+    from histolens.explain import Explanation
+    from histolens.predictor import Prediction, Predictor
+
+__all__ = ["ModelService"]
 
 
-class QueueFullError(RuntimeError):
-    """The job queue is full; the caller should retry later."""
-
-
-class ServiceClosedError(RuntimeError):
-    """The service is shutting down and takes no more work."""
-
-
-@dataclass
-class _Job:
-    kind: str  # "predict" or "explain"
-    images: Sequence[Any]
-    method: str | None = None
-    future: Future = field(default_factory=Future)
-
-
-_STOP = object()
-
-
-class InferenceService:
-    """Runs a Predictor (and, on demand, an Explainer) on one worker thread.
+class ModelService:
+    """A loaded model served to the routes: predict, predict a batch, explain, describe.
 
     Args:
-        predictor: a loaded :class:`histolens.predictor.Predictor`.
-        max_queue: jobs that may wait; one more is refused with :class:`QueueFullError`.
-        max_batch: images per ``predict_images`` call; 1 turns micro-batching off.
-        batch_wait_ms: how long the worker waits for more jobs after the first one of a batch.
-        explainer_factory: builds the Explainer on first use (on the worker thread).
+        predictor: the loaded model.
+        settings: the service's limits.
+        worker: the thread that runs the model (default: one made from ``settings``).
     """
 
     def __init__(
         self,
-        predictor: Any,
-        max_queue: int = 64,
-        max_batch: int = 16,
-        batch_wait_ms: float = 2.0,
-        explainer_factory: Callable[[Any], Any] | None = None,
+        predictor: Predictor,
+        settings: ServiceSettings,
+        worker: InferenceWorker | None = None,
     ) -> None:
-        if max_queue < 1 or max_batch < 1 or batch_wait_ms < 0:
-            raise ValueError("max_queue and max_batch must be >= 1 and batch_wait_ms >= 0.")
-        self.predictor = predictor
-        self.max_queue = max_queue
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_ms / 1000.0
-        self._explainer_factory = explainer_factory
-        self._explainer: Any = None
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._carry: deque[_Job] = deque()  # a job taken while batching that did not fit
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="histolens-inference", daemon=True)
-        self.batches_run = 0
-        self.images_run = 0
+        from histolens.explain import METHODS
 
-    # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> InferenceService:
-        self._thread.start()
+        self.predictor = predictor
+        self.settings = settings
+        self.worker = worker or InferenceWorker(
+            predictor, settings.max_queue, settings.max_batch, settings.batch_wait_ms
+        )
+        self.explain_methods: tuple[str, ...] = tuple(METHODS)
+        self.model_info = describe_model(predictor, settings, self.explain_methods)
+
+    @classmethod
+    async def load(
+        cls, checkpoint: str | os.PathLike | Predictor, settings: ServiceSettings
+    ) -> ModelService:
+        """Load ``checkpoint`` (a file or run folder; or use a loaded Predictor) off the loop."""
+        if isinstance(checkpoint, (str, os.PathLike)):
+            from histolens.predictor import Predictor
+
+            checkpoint = await run_in_threadpool(
+                Predictor.from_checkpoint, checkpoint, settings.device
+            )
+        return cls(checkpoint, settings)
+
+    def start(self) -> ModelService:
+        self.worker.start()
         return self
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop taking work, finish what the worker holds, fail what is still queued."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread.is_alive():
-            with contextlib.suppress(queue.Full):
-                self._queue.put(_STOP, timeout=timeout)
-            self._thread.join(timeout)
-        leftovers = list(self._carry)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                leftovers.append(item)
-        for job in leftovers:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ServiceClosedError("The service is shutting down."))
+    def close(self) -> None:
+        """Finish what the worker holds and refuse the rest (blocks; call off the loop)."""
+        self.worker.close()
+
+    @property
+    def model_id(self) -> str:
+        return self.predictor.model_id
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._carry)
+        return self.worker.queue_depth
 
-    # --- submitting work ------------------------------------------------------------------------
-    def _submit(self, job: _Job) -> Future:
-        if self._closed:
-            raise ServiceClosedError("The service is shutting down.")
+    def health(self) -> Health:
+        return Health(
+            status="ok",
+            model_id=self.model_id,
+            queue_depth=self.worker.queue_depth,
+            queue_capacity=self.worker.max_queue,
+        )
+
+    # --- uploads --------------------------------------------------------------------------------
+    async def read_image(self, upload: UploadFile) -> Image.Image:
+        """Uploaded bytes -> PIL RGB, or :class:`UploadRefused` with the status it deserves."""
+        data = await upload.read()
+        name = upload.filename or "upload"
+        limit = self.settings.max_upload_bytes
+        if len(data) > limit:
+            raise UploadRefused(
+                413, f"'{name}' is larger than the {format_bytes(limit)} upload limit."
+            )
         try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError(
-                f"The inference queue is full ({self.max_queue} requests waiting)."
-            ) from None
-        return job.future
+            return await run_in_threadpool(load_rgb_bytes, data, name, self.settings.max_pixels)
+        except ImageLoadError as exc:
+            raise UploadRefused.unreadable(exc) from None
 
-    def submit_predict(self, images: Sequence[Any]) -> Future:
-        """Queue PIL images for prediction; the future resolves to a list of Predictions."""
-        return self._submit(_Job("predict", list(images)))
+    def _prediction_out(self, pred: Prediction) -> PredictionOut:
+        return PredictionOut(
+            label=pred.label,
+            probability=pred.probability,
+            positive_probability=pred.positive_probability,
+            scores=pred.scores,
+            threshold=pred.threshold,
+            uncertain=pred.uncertain,
+            model_id=self.model_id,
+        )
 
-    def submit_explain(self, image: Any, method: str) -> Future:
-        """Queue one explanation; the future resolves to the Explainer's result."""
-        return self._submit(_Job("explain", [image], method))
+    # --- predictions ----------------------------------------------------------------------------
+    async def predict(self, upload: UploadFile) -> PredictResponse:
+        image = await self.read_image(upload)
+        [pred] = await self.worker.predict([image])
+        return PredictResponse(**self._prediction_out(pred).model_dump(), filename=upload.filename)
 
-    async def predict(self, images: Sequence[Any]) -> list[Any]:
-        return await asyncio.wrap_future(self.submit_predict(images))
+    async def predict_batch(self, uploads: Sequence[UploadFile]) -> BatchResponse:
+        """Each file gets its prediction or its own error; the readable ones run as one batch."""
+        limit = self.settings.max_batch_files
+        if len(uploads) > limit:
+            raise UploadRefused(
+                413, f"Send at most {limit} files per batch request (got {len(uploads)})."
+            )
+        refused: dict[int, UploadRefused] = {}
+        images = []
+        for i, upload in enumerate(uploads):
+            try:
+                images.append(await self.read_image(upload))
+            except UploadRefused as exc:
+                refused[i] = exc
+        predictions = iter(await self.worker.predict(images) if images else [])
+        results = [
+            BatchItem(filename=upload.filename, status=refused[i].status, error=str(refused[i]))
+            if i in refused
+            else BatchItem(
+                filename=upload.filename,
+                status=200,
+                prediction=self._prediction_out(next(predictions)),
+            )
+            for i, upload in enumerate(uploads)
+        ]
+        n_ok = sum(r.status == 200 for r in results)
+        return BatchResponse(
+            model_id=self.model_id, n_ok=n_ok, n_failed=len(results) - n_ok, results=results
+        )
 
-    async def explain(self, image: Any, method: str) -> Any:
-        return await asyncio.wrap_future(self.submit_explain(image, method))
+    # --- explanations ---------------------------------------------------------------------------
+    async def explain(self, upload: UploadFile, method: str) -> Explanation:
+        check_choice("explanation method", method, self.explain_methods)
+        image = await self.read_image(upload)
+        return await self.worker.explain(image, method)
 
-    # --- the worker -----------------------------------------------------------------------------
-    def _next(self, timeout: float | None) -> Any:
-        if self._carry:
-            return self._carry.popleft()
-        if timeout is None:
-            return self._queue.get()
-        if timeout <= 0:
-            return self._queue.get_nowait()
-        return self._queue.get(timeout=timeout)
+    async def explain_png(
+        self, upload: UploadFile, method: str, alpha: float
+    ) -> tuple[bytes, dict[str, str]]:
+        """The overlay as PNG bytes, and headers with the prediction behind it."""
+        result = await self.explain(upload, method)
+        pred = result.prediction
+        png = await run_in_threadpool(_overlay_png, result, alpha)
+        return png, {
+            "X-Histolens-Class": str(pred.label),
+            "X-Histolens-Probability": f"{pred.probability:.6f}",
+            "X-Histolens-Uncertain": str(pred.uncertain).lower(),
+            "X-Histolens-Method": str(result.method),
+        }
 
-    def _run(self) -> None:
-        try:
-            while True:
-                job = self._next(None)
-                if job is _STOP:
-                    return
-                if job.kind == "explain":
-                    self._run_explain(job)
-                    continue
-                batch, n_images = [job], len(job.images)
-                deadline = time.monotonic() + self.batch_wait_s
-                while n_images < self.max_batch:
-                    try:
-                        nxt = self._next(deadline - time.monotonic())
-                    except queue.Empty:
-                        break
-                    if (
-                        nxt is _STOP
-                        or nxt.kind != "predict"
-                        or n_images + len(nxt.images) > self.max_batch
-                    ):
-                        self._carry.append(nxt)
-                        break
-                    batch.append(nxt)
-                    n_images += len(nxt.images)
-                self._run_predict(batch)
-        finally:
-            if self._explainer is not None:
-                self._explainer.close()
-                self._explainer = None
+    async def explain_json(self, upload: UploadFile, method: str, encoding: str) -> ExplainResponse:
+        """The heatmap's values (base64 float32 or nested lists) and the prediction."""
+        result = await self.explain(upload, method)
+        heatmap = await run_in_threadpool(_encode_heatmap, result.heatmap, encoding)
+        return ExplainResponse(
+            method=str(result.method),
+            target_class=_class_name(result.target_class, tuple(self.predictor.class_names)),
+            prediction=self._prediction_out(result.prediction),
+            heatmap=heatmap,
+        )
 
-    def _run_predict(self, batch: list[_Job]) -> None:
-        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        images = [img for job in live for img in job.images]
-        try:
-            predictions = self.predictor.predict_images(images, batch_size=max(self.max_batch, 1))
-        except Exception as exc:  # handed to every waiting request, which reports it
-            for job in live:
-                job.future.set_exception(exc)
-            return
-        self.batches_run += 1
-        self.images_run += len(images)
-        start = 0
-        for job in live:
-            job.future.set_result(predictions[start : start + len(job.images)])
-            start += len(job.images)
 
-    def _run_explain(self, job: _Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
-        try:
-            if self._explainer is None:
-                if self._explainer_factory is None:
-                    raise RuntimeError("Explanations are not available.")
-                self._explainer = self._explainer_factory(self.predictor)
-            job.future.set_result(self._explainer.explain(job.images[0], method=job.method))
-        except Exception as exc:
-            job.future.set_exception(exc)
+def _class_name(target: Any, class_names: tuple[str, ...]) -> str:
+    if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(class_names):
+        return class_names[int(target)]
+    return str(target)
+
+
+def _overlay_png(result: Explanation, alpha: float) -> bytes:
+    buf = io.BytesIO()
+    result.overlay(alpha).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode_heatmap(heatmap: Any, encoding: str) -> Heatmap:
+    arr = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    height, width = arr.shape
+    if encoding == "list":
+        return Heatmap(encoding="list", height=height, width=width, data=np.round(arr, 4).tolist())
+    data = base64.b64encode(arr.astype("<f4").tobytes()).decode("ascii")
+    return Heatmap(encoding="base64-float32-le", height=height, width=width, data=data)

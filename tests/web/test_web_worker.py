@@ -1,4 +1,4 @@
-"""InferenceService on its own, with a stand-in predictor: batching, errors, shutdown."""
+"""InferenceWorker on its own, with a stand-in predictor: batching, errors, shutdown."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from histolens.web.service import InferenceService, QueueFullError, ServiceClosedError
+from histolens.web.worker import InferenceWorker, QueueFullError, ServiceClosedError
 
 
 class FakePredictor:
@@ -47,7 +47,7 @@ class FakeExplainer:
 
 def test_queued_jobs_are_batched_and_split_back_in_order():
     predictor = FakePredictor(hold_first=True)
-    service = InferenceService(predictor, max_queue=8, max_batch=8, batch_wait_ms=0).start()
+    service = InferenceWorker(predictor, max_queue=8, max_batch=8, batch_wait_ms=0).start()
     first = service.submit_predict([1])
     assert predictor.entered.wait(5)
     futures = [service.submit_predict([10 * i, 10 * i + 1]) for i in range(1, 4)]
@@ -60,7 +60,7 @@ def test_queued_jobs_are_batched_and_split_back_in_order():
 
 def test_a_job_that_does_not_fit_waits_for_the_next_batch():
     predictor = FakePredictor(hold_first=True)
-    service = InferenceService(predictor, max_queue=8, max_batch=3, batch_wait_ms=0).start()
+    service = InferenceWorker(predictor, max_queue=8, max_batch=3, batch_wait_ms=0).start()
     service.submit_predict([0])
     assert predictor.entered.wait(5)
     a, b, c = (service.submit_predict(x) for x in ([1, 2], [3, 4], [5]))
@@ -72,7 +72,7 @@ def test_a_job_that_does_not_fit_waits_for_the_next_batch():
 
 def test_queue_full_is_refused_at_once():
     predictor = FakePredictor(hold_first=True)
-    service = InferenceService(predictor, max_queue=2, max_batch=1).start()
+    service = InferenceWorker(predictor, max_queue=2, max_batch=1).start()
     service.submit_predict([0])
     assert predictor.entered.wait(5)
     waiting = [service.submit_predict([1]), service.submit_predict([2])]
@@ -84,7 +84,7 @@ def test_queue_full_is_refused_at_once():
 
 
 def test_model_errors_reach_every_request_of_the_batch():
-    service = InferenceService(FakePredictor(fail=True), max_batch=4).start()
+    service = InferenceWorker(FakePredictor(fail=True), max_batch=4).start()
     future = service.submit_predict([1, 2])
     with pytest.raises(RuntimeError, match="model exploded"):
         future.result(5)
@@ -93,7 +93,7 @@ def test_model_errors_reach_every_request_of_the_batch():
 
 def test_close_fails_waiting_jobs_and_refuses_new_ones():
     predictor = FakePredictor(hold_first=True)
-    service = InferenceService(predictor, max_queue=4, max_batch=1).start()
+    service = InferenceWorker(predictor, max_queue=4, max_batch=1).start()
     running = service.submit_predict([1])
     assert predictor.entered.wait(5)
     waiting = service.submit_predict([2])
@@ -110,7 +110,7 @@ def test_close_fails_waiting_jobs_and_refuses_new_ones():
 
 def test_explanations_run_on_the_worker_and_the_explainer_is_closed():
     FakeExplainer.instances.clear()
-    service = InferenceService(FakePredictor(), explainer_factory=FakeExplainer).start()
+    service = InferenceWorker(FakePredictor(), explainer_factory=FakeExplainer).start()
     assert service.submit_explain("img", "gradcam").result(5) == ("img", "gradcam")
     assert service.submit_explain("img2", "eigencam").result(5) == ("img2", "eigencam")
     service.close()
@@ -120,4 +120,4 @@ def test_explanations_run_on_the_worker_and_the_explainer_is_closed():
 
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="max_queue and max_batch"):
-        InferenceService(FakePredictor(), max_batch=0)
+        InferenceWorker(FakePredictor(), max_batch=0)

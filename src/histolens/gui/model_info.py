@@ -1,0 +1,136 @@
+"""The loaded model, and what the window says about it.
+
+This is the one place the desktop viewer reads the checkpoint's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from histolens.explain import Explainer
+    from histolens.predictor import Predictor
+
+__all__ = ["LoadedModel", "ModelInfo"]
+
+_WARNING = "warning: "
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the window says about the loaded checkpoint."""
+
+    source: str
+    model_id: str
+    backbone: str
+    task: str
+    class_names: tuple[str, ...]
+    threshold: float | None
+    temperature: float
+    training_data: str
+    performance: tuple[str, ...]
+    performance_title: str
+    saved_at: str
+
+    @classmethod
+    def from_predictor(cls, predictor: Predictor) -> ModelInfo:
+        from histolens.performance import checkpoint_estimate, is_from_metrics, performance_lines
+
+        meta = predictor.metadata or {}
+        estimate = checkpoint_estimate(meta)
+        return cls(
+            source=str(getattr(predictor, "source", "")),
+            model_id=str(meta.get("model_id") or Path(str(predictor.source)).stem),
+            backbone=predictor.backbone_name,
+            task=predictor.task,
+            class_names=tuple(predictor.class_names),
+            threshold=predictor.threshold if len(predictor.class_names) == 2 else None,
+            temperature=float(predictor.temperature),
+            training_data=_describe_data(meta.get("data"), meta.get("magnification")),
+            performance=tuple(performance_lines(estimate)),
+            performance_title=(
+                "PERFORMANCE ON UNSEEN PATIENTS"
+                if estimate and not is_from_metrics(estimate)
+                else "MEASURED PERFORMANCE"
+            ),
+            saved_at=str(meta.get("saved_at", "")),
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs, in display order."""
+        rows = [
+            ("Model", self.model_id),
+            ("Backbone", self.backbone),
+            ("Task", f"{self.task}: {', '.join(self.class_names)}"),
+            ("Threshold", "—" if self.threshold is None else f"{self.threshold:.3f}"),
+            ("Temperature", f"{self.temperature:.3g}"),
+            ("Training data", self.training_data or "—"),
+        ]
+        if self.saved_at:
+            rows.append(("Saved", self.saved_at))
+        rows.append(("File", self.source))
+        return rows
+
+    @property
+    def performance_text(self) -> tuple[str, ...]:
+        """What the figures were measured on, the support and the figures, without warnings."""
+        return tuple(line for line in self.performance if not line.startswith(_WARNING))
+
+    @property
+    def performance_about(self) -> tuple[str, ...]:
+        """What the figures were measured on, and the patients of each class behind them."""
+        return tuple(line for line in self.performance_text if not line.startswith("  "))
+
+    @property
+    def performance_figures(self) -> tuple[str, ...]:
+        """'ROC AUC: 0.916 (95% CI 0.71-1.00)', ..., then one line per magnification."""
+        return tuple(line.strip() for line in self.performance_text if line.startswith("  "))
+
+    @property
+    def performance_warnings(self) -> tuple[str, ...]:
+        """The figures' warnings in words (too few patients of a class, no CI stored, ...)."""
+        return tuple(
+            line[len(_WARNING) :] for line in self.performance if line.startswith(_WARNING)
+        )
+
+
+def _describe_data(data: Any, magnification: Any = None) -> str:
+    if not isinstance(data, dict):
+        return str(data) if data else ""
+    parts = [str(data.get("path", "?"))]
+    if data.get("layout"):
+        parts.append(f"({data['layout']})")
+    if magnification not in (None, ""):
+        parts.append(f"magnification {magnification}" + ("" if magnification == "all" else "X"))
+    split = data.get("split")
+    if isinstance(split, dict) and split:
+        sizes = ", ".join(
+            f"{name} {part.get('images', '?')}"
+            for name, part in split.items()
+            if isinstance(part, dict)
+        )
+        parts.append(f"split: {sizes}")
+    if data.get("patient_level_split") is False:
+        parts.append("(split not patient-level)")
+    return " ".join(parts)
+
+
+@dataclass
+class LoadedModel:
+    """The model the viewer works with, shared by the presenter's parts.
+
+    ``predictor`` and ``explainer`` are replaced together when a checkpoint finishes loading;
+    ``loading`` counts the checkpoint loads still running.
+    """
+
+    predictor: Predictor | None = None
+    explainer: Explainer | None = None
+    info: ModelInfo | None = None
+    loading: int = 0
+
+    @property
+    def waiting(self) -> bool:
+        """True while no model is loaded yet but one is on its way."""
+        return self.predictor is None and self.loading > 0

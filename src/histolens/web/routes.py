@@ -1,0 +1,101 @@
+"""The service's routes: thin functions over the app's :class:`ModelService`.
+
+``api`` holds the REST API under /v1 (token-protected when the service has a token: the app
+adds that dependency when it includes the router); ``site`` holds the page and /healthz.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+
+from histolens.web.errors import ERROR_RESPONSES
+from histolens.web.schemas import (
+    BatchResponse,
+    ExplainResponse,
+    Health,
+    ModelInfo,
+    PredictResponse,
+)
+from histolens.web.service import ModelService
+
+__all__ = ["STATIC_DIR", "api", "site"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+_IMAGE = "An image: PNG, JPEG, TIFF, BMP or WebP."
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+Service = Annotated[ModelService, Depends(_service)]
+
+api = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+site = APIRouter()
+
+
+@api.post("/predict", response_model=PredictResponse, summary="Classify one image")
+async def predict(service: Service, file: UploadFile = File(..., description=_IMAGE)) -> Any:
+    return await service.predict(file)
+
+
+@api.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    summary="Classify several images; each file gets its result or its own error",
+)
+async def predict_batch(
+    service: Service,
+    files: list[UploadFile] = File(
+        ..., description="Images; at most limits.max_batch_files of them (GET /v1/model)."
+    ),
+) -> Any:
+    return await service.predict_batch(files)
+
+
+@api.post(
+    "/explain",
+    response_model=ExplainResponse,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "The heatmap overlay (format=png) or JSON.",
+        },
+    },
+    summary="Heatmap of the regions that drove the prediction",
+)
+async def explain(
+    service: Service,
+    file: UploadFile = File(..., description=_IMAGE),
+    method: str = Form("gradcam", description="Explanation method; see GET /v1/model."),
+    format: Literal["png", "json"] = Form(
+        "png", description="png: the overlay image; json: heatmap values and prediction."
+    ),
+    alpha: float = Form(0.5, ge=0.0, le=1.0, description="Overlay opacity (format=png)."),
+    encoding: Literal["base64", "list"] = Form(
+        "base64", description="format=json: base64 float32 (compact) or nested lists."
+    ),
+) -> Any:
+    if format == "png":
+        png, headers = await service.explain_png(file, method, alpha)
+        return Response(png, media_type="image/png", headers=headers)
+    return await service.explain_json(file, method, encoding)
+
+
+@api.get("/model", response_model=ModelInfo, summary="The model, its checkpoint and metrics")
+async def model_info(service: Service) -> Any:
+    return service.model_info
+
+
+@site.get("/healthz", response_model=Health, summary="Liveness and queue depth")
+async def healthz(service: Service) -> Any:
+    return service.health()
+
+
+@site.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
