@@ -139,9 +139,6 @@ class Presenter:
     def explainer(self) -> Explainer | None:
         return self._model.explainer
 
-    # benchmarks/bench_gui_open_to_heatmap.py reads the explainer by its former private name.
-    _explainer = explainer
-
     @property
     def model_info(self) -> ModelInfo | None:
         return self._model.info
