@@ -71,6 +71,22 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "default",
         {"train.probe_cs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
     ),
+    "default + AdaBN on each held-out fold's 100X images (unlabelled)": (
+        "default",
+        {"bench.adabn": True},
+    ),
+    "default + test-time augmentation (mean logit of the 4 flips)": (
+        "default",
+        {"bench.tta": True},
+    ),
+    "default, but EfficientNet-Lite1 (240-px tiles)": (
+        "default",
+        {"model.backbone": "tf_efficientnet_lite1"},
+    ),
+    "default, but EfficientNet-Lite2 (260-px tiles)": (
+        "default",
+        {"model.backbone": "tf_efficientnet_lite2"},
+    ),
 }
 
 
@@ -179,6 +195,9 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
     from histolens.splits import Split
     from histolens.training import train
 
+    overrides = dict(overrides)
+    adabn = bool(overrides.pop("bench.adabn", False))
+    tta = bool(overrides.pop("bench.tta", False))
     cfg = recipe_config(recipe).override(
         {**overrides, "data.path": str(data / "manifest.csv"), "data.task": task}
     )
@@ -234,10 +253,44 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                 # temperature would mix scales and understate that figure.
                 from histolens.checkpoint import read_metadata
 
+                if adabn or tta:
+                    paths = [r.path for r in test_recs]
+                    probs.update(_predictor_probabilities(run_dir, paths, adabn, tta))
+                    continue
                 temperature = float(read_metadata(run_dir)["temperature"])
                 probs.update(_read_predictions(run_dir / "predictions.csv", classes, temperature))
             out.append(_scores(records, probs, classes, task))
     return out
+
+
+def _predictor_probabilities(
+    run_dir: Path, paths: list[str], adabn: bool, tta: bool
+) -> dict[str, np.ndarray]:
+    """The fold's model through the Predictor, optionally after AdaBN on the held-out images (no
+    labels) or averaging the logits of the four flips; temperature undone."""
+    import torch
+
+    from histolens.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(run_dir)
+    if adabn:
+        predictor.adapt_batchnorm(paths)
+    kept, chunks = [], []
+    with torch.inference_mode():
+        for ok, batch, _ in predictor.iter_batches(paths):
+            if batch is None:
+                continue
+            x = predictor.to_input(batch)
+            views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
+            chunks.append(torch.stack([predictor.model(v) for v in views]).mean(0))
+            kept += ok
+    logits = torch.cat(chunks)
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits[:, 0]).numpy()
+        rows = np.stack([1 - p, p], axis=1)
+    else:
+        rows = torch.softmax(logits, dim=1).numpy()
+    return dict(zip(kept, rows, strict=True))
 
 
 def _read_predictions(path: Path, classes, temperature: float = 1.0) -> dict[str, np.ndarray]:

@@ -80,7 +80,9 @@ def test_unknown_backbone_suggests():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(BACKBONES))
+# Hub foundation models (up to 1.1B parameters) are built on the meta device in
+# test_hub_backbones.py.
+@pytest.mark.parametrize("name", [n for n, s in BACKBONES.items() if s.hub_id is None])
 def test_registry_entries_build(name):
     spec = get_backbone_spec(name)
     model = build_model(spec, 2, "none")
@@ -92,10 +94,15 @@ def test_registry_entries_build(name):
 
 
 def test_head_width_follows_backbone():
-    for name, width in (("test_resnet", None), ("test_efficientnet", None)):
+    """The head's input width is read from the backbone, not fixed: two backbones, two widths."""
+    widths = {}
+    for name in ("test_resnet", "test_efficientnet"):
         m = build_model(get_backbone_spec(name), 8, "none")
-        assert m.head.body[0].in_features == m.feature_dim
+        m.eval()
         with torch.no_grad():
-            m.eval()
+            features = m.features(torch.zeros(2, 3, 64, 64))
             assert m(torch.zeros(2, 3, 64, 64)).shape == (2, 8)
-        assert width is None
+        assert features.shape == (2, m.feature_dim)
+        assert m.head.body[0].in_features == m.feature_dim == m.backbone.num_features
+        widths[name] = m.feature_dim
+    assert widths == {"test_resnet": 96, "test_efficientnet": 256}

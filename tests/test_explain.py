@@ -1,5 +1,5 @@
 """Explainer API: maps of the right shape for every backbone family, both binary classes
-explained, hooks released, thread-safe use, overlays."""
+explained, hooks released, thread-safe use, overlays, and the method registry."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from PIL import Image
 from histolens.errors import ConfigError
 from histolens.explain import (
     CAM_METHODS,
+    EXPLANATION_METHODS,
     METHODS,
     Explainer,
-    Explanation,
+    get_method,
     overlay_heatmap,
 )
 from histolens.explain._targets import ClassLogit
@@ -53,7 +54,7 @@ def test_every_method_gives_a_map_at_the_image_size(predictors, image, backbone,
         e = ex.explain(image, method)
         other = "benign" if e.target_class == "malignant" else "malignant"
         e_other = ex.explain(image, method, target_class=other)
-    assert isinstance(e, Explanation)
+    assert e.overlay(0.5).size == IMAGE_SIZE
     assert e.heatmap.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0])
     assert e.heatmap.dtype == np.float32
     assert np.isfinite(e.heatmap).all()
@@ -127,7 +128,9 @@ def test_hooks_are_released_and_grad_flags_restored(predictors, image):
     ex = Explainer(p, n_samples=20, ig_steps=4)
     for method in METHODS:
         ex.explain(image, method)
-    assert _forward_hook_count(p.model) > before
+        # The Explainer's own gate is the only hook on the model: every CAM hooks a private
+        # tap and is released after its call, so nothing piles up between calls.
+        assert _forward_hook_count(p.model) == before + 1, method
     ex.close()
     assert _forward_hook_count(p.model) == before
     assert [q.requires_grad for q in p.model.parameters()] == flags
@@ -182,15 +185,6 @@ def test_one_explainer_from_several_threads(predictors, image):
         np.testing.assert_allclose(r, expected, atol=1e-5)
 
 
-def test_cam_objects_are_made_once_per_explainer(predictors, image):
-    with Explainer(predictors["test_resnet"]) as ex:
-        ex.explain(image, "gradcam")
-        cam = ex._cams["gradcam"]
-        ex.explain(image, "gradcam")
-        assert ex._cams["gradcam"] is cam
-        assert len(cam.activations_and_grads.handles) == 2
-
-
 def test_overlay_blends_with_the_given_opacity():
     img = Image.new("RGB", (20, 10), (255, 255, 255))
     heat = np.zeros((10, 20), np.float32)
@@ -205,9 +199,13 @@ def test_overlay_blends_with_the_given_opacity():
         overlay_heatmap(img, heat, alpha=1.5)
 
 
-def test_method_lists():
-    assert set(CAM_METHODS) <= set(METHODS)
-    assert {
+def test_method_registry_agrees_with_the_libraries():
+    """Each entry names a real class, and its gradient flag is the library's own."""
+    from captum.attr import Attribution, GradientAttribution
+    from pytorch_grad_cam.base_cam import BaseCAM
+
+    assert tuple(EXPLANATION_METHODS) == METHODS
+    assert set(METHODS) == {
         "gradcam",
         "gradcam++",
         "hirescam",
@@ -217,10 +215,28 @@ def test_method_lists():
         "lime",
         "kernelshap",
         "integrated_gradients",
-    } == set(METHODS)
-    from histolens.explain.cli import _METHOD_NAMES
-
-    assert tuple(_METHOD_NAMES) == METHODS
+    }
+    assert CAM_METHODS == ("gradcam", "gradcam++", "hirescam", "scorecam", "eigencam", "layercam")
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    for entry in EXPLANATION_METHODS.values():
+        cls = entry.load()
+        if entry.family == "cam":
+            assert issubclass(cls, BaseCAM), entry.name
+            cam = cls(model=tiny, target_layers=[tiny[0]])
+            assert cam.uses_gradients == entry.needs_gradients, entry.name
+            cam.activations_and_grads.release()
+        else:
+            assert issubclass(cls, Attribution), entry.name
+            assert issubclass(cls, GradientAttribution) == entry.needs_gradients, entry.name
+    assert {m for m in METHODS if get_method(m).single_pass} == {
+        "gradcam",
+        "gradcam++",
+        "hirescam",
+        "layercam",
+    }
+    assert len({m.display_name for m in EXPLANATION_METHODS.values()}) == len(METHODS)
+    with pytest.raises(ConfigError, match=r"'scorcam'; choose one of: gradcam.*'scorecam'\?"):
+        get_method("scorcam")
 
 
 @pytest.mark.parametrize(
@@ -243,16 +259,43 @@ def test_registry_target_layers_resolve(name):
     spec = BACKBONES[name]
     with torch.device("meta"):
         backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
-    layer = resolve_module(backbone, spec.target_layer)
-    assert isinstance(layer, torch.nn.Module)
+    seen = []
+    resolve_module(backbone, spec.target_layer).register_forward_hook(
+        lambda module, args, output: seen.append(output)
+    )
+    with torch.device("meta"):
+        backbone.forward_features(torch.zeros(1, 3, 224, 224))
+    # The layer runs in the forward pass, and what a CAM weighs there is a spatial map of
+    # channels (a ViT's tokens after its reshape transform): 7x7 or finer at 224 px.
+    assert len(seen) == 1
+    cam_input = spec.reshape_transform(seen[0]) if spec.reshape_transform else seen[0]
+    assert cam_input.dim() == 4 and cam_input.shape[1] >= 256
+    assert min(cam_input.shape[-2:]) >= 7
 
 
-def test_predictions_between_explanations_do_not_pile_up_activations(predictors, image):
-    """A shared model keeps serving predictions; the CAM's hooks must ignore those passes."""
+def test_a_prediction_on_another_thread_during_a_cam_call_is_left_alone(predictors, image):
+    """A shared model keeps serving predictions: one made while a CAM runs must neither reach
+    the CAM nor be changed by it."""
     p = predictors["test_resnet"]
+    other = make_tissue_image(IMAGE_SIZE, seed=5, dark=True)
+    expected_scores = p.predict_image(other).scores
     with Explainer(p) as ex:
-        ex.explain(image, "gradcam")
-        for _ in range(3):
-            p.predict_image(image)
-        hooks = ex._cams["gradcam"].activations_and_grads
-        assert hooks.activations == [] and hooks.gradients == []
+        expected_map = ex.explain(image, "gradcam").heatmap
+        served = []
+
+        def predict_elsewhere(module, args):
+            # Just before the CAM's own pass reaches the target layer, another thread runs a
+            # whole prediction through it (its own pass comes here too; the list stops that).
+            if not served:
+                served.append(None)
+                worker = threading.Thread(target=lambda: served.append(p.predict_image(other)))
+                worker.start()
+                worker.join()
+
+        handle = ex.target_layer.register_forward_pre_hook(predict_elsewhere)
+        try:
+            heatmap = ex.explain(image, "gradcam").heatmap
+        finally:
+            handle.remove()
+    assert served[1].scores == pytest.approx(expected_scores, abs=1e-6)
+    np.testing.assert_allclose(heatmap, expected_map, atol=1e-5)

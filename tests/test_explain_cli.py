@@ -57,6 +57,14 @@ def test_unknown_method_is_a_one_line_error(tmp_path, tiny_checkpoint):
     assert "Did you mean 'gradcam'" in result.output and len(result.output.splitlines()) == 1
 
 
+def test_a_folder_without_images_is_a_one_line_error(tmp_path, tiny_checkpoint):
+    (tmp_path / "data" / "masks").mkdir(parents=True)
+    make_tissue_image().save(tmp_path / "data" / "masks" / "x_mask.png")  # masks are not images
+    result = CliRunner().invoke(explain_command, [str(tiny_checkpoint), str(tmp_path / "data")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: No images in") and len(result.output.splitlines()) == 1
+
+
 def test_folder_writes_heatmaps_overlays_panels_and_index(tmp_path, tiny_checkpoint, folder):
     out = tmp_path / "out"
     result = _invoke(

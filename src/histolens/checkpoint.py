@@ -99,8 +99,12 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint, without loading its weights."""
+    """The JSON metadata of a checkpoint, without loading its weights (of an ONNX export too)."""
     p = resolve_checkpoint_path(path)
+    if p.suffix.lower() == ".onnx":
+        from histolens.onnx_backend import read_onnx_metadata
+
+        return read_onnx_metadata(p)
     from safetensors import safe_open
 
     try:

@@ -7,9 +7,26 @@ from pathlib import Path
 
 import click
 
+from histolens.cli_options import (
+    backbone_option,
+    checkpoint_argument,
+    config_option,
+    data_option,
+    epochs_option,
+    lr_option,
+    magnification_option,
+    out_option,
+    pretrained_option,
+    quiet_option,
+    recipe_option,
+    seed_option,
+    split_name_option,
+    split_options,
+    stain_augment_option,
+    stain_norm_option,
+    task_option,
+)
 from histolens.errors import HistolensError
-
-MAGNIFICATION_CHOICES = ["40", "100", "200", "400", "all"]
 
 
 def _fail(exc: Exception) -> None:
@@ -50,47 +67,9 @@ def data() -> None:
     """Inspect image folders and make synthetic practice data."""
 
 
-def _split_options(f):
-    for opt in reversed(
-        [
-            click.option(
-                "--magnification",
-                "-m",
-                default="all",
-                show_default=True,
-                type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
-            ),
-            click.option(
-                "--task",
-                default="binary",
-                show_default=True,
-                type=click.Choice(["binary", "subtype"]),
-            ),
-            click.option("--val-fraction", default=0.15, show_default=True, type=float),
-            click.option("--test-fraction", default=0.15, show_default=True, type=float),
-            click.option(
-                "--seed",
-                default=42,
-                show_default=True,
-                type=int,
-                help="Seed of the patient-level split.",
-            ),
-            click.option(
-                "--group-by",
-                default="group",
-                show_default=True,
-                type=click.Choice(["group", "patient"]),
-                help="Keep patient groups (numeric id core) or exact patient ids together.",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
-
-
 @data.command("summary")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@_split_options
+@split_options()
 def data_summary(path, magnification, task, val_fraction, test_fraction, seed, group_by):
     """Images per class, subtype, magnification and patient group, and the split training uses."""
     from histolens.summary import render_summary
@@ -102,13 +81,7 @@ def data_summary(path, magnification, task, val_fraction, test_fraction, seed, g
 
 @data.command("audit")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--magnification",
-    "-m",
-    default="all",
-    show_default=True,
-    type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
-)
+@magnification_option("all")
 @click.option(
     "--threshold",
     default=0.70,
@@ -116,14 +89,14 @@ def data_summary(path, magnification, task, val_fraction, test_fraction, seed, g
     type=click.FloatRange(0.5, 1.0),
     help="Grouped cross-validated AUC at which an attribute is flagged.",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the grouped folds.")
+@seed_option(0, help="Seed of the grouped folds.")
 @click.option(
     "--colour/--no-colour",
     default=True,
     show_default=True,
     help="Decode a thumbnail per image for the colour attributes (--no-colour: headers only).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option("No progress bar.")
 def data_audit(path, magnification, threshold, seed, colour, quiet):
     """Warn when image size, format, source folder or colour predicts the label across patients.
 
@@ -147,7 +120,7 @@ def data_audit(path, magnification, threshold, seed, colour, quiet):
 @data.command("synth")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n", "n", default=240, show_default=True, type=click.IntRange(2, 100000))
-@click.option("--seed", default=0, show_default=True, type=int)
+@seed_option(0, help="Seed of the images and patients.")
 @click.option(
     "--magnification",
     default=400,
@@ -183,47 +156,24 @@ def data_synth(out, n, seed, magnification, patients):
 
 # --- train ------------------------------------------------------------------------------------
 @main.command()
-@click.option(
-    "--data",
-    "data_path",
-    type=click.Path(exists=True, path_type=Path),
-    help="Image folder (any supported layout) or CSV manifest.",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Run directory (default runs/<backbone>-<task>-<time>).",
-)
+@data_option()
+@out_option("Run directory (default runs/<backbone>-<task>-<time>).")
 @click.option(
     "--resume",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     help="Continue the run in this directory from its last checkpoint.",
 )
-@click.option(
-    "--recipe",
-    type=click.Choice(["default", "original"]),
-    default="default",
-    show_default=True,
-    help="'original' is the student project's recipe exactly.",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, path_type=Path),
-    help="YAML file of overrides (sections data/model/augment/stain/train).",
-)
-@click.option(
-    "--magnification", "-m", type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False)
-)
-@click.option("--task", type=click.Choice(["binary", "subtype"]))
+@recipe_option()
+@config_option()
+@split_options(defaults=False)
 @click.option(
     "--backbone",
     help="tf_efficientnet_lite0 (default), vgg16, resnet50, densenet121, efficientnet_b0, "
-    "vit_small_patch16_224, or any timm name.",
+    "vit_small_patch16_224, uni, uni2-h, virchow2, h-optimus-0, midnight, any timm name, or "
+    "hf-hub:ORG/NAME (a timm model on the Hugging Face hub).",
 )
-@click.option("--pretrained", help="imagenet (default), none, or a weights file.")
+@pretrained_option()
 @click.option(
     "--head",
     type=click.Choice(["linear", "mlp"]),
@@ -245,15 +195,15 @@ def data_synth(out, n, seed, magnification, patients):
     help="Patient-level k-fold estimate before fitting on all patients (default 5); "
     "0: a single held-out split (--val-fraction/--test-fraction).",
 )
-@click.option("--epochs", type=click.IntRange(1))
+@epochs_option()
 @click.option("--batch-size", type=click.IntRange(1))
-@click.option("--lr", type=float)
+@lr_option()
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
 @click.option("--unfreeze", type=click.IntRange(0), help="Also train the last N backbone stages.")
 @click.option("--augment/--no-augment", default=None)
-@click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]))
+@stain_norm_option()
 @click.option("--stain-reference", type=click.Path(exists=True, dir_okay=False))
-@click.option("--stain-augment/--no-stain-augment", default=None)
+@stain_augment_option()
 @click.option(
     "--feature-cache/--no-feature-cache",
     default=None,
@@ -262,16 +212,18 @@ def data_synth(out, n, seed, magnification, patients):
 @click.option("--cache-views", type=click.IntRange(1), help="K augmented views per image.")
 @click.option("--class-weights/--no-class-weights", default=None)
 @click.option("--patience", type=click.IntRange(1), help="Early-stopping patience (epochs).")
-@click.option("--val-fraction", type=float)
-@click.option("--test-fraction", type=float)
-@click.option("--seed", type=int)
-@click.option("--group-by", type=click.Choice(["group", "patient"]))
 @click.option("--threshold-method", type=click.Choice(["youden", "sensitivity", "fixed"]))
 @click.option("--target-sensitivity", type=float)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Error level of the prediction sets (default 0.1): a new patient's image has its true "
+    "class in its set with probability 1 - alpha; sets of several classes mean 'refer'.",
+)
 @click.option("--accelerator", help="auto, cpu, gpu (Lightning).")
 @click.option("--devices", help="Number of devices or 'auto'.")
 @click.option("--precision", help="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option()
 def train(data_path, out, resume, recipe, config_file, quiet, **flags):
     """Train a classifier: frozen EfficientNet-Lite0 features and a linear probe by default.
 
@@ -314,6 +266,7 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
         "patience": "train.early_stopping_patience",
         "threshold_method": "train.threshold_method",
         "target_sensitivity": "train.target_sensitivity",
+        "alpha": "train.alpha",
         "accelerator": "train.accelerator",
         "devices": "train.devices",
         "precision": "train.precision",
@@ -329,11 +282,11 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
     if resume is not None:
         out = resume
     elif out is None:
+        import re
         import time
 
-        out = (
-            Path("runs") / f"{cfg.model.backbone}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        name = re.sub(r"[^\w.-]+", "-", cfg.model.backbone)  # hf-hub:ORG/NAME -> hf-hub-ORG-NAME
+        out = Path("runs") / f"{name}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if resume is not None:
         ignored = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
         if ignored or data_path is not None:
@@ -372,6 +325,7 @@ def _parse_input_size(text: str):
 def _train_summary(result) -> str:
     from histolens.checkpoint import read_metadata
     from histolens.estimate import estimate_lines
+    from histolens.metrics import HEADLINE_METRICS
 
     meta = read_metadata(result.checkpoint) if result.checkpoint.exists() else {}
     if result.epochs_run:
@@ -409,16 +363,7 @@ def _train_summary(result) -> str:
             f"{split.capitalize()} split ({result.metrics['n_images']} images, "
             f"{result.metrics['n_patients']} patients):"
         )
-        for key, name in (
-            ("roc_auc", "ROC AUC"),
-            ("balanced_accuracy", "balanced accuracy"),
-            ("sensitivity", "sensitivity"),
-            ("specificity", "specificity"),
-            ("patient_recognition_rate", "patient recognition rate"),
-            ("patient_auc", "patient-level AUC"),
-            ("accuracy", "accuracy"),
-            ("macro_f1", "macro F1"),
-        ):
+        for key, name in HEADLINE_METRICS.items():
             if key in img:
                 lines.append(f"  {name}: {fmt(key)}")
     shown = set(meta.get("estimate", {}).get("warnings", []))
@@ -432,23 +377,19 @@ def _train_summary(result) -> str:
 
 
 @main.command("cv")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path))
+@data_option(required=True)
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2))
-@click.option(
-    "--recipe", type=click.Choice(["default", "original"]), default="default", show_default=True
-)
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--magnification", "-m", type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False)
-)
-@click.option("--task", type=click.Choice(["binary", "subtype"]))
-@click.option("--backbone")
-@click.option("--pretrained")
-@click.option("--epochs", type=click.IntRange(1))
-@click.option("--lr", type=float)
-@click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]))
-@click.option("--stain-augment/--no-stain-augment", default=None)
-@click.option("--seed", type=int, default=42, show_default=True)
+@recipe_option()
+@config_option()
+@magnification_option()
+@task_option()
+@backbone_option()
+@pretrained_option()
+@epochs_option()
+@lr_option()
+@stain_norm_option()
+@stain_augment_option()
+@seed_option(42, help="Seed of the patient-level folds.")
 def cv(data_path, folds, recipe, config_file, seed, **flags):
     """Patient-level k-fold cross-validation: mean and spread of AUC and patient metrics."""
     from histolens.config import load_yaml_overrides, recipe_config
@@ -475,7 +416,8 @@ def cv(data_path, folds, recipe, config_file, seed, **flags):
     )
     result = cross_validate(cfg, folds)
     for key, (mean, std) in result.summary().items():
-        click.echo(f"  {key}: {mean:.3f} +/- {std:.3f}")
+        if mean == mean:  # NaN: no fold has this metric (e.g. ROC AUC of the subtype task)
+            click.echo(f"  {key}: {mean:.3f} +/- {std:.3f}")
     click.echo(f"  ({result.seconds:.0f} s)")
 
 
@@ -490,88 +432,73 @@ def cv(data_path, folds, recipe, config_file, seed, **flags):
     show_default=True,
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--quiet", is_flag=True)
-def predict(checkpoint, inputs, out, batch_size, quiet):
-    """Predict the class and calibrated probability of images or folders of images."""
-    import csv
-    from collections import Counter
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Threads decoding images ahead of the model.",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Error level of the prediction sets (default: the one chosen at training).",
+)
+@click.option("--quiet", is_flag=True, help="No progress.")
+def predict(checkpoint, inputs, out, batch_size, workers, alpha, quiet):
+    """Predict the class and calibrated probability of images or folders of images.
 
-    from tqdm.auto import tqdm
-
-    from histolens.atomic import atomic_open
-    from histolens.imageio import is_image_name
+    Rows are written to OUT.partial batch by batch, and OUT appears when every image is done.
+    Run an interrupted command again, with the same inputs and --out, and it continues where it
+    stopped. Progress (images/s) goes to stderr.
+    """
+    from histolens.batch_predict import PredictionJob, ProgressReporter
     from histolens.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint)
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            paths += sorted(
-                p
-                for p in item.rglob("*")
-                if p.is_file() and is_image_name(p) and "masks" not in p.relative_to(item).parts
-            )
-        else:
-            paths.append(item)
-    if not paths:
-        raise click.UsageError("no image files found in the given inputs.")
-    with tqdm(total=len(paths), desc="Predicting", unit="img", disable=quiet) as bar:
-        preds, skipped = predictor.predict_paths(paths, batch_size, progress=bar.update)
-    with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
-        writer = None
-        for p in preds:
-            row = p.as_row()
-            if writer is None:
-                writer = csv.DictWriter(fh, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
-    counts = Counter(p.label for p in preds)
-    uncertain = sum(p.uncertain for p in preds)
+    predictor.alpha = alpha
+    job = PredictionJob.open(predictor, inputs, out)
+    if job.already_done and not quiet:
+        click.echo(
+            f"Resuming {job.partial}: {job.already_done} of {job.total} images already predicted.",
+            err=True,
+        )
+    try:
+        with ProgressReporter(job.total, job.already_done, enabled=not quiet) as progress:
+            summary = job.run(batch_size, workers, progress=progress.update)
+    except KeyboardInterrupt:
+        click.secho(
+            f"interrupted; {job.partial} keeps the rows written so far (run the same command "
+            "again to finish).",
+            fg="yellow",
+            err=True,
+        )
+        sys.exit(130)
     click.echo(
-        f"{len(preds)} image(s) predicted with {predictor.backbone_name} "
+        f"{summary.rows} image(s) predicted with {predictor.backbone_name} "
         f"(threshold {predictor.threshold:.3f}): "
-        + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
-        + f"; {uncertain} flagged for review. Written to {out}"
+        + ", ".join(f"{c} {n}" for c, n in sorted(summary.labels.items()))
+        + f"; {summary.uncertain} flagged for review. Written to {out}"
     )
-    if len(preds) <= 20:
-        for p in preds:
-            flag = "  [review]" if p.uncertain else ""
-            click.echo(f"  {Path(p.path).name}: {p.label} ({p.probability:.3f}){flag}")
-    for s in skipped:
+    if summary.rows <= 20:
+        for row in summary.first:
+            flag = "  [review]" if row.uncertain else ""
+            click.echo(f"  {Path(row.path).name}: {row.label} ({row.probability:.3f}){flag}")
+    for s in summary.skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--data",
-    "data_path",
-    type=click.Path(exists=True, path_type=Path),
-    help="Data to evaluate on (default: the data the run was trained on).",
-)
-@click.option(
-    "--split",
-    "split_name",
-    type=click.Choice(["test", "val", "all"]),
-    default="test",
-    show_default=True,
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Output folder (default: <run>/evaluation-<split>).",
-)
-@click.option(
-    "--magnification",
-    "-m",
-    type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
-    default=None,
+@checkpoint_argument()
+@data_option(help="Data to evaluate on (default: the data the run was trained on).")
+@split_name_option(["test", "val", "all"], "test", help="Which images of the run's split.")
+@out_option("Output folder (default: <run>/evaluation-<split>).", file_okay=False)
+@magnification_option(
     help="Score only the images of this magnification (default: the run's own split as it is; "
-    "of other data, the magnification the model was trained on, 'all' by default).",
+    "of other data, the magnification the model was trained on, 'all' by default)."
 )
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0))
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, quiet):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
     from histolens.estimate import build_estimate
@@ -616,6 +543,77 @@ def report(run_dir):
     if not (run_dir / "best.safetensors").exists():
         raise click.UsageError(f"{run_dir} is not a run directory (no best.safetensors).")
     click.echo(f"Report: {write_report(run_dir)}")
+
+
+# --- export -----------------------------------------------------------------------------------
+@main.command("export")
+@checkpoint_argument()
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["onnx"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: the whole classifier (tiling included) for ONNX Runtime, with its metadata.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    show_default=True,
+    help="int8: ONNX Runtime static quantisation (QDQ), calibrated on the run's training images.",
+)
+@out_option(
+    "The .onnx file (default: beside the checkpoint, best.onnx or best-int8.onnx).",
+    dir_okay=False,
+)
+@click.option(
+    "--calibration-images",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Training images int8 calibration measures activation ranges on.",
+)
+@click.option(
+    "--verify-images",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Validation images the export is compared with PyTorch on, at most.",
+)
+@quiet_option("No progress lines.")
+def export(checkpoint, export_format, quantize, out, calibration_images, verify_images, quiet):
+    """Export a model for ONNX Runtime; it is checked against PyTorch before it is written.
+
+    The .onnx file then goes wherever a checkpoint goes (predict, evaluate, serve, gui).
+    """
+    from histolens.export import FP32_TOLERANCE, INT8_AUC_TOLERANCE, export_onnx
+
+    result = export_onnx(
+        checkpoint,
+        out,
+        quantize,
+        calibration_images=calibration_images,
+        verify_images=verify_images,
+        progress=None if quiet else (lambda line: click.echo(f"{line} ...", err=True)),
+    )
+    click.echo(
+        f"Wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, "
+        f"{'fp32' if quantize == 'none' else quantize}) from {result.source} in "
+        f"{result.seconds:.0f} s."
+    )
+    check = (
+        f"Verified on {result.images_from}: largest probability change "
+        f"{result.max_probability_change:.4f}"
+    )
+    if result.auc_drop is None:
+        click.echo(f"{check} (at most {FP32_TOLERANCE} allowed).")
+    else:
+        click.echo(
+            f"{check}; AUC {result.auc_torch:.4f} -> {result.auc_onnx:.4f} (drop "
+            f"{result.auc_drop:.4f}, at most {INT8_AUC_TOLERANCE} allowed; calibrated on "
+            f"{result.n_calibration} training images)."
+        )
 
 
 def _register_front_ends() -> None:

@@ -151,6 +151,9 @@ class TrainConfig:
     # One strong value is the default: on breakhis-dev the inner-CV choice swung between 1e-3
     # and 1e-1 from fold to fold and generalised worse (README, "Why these defaults").
     probe_cs: tuple[float, ...] = (3e-3,)
+    # Error level of the conformal prediction sets (histolens.conformal): a new patient's image
+    # has its true class in its set with probability at least 1 - alpha; changeable at predict.
+    alpha: float = 0.1
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ["sgd", "adam", "adamw"])
@@ -164,6 +167,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--cv-folds must be 0 (held-out split) or 2 or more, got {self.cv_folds}."
             )
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--alpha must be between 0 and 1, got {self.alpha}.")
         self.probe_cs = tuple(float(c) for c in self.probe_cs)
         if not self.probe_cs or min(self.probe_cs) <= 0:
             raise ConfigError("probe_cs must be one or more positive numbers.")

@@ -16,17 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from histolens.config import RunConfig
+from histolens.metrics import HEADLINE_METRICS
 from histolens.splits import Split, group_kfold, split_by_patient
 
 __all__ = ["CVResult", "cross_validate", "image_bank_for"]
-
-FOLD_METRICS = (
-    "roc_auc",
-    "patient_recognition_rate",
-    "patient_auc",
-    "balanced_accuracy",
-    "accuracy",
-)
 
 
 @dataclass
@@ -43,7 +36,8 @@ class CVResult:
         return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
 
     def summary(self) -> dict[str, tuple[float, float]]:
-        return {k: self.mean_std(k) for k in FOLD_METRICS}
+        """Mean and standard deviation over folds of each headline metric (NaN where none)."""
+        return {k: self.mean_std(k) for k in HEADLINE_METRICS}
 
 
 def image_bank_for(cfg: RunConfig, progress: bool = True, records=None):
@@ -114,7 +108,7 @@ def cross_validate(
                 write_outputs=False,
             )
             img = run.metrics["image"]
-            fold = {key: float(img[key]) for key in FOLD_METRICS if key in img}
+            fold = {key: float(img[key]) for key in HEADLINE_METRICS if key in img}
             fold.update(
                 n_test_images=len(test_recs),
                 n_test_patients=len({r.group for r in test_recs}),
@@ -124,7 +118,9 @@ def cross_validate(
             if progress:
                 print(
                     f"  fold {k + 1}/{n_splits}: "
-                    + ", ".join(f"{key} {fold[key]:.3f}" for key in FOLD_METRICS if key in fold),
+                    + ", ".join(
+                        f"{key} {fold[key]:.3f}" for key in HEADLINE_METRICS if key in fold
+                    ),
                     flush=True,
                 )
     result.seconds = time.perf_counter() - start

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from histolens.metrics import HEADLINE_METRICS
+
 __all__ = [
     "ESTIMATE_KEYS",
     "MIN_PATIENTS_PER_CLASS",
@@ -27,17 +29,8 @@ __all__ = [
 # Below this many patients of a class, an estimate's CI rests on too few people to trust.
 MIN_PATIENTS_PER_CLASS = 5
 
-# What is shown, in order: binary task, then subtypes.
-ESTIMATE_KEYS: dict[str, str] = {
-    "roc_auc": "ROC AUC",
-    "patient_auc": "patient AUC",
-    "balanced_accuracy": "balanced accuracy",
-    "patient_recognition_rate": "patient recognition rate",
-    "sensitivity": "sensitivity",
-    "specificity": "specificity",
-    "macro_f1": "macro F1",
-    "accuracy": "accuracy",
-}
+# What is shown, in order: binary task, then subtypes (one list for every front end).
+ESTIMATE_KEYS: dict[str, str] = dict(HEADLINE_METRICS)
 
 
 def _patients_per_class(rows) -> dict[str, int]:

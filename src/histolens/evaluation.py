@@ -28,6 +28,7 @@ from histolens.calibration import (
 from histolens.data import ImageRecord, target_of
 from histolens.errors import DataError
 from histolens.metrics import (
+    HEADLINE_METRICS,
     binary_metrics,
     bootstrap_ci,
     multiclass_metrics,
@@ -59,6 +60,13 @@ class PredictionRow:
     target: int
     probs: tuple[float, ...]
     probs_uncalibrated: tuple[float, ...]
+    # Knowing when not to answer (histolens.conformal, histolens.ood): the classes not ruled out
+    # (empty: no calibration), whether a person should decide, and whether the image is unlike
+    # the training images, with the reason.
+    prediction_set: tuple[str, ...] = ()
+    refer: bool = False
+    ood: bool = False
+    ood_reason: str = ""
 
     def score(self) -> float:
         """Positive-class probability (binary) or the top probability."""
@@ -73,6 +81,9 @@ class EvalResult:
     threshold: float
     temperature: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The error level of the rows' prediction sets and how they were calibrated (None: no sets).
+    alpha: float | None = None
+    refer_method: str = ""
 
     def predicted(self, row: PredictionRow) -> int:
         if len(self.classes) == 2:
@@ -113,6 +124,106 @@ def rows_from_logits(
             )
         )
     return rows
+
+
+def with_referrals(
+    result: EvalResult,
+    member: np.ndarray | None,
+    ood_reasons: Sequence[str | None] | None,
+    alpha: float | None,
+    method: str,
+) -> EvalResult:
+    """Give each row its prediction set (``member``: (n, C) booleans) and out-of-distribution
+    reason; an image is referred when its set holds several classes or it is out of distribution."""
+    import dataclasses
+
+    rows = []
+    for i, r in enumerate(result.rows):
+        s = (
+            tuple(c for c, m in zip(result.classes, member[i], strict=True) if m)
+            if member is not None
+            else ()
+        )
+        reason = (ood_reasons[i] if ood_reasons is not None else None) or ""
+        rows.append(
+            dataclasses.replace(
+                r,
+                prediction_set=s,
+                refer=len(s) > 1 or bool(reason),
+                ood=bool(reason),
+                ood_reason=reason,
+            )
+        )
+    result.rows = rows
+    result.alpha = alpha if member is not None else None
+    result.refer_method = method
+    return result
+
+
+def refer_metrics(result: EvalResult) -> dict[str, Any] | None:
+    """Coverage of the prediction sets, referrals of images and patients, and the images unlike
+    the training images (counted apart: the coverage and accuracy figures leave them out)."""
+    from histolens.conformal import centred_probabilities, coverage, patient_referrals
+    from histolens.conformal import risk_coverage as rc_curve
+
+    rows = result.rows
+    n_ood = sum(r.ood for r in rows)
+    if result.alpha is None and not n_ood:
+        return None
+    out: dict[str, Any] = {"n_ood": n_ood, "ood_rate": n_ood / len(rows) if rows else 0.0}
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if r.ood:
+            kind = r.ood_reason.split(" (")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+    out["ood_reasons"] = reasons
+    ind = [r for r in rows if not r.ood]
+    y = np.array([r.target for r in ind], dtype=int)
+    pred = np.array([result.predicted(r) for r in ind], dtype=int)
+    patients = np.array([r.patient for r in ind])
+    probs = np.array([r.probs for r in ind]).reshape(len(ind), len(result.classes))
+    thr = result.threshold if len(result.classes) == 2 else None
+    confidence = centred_probabilities(probs, thr)[np.arange(len(ind)), pred] if len(ind) else pred
+    curve = rc_curve(pred == y, confidence)
+    out["aurc"] = curve["aurc"]
+    out["curve"] = {
+        "referred": [round(float(v), 4) for v in curve["referred"]],
+        "accuracy": [round(float(v), 4) for v in curve["accuracy"]],
+    }
+    if result.alpha is not None and ind:
+        index = {c: i for i, c in enumerate(result.classes)}
+        member = np.zeros((len(ind), len(result.classes)), dtype=bool)
+        for i, r in enumerate(ind):
+            member[i, [index[c] for c in r.prediction_set]] = True
+        refer = np.array([r.refer for r in ind])
+        cov = coverage(member, y, patients)
+        kept = ~refer
+        out.update(
+            alpha=result.alpha,
+            method=result.refer_method,
+            target_coverage=1 - result.alpha,
+            coverage=cov["patients"],
+            coverage_images=cov["images"],
+            mean_set_size=float(member.sum(1).mean()),
+            refer_rate=float(refer.mean()),
+            accuracy_kept=float((pred == y)[kept].mean()) if kept.any() else float("nan"),
+            accuracy_referred=float((pred == y)[refer].mean()) if refer.any() else float("nan"),
+        )
+    all_patients = np.array([r.patient for r in rows])
+    decided = patient_referrals([r.refer for r in rows], all_patients)
+    out["n_patients"] = len(decided)
+    out["patients_referred"] = sorted(p for p, v in decided.items() if v)
+    # A patient not referred is called by the majority of its kept images.
+    correct = []
+    for p, referred in decided.items():
+        if referred:
+            continue
+        mine = [r for r in rows if r.patient == p and not r.refer]
+        votes = np.bincount([result.predicted(r) for r in mine], minlength=len(result.classes))
+        truth = np.bincount([r.target for r in mine], minlength=len(result.classes)).argmax()
+        correct.append(bool(votes.argmax() == truth))
+    out["patient_accuracy_kept"] = float(np.mean(correct)) if correct else float("nan")
+    return out
 
 
 def _binary_block(y, p, patients, threshold, n_boot, seed) -> dict[str, Any]:
@@ -190,6 +301,9 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
                 ),
             }
         out["image"] = mc
+    refer = refer_metrics(result)
+    if refer is not None:
+        out["refer"] = refer
     return out
 
 
@@ -224,6 +338,22 @@ def _logits_for(
             [r.path for r in records], progress=bar.update
         )
     return [by_path[p] for p in kept], logits, skipped
+
+
+def _assess_records(
+    predictor: Predictor, records: Sequence[ImageRecord], progress: bool
+) -> tuple[list[ImageRecord], torch.Tensor, list[str | None], list]:
+    """Logits and out-of-distribution reasons of records' files (Predictor.assess_paths)."""
+    from tqdm.auto import tqdm
+
+    by_path = {r.path: r for r in records}
+    with tqdm(
+        total=len(records), desc="Predicting", unit="img", disable=not progress, leave=False
+    ) as bar:
+        kept, logits, reasons, skipped = predictor.assess_paths(
+            [r.path for r in records], progress=bar.update
+        )
+    return [by_path[p] for p in kept], logits, reasons, skipped
 
 
 def finalize_run(
@@ -313,22 +443,9 @@ def finalize_run(
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline metrics, and the secondary and calibration figures, kept in the checkpoint."""
     img = metrics["image"]
-    keys = (
-        "roc_auc",
-        "pr_auc",
-        "accuracy",
-        "balanced_accuracy",
-        "sensitivity",
-        "specificity",
-        "f1",
-        "brier",
-        "ece",
-        "patient_recognition_rate",
-        "patient_auc",
-        "macro_f1",
-        "roc_auc_ovr",
-    )
+    keys = (*HEADLINE_METRICS, "pr_auc", "f1", "brier", "ece", "roc_auc_ovr")
     return {k: img[k] for k in keys if k in img} | {
         "n_images": metrics["n_images"],
         "n_patients": metrics["n_patients"],
@@ -341,10 +458,17 @@ def evaluate_checkpoint(
     n_boot: int = 1000,
     progress: bool = True,
     seed: int = 0,
+    alpha: float | None = None,
 ) -> tuple[EvalResult, list]:
-    """Evaluate a checkpoint on records, with its stored threshold and temperature."""
+    """Evaluate a checkpoint on records, with its stored threshold, temperature, conformal
+    calibration (at ``alpha``, default the training one) and out-of-distribution guard."""
     predictor = Predictor.from_checkpoint(checkpoint)
-    kept, logits, skipped = _logits_for(predictor, records, progress=progress)
+    predictor.alpha = alpha
+    reasons = None
+    if predictor.guard is None:
+        kept, logits, skipped = _logits_for(predictor, records, progress=progress)
+    else:
+        kept, logits, reasons, skipped = _assess_records(predictor, records, progress)
     result = EvalResult(
         rows_from_logits(
             kept, logits, predictor.class_names, predictor.task, predictor.temperature
@@ -354,18 +478,38 @@ def evaluate_checkpoint(
         predictor.threshold,
         predictor.temperature,
     )
+    if predictor.conformal is not None or reasons is not None:
+        member = None
+        if predictor.conformal is not None and result.rows:
+            from histolens.conformal import centred_probabilities
+
+            probs = np.array([r.probs for r in result.rows])
+            thr = predictor.threshold if predictor.is_binary else None
+            predicted = [result.predicted(r) for r in result.rows]
+            member = predictor.conformal.prediction_sets(
+                centred_probabilities(probs, thr), predictor.refer_alpha, predicted
+            )
+        with_referrals(
+            result,
+            member,
+            reasons,
+            predictor.refer_alpha,
+            "the checkpoint's calibration (out-of-fold predictions of its training patients)",
+        )
     result.metrics = compute_metrics(result, n_boot=n_boot, seed=seed)
     return result, skipped
 
 
 def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
-    """path, patient, magnification, label, probability (positive or per class), prediction."""
+    """path, patient, magnification, label, probability (positive or per class), prediction,
+    correct, then prediction_set (classes joined by ';'), refer, ood and ood_reason."""
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         binary = len(result.classes) == 2
         prob_cols = ["probability"] if binary else [f"p_{c}" for c in result.classes]
         w.writerow(
             ["path", "patient", "magnification", "label", *prob_cols, "prediction", "correct"]
+            + ["prediction_set", "refer", "ood", "ood_reason"]
         )
         for r in result.rows:
             pred = result.classes[result.predicted(r)]
@@ -379,6 +523,10 @@ def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
                     *probs,
                     pred,
                     int(pred == r.label),
+                    ";".join(r.prediction_set),
+                    int(r.refer),
+                    int(r.ood),
+                    r.ood_reason,
                 ]
             )
     return Path(path)
@@ -427,6 +575,9 @@ def write_evaluation(
     ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
     plots.plot_misclassified(wrong, out / "misclassified.png")
+    refer = result.metrics.get("refer") or {}
+    if refer.get("curve", {}).get("referred"):
+        plots.plot_risk_coverage(refer, out / "risk_coverage.png")
     if logs_dir is not None:
         plots.plot_training_curves(logs_dir, out / "training_curves.png")
     from histolens.report import write_report

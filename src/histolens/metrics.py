@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 __all__ = [
+    "HEADLINE_METRICS",
     "binary_metrics",
     "bootstrap_ci",
     "expected_calibration_error",
@@ -20,6 +21,19 @@ __all__ = [
     "reliability_curve",
     "safe_auc",
 ]
+
+# The figures a model is summarised by, in the order every front end shows them, with the name
+# each is shown under; a task reports those it has (macro F1 only for subtypes, AUCs only binary).
+HEADLINE_METRICS: dict[str, str] = {
+    "roc_auc": "ROC AUC",
+    "patient_auc": "patient AUC",
+    "balanced_accuracy": "balanced accuracy",
+    "patient_recognition_rate": "patient recognition rate",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "macro_f1": "macro F1",
+    "accuracy": "accuracy",
+}
 
 
 def safe_auc(y: np.ndarray, score: np.ndarray) -> float:

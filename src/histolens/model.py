@@ -108,7 +108,7 @@ class HistoClassifier(nn.Module):
                 width += [m for m in last.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
             return int(width)
         if self.spec.pooling == "token":
-            return int(self.backbone.num_features)
+            return int(self.backbone.num_features) * (2 if self.spec.pooled == "cls+mean" else 1)
         info = getattr(self.backbone, "feature_info", None)
         if info:
             last = info[-1] if isinstance(info, list) else info.info[-1]
@@ -118,6 +118,9 @@ class HistoClassifier(nn.Module):
         return int(self.backbone.num_features)
 
     def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        if self.spec.pooled == "cls+mean":  # Virchow2, Midnight: CLS and mean patch token
+            patches = feature_map[:, self.spec.num_prefix_tokens :]
+            return torch.cat([feature_map[:, 0], patches.mean(dim=1)], dim=1)
         if self.spec.pooling == "token":
             return self.backbone.forward_head(feature_map, pre_logits=True)
         return feature_map.mean(dim=(2, 3))
@@ -199,6 +202,11 @@ class HistoClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the pooled features they came from, in one pass (the OOD guard reads both)."""
+        features = self.features(x)
+        return self.head(features), features
 
     def backbone_stages(self) -> list[list[nn.Parameter]]:
         """Backbone parameters grouped shallow to deep, for ``--unfreeze N``."""

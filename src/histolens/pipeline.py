@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +32,46 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '2 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class _ThroughputEstimate:
+    """Advances the progress bar; after the first batch, says how long the whole job will take.
+
+    A large backbone on a CPU (a pathology foundation model: a few images/s) makes feature
+    extraction the long part of a run. The estimate goes above the progress bar, or, without
+    one, to the log as a warning when it exceeds a minute.
+    """
+
+    def __init__(self, total: int, bar, progress: bool) -> None:
+        self.total, self.bar, self.progress = total, bar, progress
+        self.start: float | None = time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+        if self.start is None:
+            return
+        seconds = time.perf_counter() - self.start
+        self.start = None
+        if n >= self.total:
+            return
+        rate = n / max(seconds, 1e-9)
+        estimate = self.total / rate
+        message = (
+            f"Backbone features: {rate:.1f} images/s on the first batch, so about "
+            f"{_duration(estimate)} for all {self.total} images and views."
+        )
+        if self.progress:
+            self.bar.write(message, file=sys.stderr)
+        elif estimate > 60:
+            logging.getLogger("histolens").warning(message)
 
 
 class ImageBank:
@@ -153,11 +196,12 @@ class FeatureCache:
             return
         new_views: dict[str, list[torch.Tensor]] = {p: [] for p in view_todo}
         with _progress(total, "Backbone features", progress) as bar:
+            done = _ThroughputEstimate(total, bar, progress)
             for i in range(0, len(clean_todo), batch_size):
                 chunk = clean_todo[i : i + batch_size]
                 feats = model.features(pipeline.eval_inputs(bank.stack(chunk))).float().cpu()
                 self.clean.update(zip(chunk, feats, strict=True))
-                bar.update(len(chunk))
+                done(len(chunk))
             for v in range(n_views):
                 for i in range(0, len(view_todo), batch_size):
                     chunk = view_todo[i : i + batch_size]
@@ -165,7 +209,7 @@ class FeatureCache:
                     feats = model.features(x).float().cpu()
                     for p, f in zip(chunk, feats, strict=True):
                         new_views[p].append(f)
-                    bar.update(len(chunk))
+                    done(len(chunk))
         self.views.update({p: torch.stack(v) for p, v in new_views.items()})
 
     def save(self, path: str | os.PathLike) -> None:

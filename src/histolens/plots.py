@@ -16,6 +16,7 @@ __all__ = [
     "plot_misclassified",
     "plot_probability_distribution",
     "plot_reliability",
+    "plot_risk_coverage",
     "plot_roc_pr",
     "plot_training_curves",
 ]
@@ -248,4 +249,38 @@ def plot_misclassified(
         name = Path(img_path).name
         ax.set_title(f"{name[:34]}\ntrue {true}, predicted {pred} (P = {prob:.2f})", fontsize=7.5)
     fig.suptitle(f"Misclassified images ({len(items)} shown)")
+    return _save(fig, path)
+
+
+def plot_risk_coverage(refer: dict, path: str | os.PathLike) -> Path:
+    """Accuracy of the images kept against the fraction referred (least confident first), with
+    the conformal operating point at ``alpha`` marked: the ``refer`` block of the metrics."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.3))
+    referred = np.asarray(refer["curve"]["referred"], dtype=float)
+    accuracy = np.asarray(refer["curve"]["accuracy"], dtype=float)
+    ax.plot(
+        referred, accuracy, lw=2, label=f"least confident referred first (AURC {refer['aurc']:.3f})"
+    )
+    if refer.get("alpha") is not None:
+        ax.plot(
+            [refer["refer_rate"]],
+            [refer["accuracy_kept"]],
+            "o",
+            color="crimson",
+            ms=8,
+            label=f"prediction sets at alpha {refer['alpha']:g} (coverage {refer['coverage']:.2f})",
+        )
+    ax.set_xlabel("fraction of images referred")
+    ax.set_ylabel("accuracy of the images kept")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(min(0.5, float(np.nanmin(accuracy)) - 0.02) if len(accuracy) else 0.5, 1.005)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    n_ood = refer.get("n_ood", 0)
+    ax.set_title(
+        "Risk-coverage"
+        + (f" ({n_ood} images unlike the training images left out)" if n_ood else ""),
+        fontsize=10,
+    )
     return _save(fig, path)

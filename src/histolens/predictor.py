@@ -14,15 +14,19 @@ import torch
 
 from histolens.backbones import get_backbone_spec
 from histolens.checkpoint import load_checkpoint, resolve_checkpoint_path
+from histolens.conformal import ConformalCalibration, centred_probabilities, check_alpha
 from histolens.data import Skipped
 from histolens.errors import CheckpointError, ImageLoadError
 from histolens.imageio import load_rgb
 from histolens.model import HistoClassifier, build_model
+from histolens.onnx_backend import is_onnx_file
+from histolens.ood import OOD_MESSAGE, OODGuard, image_size
 from histolens.transforms import Preprocess
 
 __all__ = ["Prediction", "Predictor", "probabilities_from_logits"]
 
-# A probability this close to the decision threshold is flagged "review needed".
+# Checkpoints without a conformal calibration: a probability this close to the decision threshold
+# is flagged "review needed".
 UNCERTAINTY_MARGIN = 0.1
 
 
@@ -37,7 +41,14 @@ def probabilities_from_logits(logits: torch.Tensor, temperature: float = 1.0) ->
 
 @dataclass
 class Prediction:
-    """One image's prediction. ``probability`` is that of ``label``; ``scores`` has every class."""
+    """One image's prediction. ``probability`` is that of ``label``; ``scores`` has every class.
+
+    ``prediction_set`` holds the classes not ruled out at error level ``alpha`` (conformal, see
+    histolens.conformal; empty for checkpoints without a calibration). ``refer`` says a person
+    should decide: the set holds several classes, or the image is not like the training images
+    (``ood``, with ``ood_reason``). ``uncertain`` ("review needed") is ``refer`` for calibrated
+    checkpoints, else the old closeness-to-threshold rule or ``ood``.
+    """
 
     label: str
     probability: float
@@ -46,6 +57,12 @@ class Prediction:
     threshold: float | None
     uncertain: bool
     path: str | None = None
+    prediction_set: tuple[str, ...] = ()
+    alpha: float | None = None
+    refer: bool = False
+    refer_reason: str | None = None
+    ood: bool = False
+    ood_reason: str | None = None
 
     def as_row(self) -> dict[str, Any]:
         row = {
@@ -55,6 +72,14 @@ class Prediction:
             "uncertain": self.uncertain,
         }
         row.update({f"p_{k}": round(v, 6) for k, v in self.scores.items()})
+        row.update(
+            {
+                "prediction_set": ";".join(self.prediction_set),
+                "refer": self.refer,
+                "ood": self.ood,
+                "ood_reason": self.ood_reason or "",
+            }
+        )
         return row
 
 
@@ -71,10 +96,20 @@ class Predictor:
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: str = ""
+    # The conformal calibration and the out-of-distribution guard stored by training (None in
+    # older checkpoints), and the error level of the prediction sets (None: the training one).
+    conformal: ConformalCalibration | None = None
+    guard: OODGuard | None = None
+    alpha: float | None = None
+    # What computes the logits when it is not ``model`` itself: ONNX Runtime for an export.
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> Predictor:
-        """Rebuild model, preprocessing and calibration from a checkpoint (file or run dir)."""
+        """Rebuild model, preprocessing and calibration from a checkpoint (file or run dir), or
+        from an ONNX export (a ``.onnx`` file), which then runs on ONNX Runtime."""
+        if is_onnx_file(path):
+            return cls._from_onnx(path, device)
         state, meta = load_checkpoint(path)
         try:
             spec = get_backbone_spec(meta["backbone"])
@@ -91,17 +126,13 @@ class Predictor:
             preprocess = Preprocess.from_dict(meta["preprocess"])
         except KeyError as exc:
             raise CheckpointError(f"Checkpoint {path} lacks the metadata field {exc}.") from None
+        guard, conformal, stain = _calibration(state, meta)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
                 f"Checkpoint {path} does not fit a {meta['backbone']} model "
                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors)."
             )
-        stain = None
-        if meta.get("stain"):
-            from histolens.stain import StainNormalizer
-
-            stain = StainNormalizer.from_dict(meta["stain"])
         dev = torch.device(device)
         model.to(dev).eval()
         if dev.type == "cpu":
@@ -116,6 +147,37 @@ class Predictor:
             meta,
             dev,
             str(resolve_checkpoint_path(path)),
+            conformal=conformal,
+            guard=guard,
+        )
+
+    @classmethod
+    def _from_onnx(cls, path: str | os.PathLike, device: str) -> Predictor:
+        """A Predictor whose logits come from ONNX Runtime; its ``model`` loads the torch
+        checkpoint the export was made from only when something needs the module (heatmaps)."""
+        from histolens.onnx_backend import ExportedTorchModel, OnnxRunner, read_onnx_export
+
+        meta, state = read_onnx_export(path)
+        try:
+            spec = get_backbone_spec(meta["backbone"])
+            classes = tuple(meta["class_names"])
+            preprocess = Preprocess.from_dict(meta["preprocess"])
+        except KeyError as exc:
+            raise CheckpointError(f"Checkpoint {path} lacks the metadata field {exc}.") from None
+        guard, conformal, stain = _calibration(state, meta)
+        return cls(
+            ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
+            preprocess,
+            classes,
+            float(meta.get("threshold", 0.5)),
+            float(meta.get("temperature", 1.0)),
+            stain,
+            meta,
+            torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
+            str(Path(path)),
+            conformal=conformal,
+            guard=guard,
+            runner=OnnxRunner(path, device),
         )
 
     # --- properties the front ends show ---------------------------------------------------
@@ -139,6 +201,13 @@ class Predictor:
     def model_id(self) -> str:
         return self.metadata.get("model_id") or Path(self.source).stem
 
+    @property
+    def refer_alpha(self) -> float | None:
+        """The error level of the prediction sets: ``alpha`` if set, else the training one."""
+        if self.conformal is None:
+            return None
+        return check_alpha(self.alpha) if self.alpha is not None else self.conformal.alpha
+
     # --- the pipeline -----------------------------------------------------------------------
     def to_input(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """Resized uint8 batch (B, 3, H, W) -> normalised model input (stain normalised first)."""
@@ -154,13 +223,57 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+        return (self.model if self.runner is None else self.runner)(inputs)
+
+    @torch.inference_mode()
+    def logits_and_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled backbone features of a model-input batch, in one pass."""
+        return (self.model if self.runner is None else self.runner).forward_with_features(inputs)
 
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:
         return probabilities_from_logits(logits, self.temperature).cpu().numpy()
 
-    def decide(self, probs: np.ndarray, path: str | None = None) -> Prediction:
-        """Turn one row of class probabilities into a Prediction (threshold applied if binary)."""
+    def decide(
+        self, probs: np.ndarray, path: str | None = None, ood_reason: str | None = None
+    ) -> Prediction:
+        """Turn one row of class probabilities into a Prediction (threshold applied if binary),
+        with its prediction set; ``ood_reason`` marks an image unlike the training images."""
+        return self.decide_batch(np.asarray(probs)[None], [path], [ood_reason])[0]
+
+    def decide_batch(
+        self,
+        probs: np.ndarray,
+        paths: Sequence[str | None] | None = None,
+        ood_reasons: Sequence[str | None] | None = None,
+    ) -> list[Prediction]:
+        """Predictions for rows of class probabilities (n, C), prediction sets made together."""
+        n = len(probs)
+        preds = [self._label(p, path) for p, path in zip(probs, paths or [None] * n, strict=True)]
+        if self.conformal is not None and n:
+            alpha = self.refer_alpha
+            index = {c: i for i, c in enumerate(self.class_names)}
+            centred = centred_probabilities(probs, self.threshold if self.is_binary else None)
+            member = self.conformal.prediction_sets(centred, alpha, [index[p.label] for p in preds])
+            for pred, row in zip(preds, member, strict=True):
+                pred.prediction_set = tuple(
+                    c for c, m in zip(self.class_names, row, strict=True) if m
+                )
+                pred.alpha = alpha
+                pred.refer = len(pred.prediction_set) > 1
+                if pred.refer:
+                    pred.refer_reason = (
+                        f"{' and '.join(pred.prediction_set)} are all plausible at alpha {alpha:g}"
+                    )
+        for pred, reason in zip(preds, ood_reasons or [None] * n, strict=True):
+            if reason:
+                pred.ood, pred.ood_reason = True, reason
+                pred.refer, pred.refer_reason = True, f"{OOD_MESSAGE}: {reason}"
+            pred.uncertain = (
+                pred.refer if self.conformal is not None else (pred.uncertain or pred.ood)
+            )
+        return preds
+
+    def _label(self, probs: np.ndarray, path: str | None) -> Prediction:
         scores = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
         if self.is_binary:
             p = float(probs[1])
@@ -181,16 +294,45 @@ class Predictor:
             label, top, scores, None, None, top - second < 2 * UNCERTAINTY_MARGIN, path
         )
 
+    def predict_batch(
+        self,
+        images_uint8: torch.Tensor,
+        paths: Sequence[str | None] | None = None,
+        sizes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> list[Prediction]:
+        """Predictions for a resized uint8 batch (B, 3, H, W): label, probabilities, prediction
+        set, and the out-of-distribution check.
+
+        ``sizes`` are the images' original (width, height), for the "far smaller than the
+        model's input" check; by default read from the headers of ``paths``.
+        """
+        logits, features = self.logits_and_features(self.to_input(images_uint8))
+        probs = self.probabilities(logits)
+        reasons: list[str | None] = [None] * len(probs)
+        if self.guard is not None:
+            if sizes is None:
+                sizes = [image_size(p) if p else None for p in (paths or [None] * len(probs))]
+            reasons = self.guard.reasons(images_uint8, sizes, self.preprocess.input_size, features)
+        return self.decide_batch(probs, paths, reasons)
+
     def predict_images(self, images: Sequence, batch_size: int = 32) -> list[Prediction]:
         """Predictions for PIL RGB images."""
         out: list[Prediction] = []
         for i in range(0, len(images), batch_size):
-            probs = self.probabilities(self.logits(self.prepare(images[i : i + batch_size])))
-            out += [self.decide(p) for p in probs]
+            chunk = images[i : i + batch_size]
+            batch = torch.stack([self.preprocess.resize(img) for img in chunk])
+            out += self.predict_batch(batch, sizes=[img.size for img in chunk])
         return out
 
     def predict_image(self, image) -> Prediction:
         return self.predict_images([image])[0]
+
+    def load_input(self, path: str | os.PathLike) -> torch.Tensor | Skipped:
+        """One image file -> resized uint8 tensor (3, H, W), or Skipped with the reason."""
+        try:
+            return self.preprocess.resize(load_rgb(path))
+        except ImageLoadError as exc:
+            return Skipped(str(path), exc.reason)
 
     def iter_batches(
         self,
@@ -200,17 +342,10 @@ class Predictor:
         workers: int = 2,
     ) -> Iterable[tuple[list[str], torch.Tensor | None, list[Skipped]]]:
         """Load and resize images in a thread pool; yield (paths, uint8 batch, skipped) batches."""
-
-        def load(p: str) -> torch.Tensor | Skipped:
-            try:
-                return self.preprocess.resize(load_rgb(p))
-            except ImageLoadError as exc:
-                return Skipped(str(p), exc.reason)
-
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for i in range(0, len(paths), batch_size):
                 chunk = [str(p) for p in paths[i : i + batch_size]]
-                results = list(pool.map(load, chunk))
+                results = list(pool.map(self.load_input, chunk))
                 ok = [
                     (p, r)
                     for p, r in zip(chunk, results, strict=True)
@@ -233,11 +368,63 @@ class Predictor:
         skipped: list[Skipped] = []
         for ok_paths, batch, bad in self.iter_batches(paths, batch_size, progress):
             skipped += bad
+            if batch is not None:
+                predictions += self.predict_batch(batch, ok_paths)
+        return predictions, skipped
+
+    def adapt_batchnorm(
+        self,
+        paths: Sequence[str | os.PathLike],
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """AdaBN: re-estimate the backbone's batch-norm statistics on a new cohort's images.
+
+        For images from another lab: no label is used. Returns the number of images used.
+        """
+        from histolens.adapt import adapt_batchnorm
+
+        if self.runner is not None:
+            raise CheckpointError(
+                "AdaBN changes the torch model's batch-norm statistics, which an ONNX export has "
+                "fixed in its graph: adapt the torch checkpoint "
+                f"{self.metadata['export'].get('source_checkpoint')} and export it again."
+            )
+        batches = (
+            self.to_input(batch)
+            for _, batch, _ in self.iter_batches(paths, batch_size, progress)
+            if batch is not None
+        )
+        n = adapt_batchnorm(self.model, batches)
+        self.metadata = {**self.metadata, "adapted_batchnorm": {"images": n}}
+        return n
+
+    def assess_paths(
+        self,
+        paths: Sequence[str],
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[str], torch.Tensor, list[str | None], list[Skipped]]:
+        """Raw logits of files and why each is unlike the training images (None: it is not, or
+        the checkpoint has no guard), with the paths they belong to (unreadable ones skipped)."""
+        kept: list[str] = []
+        chunks: list[torch.Tensor] = []
+        reasons: list[str | None] = []
+        skipped: list[Skipped] = []
+        for ok_paths, batch, bad in self.iter_batches(paths, batch_size, progress):
+            skipped += bad
             if batch is None:
                 continue
-            probs = self.probabilities(self.logits(self.to_input(batch)))
-            predictions += [self.decide(p, path) for p, path in zip(probs, ok_paths, strict=True)]
-        return predictions, skipped
+            logits, features = self.logits_and_features(self.to_input(batch))
+            chunks.append(logits.float().cpu())
+            kept += ok_paths
+            if self.guard is None:
+                reasons += [None] * len(ok_paths)
+            else:
+                sizes = [image_size(p) for p in ok_paths]
+                reasons += self.guard.reasons(batch, sizes, self.preprocess.input_size, features)
+        n_out = 1 if self.is_binary else len(self.class_names)
+        return kept, (torch.cat(chunks) if chunks else torch.zeros(0, n_out)), reasons, skipped
 
     def logits_for_paths(
         self,
@@ -256,3 +443,18 @@ class Predictor:
                 kept += ok_paths
         n_out = 1 if self.is_binary else len(self.class_names)
         return kept, (torch.cat(chunks) if chunks else torch.zeros(0, n_out)), skipped
+
+
+def _calibration(
+    state: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> tuple[OODGuard | None, ConformalCalibration | None, Any]:
+    """The out-of-distribution guard, conformal calibration and stain normaliser a checkpoint
+    (or an ONNX export) stores; the guard's tensors are taken out of ``state``."""
+    guard = OODGuard.from_checkpoint(state, meta)
+    conformal = ConformalCalibration.from_dict(meta["conformal"]) if meta.get("conformal") else None
+    stain = None
+    if meta.get("stain"):
+        from histolens.stain import StainNormalizer
+
+        stain = StainNormalizer.from_dict(meta["stain"])
+    return guard, conformal, stain

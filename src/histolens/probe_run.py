@@ -104,14 +104,15 @@ def _fit(cfg: RunConfig, x, y, g, n_classes: int, seed: int) -> ProbeFit:
 
 def _cross_validated_logits(
     cfg: RunConfig, x: np.ndarray, y: np.ndarray, g: np.ndarray, n_classes: int, progress: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Out-of-fold logits of every image from patient-level k-fold (nested C selection).
 
     Returns the raw logits and the fold's decision logits: for two classes, shifted so that 0 is
     the fold's own decision boundary (threshold and temperature chosen on the fold's inner
     out-of-fold predictions). Scoring those at 0.5 never lets a held-out patient choose its own
     threshold; they stay on the raw scale, since folds calibrated by different temperatures would
-    pool on different scales and understate the AUC of one model.
+    pool on different scales and understate the AUC of one model. Last, each image's fold
+    temperature (n, 1): decision / temperature is what the fold's model would call calibrated.
     """
     from scipy.special import logit
 
@@ -125,6 +126,7 @@ def _cross_validated_logits(
     n_out = 1 if n_classes == 2 else n_classes
     oof = np.full((len(y), n_out), np.nan)
     decision = np.full((len(y), n_out), np.nan)
+    fold_temperature = np.ones((len(y), 1))
     for k, (tr, te) in enumerate(folds):
         if len(np.unique(y[tr])) < 2:
             continue
@@ -133,6 +135,7 @@ def _cross_validated_logits(
         inner = fit.oof_logits if fit.oof_logits is not None else oof[te][:0]
         t_k, thr_k = _calibrate(cfg, inner, y[tr] if len(inner) else y[:0], n_classes)
         decision[te] = oof[te]
+        fold_temperature[te] = t_k
         if n_classes == 2:  # the fold's boundary p = thr_k, with p = sigmoid(z / t_k)
             decision[te] -= t_k * logit(np.clip(thr_k, 1e-6, 1 - 1e-6))
         if progress:
@@ -144,7 +147,7 @@ def _cross_validated_logits(
                 len(np.unique(g[te])),
                 fit.C,
             )
-    return oof, decision, len(folds)
+    return oof, decision, len(folds), fold_temperature
 
 
 def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int):
@@ -272,7 +275,9 @@ def train_probe(
             "--test-fraction, add patients, or use cross-validation (--cv-folds 5)."
         )
     else:
-        oof, eval_logits, n_folds = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
+        oof, eval_logits, n_folds, fold_t = _cross_validated_logits(
+            cfg, x, y, g, n_classes, progress
+        )
         eval_records, calib_logits, calib_y = fit_records, oof, y
         chosen = "C, threshold" if len(cfg.train.probe_cs) > 1 else "threshold"
         method = (
@@ -283,6 +288,39 @@ def train_probe(
     # Out-of-fold decision logits are already centred on each fold's own threshold.
     eval_temperature, eval_threshold = (temperature, threshold) if n_folds == 0 else (1.0, 0.5)
     final.load_into(model.head.out)
+    # Knowing when not to answer: prediction sets calibrated on held-out patients' predictions,
+    # and the feature distance beyond which an image is unlike the training images.
+    from histolens.conformal import ConformalCalibration, centred_probabilities
+    from histolens.ood import FeatureGuard, OODGuard
+    from histolens.predictor import probabilities_from_logits
+
+    if n_folds:  # each fold's decision logits over its temperature: its calibrated, centred p
+        calib_p = probabilities_from_logits(torch.as_tensor(eval_logits / fold_t), 1.0).numpy()
+    else:
+        calib_p = probabilities_from_logits(torch.as_tensor(calib_logits), temperature).numpy()
+        calib_p = centred_probabilities(calib_p, threshold if n_classes == 2 else None)
+    calib_ok = ~np.isnan(calib_p).any(1)
+    conformal = None
+    if calib_ok.any():
+        conformal = ConformalCalibration.fit(
+            calib_p[calib_ok],
+            calib_y[calib_ok],
+            g[: len(calib_y)][calib_ok],
+            classes,
+            cfg.train.alpha,
+        )
+        if conformal.quantile() == float("inf"):
+            notes.append(
+                f"With {conformal.n_patients} calibration patients, prediction sets cannot "
+                f"guarantee alpha {cfg.train.alpha:g}: every image would be referred. Use "
+                f"alpha {conformal.min_alpha:.2f} or more (predict --alpha), or add patients."
+            )
+    try:
+        guard_folds = group_folds(y, g, cfg.train.cv_folds or 5, cfg.data.seed)
+        feature_guard, held_out_distance = FeatureGuard.calibrated(x, guard_folds)
+    except DataError:  # one patient group: no held-out patients to set a limit on
+        feature_guard, held_out_distance = None, np.full(len(y), np.nan)
+    guard = OODGuard(features=feature_guard)
 
     weights = balanced_class_weights(fit_records, classes, cfg.data.task)
     metadata = _checkpoint_metadata(
@@ -295,9 +333,11 @@ def train_probe(
         temperature=temperature,
         threshold_method=cfg.train.threshold_method,
         probe={"C": final.C, "inner_cv": {f"{c:g}": s for c, s in final.inner_scores.items()}},
+        conformal=conformal.to_dict() if conformal is not None else None,
+        ood=guard.to_dict(),
     )
     ckpt = run_dir / BEST_CHECKPOINT
-    save_checkpoint(ckpt, model, metadata)
+    save_checkpoint(ckpt, {**model.state_dict(), **guard.state_dict()}, metadata)
 
     result = TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, notes=notes)
     if evaluate:
@@ -311,6 +351,13 @@ def train_probe(
             eval_threshold,
             eval_temperature,
         )
+        if n_folds:
+            distances, refer_p = held_out_distance[scored], calib_p[scored]
+        elif feature_guard is not None:
+            distances, refer_p = feature_guard.distance(arrays(split.test)[0]), None
+        else:
+            distances, refer_p = np.full(len(kept), np.nan), None
+        _add_referrals(ev, conformal, guard, bank, distances, refer_p, cfg.train.alpha)
         result.metrics = compute_metrics(
             ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
         )
@@ -324,6 +371,42 @@ def train_probe(
             write_predictions_csv(ev, run_dir / "predictions.csv")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: float) -> None:
+    """Prediction sets and out-of-distribution flags of the evaluated images.
+
+    Out-of-fold predictions (``oof_probs`` given) get leave-one-patient-out sets, and their
+    held-out feature distances (``distances``); a test split gets the stored calibration.
+    """
+    from histolens.conformal import centred_probabilities, leave_one_patient_out_sets
+    from histolens.evaluation import with_referrals
+
+    y = np.array([r.target for r in ev.rows], dtype=int)
+    patients = np.array([r.patient for r in ev.rows])
+    member, method = None, ""
+    if conformal is not None and oof_probs is not None:
+        member = leave_one_patient_out_sets(oof_probs, y, patients, alpha, conformal.score)
+        method = (
+            "leave-one-patient-out over the out-of-fold predictions (each patient's sets "
+            "calibrated on the other patients)"
+        )
+    elif conformal is not None and ev.rows:
+        probs = np.array([r.probs for r in ev.rows])
+        thr = ev.threshold if len(ev.classes) == 2 else None
+        predicted = [ev.predicted(r) for r in ev.rows]
+        member = conformal.prediction_sets(centred_probabilities(probs, thr), alpha, predicted)
+        method = "the training patients' inner out-of-fold predictions, on the test patients"
+    reasons: list[str | None] = (
+        guard.features.reasons_for_distances(distances)
+        if guard.features is not None
+        else [None] * len(ev.rows)
+    )
+    paths = [r.path for r in ev.rows]
+    for i in range(0, len(paths), 64):
+        content = guard.checks.content_reasons(bank.stack(paths[i : i + 64]))
+        reasons[i : i + 64] = [c or f for c, f in zip(content, reasons[i : i + 64], strict=True)]
+    with_referrals(ev, member, reasons, alpha, method)
 
 
 def _audit_notes(records: Sequence[ImageRecord], progress: bool) -> list[str]:

@@ -134,6 +134,65 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return table
 
 
+def _refer_section(metrics: dict[str, Any], ev: Path) -> str:
+    """Prediction sets, referrals and images unlike the training images (metrics["refer"])."""
+    refer = metrics.get("refer")
+    if not refer:
+        return ""
+    parts = []
+    if refer.get("alpha") is not None:
+        alpha = float(refer["alpha"])
+        parts.append(
+            _card_row(
+                [
+                    (
+                        "Coverage on held-out patients",
+                        _fmt(refer["coverage"]),
+                        f"target {1 - alpha:.2f} (alpha {alpha:g})",
+                    ),
+                    ("Images referred", _fmt(refer["refer_rate"]), "set of several classes"),
+                    ("Accuracy of the images kept", _fmt(refer["accuracy_kept"]), ""),
+                    (
+                        "Patients referred",
+                        f"{len(refer['patients_referred'])} / {refer['n_patients']}",
+                        "half or more of their images referred",
+                    ),
+                ]
+            )
+        )
+        parts.append(
+            f"<p class=how>Each image gets the set of classes its calibrated probability does not "
+            f"rule out at error level alpha = {alpha:g}; a set of several classes means "
+            "<b>refer</b> to a person. Calibration: "
+            f"{html.escape(str(refer.get('method', '')))}; every patient weighs the same, so "
+            "coverage is a guarantee about new patients (averaged over patients: "
+            f"{_fmt(refer['coverage'])}; over images: {_fmt(refer['coverage_images'])}). "
+            f"Mean set size {_fmt(refer['mean_set_size'])}; accuracy of the referred images "
+            f"{_fmt(refer['accuracy_referred'])}; patient-level accuracy of the patients not "
+            f"referred (majority of their kept images) {_fmt(refer['patient_accuracy_kept'])}.</p>"
+        )
+        if refer["patients_referred"]:
+            names = ", ".join(html.escape(str(p)) for p in refer["patients_referred"])
+            parts.append(f"<p class=how><b>Patients referred:</b> {names}.</p>")
+    n_ood = int(refer.get("n_ood", 0))
+    reasons = "; ".join(
+        f"{html.escape(k)}: {v}" for k, v in (refer.get("ood_reasons") or {}).items()
+    )
+    parts.append(
+        f"<p class=how><b>Not like the training images:</b> {n_ood} image(s)"
+        + (f" ({reasons})" if reasons else "")
+        + ", counted apart: they are referred, and left out of the coverage and accuracy "
+        "figures above (the headline metrics include them).</p>"
+    )
+    plot = ev / "risk_coverage.png"
+    if plot.is_file():
+        parts.append(
+            "<h3>Risk-coverage: accuracy of the images kept against the fraction referred</h3>"
+            + _img(plot)
+        )
+    return "<section id=refer><h2>Knowing when not to answer</h2>" + "".join(parts) + "</section>"
+
+
 def _weights_text(weights: dict) -> str:
     """``benign 1.101, malignant 0.916``: the loss weights, rounded for reading."""
     return ", ".join(f"{k} {float(v):.3f}" for k, v in weights.items()) or "none"
@@ -368,6 +427,18 @@ def _threshold_source(meta: dict[str, Any]) -> str:
     return "the validation split"
 
 
+def _licence_paragraph(meta: dict[str, Any]) -> str:
+    """The backbone weights' licence (a hub foundation model's terms bind the model made from
+    them, e.g. CC-BY-NC-ND-4.0: no commercial use); empty when the checkpoint names none."""
+    licence = meta.get("licence")
+    if not licence:
+        return ""
+    return (
+        f"<p><b>Licence.</b> The {html.escape(str(meta.get('backbone')))} weights are licensed "
+        f"{html.escape(str(licence))}; their terms apply to this model too.</p>"
+    )
+
+
 def _model_card(meta: dict[str, Any], estimate: dict[str, Any] | None = None) -> str:
     data = meta.get("data", {})
     performance = html.escape(headline(estimate if estimate else checkpoint_estimate(meta)))
@@ -382,6 +453,7 @@ of the slide is the reference.</p>
 decision threshold {float(meta.get("threshold", 0.5)):.3f} chosen on {_threshold_source(meta)};
 temperature {float(meta.get("temperature", 1.0)):.3f}; stain normalisation
 {html.escape(str((meta.get("stain") or {}).get("method", "none")))}.</p>
+{_licence_paragraph(meta)}
 <p><b>Data.</b> {html.escape(str(data.get("path", "")))} ({html.escape(str(data.get("layout", "")))}),
 magnification {html.escape(str(meta.get("magnification")))}; split by
 {"patient group" if data.get("patient_level_split", True) else "image (no patient ids: optimistic)"}.</p>
@@ -436,6 +508,7 @@ def write_report(
             f"<section><h2>All metrics of these predictions ({split})</h2>"
             f"{_metrics_table(metrics)}</section>"
         )
+        parts.append(_refer_section(metrics, ev))
     if data:
         parts.append(
             f"<section><h2>Data and split</h2><p>{html.escape(str(data.get('path')))} "

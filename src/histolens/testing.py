@@ -48,6 +48,7 @@ def make_checkpoint(
         "model_id": f"test-{backbone}",
         "backbone": spec.name,
         "timm_name": spec.timm_name,
+        "licence": spec.licence,
         "pretrained": "none",
         "task": "binary"
         if tuple(class_names) == BINARY_CLASSES or len(class_names) == 2

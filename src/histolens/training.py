@@ -828,6 +828,7 @@ def _checkpoint_metadata(
         "model_id": f"{spec.name}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}",
         "backbone": spec.name,
         "timm_name": spec.timm_name,
+        "licence": spec.licence,  # of the backbone's weights (None: see the timm model card)
         "pretrained": cfg.model.pretrained,
         "task": cfg.data.task,
         "class_names": list(classes),

@@ -149,6 +149,12 @@ class Augmenter:
         out = batch
         if self.config.enabled:
             theta = torch.stack([self._matrix(g) for g in generators]).to(batch)
+            # The matrix is drawn in pixels (as Keras does); affine_grid works in coordinates
+            # normalised per axis, so a non-square image needs the aspect ratio in the
+            # off-diagonal terms, or a rotation would also stretch it.
+            h, w = batch.shape[-2:]
+            theta[:, 0, 1] *= h / w
+            theta[:, 1, 0] *= w / h
             grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
             padding = {"nearest": "border", "reflect": "reflection", "constant": "zeros"}
             out = F.grid_sample(

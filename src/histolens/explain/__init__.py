@@ -2,25 +2,28 @@
 
 ``Explainer`` wraps a ``Predictor``: CAM methods through pytorch-grad-cam on the backbone's
 registered target layer, LIME / Kernel SHAP over SLIC superpixels and Integrated Gradients
-through Captum. It returns arrays only; ``histolens explain`` (``explain.cli``) writes files.
+through Captum. Each method is one entry of ``EXPLANATION_METHODS`` (``get_method(name)``),
+which every front end reads. The Explainer returns arrays only; ``histolens explain``
+(``explain.cli``) writes files.
 """
 
 from typing import TYPE_CHECKING, Any
 
+# The registry is light (no torch): method menus and --help read it without loading a model.
+from histolens.explain._methods import (
+    ATTRIBUTION_METHODS,
+    CAM_METHODS,
+    EXPLANATION_METHODS,
+    METHODS,
+    ExplanationMethod,
+    get_method,
+)
+
 if TYPE_CHECKING:
-    from histolens.explain._explainer import (
-        ATTRIBUTION_METHODS,
-        CAM_METHODS,
-        METHODS,
-        Explainer,
-        Explanation,
-    )
+    from histolens.explain._explainer import Explainer, Explanation
     from histolens.explain._render import overlay_heatmap
 
 _LAZY = {
-    "ATTRIBUTION_METHODS": "_explainer",
-    "CAM_METHODS": "_explainer",
-    "METHODS": "_explainer",
     "Explainer": "_explainer",
     "Explanation": "_explainer",
     "overlay_heatmap": "_render",
@@ -39,8 +42,11 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ATTRIBUTION_METHODS",
     "CAM_METHODS",
+    "EXPLANATION_METHODS",
     "METHODS",
+    "ExplanationMethod",
     "Explainer",
     "Explanation",
+    "get_method",
     "overlay_heatmap",
 ]

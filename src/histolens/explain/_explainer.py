@@ -1,18 +1,22 @@
 """The Explainer: CAM (pytorch-grad-cam) and attribution (Captum) heatmaps for one Predictor.
 
-Everything that holds hooks (the CAM objects) is made once per Explainer and released by
-``close()``, because pytorch-grad-cam leaks activations when a CAM is built per image. CAM
-gradients stop at the target layer: parameters are frozen for the Explainer's lifetime and a
-forward hook re-roots the graph at the target layer's output, so nothing below it is
-differentiated (the naive way backpropagates through the whole backbone and its weights).
+Which class computes each method, and how it is called, comes from the method registry
+(``_methods``). CAM hooks never sit on the model itself: the Explainer keeps one forward hook of
+its own on the target layer that acts only inside its own CAM call, on its own thread, and hands
+the layer's output to a private identity module (the "tap"); the CAM, made per call, hooks that
+tap and is released by the library's own ``release()``. A shared model that also serves
+predictions (desktop app, web service) is thus never seen by a CAM. CAM gradients stop at the
+target layer: parameters are frozen for the Explainer's lifetime and the hook re-roots the graph
+at the target layer's output, so nothing below it is differentiated (the naive way
+backpropagates through the whole backbone and its weights).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,26 +24,12 @@ from PIL import Image
 
 from histolens.backbones import resolve_module
 from histolens.errors import ConfigError, check_choice
+from histolens.explain._methods import ExplanationMethod, get_method
 from histolens.explain._render import heatmap_to_size, overlay_heatmap
 from histolens.explain._targets import ClassLogit, class_logits
 from histolens.predictor import Prediction, Predictor, probabilities_from_logits
 
-__all__ = ["ATTRIBUTION_METHODS", "CAM_METHODS", "METHODS", "Explainer", "Explanation"]
-
-# method name -> pytorch-grad-cam class name
-_CAM_CLASSES = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "hirescam": "HiResCAM",
-    "scorecam": "ScoreCAM",
-    "eigencam": "EigenCAM",
-    "layercam": "LayerCAM",
-}
-CAM_METHODS: tuple[str, ...] = tuple(_CAM_CLASSES)
-ATTRIBUTION_METHODS: tuple[str, ...] = ("lime", "kernelshap", "integrated_gradients")
-METHODS: tuple[str, ...] = CAM_METHODS + ATTRIBUTION_METHODS
-# CAMs whose weights come from gradients of the target (the others never call the target).
-_GRADIENT_CAMS = frozenset({"gradcam", "gradcam++", "hirescam", "layercam"})
+__all__ = ["Explainer", "Explanation"]
 
 
 @dataclass
@@ -122,10 +112,11 @@ class Explainer:
         self.seed = int(seed)
         self.truncate_gradients = truncate_gradients
         self._lock = threading.RLock()
-        self._cams: dict[str, Any] = {}
         self._closed = False
-        self._cam_thread: int | None = None  # the thread inside a CAM call, if any
-        self._reroot_handle = None
+        # Set only for the length of one CAM call: the thread making it, and the tap that the
+        # call's CAM hooks (cleared after the first forward pass hands it the output).
+        self._cam_thread: int | None = None
+        self._tap: torch.nn.Module | None = None
         # Weights never need gradients when truncating; the naive way (for comparison) is
         # pytorch-grad-cam's usual one, where every weight requires grad.
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = [
@@ -133,11 +124,10 @@ class Explainer:
         ]
         for p, _ in self._saved_requires_grad:
             p.requires_grad_(not truncate_gradients)
-        if truncate_gradients:
-            # prepend: runs before the CAM's own hooks, so they see the re-rooted output.
-            self._reroot_handle = self.target_layer.register_forward_hook(
-                self._reroot_at_target, prepend=True
-            )
+        # prepend: runs before any other hook of the layer, so they see the re-rooted output.
+        self._hook_handle = self.target_layer.register_forward_hook(
+            self._on_target_output, prepend=True
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Explainer:
@@ -147,66 +137,53 @@ class Explainer:
         self.close()
 
     def close(self) -> None:
-        """Remove every hook and restore the parameters' ``requires_grad`` flags."""
+        """Remove the Explainer's hook and restore the parameters' ``requires_grad`` flags."""
         with self._lock:
-            for cam in self._cams.values():
-                cam.activations_and_grads.release()
-            self._cams.clear()
-            if self._reroot_handle is not None:
-                self._reroot_handle.remove()
-                self._reroot_handle = None
+            if self._hook_handle is not None:
+                self._hook_handle.remove()
+                self._hook_handle = None
             for p, flag in self._saved_requires_grad:
                 p.requires_grad_(flag)
             self._saved_requires_grad = []
             self._closed = True
 
-    def _gated(self, hook):
-        """``hook`` run only for forward passes of this Explainer's own CAM call and thread."""
-
-        def gated(module, args, output):
-            if self._cam_thread == threading.get_ident():
-                return hook(module, args, output)
+    def _on_target_output(self, module, args, output):
+        """Hand the target layer's output to the running CAM's tap; a no-op for anyone else."""
+        tap = self._tap
+        if tap is None or self._cam_thread != threading.get_ident():
             return None
+        # Only the CAM's first pass (the unperturbed image) is kept: Score-CAM's hundreds of
+        # masked passes would otherwise each store a copy of the activations.
+        self._tap = None
+        if self.truncate_gradients and torch.is_grad_enabled():
+            # A fresh leaf: backward stops here. The clone keeps later in-place ops legal.
+            output = output.detach().requires_grad_(True).clone()
+        return tap(output)
 
-        return gated
-
-    def _reroot_at_target(self, module, args, output):
-        if self._cam_thread != threading.get_ident() or not torch.is_grad_enabled():
-            return None
-        # A fresh leaf: backward stops here. The clone keeps later in-place ops legal.
-        return output.detach().requires_grad_(True).clone()
-
-    def _cam(self, method: str):
-        cam = self._cams.get(method)
-        if cam is None:
-            import pytorch_grad_cam
-
-            cls = getattr(pytorch_grad_cam, _CAM_CLASSES[method])
-            cam = cls(
-                model=self.model,
-                target_layers=[self.target_layer],
-                reshape_transform=self.model.cam_reshape_transform,
-            )
-            if method == "scorecam":
-                cam.batch_size = self.batch_size
-            # Re-register the CAM's hooks behind a gate: a shared model also serves predictions
-            # (desktop app, web service), and ungated hooks would pile up their activations.
-            hooks = cam.activations_and_grads
-            for handle in hooks.handles:
-                handle.remove()
-            hooks.handles = [
-                self.target_layer.register_forward_hook(self._gated(hooks.save_activation)),
-                self.target_layer.register_forward_hook(self._gated(hooks.save_gradient)),
-            ]
-            self._cams[method] = cam
-        return cam
+    @contextmanager
+    def _cam(self, method: ExplanationMethod):
+        """A CAM of ``method`` hooked to a fresh tap, armed for this thread, released after."""
+        tap = torch.nn.Identity()
+        cam = method.load()(
+            model=self.model,
+            target_layers=[tap],
+            reshape_transform=self.model.cam_reshape_transform,
+        )
+        if method.batched:
+            cam.batch_size = self.batch_size  # Score-CAM's masked images per forward pass
+        self._tap, self._cam_thread = tap, threading.get_ident()
+        try:
+            yield cam
+        finally:
+            self._tap = self._cam_thread = None
+            cam.activations_and_grads.release()
 
     # --- public API -------------------------------------------------------------------------
     def explain(
         self, image: Image.Image, method: str = "gradcam", target_class: str | None = None
     ) -> Explanation:
         """Explain one PIL image; the class explained is the predicted one unless given."""
-        check_choice("explanation method", method, METHODS)
+        entry = get_method(method)
         if target_class is not None:
             check_choice("target class", target_class, self.predictor.class_names)
         with self._lock:
@@ -217,24 +194,26 @@ class Explainer:
             uint8 = self.predictor.preprocess.resize(image)
             x = self.predictor.to_input(uint8.unsqueeze(0))
             index = None if target_class is None else self.predictor.class_names.index(target_class)
-            if method in _GRADIENT_CAMS:
+            if entry.single_pass:
                 target = _PredictedClass(self.predictor, index)
-                small = self._run_cam(method, x, target)
+                small = self._run_cam(entry, x, target)
                 prediction = target.prediction
                 index = target.index
             else:
                 prediction = self._predict(x)
                 if index is None:
                     index = self.predictor.class_names.index(prediction.label)
-                if method in CAM_METHODS:
-                    small = self._run_cam(method, x, ClassLogit(index))
+                if entry.family == "cam":
+                    small = self._run_cam(entry, x, ClassLogit(index))
+                elif entry.superpixels:
+                    small = self._superpixel_attribution(entry, x, uint8, index)
                 else:
-                    small = self._attribute(method, x, uint8, index)
+                    small = self._gradient_attribution(entry, x, index)
             heatmap = heatmap_to_size(_normalise(small), image.size)
             return Explanation(
                 heatmap,
                 prediction,
-                method,
+                entry.name,
                 self.predictor.class_names[index],
                 image,
                 time.perf_counter() - start,
@@ -246,14 +225,9 @@ class Explainer:
             probs = self.predictor.probabilities(self.model(x))[0]
         return self.predictor.decide(probs)
 
-    def _run_cam(self, method: str, x: torch.Tensor, target) -> np.ndarray:
-        cam = self._cam(method)
-        self._cam_thread = threading.get_ident()
-        try:
+    def _run_cam(self, method: ExplanationMethod, x: torch.Tensor, target) -> np.ndarray:
+        with self._cam(method) as cam:
             maps = cam(input_tensor=x, targets=[target])
-        finally:
-            self._cam_thread = None
-            cam.activations_and_grads.clear()
         if isinstance(target, _PredictedClass) and target.prediction is None:
             target.prediction = self._predict(x)
         return maps[0]
@@ -271,24 +245,27 @@ class Explainer:
 
         return probabilities if kind == "probability" else logits
 
-    def _attribute(
-        self, method: str, x: torch.Tensor, uint8: torch.Tensor, index: int
+    def _gradient_attribution(
+        self, method: ExplanationMethod, x: torch.Tensor, index: int
     ) -> np.ndarray:
-        if method == "integrated_gradients":
-            from captum.attr import IntegratedGradients
+        """Integrated Gradients: per-pixel attribution magnitude, lightly smoothed."""
+        from scipy.ndimage import gaussian_filter
 
-            ig = IntegratedGradients(self._forward_scores("logit"))
-            attr = ig.attribute(
-                x.clone().requires_grad_(True),
-                baselines=torch.zeros_like(x),
-                target=index,
-                n_steps=self.ig_steps,
-                internal_batch_size=self.batch_size,
-            )
-            magnitude = attr.detach().abs().sum(dim=1)[0].cpu().numpy()
-            from scipy.ndimage import gaussian_filter
+        attribution = method.load()(self._forward_scores("logit"), **method.options())
+        attr = attribution.attribute(
+            x.clone().requires_grad_(True),
+            baselines=torch.zeros_like(x),
+            target=index,
+            n_steps=self.ig_steps,
+            internal_batch_size=self.batch_size,
+        )
+        magnitude = attr.detach().abs().sum(dim=1)[0].cpu().numpy()
+        return gaussian_filter(magnitude, sigma=max(1.0, 0.02 * max(magnitude.shape)))
 
-            return gaussian_filter(magnitude, sigma=max(1.0, 0.02 * max(magnitude.shape)))
+    def _superpixel_attribution(
+        self, method: ExplanationMethod, x: torch.Tensor, uint8: torch.Tensor, index: int
+    ) -> np.ndarray:
+        """LIME / Kernel SHAP: the class probability's response to switching superpixels off."""
         from skimage.segmentation import slic
 
         segments = slic(
@@ -298,20 +275,9 @@ class Explainer:
             start_label=0,
         )
         mask = torch.from_numpy(segments).to(x.device).long()[None, None]
-        forward = self._forward_scores("probability")
         torch.manual_seed(self.seed)
-        if method == "lime":
-            from captum._utils.models.linear_model import SkLearnRidge
-            from captum.attr import Lime
-
-            # Ridge, as the original LIME: Captum's default Lasso zeroes every superpixel
-            # when the probability moves by less than its penalty.
-            explainer = Lime(forward, interpretable_model=SkLearnRidge(alpha=1.0))
-        else:
-            from captum.attr import KernelShap
-
-            explainer = KernelShap(forward)
-        attr = explainer.attribute(
+        attribution = method.load()(self._forward_scores("probability"), **method.options())
+        attr = attribution.attribute(
             x,
             baselines=torch.zeros_like(x),
             target=index,

@@ -12,21 +12,17 @@ from pathlib import Path
 
 import click
 
+from histolens.cli_options import (
+    checkpoint_argument,
+    device_option,
+    out_option,
+    quiet_option,
+    split_name_option,
+)
 from histolens.errors import HistolensError
+from histolens.explain._methods import METHODS, get_method
 
 __all__ = ["explain_command"]
-
-_METHOD_NAMES = (
-    "gradcam",
-    "gradcam++",
-    "hirescam",
-    "scorecam",
-    "eigencam",
-    "layercam",
-    "lime",
-    "kernelshap",
-    "integrated_gradients",
-)
 
 
 def _split_paths(checkpoint: Path, split_name: str) -> list[Path]:
@@ -59,18 +55,6 @@ def _evenly_spread(paths: list[Path], n: int) -> list[Path]:
 def _default_out(checkpoint: Path) -> Path:
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     return run_dir / "explanations"
-
-
-def _image_paths(target: Path) -> list[Path]:
-    from histolens.imageio import is_image_name
-
-    if not target.is_dir():
-        return [target]
-    return sorted(
-        p
-        for p in target.rglob("*")
-        if p.is_file() and is_image_name(p) and "masks" not in p.relative_to(target).parts
-    )
 
 
 def _stem(path: Path, root: Path) -> str:
@@ -110,9 +94,6 @@ def _save_npy(array, target: Path) -> None:
 
 
 def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
-    from histolens.errors import check_choice
-    from histolens.explain import METHODS
-
     if not methods:
         return list(METHODS) if evaluate else ["gradcam"]
     chosen: list[str] = []
@@ -122,23 +103,21 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
             if name == "all":
                 chosen += [m for m in METHODS if m not in chosen]
             elif name and name not in chosen:
-                chosen.append(check_choice("explanation method", name, METHODS))
+                chosen.append(get_method(name).name)
     return chosen
 
 
 @click.command("explain")
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@checkpoint_argument()
 @click.argument(
     "target",
     metavar="[IMAGE_OR_FOLDER]",
     required=False,
     type=click.Path(exists=True, path_type=Path),
 )
-@click.option(
-    "--split",
-    "split_name",
-    type=click.Choice(["test", "val", "train", "all"]),
-    default=None,
+@split_name_option(
+    ["test", "val", "train", "all"],
+    None,
     help="Instead of IMAGE_OR_FOLDER: images of this side of the run's split.csv.",
 )
 @click.option(
@@ -153,14 +132,9 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     "methods",
     multiple=True,
     help=f"Method(s), repeatable or comma-separated, or 'all': "
-    f"{', '.join(_METHOD_NAMES)}. [default: gradcam; all with --evaluate]",
+    f"{', '.join(METHODS)}. [default: gradcam; all with --evaluate]",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Output folder (default: <run dir>/explanations).",
-)
+@out_option("Output folder (default: <run dir>/explanations).", file_okay=False)
 @click.option(
     "--alpha",
     default=0.5,
@@ -192,24 +166,9 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     type=click.IntRange(10),
     help="Perturbed images per LIME / Kernel SHAP explanation.",
 )
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--quiet", is_flag=True)
-def explain_command(
-    checkpoint,
-    target,
-    split_name,
-    limit,
-    methods,
-    out,
-    alpha,
-    target_class,
-    evaluate,
-    max_images,
-    no_road,
-    n_samples,
-    device,
-    quiet,
-):
+@device_option()
+@quiet_option()
+def explain_command(checkpoint, target, split_name, limit, **options):
     """Heatmaps of what the model looked at, for an image or a folder of images.
 
     Per image and method: <name>_<method>_heatmap.npy (float32 at the image's own size),
@@ -219,57 +178,45 @@ def explain_command(
         raise click.UsageError("give IMAGE_OR_FOLDER or --split (one of them).")
     try:
         paths = _split_paths(checkpoint, split_name) if split_name else None
-        _run(
-            checkpoint,
-            target,
-            methods,
-            out,
-            alpha,
-            target_class,
-            evaluate,
-            max_images,
-            no_road,
-            n_samples,
-            device,
-            quiet,
-            paths=paths,
-            limit=limit,
-        )
+        _run(checkpoint, target, paths, limit, **options)
     except HistolensError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 
 
 def _run(
-    checkpoint,
-    target,
-    methods,
-    out,
-    alpha,
-    target_class,
-    evaluate,
-    max_images,
-    no_road,
-    n_samples,
-    device,
-    quiet,
-    paths=None,
-    limit=None,
+    checkpoint: Path,
+    target: Path | None,
+    paths: list[Path] | None,
+    limit: int | None,
+    *,
+    methods: tuple[str, ...],
+    out: Path | None,
+    alpha: float,
+    target_class: str | None,
+    evaluate: bool,
+    max_images: int,
+    no_road: bool,
+    n_samples: int,
+    device: str,
+    quiet: bool,
 ) -> None:
+    """Explain TARGET's images (or ``paths``, a split's images) and write the files."""
     from tqdm.auto import tqdm
 
     from histolens.explain import Explainer
+    from histolens.imagefiles import images_under
     from histolens.predictor import Predictor
 
     chosen = _resolve_methods(methods, evaluate)
     if paths is None:
-        paths = _image_paths(target)
+        paths = images_under(target)
+    elif paths:
+        target = Path(os.path.commonpath([str(p.parent) for p in paths]))
     else:
-        target = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
+        raise click.UsageError("the run's split.csv lists no images of that split.")
     if limit is not None:
         paths = _evenly_spread(paths, limit)
-    if not paths:
-        raise click.UsageError(f"no image files found in {target}.")
     if not target.is_dir():
         from histolens.imageio import load_rgb
 
@@ -312,7 +259,7 @@ def _explain_all(explainer, paths, root, methods, out, alpha, target_class, adva
             _save_npy(e.heatmap, heat_file)
             _save_png(e.overlay(alpha), overlay_file)
             caption = [
-                f"{path.name}  |  method: {method}",
+                f"{path.name}  |  method: {get_method(method).display_name}",
                 f"prediction: {e.prediction.label} (p = {e.prediction.probability:.3f})"
                 + ("  [review]" if e.prediction.uncertain else ""),
                 f"explained class: {e.target_class}",
@@ -377,16 +324,8 @@ def _evaluate(explainer, paths, methods, out, max_images, road, quiet) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """The faithfulness rows as a fixed-width text table (None shown as '-')."""
-    cols = [
-        "method",
-        "deletion_auc",
-        "insertion_auc",
-        "road",
-        "pointing_game",
-        "iou",
-        "n",
-        "n_masks",
-    ]
+    from histolens.explain.faithfulness import COLUMNS as cols
+
     lines = ["  ".join(f"{c:>13}" if i else f"{c:<22}" for i, c in enumerate(cols))]
     for r in rows:
         cells = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,13 @@ import torch
 from PIL import Image
 
 from histolens.explain._explainer import Explainer
+from histolens.explain._methods import get_method
 from histolens.explain._render import heatmap_to_size
 from histolens.explain._targets import ClassProbability
 from histolens.imageio import load_rgb
 
 __all__ = [
+    "COLUMNS",
     "FaithfulnessRow",
     "RANDOM",
     "deletion_insertion_auc",
@@ -37,8 +39,9 @@ __all__ = [
     "road_score",
 ]
 
-RANDOM = "random"
+RANDOM = "random"  # the smooth random heatmap every method is compared with
 METRICS = ("deletion_auc", "insertion_auc", "road", "pointing_game", "iou")
+COLUMNS = ("method", *METRICS, "n", "n_masks")  # of a FaithfulnessRow, in order
 
 
 @dataclass
@@ -55,19 +58,11 @@ class FaithfulnessRow:
     n_masks: int
 
     def as_dict(self) -> dict:
-        def r(v):
-            return None if v is None else round(float(v), 4)
-
-        return {
-            "method": self.method,
-            "deletion_auc": r(self.deletion_auc),
-            "insertion_auc": r(self.insertion_auc),
-            "road": r(self.road),
-            "pointing_game": r(self.pointing_game),
-            "iou": r(self.iou),
-            "n": self.n,
-            "n_masks": self.n_masks,
-        }
+        """The row keyed by ``COLUMNS``, metrics rounded to 4 decimals."""
+        row = dict(zip(COLUMNS, astuple(self), strict=True))
+        for key in METRICS:
+            row[key] = None if row[key] is None else round(float(row[key]), 4)
+        return row
 
 
 def random_heatmap(shape: tuple[int, int], seed: int, grid: int = 7) -> np.ndarray:
@@ -248,7 +243,7 @@ def evaluate_faithfulness(
 
     predictor = explainer.predictor
     model = predictor.model
-    names = list(methods) + [RANDOM]
+    names = [get_method(m).name for m in methods] + [RANDOM]
     sums: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in names}
     n_images = n_masks = 0
     for i, raw in enumerate(paths):

@@ -33,26 +33,13 @@ DEFAULT_METHOD = "gradcam"
 DEFAULT_OPACITY = 0.45
 SORT_COLUMNS = ("file", "class", "probability", "review")
 
-_METHOD_LABELS = {
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "gradcampp": "Grad-CAM++",
-    "gradcamplusplus": "Grad-CAM++",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGrad-CAM",
-    "layercam": "LayerCAM",
-    "eigencam": "Eigen-CAM",
-    "eigengradcam": "EigenGrad-CAM",
-    "scorecam": "Score-CAM",
-    "ablationcam": "Ablation-CAM",
-    "fullgrad": "FullGrad",
-    "gradcamelementwise": "Grad-CAM (element-wise)",
-}
-
 
 def method_label(method: str) -> str:
     """The name a pathologist reads ('Grad-CAM') for a method key ('gradcam')."""
-    return _METHOD_LABELS.get(method.lower().replace("_", "").replace("-", ""), method)
+    from histolens.explain._methods import EXPLANATION_METHODS
+
+    entry = EXPLANATION_METHODS.get(method)
+    return entry.display_name if entry is not None else method
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histolens.errors import did_you_mean
+from histolens.explain._methods import EXPLANATION_METHODS
 from histolens.gui.display import (
     DEFAULT_METHOD,
     DEFAULT_OPACITY,
@@ -37,7 +38,8 @@ __all__ = ["SINGLE_PASS_METHODS", "ImageInspector"]
 # Gradient CAMs decide the class from their own forward pass, so one explain() call gives both
 # the prediction and the heatmap; other methods (Score-CAM: hundreds of forward passes) would
 # keep the prediction waiting, so the image is classified first.
-SINGLE_PASS_METHODS = frozenset({"gradcam", "gradcam++", "hirescam", "layercam"})
+# One forward pass gives both the prediction and the map (read from the method registry).
+SINGLE_PASS_METHODS = frozenset(m.name for m in EXPLANATION_METHODS.values() if m.single_pass)
 
 
 @dataclass

@@ -44,8 +44,26 @@ class PredictionOut(BaseModel):
         None, description="Binary models: decision threshold on the positive-class probability."
     )
     uncertain: bool = Field(
-        description="True when the result is close to the decision boundary "
-        "and should be reviewed by a person."
+        description="True when a person should review the result: 'refer' for models with a "
+        "conformal calibration, else a probability close to the decision boundary."
+    )
+    prediction_set: list[str] = Field(
+        default_factory=list,
+        description="Classes not ruled out at error level alpha (a new patient's image has its "
+        "true class in its set with probability 1 - alpha); empty for models without a "
+        "calibration.",
+        examples=[["malignant"]],
+    )
+    alpha: float | None = Field(None, description="Error level of the prediction set.")
+    refer: bool = Field(
+        False,
+        description="True when a person should decide: several classes are plausible, or the "
+        "image is not like the training images.",
+    )
+    refer_reason: str | None = Field(None, examples=["benign and malignant are all plausible"])
+    ood: bool = Field(False, description="True when the image is not like the training images.")
+    ood_reason: str | None = Field(
+        None, examples=["the image is nearly uniform (no visible structure)"]
     )
     model_id: str
 

@@ -130,6 +130,12 @@ class ModelService:
             scores=pred.scores,
             threshold=pred.threshold,
             uncertain=pred.uncertain,
+            prediction_set=list(pred.prediction_set),
+            alpha=pred.alpha,
+            refer=pred.refer,
+            refer_reason=pred.refer_reason,
+            ood=pred.ood,
+            ood_reason=pred.ood_reason,
             model_id=self.model_id,
         )
 

@@ -1,0 +1,443 @@
+"""Export a trained classifier to ONNX (fp32, or int8 by static quantisation), verified first.
+
+The graph is the whole classifier at the model's input size, tiling included: a batch of model
+inputs (B, 3, H, W), stain and mean/std normalised by the Predictor, gives logits and the pooled
+features the out-of-distribution guard reads. The checkpoint's JSON metadata travels in the
+model's ``metadata_props`` (see :mod:`histolens.onnx_backend`), so ``Predictor.from_checkpoint``
+takes the one ``.onnx`` file wherever a checkpoint goes.
+
+Nothing is written until the export has been compared with PyTorch on the run's validation images
+(or, when every patient trained the model, on up to 64 of its training images): fp32 probabilities
+may differ by at most ``FP32_TOLERANCE``; int8 may lose at most ``INT8_AUC_TOLERANCE`` of AUC.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from histolens.atomic import atomic_path
+from histolens.checkpoint import load_checkpoint, resolve_checkpoint_path
+from histolens.data import ImageRecord, target_of
+from histolens.errors import ConfigError, DataError, HistolensError, check_choice
+from histolens.model import HistoClassifier
+from histolens.onnx_backend import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    TENSORS_KEY,
+    OnnxRunner,
+    is_onnx_file,
+)
+from histolens.predictor import Predictor
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "FP32_TOLERANCE",
+    "INT8_AUC_TOLERANCE",
+    "QUANTIZATIONS",
+    "ExportError",
+    "ExportResult",
+    "default_export_path",
+    "export_onnx",
+    "quantize_int8",
+    "trace_onnx",
+]
+
+EXPORT_FORMATS = ("onnx",)
+QUANTIZATIONS = ("none", "int8")
+# The most an fp32 export's probability may differ from PyTorch's, and the most AUC an int8
+# export may lose, on the verification images.
+FP32_TOLERANCE = 0.01
+INT8_AUC_TOLERANCE = 0.005
+# Training images an export is verified on when the run has no validation images.
+MAX_TRAINING_IMAGES_TO_VERIFY = 64
+OPSET = 17
+
+
+class ExportError(HistolensError):
+    """An export failed its verification against PyTorch, or could not be verified."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written and how closely it follows the torch model."""
+
+    path: Path
+    source: Path
+    quantization: str
+    n_images: int  # verification images
+    images_from: str
+    max_probability_change: float
+    auc_torch: float | None  # int8 only: AUC of the torch model and of the export
+    auc_onnx: float | None
+    n_calibration: int  # int8 only: training images the activation ranges were measured on
+    size_bytes: int
+    seconds: float
+
+    @property
+    def auc_drop(self) -> float | None:
+        if self.auc_torch is None or self.auc_onnx is None:
+            return None
+        return self.auc_torch - self.auc_onnx
+
+    def verification(self) -> dict[str, Any]:
+        """The figures stored in the export's metadata."""
+        keep = ("n_images", "images_from", "max_probability_change", "auc_torch", "auc_onnx")
+        out = {k: v for k, v in asdict(self).items() if k in keep}
+        out["auc_drop"] = self.auc_drop
+        return out
+
+
+def default_export_path(checkpoint: str | os.PathLike, quantization: str = "none") -> Path:
+    """Beside the checkpoint: ``best.onnx`` (fp32) or ``best-int8.onnx`` for ``best.safetensors``;
+    in the run directory, evaluate and explain find the run's split and checkpoint there."""
+    source = resolve_checkpoint_path(checkpoint)
+    suffix = "" if quantization == "none" else f"-{quantization}"
+    return source.with_name(f"{source.stem}{suffix}.onnx")
+
+
+class _ExportGraph(nn.Module):
+    """The classifier at one input size: (B, 3, H, W) -> (logits, pooled features).
+
+    The legacy (TorchScript) exporter records tensor shapes as tensors, and the classifier's own
+    tiling takes Python ints from ``x.shape``; so the tiles are laid out once here, by the model
+    itself, for its fixed input size. Verification compares the result with ``model.forward``.
+    """
+
+    def __init__(self, model: HistoClassifier, input_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        model._tiles(torch.zeros(1, 3, *input_size))
+        grid, model._grid = model._grid, None
+        self.tiles: list[tuple[int, int, int, int]] = []
+        if grid is not None:
+            _, ys, xs, (th, tw) = grid
+            self.tiles = [(y, x, th, tw) for y in ys for x in xs]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.tiles:
+            features = self.model._pooled(x)
+        else:
+            crops = [x[:, :, y : y + h, x0 : x0 + w] for y, x0, h, w in self.tiles]
+            pooled = self.model._pooled(torch.stack(crops, dim=1).flatten(0, 1))
+            features = pooled.view(-1, len(self.tiles), pooled.shape[-1]).mean(1)
+        return self.model.head(features), features
+
+
+def trace_onnx(
+    model: HistoClassifier, input_size: tuple[int, int], path: str | os.PathLike
+) -> None:
+    """Write the fp32 ONNX graph of ``model`` at ``input_size`` (dynamic batch axis) to ``path``,
+    unverified: ``export_onnx`` is the checked way to an export."""
+    size = (int(input_size[0]), int(input_size[1]))
+    graph = _ExportGraph(model, size).eval()
+    names = (INPUT_NAME, *OUTPUT_NAMES)
+    with warnings.catch_warnings():
+        # The legacy exporter's deprecation notice and the tracer's constant-shape warnings: the
+        # shapes are constant by design, and the result is verified below.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (torch.zeros(2, 3, *size),),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in names},
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+
+
+def _spread(records: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
+    """``n`` records spread evenly over the list (split files are sorted by class and patient)."""
+    if len(records) <= n:
+        return list(records)
+    return [records[int(i)] for i in np.linspace(0, len(records) - 1, n).round()]
+
+
+def _records(source: Path, side: str) -> tuple[list[ImageRecord], str]:
+    from histolens.evaluation import records_for_evaluation
+
+    try:
+        _, records, where = records_for_evaluation(source, None, side)
+    except DataError:
+        return [], ""
+    return records, where
+
+
+def _verification_records(source: Path, limit: int) -> tuple[list[ImageRecord], str]:
+    """The run's validation images (up to ``limit``), else up to 64 of its training images."""
+    records, where = _records(source, "val")
+    if records:
+        chosen = _spread(records, limit)
+        return chosen, f"{len(chosen)} of the {len(records)} images of the {where}"
+    records, where = _records(source, "train")
+    if not records:
+        raise ExportError(
+            f"{source} cannot be verified: no validation or training images of its run were "
+            "found (the run's split.csv, or the data its metadata names)."
+        )
+    chosen = _spread(records, min(limit, MAX_TRAINING_IMAGES_TO_VERIFY))
+    return chosen, f"{len(chosen)} training images ({where})"
+
+
+def _inputs(
+    predictor: Predictor, records: Sequence[ImageRecord], batch_size: int
+) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
+    """(records, model-input batch) for the readable images of ``records``."""
+    by_path = {r.path: r for r in records}
+    for paths, batch, _ in predictor.iter_batches([r.path for r in records], batch_size):
+        if batch is not None:
+            yield [by_path[p] for p in paths], predictor.to_input(batch)
+
+
+def quantize_int8(
+    graph: str | os.PathLike, out: str | os.PathLike, batches: Iterable[np.ndarray]
+) -> int:
+    """ONNX Runtime static quantisation of ``graph`` into ``out`` (QDQ, per-channel int8 weights,
+    uint8 activations), activation ranges measured on model-input ``batches``; returns the number
+    of images they held. Unverified: ``export_onnx`` is the checked way to an int8 export."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    stream = iter(batches)
+    seen = [0]
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(stream, None)
+            if x is None:
+                return None
+            seen[0] += len(x)
+            return {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="histolens-quantize-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Symbolic shape inference cannot follow the tiles' slices; ONNX's own inference can.
+        quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return seen[0]
+
+
+def _auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC (binary) or macro one-vs-rest AUC over the classes present; NaN with one class."""
+    from histolens.metrics import safe_auc
+
+    if probs.shape[1] == 2:
+        return safe_auc(y, probs[:, 1])
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    from sklearn.metrics import roc_auc_score
+
+    sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+    if len(present) == 2:
+        return float(roc_auc_score(y == present[1], sub[:, 1]))
+    return float(roc_auc_score(np.searchsorted(present, y), sub, multi_class="ovr"))
+
+
+def _compare(
+    predictor: Predictor, runner: OnnxRunner, records: Sequence[ImageRecord], batch_size: int
+) -> tuple[int, float, float, float]:
+    """Images compared, the largest probability change, and the AUC of torch and of the export."""
+    index = {c: i for i, c in enumerate(predictor.class_names)}
+    y: list[int] = []
+    p_torch: list[np.ndarray] = []
+    p_onnx: list[np.ndarray] = []
+    for batch_records, x in _inputs(predictor, records, batch_size):
+        p_torch.append(predictor.probabilities(predictor.logits(x)))
+        p_onnx.append(predictor.probabilities(runner(x)))
+        y += [index.get(target_of(r, predictor.task), -1) for r in batch_records]
+    if not p_torch:
+        raise ExportError("The export cannot be verified: none of its images was readable.")
+    a, b, labels = np.concatenate(p_torch), np.concatenate(p_onnx), np.array(y)
+    known = labels >= 0
+    change = float(np.abs(a - b).max())
+    return len(a), change, _auc(labels[known], a[known]), _auc(labels[known], b[known])
+
+
+def _attach_metadata(graph: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    """The ONNX model at ``graph`` with the histolens metadata (and non-weight tensors)."""
+    import onnx
+    from safetensors.torch import save as save_tensors
+
+    model = onnx.load(str(graph))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    if tensors:
+        entry = model.metadata_props.add()
+        entry.key = TENSORS_KEY
+        entry.value = base64.b64encode(save_tensors(tensors)).decode("ascii")
+    model.producer_name = "histolens"
+    model.doc_string = (
+        "histolens classifier: model input (stain and mean/std normalised, see the metadata's "
+        "preprocess and stain) -> logits, pooled features"
+    )
+    return model
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def export_onnx(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    quantization: str = "none",
+    *,
+    calibration_images: int = 64,
+    verify_images: int = 256,
+    batch_size: int = 16,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint (file or run directory) to one self-contained ``.onnx`` file.
+
+    Args:
+        quantization: 'none' (fp32) or 'int8' (static quantisation calibrated on up to
+            ``calibration_images`` of the run's training images).
+        verify_images: at most this many validation images are compared with PyTorch.
+        progress: called with a short line as each step starts.
+
+    Raises:
+        ExportError: the export differs from PyTorch by more than the tolerance (with the
+            figure) or cannot be verified; nothing is written then.
+    """
+    start = time.perf_counter()
+    say = progress or (lambda _line: None)
+    check_choice("quantisation", quantization, QUANTIZATIONS)
+    source = resolve_checkpoint_path(checkpoint)
+    if is_onnx_file(source):
+        raise ConfigError(
+            f"{source} is already an ONNX export; export from the torch checkpoint "
+            "(.safetensors) or its run directory."
+        )
+    target = Path(out) if out is not None else default_export_path(source, quantization)
+    if not is_onnx_file(target):
+        raise ConfigError(
+            f"The export's file name must end in .onnx (not '{target.name}'), which is how "
+            "histolens knows to run it on ONNX Runtime."
+        )
+    predictor = Predictor.from_checkpoint(source)
+    verify, where = _verification_records(source, verify_images)
+    import onnx
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory(prefix="histolens-export-") as tmp:
+        graph = Path(tmp) / "fp32.onnx"
+        say(f"Exporting {predictor.backbone_name} at {predictor.preprocess.input_size}")
+        trace_onnx(predictor.model, predictor.preprocess.input_size, graph)
+        n_calibration = 0
+        if quantization == "int8":
+            train, _ = _records(source, "train")
+            calibration = _spread(train, calibration_images)
+            if not calibration:
+                raise ExportError(
+                    f"{source} cannot be quantised: its run lists no training images to "
+                    "calibrate on."
+                )
+            say(f"Calibrating int8 on {len(calibration)} training images")
+            batches = (x.numpy() for _, x in _inputs(predictor, calibration, batch_size))
+            graph, fp32 = graph.with_name("int8.onnx"), graph
+            n_calibration = quantize_int8(fp32, graph, batches)
+            if not n_calibration:
+                raise ExportError(
+                    "The int8 export cannot be calibrated: no training image was readable."
+                )
+        say(f"Verifying against PyTorch on {where}")
+        n, change, auc_torch, auc_onnx = _compare(predictor, OnnxRunner(graph), verify, batch_size)
+        _check(quantization, where, change, auc_torch, auc_onnx)
+        state, meta = load_checkpoint(source)
+        own = set(predictor.model.state_dict())
+        tensors = {k: v for k, v in state.items() if k not in own}
+        result = ExportResult(
+            target,
+            source,
+            quantization,
+            n,
+            where,
+            change,
+            _finite(auc_torch) if quantization == "int8" else None,
+            _finite(auc_onnx) if quantization == "int8" else None,
+            n_calibration,
+            0,
+            0.0,
+        )
+        meta["export"] = {
+            "format": "onnx",
+            "quantization": quantization,
+            "opset": OPSET,
+            "input": {"name": INPUT_NAME, "shape": ["batch", 3, *predictor.preprocess.input_size]},
+            "outputs": list(OUTPUT_NAMES),
+            "source_checkpoint": str(source.resolve()),
+            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "calibration_images": n_calibration,
+            "verification": result.verification(),
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+        }
+        model = _attach_metadata(graph, meta, tensors)
+        with atomic_path(target) as part:
+            onnx.save(model, str(part))
+    return replace(result, size_bytes=target.stat().st_size, seconds=time.perf_counter() - start)
+
+
+def _check(
+    quantization: str,
+    where: str,
+    change: float,
+    auc_torch: float,
+    auc_onnx: float,
+) -> None:
+    """Refuse an export that strays from PyTorch, with the figure, in one sentence."""
+    if quantization == "none":
+        if change > FP32_TOLERANCE:
+            raise ExportError(
+                f"The ONNX export's probabilities differ from PyTorch's by up to {change:.4f} on "
+                f"{where}, more than the {FP32_TOLERANCE} allowed, so nothing was written."
+            )
+        return
+    if math.isnan(auc_torch) or math.isnan(auc_onnx):
+        raise ExportError(
+            f"The int8 export cannot be checked: {where} hold a single class, so there is no AUC "
+            "to compare, and nothing was written."
+        )
+    drop = auc_torch - auc_onnx
+    if drop > INT8_AUC_TOLERANCE:
+        raise ExportError(
+            f"The int8 export loses {drop:.4f} of AUC ({auc_torch:.4f} -> {auc_onnx:.4f}; largest "
+            f"probability change {change:.4f}) on {where}, more than the {INT8_AUC_TOLERANCE} "
+            "allowed, so nothing was written; export without --quantize."
+        )

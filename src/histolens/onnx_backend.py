@@ -1,0 +1,225 @@
+"""ONNX Runtime as the Predictor's model runner, for models exported by ``histolens export``.
+
+An export is one self-contained ``.onnx`` file. Its graph maps a model-input batch (stain and
+mean/std normalised by the Predictor, at the model's input size, tiling inside the graph) to
+logits and pooled features; its ``metadata_props`` carry the checkpoint's JSON metadata, with an
+``export`` section, and the tensors that are not weights (the out-of-distribution guard's
+statistics), base64-encoded safetensors.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histolens.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "INPUT_NAME",
+    "METADATA_KEY",
+    "ONNX_SUFFIX",
+    "OUTPUT_NAMES",
+    "TENSORS_KEY",
+    "ExportedTorchModel",
+    "OnnxRunner",
+    "is_onnx_file",
+    "read_onnx_export",
+    "read_onnx_metadata",
+]
+
+ONNX_SUFFIX = ".onnx"
+METADATA_KEY = "histolens"
+TENSORS_KEY = "histolens.tensors"
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "features")
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an ONNX export (by its suffix): it then runs on ONNX Runtime."""
+    return Path(path).suffix.lower() == ONNX_SUFFIX
+
+
+def _load_proto(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable ONNX model ({first}).") from None
+
+
+def read_onnx_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint metadata and the non-weight tensors stored in an ONNX export."""
+    from histolens.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"Checkpoint {p} does not exist.")
+    props = {entry.key: entry.value for entry in _load_proto(p).metadata_props}
+    if METADATA_KEY not in props:
+        raise CheckpointError(
+            f"{p} is an ONNX model but not a histolens export (no histolens metadata); make one "
+            "with 'histolens export RUN'."
+        )
+    try:
+        meta = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{p} has corrupt histolens metadata.") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or "export" not in meta:
+        raise CheckpointError(f"{p} is not a histolens export.")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p} was written by a newer histolens (format {meta['format_version']}); upgrade."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    if props.get(TENSORS_KEY):
+        from safetensors.torch import load as load_tensors
+
+        try:
+            tensors = load_tensors(base64.b64decode(props[TENSORS_KEY]))
+        except Exception:
+            raise CheckpointError(f"{p} has corrupt histolens tensors.") from None
+    return meta, tensors
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of an ONNX export (what ``read_metadata`` gives for a checkpoint)."""
+    return read_onnx_export(path)[0]
+
+
+def _providers(device: str | torch.device) -> list:
+    """ONNX Runtime execution providers for a torch-style device name."""
+    import onnxruntime as ort
+
+    dev = str(device).lower()
+    if dev in ("cpu", "auto"):
+        return ["CPUExecutionProvider"]
+    if dev.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError(
+                "This onnxruntime has no CUDA provider (pip install onnxruntime-gpu), so an ONNX "
+                "model runs with --device cpu only."
+            )
+        index = int(dev.split(":", 1)[1]) if ":" in dev else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise ConfigError(f"Unknown device '{device}' for an ONNX model; choose cpu or cuda[:N].")
+
+
+class OnnxRunner:
+    """An ONNX export on ONNX Runtime, called like the torch classifier: input -> logits.
+
+    ``threads`` defaults to torch's thread count, so one setting governs both backends.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: no warnings about unused initialisers
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=_providers(device))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"ONNX Runtime cannot load {path} ({first}).") from None
+        outputs = {o.name for o in self.session.get_outputs()}
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != [INPUT_NAME] or not outputs >= set(OUTPUT_NAMES):
+            raise CheckpointError(
+                f"{path} is not a histolens export (its graph has inputs {inputs} and outputs "
+                f"{sorted(outputs)}, not '{INPUT_NAME}' -> {', '.join(OUTPUT_NAMES)})."
+            )
+
+    def _run(self, inputs: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        x = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
+        return [torch.from_numpy(a) for a in self.session.run(names, {INPUT_NAME: x})]
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._run(inputs, ["logits"])[0]
+
+    def forward_with_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled features in one pass, as ``HistoClassifier.forward_with_features``."""
+        logits, features = self._run(inputs, list(OUTPUT_NAMES))
+        return logits, features
+
+
+_OWN_ATTRIBUTES = frozenset({"_metadata", "_export_path", "_device", "_module", "_lock"})
+
+
+class ExportedTorchModel:
+    """Stands in for the torch module of a Predictor running an ONNX export.
+
+    Heatmaps need gradients, which ONNX Runtime does not give: the first use of anything of the
+    module (its backbone, parameters, forward) loads the torch checkpoint the export was made
+    from, where it still is (as recorded, or beside the export), and otherwise raises one
+    sentence naming it. ``spec`` (the backbone) is known without loading.
+    """
+
+    def __init__(
+        self, spec: Any, metadata: dict[str, Any], export_path: str | os.PathLike, device: str
+    ) -> None:
+        self.spec = spec
+        self._metadata = metadata
+        self._export_path = Path(export_path)
+        self._device = device
+        self._module: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def recorded_checkpoint(self) -> str | None:
+        """The torch checkpoint the export was made from, as recorded at export."""
+        return (self._metadata.get("export") or {}).get("source_checkpoint")
+
+    def _checkpoint(self) -> Path:
+        recorded = self.recorded_checkpoint
+        if recorded:
+            for candidate in (Path(recorded), self._export_path.parent / Path(recorded).name):
+                if candidate.is_file():
+                    return candidate
+        raise CheckpointError(
+            f"Heatmaps need gradients, which the ONNX model {self._export_path.name} cannot give: "
+            f"explain with its torch checkpoint {recorded or '(not recorded in the export)'}, "
+            "which is not there."
+        )
+
+    def load(self) -> torch.nn.Module:
+        """The torch classifier the export was made from (loaded once)."""
+        with self._lock:
+            if self._module is None:
+                from histolens.checkpoint import read_metadata
+                from histolens.predictor import Predictor
+
+                path = self._checkpoint()
+                theirs = read_metadata(path)
+                if (theirs.get("model_id"), theirs.get("saved_at")) != (
+                    self._metadata.get("model_id"),
+                    self._metadata.get("saved_at"),
+                ):
+                    raise CheckpointError(
+                        f"Heatmaps need the torch checkpoint {self._export_path.name} was exported "
+                        f"from, and {path} holds another model (model id or save time differ)."
+                    )
+                self._module = Predictor.from_checkpoint(path, self._device).model
+            return self._module
+
+    def __getattr__(self, name: str) -> Any:
+        # Only attributes not set in __init__ reach here: those of the torch module.
+        if name.startswith("__") or name in _OWN_ATTRIBUTES:
+            raise AttributeError(name)
+        return getattr(self.load(), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.load()(*args, **kwargs)

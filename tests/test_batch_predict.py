@@ -1,0 +1,233 @@
+"""Predicting at scale: listing order, resuming a killed run, refusing to mix models, progress."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+
+from histolens.batch_predict import (
+    PredictionJob,
+    ProgressReporter,
+    prediction_columns,
+)
+from histolens.cli import main
+from histolens.errors import ConfigError
+from histolens.imagefiles import images_under
+from histolens.predictor import Predictor
+from histolens.testing import make_checkpoint, make_tissue_image
+
+
+class _Stop(Exception):
+    """Raised by a progress callback to stop a run after some batches, as a kill would."""
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    return Predictor.from_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ck") / "a.st"))
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    """14 tiles in two class folders, one unreadable file, and a masks/ folder to ignore."""
+    root = tmp_path_factory.mktemp("tiles")
+    for i in range(14):
+        folder = root / ("benign" if i % 2 else "malignant")
+        folder.mkdir(exist_ok=True)
+        make_tissue_image((40, 32), seed=i, dark=i % 3 == 0).save(folder / f"t{i:02d}.png")
+    (root / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "masks").mkdir()
+    make_tissue_image((40, 32)).save(root / "masks" / "m.png")
+    return root
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _interrupted(predictor, inputs, out, after_batches: int, batch_size: int = 4):
+    """Run a job and stop it after ``after_batches`` batches were written."""
+    calls = []
+
+    def stop(n: int) -> None:
+        calls.append(n)
+        if len(calls) == after_batches:
+            raise _Stop
+
+    job = PredictionJob.open(predictor, inputs, out)
+    with pytest.raises(_Stop):
+        job.run(batch_size, progress=stop)
+    return job
+
+
+def test_rows_follow_the_image_listing_and_a_path_given_twice_is_predicted_once(
+    predictor, tiles, tmp_path
+):
+    listed = [str(p) for p in images_under(tiles)]
+    out = tmp_path / "out.csv"
+    job = PredictionJob.open(predictor, [tiles, tiles / "malignant" / "t00.png"], out)
+    assert job.paths == listed and job.total == 15
+    job.run(batch_size=4)
+    assert [r["path"] for r in _rows(out)] == [p for p in listed if "broken" not in p]
+
+
+def test_resume_after_a_torn_last_line_finishes_without_duplicates(predictor, tiles, tmp_path):
+    full = tmp_path / "full.csv"
+    summary = PredictionJob.open(predictor, [tiles], full).run(batch_size=4)
+    assert summary.rows == 14 and [s.path for s in summary.skipped] == [
+        str(tiles / "benign" / "broken.png")
+    ]
+    expected = _rows(full)
+    assert list(expected[0]) == prediction_columns(predictor)
+
+    out = tmp_path / "out.csv"
+    job = _interrupted(predictor, [tiles], out, after_batches=2)
+    assert not out.exists() and job.partial.is_file() and job.sidecar.is_file()
+    kept = _rows(job.partial)
+    assert len(kept) == 7  # two batches of four listed files, one of them unreadable
+    # A kill in the middle of a write: keep five whole rows and half of the sixth.
+    lines = job.partial.read_bytes().splitlines(keepends=True)
+    job.partial.write_bytes(b"".join(lines[:6]) + lines[6][:20])
+
+    resumed = PredictionJob.open(predictor, [tiles], out)
+    assert (resumed.total, resumed.already_done) == (15, 5)
+    summary = resumed.run(batch_size=4)
+    assert (summary.rows, summary.resumed, summary.new_rows) == (14, 5, 9)
+    assert not resumed.partial.exists() and not resumed.sidecar.exists()
+    got = _rows(out)
+    assert [r["path"] for r in got] == [r["path"] for r in expected]  # same order, none twice
+    for a, b in zip(got, expected, strict=True):
+        assert a["prediction"] == b["prediction"]
+        # Row 6 was predicted in a smaller batch than in the uninterrupted run.
+        assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-5)
+    assert summary.labels == Counter(r["prediction"] for r in got)
+
+
+def test_resume_at_a_batch_boundary_writes_the_same_file(predictor, tiles, tmp_path):
+    full = tmp_path / "full.csv"
+    PredictionJob.open(predictor, [tiles], full).run(batch_size=4)
+    out = tmp_path / "out.csv"
+    _interrupted(predictor, [tiles], out, after_batches=3)
+    PredictionJob.open(predictor, [tiles], out).run(batch_size=4)
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_a_partial_file_of_another_model_or_other_inputs_is_refused(predictor, tiles, tmp_path):
+    out = tmp_path / "out.csv"
+    job = _interrupted(predictor, [tiles], out, after_batches=1)
+    before = job.partial.read_bytes()
+    other = Predictor.from_checkpoint(make_checkpoint(tmp_path / "b.st", seed=1))
+    # Same model id ("test-test_resnet"), different weights: the file's hash tells them apart.
+    assert other.model_id == predictor.model_id
+    with pytest.raises(ConfigError, match=r"was started with model test-test_resnet .*a\.st"):
+        PredictionJob.open(other, [tiles], out)
+    with pytest.raises(ConfigError, match="was started on other inputs"):
+        PredictionJob.open(predictor, [tiles / "benign"], out)
+    assert job.partial.read_bytes() == before  # a refusal changes nothing
+
+    ckpt = tmp_path / "b.st"
+    res = CliRunner().invoke(main, ["predict", str(ckpt), str(tiles), "--out", str(out)])
+    assert res.exit_code == 1
+    assert res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
+    assert "delete it, or write to another file" in res.output
+
+    job.sidecar.unlink()
+    with pytest.raises(ConfigError, match="has no out.csv.partial.json saying which model"):
+        PredictionJob.open(predictor, [tiles], out)
+    json_bad = tmp_path / "x.csv.partial.json"
+    (tmp_path / "x.csv.partial").write_text("path\n")
+    json_bad.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ConfigError, match="is not a histolens record"):
+        PredictionJob.open(predictor, [tiles], tmp_path / "x.csv")
+
+
+def test_cli_resumes_and_reports_progress(predictor, tiles, tmp_path):
+    out = tmp_path / "p.csv"
+    _interrupted(predictor, [tiles], out, after_batches=1, batch_size=8)
+    res = CliRunner().invoke(
+        main, ["predict", predictor.source, str(tiles), "--out", str(out), "--batch-size", "8"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "Resuming" in res.output and "7 of 15 images already predicted" in res.output
+    assert "predicted 15/15 images" in res.output and "images/s" in res.output
+    assert "14 image(s) predicted with test_resnet" in res.output
+    assert "skipped " in res.output and "broken.png" in res.output
+    assert len({r["path"] for r in _rows(out)}) == len(_rows(out)) == 14
+    quiet = CliRunner().invoke(
+        main, ["predict", predictor.source, str(tiles), "--out", str(out), "--quiet"]
+    )
+    assert quiet.exit_code == 0 and "images/s" not in quiet.output
+
+
+def test_progress_prints_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    with ProgressReporter(10, initial=2, stream=stream, interval=0.0) as progress:
+        progress.update(4)
+        progress.update(4)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("predicted 6/10 images, ") and "images/s" in lines[0]
+    assert lines[-1].startswith("predicted 10/10 images, ")
+    assert "\r" not in stream.getvalue()
+    silent = io.StringIO()
+    with ProgressReporter(10, stream=silent, interval=0.0, enabled=False) as progress:
+        progress.update(10)
+    assert silent.getvalue() == ""
+
+
+def _partial_rows(path) -> int:
+    try:
+        return max(0, path.read_bytes().count(b"\n") - 1)
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_killed_predict_resumes_without_duplicate_or_missing_rows(tmp_path):
+    from histolens.synth import generate_synthetic
+
+    data = tmp_path / "data"
+    generate_synthetic(data, n=200, seed=2, size=(48, 32), n_patients=10)
+    ckpt = make_checkpoint(tmp_path / "ck.safetensors")
+    # One intra-op thread: the test must not depend on how busy the machine's cores are.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "histolens", "predict", str(ckpt), str(data), "--batch-size", "4"]
+    full = tmp_path / "full.csv"
+    done = subprocess.run([*cmd, "--out", str(full), "--quiet"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    n_images = len(images_under(data))  # 200 tiles and the contact sheet
+    assert len(_rows(full)) == n_images
+
+    out = tmp_path / "out.csv"
+    partial = tmp_path / "out.csv.partial"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and _partial_rows(partial) < 40:
+        assert time.monotonic() < deadline, "no rows written in 120 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "predict ended before it could be killed"
+    at_kill = _partial_rows(partial)
+    assert 40 <= at_kill < n_images and not out.exists()
+
+    rerun = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+    print(f"killed after {at_kill} of {n_images} rows; rerun stderr tail:\n{rerun.stderr[-300:]}")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "already predicted" in rerun.stderr and "images/s" in rerun.stderr
+    paths = [r["path"] for r in _rows(out)]
+    assert len(paths) == len(set(paths)) == n_images
+    assert out.read_bytes() == full.read_bytes()
+    assert not partial.exists() and not (tmp_path / "out.csv.partial.json").exists()
