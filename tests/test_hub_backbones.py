@@ -285,6 +285,14 @@ def test_cli_trains_predicts_and_explains_a_cached_hub_model(tmp_path, synth_sma
 # --- errors that name the remedy --------------------------------------------------------------
 
 
+def _error_lines(output: str) -> list[str]:
+    """The CLI's error lines (notes about the data may come before them), the last line last."""
+    lines = output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert lines and lines[-1] in errors, output
+    return errors
+
+
 def test_uncached_model_offline_is_one_sentence(tmp_path, hub, synth_small):
     from histolens.cli import main
 
@@ -304,7 +312,7 @@ def test_uncached_model_offline_is_one_sentence(tmp_path, hub, synth_small):
         + ["--out", str(run)],
     )
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
+    assert _error_lines(result.output) == [
         "error: someone/absent-model is not in the local Hugging Face cache and the hub cannot "
         "be reached (HF_HUB_OFFLINE=1 is set): run once with a network, or copy the cache "
         "(HF_HUB_CACHE)."
@@ -321,7 +329,7 @@ def test_gated_model_without_a_token_names_licence_and_login(tmp_path, hub, synt
         main, ["train", "--data", str(synth_small), "--backbone", "uni2-h", "--out", str(run)]
     )
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
+    assert _error_lines(result.output) == [
         "error: MahmoodLab/UNI2-h is gated: accept its licence at "
         "https://huggingface.co/MahmoodLab/UNI2-h and run 'hf auth login' (or set HF_TOKEN)."
     ]

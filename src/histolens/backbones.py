@@ -96,10 +96,6 @@ class BackboneSpec:
                 f"Unknown hub format '{self.hub_format}'; use timm or dinov2-transformers."
             )
 
-    @property
-    def hub_url(self) -> str | None:
-        return f"https://huggingface.co/{self.hub_id.split('@')[0]}" if self.hub_id else None
-
     def input_size_for(self, requested: tuple[int, int] | None) -> tuple[int, int] | None:
         """The input size to use: a token backbone (ViT) keeps its pretrained size, a
         convolutional one takes the requested size (None: its pretrained size)."""
