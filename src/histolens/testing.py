@@ -32,6 +32,7 @@ def make_checkpoint(
     stain: dict | None = None,
     seed: int = 0,
     metrics: dict | None = None,
+    licence: str | None = None,
 ) -> Path:
     """A checkpoint of a randomly initialised model (timm's tiny ``test_*`` nets by default)."""
     torch.manual_seed(seed)
@@ -48,7 +49,7 @@ def make_checkpoint(
         "model_id": f"test-{backbone}",
         "backbone": spec.name,
         "timm_name": spec.timm_name,
-        "licence": spec.licence,
+        "licence": licence if licence is not None else spec.licence,
         "pretrained": "none",
         "task": "binary"
         if tuple(class_names) == BINARY_CLASSES or len(class_names) == 2

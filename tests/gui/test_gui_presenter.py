@@ -115,6 +115,7 @@ def test_checkpoint_shows_backbone_task_data_and_metrics(loaded, checkpoint):
     (info,) = view.last("show_model")
     rows = dict(info.rows())
     assert rows["Backbone"] == "test_resnet"
+    assert rows["Licence"] == "see the backbone's model card"  # a test net records none
     assert rows["Task"] == "binary: benign, malignant"
     assert rows["Threshold"] == "0.500"
     assert rows["Training data"].startswith("synthetic (test fixture)")
@@ -539,3 +540,12 @@ def test_real_explainer(checkpoint, image_path):
     assert overlay is not None and overlay.size == (140, 96), caption
     presenter.close()
     presenter.poll()
+
+
+def test_model_info_names_the_backbones_licence(tmp_path):
+    from histolens.gui.model_info import ModelInfo
+    from histolens.testing import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "uni.safetensors", licence="CC-BY-NC-ND-4.0")
+    info = ModelInfo.from_predictor(Predictor.from_checkpoint(path))
+    assert dict(info.rows())["Licence"] == "CC-BY-NC-ND-4.0"

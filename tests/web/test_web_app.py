@@ -72,6 +72,20 @@ def test_batch_refuses_too_many_files(make_client, tissue_png):
     assert r.json() == {"detail": "Send at most 2 files per batch request (got 3)."}
 
 
+def test_model_info_and_page_show_the_backbones_licence(tmp_path, make_client):
+    from histolens.testing import make_checkpoint
+
+    assert make_client().get("/v1/model").json()["licence"] is None  # a test net has none
+    from fastapi.testclient import TestClient
+
+    from histolens.web.app import create_app
+
+    path = make_checkpoint(tmp_path / "uni.safetensors", licence="CC-BY-NC-ND-4.0")
+    with TestClient(create_app(path)) as client:
+        assert client.get("/v1/model").json()["licence"] == "CC-BY-NC-ND-4.0"
+        assert '"Licence"' in client.get("/static/app.js").text
+
+
 def test_model_info_shows_checkpoint_metadata_and_test_metrics(client):
     r = client.get("/v1/model")
     assert r.status_code == 200

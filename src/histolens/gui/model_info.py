@@ -25,6 +25,7 @@ class ModelInfo:
     source: str
     model_id: str
     backbone: str
+    licence: str | None
     task: str
     class_names: tuple[str, ...]
     threshold: float | None
@@ -44,6 +45,7 @@ class ModelInfo:
             source=str(getattr(predictor, "source", "")),
             model_id=str(meta.get("model_id") or Path(str(predictor.source)).stem),
             backbone=predictor.backbone_name,
+            licence=meta.get("licence"),
             task=predictor.task,
             class_names=tuple(predictor.class_names),
             threshold=predictor.threshold if len(predictor.class_names) == 2 else None,
@@ -63,6 +65,7 @@ class ModelInfo:
         rows = [
             ("Model", self.model_id),
             ("Backbone", self.backbone),
+            ("Licence", self.licence or "see the backbone's model card"),
             ("Task", f"{self.task}: {', '.join(self.class_names)}"),
             ("Threshold", "—" if self.threshold is None else f"{self.threshold:.3f}"),
             ("Temperature", f"{self.temperature:.3g}"),

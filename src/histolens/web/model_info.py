@@ -30,6 +30,7 @@ def describe_model(
     return ModelInfo(
         model_id=predictor.model_id,
         backbone=predictor.backbone_name,
+        licence=meta.get("licence"),
         task=predictor.task,
         class_names=list(predictor.class_names),
         threshold=predictor.threshold if len(predictor.class_names) == 2 else None,

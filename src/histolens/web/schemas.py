@@ -171,6 +171,10 @@ class ModelInfo(BaseModel):
 
     model_id: str
     backbone: str
+    licence: str | None = Field(
+        None,
+        description="Licence of the backbone's weights (most pathology models: non-commercial).",
+    )
     task: str
     class_names: list[str]
     threshold: float | None
