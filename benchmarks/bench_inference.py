@@ -6,8 +6,10 @@ probe at the default 294x448 input, tiled at 224 inside the model and the ONNX g
 weights: the figures are of speed and memory only. int8 is calibrated on 8 synthetic H&E-like
 images, for the same reason; the accuracy of an int8 export is what ``histolens export``
 verifies on the run's own images. Each backend runs in its own process with 2 threads, so the
-peak RSS (``ru_maxrss``) is that backend's: the Python process, torch and histolens imported,
-the model (torch) or the ONNX Runtime session, and the batches.
+peak RSS is that backend's: the Python process, torch and histolens imported, the model (torch)
+or the ONNX Runtime session, and the batches. It is the process's own high-water mark (VmHWM):
+Linux carries ``ru_maxrss`` over from the parent across fork and exec, which would give every
+child the parent's peak (``ru_maxrss`` is the fallback where /proc is missing).
 
 Run: .venv/bin/python benchmarks/bench_inference.py [--quick] [--models vgg16] [--batches 1,32]
 """
@@ -71,6 +73,17 @@ def export(backbone: str, folder: Path) -> dict[str, str]:
     return {"ort-fp32": str(fp32), "ort-int8": str(int8)}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (see the module docstring)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(args: argparse.Namespace) -> dict:
     """One backend, one model, one batch size (run in a child process)."""
     setup(THREADS)
@@ -102,7 +115,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "images_per_s": n * args.batch / seconds,
         "batches": n,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -257,7 +257,7 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                     paths = [r.path for r in test_recs]
                     probs.update(_predictor_probabilities(run_dir, paths, adabn, tta))
                     continue
-                temperature = float(read_metadata(run_dir)["temperature"])
+                temperature = read_metadata(run_dir).temperature
                 probs.update(_read_predictions(run_dir / "predictions.csv", classes, temperature))
             out.append(_scores(records, probs, classes, task))
     return out

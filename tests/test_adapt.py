@@ -74,5 +74,5 @@ def test_predictor_adapts_to_a_cohort_and_says_so(tiny_checkpoint, synth_small):
     _, before, _ = predictor.logits_for_paths(paths)
     assert predictor.adapt_batchnorm(paths, batch_size=8) == 24
     _, after, _ = predictor.logits_for_paths(paths)
-    assert predictor.metadata["adapted_batchnorm"] == {"images": 24}
+    assert predictor.metadata.adapted_batchnorm == {"images": 24}
     assert not torch.allclose(before, after)

@@ -149,6 +149,34 @@ def test_a_partial_file_of_another_model_or_other_inputs_is_refused(predictor, t
         PredictionJob.open(predictor, [tiles], tmp_path / "x.csv")
 
 
+def test_a_partial_file_of_another_alpha_is_refused(tiles, tmp_path):
+    from histolens.testing import flat_calibration
+
+    # Scores of 0.5: at alpha 0.1 a tile's set is its label; at 0.02 (under what 20 patients
+    # can promise) both classes. Rows of one alpha must not be finished with the other.
+    ckpt = make_checkpoint(tmp_path / "c.st", conformal=flat_calibration(0.5))
+    calibrated = Predictor.from_checkpoint(ckpt)
+    out = tmp_path / "out.csv"
+    job = _interrupted(calibrated, [tiles], out, after_batches=1)
+    assert json.loads(job.sidecar.read_text())["alpha"] == 0.1
+    sets = {r["prediction_set"] for r in _rows(job.partial)}
+    assert sets and all(";" not in s for s in sets)
+    calibrated.alpha = 0.02
+    with pytest.raises(ConfigError) as refused:
+        PredictionJob.open(calibrated, [tiles], out)
+    assert str(refused.value) == (
+        f"{job.partial} was started with prediction sets at alpha 0.1, not 0.02; give --alpha "
+        "0.1 to resume it, or delete it to start over."
+    )
+    res = CliRunner().invoke(main, ["predict", str(ckpt), str(tiles), "--out", str(out)])
+    assert res.exit_code == 0, res.output  # no --alpha: the training one, as started
+    res = CliRunner().invoke(
+        main, ["predict", str(ckpt), str(tiles), "--out", str(out), "--alpha", "0.02"]
+    )
+    assert res.exit_code == 0, res.output  # the finished file is written again, not resumed
+    assert {r["prediction_set"] for r in _rows(out)} == {"benign;malignant"}
+
+
 def test_cli_resumes_and_reports_progress(predictor, tiles, tmp_path):
     out = tmp_path / "p.csv"
     _interrupted(predictor, [tiles], out, after_batches=1, batch_size=8)

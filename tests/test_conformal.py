@@ -193,7 +193,7 @@ def refer_run(synth_small, tmp_path_factory):
 def test_training_stores_the_calibration_of_every_patient(refer_run, synth_small):
     run, _ = refer_run
     meta = read_metadata(run)
-    cal = meta["conformal"]
+    cal = meta.conformal
     assert cal["alpha"] == 0.2 and cal["score"] == "probability"
     assert cal["n_images"] == 32 and cal["n_patients"] == 8
     assert len(cal["scores"]) == len(cal["patients"]) == 32

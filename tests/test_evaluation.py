@@ -235,6 +235,40 @@ def test_records_for_evaluation_keeps_one_magnification(tmp_path, two_magnificat
         records_for_evaluation(ckpt, two_magnifications, "all", "40")
 
 
+def test_evaluate_cli_takes_alpha_for_the_prediction_sets(tmp_path, two_magnifications):
+    from histolens.testing import flat_calibration, make_checkpoint
+
+    # Every calibration score 0.3: at the training alpha (0.1) no image is referred; at 0.02,
+    # below what 20 calibration patients can promise, every set holds both classes.
+    ckpt = make_checkpoint(tmp_path / "c.safetensors", conformal=flat_calibration(0.3))
+    args = ["evaluate", str(ckpt), "--data", str(two_magnifications), "--split", "all"]
+    args += ["-m", "400", "--n-boot", "0", "--quiet"]
+    res = CliRunner().invoke(main, [*args, "--out", tmp_path / "a", "--alpha", "0.02"])
+    assert res.exit_code == 0, res.output
+    assert (
+        "Prediction sets at alpha 0.02: coverage 1.000 over patients (target 0.98); "
+        "100.0% of the images referred."
+    ) in res.output.splitlines()
+    refer = json.loads((tmp_path / "a" / "metrics.json").read_text())["refer"]
+    assert refer["alpha"] == 0.02 and refer["refer_rate"] == 1.0
+    with open(tmp_path / "a" / "predictions.csv") as fh:
+        assert {r["prediction_set"] for r in csv.DictReader(fh)} == {"benign;malignant"}
+
+    res = CliRunner().invoke(main, [*args, "--out", tmp_path / "b"])
+    assert res.exit_code == 0, res.output
+    assert "Prediction sets at alpha 0.1: " in res.output and "; 0.0% of the images" in res.output
+
+    bad = CliRunner().invoke(main, [*args, "--out", tmp_path / "c", "--alpha", "1"])
+    assert bad.exit_code == 2 and "--alpha" in bad.output
+    plain = make_checkpoint(tmp_path / "p.safetensors")
+    args[1] = str(plain)
+    res = CliRunner().invoke(main, [*args, "--out", tmp_path / "d", "--alpha", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert "warning: --alpha has no effect: the checkpoint has no conformal calibration." in (
+        res.output
+    )
+
+
 def test_evaluate_cli_at_one_magnification_says_what_the_figures_rest_on(
     tmp_path, two_magnifications
 ):

@@ -240,7 +240,7 @@ def test_checkpoint_of_a_hub_model_rebuilds_without_the_hub(tmp_path, hub, tiny_
     with Explainer(predictor) as explainer:  # the token grid without CLS: 2x2, to image size
         heatmap = explainer.explain(make_tissue_image(), "gradcam").heatmap
     assert heatmap.shape == (64, 96) and np.isfinite(heatmap).all()
-    assert read_metadata(ckpt)["licence"] == "MIT"
+    assert read_metadata(ckpt).licence == "MIT"
     report = write_report(tmp_path / "run").read_text()
     assert "tiny-midnight weights are licensed MIT" in report
 
@@ -261,10 +261,10 @@ def test_cli_trains_predicts_and_explains_a_cached_hub_model(tmp_path, synth_sma
     )
     assert result.exit_code == 0, result.output
     meta = read_metadata(run)
-    assert meta["backbone"] == meta["timm_name"] == f"hf-hub:{TINY_VIT}"
-    assert meta["licence"] == "mit"
-    assert meta["preprocess"]["mean"] == [0.6, 0.5, 0.7]  # the hub config's, not ImageNet's
-    assert meta["preprocess"]["input_size"] == [64, 64]  # a ViT keeps its pretrained size
+    assert meta.backbone == meta.timm_name == f"hf-hub:{TINY_VIT}"
+    assert meta.licence == "mit"
+    assert meta.preprocess.mean == (0.6, 0.5, 0.7)  # the hub config's, not ImageNet's
+    assert meta.preprocess.input_size == (64, 64)  # a ViT keeps its pretrained size
 
     image = next(iter(sorted(synth_small.rglob("SOB_*.png"))))
     out_csv = tmp_path / "predictions.csv"
@@ -273,7 +273,7 @@ def test_cli_trains_predicts_and_explains_a_cached_hub_model(tmp_path, synth_sma
     )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == 1 and rows[0]["prediction"] in meta["class_names"]
+    assert len(rows) == 1 and rows[0]["prediction"] in meta.class_names
 
     result = runner.invoke(main, ["explain", str(run), str(image), "--out", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output

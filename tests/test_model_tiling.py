@@ -140,7 +140,7 @@ def _halves_swapped(image: Image.Image) -> Image.Image:
 def test_gradcam_explains_a_tiled_image_as_a_whole(tmp_path):
     path = make_checkpoint(tmp_path / "eff.safetensors", backbone="test_efficientnet", seed=1)
     meta = update_metadata(path, preprocess={**_preprocess(path), "input_size": [TILE, 2 * TILE]})
-    assert meta["preprocess"]["input_size"] == [TILE, 2 * TILE]
+    assert meta.preprocess.input_size == (TILE, 2 * TILE)
     predictor = Predictor.from_checkpoint(path)
     image = make_tissue_image((2 * TILE, TILE), seed=4)  # two tiles side by side
     with Explainer(predictor) as explainer:
@@ -160,7 +160,7 @@ def test_gradcam_explains_a_tiled_image_as_a_whole(tmp_path):
 def _preprocess(path) -> dict:
     from histolens.checkpoint import read_metadata
 
-    return read_metadata(path)["preprocess"]
+    return read_metadata(path).preprocess.to_dict()
 
 
 # ------------------------------------------------------------------------------ feature layers

@@ -4,6 +4,7 @@ images, and the "not like the training images" flag in predictions, the CSV and 
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from histolens.checkpoint import read_metadata
+from histolens.checkpoint import CheckpointMetadata, read_metadata
 from histolens.data import ImageRecord
 from histolens.errors import CheckpointError
 from histolens.ood import FeatureGuard, InputChecks, OODGuard
@@ -127,13 +128,17 @@ def test_guard_round_trips_through_a_checkpoint_state():
     x, _ = grouped_gaussian(dim=5)
     guard = OODGuard(features=FeatureGuard.fit(x, threshold=7.5))
     state = {"head.out.weight": torch.zeros(1, 5), **guard.state_dict()}
-    back = OODGuard.from_checkpoint(state, {"ood": guard.to_dict()})
+    meta = CheckpointMetadata(
+        "test_resnet", ("benign", "malignant"), Preprocess(INPUT, (0.5,) * 3, (0.5,) * 3)
+    )
+    with_guard = dataclasses.replace(meta, ood=guard.to_dict())
+    back = OODGuard.from_checkpoint(state, with_guard)
     assert set(state) == {"head.out.weight"}  # the guard's tensors are taken out
     assert back.features.threshold == 7.5 and back.checks == guard.checks
     np.testing.assert_allclose(back.features.distance(x), guard.features.distance(x), rtol=1e-5)
-    assert OODGuard.from_checkpoint({}, {}) is None
+    assert OODGuard.from_checkpoint({}, meta) is None
     with pytest.raises(CheckpointError, match="out-of-distribution guard is damaged"):
-        OODGuard.from_checkpoint({}, {"ood": guard.to_dict()})
+        OODGuard.from_checkpoint({}, with_guard)
 
 
 # ------------------------------------------------------------------- trained on synthetic tiles
@@ -165,7 +170,7 @@ def new_patients(tmp_path_factory):
 
 def test_training_stores_the_guard(guarded):
     meta = read_metadata(guarded)
-    features = meta["ood"]["features"]
+    features = meta.ood["features"]
     assert features["n_images"] == 32 and features["threshold"] > 0
     assert features["quantile"] == 0.99
     with safe_open(str(guarded / "best.safetensors"), framework="pt") as fh:

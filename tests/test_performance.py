@@ -15,7 +15,7 @@ CLASSES = ["benign", "malignant"]
 
 
 def test_an_estimate_is_shown_as_estimate_lines_says_it(estimate):
-    assert checkpoint_estimate({"estimate": estimate, "metrics": {"roc_auc": 0.1}}) is estimate
+    assert checkpoint_estimate(estimate, {"roc_auc": 0.1}, CLASSES, "binary", 0.5) is estimate
     lines = estimate_lines(estimate)
     assert performance_lines(estimate) == lines
     # figure_lines drops exactly the two lines that say what and how many.
@@ -27,11 +27,8 @@ def test_an_estimate_is_shown_as_estimate_lines_says_it(estimate):
 
 
 def test_older_test_metrics_are_labelled_with_their_split_and_size():
-    meta = {
-        "class_names": CLASSES,
-        "metrics": {"split": "test", "patient_auc": 1.0, "n_images": 52, "n_patients": 7},
-    }
-    est = checkpoint_estimate(meta)
+    metrics = {"split": "test", "patient_auc": 1.0, "n_images": 52, "n_patients": 7}
+    est = checkpoint_estimate(None, metrics, CLASSES, "binary", 0.5)
     assert performance_lines(est) == [
         "Measured on a held-out test split of 7 patients (52 images); no confidence interval "
         "was stored.",
@@ -65,5 +62,5 @@ def test_the_oldest_nested_shape_and_missing_counts_still_read():
         "The number of test patients is not stored: the figures may not hold for new patients."
     ]
     assert estimate_from_metrics({}, CLASSES) is None
-    assert checkpoint_estimate({}) is None
+    assert checkpoint_estimate(None, {}, CLASSES, "binary", 0.5) is None
     assert performance_lines(None) == ["No measured performance is stored with this model."]

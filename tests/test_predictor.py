@@ -3,6 +3,7 @@ stored threshold with the stored temperature."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -40,12 +41,7 @@ def test_from_checkpoint_rebuilds_the_run(predictor, run_dir):
     assert predictor.backbone_name == "test_resnet" and predictor.positive_class == "malignant"
     assert not predictor.model.training
     state, meta = load_checkpoint(run_dir)
-    assert predictor.preprocess.to_dict() == {
-        **meta["preprocess"],
-        "input_size": tuple(meta["preprocess"]["input_size"]),
-        "mean": tuple(meta["preprocess"]["mean"]),
-        "std": tuple(meta["preprocess"]["std"]),
-    }
+    assert predictor.metadata == meta and predictor.preprocess == meta.preprocess
     head = next(k for k in state if k.startswith("head."))
     assert torch.equal(predictor.model.state_dict()[head], state[head])
 
@@ -56,9 +52,12 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, run_dir):
     short = save_checkpoint(tmp_path / "short.safetensors", state, meta)
     with pytest.raises(CheckpointError, match=r"does not fit a test_resnet model \(1 missing"):
         Predictor.from_checkpoint(short)
-    del meta["class_names"]
-    nameless = save_checkpoint(tmp_path / "nameless.safetensors", state, meta)
-    with pytest.raises(CheckpointError, match="lacks the metadata field 'class_names'"):
+    from safetensors.torch import save_file
+
+    nameless = tmp_path / "nameless.safetensors"
+    header = {k: v for k, v in meta.to_dict().items() if k != "class_names"}
+    save_file(state, str(nameless), metadata={"histolens": json.dumps(header)})
+    with pytest.raises(CheckpointError, match="nameless.safetensors lacks the metadata field 'cl"):
         Predictor.from_checkpoint(nameless)
 
 

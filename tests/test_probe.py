@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from histolens.checkpoint import read_metadata
+from histolens.checkpoint import HeadSpec, read_metadata
 from histolens.data import SUBTYPE_CLASSES
 from histolens.errors import ConfigError, DataError
 from histolens.estimate import headline_text
@@ -233,7 +233,7 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
     run, result, _ = cv_run
     manifest = _manifest(synth_small)
     meta = read_metadata(run)
-    est = meta["estimate"]
+    est = meta.estimate
     assert est["method"].startswith(
         "3-fold patient-level cross-validation (out-of-fold predictions;"
     )
@@ -254,19 +254,19 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
         w.startswith("Only 4 benign patients support this estimate") for w in est["warnings"]
     )
     assert result.metrics["split"] == "out-of-fold"
-    assert meta["metrics"]["roc_auc"] == pytest.approx(est["metrics"]["roc_auc"])
+    assert meta.metrics["roc_auc"] == pytest.approx(est["metrics"]["roc_auc"])
 
 
 def test_checkpoint_records_the_probe(cv_run):
     run, _, cfg = cv_run
     meta = read_metadata(run)
-    assert meta["head"] == {"kind": "linear", "dims": [], "dropouts": []}
-    assert meta["feature_layer"] is None  # test_resnet has no probe layer: its last layer
-    assert meta["probe"]["C"] in cfg.train.probe_cs
-    assert set(meta["probe"]["inner_cv"]) == {"0.01", "0.1"}
-    assert 0.0 < meta["threshold"] < 1.0
-    assert 0.05 <= meta["temperature"] <= 20.0
-    assert meta["preprocess"]["input_size"] == [120, 176]
+    assert meta.head == HeadSpec.linear() and meta.head.is_linear
+    assert meta.feature_layer is None  # test_resnet has no probe layer: its last layer
+    assert meta.probe.C in cfg.train.probe_cs
+    assert set(meta.probe.inner_cv) == {"0.01", "0.1"}
+    assert 0.0 < meta.threshold < 1.0
+    assert 0.05 <= meta.temperature <= 20.0
+    assert meta.preprocess.input_size == (120, 176)
     assert json.loads((run / "config.json").read_text())["train"]["cv_folds"] == 3
 
 
@@ -292,7 +292,7 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
         # Each fold's temperature and threshold come from its own inner out-of-fold logits.
         t_k, thr_k = _calibrate(cfg, fold.oof_logits, y[tr], 2)
         decision[te] = fold.logits(x[te])[:, 0] - t_k * np.log(thr_k / (1 - thr_k))
-    temperature = read_metadata(run)["temperature"]
+    temperature = read_metadata(run).temperature
     probability = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(probability, sigmoid(decision), atol=1e-5)
 
@@ -321,7 +321,7 @@ def test_shipped_model_is_the_probe_on_all_patients(cv_run):
     np.testing.assert_allclose(features.numpy(), x, atol=1e-4)
     # ... and its head is the probe fitted on every patient.
     final = fit_linear_probe(x, y, g, 2, cfg.train.probe_cs, 5, cfg.data.seed)
-    assert read_metadata(run)["probe"]["C"] == final.C
+    assert read_metadata(run).probe.C == final.C
     np.testing.assert_allclose(logits.double().numpy(), final.logits(x), atol=1e-3)
 
 
@@ -343,7 +343,7 @@ def test_held_out_split_and_a_shared_feature_store(synth_small, tmp_path, monkey
     cfg = tiny_config(synth_small, **{**PROBE, "train.cv_folds": 0})
     store: dict = {}
     train(cfg, tmp_path / "a", progress=False, feature_store=store)
-    est = read_metadata(tmp_path / "a")["estimate"]
+    est = read_metadata(tmp_path / "a").estimate
     assert est["method"] == "a held-out test split of patients"
     with open(tmp_path / "a" / "split.csv", newline="", encoding="utf-8") as fh:
         test = [r for r in csv.DictReader(fh) if r["split"] == "test"]
@@ -367,7 +367,7 @@ def test_held_out_split_and_a_shared_feature_store(synth_small, tmp_path, monkey
     assert [r["probability"] for r in rows_b] == [r["probability"] for r in rows_a]
 
     # The second run's shipped model gives, from the files, what its evaluation says.
-    temperature = read_metadata(tmp_path / "b")["temperature"]
+    temperature = read_metadata(tmp_path / "b").temperature
     predictor = Predictor.from_checkpoint(tmp_path / "b")
     assert predictor.temperature == temperature
     predictions, _ = predictor.predict_paths([r["path"] for r in rows_b])
@@ -387,11 +387,11 @@ def test_subtype_task_trains_a_probe_over_all_subtypes(tmp_path):
     cfg = tiny_config(data, **{**PROBE, "data.task": "subtype", "train.cv_folds": 2})
     train(cfg, tmp_path / "run", progress=False)
     meta = read_metadata(tmp_path / "run")
-    assert meta["class_names"] == list(SUBTYPE_CLASSES)
+    assert meta.class_names == SUBTYPE_CLASSES
     predictor = Predictor.from_checkpoint(tmp_path / "run")
     assert predictor.model.head.out.out_features == len(SUBTYPE_CLASSES)
 
-    est = meta["estimate"]
+    est = meta.estimate
     assert est["task"] == "subtype" and est["n_images"] == 48
     assert est["patients_per_class"] == dict.fromkeys(sorted(SUBTYPE_CLASSES), 2)
     assert 0.0 <= est["metrics"]["balanced_accuracy"] <= 1.0

@@ -16,8 +16,8 @@ def test_reference_saved_in_checkpoint_is_applied_by_predictor(synth_small, tmp_
     )
     result = train(cfg, tmp_path / "run", progress=False, write_outputs=False)
     meta = read_metadata(tmp_path / "run")
-    assert meta["stain"]["method"] == "macenko"
-    assert meta["stain_reference"].startswith("median of ")
+    assert meta.stain_method == "macenko"
+    assert meta.stain_reference.startswith("median of ")
     train_paths = [
         line.split(",")[1]
         for line in (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
@@ -25,7 +25,7 @@ def test_reference_saved_in_checkpoint_is_applied_by_predictor(synth_small, tmp_
     ]
     predictor = Predictor.from_checkpoint(tmp_path / "run")
     assert predictor.stain is not None
-    assert predictor.stain.to_dict() == meta["stain"]
+    assert predictor.stain.to_dict() == meta.stain
     # The reference is the median stain of the training images: refitting reproduces it.
     refit = StainNormalizer("macenko").fit_median(
         [predictor.preprocess.resize(load_rgb(p)) for p in train_paths]
@@ -34,7 +34,7 @@ def test_reference_saved_in_checkpoint_is_applied_by_predictor(synth_small, tmp_
     ref_path = train_paths[0]
     # The predictor's input is the normalised image: compare with normalising by hand.
     img = predictor.preprocess.resize(load_rgb(ref_path)).unsqueeze(0)
-    by_hand, _ = StainNormalizer.from_dict(meta["stain"])(img.float() / 255)
+    by_hand, _ = StainNormalizer.from_dict(meta.stain)(img.float() / 255)
     expected = predictor.preprocess.normalize(by_hand)
     torch.testing.assert_close(predictor.to_input(img), expected)
     assert any("fell back" in n for n in result.notes)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from histolens.checkpoint import read_metadata
+from histolens.checkpoint import HeadSpec, read_metadata
 from histolens.config import RunConfig
 from histolens.errors import CheckpointError, ConfigError
 from histolens.predictor import Predictor
@@ -39,12 +39,13 @@ def test_run_directory_is_complete(trained_run):
         assert (run / name).exists(), name
     assert result.epochs_run == 2
     meta = read_metadata(run)
-    assert meta["backbone"] == "test_resnet" and meta["task"] == "binary"
-    assert meta["class_names"] == ["benign", "malignant"]
-    assert 0 < meta["threshold"] < 1 and meta["temperature"] > 0
-    assert "roc_auc" in meta["metrics"]
-    assert meta["config"]["train"]["epochs"] == 2
-    assert meta["preprocess"]["input_size"] == [160, 160]
+    assert meta.backbone == "test_resnet" and meta.task == "binary"
+    assert meta.class_names == ("benign", "malignant")
+    assert 0 < meta.threshold < 1 and meta.temperature > 0
+    assert "roc_auc" in meta.metrics
+    assert meta.run_config.train.epochs == 2
+    assert meta.preprocess.input_size == (160, 160)
+    assert meta.head == HeadSpec("mlp", (512, 256), (0.5, 0.3))  # the original head
     with open(run / "split.csv") as fh:
         rows = list(csv.DictReader(fh))
     sides = {}
@@ -71,8 +72,8 @@ def test_class_weights_are_balanced_and_applied(trained_run, synth_small):
 
     run, _ = trained_run
     meta = read_metadata(run)
-    w = meta["class_weights"]
-    counts = meta["data"]["split"]["train"]["classes"]
+    w = meta.class_weights
+    counts = meta.data.split["train"].classes
     n = sum(counts.values())
     assert w["benign"] == pytest.approx(n / (2 * counts["benign"]))
     predictor = Predictor.from_checkpoint(run)
@@ -94,7 +95,7 @@ def test_resume_continues_from_saved_epoch(synth_small, tmp_path):
         epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
     assert epochs == [0, 1, 2]  # one log, continued: the first epoch's row is kept
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
-    assert first["backbone"] == "test_resnet"
+    assert first.backbone == "test_resnet"
     with pytest.raises(ConfigError, match="already holds a training run"):
         train(_cfg(synth_small), run, progress=False)
 

@@ -70,7 +70,8 @@ def model_fingerprint(predictor: Predictor) -> str:
     if source is not None and source.is_file():
         with open(source, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
-    digest.update(json.dumps(predictor.metadata, sort_keys=True, default=str).encode())
+    meta = predictor.metadata.to_dict() if predictor.metadata is not None else {}
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -244,6 +245,19 @@ class PredictionJob:
                 f"{self.partial} was started on other inputs ({given}); give the same inputs "
                 "to resume it, or delete it to start over."
             )
+        # The prediction sets (and so refer) of the rows written depend on alpha, which the
+        # model's fingerprint does not include; None: the model has no calibration.
+        started, alpha = record.get("alpha"), self.predictor.refer_alpha
+        if started != alpha:
+            if started is None:
+                raise ConfigError(
+                    f"{self.partial} does not record the alpha of its prediction sets; delete "
+                    "it to start over."
+                )
+            raise ConfigError(
+                f"{self.partial} was started with prediction sets at alpha {started}, not "
+                f"{alpha}; give --alpha {started} to resume it, or delete it to start over."
+            )
 
     def _read_partial(self) -> None:
         self.keep_bytes = _complete_length(self.partial)
@@ -295,6 +309,7 @@ class PredictionJob:
                         "checkpoint": self.predictor.source,
                         "model_sha256": self.fingerprint,
                         "inputs": self._inputs_record(),
+                        "alpha": self.predictor.refer_alpha,
                         "columns": self.columns,
                     },
                     indent=2,

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from histolens.cli_options import (
+    alpha_option,
     backbone_option,
     checkpoint_argument,
     config_option,
@@ -214,14 +215,16 @@ def data_synth(out, n, seed, magnification, patients):
 @click.option("--patience", type=click.IntRange(1), help="Early-stopping patience (epochs).")
 @click.option("--threshold-method", type=click.Choice(["youden", "sensitivity", "fixed"]))
 @click.option("--target-sensitivity", type=float)
-@click.option(
-    "--alpha",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@alpha_option(
     help="Error level of the prediction sets (default 0.1): a new patient's image has its true "
-    "class in its set with probability 1 - alpha; sets of several classes mean 'refer'.",
+    "class in its set with probability 1 - alpha; sets of several classes mean 'refer'."
 )
 @click.option("--accelerator", help="auto, cpu, gpu (Lightning).")
-@click.option("--devices", help="Number of devices or 'auto'.")
+@click.option(
+    "--devices", help="Processes (devices) per machine, e.g. 2 with --strategy ddp (default 1)."
+)
+@click.option("--strategy", help="Lightning strategy, e.g. ddp for data-parallel processes.")
+@click.option("--num-nodes", type=click.IntRange(1), help="Machines taking part (default 1).")
 @click.option("--precision", help="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed.")
 @quiet_option()
 def train(data_path, out, resume, recipe, config_file, quiet, **flags):
@@ -269,6 +272,8 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
         "alpha": "train.alpha",
         "accelerator": "train.accelerator",
         "devices": "train.devices",
+        "strategy": "train.strategy",
+        "num_nodes": "train.num_nodes",
         "precision": "train.precision",
     }
     overrides = {mapping[k]: v for k, v in flags.items() if v is not None}
@@ -305,7 +310,8 @@ def train(data_path, out, resume, recipe, config_file, quiet, **flags):
         epochs=flags.get("epochs") if resume is not None else None,
         epoch_lines=not quiet and not terminal,
     )
-    click.echo(_train_summary(result))
+    if result.global_rank == 0:  # with several processes, one summary
+        click.echo(_train_summary(result))
 
 
 def _parse_input_size(text: str):
@@ -327,7 +333,8 @@ def _train_summary(result) -> str:
     from histolens.estimate import estimate_lines
     from histolens.metrics import HEADLINE_METRICS
 
-    meta = read_metadata(result.checkpoint) if result.checkpoint.exists() else {}
+    meta = read_metadata(result.checkpoint) if result.checkpoint.exists() else None
+    estimate = meta.estimate if meta is not None else None
     if result.epochs_run:
         trained = (
             f"(epoch {result.best_epoch + 1}, validation loss {result.best_val_loss:.4f}); "
@@ -336,16 +343,18 @@ def _train_summary(result) -> str:
         if result.first_epoch:
             trained += f" (resumed after epoch {result.first_epoch})"
     else:
-        train_part = meta.get("data", {}).get("split", {}).get("train", {})
+        part = meta.data.split.get("train") if meta is not None else None
+        images = "?" if part is None or part.images is None else part.images
+        groups = "?" if part is None or part.groups is None else part.groups
+        C = meta.probe.C if meta is not None and meta.probe is not None else float("nan")
         trained = (
-            f"(linear probe fitted on {train_part.get('images', '?')} images of "
-            f"{train_part.get('groups', '?')} patient groups, "
-            f"C={meta.get('probe', {}).get('C', float('nan')):g}); {result.seconds:.1f} s"
+            f"(linear probe fitted on {images} images of {groups} patient groups, C={C:g}); "
+            f"{result.seconds:.1f} s"
         )
     lines = [f"Run: {result.run_dir}", f"Checkpoint: {result.checkpoint} {trained}"]
     img = result.metrics.get("image", {})
-    if meta.get("estimate"):
-        lines += estimate_lines(meta["estimate"])
+    if estimate:
+        lines += estimate_lines(estimate)
         img = {}
     if img:
         ci = img.get("ci95", {})
@@ -366,7 +375,7 @@ def _train_summary(result) -> str:
         for key, name in HEADLINE_METRICS.items():
             if key in img:
                 lines.append(f"  {name}: {fmt(key)}")
-    shown = set(meta.get("estimate", {}).get("warnings", []))
+    shown = set((estimate or {}).get("warnings", []))
     for n in result.notes:
         if n not in shown:
             lines.append(f"note: {n}")
@@ -439,11 +448,7 @@ def cv(data_path, folds, recipe, config_file, seed, **flags):
     type=click.IntRange(1),
     help="Threads decoding images ahead of the model.",
 )
-@click.option(
-    "--alpha",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Error level of the prediction sets (default: the one chosen at training).",
-)
+@alpha_option()
 @click.option("--quiet", is_flag=True, help="No progress.")
 def predict(checkpoint, inputs, out, batch_size, workers, alpha, quiet):
     """Predict the class and calibrated probability of images or folders of images.
@@ -498,15 +503,18 @@ def predict(checkpoint, inputs, out, batch_size, workers, alpha, quiet):
     "of other data, the magnification the model was trained on, 'all' by default)."
 )
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0))
+@alpha_option()
 @quiet_option()
-def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, quiet):
+def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, alpha, quiet):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
     from histolens.estimate import build_estimate
     from histolens.evaluation import evaluate_checkpoint, records_for_evaluation, write_evaluation
     from histolens.performance import figure_lines, support_text
 
     ckpt, records, where = records_for_evaluation(checkpoint, data_path, split_name, magnification)
-    result, skipped = evaluate_checkpoint(ckpt, records, n_boot=n_boot, progress=not quiet)
+    result, skipped = evaluate_checkpoint(
+        ckpt, records, n_boot=n_boot, progress=not quiet, alpha=alpha
+    )
     result.metrics["split"] = split_name
     n_images, n_patients = result.metrics["n_images"], result.metrics["n_patients"]
     # The figures with their CIs and the patients of each class behind them: shown here, and
@@ -529,6 +537,21 @@ def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, quie
     click.echo(f"Evaluated {support_text(estimate)}: {where}.")
     for line in figure_lines(estimate):
         click.echo(line)
+    refer = result.metrics.get("refer") or {}
+    if "coverage" in refer:
+        click.echo(
+            f"Prediction sets at alpha {refer['alpha']:g}: coverage {refer['coverage']:.3f} over "
+            f"patients (target {refer['target_coverage']:.2f}); "
+            f"{refer['refer_rate']:.1%} of the images referred."
+        )
+    elif alpha is not None and result.alpha is None:
+        click.secho(
+            "warning: --alpha has no effect: the checkpoint has no conformal calibration.",
+            fg="yellow",
+            err=True,
+        )
+    if refer.get("n_ood"):
+        click.echo(f"{refer['n_ood']} image(s) not like the training images, counted apart.")
     for s in skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
     click.echo(f"Report: {out / 'report.html'}")

@@ -19,6 +19,7 @@ __all__ = [
     "RECIPE_CHOICES",
     "STAIN_NORM_CHOICES",
     "TASK_CHOICES",
+    "alpha_option",
     "backbone_option",
     "checkpoint_argument",
     "checkpoint_option",
@@ -107,6 +108,15 @@ def device_option() -> Decorator:
 def quiet_option(help: str = "No progress bars.") -> Decorator:
     """``--quiet``: no progress bars."""
     return click.option("--quiet", is_flag=True, help=help)
+
+
+def alpha_option(
+    help: str = "Error level of the prediction sets (default: the one chosen at training).",
+) -> Decorator:
+    """``--alpha``: the error level of the conformal prediction sets, in (0, 1)."""
+    return click.option(
+        "--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=help
+    )
 
 
 def seed_option(default: int | None = None, help: str | None = None) -> Decorator:

@@ -17,6 +17,8 @@ from histolens.errors import ConfigError, check_choice, did_you_mean
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "MLP_HEAD_DIMS",
+    "MLP_HEAD_DROPOUTS",
     "ModelConfig",
     "RECIPES",
     "RunConfig",
@@ -45,6 +47,12 @@ class DataConfig:
         check_choice("group-by", self.group_by, ["group", "patient"])
 
 
+# The original project's head: Dense 512 / Dropout 0.5, Dense 256 / Dropout 0.3 (the one copy of
+# these numbers: the model, the config and the checkpoint contract take them from here).
+MLP_HEAD_DIMS: tuple[int, ...] = (512, 256)
+MLP_HEAD_DROPOUTS: tuple[float, ...] = (0.5, 0.3)
+
+
 @dataclass
 class ModelConfig:
     """Backbone by name, its input size, and the head: a linear probe or the original MLP."""
@@ -55,8 +63,8 @@ class ModelConfig:
     # "linear": logistic regression on frozen features, C by inner patient-level CV (default);
     # "mlp": the original project's head trained by Lightning (head_dims/dropouts below).
     head: str = "linear"
-    head_dims: tuple[int, ...] = (512, 256)
-    dropouts: tuple[float, ...] = (0.5, 0.3)
+    head_dims: tuple[int, ...] = MLP_HEAD_DIMS
+    dropouts: tuple[float, ...] = MLP_HEAD_DROPOUTS
     # (height, width) fed to the backbone; None: the backbone's pretrained input size. The
     # whole field of view is resized to it (a convolutional backbone takes any size).
     input_size: tuple[int, int] | None = (294, 448)
@@ -138,7 +146,9 @@ class TrainConfig:
     cache_views: int = 4  # augmented views per training image in the cache
     num_workers: int = 0
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: str = "auto"  # processes per machine ("auto": one, or as torchrun started)
+    strategy: str = "auto"  # Lightning's: auto, ddp, ...
+    num_nodes: int = 1
     precision: str = "32-true"
     threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.95
@@ -158,7 +168,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ["sgd", "adam", "adamw"])
         check_choice("threshold method", self.threshold_method, ["youden", "sensitivity", "fixed"])
-        for name in ("lr", "batch_size", "epochs", "cache_views"):
+        for name in ("lr", "batch_size", "epochs", "cache_views", "num_nodes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
         if not 0 < self.target_sensitivity <= 1:

@@ -379,7 +379,7 @@ def finalize_run(
         idx = {c: i for i, c in enumerate(classes)}
         y_val = torch.tensor([idx[target_of(r, task)] for r in val_records])
         temperature = fit_temperature(val_logits, y_val)
-        if len(classes) == 2:
+        if predictor.is_binary:
             p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
             threshold = choose_threshold(
                 y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
@@ -603,14 +603,13 @@ def records_for_evaluation(
             trained on ('all' for a model trained on every magnification).
     """
     from histolens.checkpoint import read_metadata, resolve_checkpoint_path
-    from histolens.config import RunConfig
     from histolens.data import discover, filter_records
     from histolens.splits import load_split_csv, split_by_patient
 
     ckpt = resolve_checkpoint_path(checkpoint)
     meta = read_metadata(ckpt)
-    cfg = RunConfig.from_dict(meta.get("config", {})) if meta.get("config") else RunConfig()
-    trained_on = meta.get("data", {}).get("path")
+    cfg = meta.run_config
+    trained_on = meta.data.path
     split_csv = ckpt.parent / "split.csv"
     same_data = data_path is None or (
         trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
@@ -632,14 +631,14 @@ def records_for_evaluation(
     path = data_path or trained_on
     if path is None:
         raise DataError("Give --data: the checkpoint does not say what it was trained on.")
-    mag = meta.get("magnification", "all") if magnification is None else magnification
+    mag = meta.magnification if magnification is None else magnification
     records = _of_magnification(discover(path).records, mag, str(path))
-    records = filter_records(records, "all", meta.get("task", "binary"))
+    records = filter_records(records, "all", meta.task)
     if split_name == "all":
         return ckpt, records, f"all images of {path}{_magnification_phrase(mag)}"
     split = split_by_patient(
         records,
-        meta.get("task", "binary"),
+        meta.task,
         cfg.data.val_fraction,
         cfg.data.test_fraction,
         cfg.data.seed,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from histolens.backbones import BackboneSpec, create_backbone
+from histolens.config import MLP_HEAD_DIMS, MLP_HEAD_DROPOUTS
 from histolens.errors import ConfigError
 
 __all__ = [
@@ -47,8 +48,8 @@ class ClassifierHead(nn.Module):
         self,
         in_features: int,
         n_out: int,
-        dims: Sequence[int] = (512, 256),
-        dropouts: Sequence[float] = (0.5, 0.3),
+        dims: Sequence[int] = MLP_HEAD_DIMS,
+        dropouts: Sequence[float] = MLP_HEAD_DROPOUTS,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -76,8 +77,8 @@ class HistoClassifier(nn.Module):
         spec: BackboneSpec,
         backbone: nn.Module,
         n_classes: int,
-        head_dims: Sequence[int] = (512, 256),
-        dropouts: Sequence[float] = (0.5, 0.3),
+        head_dims: Sequence[int] = MLP_HEAD_DIMS,
+        dropouts: Sequence[float] = MLP_HEAD_DROPOUTS,
         feature_layer: str | None = None,
     ) -> None:
         super().__init__()
@@ -291,8 +292,8 @@ def build_model(
     spec: BackboneSpec,
     n_classes: int,
     pretrained: str = "imagenet",
-    head_dims: Sequence[int] = (512, 256),
-    dropouts: Sequence[float] = (0.5, 0.3),
+    head_dims: Sequence[int] = MLP_HEAD_DIMS,
+    dropouts: Sequence[float] = MLP_HEAD_DROPOUTS,
     feature_layer: str | None = None,
 ) -> HistoClassifier:
     """Make the classifier; the backbone's weights come from ``pretrained`` (see create_backbone).

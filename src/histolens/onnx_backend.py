@@ -14,11 +14,14 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from histolens.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from histolens.checkpoint import CheckpointMetadata
 
 __all__ = [
     "INPUT_NAME",
@@ -55,9 +58,11 @@ def _load_proto(path: Path):
         raise CheckpointError(f"{path} is not a readable ONNX model ({first}).") from None
 
 
-def read_onnx_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_onnx_export(
+    path: str | os.PathLike,
+) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
     """The checkpoint metadata and the non-weight tensors stored in an ONNX export."""
-    from histolens.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION
+    from histolens.checkpoint import CHECKPOINT_FORMAT, CheckpointMetadata
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -69,15 +74,14 @@ def read_onnx_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
             "with 'histolens export RUN'."
         )
     try:
-        meta = json.loads(props[METADATA_KEY])
+        raw = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{p} has corrupt histolens metadata.") from None
-    if meta.get("format") != CHECKPOINT_FORMAT or "export" not in meta:
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not a histolens export.")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{p} was written by a newer histolens (format {meta['format_version']}); upgrade."
-        )
+    meta = CheckpointMetadata.from_dict(raw, p)  # a newer version is refused here
+    if meta.export is None:
+        raise CheckpointError(f"{p} is not a histolens export.")
     tensors: dict[str, torch.Tensor] = {}
     if props.get(TENSORS_KEY):
         from safetensors.torch import load as load_tensors
@@ -89,7 +93,7 @@ def read_onnx_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return meta, tensors
 
 
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def read_onnx_metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """The JSON metadata of an ONNX export (what ``read_metadata`` gives for a checkpoint)."""
     return read_onnx_export(path)[0]
 
@@ -169,7 +173,7 @@ class ExportedTorchModel:
     """
 
     def __init__(
-        self, spec: Any, metadata: dict[str, Any], export_path: str | os.PathLike, device: str
+        self, spec: Any, metadata: CheckpointMetadata, export_path: str | os.PathLike, device: str
     ) -> None:
         self.spec = spec
         self._metadata = metadata
@@ -181,7 +185,7 @@ class ExportedTorchModel:
     @property
     def recorded_checkpoint(self) -> str | None:
         """The torch checkpoint the export was made from, as recorded at export."""
-        return (self._metadata.get("export") or {}).get("source_checkpoint")
+        return self._metadata.export_source
 
     def _checkpoint(self) -> Path:
         recorded = self.recorded_checkpoint
@@ -204,9 +208,9 @@ class ExportedTorchModel:
 
                 path = self._checkpoint()
                 theirs = read_metadata(path)
-                if (theirs.get("model_id"), theirs.get("saved_at")) != (
-                    self._metadata.get("model_id"),
-                    self._metadata.get("saved_at"),
+                if (theirs.model_id, theirs.saved_at) != (
+                    self._metadata.model_id,
+                    self._metadata.saved_at,
                 ):
                     raise CheckpointError(
                         f"Heatmaps need the torch checkpoint {self._export_path.name} was exported "

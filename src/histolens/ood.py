@@ -21,12 +21,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from histolens.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from histolens.checkpoint import CheckpointMetadata
 
 __all__ = [
     "GUARD_QUANTILE",
@@ -247,7 +250,7 @@ class OODGuard:
 
     @classmethod
     def from_checkpoint(
-        cls, state: dict[str, torch.Tensor], meta: dict[str, Any]
+        cls, state: dict[str, torch.Tensor], meta: CheckpointMetadata
     ) -> OODGuard | None:
         """The guard stored in a checkpoint (its tensors are removed from ``state``), or None
         for checkpoints saved without one."""
@@ -256,7 +259,7 @@ class OODGuard:
             for k in list(state)
             if k.startswith(_TENSOR_PREFIX)
         }
-        info = meta.get("ood")
+        info = meta.ood
         if not info:
             return None
         try:

@@ -1,8 +1,8 @@
 """What a model's stored figures mean, in one shape for every front end.
 
-Checkpoints written since estimates were stored carry ``metadata["estimate"]`` (see
+Checkpoints written since estimates were stored carry an ``estimate`` (see
 :mod:`histolens.estimate`). Older checkpoints, and runs of the Lightning head on one held-out
-split, carry only a headline of their test split in ``metadata["metrics"]``.
+split, carry only a headline of their test split in their ``metrics``.
 :func:`estimate_from_metrics` puts those figures into the estimate's shape, labelled as what they
 are ("a held-out test split of 7 patients") and with a warning when too few patients stand behind
 them, so that the report, the desktop app, the web page and the terminal never show a bare
@@ -156,18 +156,18 @@ def estimate_from_metrics(
     }
 
 
-def checkpoint_estimate(meta: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The checkpoint's estimate, or its older test-split metrics labelled as such, or None."""
-    meta = meta or {}
-    if isinstance(meta.get("estimate"), dict) and meta["estimate"].get("metrics") is not None:
-        return meta["estimate"]
-    classes = list(meta.get("class_names") or [])
-    return estimate_from_metrics(
-        meta.get("metrics"),
-        classes,
-        str(meta.get("task", "binary")),
-        _number(meta.get("threshold")),
-    )
+def checkpoint_estimate(
+    estimate: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
+    classes: Sequence[str],
+    task: str,
+    threshold: float | None,
+) -> dict[str, Any] | None:
+    """A checkpoint's figures to quote: its stored estimate, or else its older test-split
+    ``metrics`` labelled as such, or None (what ``CheckpointMetadata.headline_estimate`` is)."""
+    if isinstance(estimate, dict) and estimate.get("metrics") is not None:
+        return estimate
+    return estimate_from_metrics(metrics, list(classes), task, _number(threshold))
 
 
 def support_text(block: dict[str, Any]) -> str:

@@ -1,31 +1,31 @@
-"""From image files to model inputs and cached backbone features.
+"""From image files to model inputs.
 
-``ImageBank`` decodes and resizes each image once; ``InputPipeline`` turns uint8 batches into
-model inputs (stain normalisation, seeded augmentation, mean/std) exactly as the Predictor does;
-``FeatureCache`` holds a frozen backbone's features for K augmented views of each image.
+An image source gives decoded, resized uint8 batches: ``ImageStream`` reads them from disk as
+they are needed (a run's memory then does not grow with its dataset), ``ImageBank`` keeps them
+all in memory (for cross-validation folds that read the same images again and again).
+``InputPipeline`` turns uint8 batches into model inputs (stain normalisation, seeded
+augmentation, mean/std) exactly as the Predictor does. The frozen backbone's features are kept
+by ``histolens.feature_cache.FeatureCache`` (importable from here too).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import sys
-import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from histolens.data import Skipped
 from histolens.errors import ImageLoadError
+from histolens.feature_cache import FeatureCache
 from histolens.imageio import load_rgb
 from histolens.transforms import Augmenter, Preprocess, view_generator
 
-__all__ = ["FeatureCache", "ImageBank", "InputPipeline"]
+__all__ = ["FeatureCache", "ImageBank", "ImageSource", "ImageStream", "InputPipeline"]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -34,79 +34,171 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
 
 
-def _duration(seconds: float) -> str:
-    """'45 s', '12 min', '2 h 05 min'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+def _decoder_threads() -> int:
+    # Decoding and resizing release the GIL; the backbone wants the remaining cores.
+    return max(2, min(4, (os.cpu_count() or 2) // 2))
 
 
-class _ThroughputEstimate:
-    """Advances the progress bar; after the first batch, says how long the whole job will take.
+def _decode(preprocess: Preprocess, path: str) -> torch.Tensor | Skipped:
+    try:
+        return preprocess.resize(load_rgb(path))
+    except ImageLoadError as exc:
+        return Skipped(path, exc.reason)
 
-    A large backbone on a CPU (a pathology foundation model: a few images/s) makes feature
-    extraction the long part of a run. The estimate goes above the progress bar, or, without
-    one, to the log as a warning when it exceeds a minute.
+
+class ImageSource(Protocol):
+    """Decoded, resized uint8 images (3, H, W) by path; unreadable files listed in ``skipped``."""
+
+    preprocess: Preprocess
+    skipped: list[Skipped]
+
+    def __contains__(self, path: object) -> bool:
+        """False for a file known to be unreadable."""
+        ...
+
+    def image(self, path: str) -> torch.Tensor: ...
+
+    def stack(self, paths: Sequence[str]) -> torch.Tensor: ...
+
+    def each(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        """The readable images of ``paths``, one tensor each, as decoded."""
+        ...
+
+    def batches(
+        self, paths: Sequence[str], batch_size: int
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(readable paths, their images stacked) of consecutive chunks of ``paths``."""
+        ...
+
+    def add_skipped(self, skipped: Iterable[Skipped]) -> None: ...
+
+
+class ImageStream:
+    """Images read from disk when asked for, never kept: memory is bounded by a few batches.
+
+    ``batches`` decodes the next batches in threads while the caller works on the current one.
+    A file that fails to decode is listed in ``skipped`` and is no longer ``in`` the stream.
     """
 
-    def __init__(self, total: int, bar, progress: bool) -> None:
-        self.total, self.bar, self.progress = total, bar, progress
-        self.start: float | None = time.perf_counter()
+    def __init__(self, preprocess: Preprocess, workers: int | None = None) -> None:
+        self.preprocess = preprocess
+        self.workers = workers or _decoder_threads()
+        self.skipped: list[Skipped] = []
+        self._unreadable: set[str] = set()
 
-    def __call__(self, n: int) -> None:
-        self.bar.update(n)
-        if self.start is None:
-            return
-        seconds = time.perf_counter() - self.start
-        self.start = None
-        if n >= self.total:
-            return
-        rate = n / max(seconds, 1e-9)
-        estimate = self.total / rate
-        message = (
-            f"Backbone features: {rate:.1f} images/s on the first batch, so about "
-            f"{_duration(estimate)} for all {self.total} images and views."
-        )
-        if self.progress:
-            self.bar.write(message, file=sys.stderr)
-        elif estimate > 60:
-            logging.getLogger("histolens").warning(message)
+    def __contains__(self, path: object) -> bool:
+        return path not in self._unreadable
+
+    def add_skipped(self, skipped: Iterable[Skipped]) -> None:
+        for s in skipped:
+            if s.path not in self._unreadable:
+                self._unreadable.add(s.path)
+                self.skipped.append(s)
+
+    def image(self, path: str) -> torch.Tensor:
+        """One decoded image; raises ImageLoadError for an unreadable file."""
+        return self.preprocess.resize(load_rgb(path))
+
+    def stack(self, paths: Sequence[str]) -> torch.Tensor:
+        """The images of ``paths`` (all readable, else ImageLoadError), decoded in threads."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return torch.stack(list(pool.map(self.image, paths)))
+
+    def each(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        return [im for _, kept, decoded in self._chunks(paths, 32) for im in decoded]
+
+    def batches(
+        self, paths: Sequence[str], batch_size: int
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(readable paths, images) per chunk of ``paths``, the next chunks decoding meanwhile."""
+        for _, kept, decoded in self._chunks(paths, batch_size):
+            if kept:
+                yield kept, torch.stack(decoded)
+
+    def _chunks(
+        self, paths: Sequence[str], batch_size: int, ahead: int = 2
+    ) -> Iterator[tuple[list[str], list[str], list[torch.Tensor]]]:
+        """(chunk, its readable paths, their images) for every chunk of ``paths``."""
+        paths = list(paths)
+        starts = iter(range(0, len(paths), batch_size))
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            window: deque[tuple[list[str], list[Future]]] = deque()
+
+            def submit_next() -> None:
+                i = next(starts, None)
+                if i is not None:
+                    chunk = paths[i : i + batch_size]
+                    futures = [pool.submit(_decode, self.preprocess, p) for p in chunk]
+                    window.append((chunk, futures))
+
+            for _ in range(ahead):
+                submit_next()
+            while window:
+                chunk, futures = window.popleft()
+                submit_next()
+                results = [f.result() for f in futures]
+                self.add_skipped(r for r in results if isinstance(r, Skipped))
+                kept = [(p, r) for p, r in zip(chunk, results, strict=True) if torch.is_tensor(r)]
+                yield chunk, [p for p, _ in kept], [r for _, r in kept]
+
+    def check(self, paths: Sequence[str], progress: bool = False) -> None:
+        """Decode every image once (and drop it) to list the unreadable ones in ``skipped``."""
+        with _progress(len(paths), "Checking images", progress) as bar:
+            for chunk, _, _ in self._chunks(paths, 32):
+                bar.update(len(chunk))
 
 
 class ImageBank:
     """Decoded, resized uint8 images kept in memory, keyed by path; unreadable files skipped."""
 
     def __init__(
-        self, paths: Sequence[str], preprocess: Preprocess, progress: bool = True, workers: int = 2
+        self,
+        paths: Sequence[str],
+        preprocess: Preprocess,
+        progress: bool = True,
+        workers: int | None = None,
     ) -> None:
         self.preprocess = preprocess
         self.images: dict[str, torch.Tensor] = {}
-        self.skipped: list[Skipped] = []
-
-        def load(path: str) -> torch.Tensor | Skipped:
-            try:
-                return preprocess.resize(load_rgb(path))
-            except ImageLoadError as exc:
-                return Skipped(path, exc.reason)
-
+        stream = ImageStream(preprocess, workers)
         unique = list(dict.fromkeys(str(p) for p in paths))
-        with (
-            ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
-            _progress(len(unique), "Reading images", progress) as bar,
-        ):
-            for path, result in zip(unique, pool.map(load, unique), strict=True):
-                if isinstance(result, Skipped):
-                    self.skipped.append(result)
-                else:
-                    self.images[path] = result
-                bar.update(1)
+        with _progress(len(unique), "Reading images", progress) as bar:
+            for chunk, kept, decoded in stream._chunks(unique, 32):
+                self.images.update(zip(kept, decoded, strict=True))
+                bar.update(len(chunk))
+        self.skipped: list[Skipped] = stream.skipped
 
-    def __contains__(self, path: str) -> bool:
+    def __contains__(self, path: object) -> bool:
         return path in self.images
+
+    def add_skipped(self, skipped: Iterable[Skipped]) -> None:
+        known = {s.path for s in self.skipped}
+        self.skipped += [s for s in skipped if s.path not in known and s.path not in self.images]
+
+    def image(self, path: str) -> torch.Tensor:
+        return self.images[path]
 
     def stack(self, paths: Sequence[str]) -> torch.Tensor:
         return torch.stack([self.images[p] for p in paths])
+
+    def each(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        return [self.images[p] for p in paths if p in self.images]
+
+    def batches(
+        self, paths: Sequence[str], batch_size: int
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(paths held, their images) per chunk of ``paths``; paths not held are left out."""
+        for i in range(0, len(paths), batch_size):
+            chunk = [p for p in paths[i : i + batch_size] if p in self.images]
+            if chunk:
+                yield chunk, self.stack(chunk)
+
+
+def image_source(bank: ImageBank | None, preprocess: Preprocess) -> ImageSource:
+    """``bank`` when it holds images preprocessed as ``preprocess``, else a stream from disk."""
+    if bank is not None and bank.preprocess == preprocess:
+        return bank
+    return ImageStream(preprocess)
 
 
 @dataclass
@@ -140,118 +232,3 @@ class InputPipeline:
             gens = [view_generator(self.seed, k, view) for k in keys]
             x = self.augmenter(x, gens)
         return self._finish(x)
-
-
-class FeatureCache:
-    """Pooled backbone features: one clean view per image and K augmented views of train images."""
-
-    def __init__(
-        self, clean: dict[str, torch.Tensor], views: dict[str, torch.Tensor], fingerprint: str
-    ) -> None:
-        self.clean = clean
-        self.views = views
-        self.fingerprint = fingerprint
-
-    @staticmethod
-    def fingerprint_of(**parts: object) -> str:
-        blob = json.dumps(parts, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    @classmethod
-    def build(
-        cls,
-        model: torch.nn.Module,
-        bank: ImageBank,
-        pipeline: InputPipeline,
-        clean_paths: Sequence[str],
-        view_paths: Sequence[str],
-        n_views: int,
-        fingerprint: str,
-        batch_size: int = 32,
-        progress: bool = True,
-    ) -> FeatureCache:
-        """Run the frozen backbone once over every clean image and every augmented view."""
-        cache = cls({}, {}, fingerprint)
-        cache.extend(model, bank, pipeline, clean_paths, view_paths, n_views, batch_size, progress)
-        return cache
-
-    @torch.inference_mode()
-    def extend(
-        self,
-        model: torch.nn.Module,
-        bank: ImageBank,
-        pipeline: InputPipeline,
-        clean_paths: Sequence[str],
-        view_paths: Sequence[str],
-        n_views: int,
-        batch_size: int = 32,
-        progress: bool = True,
-    ) -> None:
-        """Compute features only for the images (and views) not cached yet."""
-        model.eval()
-        clean_todo = [p for p in dict.fromkeys(clean_paths) if p in bank and p not in self.clean]
-        view_todo = [p for p in dict.fromkeys(view_paths) if p in bank and p not in self.views]
-        total = len(clean_todo) + len(view_todo) * n_views
-        if not total:
-            return
-        new_views: dict[str, list[torch.Tensor]] = {p: [] for p in view_todo}
-        with _progress(total, "Backbone features", progress) as bar:
-            done = _ThroughputEstimate(total, bar, progress)
-            for i in range(0, len(clean_todo), batch_size):
-                chunk = clean_todo[i : i + batch_size]
-                feats = model.features(pipeline.eval_inputs(bank.stack(chunk))).float().cpu()
-                self.clean.update(zip(chunk, feats, strict=True))
-                done(len(chunk))
-            for v in range(n_views):
-                for i in range(0, len(view_todo), batch_size):
-                    chunk = view_todo[i : i + batch_size]
-                    x = pipeline.train_inputs(bank.stack(chunk), chunk, v)
-                    feats = model.features(x).float().cpu()
-                    for p, f in zip(chunk, feats, strict=True):
-                        new_views[p].append(f)
-                    done(len(chunk))
-        self.views.update({p: torch.stack(v) for p, v in new_views.items()})
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the cache atomically: a killed save leaves the previous file (or none)."""
-        from safetensors.torch import save_file
-
-        from histolens.atomic import atomic_path
-
-        keys = sorted(self.clean)
-        vkeys = sorted(self.views)
-        tensors = {}
-        if keys:
-            tensors["clean"] = torch.stack([self.clean[k] for k in keys])
-        if vkeys:
-            tensors["views"] = torch.stack([self.views[k] for k in vkeys])
-        meta = {
-            "fingerprint": self.fingerprint,
-            "clean": json.dumps(keys),
-            "views": json.dumps(vkeys),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, fingerprint: str) -> FeatureCache | None:
-        """The cache saved at ``path`` if it was built with the same settings, else None.
-
-        Every entry is one image's finished features (``save`` is atomic and only ever writes
-        whole tensors), so a cache that lacks some images is valid: ``extend`` adds them.
-        """
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                if meta.get("fingerprint") != fingerprint:
-                    return None
-                keys, vkeys = json.loads(meta["clean"]), json.loads(meta["views"])
-                clean = dict(zip(keys, fh.get_tensor("clean"), strict=True)) if keys else {}
-                views = dict(zip(vkeys, fh.get_tensor("views"), strict=True)) if vkeys else {}
-        except Exception:  # a damaged or inconsistent cache is rebuilt, never trusted
-            return None
-        return cls(clean, views, fingerprint)

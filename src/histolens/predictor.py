@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import load_checkpoint, resolve_checkpoint_path
+from histolens.checkpoint import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
 from histolens.conformal import ConformalCalibration, centred_probabilities, check_alpha
 from histolens.data import Skipped
 from histolens.errors import CheckpointError, ImageLoadError
@@ -93,7 +93,8 @@ class Predictor:
     threshold: float = 0.5
     temperature: float = 1.0
     stain: Any = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    # What the checkpoint says (None for a Predictor put together by hand).
+    metadata: CheckpointMetadata | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: str = ""
     # The conformal calibration and the out-of-distribution guard stored by training (None in
@@ -111,26 +112,20 @@ class Predictor:
         if is_onnx_file(path):
             return cls._from_onnx(path, device)
         state, meta = load_checkpoint(path)
-        try:
-            spec = get_backbone_spec(meta["backbone"])
-            classes = tuple(meta["class_names"])
-            head = meta.get("head", {})
-            model = build_model(
-                spec,
-                len(classes),
-                "none",
-                head.get("dims", (512, 256)),
-                head.get("dropouts", (0.5, 0.3)),
-                meta.get("feature_layer"),
-            )
-            preprocess = Preprocess.from_dict(meta["preprocess"])
-        except KeyError as exc:
-            raise CheckpointError(f"Checkpoint {path} lacks the metadata field {exc}.") from None
+        spec = get_backbone_spec(meta.backbone)
+        model = build_model(
+            spec,
+            len(meta.class_names),
+            "none",
+            meta.head.dims,
+            meta.head.dropouts,
+            meta.feature_layer,
+        )
         guard, conformal, stain = _calibration(state, meta)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
-                f"Checkpoint {path} does not fit a {meta['backbone']} model "
+                f"Checkpoint {path} does not fit a {meta.backbone} model "
                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors)."
             )
         dev = torch.device(device)
@@ -139,10 +134,10 @@ class Predictor:
             model.to(memory_format=torch.channels_last)
         return cls(
             model,
-            preprocess,
-            classes,
-            float(meta.get("threshold", 0.5)),
-            float(meta.get("temperature", 1.0)),
+            meta.preprocess,
+            meta.class_names,
+            meta.threshold,
+            meta.temperature,
             stain,
             meta,
             dev,
@@ -158,19 +153,14 @@ class Predictor:
         from histolens.onnx_backend import ExportedTorchModel, OnnxRunner, read_onnx_export
 
         meta, state = read_onnx_export(path)
-        try:
-            spec = get_backbone_spec(meta["backbone"])
-            classes = tuple(meta["class_names"])
-            preprocess = Preprocess.from_dict(meta["preprocess"])
-        except KeyError as exc:
-            raise CheckpointError(f"Checkpoint {path} lacks the metadata field {exc}.") from None
+        spec = get_backbone_spec(meta.backbone)
         guard, conformal, stain = _calibration(state, meta)
         return cls(
             ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
-            preprocess,
-            classes,
-            float(meta.get("threshold", 0.5)),
-            float(meta.get("temperature", 1.0)),
+            meta.preprocess,
+            meta.class_names,
+            meta.threshold,
+            meta.temperature,
             stain,
             meta,
             torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
@@ -183,11 +173,11 @@ class Predictor:
     # --- properties the front ends show ---------------------------------------------------
     @property
     def task(self) -> str:
-        return self.metadata.get("task", "binary")
+        return self.metadata.task if self.metadata is not None else "binary"
 
     @property
     def is_binary(self) -> bool:
-        return len(self.class_names) == 2
+        return len(self.class_names) == 2  # as CheckpointMetadata.is_binary, for hand-made ones
 
     @property
     def positive_class(self) -> str | None:
@@ -199,7 +189,8 @@ class Predictor:
 
     @property
     def model_id(self) -> str:
-        return self.metadata.get("model_id") or Path(self.source).stem
+        stored = self.metadata.model_id if self.metadata is not None else None
+        return stored or Path(self.source).stem
 
     @property
     def refer_alpha(self) -> float | None:
@@ -388,7 +379,7 @@ class Predictor:
             raise CheckpointError(
                 "AdaBN changes the torch model's batch-norm statistics, which an ONNX export has "
                 "fixed in its graph: adapt the torch checkpoint "
-                f"{self.metadata['export'].get('source_checkpoint')} and export it again."
+                f"{self.metadata.export_source if self.metadata else None} and export it again."
             )
         batches = (
             self.to_input(batch)
@@ -396,7 +387,8 @@ class Predictor:
             if batch is not None
         )
         n = adapt_batchnorm(self.model, batches)
-        self.metadata = {**self.metadata, "adapted_batchnorm": {"images": n}}
+        if self.metadata is not None:
+            self.metadata = replace(self.metadata, adapted_batchnorm={"images": n})
         return n
 
     def assess_paths(
@@ -446,15 +438,15 @@ class Predictor:
 
 
 def _calibration(
-    state: dict[str, torch.Tensor], meta: dict[str, Any]
+    state: dict[str, torch.Tensor], meta: CheckpointMetadata
 ) -> tuple[OODGuard | None, ConformalCalibration | None, Any]:
     """The out-of-distribution guard, conformal calibration and stain normaliser a checkpoint
     (or an ONNX export) stores; the guard's tensors are taken out of ``state``."""
     guard = OODGuard.from_checkpoint(state, meta)
-    conformal = ConformalCalibration.from_dict(meta["conformal"]) if meta.get("conformal") else None
+    conformal = ConformalCalibration.from_dict(meta.conformal) if meta.conformal else None
     stain = None
-    if meta.get("stain"):
+    if meta.stain:
         from histolens.stain import StainNormalizer
 
-        stain = StainNormalizer.from_dict(meta["stain"])
+        stain = StainNormalizer.from_dict(meta.stain)
     return guard, conformal, stain

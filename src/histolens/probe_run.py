@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,18 @@ import torch
 
 from histolens.atomic import atomic_write_text
 from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import BEST_CHECKPOINT, save_checkpoint, update_metadata
+from histolens.checkpoint import (
+    BEST_CHECKPOINT,
+    HeadSpec,
+    ProbeChoice,
+    save_checkpoint,
+    update_metadata,
+)
 from histolens.config import RunConfig
 from histolens.data import ImageRecord
 from histolens.errors import DataError
 from histolens.model import build_model, resolve_feature_layer
-from histolens.pipeline import FeatureCache, ImageBank, InputPipeline
+from histolens.pipeline import FeatureCache, ImageBank, ImageSource, InputPipeline, image_source
 from histolens.probe import ProbeFit, fit_linear_probe, group_folds
 from histolens.splits import Split, balanced_class_weights, split_by_patient
 
@@ -67,7 +74,7 @@ def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) 
 def _features(
     cfg: RunConfig,
     model,
-    bank: ImageBank,
+    images: ImageSource,
     pipeline: InputPipeline,
     paths: Sequence[str],
     run_dir: Path,
@@ -75,7 +82,9 @@ def _features(
     preprocess,
     progress: bool,
     write_outputs: bool,
+    fabric,
 ) -> FeatureCache:
+    """The frozen backbone's features of ``paths``, computed once (shared out between ranks)."""
     from histolens.training import FEATURE_CACHE
 
     spec = model.spec
@@ -92,8 +101,11 @@ def _features(
         cache = FeatureCache({}, {}, fingerprint)
     store[fingerprint] = cache
     before = len(cache.clean)
-    cache.extend(model, bank, pipeline, paths, [], 0, cfg.train.batch_size, progress)
-    if write_outputs and feature_store is None and len(cache.clean) != before:
+    with fabric.autocast():
+        bs = cfg.train.batch_size
+        cache.extend(model, images, pipeline, paths, [], 0, bs, progress, fabric=fabric)
+    changed = len(cache.clean) != before
+    if fabric.is_global_zero and write_outputs and feature_store is None and changed:
         cache.save(run_dir / FEATURE_CACHE)
     return cache
 
@@ -183,23 +195,20 @@ def train_probe(
     bank: ImageBank | None = None,
     feature_store: dict | None = None,
     write_outputs: bool = True,
+    fabric=None,
 ):
     """Train the linear-probe model as ``cfg`` says; see the module docstring for the steps.
 
     With ``split`` given, the probe trains on its train + val images and is scored on its test
     images (what cross-validation benchmarks use); otherwise ``cfg.train.cv_folds`` decides.
+    With a launched ``fabric`` of several processes, the ranks share the feature extraction
+    and rank 0 alone fits the probe and writes the files.
     """
+    from histolens.distributed import launch
     from histolens.evaluation import EvalResult, compute_metrics, rows_from_logits
-    from histolens.training import (
-        CONFIG_FILE,
-        SPLIT_FILE,
-        TrainResult,
-        _checkpoint_metadata,
-        _fit_stain,
-        _targets,
-        prepare_records,
-        readable_split,
-    )
+    from histolens.training import CONFIG_FILE, SPLIT_FILE, TrainResult, _checkpoint_metadata
+    from histolens.training_data import fit_stain, prepare_records, readable_split, write_skipped
+    from histolens.training_data import targets as _targets
     from histolens.transforms import resolve_preprocess
 
     start = time.perf_counter()
@@ -210,7 +219,9 @@ def train_probe(
         notes += _audit_notes(records, progress)
         split = _choose_split(cfg, records, notes)
     notes = list(dict.fromkeys(notes + split.warnings))
-    for n in notes:
+    fabric = fabric if fabric is not None else launch(cfg.train)
+    main = fabric.is_global_zero
+    for n in notes if main else ():
         log.warning(n)
     n_classes = len(classes)
     layer = resolve_feature_layer(spec, cfg.model.feature_layer, "linear")
@@ -218,36 +229,43 @@ def train_probe(
     # is then the same in every run, so features shared through feature_store match its weights.
     torch.manual_seed(cfg.train.seed)
     model = build_model(spec, n_classes, cfg.model.pretrained, (), (), layer)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     size = spec.input_size_for(cfg.model.input_size)
     preprocess = resolve_preprocess(model.backbone, size)
     model.set_trainable(0)
-    model.eval()
-    if not torch.cuda.is_available():
+    model.eval().to(fabric.device)
+    if fabric.device.type == "cpu":
         model.to(memory_format=torch.channels_last)
 
-    bank, split = readable_split(split, preprocess, bank, progress, run_dir, dataset, notes)
-    fit_records = split.train + split.val
-    if not fit_records:
-        raise DataError("No readable training images.")
-    if write_outputs:
-        split.write_csv(run_dir / SPLIT_FILE)
-        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
-
-    stain, stain_ref = _fit_stain(cfg, bank, [r.path for r in fit_records], preprocess)
-    pipeline = InputPipeline(preprocess, None, stain, cfg.train.seed, torch.device("cpu"))
+    # Streamed from disk (only the features are kept) unless a shared bank holds the images.
+    images = image_source(bank, preprocess)
+    stain, stain_ref = fit_stain(cfg, images, [r.path for r in split.train + split.val], preprocess)
+    pipeline = InputPipeline(preprocess, None, stain, cfg.train.seed, fabric.device)
     cache = _features(
         cfg,
         model,
-        bank,
+        images,
         pipeline,
-        [r.path for r in fit_records + split.test],
+        [r.path for r in split.train + split.val + split.test],
         run_dir,
         feature_store,
         preprocess,
         progress,
         write_outputs,
+        fabric,
     )
+    split = readable_split(split, images, notes)
+    fit_records = split.train + split.val
+    if not fit_records:
+        raise DataError("No readable training images.")
+    if not main:  # rank 0 fits the probe on the gathered features and writes the files
+        ckpt = run_dir / BEST_CHECKPOINT
+        return TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, global_rank=fabric.global_rank)
+    write_skipped(run_dir, images, dataset)
+    if write_outputs:
+        split.write_csv(run_dir / SPLIT_FILE)
+        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
 
     def arrays(recs: Sequence[ImageRecord]):
         x = torch.stack([cache.clean[r.path] for r in recs]).double().numpy()
@@ -326,13 +344,14 @@ def train_probe(
     metadata = _checkpoint_metadata(
         cfg, spec, classes, preprocess, stain, stain_ref, split, weights, dataset
     )
-    metadata.update(
-        head={"kind": "linear", "dims": [], "dropouts": []},
+    metadata = replace(
+        metadata,
+        head=HeadSpec.linear(),
         feature_layer=layer,
         threshold=threshold,
         temperature=temperature,
         threshold_method=cfg.train.threshold_method,
-        probe={"C": final.C, "inner_cv": {f"{c:g}": s for c, s in final.inner_scores.items()}},
+        probe=ProbeChoice(final.C, {f"{c:g}": s for c, s in final.inner_scores.items()}),
         conformal=conformal.to_dict() if conformal is not None else None,
         ood=guard.to_dict(),
     )
@@ -357,7 +376,7 @@ def train_probe(
             distances, refer_p = feature_guard.distance(arrays(split.test)[0]), None
         else:
             distances, refer_p = np.full(len(kept), np.nan), None
-        _add_referrals(ev, conformal, guard, bank, distances, refer_p, cfg.train.alpha)
+        _add_referrals(ev, conformal, guard, images, distances, refer_p, cfg.train.alpha)
         result.metrics = compute_metrics(
             ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
         )

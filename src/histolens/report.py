@@ -9,18 +9,20 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_write_text
 from histolens.estimate import ESTIMATE_KEYS
 from histolens.performance import (
-    checkpoint_estimate,
     estimate_from_metrics,
     headline,
     is_from_metrics,
     measured_on,
     support_text,
 )
+
+if TYPE_CHECKING:
+    from histolens.checkpoint import CheckpointMetadata, TrainingData
 
 __all__ = ["write_report"]
 
@@ -313,7 +315,7 @@ def _estimate_section(title: str, estimate: dict[str, Any]) -> str:
 
 
 def _report_estimate(
-    meta: dict[str, Any], metrics: dict[str, Any], ev: Path, own_evaluation: bool
+    meta: CheckpointMetadata | None, metrics: dict[str, Any], ev: Path, own_evaluation: bool
 ) -> tuple[str, dict[str, Any] | None]:
     """The figures this report leads with, and their section's title.
 
@@ -324,10 +326,10 @@ def _report_estimate(
     unseen = "Estimated performance on unseen patients"
     if isinstance(metrics.get("estimate"), dict):
         return "Performance on the evaluated images", metrics["estimate"]
-    if own_evaluation and isinstance(meta.get("estimate"), dict):
-        return unseen, meta["estimate"]
+    if own_evaluation and meta is not None and meta.estimate is not None:
+        return unseen, meta.estimate
     if metrics.get("image"):
-        classes = list(meta.get("class_names") or [])
+        classes = list(meta.class_names) if meta is not None else []
         overall, per_mag_classes = _patients_per_class(ev / "predictions.csv")
         blocks = {}
         for mag, block in (metrics.get("per_magnification") or {}).items():
@@ -347,13 +349,13 @@ def _report_estimate(
         estimate = estimate_from_metrics(
             headline,
             classes or sorted(overall),
-            str(meta.get("task", "binary")),
+            meta.task if meta is not None else "binary",
             metrics.get("threshold"),
             patients_per_class=overall,
             per_magnification=blocks,
         )
     else:
-        estimate = checkpoint_estimate(meta)
+        estimate = meta.headline_estimate if meta is not None else None
     # Figures of patients held out from training (a test split, out-of-fold predictions) are an
     # estimate on unseen patients; a validation split chose the threshold, so it is not.
     held_out = estimate is not None and (
@@ -387,76 +389,71 @@ def _patients_per_class(
     return dict(sorted(overall.items())), {m: dict(sorted(c.items())) for m, c in per_mag.items()}
 
 
-def _split_table(data: dict[str, Any]) -> str:
-    split = data.get("split", {})
+def _split_table(data: TrainingData) -> str:
+    split = data.split
     if not split:
         return ""
-    classes = sorted({c for part in split.values() for c in part.get("classes", {})})
+    classes = sorted({c for part in split.values() for c in part.classes})
     head = (
         "<tr><th>Split</th><th>Images</th><th>Patient groups</th>"
         + "".join(f"<th>{html.escape(c)}</th>" for c in classes)
         + "</tr>"
     )
     body = "".join(
-        f"<tr><td>{name}</td><td class=num>{p['images']}</td><td class=num>{p['groups']}</td>"
-        + "".join(f"<td class=num>{p['classes'].get(c, 0)}</td>" for c in classes)
+        f"<tr><td>{name}</td><td class=num>{p.images}</td><td class=num>{p.groups}</td>"
+        + "".join(f"<td class=num>{p.classes.get(c, 0)}</td>" for c in classes)
         + "</tr>"
         for name, p in split.items()
-        if p.get("images") or name == "train"  # cross-validated runs have no val/test parts
+        if p.images or name == "train"  # cross-validated runs have no val/test parts
     )
     return f"<table>{head}{body}</table>"
 
 
-def _is_probe(meta: dict[str, Any]) -> bool:
-    return meta.get("head", {}).get("kind") == "linear"
-
-
-def _head_text(meta: dict[str, Any]) -> str:
-    if not _is_probe(meta):
+def _head_text(meta: CheckpointMetadata) -> str:
+    if not meta.head.is_linear:
         return "the original project's head"
-    layer = meta.get("feature_layer") or "the last layer"
-    C = (meta.get("probe") or {}).get("C")
+    layer = meta.feature_layer or "the last layer"
+    C = meta.probe.C if meta.probe is not None else None
     return f"a linear probe (C={C:g}) on the pooled features of {layer}" if C else "a linear probe"
 
 
-def _threshold_source(meta: dict[str, Any]) -> str:
-    if "cross-validation" in str((meta.get("estimate") or {}).get("method", "")):
+def _threshold_source(meta: CheckpointMetadata) -> str:
+    if "cross-validation" in str((meta.estimate or {}).get("method", "")):
         return "the out-of-fold predictions of every training patient"
-    if _is_probe(meta):
+    if meta.head.is_linear:
         return "the inner out-of-fold predictions of the training patients"
     return "the validation split"
 
 
-def _licence_paragraph(meta: dict[str, Any]) -> str:
+def _licence_paragraph(meta: CheckpointMetadata) -> str:
     """The backbone weights' licence (a hub foundation model's terms bind the model made from
     them, e.g. CC-BY-NC-ND-4.0: no commercial use); empty when the checkpoint names none."""
-    licence = meta.get("licence")
+    licence = meta.licence
     if not licence:
         return ""
     return (
-        f"<p><b>Licence.</b> The {html.escape(str(meta.get('backbone')))} weights are licensed "
+        f"<p><b>Licence.</b> The {html.escape(meta.backbone)} weights are licensed "
         f"{html.escape(str(licence))}; their terms apply to this model too.</p>"
     )
 
 
-def _model_card(meta: dict[str, Any], estimate: dict[str, Any] | None = None) -> str:
-    data = meta.get("data", {})
-    performance = html.escape(headline(estimate if estimate else checkpoint_estimate(meta)))
+def _model_card(meta: CheckpointMetadata, estimate: dict[str, Any] | None = None) -> str:
+    data = meta.data
+    performance = html.escape(headline(estimate if estimate else meta.headline_estimate))
     return f"""
 <p><b>Intended use.</b> Research and education in computational pathology: studying how a
 classifier of H&amp;E breast histopathology images behaves, comparing backbones and training
 recipes, teaching. <b>Not for diagnosis</b> and not a medical device; a pathologist's reading
 of the slide is the reference.</p>
-<p><b>Model.</b> {html.escape(str(meta.get("backbone")))} backbone (weights:
-{html.escape(str(meta.get("pretrained")))}) with {_head_text(meta)}; task
-{html.escape(str(meta.get("task")))}; classes {html.escape(", ".join(meta.get("class_names", [])))};
-decision threshold {float(meta.get("threshold", 0.5)):.3f} chosen on {_threshold_source(meta)};
-temperature {float(meta.get("temperature", 1.0)):.3f}; stain normalisation
-{html.escape(str((meta.get("stain") or {}).get("method", "none")))}.</p>
+<p><b>Model.</b> {html.escape(meta.backbone)} backbone (weights:
+{html.escape(str(meta.pretrained))}) with {_head_text(meta)}; task
+{html.escape(meta.task)}; classes {html.escape(", ".join(meta.class_names))};
+decision threshold {meta.threshold:.3f} chosen on {_threshold_source(meta)};
+temperature {meta.temperature:.3f}; stain normalisation {html.escape(meta.stain_method)}.</p>
 {_licence_paragraph(meta)}
-<p><b>Data.</b> {html.escape(str(data.get("path", "")))} ({html.escape(str(data.get("layout", "")))}),
-magnification {html.escape(str(meta.get("magnification")))}; split by
-{"patient group" if data.get("patient_level_split", True) else "image (no patient ids: optimistic)"}.</p>
+<p><b>Data.</b> {html.escape(data.path or "")} ({html.escape(data.layout or "")}),
+magnification {html.escape(meta.magnification)}; split by
+{"image (no patient ids: optimistic)" if data.patient_level_split is False else "patient group"}.</p>
 <p><b>Performance.</b> {performance}.</p>
 <p><b>Limitations.</b> Trained on few patients: confidence intervals are wide and performance on
 other labs, scanners, stains and magnifications is unknown. Image-level metrics count correlated
@@ -477,16 +474,16 @@ def write_report(
     run_dir = Path(run_dir)
     ev = Path(evaluation_dir) if evaluation_dir else run_dir / "evaluation"
     ckpt = Path(checkpoint) if checkpoint else run_dir / BEST_CHECKPOINT
-    meta = read_metadata(ckpt) if ckpt.exists() else {}
+    meta = read_metadata(ckpt) if ckpt.exists() else None
     metrics_file = ev / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    data = meta.get("data", {})
     notes_file = ev / "notes.json"
     saved_notes = json.loads(notes_file.read_text()) if notes_file.is_file() else []
     notes = list(dict.fromkeys([*saved_notes, *notes]))  # saved first, no repeats
+    model_id, saved_at = (meta.model_id, meta.saved_at) if meta is not None else (None, None)
     parts = [
-        f"<h1>histolens report</h1><div class=sub>{html.escape(str(meta.get('model_id', '')))}"
-        f" &middot; saved {html.escape(str(meta.get('saved_at', '')))}</div>"
+        f"<h1>histolens report</h1><div class=sub>{html.escape(model_id or '')}"
+        f" &middot; saved {html.escape(saved_at or '')}</div>"
     ]
     parts.append('<div class="warn">Research and education use only. Not for diagnosis.</div>')
     own = evaluation_dir is None or ev.resolve() == (run_dir / "evaluation").resolve()
@@ -509,11 +506,12 @@ def write_report(
             f"{_metrics_table(metrics)}</section>"
         )
         parts.append(_refer_section(metrics, ev))
-    if data:
+    if meta is not None and meta.data.known:
+        data = meta.data
         parts.append(
-            f"<section><h2>Data and split</h2><p>{html.escape(str(data.get('path')))} "
-            f"&middot; layout: {html.escape(str(data.get('layout')))} &middot; "
-            f"class weights: {html.escape(_weights_text(meta.get('class_weights') or {}))}</p>"
+            f"<section><h2>Data and split</h2><p>{html.escape(str(data.path))} "
+            f"&middot; layout: {html.escape(str(data.layout))} &middot; "
+            f"class weights: {html.escape(_weights_text(meta.class_weights))}</p>"
             f"{_split_table(data)}</section>"
         )
     figures = [(ev / f, t) for f, t in _PLOTS if (ev / f).is_file()]
@@ -539,13 +537,13 @@ def write_report(
     faith = run_dir / "explanations" / "faithfulness.json"
     if faith.is_file():
         parts.append(_faithfulness_section(json.loads(faith.read_text())))
-    if meta:
-        card_estimate = estimate if own else checkpoint_estimate(meta)
+    if meta is not None:
+        card_estimate = estimate if own else meta.headline_estimate
         parts.append(f"<section><h2>Model card</h2>{_model_card(meta, card_estimate)}</section>")
         parts.append(
             "<section><h2>Resolved configuration</h2><pre>"
-            f"{html.escape(json.dumps(meta.get('config', {}), indent=2))}</pre>"
-            f"<p>Package versions: {html.escape(json.dumps(meta.get('versions', {})))}"
+            f"{html.escape(json.dumps(meta.config, indent=2))}</pre>"
+            f"<p>Package versions: {html.escape(json.dumps(meta.versions))}"
             "</p></section>"
         )
     doc = (

@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 
 from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import save_checkpoint
+from histolens.checkpoint import CheckpointMetadata, HeadSpec, TrainingData, save_checkpoint
+from histolens.conformal import ConformalCalibration
 from histolens.data import BINARY_CLASSES
 from histolens.model import build_model
+from histolens.ood import OODGuard
 from histolens.transforms import resolve_preprocess
 
-__all__ = ["make_checkpoint", "make_tissue_image", "tiny_config"]
+__all__ = ["flat_calibration", "make_checkpoint", "make_tissue_image", "tiny_config"]
 
 
 def make_checkpoint(
@@ -33,8 +35,12 @@ def make_checkpoint(
     seed: int = 0,
     metrics: dict | None = None,
     licence: str | None = None,
+    conformal: ConformalCalibration | None = None,
+    guard: OODGuard | None = None,
 ) -> Path:
-    """A checkpoint of a randomly initialised model (timm's tiny ``test_*`` nets by default)."""
+    """A checkpoint of a randomly initialised model (timm's tiny ``test_*`` nets by default),
+    with a conformal calibration and an out-of-distribution guard if given (as training stores
+    them), so that front ends can show prediction sets and flags without training."""
     torch.manual_seed(seed)
     spec = get_backbone_spec(backbone)
     model = build_model(spec, len(class_names), "none")
@@ -44,27 +50,45 @@ def make_checkpoint(
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    preprocess = resolve_preprocess(model.backbone)
-    meta = {
-        "model_id": f"test-{backbone}",
-        "backbone": spec.name,
-        "timm_name": spec.timm_name,
-        "licence": licence if licence is not None else spec.licence,
-        "pretrained": "none",
-        "task": "binary"
-        if tuple(class_names) == BINARY_CLASSES or len(class_names) == 2
-        else "subtype",
-        "class_names": list(class_names),
-        "head": {"dims": [512, 256], "dropouts": [0.5, 0.3]},
-        "preprocess": preprocess.to_dict(),
-        "stain": stain,
-        "magnification": "all",
-        "threshold": threshold,
-        "temperature": temperature,
-        "metrics": metrics or {},
-        "data": {"path": "synthetic", "layout": "test fixture"},
-    }
-    return save_checkpoint(path, model, meta)
+    meta = CheckpointMetadata(
+        backbone=spec.name,
+        class_names=tuple(class_names),
+        preprocess=resolve_preprocess(model.backbone),
+        task="binary" if len(class_names) == 2 else "subtype",
+        head=HeadSpec(),
+        model_id=f"test-{backbone}",
+        timm_name=spec.timm_name,
+        licence=licence if licence is not None else spec.licence,
+        pretrained="none",
+        stain=stain,
+        threshold=threshold,
+        temperature=temperature,
+        metrics=metrics or {},
+        data=TrainingData(path="synthetic", layout="test fixture"),
+        conformal=conformal.to_dict() if conformal is not None else None,
+        ood=guard.to_dict() if guard is not None else None,
+    )
+    state = {**model.state_dict(), **(guard.state_dict() if guard is not None else {})}
+    return save_checkpoint(path, state, meta)
+
+
+def flat_calibration(
+    score: float,
+    classes: Sequence[str] = BINARY_CLASSES,
+    n_patients: int = 20,
+    alpha: float = 0.1,
+) -> ConformalCalibration:
+    """A conformal calibration whose every score is ``score`` (one image per patient).
+
+    At any alpha from 1 / (``n_patients`` + 1) the quantile is ``score``: a class joins an
+    image's set when its (threshold-centred) probability is at least 1 - ``score``. So 0.99
+    refers nearly every image and 0.01 none, whatever an untrained model answers.
+    """
+    n = int(n_patients)
+    labels = np.arange(n) % len(classes)
+    return ConformalCalibration(
+        np.full(n, float(score)), labels, np.arange(n), tuple(classes), alpha
+    )
 
 
 def make_tissue_image(

@@ -53,7 +53,7 @@ def breakhis_like(tmp_path_factory, estimate) -> tuple[Path, Path]:
     last = [m for m in probe.model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         last.bias -= float(logits.mean())
-    meta = dict(probe.metadata)
+    meta = probe.metadata.to_dict()
     meta.update(
         temperature=float(logits.std()) / 1.5,
         metrics={
@@ -162,5 +162,59 @@ def test_viewer_window_end_to_end(xvfb_display, breakhis_like, image_folder, tmp
             f"batch of 12 tiles: {batch_seconds:.2f} s; open-to-heatmap (clicked row): "
             f"{presenter.current_timings}"
         )
+    finally:
+        app.close()
+
+
+def test_window_shows_refer_and_unlike_badges_with_their_reasons(
+    xvfb_display, image_folder, tmp_path
+):
+    """A calibrated, guarded checkpoint: the Flag column and the prediction panel's badge say
+    'refer' (with the set and its alpha) and 'not like the training images' (with the reason)."""
+    import tkinter as tk
+
+    from histolens.gui.app import ViewerApp
+    from histolens.ood import OODGuard
+    from histolens.testing import flat_calibration, make_checkpoint
+
+    ckpt = make_checkpoint(
+        tmp_path / "refer.safetensors", conformal=flat_calibration(0.99), guard=OODGuard()
+    )
+    Image.new("RGB", (96, 64), "white").save(image_folder / "blank.png")
+    root = tk.Tk()
+    root.geometry(f"{SCREEN[0]}x{SCREEN[1] - 28}+0+0")
+    app = ViewerApp(root, ckpt)
+    presenter = app.presenter
+    try:
+        pump(root, lambda: presenter.predictor is not None and not presenter.busy, "the model")
+        app.open_folder(image_folder)
+        pump(root, lambda: len(presenter.results) == 7 and not presenter.busy, "the results")
+        blank, tile = str(image_folder / "blank.png"), str(image_folder / "tile_0.png")
+        assert app.tree.set(blank, "review") == "not like the training images"
+        assert "unlike" in app.tree.item(blank, "tags")
+        assert app.tree.set(tile, "review") == "refer"
+        assert "review" in app.tree.item(tile, "tags")
+
+        app.select_row(tile)
+        pump(root, lambda: presenter.current_path == tile and not presenter.busy, "the tile")
+        badge = app.prediction_panel.review_badge
+        assert badge.winfo_ismapped() and str(badge.cget("style")) == "Review.TLabel"
+        assert str(badge.cget("text")).startswith("⚑  REFER: {benign, malignant} at α=0.10\n")
+        assert app.prediction_panel.set_text.cget("text") == (
+            "prediction set {benign, malignant} at α=0.10"
+        )
+
+        app.select_row(blank)
+        pump(root, lambda: presenter.current_path == blank and not presenter.busy, "the blank")
+        assert badge.winfo_ismapped() and str(badge.cget("style")) == "Unlike.TLabel"
+        assert str(badge.cget("text")) == (
+            "⚑  NOT LIKE THE TRAINING IMAGES\nThe image is nearly uniform (no visible structure)"
+        )
+        assert str(app.status_text.cget("text")).endswith("·  NOT LIKE THE TRAINING IMAGES")
+        for _ in range(20):
+            root.update()
+        shot = screenshot(xvfb_display, tmp_path / "histolens-gui-unlike.png")
+        with Image.open(shot) as png:
+            assert png.size == SCREEN
     finally:
         app.close()

@@ -422,12 +422,20 @@ def test_export_writes_csv_and_overlay_pngs(loaded, image_folder, tmp_path):
         "positive_probability",
         "threshold",
         "review_needed",
+        "prediction_set",
+        "refer",
+        "ood",
+        "ood_reason",
         "p_benign",
         "p_malignant",
         "overlay",
         "error",
     ]
     by_file = {r["file"]: r for r in rows}
+    # A checkpoint without a calibration or guard: no set, nothing referred or flagged.
+    assert {(r["prediction_set"], r["refer"], r["ood"]) for r in rows if not r["error"]} == {
+        ("", "false", "false")
+    }
     assert by_file["broken.png"]["overlay"] == "" and by_file["broken.png"]["error"]
     nested = by_file["patient_b/tile_9.png"]
     assert nested["overlay"] == "overlays/patient_b__tile_9_gradcam.png"
@@ -549,3 +557,94 @@ def test_model_info_names_the_backbones_licence(tmp_path):
     path = make_checkpoint(tmp_path / "uni.safetensors", licence="CC-BY-NC-ND-4.0")
     info = ModelInfo.from_predictor(Predictor.from_checkpoint(path))
     assert dict(info.rows())["Licence"] == "CC-BY-NC-ND-4.0"
+
+
+# --- prediction sets and the out-of-distribution flag (issue #15) -------------------------------
+def _guarded_checkpoint(path: Path, score: float) -> Path:
+    """A checkpoint with the image checks of the guard and a calibration that refers every
+    image (``score`` 0.99) or none (0.01); see histolens.testing.flat_calibration."""
+    from histolens.ood import OODGuard
+    from histolens.testing import flat_calibration
+
+    return make_checkpoint(path, conformal=flat_calibration(score), guard=OODGuard())
+
+
+@pytest.fixture
+def white_path(tmp_path) -> Path:
+    path = tmp_path / "blank.png"
+    Image.new("RGB", (140, 96), "white").save(path)
+    return path
+
+
+def _open(checkpoint: Path, image: Path):
+    presenter, view = make_presenter()
+    presenter.open_checkpoint(checkpoint)
+    presenter.open_image(image)
+    presenter.poll()
+    (summary,) = view.last("show_prediction")
+    return summary, view.last("show_status")[0]
+
+
+def test_a_referred_image_shows_its_set_alpha_and_reason(tmp_path, image_path):
+    summary, status = _open(_guarded_checkpoint(tmp_path / "r.st", 0.99), image_path)
+    assert summary.refer and summary.uncertain and not summary.ood
+    assert summary.prediction_set == ("benign", "malignant") and summary.alpha == 0.1
+    assert summary.review_text == (
+        "REFER: {benign, malignant} at α=0.10\nBenign and malignant are all plausible at alpha 0.1"
+    )
+    assert summary.set_text == "prediction set {benign, malignant} at α=0.10"
+    assert status.endswith("  ·  REFER")
+
+    summary, status = _open(_guarded_checkpoint(tmp_path / "k.st", 0.01), image_path)
+    assert not summary.flagged and summary.review_text == "" and summary.flag == ""
+    assert summary.set_text == f"prediction set {{{summary.label}}} at α=0.10"
+    assert "·" not in status
+
+
+def test_an_image_unlike_the_training_images_says_so_with_the_reason(
+    tmp_path, white_path, image_path
+):
+    summary, status = _open(_guarded_checkpoint(tmp_path / "k.st", 0.01), white_path)
+    assert summary.ood and summary.refer and summary.flagged
+    assert summary.ood_reason == "the image is nearly uniform (no visible structure)"
+    assert summary.review_text == (
+        "NOT LIKE THE TRAINING IMAGES\nThe image is nearly uniform (no visible structure)"
+    )
+    assert status.endswith("  ·  NOT LIKE THE TRAINING IMAGES")
+    # A guard without a calibration (an older training) still flags it; no set is shown.
+    from histolens.ood import OODGuard
+
+    summary, _ = _open(make_checkpoint(tmp_path / "g.st", guard=OODGuard()), white_path)
+    assert summary.ood and summary.review_text.startswith("NOT LIKE THE TRAINING IMAGES\n")
+    assert summary.set_text == ""
+
+
+def test_batch_flags_referred_and_unlike_rows_sorts_them_and_exports_them(
+    tmp_path, image_folder, white_path
+):
+    presenter, view = make_presenter()
+    presenter.open_checkpoint(_guarded_checkpoint(tmp_path / "r.st", 0.99))
+    presenter.open_paths([image_folder, white_path])
+    presenter.poll()
+    flags = {r.name: r.review for r in presenter.results}
+    assert flags["blank.png"] == "not like the training images"
+    assert flags["slides/broken.png"] == "unreadable"
+    assert {flags[f"slides/tile_{i}.png"] for i in range(4)} == {"refer"}
+    status = view.last("show_status")[0]
+    assert "; 6 review needed (1 not like the training images); 1 unreadable" in status
+
+    presenter.sort_results("review")
+    rows = view.last("show_results")[0]
+    assert [r.review for r in rows[:2]] == ["unreadable", "not like the training images"]
+    assert {r.review for r in rows[2:]} == {"refer"}
+
+    presenter.export(tmp_path / "export")
+    presenter.poll()
+    lines = (tmp_path / "export" / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    by_file = {r["file"]: r for r in csv.DictReader(lines[1:])}
+    blank = by_file["blank.png"]
+    assert (blank["ood"], blank["refer"], blank["review_needed"]) == ("true", "true", "true")
+    assert blank["ood_reason"] == "the image is nearly uniform (no visible structure)"
+    tile = by_file["slides/tile_0.png"]
+    assert tile["prediction_set"] == "benign;malignant" and tile["refer"] == "true"
+    assert (tile["ood"], tile["ood_reason"]) == ("false", "")

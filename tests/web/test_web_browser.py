@@ -193,3 +193,54 @@ def test_bad_upload_shows_the_services_message(live_server, sync_playwright, tmp
             assert page.locator("#dropzone").is_visible()
         finally:
             browser.close()
+
+
+def test_referred_and_unlike_images_show_the_flag_and_its_reason(sync_playwright, tmp_path):
+    """A calibrated, guarded checkpoint: a tile is referred with its prediction set; a white
+    tile is 'not like the training images', with the reason."""
+    from PIL import Image
+
+    from histolens.ood import OODGuard
+    from histolens.testing import flat_calibration, make_checkpoint
+
+    ckpt = make_checkpoint(
+        tmp_path / "r.safetensors", conformal=flat_calibration(0.99), guard=OODGuard()
+    )
+    tile, white = tmp_path / "tile.png", tmp_path / "white.png"
+    make_tissue_image((700, 460), seed=7).save(tile)
+    Image.new("RGB", (700, 460), "white").save(white)
+    with serve(ckpt) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.set_input_files("#file-input", str(tile))
+            page.wait_for_selector("#result:not([hidden])")
+            assert page.locator("#review").inner_text() == "Refer"
+            assert page.locator("#flag-reason").inner_text() == (
+                "Benign and malignant are all plausible at alpha 0.1."
+            )
+            assert page.locator("#prediction-set").inner_text() == (
+                "Prediction set {benign, malignant} at α=0.10"
+            )
+            page.wait_for_function("document.getElementById('canvas').dataset.method")
+
+            page.set_input_files("#file-input", str(white))
+            page.wait_for_function(
+                "document.getElementById('review').textContent.includes('training images')"
+            )
+            badge = page.locator("#review")
+            assert badge.is_visible() and badge.get_attribute("class") == "badge ood"
+            assert badge.inner_text().lower() == "not like the training images"
+            assert page.locator("#flag-reason").inner_text() == (
+                "The image is nearly uniform (no visible structure)."
+            )
+            page.wait_for_selector("#heatmap-busy", state="hidden")
+            assert errors == []
+            screenshot = tmp_path / "web_page_unlike.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    _keep_screenshot(screenshot)

@@ -37,7 +37,10 @@ _IMAGE_TYPES = [
     ("Images", " ".join(f"*{s} *{s.upper()}" for s in sorted(IMAGE_SUFFIXES))),
     ("All files", "*"),
 ]
-_CHECKPOINT_TYPES = [("histolens checkpoints", "*.safetensors"), ("All files", "*")]
+_CHECKPOINT_TYPES = [
+    ("histolens checkpoints", "*.safetensors *.onnx"),
+    ("All files", "*"),
+]
 
 
 class ViewerApp:

@@ -197,10 +197,13 @@ class BatchRunner:
             if r.prediction:
                 counts[r.label] = counts.get(r.label, 0) + 1
         parts = [f"{n} {label}" for label, n in sorted(counts.items())]
-        review = sum(r.uncertain for r in self.results)
+        review = sum(r.error is None and r.flag_rank > 0 for r in self.results)
+        unlike = sum(r.ood for r in self.results)
         unreadable = sum(r.error is not None for r in self.results)
         text = f"Analysed {len(self.results)} images: " + (", ".join(parts) or "none classified")
         text += f"; {review} review needed"
+        if unlike:
+            text += f" ({unlike} not like the training images)"
         if unreadable:
             text += f"; {unreadable} unreadable"
         if seconds is not None:

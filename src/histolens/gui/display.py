@@ -25,6 +25,7 @@ __all__ = [
     "ResultRow",
     "View",
     "method_label",
+    "set_text",
     "sort_key",
 ]
 
@@ -53,6 +54,14 @@ class PredictionSummary:
     positive_probability: float | None
     threshold: float | None
     uncertain: bool
+    # The conformal prediction set at error level ``alpha`` (empty without a calibration), and
+    # why a person should decide: several classes plausible, or unlike the training images.
+    prediction_set: tuple[str, ...] = ()
+    alpha: float | None = None
+    refer: bool = False
+    refer_reason: str | None = None
+    ood: bool = False
+    ood_reason: str | None = None
 
     @classmethod
     def from_prediction(
@@ -66,7 +75,18 @@ class PredictionSummary:
             prediction.positive_probability,
             prediction.threshold,
             bool(prediction.uncertain),
+            tuple(prediction.prediction_set),
+            prediction.alpha,
+            bool(prediction.refer),
+            prediction.refer_reason,
+            bool(prediction.ood),
+            prediction.ood_reason,
         )
+
+    @property
+    def flagged(self) -> bool:
+        """A person should look: unlike the training images, referred, or close to the boundary."""
+        return self.ood or self.refer or self.uncertain
 
     @property
     def probability_text(self) -> str:
@@ -82,12 +102,50 @@ class PredictionSummary:
         return f"decision threshold {self.threshold:.2f}"
 
     @property
+    def set_text(self) -> str:
+        """'prediction set {malignant} at α=0.10', or '' for a model without a calibration."""
+        if not self.prediction_set or self.alpha is None:
+            return ""
+        return f"prediction set {set_text(self.prediction_set, self.alpha)}"
+
+    @property
+    def flag(self) -> str:
+        """The badge's first words, for the status line: '' when nothing is flagged."""
+        if self.ood:
+            return _ood_message().upper()
+        if self.refer:
+            return "REFER"
+        return "REVIEW NEEDED" if self.uncertain else ""
+
+    @property
     def review_text(self) -> str:
+        """The badge: what is flagged, then why (the reason the prediction carries)."""
+        if self.ood:
+            return f"{_ood_message().upper()}\n{_sentence(self.ood_reason)}"
+        if self.refer and self.alpha is not None and len(self.prediction_set) > 1:
+            reason = f"\n{_sentence(self.refer_reason)}" if self.refer_reason else ""
+            return f"REFER: {set_text(self.prediction_set, self.alpha)}{reason}"
         if not self.uncertain:
             return ""
         if self.threshold is not None:
             return "Review needed: probability close to the decision threshold"
         return "Review needed: the two most probable classes are close"
+
+
+def set_text(prediction_set: Sequence[str], alpha: float) -> str:
+    """'{benign, malignant} at α=0.10': a prediction set and its error level."""
+    level = f"{alpha:.2f}" if round(alpha, 2) == alpha else f"{alpha:g}"
+    return "{" + ", ".join(prediction_set) + f"}} at α={level}"
+
+
+def _sentence(text: str | None) -> str:
+    return (text[:1].upper() + text[1:]) if text else ""
+
+
+def _ood_message() -> str:
+    from histolens.ood import OOD_MESSAGE  # imported when a prediction exists (torch is loaded)
+
+    return OOD_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -116,10 +174,29 @@ class ResultRow:
         return bool(self.prediction and self.prediction.uncertain)
 
     @property
+    def refer(self) -> bool:
+        return bool(self.prediction and self.prediction.refer)
+
+    @property
+    def ood(self) -> bool:
+        return bool(self.prediction and self.prediction.ood)
+
+    @property
     def review(self) -> str:
+        """The Flag column: unreadable, not like the training images, refer or review needed."""
         if self.error:
             return "unreadable"
+        if self.ood:
+            return _ood_message()
+        if self.refer:
+            return "refer"
         return "review needed" if self.uncertain else ""
+
+    @property
+    def flag_rank(self) -> int:
+        """How much the row needs a person: unreadable 3, unlike the training images 2, refer
+        or review needed 1, else 0."""
+        return 3 if self.error else 2 if self.ood else int(self.refer or self.uncertain)
 
 
 def sort_key(column: str) -> Callable[[ResultRow], Any]:
@@ -130,7 +207,7 @@ def sort_key(column: str) -> Callable[[ResultRow], Any]:
         return lambda r: (r.error is not None, r.label, r.name.lower())
     if column == "probability":
         return lambda r: (-1.0 if r.probability is None else r.probability, r.name.lower())
-    return lambda r: ({"unreadable": 2, "review needed": 1}.get(r.review, 0), r.name.lower())
+    return lambda r: (r.flag_rank, r.name.lower())
 
 
 class View(Protocol):

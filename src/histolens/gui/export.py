@@ -54,6 +54,10 @@ def _fields(class_names: Sequence[str]) -> list[str]:
         "positive_probability",
         "threshold",
         "review_needed",
+        "prediction_set",
+        "refer",
+        "ood",
+        "ood_reason",
         *[f"p_{c}" for c in class_names],
         "overlay",
         "error",
@@ -73,6 +77,11 @@ def _record(row: ResultRow, class_names: Sequence[str]) -> dict[str, Any]:
         else f"{pred.positive_probability:.6f}",
         "threshold": "" if pred is None or pred.threshold is None else f"{pred.threshold:.6f}",
         "review_needed": "" if pred is None else str(bool(pred.uncertain)).lower(),
+        # As the predictions CSV of ``histolens predict``: the set's classes joined by ';'.
+        "prediction_set": "" if pred is None else ";".join(pred.prediction_set),
+        "refer": "" if pred is None else str(bool(pred.refer)).lower(),
+        "ood": "" if pred is None else str(bool(pred.ood)).lower(),
+        "ood_reason": "" if pred is None else pred.ood_reason or "",
         "overlay": "",
         "error": row.error or "",
     }

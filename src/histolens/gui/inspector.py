@@ -159,7 +159,7 @@ class ImageInspector:
         cur.timings.setdefault("prediction_s", time.perf_counter() - cur.opened_at)
         summary = self._summary(prediction)
         self._view.show_prediction(summary)
-        review = "  ·  REVIEW NEEDED" if summary.uncertain else ""
+        review = f"  ·  {summary.flag}" if summary.flag else ""
         self._view.show_status(
             f"{Path(cur.path).name}: {summary.label} ({summary.probability_text}){review}"
         )

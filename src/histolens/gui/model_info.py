@@ -6,10 +6,10 @@ This is the one place the desktop viewer reads the checkpoint's metadata.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from histolens.checkpoint import TrainingData
     from histolens.explain import Explainer
     from histolens.predictor import Predictor
 
@@ -37,27 +37,27 @@ class ModelInfo:
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ModelInfo:
-        from histolens.performance import checkpoint_estimate, is_from_metrics, performance_lines
+        from histolens.performance import is_from_metrics, performance_lines
 
-        meta = predictor.metadata or {}
-        estimate = checkpoint_estimate(meta)
+        meta = predictor.metadata
+        estimate = meta.headline_estimate if meta is not None else None
         return cls(
             source=str(getattr(predictor, "source", "")),
-            model_id=str(meta.get("model_id") or Path(str(predictor.source)).stem),
+            model_id=predictor.model_id,
             backbone=predictor.backbone_name,
-            licence=meta.get("licence"),
+            licence=meta.licence if meta is not None else None,
             task=predictor.task,
             class_names=tuple(predictor.class_names),
-            threshold=predictor.threshold if len(predictor.class_names) == 2 else None,
+            threshold=predictor.threshold if predictor.is_binary else None,
             temperature=float(predictor.temperature),
-            training_data=_describe_data(meta.get("data"), meta.get("magnification")),
+            training_data=_describe_data(meta.data, meta.magnification) if meta else "",
             performance=tuple(performance_lines(estimate)),
             performance_title=(
                 "PERFORMANCE ON UNSEEN PATIENTS"
                 if estimate and not is_from_metrics(estimate)
                 else "MEASURED PERFORMANCE"
             ),
-            saved_at=str(meta.get("saved_at", "")),
+            saved_at=(meta.saved_at if meta is not None else None) or "",
         )
 
     def rows(self) -> list[tuple[str, str]]:
@@ -99,23 +99,19 @@ class ModelInfo:
         )
 
 
-def _describe_data(data: Any, magnification: Any = None) -> str:
-    if not isinstance(data, dict):
-        return str(data) if data else ""
-    parts = [str(data.get("path", "?"))]
-    if data.get("layout"):
-        parts.append(f"({data['layout']})")
-    if magnification not in (None, ""):
+def _describe_data(data: TrainingData, magnification: str) -> str:
+    parts = [data.path or "?"]
+    if data.layout:
+        parts.append(f"({data.layout})")
+    if magnification:
         parts.append(f"magnification {magnification}" + ("" if magnification == "all" else "X"))
-    split = data.get("split")
-    if isinstance(split, dict) and split:
+    if data.split:
         sizes = ", ".join(
-            f"{name} {part.get('images', '?')}"
-            for name, part in split.items()
-            if isinstance(part, dict)
+            f"{name} {'?' if part.images is None else part.images}"
+            for name, part in data.split.items()
         )
         parts.append(f"split: {sizes}")
-    if data.get("patient_level_split") is False:
+    if data.patient_level_split is False:
         parts.append("(split not patient-level)")
     return " ".join(parts)
 

@@ -18,7 +18,7 @@ __all__ = ["ModelPanel", "PredictionPanel", "ResultsPanel"]
 
 SELECT_DEBOUNCE_MS = 120
 COLUMN_TITLES = {"file": "File", "class": "Class", "probability": "Probability", "review": "Flag"}
-_COLUMN_WIDTHS = {"file": 230, "class": 84, "probability": 86, "review": 104}
+_COLUMN_WIDTHS = {"file": 230, "class": 84, "probability": 86, "review": 180}
 
 
 class ResultsPanel(ttk.Frame):
@@ -59,6 +59,7 @@ class ResultsPanel(ttk.Frame):
                 anchor="e" if col == "probability" else "w",
             )
         self.tree.tag_configure("review", background="#fdf0c8")
+        self.tree.tag_configure("unlike", background=style.UNLIKE_ROW_BG)
         self.tree.tag_configure("unreadable", foreground="#8a8f98")
         scroll = ttk.Scrollbar(table, orient="vertical", command=self.tree.yview)
         self.tree.configure(yscrollcommand=scroll.set)
@@ -92,7 +93,7 @@ class ResultsPanel(ttk.Frame):
 
     def append_results(self, rows: Sequence[ResultRow]) -> None:
         for row in rows:
-            tags = ("unreadable",) if row.error else ("review",) if row.uncertain else ()
+            tags = _row_tags(row)
             prob = "" if row.probability is None else f"{row.probability:.3f}"
             values = (row.name, row.label or "—", prob, row.review)
             self._row_ids[row.path] = self.tree.insert(
@@ -134,8 +135,18 @@ class ResultsPanel(ttk.Frame):
         self._on_open(path)
 
 
+def _row_tags(row: ResultRow) -> tuple[str, ...]:
+    """A row's colour: grey unreadable, orange unlike the training images, amber to review."""
+    if row.error:
+        return ("unreadable",)
+    if row.ood:
+        return ("unlike",)
+    return ("review",) if row.flag_rank else ()
+
+
 class PredictionPanel(ttk.Frame):
-    """The predicted class, its calibrated probability, the review flag and every class's score."""
+    """The predicted class, its calibrated probability and prediction set, the flag (unlike the
+    training images, refer, review needed) with its reason, and every class's score."""
 
     def __init__(self, master: tk.Misc) -> None:
         super().__init__(master, style="Panel.TFrame", padding=(10, 6, 10, 10))
@@ -145,8 +156,10 @@ class PredictionPanel(ttk.Frame):
         self.probability_text = ttk.Label(self, style="Probability.TLabel")
         self.probability_text.pack(anchor="w")
         self.threshold_text = ttk.Label(self, style="Muted.TLabel")
-        self.threshold_text.pack(anchor="w", pady=(0, 6))
-        self.review_badge = ttk.Label(self, style="Review.TLabel", wraplength=250)
+        self.threshold_text.pack(anchor="w")
+        self.set_text = ttk.Label(self, style="Muted.TLabel")
+        self.set_text.pack(anchor="w", pady=(0, 6))
+        self.review_badge = ttk.Label(self, style="Review.TLabel", wraplength=280)
         self.scores_frame = ttk.Frame(self, style="Panel.TFrame")
         self.scores_frame.pack(fill="x", pady=(6, 0), side="bottom")
         self.scores_frame.columnconfigure(1, weight=1)
@@ -175,6 +188,7 @@ class PredictionPanel(ttk.Frame):
             self.headline.configure(text="—")
             self.probability_text.configure(text="")
             self.threshold_text.configure(text="")
+            self.set_text.configure(text="")
             for bar, value in self._score_rows.values():
                 bar.configure(value=0)
                 value.configure(text="")
@@ -182,8 +196,12 @@ class PredictionPanel(ttk.Frame):
         self.headline.configure(text=summary.label)
         self.probability_text.configure(text=summary.probability_text)
         self.threshold_text.configure(text=summary.threshold_text + "  ·  calibrated")
-        if summary.uncertain:
-            self.review_badge.configure(text=f"⚑  {summary.review_text}")
+        self.set_text.configure(text=summary.set_text)
+        if summary.flagged:
+            self.review_badge.configure(
+                text=f"⚑  {summary.review_text}",
+                style="Unlike.TLabel" if summary.ood else "Review.TLabel",
+            )
             self.review_badge.pack(anchor="w", fill="x", pady=(2, 4), before=self.scores_frame)
         for name, (bar, value) in self._score_rows.items():
             p = summary.scores.get(name, 0.0)

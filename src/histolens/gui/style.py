@@ -7,8 +7,8 @@ from tkinter import ttk
 
 __all__ = ["apply_style"]
 
-# A sober palette: dark chrome around the images, neutral panels, amber for "review needed",
-# red only for the research notice and errors.
+# A sober palette: dark chrome around the images, neutral panels, amber for "review needed" and
+# "refer", orange for "not like the training images", red only for the research notice and errors.
 BG = "#eef0f3"
 PANEL = "#ffffff"
 CANVAS = "#23262b"
@@ -17,6 +17,8 @@ MUTED = "#5b6473"
 ACCENT = "#2f5d8a"
 NOTICE = "#8b1e1e"
 REVIEW_BG = "#f6c344"
+UNLIKE_BG = "#e8893a"
+UNLIKE_ROW_BG = "#fbdcc0"
 WARNING_BG = "#fff4e0"
 ERROR_BG = "#fde2e1"
 ERROR_FG = "#8b1e1e"
@@ -43,6 +45,13 @@ def apply_style(root: tk.Tk) -> None:
         "Review.TLabel",
         background=REVIEW_BG,
         foreground="#3d2c00",
+        font=(FONT, 10, "bold"),
+        padding=(8, 4),
+    )
+    style.configure(
+        "Unlike.TLabel",
+        background=UNLIKE_BG,
+        foreground="#2e1500",
         font=(FONT, 10, "bold"),
         padding=(8, 4),
     )

@@ -119,8 +119,8 @@ def serve_command(
     )
     shown_host = f"[{host}]" if ":" in host else host
     click.echo(
-        f"histolens: serving {meta.get('model_id') or checkpoint.name} "
-        f"({meta.get('backbone')}) at http://{shown_host}:{port}/ (API docs at /docs)"
+        f"histolens: serving {meta.model_id or checkpoint.name} "
+        f"({meta.backbone}) at http://{shown_host}:{port}/ (API docs at /docs)"
         + ("; API token required" if token else "")
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -3,13 +3,15 @@ metadata; the training data's path never leaves the server."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from histolens.errors import CheckpointError
 from histolens.web.schemas import DataSummary, ModelInfo
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from histolens.checkpoint import TrainingData
     from histolens.predictor import Predictor
     from histolens.web.settings import ServiceSettings
 
@@ -25,24 +27,26 @@ def describe_model(
     from histolens.performance import estimate_from_metrics
 
     meta = predictor.metadata
-    estimate = meta.get("estimate") if isinstance(meta.get("estimate"), dict) else None
-    stored = estimate_from_metrics(meta.get("metrics"), list(predictor.class_names), predictor.task)
+    if meta is None:
+        raise CheckpointError("The service's model was not loaded from a checkpoint.")
+    estimate = meta.estimate
+    stored = estimate_from_metrics(meta.metrics, list(predictor.class_names), predictor.task)
     return ModelInfo(
         model_id=predictor.model_id,
         backbone=predictor.backbone_name,
-        licence=meta.get("licence"),
+        licence=meta.licence,
         task=predictor.task,
         class_names=list(predictor.class_names),
-        threshold=predictor.threshold if len(predictor.class_names) == 2 else None,
+        threshold=predictor.threshold if predictor.is_binary else None,
         temperature=predictor.temperature,
-        magnification=None if meta.get("magnification") is None else str(meta["magnification"]),
-        saved_at=meta.get("saved_at"),
-        data=_data_summary(meta.get("data")),
+        magnification=meta.magnification,
+        saved_at=meta.saved_at,
+        data=_data_summary(meta.data),
         estimate=estimate,
-        metrics=meta.get("metrics") or {},
+        metrics=meta.metrics,
         metrics_description=stored["description"] if stored else None,
         metrics_warnings=(estimate or stored or {}).get("warnings", []),
-        versions=meta.get("versions") or {},
+        versions=meta.versions,
         explain_methods=list(explain_methods),
         auth_required=bool(settings.token),
         limits=settings.limits,
@@ -50,18 +54,13 @@ def describe_model(
     )
 
 
-def _data_summary(data: Any) -> DataSummary:
+def _data_summary(data: TrainingData) -> DataSummary:
     """The training data's layout and counts; its path stays on the server."""
-    if not isinstance(data, dict):
-        return DataSummary()
     # The last part of the path only (written on Windows or POSIX): never the folders above it.
-    name = str(data.get("path") or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    split = data.get("split")
+    name = (data.path or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     return DataSummary(
         name=name or None,
-        layout=None if data.get("layout") is None else str(data["layout"]),
-        patient_level_split=data.get("patient_level_split"),
-        split={k: v for k, v in split.items() if isinstance(v, dict)}
-        if isinstance(split, dict)
-        else {},
+        layout=data.layout,
+        patient_level_split=data.patient_level_split,
+        split={k: part.to_dict() for k, part in data.split.items()},
     )

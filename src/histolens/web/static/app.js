@@ -252,7 +252,7 @@ function showPrediction(pred) {
   label.textContent = pred.class.replace(/_/g, " ");
   label.className = "label " + (["benign", "malignant"].includes(pred.class) ? pred.class : "other");
   $("probability").textContent = pct(pred.probability);
-  $("review").hidden = !pred.uncertain;
+  showFlag(pred);
   $("meter").hidden = !binary;
   $("meter-scale").hidden = !binary;
   if (binary) {
@@ -273,6 +273,50 @@ function showPrediction(pred) {
     li.querySelector(".bar i").style.width = pct(p);
     return li;
   }));
+}
+
+function sentence(text) { return text ? text[0].toUpperCase() + text.slice(1) : ""; }
+
+// '{benign, malignant} at α=0.10': a conformal prediction set and its error level.
+function setText(pred) {
+  const a = pred.alpha;
+  const level = Math.abs(Math.round(a * 100) - a * 100) < 1e-9 ? a.toFixed(2) : String(a);
+  return `{${pred.prediction_set.join(", ")}} at α=${level}`;
+}
+
+// The flag and its reason: not like the training images, refer (several classes plausible at
+// the set's error level) or, for models without a calibration, review needed.
+function showFlag(pred) {
+  const badge = $("review");
+  const reason = $("flag-reason");
+  const hasSet = pred.prediction_set && pred.prediction_set.length > 0 && pred.alpha !== null;
+  $("prediction-set").hidden = !hasSet;
+  $("prediction-set").textContent = hasSet ? `Prediction set ${setText(pred)}` : "";
+  let flag = null;
+  if (pred.ood) {
+    flag = {
+      cls: "ood", badge: "Not like the training images", reason: pred.ood_reason,
+      title: "The image is not like the model's training images: its answer may mean nothing",
+    };
+  } else if (pred.refer) {
+    flag = {
+      cls: "review", badge: "Refer", reason: pred.refer_reason,
+      title: "Several classes are plausible at this error level: a person should decide",
+    };
+  } else if (pred.uncertain) {
+    flag = {
+      cls: "review", badge: "Review needed", reason: null,
+      title: "The probability is close to the decision threshold",
+    };
+  }
+  badge.hidden = flag === null;
+  reason.hidden = flag === null || !flag.reason;
+  if (flag === null) return;
+  badge.className = `badge ${flag.cls}`;
+  badge.textContent = flag.badge;
+  badge.title = flag.title;
+  reason.className = `flag-reason ${flag.cls}`;
+  reason.textContent = flag.reason ? `${sentence(flag.reason)}.` : "";
 }
 
 function showError(message) {
