@@ -168,3 +168,29 @@ def test_corrupt_or_foreign_checkpoint(tmp_path, tiny_checkpoint):
         Predictor.from_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="without best.safetensors"):
         Predictor.from_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"model.head": "linear", "data.val_fraction": 0.0},  # streamed through the backbone
+        {"model.unfreeze": 1, "train.epochs": 1},  # fine-tuning: images read every epoch
+    ],
+    ids=["probe", "fine-tune"],
+)
+def test_unreadable_images_are_skipped_and_listed(synth_small, tmp_path, over):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_small, data, ignore=shutil.ignore_patterns("manifest.csv"))
+    broken = sorted((data / "400X" / "benign").glob("*.png"))[0]
+    broken.write_bytes(b"\x89PNG truncated")
+    run = tmp_path / "run"
+    result = train(_cfg(data, **over), run, progress=False, write_outputs=False)
+    with open(run / "skipped.csv") as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == [str(broken)]
+    with open(run / "split.csv") as fh:
+        listed = [r["path"] for r in csv.DictReader(fh)]
+    assert len(listed) == 31 and str(broken) not in listed
+    assert any("1 unreadable image(s) skipped" in n for n in result.notes)
+    assert Predictor.from_checkpoint(run).class_names == ("benign", "malignant")
