@@ -76,3 +76,21 @@ def test_predictor_adapts_to_a_cohort_and_says_so(tiny_checkpoint, synth_small):
     _, after, _ = predictor.logits_for_paths(paths)
     assert predictor.metadata.adapted_batchnorm == {"images": 24}
     assert not torch.allclose(before, after)
+
+
+def test_evaluate_adapts_to_the_cohort_on_request(tiny_checkpoint, synth_small, tmp_path):
+    from click.testing import CliRunner
+
+    from histolens.cli import main
+
+    args = ["evaluate", str(tiny_checkpoint), "--data", str(synth_small), "--split", "all"]
+    args += ["--n-boot", "0"]
+    plain = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--quiet"])
+    adapted = CliRunner().invoke(
+        main, [*args, "--out", str(tmp_path / "b"), "--quiet", "--adapt-bn"]
+    )
+    assert plain.exit_code == 0 and adapted.exit_code == 0, adapted.output
+    assert "adapted to these 32 images (AdaBN)" in adapted.output
+    a = (tmp_path / "a" / "predictions.csv").read_text()
+    b = (tmp_path / "b" / "predictions.csv").read_text()
+    assert a.splitlines()[0] == b.splitlines()[0] and a != b
