@@ -25,6 +25,7 @@ __all__ = [
     "checkpoint_option",
     "combine",
     "config_option",
+    "count_option",
     "data_option",
     "device_option",
     "epochs_option",
@@ -95,6 +96,13 @@ def out_option(
         default=default,
         show_default=default is not None,
         help=help,
+    )
+
+
+def count_option(flag: str, default: int, help: str | None = None, minimum: int = 1) -> Decorator:
+    """``flag``: a whole number of at least ``minimum`` (images, workers, folds), default shown."""
+    return click.option(
+        flag, default=default, show_default=True, type=click.IntRange(minimum), help=help
     )
 
 

@@ -11,6 +11,9 @@ Nothing is written until the export has been compared with PyTorch on the run's 
 may differ by at most ``FP32_TOLERANCE``; int8 may lose at most ``INT8_AUC_TOLERANCE`` of AUC.
 """
 
+# Over 400 lines: trace, quantise and verify are one transaction (nothing is written until the
+# check passes).
+
 from __future__ import annotations
 
 import base64

@@ -1,5 +1,8 @@
 """Predictor: the one way evaluation, explanations, the desktop app and the service get a model."""
 
+# Over 400 lines: the one model facade of every front end; its loading paths (torch, ONNX) and
+# prediction methods share its state.
+
 from __future__ import annotations
 
 import os

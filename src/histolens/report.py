@@ -1,5 +1,8 @@
 """One self-contained HTML report per run: images embedded, opens offline."""
 
+# Over 400 lines: one HTML document; its sections are small renderers sharing the same formatting
+# helpers.
+
 from __future__ import annotations
 
 import base64

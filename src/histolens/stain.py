@@ -7,6 +7,9 @@ degenerate fit) is returned unchanged and flagged. The fitted state is plain JSO
 checkpoint carries exactly the normalisation that training used.
 """
 
+# Over 400 lines: the Macenko and Reinhard normalisers and the HED augmenter share one batched
+# core (float batches, chunking, optical density, tissue masks) and its fall-back rules.
+
 from __future__ import annotations
 
 import math

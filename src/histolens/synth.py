@@ -8,6 +8,9 @@ whose extent is written as a mask for checking heatmaps. Each patient has its ow
 size and density, so images of one patient resemble each other, as on real slides.
 """
 
+# Over 400 lines: one generator; its painting steps (stains, glands, nuclei, lesion mask) only make
+# sense together.
+
 from __future__ import annotations
 
 import csv

@@ -14,6 +14,7 @@ import click
 
 from histolens.cli_options import (
     checkpoint_argument,
+    count_option,
     device_option,
     out_option,
     quiet_option,
@@ -151,20 +152,12 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     help="Write the faithfulness table (deletion/insertion AUC, ROAD, and on synthetic "
     "data the pointing game and lesion IoU) instead of heatmaps.",
 )
-@click.option(
-    "--max-images",
-    default=20,
-    show_default=True,
-    type=click.IntRange(1),
-    help="With --evaluate: evaluate at most this many images (evenly spread).",
+@count_option(
+    "--max-images", 20, help="With --evaluate: evaluate at most this many images (evenly spread)."
 )
 @click.option("--no-road", is_flag=True, help="With --evaluate: skip ROAD (the slowest metric).")
-@click.option(
-    "--n-samples",
-    default=200,
-    show_default=True,
-    type=click.IntRange(10),
-    help="Perturbed images per LIME / Kernel SHAP explanation.",
+@count_option(
+    "--n-samples", 200, help="Perturbed images per LIME / Kernel SHAP explanation.", minimum=10
 )
 @device_option()
 @quiet_option()

@@ -49,15 +49,9 @@ def create_app(
 
     Args:
         checkpoint: a checkpoint file or run directory (or an already loaded Predictor).
-        token: if set, every /v1/* request needs ``Authorization: Bearer <token>``.
-        max_upload_bytes: largest single image upload; bigger ones get 413.
-        max_queue: requests that may wait for the model; more get 503 with Retry-After.
-        max_batch: images per model call when concurrent predicts are micro-batched; 1 = off.
-        batch_wait_ms: how long a batch waits for more requests after its first.
-        max_batch_files: files per /v1/predict/batch request.
-        max_batch_bytes: body limit of /v1/predict/batch (default 8 x max_upload_bytes).
-        max_pixels: images with more pixels are refused as possible decompression bombs.
-        device: torch device for the model.
+        token, max_upload_bytes, max_queue, max_batch, batch_wait_ms, max_batch_files,
+            max_batch_bytes, max_pixels, device: the fields of :class:`ServiceSettings`, which
+            says what each one limits and checks them.
     """
     settings = ServiceSettings(
         token=token,

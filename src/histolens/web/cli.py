@@ -6,19 +6,15 @@ from pathlib import Path
 
 import click
 
+from histolens.cli_options import checkpoint_option, count_option, device_option
+
 __all__ = ["serve_command"]
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 @click.command("serve")
-@click.option(
-    "--checkpoint",
-    "-c",
-    required=True,
-    type=click.Path(exists=True, path_type=Path),
-    help="Checkpoint file or run directory.",
-)
+@checkpoint_option(required=True)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -40,18 +36,12 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
     type=click.FloatRange(0.001),
     help="Largest image upload; larger ones get 413.",
 )
-@click.option(
-    "--max-queue",
-    default=64,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Requests that may wait for the model; more get 503 with Retry-After.",
+@count_option(
+    "--max-queue", 64, help="Requests that may wait for the model; more get 503 with Retry-After."
 )
-@click.option(
+@count_option(
     "--max-batch",
-    default=16,
-    show_default=True,
-    type=click.IntRange(1),
+    16,
     help="Images per model call when concurrent requests are micro-batched (1: off).",
 )
 @click.option(
@@ -61,14 +51,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
     type=click.FloatRange(0),
     help="How long a micro-batch waits for more requests after its first.",
 )
-@click.option(
-    "--max-batch-files",
-    default=16,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Files per /v1/predict/batch request.",
-)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@count_option("--max-batch-files", 16, help="Files per /v1/predict/batch request.")
+@device_option()
 @click.option(
     "--log-level",
     default="info",
