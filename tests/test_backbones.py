@@ -31,6 +31,27 @@ def test_lite0_package_weights_classify_a_cat():
     assert any(281 <= c <= 285 for c in top5), top5
 
 
+@pytest.mark.parametrize("variant", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_and_lite2_package_weights_load_strictly_and_classify_a_cat(variant):
+    """Lite1/Lite2 ship in Lite0's key layout with deeper stages (1, 3, 3, 4, 4, 5, 1)."""
+    import timm
+    from PIL import Image
+    from skimage import data
+
+    from histolens.backbones import lite_package_state_dict
+
+    model = timm.create_model(variant, pretrained=False)
+    model.load_state_dict(lite_package_state_dict(variant), strict=True)
+    pre = resolve_preprocess(model)
+    x = pre.normalize(pre.resize(Image.fromarray(data.chelsea())).float().unsqueeze(0) / 255)
+    with torch.no_grad():
+        top5 = model.eval()(x).topk(5).indices[0].tolist()
+    assert any(281 <= c <= 285 for c in top5), top5
+    # The registry builds it with these weights offline (no hub), without the classifier.
+    backbone = create_backbone(get_backbone_spec(variant), "imagenet")
+    assert torch.equal(backbone.conv_stem.weight, model.conv_stem.weight)
+
+
 def test_offline_imagenet_error_names_the_remedies(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = get_backbone_spec("resnet50")
