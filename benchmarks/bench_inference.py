@@ -142,7 +142,14 @@ def run_child(model: str, backend: str, batch: int, onnx: str, size, opts) -> di
         str(opts.min_seconds),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=opts.child_timeout
+        )
+    except subprocess.TimeoutExpired:
+        # A backend this slow is not a contender; say how slow instead of waiting for it.
+        seconds = opts.child_timeout
+        return {"error": f"stopped after {seconds:.0f} s (under {batch / seconds:.2f} images/s)"}
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail}
@@ -158,6 +165,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-batches", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--child-timeout",
+        type=float,
+        default=240.0,
+        help="Seconds one backend may take (warm-up and timed batches) before it is stopped.",
+    )
     # Internal: one measurement in a child process.
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

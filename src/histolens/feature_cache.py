@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
     from histolens.pipeline import ImageSource, InputPipeline
 
 __all__ = ["FeatureCache"]
-
-# Called with each decoded uint8 batch (paths, images) while it is in memory.
-BatchObserver = Callable[[list[str], torch.Tensor], None]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -122,7 +119,6 @@ class FeatureCache:
         batch_size: int = 32,
         progress: bool = True,
         fabric: Any = None,
-        on_batch: BatchObserver | None = None,
     ) -> None:
         """Compute features only for the images (and views) not cached yet.
 
@@ -147,8 +143,6 @@ class FeatureCache:
         with _progress(total, "Backbone features", progress) as bar:
             done = _ThroughputEstimate(total, bar, progress)
             for paths, batch in images.batches(mine, batch_size):
-                if on_batch is not None:
-                    on_batch(paths, batch)
                 keep = [i for i, p in enumerate(paths) if p in wanted_clean]
                 if keep:
                     x = pipeline.eval_inputs(batch[keep])
