@@ -351,6 +351,43 @@ def export_onnx(
     """
     start = time.perf_counter()
     say = progress or (lambda _line: None)
+    source, target = _export_paths(checkpoint, out, quantization)
+    predictor = Predictor.from_checkpoint(source)
+    verify, where = _verification_records(source, verify_images)
+    with tempfile.TemporaryDirectory(prefix="histolens-export-") as tmp:
+        graph = Path(tmp) / "fp32.onnx"
+        say(f"Exporting {predictor.backbone_name} at {predictor.preprocess.input_size}")
+        trace_onnx(predictor.model, predictor.preprocess.input_size, graph)
+        n_calibration = 0
+        if quantization == "int8":
+            graph, n_calibration = _quantised_graph(
+                predictor, source, graph, calibration_images, batch_size, say
+            )
+        say(f"Verifying against PyTorch on {where}")
+        n, change, auc_torch, auc_onnx = _compare(predictor, OnnxRunner(graph), verify, batch_size)
+        _check(quantization, where, change, auc_torch, auc_onnx)
+        int8 = quantization == "int8"
+        result = ExportResult(
+            target,
+            source,
+            quantization,
+            n,
+            where,
+            change,
+            _finite(auc_torch) if int8 else None,
+            _finite(auc_onnx) if int8 else None,
+            n_calibration,
+            0,
+            0.0,
+        )
+        _save_export(graph, predictor, result)
+    return replace(result, size_bytes=target.stat().st_size, seconds=time.perf_counter() - start)
+
+
+def _export_paths(
+    checkpoint: str | os.PathLike, out: str | os.PathLike | None, quantization: str
+) -> tuple[Path, Path]:
+    """The torch checkpoint to export and the ``.onnx`` file to write, both checked."""
     check_choice("quantisation", quantization, QUANTIZATIONS)
     source = resolve_checkpoint_path(checkpoint)
     if is_onnx_file(source):
@@ -364,71 +401,69 @@ def export_onnx(
             f"The export's file name must end in .onnx (not '{target.name}'), which is how "
             "histolens knows to run it on ONNX Runtime."
         )
-    predictor = Predictor.from_checkpoint(source)
-    verify, where = _verification_records(source, verify_images)
+    return source, target
+
+
+def _quantised_graph(
+    predictor: Predictor,
+    source: Path,
+    fp32: Path,
+    calibration_images: int,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> tuple[Path, int]:
+    """The int8 graph (beside ``fp32``) calibrated on the run's training images, and how many
+    images the calibration read."""
+    train, _ = _records(source, "train")
+    calibration = _spread(train, calibration_images)
+    if not calibration:
+        raise ExportError(
+            f"{source} cannot be quantised: its run lists no training images to calibrate on."
+        )
+    say(f"Calibrating int8 on {len(calibration)} training images")
+    batches = (x.numpy() for _, x in _inputs(predictor, calibration, batch_size))
+    graph = fp32.with_name("int8.onnx")
+    n_calibration = quantize_int8(fp32, graph, batches)
+    if not n_calibration:
+        raise ExportError("The int8 export cannot be calibrated: no training image was readable.")
+    return graph, n_calibration
+
+
+def _save_export(graph: Path, predictor: Predictor, result: ExportResult) -> None:
+    """Write the verified ``graph`` to ``result.path`` atomically, with the checkpoint's
+    metadata (and its tensors that are not the model's weights) and the export's record."""
+    import onnx
+
+    state, meta = load_checkpoint(result.source)
+    own = set(predictor.model.state_dict())
+    tensors = {k: v for k, v in state.items() if k not in own}
+    export = _export_record(predictor, result)
+    model = _attach_metadata(graph, replace(meta, export=export), tensors)
+    with atomic_path(result.path) as part:
+        onnx.save(model, str(part))
+
+
+def _export_record(predictor: Predictor, result: ExportResult) -> dict[str, Any]:
+    """The metadata's ``export`` entry: format, graph interface, source, verification, versions."""
     import onnx
     import onnxruntime
 
-    with tempfile.TemporaryDirectory(prefix="histolens-export-") as tmp:
-        graph = Path(tmp) / "fp32.onnx"
-        say(f"Exporting {predictor.backbone_name} at {predictor.preprocess.input_size}")
-        trace_onnx(predictor.model, predictor.preprocess.input_size, graph)
-        n_calibration = 0
-        if quantization == "int8":
-            train, _ = _records(source, "train")
-            calibration = _spread(train, calibration_images)
-            if not calibration:
-                raise ExportError(
-                    f"{source} cannot be quantised: its run lists no training images to "
-                    "calibrate on."
-                )
-            say(f"Calibrating int8 on {len(calibration)} training images")
-            batches = (x.numpy() for _, x in _inputs(predictor, calibration, batch_size))
-            graph, fp32 = graph.with_name("int8.onnx"), graph
-            n_calibration = quantize_int8(fp32, graph, batches)
-            if not n_calibration:
-                raise ExportError(
-                    "The int8 export cannot be calibrated: no training image was readable."
-                )
-        say(f"Verifying against PyTorch on {where}")
-        n, change, auc_torch, auc_onnx = _compare(predictor, OnnxRunner(graph), verify, batch_size)
-        _check(quantization, where, change, auc_torch, auc_onnx)
-        state, meta = load_checkpoint(source)
-        own = set(predictor.model.state_dict())
-        tensors = {k: v for k, v in state.items() if k not in own}
-        result = ExportResult(
-            target,
-            source,
-            quantization,
-            n,
-            where,
-            change,
-            _finite(auc_torch) if quantization == "int8" else None,
-            _finite(auc_onnx) if quantization == "int8" else None,
-            n_calibration,
-            0,
-            0.0,
-        )
-        export = {
-            "format": "onnx",
-            "quantization": quantization,
-            "opset": OPSET,
-            "input": {"name": INPUT_NAME, "shape": ["batch", 3, *predictor.preprocess.input_size]},
-            "outputs": list(OUTPUT_NAMES),
-            "source_checkpoint": str(source.resolve()),
-            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "calibration_images": n_calibration,
-            "verification": result.verification(),
-            "versions": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
-        }
-        model = _attach_metadata(graph, replace(meta, export=export), tensors)
-        with atomic_path(target) as part:
-            onnx.save(model, str(part))
-    return replace(result, size_bytes=target.stat().st_size, seconds=time.perf_counter() - start)
+    return {
+        "format": "onnx",
+        "quantization": result.quantization,
+        "opset": OPSET,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, *predictor.preprocess.input_size]},
+        "outputs": list(OUTPUT_NAMES),
+        "source_checkpoint": str(result.source.resolve()),
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "calibration_images": result.n_calibration,
+        "verification": result.verification(),
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+    }
 
 
 def _check(

@@ -535,6 +535,24 @@ def choose_reference(
         DataError: there are no images, or none of them can be fitted.
     """
     method = check_choice("stain normalisation", method, STAIN_METHODS)
+    chunks, total = _reference_chunks(images)
+    features, usable = _reference_features(chunks, total, method, io, alpha, beta)
+    if not usable.any():
+        raise DataError(
+            f"None of the {total} candidate reference images has enough tissue to fit "
+            f"{method} stain statistics."
+        )
+    return _most_typical(features, usable, method)
+
+
+def _reference_chunks(
+    images: Sequence[torch.Tensor] | torch.Tensor,
+) -> tuple[list[tuple[list[int], torch.Tensor]], int]:
+    """The images as (indices, float batch) chunks of one size each, and how many there are.
+
+    Raises:
+        DataError: there are no images.
+    """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         batch = _as_float_batch(images)
         groups = [(list(range(batch.shape[0])), batch)]
@@ -551,7 +569,21 @@ def choose_reference(
     for group, batch in groups:
         step = _chunk_size(batch)
         chunks += [(group[i : i + step], batch[i : i + step]) for i in range(0, len(group), step)]
+    return chunks, total
 
+
+def _reference_features(
+    chunks: Sequence[tuple[list[int], torch.Tensor]],
+    total: int,
+    method: str,
+    io: float,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's stain statistics, (total, 6) float64, and whether they could be fitted.
+
+    Macenko gives the two stain vectors; Reinhard the LAB mean and std.
+    """
     features = torch.zeros(total, 6, dtype=torch.float64)
     usable = torch.zeros(total, dtype=torch.bool)
     for group, batch in chunks:
@@ -568,11 +600,12 @@ def choose_reference(
         index = torch.tensor(group)
         features[index] = feats.double().cpu()
         usable[index] = ok.cpu()
-    if not usable.any():
-        raise DataError(
-            f"None of the {total} candidate reference images has enough tissue to fit "
-            f"{method} stain statistics."
-        )
+    return features, usable
+
+
+def _most_typical(features: torch.Tensor, usable: torch.Tensor, method: str) -> int:
+    """Index of the usable image whose statistics are nearest their median (Reinhard's scaled
+    by their spread, as mean and std are in different units)."""
     candidates = features[usable]
     median = candidates.median(dim=0).values
     if method == "reinhard":

@@ -300,13 +300,14 @@ def test_folder_batch_fills_sorts_and_flags_results(loaded, image_folder):
     presenter.open_folder(image_folder)
     presenter.poll()
     names = [r.name for r in presenter.results]
+    # images_under's order, the one `histolens predict` writes its CSV in.
     assert names == [
         "broken.png",
+        "patient_b/tile_9.png",
         "tile_0.png",
         "tile_1.png",
         "tile_2.png",
         "tile_3.png",
-        "patient_b/tile_9.png",
     ]
     broken = presenter.results[0]
     assert broken.review == "unreadable" and broken.error == "not an image file PIL can read"
@@ -344,7 +345,7 @@ def test_open_paths_shows_one_image_or_runs_folders_and_files_as_one_batch(
 
     presenter.open_paths([image_folder])
     presenter.poll()
-    assert [r.name for r in presenter.results][-1] == "patient_b/tile_9.png"
+    assert [r.name for r in presenter.results][1] == "patient_b/tile_9.png"
     assert len(presenter.results) == 6
 
     (tmp_path / "empty").mkdir()
@@ -520,17 +521,22 @@ def test_find_images_and_method_labels(image_folder, tmp_path):
     found = [Path(p).relative_to(image_folder).as_posix() for p in find_images(image_folder)]
     assert found == [
         "broken.png",
+        "patient_b/tile_9.png",
         "tile_0.png",
         "tile_1.png",
         "tile_2.png",
         "tile_3.png",
-        "patient_b/tile_9.png",
     ]
+    from histolens.imagefiles import images_under
+
+    assert find_images(image_folder) == [str(p) for p in images_under(image_folder)]
     (tmp_path / "empty").mkdir()
     from histolens.errors import DataError
 
     with pytest.raises(DataError, match="No images in .*empty"):
         find_images(tmp_path / "empty")
+    with pytest.raises(DataError, match="tile_0.png is not a folder"):
+        find_images(image_folder / "tile_0.png")
     assert method_label("gradcam++") == "Grad-CAM++" and method_label("new_cam") == "new_cam"
 
 

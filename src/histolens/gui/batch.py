@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from histolens.errors import DataError
 from histolens.gui.display import SORT_COLUMNS, ResultRow, View, sort_key
 from histolens.gui.jobs import BackgroundJobs, report_error
-from histolens.imageio import IMAGE_SUFFIXES, is_image_name
+from histolens.imagefiles import images_under
 
 if TYPE_CHECKING:
     from histolens.data import Skipped
@@ -30,43 +30,21 @@ __all__ = ["BATCH_CHUNK", "BatchRunner", "find_images", "images_in"]
 BATCH_CHUNK = 16
 
 
-def _images_under(root: Path) -> list[str]:
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # masks/ holds lesion masks next to synthetic data, not tissue to classify.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "masks")
-        found += [os.path.join(dirpath, n) for n in sorted(filenames) if is_image_name(n)]
-    return found
-
-
-def _no_images(where: str) -> DataError:
-    return DataError(
-        f"No images in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)."
-    )
-
-
 def find_images(folder: str | os.PathLike) -> list[str]:
-    """Image files under ``folder`` (recursive, sorted; hidden entries and masks/ skipped)."""
+    """Image files under ``folder``, by ``images_under``'s rule (recursive, sorted by path;
+    hidden entries and masks/ skipped), so the results list is in ``histolens predict``'s order."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.")
-    found = _images_under(root)
-    if not found:
-        raise _no_images(str(root))
-    return found
+    return [str(path) for path in images_under(root)]
 
 
 def images_in(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """The files given, and the images under the folders given, in that order.
+    """The files given, and the images under the folders given, in that order (``images_under``).
 
     A folder without images adds nothing; only when nothing at all is found is that an error.
     """
-    found: list[str] = []
-    for path in map(Path, paths):
-        found += _images_under(path) if path.is_dir() else [str(path)]
-    if not found:
-        raise _no_images(", ".join(map(str, paths)) or "no paths")
-    return found
+    return [str(path) for path in images_under(*paths)]
 
 
 class BatchRunner:
