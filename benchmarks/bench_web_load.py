@@ -7,6 +7,10 @@ so that both see the same machine load. Each cell sends at most --requests reque
 Loopback only; nothing leaves the machine.
 
     python benchmarks/bench_web_load.py --checkpoint runs/x/model.safetensors --requests 200
+
+With ``--against FILE`` (for example the run's ONNX export, ``histolens export``) the two servers
+are instead the checkpoint and FILE, both micro-batched: a backend compared with today's torch one
+under the same alternating load.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Server:
     """The service in its own process, so client threads do not share its interpreter lock."""
 
     def __init__(self, checkpoint: Path, max_batch: int, batch_wait_ms: float) -> None:
+        self.checkpoint = checkpoint
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -172,17 +177,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-batch", type=int, default=16, help="micro-batch size when on")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="a second model file (e.g. an ONNX export) served micro-batched beside the checkpoint",
+    )
     args = parser.parse_args(argv)
 
     image = args.image.read_bytes() if args.image else default_image()
     levels = [int(c) for c in args.concurrency.split(",")]
-    modes = [("batched", args.max_batch), ("unbatched", 1)]
+    if args.against is None:
+        modes = [("batched", args.max_batch, args.checkpoint), ("unbatched", 1, args.checkpoint)]
+    else:
+        modes = [
+            (args.checkpoint.suffix.lstrip(".") or "torch", args.max_batch, args.checkpoint),
+            (args.against.suffix.lstrip(".") or "other", args.max_batch, args.against),
+        ]
+        if modes[0][0] == modes[1][0]:
+            modes = [("first",) + modes[0][1:], ("second",) + modes[1][1:]]
     # Both servers run side by side and the modes take turns in short rounds, so that both see
     # the same machine load (an idle server costs no CPU).
     servers = {}
     try:
-        for mode, max_batch in modes:
-            servers[mode] = Server(args.checkpoint, max_batch, args.batch_wait_ms)
+        for mode, max_batch, model_file in modes:
+            servers[mode] = Server(model_file, max_batch, args.batch_wait_ms)
             run_cell(servers[mode].url, image, 2, 4, 120)  # warm-up
         print(f"load average before: {load_average()}", file=sys.stderr)
         chunks: dict[tuple[str, int], list[dict]] = {}
@@ -190,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
             # Short rounds (a few requests per client), modes alternating and swapping who goes
             # first: a burst of load from elsewhere on the machine hits both modes alike.
             per_round = max(8, 4 * clients)
-            sent = {mode: 0 for mode, _ in modes}
-            spent = {mode: 0.0 for mode, _ in modes}
+            sent = {mode: 0 for mode, *_ in modes}
+            spent = {mode: 0.0 for mode, *_ in modes}
             round_ = 0
             while any(sent[m] < args.requests and spent[m] < args.max_seconds for m in sent):
-                for mode, _ in modes if round_ % 2 == 0 else modes[::-1]:
+                for mode, *_ in modes if round_ % 2 == 0 else modes[::-1]:
                     n = min(per_round, args.requests - sent[mode])
                     if n <= 0 or spent[mode] >= args.max_seconds:
                         continue
@@ -205,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                     sent[mode] += n
                     spent[mode] += chunk["wall"]
                 round_ += 1
-            for mode, _ in modes:
+            for mode, *_ in modes:
                 r = summarise(chunks[mode, clients])
                 print(
                     f"  {mode:9s} {clients:2d} clients: {r['done']} ok in {r['wall']:.1f} s",
@@ -217,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
             server.close()
     results = {key: summarise(value) for key, value in chunks.items()}
 
+    served = "   ".join(f"{mode}: {f}" for mode, _, f in modes)
     print(
-        f"\ncheckpoint: {args.checkpoint}   image: {len(image) / 1024:.0f} KB   "
+        f"\n{served}   image: {len(image) / 1024:.0f} KB   "
         f"max_batch={args.max_batch} batch_wait_ms={args.batch_wait_ms}   "
         f"cpus: {os.cpu_count()}   load average after: {load_average()}\n"
     )
@@ -228,22 +247,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header)
     print("-" * len(header))
-    for mode, _ in modes:
+    for mode, *_ in modes:
         for clients in levels:
             r = results[mode, clients]
             print(
                 f"{mode:10s} {clients:7d} {r['done']:5d} {r['errors']:6d} {r['rps']:7.2f} "
                 f"{r['p50']:8.0f} {r['p95']:8.0f} {r['p99']:8.0f}"
             )
-    print("\nbatched / unbatched:")
+    first, second = modes[0][0], modes[1][0]
+    print(f"\n{first} / {second}:")
     for clients in levels:
-        b, u = results["batched", clients], results["unbatched", clients]
+        b, u = results[first, clients], results[second, clients]
         if not (b["done"] and u["done"]):
             print(f"  {clients:2d} clients: n/a (a mode completed no request; see errors)")
             continue
         print(
             f"  {clients:2d} clients: throughput x{b['rps'] / u['rps']:.2f}, "
-            f"p50 latency x{b['p50'] / u['p50']:.2f}"
+            f"p50 latency x{b['p50'] / u['p50']:.2f}, p99 latency x{b['p99'] / u['p99']:.2f}"
         )
 
 
