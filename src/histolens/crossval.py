@@ -56,6 +56,49 @@ def image_bank_for(cfg: RunConfig, progress: bool = True, records=None):
     return ImageBank([r.path for r in records], preprocess, progress)
 
 
+def _run_fold(
+    cfg: RunConfig,
+    train_recs: list,
+    test_recs: list,
+    seed: int,
+    run_dir: Path,
+    bank,
+    store: dict,
+) -> dict[str, float]:
+    """Train one fold on ``train_recs`` (inner patient-level validation split) and score it on
+    ``test_recs``: its headline image metrics, test support and best epoch."""
+    from histolens.training import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        inner = split_by_patient(
+            train_recs,
+            cfg.data.task,
+            val_fraction=0.2,
+            test_fraction=0.0,
+            seed=seed,
+            group_by=cfg.data.group_by,
+        )
+    split = Split(inner.train, inner.val, test_recs, inner.patient_level)
+    run = train(
+        cfg,
+        run_dir,
+        split=split,
+        bank=bank,
+        feature_store=store,
+        progress=False,
+        write_outputs=False,
+    )
+    img = run.metrics["image"]
+    fold = {key: float(img[key]) for key in HEADLINE_METRICS if key in img}
+    fold.update(
+        n_test_images=len(test_recs),
+        n_test_patients=len({r.group for r in test_recs}),
+        best_epoch=run.best_epoch + 1,
+    )
+    return fold
+
+
 def cross_validate(
     cfg: RunConfig,
     n_splits: int = 5,
@@ -72,13 +115,12 @@ def cross_validate(
     """
     import time
 
-    from histolens.training import prepare_records, train
+    from histolens.training import prepare_records
 
     start = time.perf_counter()
     seed = cfg.data.seed if seed is None else seed
     _, records, _ = prepare_records(cfg)
-    task = cfg.data.task
-    folds = group_kfold(records, task, n_splits, seed)
+    folds = group_kfold(records, cfg.data.task, n_splits, seed)
     if bank is None:
         bank = image_bank_for(cfg, progress, records)
     store = feature_store if feature_store is not None else {}
@@ -87,33 +129,8 @@ def cross_validate(
         for k, (tr, te) in enumerate(folds):
             train_recs = [records[i] for i in tr]
             test_recs = [records[i] for i in te]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                inner = split_by_patient(
-                    train_recs,
-                    task,
-                    val_fraction=0.2,
-                    test_fraction=0.0,
-                    seed=seed + k,
-                    group_by=cfg.data.group_by,
-                )
-            split = Split(inner.train, inner.val, test_recs, inner.patient_level)
-            run = train(
-                cfg,
-                Path(tmp) / f"fold{k}",
-                split=split,
-                bank=bank,
-                feature_store=store,
-                progress=False,
-                write_outputs=False,
-            )
-            img = run.metrics["image"]
-            fold = {key: float(img[key]) for key in HEADLINE_METRICS if key in img}
-            fold.update(
-                n_test_images=len(test_recs),
-                n_test_patients=len({r.group for r in test_recs}),
-                best_epoch=run.best_epoch + 1,
-            )
+            run_dir = Path(tmp) / f"fold{k}"
+            fold = _run_fold(cfg, train_recs, test_recs, seed + k, run_dir, bank, store)
             result.folds.append(fold)
             if progress:
                 print(

@@ -65,6 +65,71 @@ def is_from_metrics(estimate: dict[str, Any] | None) -> bool:
     return bool(estimate) and bool(estimate.get("from_metrics"))
 
 
+def _flat_metrics(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The split's name and its flat figures, also from the oldest ``{"test": {..}}`` shape."""
+    split = str(metrics.get("split", "test"))
+    nested = [k for k, v in metrics.items() if isinstance(v, dict) and k in _SPLIT_METHODS]
+    if not any(_number(metrics.get(k)) is not None for k in (*ESTIMATE_KEYS, *_ALIASES)) and nested:
+        split = nested[0]  # the oldest shape: {"test": {"roc_auc": ..}}
+        metrics = {**metrics[split], "split": split}
+    return split, metrics
+
+
+def _stored_ci95(metrics: dict[str, Any], values: dict[str, float]) -> dict[str, list[float]]:
+    """The well-formed ``[lo, hi]`` pairs of ``metrics["ci95"]`` for the figures in ``values``."""
+    ci = metrics.get("ci95") if isinstance(metrics.get("ci95"), dict) else {}
+    return {
+        k: [float(v[0]), float(v[1])]
+        for k, v in ci.items()
+        if k in values
+        and isinstance(v, list | tuple)
+        and len(v) == 2
+        and all(_number(x) is not None for x in v)
+    }
+
+
+def _description(split: str, n_images: int | None, n_patients: int | None) -> str:
+    """'a held-out test split of 7 patients (40 images)', saying when a count is not stored."""
+    name = _SPLIT_NAMES.get(split, f"the {split} split")
+    if n_patients is not None:
+        description = f"{name} of {n_patients} patients"
+        description += "" if n_images is None else f" ({n_images} images)"
+    elif n_images is not None:
+        description = f"{name} of {n_images} images (number of patients not stored)"
+    else:
+        description = f"{name} (number of patients not stored)"
+    return description
+
+
+def _support_warnings(
+    split: str,
+    n_patients: int | None,
+    classes: Sequence[str],
+    ppc: dict[str, int],
+    blocks: dict[str, dict[str, Any]],
+) -> list[str]:
+    """Warnings when too few patients (of each class, where known) stand behind the figures."""
+    if ppc:
+        warnings = class_support_warnings(ppc, classes or sorted(ppc))
+    elif n_patients is None:
+        warnings = [
+            f"The number of {split} patients is not stored: the figures may not hold for new "
+            "patients."
+        ]
+    elif n_patients < MIN_PATIENTS_PER_CLASS * max(2, len(classes)):
+        # Fewer patients than this means that some class has fewer than MIN_PATIENTS_PER_CLASS.
+        warnings = [
+            f"Measured on only {n_patients} {split} patients: the figures may not hold for new "
+            "patients."
+        ]
+    else:
+        warnings = []
+    for mag, block in blocks.items():
+        if block.get("patients_per_class"):
+            warnings += class_support_warnings(block["patients_per_class"], classes, mag)
+    return warnings
+
+
 def estimate_from_metrics(
     metrics: dict[str, Any] | None,
     classes: Sequence[str] = (),
@@ -87,11 +152,7 @@ def estimate_from_metrics(
     """
     if not isinstance(metrics, dict):
         return None
-    split = str(metrics.get("split", "test"))
-    nested = [k for k, v in metrics.items() if isinstance(v, dict) and k in _SPLIT_METHODS]
-    if not any(_number(metrics.get(k)) is not None for k in (*ESTIMATE_KEYS, *_ALIASES)) and nested:
-        split = nested[0]  # the oldest shape: {"test": {"roc_auc": ..}}
-        metrics = {**metrics[split], "split": split}
+    split, metrics = _flat_metrics(metrics)
     values: dict[str, float] = {}
     for key, value in metrics.items():
         key = _ALIASES.get(key, key)
@@ -99,44 +160,12 @@ def estimate_from_metrics(
             values[key] = float(value)
     if not values:
         return None
-    ci = metrics.get("ci95") if isinstance(metrics.get("ci95"), dict) else {}
-    ci95 = {
-        k: [float(v[0]), float(v[1])]
-        for k, v in ci.items()
-        if k in values
-        and isinstance(v, list | tuple)
-        and len(v) == 2
-        and all(_number(x) is not None for x in v)
-    }
+    ci95 = _stored_ci95(metrics, values)
     n_images, n_patients = _count(metrics.get("n_images")), _count(metrics.get("n_patients"))
-    name = _SPLIT_NAMES.get(split, f"the {split} split")
-    if n_patients is not None:
-        description = f"{name} of {n_patients} patients"
-        description += "" if n_images is None else f" ({n_images} images)"
-    elif n_images is not None:
-        description = f"{name} of {n_images} images (number of patients not stored)"
-    else:
-        description = f"{name} (number of patients not stored)"
+    description = _description(split, n_images, n_patients)
     ppc = dict(patients_per_class or {})
-    if ppc:
-        warnings = class_support_warnings(ppc, classes or sorted(ppc))
-    elif n_patients is None:
-        warnings = [
-            f"The number of {split} patients is not stored: the figures may not hold for new "
-            "patients."
-        ]
-    elif n_patients < MIN_PATIENTS_PER_CLASS * max(2, len(classes)):
-        # Fewer patients than this means that some class has fewer than MIN_PATIENTS_PER_CLASS.
-        warnings = [
-            f"Measured on only {n_patients} {split} patients: the figures may not hold for new "
-            "patients."
-        ]
-    else:
-        warnings = []
     blocks = dict(per_magnification or {})
-    for mag, block in blocks.items():
-        if block.get("patients_per_class"):
-            warnings += class_support_warnings(block["patients_per_class"], classes, mag)
+    warnings = _support_warnings(split, n_patients, classes, ppc, blocks)
     return {
         "version": 1,
         "from_metrics": True,

@@ -96,6 +96,62 @@ def _validate_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def _assign_sides(
+    by_group: dict[str, list[ImageRecord]],
+    group_class: dict[str, str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, str]:
+    """The side ('train', 'val' or 'test') of each group, filled class by class in seeded order."""
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    for cls in sorted(set(group_class.values())):
+        groups = sorted(g for g, c in group_class.items() if c == cls)
+        rng.shuffle(groups)
+        total = sum(len(by_group[g]) for g in groups)
+        remaining = list(groups)
+        for side, fraction in (("test", test_fraction), ("val", val_fraction)):
+            if fraction <= 0 or len(remaining) <= 1:
+                continue
+            target = fraction * total
+            taken = 0
+            for g in list(remaining):
+                size = len(by_group[g])
+                # Take a group only when it brings this side closer to its share.
+                if len(remaining) > 1 and abs(taken + size - target) < abs(taken - target):
+                    remaining.remove(g)
+                    assignment[g] = side
+                    taken += size
+            if taken == 0 and len(groups) >= 3 and len(remaining) > 1:
+                g = min(remaining, key=lambda g: len(by_group[g]))
+                remaining.remove(g)
+                assignment[g] = side
+        for g in remaining:
+            assignment[g] = "train"
+    return assignment
+
+
+def _missing_class_notes(
+    parts: dict[str, list[ImageRecord]],
+    group_class: dict[str, str],
+    task: str,
+    val_fraction: float,
+    test_fraction: float,
+) -> list[str]:
+    """A note for each requested side that ended up without some class's images."""
+    notes = []
+    for name in SPLIT_NAMES:
+        present = {target_of(r, task) for r in parts[name]}
+        missing = sorted(set(group_class.values()) - present)
+        if missing and (name == "train" or (val_fraction if name == "val" else test_fraction) > 0):
+            notes.append(
+                f"The {name} split has no {', '.join(missing)} images: too few patient groups "
+                "of that class to put one on every side."
+            )
+    return notes
+
+
 def split_by_patient(
     records: Sequence[ImageRecord],
     task: str = "binary",
@@ -135,42 +191,11 @@ def split_by_patient(
         g: Counter(target_of(r, task) for r in recs).most_common(1)[0][0]
         for g, recs in by_group.items()
     }
-    rng = random.Random(seed)
-    assignment: dict[str, str] = {}
-    for cls in sorted(set(group_class.values())):
-        groups = sorted(g for g, c in group_class.items() if c == cls)
-        rng.shuffle(groups)
-        total = sum(len(by_group[g]) for g in groups)
-        remaining = list(groups)
-        for side, fraction in (("test", test_fraction), ("val", val_fraction)):
-            if fraction <= 0 or len(remaining) <= 1:
-                continue
-            target = fraction * total
-            taken = 0
-            for g in list(remaining):
-                size = len(by_group[g])
-                # Take a group only when it brings this side closer to its share.
-                if len(remaining) > 1 and abs(taken + size - target) < abs(taken - target):
-                    remaining.remove(g)
-                    assignment[g] = side
-                    taken += size
-            if taken == 0 and len(groups) >= 3 and len(remaining) > 1:
-                g = min(remaining, key=lambda g: len(by_group[g]))
-                remaining.remove(g)
-                assignment[g] = side
-        for g in remaining:
-            assignment[g] = "train"
+    assignment = _assign_sides(by_group, group_class, val_fraction, test_fraction, seed)
     parts: dict[str, list[ImageRecord]] = {"train": [], "val": [], "test": []}
     for r in records:
         parts[assignment[_group_key(r)]].append(r)
-    for name in SPLIT_NAMES:
-        present = {target_of(r, task) for r in parts[name]}
-        missing = sorted(set(group_class.values()) - present)
-        if missing and (name == "train" or (val_fraction if name == "val" else test_fraction) > 0):
-            notes.append(
-                f"The {name} split has no {', '.join(missing)} images: too few patient groups "
-                "of that class to put one on every side."
-            )
+    notes += _missing_class_notes(parts, group_class, task, val_fraction, test_fraction)
     assert_patient_disjoint(parts)
     if not parts["train"]:
         raise DataError("The split left no training images; add data or lower the fractions.")
