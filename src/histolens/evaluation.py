@@ -5,9 +5,6 @@ those rows only (:mod:`histolens.evaluation_metrics`). Threshold and temperature
 the validation split and stored in the checkpoint, so every front end uses them.
 """
 
-# Over 400 lines: by a little; finalize_run, evaluate_checkpoint and write_evaluation share the
-# logits and output helpers.
-
 from __future__ import annotations
 
 import csv
@@ -15,7 +12,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,7 +25,6 @@ from histolens.calibration import (
     fit_temperature,
 )
 from histolens.data import ImageRecord, target_of
-from histolens.errors import DataError
 from histolens.evaluation_metrics import (
     EvalResult,
     PredictionRow,
@@ -36,8 +32,12 @@ from histolens.evaluation_metrics import (
     rows_from_logits,
     with_referrals,
 )
+from histolens.evaluation_records import records_for_evaluation
 from histolens.metrics import HEADLINE_METRICS
 from histolens.predictor import Predictor, probabilities_from_logits
+
+if TYPE_CHECKING:
+    from histolens.config import RunConfig
 
 __all__ = [
     "EvalResult",
@@ -45,6 +45,7 @@ __all__ = [
     "compute_metrics",
     "evaluate_checkpoint",
     "finalize_run",
+    "records_for_evaluation",
     "rows_from_logits",
     "write_evaluation",
 ]
@@ -116,29 +117,13 @@ def finalize_run(
     run_dir = Path(run_dir)
     predictor = Predictor.from_checkpoint(run_dir)
     task = cfg.data.task
-    val_records, val_logits, _ = _logits_for(predictor, split.val, bank, cache)
-    temperature, threshold = 1.0, 0.5
-    if val_records:
-        idx = {c: i for i, c in enumerate(classes)}
-        y_val = torch.tensor([idx[target_of(r, task)] for r in val_records])
-        temperature = fit_temperature(val_logits, y_val)
-        if predictor.is_binary:
-            p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
-            threshold = choose_threshold(
-                y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
-            )
+    temperature, threshold = _fit_on_validation(predictor, cfg, split.val, classes, bank, cache)
     predictor.temperature, predictor.threshold = temperature, threshold
     notes = list(notes)
     if temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
-        notes.append(
-            f"The calibration temperature reached its bound ({temperature:g}): the validation "
-            "patients are "
-            + ("perfectly separated" if temperature == MIN_TEMPERATURE else "barely separable")
-            + ", so the probabilities' calibration is not well determined."
-        )
+        notes.append(_temperature_bound_note(temperature))
     test_part = "test" if split.test else "val"
-    records = split.test or split.val
-    kept, logits, _ = _logits_for(predictor, records, bank, cache)
+    kept, logits, _ = _logits_for(predictor, split.test or split.val, bank, cache)
     result = EvalResult(
         rows_from_logits(kept, logits, classes, task, temperature),
         tuple(classes),
@@ -154,15 +139,7 @@ def finalize_run(
     estimate = None
     # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
     if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
-        from histolens.estimate import build_estimate
-
-        estimate = build_estimate(
-            result,
-            f"the held-out {test_part} split of patients (one split, no cross-validation)",
-            f"{result.metrics['n_images']} images of {result.metrics['n_patients']} patient "
-            f"groups in {Path(str(cfg.data.path)).name} (magnification {cfg.data.magnification})",
-            seed=cfg.data.seed,
-        )
+        estimate = _held_out_estimate(result, cfg, test_part)
         notes = notes + [w for w in estimate["warnings"] if w not in notes]
     update_metadata(
         run_dir / "best.safetensors",
@@ -183,6 +160,53 @@ def finalize_run(
     else:
         write_predictions_csv(result, run_dir / "predictions.csv")
     return result.metrics
+
+
+def _fit_on_validation(
+    predictor: Predictor,
+    cfg: RunConfig,
+    val: Sequence[ImageRecord],
+    classes: Sequence[str],
+    bank=None,
+    cache=None,
+) -> tuple[float, float]:
+    """Temperature and (binary) decision threshold fitted on the validation records; 1.0 and 0.5
+    when there are none."""
+    val_records, val_logits, _ = _logits_for(predictor, val, bank, cache)
+    temperature, threshold = 1.0, 0.5
+    if val_records:
+        idx = {c: i for i, c in enumerate(classes)}
+        y_val = torch.tensor([idx[target_of(r, cfg.data.task)] for r in val_records])
+        temperature = fit_temperature(val_logits, y_val)
+        if predictor.is_binary:
+            p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
+            threshold = choose_threshold(
+                y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
+            )
+    return temperature, threshold
+
+
+def _temperature_bound_note(temperature: float) -> str:
+    """The warning for a calibration temperature fitted at one of its bounds."""
+    return (
+        f"The calibration temperature reached its bound ({temperature:g}): the validation "
+        "patients are "
+        + ("perfectly separated" if temperature == MIN_TEMPERATURE else "barely separable")
+        + ", so the probabilities' calibration is not well determined."
+    )
+
+
+def _held_out_estimate(result: EvalResult, cfg: RunConfig, test_part: str) -> dict[str, Any]:
+    """The estimate (histolens.estimate) of a run's held-out split, described for its report."""
+    from histolens.estimate import build_estimate
+
+    return build_estimate(
+        result,
+        f"the held-out {test_part} split of patients (one split, no cross-validation)",
+        f"{result.metrics['n_images']} images of {result.metrics['n_patients']} patient "
+        f"groups in {Path(str(cfg.data.path)).name} (magnification {cfg.data.magnification})",
+        seed=cfg.data.seed,
+    )
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -333,97 +357,3 @@ def write_evaluation(
 
     write_report(report_dir or out, evaluation_dir=out, checkpoint=checkpoint)  # notes.json
     return out
-
-
-def records_for_evaluation(
-    checkpoint: str | os.PathLike,
-    data_path: str | os.PathLike | None,
-    split_name: str,
-    magnification: str | int | None = None,
-) -> tuple[Path, list[ImageRecord], str]:
-    """The records to evaluate a checkpoint on, and a phrase saying where they came from.
-
-    A run's own ``split.csv`` is used when the data are the run's; other data are split the same
-    way (the checkpoint's seed and fractions) or used whole with ``split_name='all'``.
-
-    Args:
-        magnification: keep only the images of this magnification (40, 100, 200, 400 or 'all').
-            None: the run's own split as it is, or of other data the magnification the model was
-            trained on ('all' for a model trained on every magnification).
-    """
-    from histolens.checkpoint import read_metadata, resolve_checkpoint_path
-    from histolens.data import discover, filter_records
-    from histolens.splits import load_split_csv, split_by_patient
-
-    ckpt = resolve_checkpoint_path(checkpoint)
-    meta = read_metadata(ckpt)
-    cfg = meta.run_config
-    trained_on = meta.data.path
-    split_csv = ckpt.parent / "split.csv"
-    same_data = data_path is None or (
-        trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
-    )
-    if same_data and split_csv.is_file():
-        records = load_split_csv(split_csv).side(split_name)
-        where = f"{split_name} split of the run's split.csv"
-        if split_name == "all":
-            where += ", including the patients the model was trained on"
-        if not records:
-            raise DataError(
-                f"The run's split.csv has no {split_name} images (under cross-validation every "
-                "patient trains the model; its estimate is in the run's report); evaluate other "
-                "data with --data PATH --split all."
-            )
-        part = "the run's split.csv" if split_name == "all" else f"the {where}"
-        records = _of_magnification(records, magnification, part)
-        return ckpt, records, where + _magnification_phrase(magnification)
-    path = data_path or trained_on
-    if path is None:
-        raise DataError("Give --data: the checkpoint does not say what it was trained on.")
-    mag = meta.magnification if magnification is None else magnification
-    records = _of_magnification(discover(path).records, mag, str(path))
-    records = filter_records(records, "all", meta.task)
-    if split_name == "all":
-        return ckpt, records, f"all images of {path}{_magnification_phrase(mag)}"
-    split = split_by_patient(
-        records,
-        meta.task,
-        cfg.data.val_fraction,
-        cfg.data.test_fraction,
-        cfg.data.seed,
-        cfg.data.group_by,
-    )
-    return (
-        ckpt,
-        split.parts()[split_name],
-        f"{split_name} split of {path} (seed {cfg.data.seed}){_magnification_phrase(mag)}",
-    )
-
-
-def _magnification_phrase(magnification: str | int | None) -> str:
-    if magnification is None or str(magnification).lower() == "all":
-        return ""
-    return f", magnification {str(magnification).upper().rstrip('X')}X"
-
-
-def _of_magnification(
-    records: Sequence[ImageRecord], magnification: str | int | None, where: str
-) -> list[ImageRecord]:
-    """The records of one magnification (None or 'all': every record); one sentence if none."""
-    from histolens.data import MAGNIFICATIONS
-    from histolens.errors import check_choice
-
-    if magnification is None or str(magnification).lower() == "all":
-        return list(records)
-    mag = str(magnification).upper().rstrip("X")
-    check_choice("magnification", mag, [str(m) for m in MAGNIFICATIONS] + ["all"])
-    kept = [r for r in records if r.magnification == int(mag)]
-    if not kept:
-        found = sorted({r.magnification for r in records if r.magnification})
-        has = (
-            "its images are at " + ", ".join(f"{m}X" for m in found)
-            if found
-            else "no image there names its magnification (file name or manifest column)"
-        )
-        raise DataError(f"No {mag}X image was found in {where}; {has}.")
-    return kept

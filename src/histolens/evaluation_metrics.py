@@ -150,9 +150,6 @@ def with_referrals(
 def refer_metrics(result: EvalResult) -> dict[str, Any] | None:
     """Coverage of the prediction sets, referrals of images and patients, and the images unlike
     the training images (counted apart: the coverage and accuracy figures leave them out)."""
-    from histolens.conformal import centred_probabilities, coverage, patient_referrals
-    from histolens.conformal import risk_coverage as rc_curve
-
     rows = result.rows
     n_ood = sum(r.ood for r in rows)
     if result.alpha is None and not n_ood:
@@ -167,40 +164,68 @@ def refer_metrics(result: EvalResult) -> dict[str, Any] | None:
     ind = [r for r in rows if not r.ood]
     y = np.array([r.target for r in ind], dtype=int)
     pred = np.array([result.predicted(r) for r in ind], dtype=int)
-    patients = np.array([r.patient for r in ind])
+    out.update(_risk_coverage_figures(result, ind, y, pred))
+    if result.alpha is not None and ind:
+        out.update(_prediction_set_figures(result, ind, y, pred))
+    out.update(_patient_referral_figures(result))
+    return out
+
+
+def _risk_coverage_figures(
+    result: EvalResult, ind: list[PredictionRow], y: np.ndarray, pred: np.ndarray
+) -> dict[str, Any]:
+    """AURC and the risk-coverage curve of the in-distribution rows ``ind``, least confident
+    referred first (confidence: the predicted class's threshold-centred probability)."""
+    from histolens.conformal import centred_probabilities
+    from histolens.conformal import risk_coverage as rc_curve
+
     probs = np.array([r.probs for r in ind]).reshape(len(ind), len(result.classes))
     thr = result.threshold if len(result.classes) == 2 else None
     confidence = centred_probabilities(probs, thr)[np.arange(len(ind)), pred] if len(ind) else pred
     curve = rc_curve(pred == y, confidence)
-    out["aurc"] = curve["aurc"]
-    out["curve"] = {
-        "referred": [round(float(v), 4) for v in curve["referred"]],
-        "accuracy": [round(float(v), 4) for v in curve["accuracy"]],
+    return {
+        "aurc": curve["aurc"],
+        "curve": {
+            "referred": [round(float(v), 4) for v in curve["referred"]],
+            "accuracy": [round(float(v), 4) for v in curve["accuracy"]],
+        },
     }
-    if result.alpha is not None and ind:
-        index = {c: i for i, c in enumerate(result.classes)}
-        member = np.zeros((len(ind), len(result.classes)), dtype=bool)
-        for i, r in enumerate(ind):
-            member[i, [index[c] for c in r.prediction_set]] = True
-        refer = np.array([r.refer for r in ind])
-        cov = coverage(member, y, patients)
-        kept = ~refer
-        out.update(
-            alpha=result.alpha,
-            method=result.refer_method,
-            target_coverage=1 - result.alpha,
-            coverage=cov["patients"],
-            coverage_images=cov["images"],
-            mean_set_size=float(member.sum(1).mean()),
-            refer_rate=float(refer.mean()),
-            accuracy_kept=float((pred == y)[kept].mean()) if kept.any() else float("nan"),
-            accuracy_referred=float((pred == y)[refer].mean()) if refer.any() else float("nan"),
-        )
-    all_patients = np.array([r.patient for r in rows])
-    decided = patient_referrals([r.refer for r in rows], all_patients)
-    out["n_patients"] = len(decided)
-    out["patients_referred"] = sorted(p for p, v in decided.items() if v)
-    # A patient not referred is called by the majority of its kept images.
+
+
+def _prediction_set_figures(
+    result: EvalResult, ind: list[PredictionRow], y: np.ndarray, pred: np.ndarray
+) -> dict[str, Any]:
+    """Coverage (over patients and images), set size, referral rate and the accuracy of the
+    kept and referred images, of the in-distribution rows ``ind`` (not empty)."""
+    from histolens.conformal import coverage
+
+    index = {c: i for i, c in enumerate(result.classes)}
+    member = np.zeros((len(ind), len(result.classes)), dtype=bool)
+    for i, r in enumerate(ind):
+        member[i, [index[c] for c in r.prediction_set]] = True
+    refer = np.array([r.refer for r in ind])
+    cov = coverage(member, y, np.array([r.patient for r in ind]))
+    kept = ~refer
+    return dict(
+        alpha=result.alpha,
+        method=result.refer_method,
+        target_coverage=1 - result.alpha,
+        coverage=cov["patients"],
+        coverage_images=cov["images"],
+        mean_set_size=float(member.sum(1).mean()),
+        refer_rate=float(refer.mean()),
+        accuracy_kept=float((pred == y)[kept].mean()) if kept.any() else float("nan"),
+        accuracy_referred=float((pred == y)[refer].mean()) if refer.any() else float("nan"),
+    )
+
+
+def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
+    """The patients referred (half or more of their images referred) and the accuracy of the
+    others, each called by the majority of its kept images."""
+    from histolens.conformal import patient_referrals
+
+    rows = result.rows
+    decided = patient_referrals([r.refer for r in rows], np.array([r.patient for r in rows]))
     correct = []
     for p, referred in decided.items():
         if referred:
@@ -209,8 +234,11 @@ def refer_metrics(result: EvalResult) -> dict[str, Any] | None:
         votes = np.bincount([result.predicted(r) for r in mine], minlength=len(result.classes))
         truth = np.bincount([r.target for r in mine], minlength=len(result.classes)).argmax()
         correct.append(bool(votes.argmax() == truth))
-    out["patient_accuracy_kept"] = float(np.mean(correct)) if correct else float("nan")
-    return out
+    return {
+        "n_patients": len(decided),
+        "patients_referred": sorted(p for p, v in decided.items() if v),
+        "patient_accuracy_kept": float(np.mean(correct)) if correct else float("nan"),
+    }
 
 
 def _binary_block(y, p, patients, threshold, n_boot, seed) -> dict[str, Any]:

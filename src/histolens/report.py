@@ -1,28 +1,23 @@
-"""One self-contained HTML report per run: images embedded, opens offline."""
+"""One self-contained HTML report per run: images embedded, opens offline.
 
-# Over 400 lines: one HTML document; its sections are small renderers sharing the same formatting
-# helpers.
+This module assembles the document; the sections of figures are rendered by
+:mod:`histolens.report_estimate` (what the report leads with) and :mod:`histolens.report_metrics`.
+"""
 
 from __future__ import annotations
 
-import base64
 import html
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_write_text
-from histolens.estimate import ESTIMATE_KEYS
-from histolens.performance import (
-    estimate_from_metrics,
-    headline,
-    is_from_metrics,
-    measured_on,
-    support_text,
-)
+from histolens.performance import headline
+from histolens.report_estimate import estimate_section, lead_estimate
+from histolens.report_html import embedded_image, fmt
+from histolens.report_metrics import headline_cards, metrics_table, refer_section
 
 if TYPE_CHECKING:
     from histolens.checkpoint import CheckpointMetadata, TrainingData
@@ -57,339 +52,9 @@ pre{background:#f0f2f5;padding:10px;border-radius:6px;overflow:auto;font-size:.8
 """
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "n/a" if math.isnan(v) else f"{v:.3f}"
-    return html.escape(str(v))
-
-
-def _ci(ci: dict, key: str) -> str:
-    lo, hi = ci.get(key, (float("nan"), float("nan")))
-    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
-        return ""
-    return f"{lo:.3f} - {hi:.3f}"
-
-
-def _metrics_table(metrics: dict[str, Any]) -> str:
-    img = metrics.get("image", {})
-    ci = img.get("ci95", {})
-    names = [
-        ("roc_auc", "ROC AUC (image)"),
-        ("pr_auc", "PR AUC"),
-        ("accuracy", "Accuracy"),
-        ("balanced_accuracy", "Balanced accuracy"),
-        ("sensitivity", "Sensitivity (recall)"),
-        ("specificity", "Specificity"),
-        ("precision", "Precision"),
-        ("f1", "F1"),
-        ("brier", "Brier score"),
-        ("ece", "Expected calibration error"),
-        ("patient_recognition_rate", "Patient recognition rate"),
-        ("patient_auc", "Patient-level AUC"),
-        ("macro_f1", "Macro F1"),
-        ("weighted_f1", "Weighted F1"),
-        ("roc_auc_ovr", "ROC AUC (one-vs-rest)"),
-    ]
-    rows = []
-    at05 = metrics.get("image_at_0.5", {})
-    for key, label in names:
-        if key not in img:
-            continue
-        rows.append(
-            f"<tr><td>{label}</td><td class=num>{_fmt(img[key])}</td>"
-            f"<td class=num>{_ci(ci, key)}</td>"
-            f"<td class=num>{_fmt(at05[key]) if key in at05 else ''}</td></tr>"
-        )
-    head = (
-        "<tr><th>Metric</th><th>Value (chosen threshold "
-        f"{metrics.get('threshold', 0.5):.3f})</th><th>95% CI (bootstrap over patients)</th>"
-        "<th>At threshold 0.5</th></tr>"
-    )
-    table = f"<table>{head}{''.join(rows)}</table>"
-    per_class = img.get("per_class")
-    if per_class:
-        pc = "".join(
-            f"<tr><td>{html.escape(c)}</td><td class=num>{v['precision']:.3f}</td>"
-            f"<td class=num>{v['recall']:.3f}</td><td class=num>{v['f1']:.3f}</td>"
-            f"<td class=num>{v['support']}</td></tr>"
-            for c, v in per_class.items()
-        )
-        table += (
-            "<h3>Per class</h3><table><tr><th>Class</th><th>Precision</th><th>Recall</th>"
-            f"<th>F1</th><th>Images</th></tr>{pc}</table>"
-        )
-    per_mag = metrics.get("per_magnification")
-    if per_mag:
-        pm = "".join(
-            f"<tr><td>{m}</td><td class=num>{v['n']}</td><td class=num>{v['n_patients']}</td>"
-            f"<td class=num>{_fmt(v['roc_auc'])}</td><td class=num>{_fmt(v['accuracy'])}</td>"
-            f"<td class=num>{_fmt(v['patient_recognition_rate'])}</td></tr>"
-            for m, v in per_mag.items()
-        )
-        table += (
-            "<h3>Per magnification</h3><table><tr><th>Magnification</th><th>Images</th>"
-            "<th>Patients</th><th>ROC AUC</th><th>Accuracy</th>"
-            f"<th>Patient recognition rate</th></tr>{pm}</table>"
-        )
-    return table
-
-
-def _refer_section(metrics: dict[str, Any], ev: Path) -> str:
-    """Prediction sets, referrals and images unlike the training images (metrics["refer"])."""
-    refer = metrics.get("refer")
-    if not refer:
-        return ""
-    parts = []
-    if refer.get("alpha") is not None:
-        alpha = float(refer["alpha"])
-        parts.append(
-            _card_row(
-                [
-                    (
-                        "Coverage on held-out patients",
-                        _fmt(refer["coverage"]),
-                        f"target {1 - alpha:.2f} (alpha {alpha:g})",
-                    ),
-                    ("Images referred", _fmt(refer["refer_rate"]), "set of several classes"),
-                    ("Accuracy of the images kept", _fmt(refer["accuracy_kept"]), ""),
-                    (
-                        "Patients referred",
-                        f"{len(refer['patients_referred'])} / {refer['n_patients']}",
-                        "half or more of their images referred",
-                    ),
-                ]
-            )
-        )
-        parts.append(
-            f"<p class=how>Each image gets the set of classes its calibrated probability does not "
-            f"rule out at error level alpha = {alpha:g}; a set of several classes means "
-            "<b>refer</b> to a person. Calibration: "
-            f"{html.escape(str(refer.get('method', '')))}; every patient weighs the same, so "
-            "coverage is a guarantee about new patients (averaged over patients: "
-            f"{_fmt(refer['coverage'])}; over images: {_fmt(refer['coverage_images'])}). "
-            f"Mean set size {_fmt(refer['mean_set_size'])}; accuracy of the referred images "
-            f"{_fmt(refer['accuracy_referred'])}; patient-level accuracy of the patients not "
-            f"referred (majority of their kept images) {_fmt(refer['patient_accuracy_kept'])}.</p>"
-        )
-        if refer["patients_referred"]:
-            names = ", ".join(html.escape(str(p)) for p in refer["patients_referred"])
-            parts.append(f"<p class=how><b>Patients referred:</b> {names}.</p>")
-    n_ood = int(refer.get("n_ood", 0))
-    reasons = "; ".join(
-        f"{html.escape(k)}: {v}" for k, v in (refer.get("ood_reasons") or {}).items()
-    )
-    parts.append(
-        f"<p class=how><b>Not like the training images:</b> {n_ood} image(s)"
-        + (f" ({reasons})" if reasons else "")
-        + ", counted apart: they are referred, and left out of the coverage and accuracy "
-        "figures above (the headline metrics include them).</p>"
-    )
-    plot = ev / "risk_coverage.png"
-    if plot.is_file():
-        parts.append(
-            "<h3>Risk-coverage: accuracy of the images kept against the fraction referred</h3>"
-            + _img(plot)
-        )
-    return "<section id=refer><h2>Knowing when not to answer</h2>" + "".join(parts) + "</section>"
-
-
 def _weights_text(weights: dict) -> str:
     """``benign 1.101, malignant 0.916``: the loss weights, rounded for reading."""
     return ", ".join(f"{k} {float(v):.3f}" for k, v in weights.items()) or "none"
-
-
-def _cards(metrics: dict[str, Any]) -> str:
-    img = metrics.get("image", {})
-    items = [
-        ("ROC AUC", img.get("roc_auc", img.get("roc_auc_ovr"))),
-        ("Patient recognition rate", img.get("patient_recognition_rate")),
-        ("Patient-level AUC", img.get("patient_auc")),
-        ("Balanced accuracy", img.get("balanced_accuracy", img.get("accuracy"))),
-        ("Images / patients", f"{metrics.get('n_images')} / {metrics.get('n_patients')}"),
-    ]
-    return _card_row([(k, _fmt(v), "") for k, v in items if v is not None])
-
-
-def _card_row(items: Sequence[tuple[str, str, str]]) -> str:
-    """Cards of (name, value, small print under the value), all already HTML-safe."""
-    return (
-        '<div class="cards">'
-        + "".join(
-            f'<div class="card"><b>{v}</b>{f"<small>{note}</small>" if note else ""}'
-            f"<span>{k}</span></div>"
-            for k, v, note in items
-        )
-        + "</div>"
-    )
-
-
-def _ci_text(estimate: dict[str, Any], key: str) -> str:
-    ci = estimate.get("ci95", {}).get(key)
-    if not ci or any(v is None or math.isnan(v) for v in ci):
-        return ""
-    return f"95% CI {ci[0]:.2f}&ndash;{ci[1]:.2f}"
-
-
-def _estimate_cards(estimate: dict[str, Any]) -> str:
-    """The estimate's main figures with their CIs, and the patients behind them."""
-    values = estimate.get("metrics", {})
-    keys = (
-        ("roc_auc", "patient_auc", "balanced_accuracy")
-        if "roc_auc" in values
-        else ("balanced_accuracy", "macro_f1", "patient_recognition_rate")
-    )
-    items = [
-        (
-            f"{ESTIMATE_KEYS[k][0].upper()}{ESTIMATE_KEYS[k][1:]}",
-            _fmt(values[k]),
-            _ci_text(estimate, k),
-        )
-        for k in keys
-        if k in values
-    ]
-    per_class = estimate.get("patients_per_class") or {}
-    patients = html.escape(str(estimate.get("n_patients", "?")))
-    note = ", ".join(f"{n} {html.escape(str(c))}" for c, n in per_class.items())
-    items.append(("Patients", patients, note))
-    if estimate.get("n_images") is not None:
-        items.append(("Images", html.escape(str(estimate["n_images"])), ""))
-    return _card_row(items)
-
-
-def _estimate_section(title: str, estimate: dict[str, Any]) -> str:
-    """The figures a reader should quote: value, 95% CI, what they were measured on, the
-    patients of each class behind them, per magnification, and the warnings in words."""
-    values = estimate.get("metrics", {})
-    if is_from_metrics(estimate):
-        how = f"<p class=how>{html.escape(measured_on(estimate))}</p>"
-    else:
-        how = (
-            f"<p class=how><b>Method:</b> {html.escape(str(estimate['method']))}.<br>"
-            f"<b>Data:</b> {html.escape(str(estimate['description']))}.</p>"
-        )
-    support = (
-        f"<p class=how><b>Patients behind these figures:</b> "
-        f"{html.escape(support_text(estimate))}.</p>"
-    )
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td class=num>{_fmt(values[k])}</td>"
-        f"<td class=num>{_ci_text(estimate, k).replace('95% CI ', '') or 'not stored'}</td></tr>"
-        for k, name in ESTIMATE_KEYS.items()
-        if k in values
-    )
-    table = (
-        "<table class=fig><tr><th>Metric</th><th>Value</th><th>95% CI (bootstrap over patients)</th></tr>"
-        f"{rows}</table>"
-    )
-    per_mag = estimate.get("per_magnification") or {}
-    if per_mag:
-        key = "roc_auc" if "roc_auc" in values else "balanced_accuracy"
-        body = ""
-        for mag, block in per_mag.items():
-            per_class = block.get("patients_per_class") or {}
-            classes = ", ".join(f"{n} {html.escape(str(c))}" for c, n in per_class.items())
-            value = block.get("metrics", {}).get(key)
-            ci = _ci_text(block, key)
-            shown = "n/a (one class only)" if value is None else _fmt(value)
-            body += (
-                f"<tr><td>{html.escape(str(mag))}</td><td class=num>{block.get('n_images', '')}"
-                f"</td><td class=num>{block.get('n_patients', '')}</td><td>{classes or '?'}</td>"
-                f"<td class=num>{shown}{f' ({ci})' if ci else ''}</td></tr>"
-            )
-        table += (
-            "<h3>Per magnification</h3><table class=fig><tr><th>Magnification</th><th>Images</th>"
-            f"<th>Patients</th><th>Patients per class</th><th>{ESTIMATE_KEYS[key]}</th></tr>"
-            f"{body}</table>"
-        )
-    warnings = estimate.get("warnings") or []
-    box = ""
-    if warnings:
-        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
-        box = f'<div class="warn"><b>Read these figures with care</b><ul>{items}</ul></div>'
-    return (
-        f"<section id=estimate><h2>{html.escape(title)}</h2>{_estimate_cards(estimate)}"
-        f"{how}{support}{box}{table}</section>"
-    )
-
-
-def _report_estimate(
-    meta: CheckpointMetadata | None, metrics: dict[str, Any], ev: Path, own_evaluation: bool
-) -> tuple[str, dict[str, Any] | None]:
-    """The figures this report leads with, and their section's title.
-
-    An evaluation of new images ('histolens evaluate') stores its own estimate in metrics.json;
-    a run's own evaluation is what the checkpoint's estimate was made from; evaluations without
-    an estimate (older runs, the Lightning head's test split) are labelled by their split.
-    """
-    unseen = "Estimated performance on unseen patients"
-    if isinstance(metrics.get("estimate"), dict):
-        return "Performance on the evaluated images", metrics["estimate"]
-    if own_evaluation and meta is not None and meta.estimate is not None:
-        return unseen, meta.estimate
-    if metrics.get("image"):
-        classes = list(meta.class_names) if meta is not None else []
-        overall, per_mag_classes = _patients_per_class(ev / "predictions.csv")
-        blocks = {}
-        for mag, block in (metrics.get("per_magnification") or {}).items():
-            blocks[mag] = {
-                "n_images": block.get("n"),
-                "n_patients": block.get("n_patients"),
-                "patients_per_class": per_mag_classes.get(mag, {}),
-                "metrics": {k: block[k] for k in ESTIMATE_KEYS if k in block},
-                "ci95": {},
-            }
-        headline = {
-            **metrics["image"],
-            "split": metrics.get("split", "test"),
-            "n_images": metrics.get("n_images"),
-            "n_patients": metrics.get("n_patients"),
-        }
-        estimate = estimate_from_metrics(
-            headline,
-            classes or sorted(overall),
-            meta.task if meta is not None else "binary",
-            metrics.get("threshold"),
-            patients_per_class=overall,
-            per_magnification=blocks,
-        )
-    else:
-        estimate = meta.headline_estimate if meta is not None else None
-    # Figures of patients held out from training (a test split, out-of-fold predictions) are an
-    # estimate on unseen patients; a validation split chose the threshold, so it is not.
-    held_out = estimate is not None and (
-        not is_from_metrics(estimate) or estimate.get("split") in ("test", "out-of-fold")
-    )
-    return (unseen if held_out else "Performance"), estimate
-
-
-def _patients_per_class(
-    predictions_csv: Path,
-) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """Patients of each class in an evaluation's predictions.csv, overall and per magnification
-    ('100X'); each patient counted under the label of most of their images."""
-    import csv
-    from collections import Counter
-
-    if not predictions_csv.is_file():
-        return {}, {}
-    # (magnification or "" for all, patient) -> label counts of that patient's images
-    labels: dict[tuple[str, str], Counter] = {}
-    with predictions_csv.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            labels.setdefault(("", row["patient"]), Counter())[row["label"]] += 1
-            if row.get("magnification"):
-                mag = (f"{row['magnification']}X", row["patient"])
-                labels.setdefault(mag, Counter())[row["label"]] += 1
-    per_mag: dict[str, Counter] = {}
-    for (mag, _), counts in labels.items():
-        per_mag.setdefault(mag, Counter())[counts.most_common(1)[0][0]] += 1
-    overall = per_mag.pop("", Counter())
-    return dict(sorted(overall.items())), {m: dict(sorted(c.items())) for m, c in per_mag.items()}
 
 
 def _split_table(data: TrainingData) -> str:
@@ -478,83 +143,123 @@ def write_report(
     ev = Path(evaluation_dir) if evaluation_dir else run_dir / "evaluation"
     ckpt = Path(checkpoint) if checkpoint else run_dir / BEST_CHECKPOINT
     meta = read_metadata(ckpt) if ckpt.exists() else None
-    metrics_file = ev / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    notes_file = ev / "notes.json"
-    saved_notes = json.loads(notes_file.read_text()) if notes_file.is_file() else []
-    notes = list(dict.fromkeys([*saved_notes, *notes]))  # saved first, no repeats
-    model_id, saved_at = (meta.model_id, meta.saved_at) if meta is not None else (None, None)
-    parts = [
-        f"<h1>histolens report</h1><div class=sub>{html.escape(model_id or '')}"
-        f" &middot; saved {html.escape(saved_at or '')}</div>"
-    ]
-    parts.append('<div class="warn">Research and education use only. Not for diagnosis.</div>')
+    metrics = _read_json(ev / "metrics.json", {})
+    notes = list(dict.fromkeys([*_read_json(ev / "notes.json", []), *notes]))  # saved first
     own = evaluation_dir is None or ev.resolve() == (run_dir / "evaluation").resolve()
-    title, estimate = _report_estimate(meta, metrics, ev, own)
-    shown = set(estimate.get("warnings", [])) if estimate else set()
-    for n in notes:
-        if n not in shown:  # the estimate's warnings are shown with it, below
-            parts.append(f'<div class="warn">{html.escape(n)}</div>')
-    if estimate:
-        parts.append(_estimate_section(title, estimate))
-    elif metrics:
-        parts.append(
-            f"<section><h2>Headline ({html.escape(str(metrics.get('split', 'test')))} "
-            f"split)</h2>{_cards(metrics)}</section>"
-        )
-    if metrics:
-        split = html.escape(str(metrics.get("split", "test")))
-        parts.append(
-            f"<section><h2>All metrics of these predictions ({split})</h2>"
-            f"{_metrics_table(metrics)}</section>"
-        )
-        parts.append(_refer_section(metrics, ev))
+    title, estimate = lead_estimate(meta, metrics, ev, own)
+    parts = [_title(meta), *_note_boxes(notes, estimate)]
+    parts += _results_sections(title, estimate, metrics, ev)
     if meta is not None and meta.data.known:
-        data = meta.data
-        parts.append(
-            f"<section><h2>Data and split</h2><p>{html.escape(str(data.path))} "
-            f"&middot; layout: {html.escape(str(data.layout))} &middot; "
-            f"class weights: {html.escape(_weights_text(meta.class_weights))}</p>"
-            f"{_split_table(data)}</section>"
-        )
-    figures = [(ev / f, t) for f, t in _PLOTS if (ev / f).is_file()]
-    if figures:
-        parts.append(
-            "<section><h2>Plots</h2>"
-            + "".join(f"<h3>{t}</h3>{_img(p)}" for p, t in figures)
-            + "</section>"
-        )
-    gallery = sorted((run_dir / "explanations").glob("*_panel.png"))[:12]
-    if gallery:
-        captions = _gallery_captions(run_dir / "explanations" / "index.csv")
-        parts.append(
-            "<section><h2>Example heatmaps</h2><div class=gallery>"
-            + "".join(
-                f"<figure>{_img(p)}<figcaption>"
-                f"{html.escape(captions.get(p.name, p.stem.replace('_panel', '')))}"
-                "</figcaption></figure>"
-                for p in gallery
-            )
-            + "</div></section>"
-        )
+        parts.append(_data_section(meta))
+    parts.append(_plots_section(ev))
+    parts.append(_gallery_section(run_dir / "explanations"))
     faith = run_dir / "explanations" / "faithfulness.json"
     if faith.is_file():
         parts.append(_faithfulness_section(json.loads(faith.read_text())))
     if meta is not None:
-        card_estimate = estimate if own else meta.headline_estimate
-        parts.append(f"<section><h2>Model card</h2>{_model_card(meta, card_estimate)}</section>")
-        parts.append(
-            "<section><h2>Resolved configuration</h2><pre>"
-            f"{html.escape(json.dumps(meta.config, indent=2))}</pre>"
-            f"<p>Package versions: {html.escape(json.dumps(meta.versions))}"
-            "</p></section>"
-        )
+        parts += _model_sections(meta, estimate if own else meta.headline_estimate)
     doc = (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>histolens report</title>"
         f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{_CSS}</style>"
         f"</head><body><main>{''.join(parts)}</main></body></html>"
     )
     return atomic_write_text(run_dir / "report.html", doc)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    """The JSON in ``path``, or ``default`` when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _title(meta: CheckpointMetadata | None) -> str:
+    """The heading with the model's id and save time, and the not-for-diagnosis warning."""
+    model_id, saved_at = (meta.model_id, meta.saved_at) if meta is not None else (None, None)
+    return (
+        f"<h1>histolens report</h1><div class=sub>{html.escape(model_id or '')}"
+        f" &middot; saved {html.escape(saved_at or '')}</div>"
+        '<div class="warn">Research and education use only. Not for diagnosis.</div>'
+    )
+
+
+def _note_boxes(notes: Sequence[str], estimate: dict[str, Any] | None) -> list[str]:
+    """A warning box per note, but for the estimate's own warnings (shown with it, below)."""
+    shown = set(estimate.get("warnings", [])) if estimate else set()
+    return [f'<div class="warn">{html.escape(n)}</div>' for n in notes if n not in shown]
+
+
+def _results_sections(
+    title: str, estimate: dict[str, Any] | None, metrics: dict[str, Any], ev: Path
+) -> list[str]:
+    """The estimate (or, without one, the headline cards), then every metric and the referrals."""
+    parts = []
+    if estimate:
+        parts.append(estimate_section(title, estimate))
+    elif metrics:
+        parts.append(
+            f"<section><h2>Headline ({html.escape(str(metrics.get('split', 'test')))} "
+            f"split)</h2>{headline_cards(metrics)}</section>"
+        )
+    if metrics:
+        split = html.escape(str(metrics.get("split", "test")))
+        parts.append(
+            f"<section><h2>All metrics of these predictions ({split})</h2>"
+            f"{metrics_table(metrics)}</section>"
+        )
+        parts.append(refer_section(metrics, ev))
+    return parts
+
+
+def _data_section(meta: CheckpointMetadata) -> str:
+    """The training data's path and layout, the class weights and the split's sizes."""
+    data = meta.data
+    return (
+        f"<section><h2>Data and split</h2><p>{html.escape(str(data.path))} "
+        f"&middot; layout: {html.escape(str(data.layout))} &middot; "
+        f"class weights: {html.escape(_weights_text(meta.class_weights))}</p>"
+        f"{_split_table(data)}</section>"
+    )
+
+
+def _plots_section(ev: Path) -> str:
+    """The evaluation's plots that exist, embedded; empty when there are none."""
+    figures = [(ev / f, t) for f, t in _PLOTS if (ev / f).is_file()]
+    if not figures:
+        return ""
+    return (
+        "<section><h2>Plots</h2>"
+        + "".join(f"<h3>{t}</h3>{embedded_image(p)}" for p, t in figures)
+        + "</section>"
+    )
+
+
+def _gallery_section(explanations: Path) -> str:
+    """Up to 12 of explain's heatmap panels with their captions; empty when there are none."""
+    gallery = sorted(explanations.glob("*_panel.png"))[:12]
+    if not gallery:
+        return ""
+    captions = _gallery_captions(explanations / "index.csv")
+    return (
+        "<section><h2>Example heatmaps</h2><div class=gallery>"
+        + "".join(
+            f"<figure>{embedded_image(p)}<figcaption>"
+            f"{html.escape(captions.get(p.name, p.stem.replace('_panel', '')))}"
+            "</figcaption></figure>"
+            for p in gallery
+        )
+        + "</div></section>"
+    )
+
+
+def _model_sections(meta: CheckpointMetadata, card_estimate: dict[str, Any] | None) -> list[str]:
+    """The model card (its performance line from ``card_estimate``), then the resolved
+    configuration and package versions the model was trained with."""
+    return [
+        f"<section><h2>Model card</h2>{_model_card(meta, card_estimate)}</section>",
+        "<section><h2>Resolved configuration</h2><pre>"
+        f"{html.escape(json.dumps(meta.config, indent=2))}</pre>"
+        f"<p>Package versions: {html.escape(json.dumps(meta.versions))}"
+        "</p></section>",
+    ]
 
 
 def _gallery_captions(index_csv: Path) -> dict[str, str]:
@@ -602,7 +307,7 @@ def _faithfulness_section(table: dict[str, Any]) -> str:
         "<tr><td>"
         + html.escape(str(r["method"]))
         + "</td>"
-        + "".join(f"<td class=num>{'-' if r.get(c) is None else _fmt(r.get(c))}</td>" for c in cols)
+        + "".join(f"<td class=num>{'-' if r.get(c) is None else fmt(r.get(c))}</td>" for c in cols)
         + "</tr>"
         for r in rows
     )
