@@ -180,6 +180,9 @@ def test_pointing_game_and_iou():
     assert pointing_game(1 - heat, mask) == 0.0
     assert mask_iou(mask.astype(np.float32), mask) == 1.0
     assert mask_iou(1 - mask.astype(np.float32), mask) == 0.0
+    # A lesion-free image (benign synthetic tile) has nothing to point at: not scored, not a miss.
+    empty = np.zeros((10, 10), bool)
+    assert np.isnan(pointing_game(heat, empty)) and np.isnan(mask_iou(heat, empty))
     r = random_heatmap((10, 20), seed=1)
     assert r.shape == (10, 20) and r.std() > 0
 

@@ -194,7 +194,10 @@ def _mask_array(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> float:
-    """1.0 when the heatmap's maximum lies inside the lesion mask, else 0.0."""
+    """1.0 when the heatmap's maximum lies inside the lesion mask, else 0.0; NaN when the image
+    has no lesion (an empty mask: nothing to point at, so not a miss)."""
+    if not mask.any():
+        return float("nan")
     return float(mask.ravel()[int(np.argmax(heatmap))])
 
 
@@ -251,6 +254,8 @@ def evaluate_faithfulness(
         image = load_rgb(path)
         mask_path = mask_path_for(path)
         mask = _mask_array(mask_path, image.size) if mask_path is not None else None
+        if mask is not None and not mask.any():
+            mask = None  # a lesion-free image (benign): no localisation to score
         x = predictor.to_input(predictor.preprocess.resize(image)[None])
         n_images += 1
         n_masks += mask is not None
