@@ -186,7 +186,7 @@ def test_multi_level_features_concatenate_pooled_blocks():
     assert model.head.out.in_features == model.feature_dim
     torch.testing.assert_close(_features(model, x), expected, atol=1e-5, rtol=1e-5)
     assert len(model.backbone.blocks) == 3  # cut after the deepest block read
-    assert model.cam_target_layer == "blocks.1"
+    assert model.cam_target_layer == "blocks.1,blocks.2"  # a CAM over both levels
 
 
 def test_one_feature_level_keeps_the_registry_cam_target():

@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -104,7 +105,13 @@ class Explainer:
         self.predictor = predictor
         self.model = predictor.model
         self.spec = self.model.spec
-        self.target_layer = resolve_module(self.model.backbone, self.model.cam_target_layer)
+        # One or more layers (comma-separated): a CAM over several is pytorch-grad-cam's
+        # aggregate of each layer's map.
+        self.target_layers = [
+            resolve_module(self.model.backbone, name.strip())
+            for name in self.model.cam_target_layer.split(",")
+        ]
+        self.target_layer = self.target_layers[0]
         self.n_samples = int(n_samples)
         self.n_segments = int(n_segments)
         self.ig_steps = int(ig_steps)
@@ -113,10 +120,11 @@ class Explainer:
         self.truncate_gradients = truncate_gradients
         self._lock = threading.RLock()
         self._closed = False
-        # Set only for the length of one CAM call: the thread making it, and the tap that the
-        # call's CAM hooks (cleared after the first forward pass hands it the output).
+        # Set only for the length of one CAM call: the thread making it, and the taps (one per
+        # target layer) that the call's CAM hooks, each cleared once the first forward pass has
+        # handed it its layer's output.
         self._cam_thread: int | None = None
-        self._tap: torch.nn.Module | None = None
+        self._taps: list[torch.nn.Module | None] = [None] * len(self.target_layers)
         # Weights never need gradients when truncating; the naive way (for comparison) is
         # pytorch-grad-cam's usual one, where every weight requires grad.
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = [
@@ -125,9 +133,10 @@ class Explainer:
         for p, _ in self._saved_requires_grad:
             p.requires_grad_(not truncate_gradients)
         # prepend: runs before any other hook of the layer, so they see the re-rooted output.
-        self._hook_handle = self.target_layer.register_forward_hook(
-            self._on_target_output, prepend=True
-        )
+        self._hook_handles = [
+            layer.register_forward_hook(partial(self._on_target_output, i), prepend=True)
+            for i, layer in enumerate(self.target_layers)
+        ]
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Explainer:
@@ -139,43 +148,45 @@ class Explainer:
     def close(self) -> None:
         """Remove the Explainer's hook and restore the parameters' ``requires_grad`` flags."""
         with self._lock:
-            if self._hook_handle is not None:
-                self._hook_handle.remove()
-                self._hook_handle = None
+            for handle in self._hook_handles:
+                handle.remove()
+            self._hook_handles = []
             for p, flag in self._saved_requires_grad:
                 p.requires_grad_(flag)
             self._saved_requires_grad = []
             self._closed = True
 
-    def _on_target_output(self, module, args, output):
-        """Hand the target layer's output to the running CAM's tap; a no-op for anyone else."""
-        tap = self._tap
+    def _on_target_output(self, index: int, module, args, output):
+        """Hand target layer ``index``'s output to the running CAM's tap; a no-op for anyone
+        else."""
+        tap = self._taps[index]
         if tap is None or self._cam_thread != threading.get_ident():
             return None
         # Only the CAM's first pass (the unperturbed image) is kept: Score-CAM's hundreds of
         # masked passes would otherwise each store a copy of the activations.
-        self._tap = None
+        self._taps[index] = None
         if self.truncate_gradients and torch.is_grad_enabled():
-            # A fresh leaf: backward stops here. The clone keeps later in-place ops legal.
+            # A fresh leaf: backward stops here (with several layers, each layer's gradient is
+            # then its own direct path to the output). The clone keeps later in-place ops legal.
             output = output.detach().requires_grad_(True).clone()
         return tap(output)
 
     @contextmanager
     def _cam(self, method: ExplanationMethod):
         """A CAM of ``method`` hooked to a fresh tap, armed for this thread, released after."""
-        tap = torch.nn.Identity()
+        taps = [torch.nn.Identity() for _ in self.target_layers]
         cam = method.load()(
             model=self.model,
-            target_layers=[tap],
+            target_layers=taps,
             reshape_transform=self.model.cam_reshape_transform,
         )
         if method.batched:
             cam.batch_size = self.batch_size  # Score-CAM's masked images per forward pass
-        self._tap, self._cam_thread = tap, threading.get_ident()
+        self._taps, self._cam_thread = list(taps), threading.get_ident()
         try:
             yield cam
         finally:
-            self._tap = self._cam_thread = None
+            self._taps, self._cam_thread = [None] * len(self.target_layers), None
             cam.activations_and_grads.release()
 
     # --- public API -------------------------------------------------------------------------
