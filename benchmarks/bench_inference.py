@@ -63,13 +63,14 @@ def synthetic_inputs(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tens
 
 def export(backbone: str, folder: Path) -> dict[str, str]:
     """fp32 and int8 ONNX files of ``backbone`` in ``folder`` (made once, outside the timings)."""
-    from histolens.export import quantize_int8, trace_onnx
+    from histolens.export import fp32_stages, quantize_int8, trace_onnx
 
     model, size = build(backbone)
     fp32, int8 = folder / f"{backbone}.onnx", folder / f"{backbone}-int8.onnx"
     trace_onnx(model, size, fp32)
     calibration = synthetic_inputs(8, size, seed=100)
-    quantize_int8(fp32, int8, [calibration[i : i + 4].numpy() for i in (0, 4)])
+    batches = [calibration[i : i + 4].numpy() for i in (0, 4)]
+    quantize_int8(fp32, int8, batches, fp32_stages(model))  # as ``histolens export`` does
     return {"ort-fp32": str(fp32), "ort-int8": str(int8)}
 
 
