@@ -301,16 +301,14 @@ def test_a_prediction_on_another_thread_during_a_cam_call_is_left_alone(predicto
     np.testing.assert_allclose(heatmap, expected_map, atol=1e-5)
 
 
-def test_a_cam_over_several_feature_levels_hooks_each_level_and_releases_them(
-    predictors, image, monkeypatch
-):
+def test_a_cam_over_several_feature_levels_hooks_each_level_and_releases_them(predictors, image):
     """A multi-level model (pooled blocks.1 and blocks.2 read by a linear head) is explained at
     both levels: one gate per level while the Explainer lives, none after; its map is neither
     level's alone."""
     from dataclasses import replace
 
     from histolens.backbones import get_backbone_spec
-    from histolens.model import HistoClassifier, build_model
+    from histolens.model import build_model
 
     torch.manual_seed(1)
     spec = get_backbone_spec("test_efficientnet")
@@ -326,8 +324,7 @@ def test_a_cam_over_several_feature_levels_hooks_each_level_and_releases_them(
     for heatmap in maps.values():
         assert heatmap.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0]) and np.isfinite(heatmap).all()
     for layer in ("blocks.1", "blocks.2"):
-        monkeypatch.setattr(HistoClassifier, "cam_target_layer", property(lambda _, x=layer: x))
-        with Explainer(p) as single:
+        with Explainer(p, layers=layer) as single:
             assert len(single.target_layers) == 1
             alone = single.explain(image, "gradcam").heatmap
         assert not np.allclose(maps["gradcam"], alone, atol=1e-3), layer

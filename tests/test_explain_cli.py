@@ -257,3 +257,18 @@ def test_split_option_explains_the_runs_test_images(trained_run, tmp_path):
     assert len(list(out.glob("*_panel.png"))) == 2
     res = CliRunner().invoke(explain_command, [str(run)])
     assert res.exit_code == 2 and "IMAGE_OR_FOLDER or --split" in res.output
+
+
+def test_layers_option_chooses_the_cam_layer_and_names_a_missing_one(trained_run, tmp_path):
+    run, _ = trained_run
+    maps = {}
+    for layers in (None, "layer1"):
+        out = tmp_path / str(layers)
+        extra = ["--layers", layers] if layers else []
+        res = _invoke(run, "--split", "test", "--limit", "1", *extra, "--out", out, "--quiet")
+        assert res.exit_code == 0, res.output
+        maps[layers] = np.load(next(out.glob("*_gradcam_heatmap.npy")))
+    assert maps[None].shape == maps["layer1"].shape
+    assert not np.allclose(maps[None], maps["layer1"], atol=1e-3)  # another layer, another map
+    res = _invoke(run, "--split", "test", "--limit", "1", "--layers", "nosuch", "--quiet")
+    assert res.exit_code == 1 and "no layer 'nosuch'" in res.output

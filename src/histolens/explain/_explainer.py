@@ -89,6 +89,8 @@ class Explainer:
         ig_steps: Integrated Gradients steps.
         batch_size: images per forward pass for Score-CAM, LIME, Kernel SHAP and IG.
         seed: seed of the sampling in LIME and Kernel SHAP.
+        layers: backbone layer(s) the CAMs explain, comma-separated (e.g. ``"blocks.5"``);
+            by default the model's own (``HistoClassifier.cam_target_layer``).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Explainer:
         ig_steps: int = 32,
         batch_size: int = 32,
         seed: int = 0,
+        layers: str | None = None,
     ) -> None:
         self.predictor = predictor
         self.model = predictor.model
@@ -109,7 +112,7 @@ class Explainer:
         # aggregate of each layer's map.
         self.target_layers = [
             resolve_module(self.model.backbone, name.strip())
-            for name in self.model.cam_target_layer.split(",")
+            for name in (layers or self.model.cam_target_layer).split(",")
         ]
         self.target_layer = self.target_layers[0]
         self.n_samples = int(n_samples)

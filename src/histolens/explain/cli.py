@@ -147,6 +147,13 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     "--target-class", default=None, help="Explain this class instead of the predicted one."
 )
 @click.option(
+    "--layers",
+    default=None,
+    metavar="LAYER[,LAYER]",
+    help="Backbone layer(s) the CAMs explain, comma-separated, e.g. blocks.5 "
+    "[default: the model's own: every feature level of a multi-level model].",
+)
+@click.option(
     "--evaluate",
     is_flag=True,
     help="Write the faithfulness table (deletion/insertion AUC, ROAD, and on synthetic "
@@ -187,6 +194,7 @@ def _run(
     out: Path | None,
     alpha: float,
     target_class: str | None,
+    layers: str | None,
     evaluate: bool,
     max_images: int,
     no_road: bool,
@@ -216,7 +224,7 @@ def _run(
         load_rgb(target)  # a single unreadable file is an error, not a skipped row
     out = out or _default_out(checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    with Explainer(predictor, n_samples=n_samples) as explainer:
+    with Explainer(predictor, n_samples=n_samples, layers=layers) as explainer:
         if evaluate:
             _evaluate(explainer, paths, chosen, out, max_images, not no_road, quiet)
         else:
