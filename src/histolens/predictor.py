@@ -24,6 +24,7 @@ from histolens.imageio import load_rgb
 from histolens.model import HistoClassifier, build_model
 from histolens.onnx_backend import is_onnx_file
 from histolens.ood import OOD_MESSAGE, OODGuard, image_size
+from histolens.pipeline import InputPipeline
 from histolens.transforms import Preprocess
 
 __all__ = ["Prediction", "Predictor", "probabilities_from_logits"]
@@ -204,12 +205,12 @@ class Predictor:
 
     # --- the pipeline -----------------------------------------------------------------------
     def to_input(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """Resized uint8 batch (B, 3, H, W) -> normalised model input (stain normalised first)."""
-        x = images_uint8.to(self.device, torch.float32) / 255.0
-        if self.stain is not None:
-            x, _ = self.stain(x)
-        x = self.preprocess.normalize(x)
-        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+        """Resized uint8 batch (B, 3, H, W) -> normalised model input (stain normalised first),
+        through the same ``InputPipeline`` that training evaluates with: one preprocessing path."""
+        pipeline = InputPipeline(
+            self.preprocess, stain=self.stain, device=torch.device(self.device)
+        )
+        return pipeline.eval_inputs(images_uint8)
 
     def prepare(self, images: Sequence) -> torch.Tensor:
         """PIL images -> model input batch."""
