@@ -38,6 +38,7 @@ from histolens.predictor import Predictor, probabilities_from_logits
 
 if TYPE_CHECKING:
     from histolens.config import RunConfig
+    from histolens.evaluation_referral import Referral, Scored
 
 __all__ = [
     "EvalResult",
@@ -111,44 +112,39 @@ def finalize_run(
     notes: Sequence[str] = (),
     write_outputs: bool = True,
 ) -> dict[str, Any]:
-    """After training: fit temperature and threshold on validation, evaluate on test, report."""
-    from histolens.checkpoint import update_metadata
+    """After training: fit temperature and threshold on validation, and on the same patients the
+    prediction sets and the out-of-distribution guard; evaluate on test (with referrals), report.
+
+    ``notes`` given as a list also receives the notes this step adds (an unreliable
+    temperature, a calibration that could not be fitted), as the run's result shows them.
+    """
+    from histolens.evaluation_referral import fit_referral, score_records
+    from histolens.pipeline import image_source
 
     run_dir = Path(run_dir)
     predictor = Predictor.from_checkpoint(run_dir)
-    task = cfg.data.task
-    temperature, threshold = _fit_on_validation(predictor, cfg, split.val, classes, bank, cache)
+    images = image_source(bank, predictor.preprocess)
+    notes = notes if isinstance(notes, list) else list(notes)
+    batch = cfg.train.batch_size
+    val = score_records(predictor, split.val, images, cache, batch_size=batch)
+    temperature, threshold = _fit_on_validation(cfg, val.records, val.logits, classes)
     predictor.temperature, predictor.threshold = temperature, threshold
-    notes = list(notes)
     if temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
         notes.append(_temperature_bound_note(temperature))
+    desc = "Features for the guard" if progress else None
+    train = score_records(predictor, split.train, images, cache, batch_size=batch, desc=desc)
+    referral = fit_referral(cfg, train, val, classes, (temperature, threshold), notes)
     test_part = "test" if split.test else "val"
-    kept, logits, _ = _logits_for(predictor, split.test or split.val, bank, cache)
-    result = EvalResult(
-        rows_from_logits(kept, logits, classes, task, temperature),
-        tuple(classes),
-        task,
-        threshold,
-        temperature,
-    )
-    result.metrics = compute_metrics(
-        result, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed
-    )
-    result.metrics["split"] = test_part
-    summary = _headline(result.metrics)
+    scored = score_records(predictor, split.test or split.val, images, cache, referral.guard, batch)
+    n_boot = 1000 if write_outputs else 0
+    result = _evaluated(cfg, scored, classes, (temperature, threshold), referral, test_part, n_boot)
+    summary = {"split": test_part, **_headline(result.metrics)}
     estimate = None
     # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
     if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
         estimate = _held_out_estimate(result, cfg, test_part)
         notes = notes + [w for w in estimate["warnings"] if w not in notes]
-    update_metadata(
-        run_dir / "best.safetensors",
-        temperature=temperature,
-        threshold=threshold,
-        metrics={"split": test_part, **summary},
-        threshold_method=cfg.train.threshold_method,
-        **({"estimate": estimate} if estimate else {}),
-    )
+    _store(run_dir, cfg, referral, (temperature, threshold), summary, estimate)
     if write_outputs:
         write_evaluation(
             result,
@@ -163,27 +159,74 @@ def finalize_run(
 
 
 def _fit_on_validation(
-    predictor: Predictor,
     cfg: RunConfig,
-    val: Sequence[ImageRecord],
+    val_records: Sequence[ImageRecord],
+    val_logits: torch.Tensor,
     classes: Sequence[str],
-    bank=None,
-    cache=None,
 ) -> tuple[float, float]:
-    """Temperature and (binary) decision threshold fitted on the validation records; 1.0 and 0.5
-    when there are none."""
-    val_records, val_logits, _ = _logits_for(predictor, val, bank, cache)
+    """Temperature and (binary) decision threshold fitted on the validation records' logits;
+    1.0 and 0.5 when there are none."""
     temperature, threshold = 1.0, 0.5
     if val_records:
         idx = {c: i for i, c in enumerate(classes)}
         y_val = torch.tensor([idx[target_of(r, cfg.data.task)] for r in val_records])
         temperature = fit_temperature(val_logits, y_val)
-        if predictor.is_binary:
+        if len(classes) == 2:
             p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
             threshold = choose_threshold(
                 y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
             )
     return temperature, threshold
+
+
+def _evaluated(
+    cfg: RunConfig,
+    scored: Scored,
+    classes: Sequence[str],
+    calibration: tuple[float, float],
+    referral: Referral,
+    part: str,
+    n_boot: int,
+) -> EvalResult:
+    """The evaluated split's rows, with prediction sets and flags, and their metrics."""
+    from histolens.evaluation_referral import add_referrals
+
+    temperature, threshold = calibration
+    result = EvalResult(
+        rows_from_logits(scored.records, scored.logits, classes, cfg.data.task, temperature),
+        tuple(classes),
+        cfg.data.task,
+        threshold,
+        temperature,
+    )
+    add_referrals(result, scored, referral, part)
+    result.metrics = compute_metrics(result, n_boot=n_boot, seed=cfg.data.seed)
+    result.metrics["split"] = part
+    return result
+
+
+def _store(
+    run_dir: Path,
+    cfg: RunConfig,
+    referral: Referral,
+    calibration: tuple[float, float],
+    summary: dict[str, Any],
+    estimate: dict[str, Any] | None,
+) -> None:
+    """Write temperature, threshold, prediction sets, guard, headline and estimate into the
+    run's checkpoint, in one rewrite."""
+    from histolens.evaluation_referral import store_referral
+
+    temperature, threshold = calibration
+    store_referral(
+        run_dir / "best.safetensors",
+        referral,
+        temperature=temperature,
+        threshold=threshold,
+        metrics=summary,
+        threshold_method=cfg.train.threshold_method,
+        **({"estimate": estimate} if estimate else {}),
+    )
 
 
 def _temperature_bound_note(temperature: float) -> str:
@@ -252,19 +295,11 @@ def evaluate_checkpoint(
         predictor.temperature,
     )
     if predictor.conformal is not None or reasons is not None:
-        member = None
-        if predictor.conformal is not None and result.rows:
-            from histolens.conformal import centred_probabilities
+        from histolens.evaluation_referral import row_prediction_sets
 
-            probs = np.array([r.probs for r in result.rows])
-            thr = predictor.threshold if predictor.is_binary else None
-            predicted = [result.predicted(r) for r in result.rows]
-            member = predictor.conformal.prediction_sets(
-                centred_probabilities(probs, thr), predictor.refer_alpha, predicted
-            )
         with_referrals(
             result,
-            member,
+            row_prediction_sets(result, predictor.conformal, predictor.refer_alpha),
             reasons,
             predictor.refer_alpha,
             "the checkpoint's calibration (out-of-fold predictions of its training patients)",

@@ -2,7 +2,9 @@
 
 Prepare (records, split, model, stain normaliser), then the datasets (the frozen backbone's
 cached features, or images decoded from disk for fine-tuning), then Lightning's fit (each rank
-trains on its share of the training set), then the checkpoint and, on rank 0, the evaluation.
+trains on its share of the training set), then the checkpoint and, on rank 0, its calibration
+on the validation patients (threshold, temperature, prediction sets and the out-of-distribution
+guard: :func:`histolens.evaluation.finalize_run`) and the evaluation.
 """
 
 from __future__ import annotations
@@ -365,7 +367,7 @@ def _finish(run: _LightningRun, trainer, export, epoch_log, opts: RunOptions) ->
             bank=run.images,
             cache=run.cache,
             progress=opts.progress,
-            notes=run.notes,
+            notes=run.notes,  # receives the calibration's notes too
             write_outputs=opts.write_outputs,
         )
     return result

@@ -23,7 +23,7 @@ from histolens.splits import Split
 
 if TYPE_CHECKING:
     from histolens.conformal import ConformalCalibration
-    from histolens.ood import OODGuard
+    from histolens.ood import FeatureGuard, OODGuard
 
 log = logging.getLogger("histolens")
 
@@ -188,8 +188,8 @@ def _referral(
     notes: list[str],
 ) -> _Referral:
     """Fit the prediction-set calibration and the feature guard (noting an unreachable alpha)."""
-    from histolens.conformal import ConformalCalibration, centred_probabilities
-    from histolens.ood import FeatureGuard, OODGuard
+    from histolens.conformal import centred_probabilities
+    from histolens.ood import OODGuard
     from histolens.predictor import probabilities_from_logits
 
     temperature, threshold = calibration
@@ -201,25 +201,58 @@ def _referral(
     else:
         calib_p = probabilities_from_logits(torch.as_tensor(held.calib_logits), temperature).numpy()
         calib_p = centred_probabilities(calib_p, threshold if len(classes) == 2 else None)
-    calib_ok = ~np.isnan(calib_p).any(1)
-    conformal = None
-    if calib_ok.any():
-        conformal = ConformalCalibration.fit(
-            calib_p[calib_ok],
-            calib_y[calib_ok],
-            g[: len(calib_y)][calib_ok],
-            classes,
-            cfg.train.alpha,
-        )
-        if conformal.quantile() == float("inf"):
-            notes.append(
-                f"With {conformal.n_patients} calibration patients, prediction sets cannot "
-                f"guarantee alpha {cfg.train.alpha:g}: every image would be referred. Use "
-                f"alpha {conformal.min_alpha:.2f} or more (predict --alpha), or add patients."
-            )
+    conformal = fit_prediction_sets(
+        calib_p, calib_y, g[: len(calib_y)], classes, cfg.train.alpha, notes
+    )
     try:
         guard_folds = group_folds(y, g, cfg.train.cv_folds or 5, cfg.data.seed)
-        feature_guard, held_out_distance = FeatureGuard.calibrated(x, guard_folds)
     except DataError:  # one patient group: no held-out patients to set a limit on
-        feature_guard, held_out_distance = None, np.full(len(y), np.nan)
+        guard_folds = []
+    feature_guard, held_out_distance = fit_feature_guard(x, guard_folds)
     return _Referral(calib_p, conformal, OODGuard(features=feature_guard), held_out_distance)
+
+
+def fit_prediction_sets(
+    calib_p: np.ndarray,
+    calib_y: np.ndarray,
+    groups: np.ndarray,
+    classes: Sequence[str],
+    alpha: float,
+    notes: list[str],
+) -> ConformalCalibration | None:
+    """The prediction sets' calibration on held-out patients' calibrated, centred probabilities.
+
+    Images are weighted by patient (``groups``); rows with NaN (not scored) are left out, and
+    None is returned when none is left. An ``alpha`` too few patients cannot guarantee is noted.
+    Shared by the linear probe (out-of-fold predictions) and the MLP head (validation patients).
+    """
+    from histolens.conformal import ConformalCalibration
+
+    ok = ~np.isnan(calib_p).any(1)
+    if not ok.any():
+        return None
+    conformal = ConformalCalibration.fit(
+        calib_p[ok], np.asarray(calib_y)[ok], np.asarray(groups)[ok], classes, alpha
+    )
+    if conformal.quantile() == float("inf"):
+        notes.append(
+            f"With {conformal.n_patients} calibration patients, prediction sets cannot "
+            f"guarantee alpha {alpha:g}: every image would be referred. Use "
+            f"alpha {conformal.min_alpha:.2f} or more (predict --alpha), or add patients."
+        )
+    return conformal
+
+
+def fit_feature_guard(
+    x: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[FeatureGuard | None, np.ndarray]:
+    """The feature guard of all the pooled features ``x``, its limit set on the images that
+    ``folds`` (split by patient) hold out, and those images' held-out distances (NaN for the
+    others); None and all NaN when there are no folds (no held-out patients to set a limit on).
+    Shared by the linear probe (k folds) and the MLP head (one: training -> validation).
+    """
+    from histolens.ood import FeatureGuard
+
+    if not folds:
+        return None, np.full(len(x), np.nan)
+    return FeatureGuard.calibrated(x, folds)
