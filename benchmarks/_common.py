@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REAL_DATA = Path(
@@ -26,6 +28,24 @@ def require_real_data(sub: str = "") -> Path:
     if not path.exists():
         raise SystemExit(f"Real BreakHis images not found at {path}; set HISTOLENS_REAL_DATA.")
     return path
+
+
+def repeated_study_parser(doc: str | None, task: bool = True) -> argparse.ArgumentParser:
+    """Command line of a study repeated over seeds: ``--repeats``, and ``--task`` when it has one."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if task:
+        ap.add_argument("--task", choices=["binary", "subtype"], default="binary")
+    ap.add_argument("--repeats", type=int, default=3, help="seeds 0..repeats-1")
+    return ap
+
+
+def mean_sd(values) -> str:
+    """``mean +/- sd`` cell over repeats: NaNs ignored, sample sd, and sd 0 for one value."""
+    v = np.asarray(values, float)
+    sd = np.nanstd(v, ddof=1) if len(v) > 1 else 0.0
+    return f"{np.nanmean(v):.3f} +/- {sd:.3f}"
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:

@@ -19,7 +19,6 @@ Run:  .venv/bin/python benchmarks/generalisation.py [--task binary|subtype] [--o
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -31,7 +30,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, require_real_data, setup  # noqa: E402
+from _common import (  # noqa: E402
+    mean_sd,
+    print_table,
+    repeated_study_parser,
+    require_real_data,
+    setup,
+)
 
 SCORED_MAGNIFICATION = 100
 
@@ -310,21 +315,13 @@ def _read_predictions(path: Path, classes, temperature: float = 1.0) -> dict[str
 
 
 def _summarise(name: str, runs: list[dict[str, float]], seconds: float) -> list[object]:
-    keys = list(runs[0])
-    cells = []
-    for k in keys:
-        v = np.array([r[k] for r in runs], float)
-        cells.append(f"{np.nanmean(v):.3f} +/- {np.nanstd(v, ddof=1) if len(v) > 1 else 0:.3f}")
+    cells = [mean_sd([r[k] for r in runs]) for k in runs[0]]
     return [name, *cells, f"{seconds:.0f}"]
 
 
 def main() -> None:
     setup()
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--task", choices=["binary", "subtype"], default="binary")
-    ap.add_argument("--repeats", type=int, default=3, help="seeds 0..repeats-1")
+    ap = repeated_study_parser(__doc__)
     ap.add_argument("--only", nargs="*", help="only configurations containing one of these")
     ap.add_argument("--no-peer", action="store_true")
     args = ap.parse_args()

@@ -24,7 +24,6 @@ normalisation, fewer synthetic tiles; not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, require_real_data, setup  # noqa: E402
+from _common import print_table, repeated_study_parser, require_real_data, setup  # noqa: E402
 from generalisation import SCORED_MAGNIFICATION, _records  # noqa: E402
 from refer import study_config, train_folds  # noqa: E402
 
@@ -234,10 +233,7 @@ def run(args) -> None:
 
 def main() -> None:
     setup()
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--repeats", type=int, default=3, help="seeds 0..repeats-1")
+    ap = repeated_study_parser(__doc__, task=False)
     ap.add_argument("--quick", action="store_true", help="smoke check, not a measurement")
     run(ap.parse_args())
 

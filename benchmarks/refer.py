@@ -34,7 +34,6 @@ normalisation (minutes on a CPU), not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -45,7 +44,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, require_real_data, setup  # noqa: E402
+from _common import (  # noqa: E402
+    mean_sd,
+    print_table,
+    repeated_study_parser,
+    require_real_data,
+    setup,
+)
 from generalisation import SCORED_MAGNIFICATION, _folds, _records  # noqa: E402
 
 ALPHAS = (0.05, 0.1, 0.2)
@@ -248,12 +253,7 @@ def run(args) -> None:
     keys = ["AURC"] + [f"{m} {a:g}" for a in ALPHAS for m in ("coverage", "refer")]
     rows = []
     for name in results[0]:
-        cells = []
-        for key in keys:
-            v = np.array([r[name][key] for r in results], float)
-            sd = np.nanstd(v, ddof=1) if len(v) > 1 else 0.0
-            cells.append(f"{np.nanmean(v):.3f} +/- {sd:.3f}")
-        rows.append([name, *cells])
+        rows.append([name, *(mean_sd([r[name][key] for r in results]) for key in keys)])
     print()
     print(
         f"Held-out {SCORED_MAGNIFICATION}X images, mean +/- sd over {repeats} repeat(s); target "
@@ -265,11 +265,7 @@ def run(args) -> None:
 
 def main() -> None:
     setup()
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--task", choices=["binary", "subtype"], default="binary")
-    ap.add_argument("--repeats", type=int, default=3, help="seeds 0..repeats-1")
+    ap = repeated_study_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke check, not a measurement")
     run(ap.parse_args())
 

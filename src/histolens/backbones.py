@@ -24,30 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from histolens import _weights
 from histolens._hub_backbones import hub_file
-from histolens._weights import (
-    create_backbone,
-    lite0_package_state_dict,
-    lite_package_for,
-    lite_package_state_dict,
-    load_backbone_weights,
-    map_dinov2_transformers_keys,
-    map_lite0_package_keys,
-)
+from histolens._weights import *  # noqa: F403  (re-exported: see ``__all__``)
 from histolens.errors import ConfigError, did_you_mean
 
+# Making a backbone with its weights lives in ``_weights``; its public names are importable here.
 __all__ = [
+    *_weights.__all__,
     "BACKBONES",
     "BackboneSpec",
-    "create_backbone",
     "get_backbone_spec",
     "hub_id_of",
-    "lite0_package_state_dict",
-    "lite_package_for",
-    "lite_package_state_dict",
-    "load_backbone_weights",
-    "map_dinov2_transformers_keys",
-    "map_lite0_package_keys",
     "resolve_module",
     "vit_reshape_transform",
 ]

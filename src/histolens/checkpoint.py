@@ -24,28 +24,16 @@ from typing import Any
 
 import torch
 
+from histolens import checkpoint_metadata
 from histolens.atomic import atomic_path
-from histolens.checkpoint_metadata import (
-    CHECKPOINT_FORMAT,
-    SCHEMA_VERSION,
-    CheckpointMetadata,
-    HeadSpec,
-    ProbeChoice,
-    SplitPart,
-    TrainingData,
-    _plain,
-)
+from histolens.checkpoint_metadata import *  # noqa: F403  (re-exported: see ``__all__``)
+from histolens.checkpoint_metadata import CHECKPOINT_FORMAT, CheckpointMetadata, _plain
 from histolens.errors import CheckpointError
 
+# The metadata contract's names are importable from here too, with the file functions.
 __all__ = [
+    *checkpoint_metadata.__all__,
     "BEST_CHECKPOINT",
-    "CHECKPOINT_FORMAT",
-    "SCHEMA_VERSION",
-    "CheckpointMetadata",
-    "HeadSpec",
-    "ProbeChoice",
-    "SplitPart",
-    "TrainingData",
     "load_checkpoint",
     "read_metadata",
     "resolve_checkpoint_path",

@@ -125,7 +125,7 @@ class Predictor:
             meta.head.dropouts,
             meta.feature_layer,
         )
-        guard, conformal, stain = _calibration(state, meta)
+        calibration = _calibration(state, meta)  # takes the guard's tensors out of ``state``
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -136,19 +136,7 @@ class Predictor:
         model.to(dev).eval()
         if dev.type == "cpu":
             model.to(memory_format=torch.channels_last)
-        return cls(
-            model,
-            meta.preprocess,
-            meta.class_names,
-            meta.threshold,
-            meta.temperature,
-            stain,
-            meta,
-            dev,
-            str(resolve_checkpoint_path(path)),
-            conformal=conformal,
-            guard=guard,
-        )
+        return cls._with_metadata(model, meta, calibration, dev, str(resolve_checkpoint_path(path)))
 
     @classmethod
     def _from_onnx(cls, path: str | os.PathLike, device: str) -> Predictor:
@@ -158,20 +146,41 @@ class Predictor:
 
         meta, state = read_onnx_export(path)
         spec = get_backbone_spec(meta.backbone)
-        guard, conformal, stain = _calibration(state, meta)
-        return cls(
+        return cls._with_metadata(
             ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
+            meta,
+            _calibration(state, meta),
+            torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
+            str(Path(path)),
+            runner=OnnxRunner(path, device),
+        )
+
+    @classmethod
+    def _with_metadata(
+        cls,
+        model: HistoClassifier,
+        meta: CheckpointMetadata,
+        calibration: tuple[OODGuard | None, ConformalCalibration | None, Any],
+        device: torch.device,
+        source: str,
+        runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Predictor:
+        """A Predictor of ``model`` with the preprocessing, classes, threshold and temperature
+        ``meta`` holds and the stored ``calibration`` (guard, conformal, stain)."""
+        guard, conformal, stain = calibration
+        return cls(
+            model,
             meta.preprocess,
             meta.class_names,
             meta.threshold,
             meta.temperature,
             stain,
             meta,
-            torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
-            str(Path(path)),
+            device,
+            source,
             conformal=conformal,
             guard=guard,
-            runner=OnnxRunner(path, device),
+            runner=runner,
         )
 
     # --- properties the front ends show ---------------------------------------------------

@@ -10,14 +10,8 @@ which every front end reads. The Explainer returns arrays only; ``histolens expl
 from typing import TYPE_CHECKING, Any
 
 # The registry is light (no torch): method menus and --help read it without loading a model.
-from histolens.explain._methods import (
-    ATTRIBUTION_METHODS,
-    CAM_METHODS,
-    EXPLANATION_METHODS,
-    METHODS,
-    ExplanationMethod,
-    get_method,
-)
+from histolens.explain import _methods
+from histolens.explain._methods import *  # noqa: F403  (re-exported: see ``__all__``)
 
 if TYPE_CHECKING:
     from histolens.explain._explainer import Explainer, Explanation
@@ -39,14 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'histolens.explain' has no attribute '{name}'")
 
 
-__all__ = [
-    "ATTRIBUTION_METHODS",
-    "CAM_METHODS",
-    "EXPLANATION_METHODS",
-    "METHODS",
-    "ExplanationMethod",
-    "Explainer",
-    "Explanation",
-    "get_method",
-    "overlay_heatmap",
-]
+__all__ = [*_methods.__all__, "Explainer", "Explanation", "overlay_heatmap"]
