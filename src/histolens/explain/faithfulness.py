@@ -220,6 +220,50 @@ def _mask_class(path: Path, class_names: Sequence[str], predicted: str) -> str:
     return predicted
 
 
+def _score_map(
+    explainer: Explainer,
+    image: Image.Image,
+    x: torch.Tensor,
+    method: str,
+    predicted: str,
+    steps: int,
+    seed: int,
+    road_percentiles: Sequence[int],
+    road: bool,
+) -> dict:
+    """Deletion, insertion (and ROAD) of ``method``'s map of the predicted class on one image;
+    key ``_`` carries (map, class explained) on to the localisation scores."""
+    predictor = explainer.predictor
+    if method == RANDOM:
+        heat, label = random_heatmap((image.height, image.width), seed), predicted
+    else:
+        explanation = explainer.explain(image, method)
+        heat, label = explanation.heatmap, explanation.target_class
+    target = ClassProbability(predictor.class_names.index(label), predictor.temperature)
+    d_auc, i_auc = deletion_insertion_auc(predictor.model, x, heat, target, steps, seed=seed)
+    scores = {"deletion_auc": d_auc, "insertion_auc": i_auc, "_": (heat, label)}
+    if road:
+        scores["road"] = road_score(predictor.model, x, heat, target, road_percentiles)
+    return scores
+
+
+def _localisation(
+    explainer: Explainer,
+    image: Image.Image,
+    path: Path,
+    method: str,
+    mask: np.ndarray,
+    heat_and_label: tuple[np.ndarray, str],
+) -> dict:
+    """Pointing game and IoU of the map of the lesion's class (explained anew if the map was of
+    another class)."""
+    heat, label = heat_and_label
+    lesion_class = _mask_class(path, explainer.predictor.class_names, label)
+    if method != RANDOM and lesion_class != label:
+        heat = explainer.explain(image, method, lesion_class).heatmap
+    return {"pointing_game": pointing_game(heat, mask), "iou": mask_iou(heat, mask)}
+
+
 def evaluate_faithfulness(
     explainer: Explainer,
     paths: Sequence[str | os.PathLike],
@@ -245,7 +289,6 @@ def evaluate_faithfulness(
             return None
 
     predictor = explainer.predictor
-    model = predictor.model
     names = [get_method(m).name for m in methods] + [RANDOM]
     sums: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in names}
     n_images = n_masks = 0
@@ -261,24 +304,14 @@ def evaluate_faithfulness(
         n_masks += mask is not None
         predicted = predictor.predict_images([image])[0].label
         for method in names:
-            if method == RANDOM:
-                heat, label = random_heatmap((image.height, image.width), seed + i), predicted
-            else:
-                explanation = explainer.explain(image, method)
-                heat, label = explanation.heatmap, explanation.target_class
-            index = predictor.class_names.index(label)
-            target = ClassProbability(index, predictor.temperature)
-            d_auc, i_auc = deletion_insertion_auc(model, x, heat, target, steps, seed=seed + i)
-            sums[method]["deletion_auc"].append(d_auc)
-            sums[method]["insertion_auc"].append(i_auc)
-            if road:
-                sums[method]["road"].append(road_score(model, x, heat, target, road_percentiles))
+            scores = _score_map(
+                explainer, image, x, method, predicted, steps, seed + i, road_percentiles, road
+            )
             if mask is not None:
-                lesion_class = _mask_class(path, predictor.class_names, label)
-                if method != RANDOM and lesion_class != label:
-                    heat = explainer.explain(image, method, lesion_class).heatmap
-                sums[method]["pointing_game"].append(pointing_game(heat, mask))
-                sums[method]["iou"].append(mask_iou(heat, mask))
+                scores.update(_localisation(explainer, image, path, method, mask, scores.pop("_")))
+            for key, value in scores.items():
+                if key != "_":
+                    sums[method][key].append(value)
         if progress:
             progress(1)
 
