@@ -186,6 +186,22 @@ def score_repeat(pool: dict, classes) -> dict[str, dict[str, float]]:
             row[f"coverage {alpha:g}"] = cov["patients"]
             row[f"refer {alpha:g}"] = float((member[scored].sum(1) > 1).mean())
         out[name] = row
+    # The same score calibrated only on the other folds' 100X images: is a calibration set of
+    # every magnification and source (the shipped one) exchangeable with new 100X images?
+    probs = np.concatenate(pool["probability"])
+    own_mag = {"AURC": out["probability"]["AURC"]}
+    for alpha in ALPHAS:
+        member = np.zeros(probs.shape, dtype=bool)
+        for k in np.unique(fold):
+            cal_idx, test_idx = (fold != k) & scored, (fold == k) & scored
+            cal = ConformalCalibration.fit(
+                probs[cal_idx], y[cal_idx], patients[cal_idx], classes, alpha, "probability"
+            )
+            member[test_idx] = cal.prediction_sets(probs[test_idx], alpha, pred[test_idx])
+        cov = coverage(member[scored], y[scored], patients[scored])
+        own_mag[f"coverage {alpha:g}"] = cov["patients"]
+        own_mag[f"refer {alpha:g}"] = float((member[scored].sum(1) > 1).mean())
+    out[f"probability, calibrated on {SCORED_MAGNIFICATION}X only"] = own_mag
     shipped = {"AURC": out["probability"]["AURC"]}
     for alpha in ALPHAS:
         member = np.concatenate(pool[f"shipped {alpha:g}"])
