@@ -14,7 +14,6 @@ import time
 
 import timm
 import torch
-
 from _common import print_table, setup
 
 
@@ -46,7 +45,9 @@ def main() -> None:
         rows.append(
             [f"ViT-L/16 {params:.0f} M, {'bf16 autocast' if bf16 else 'fp32'}", ips, 1000 / ips]
         )
-    print(f"threads {args.threads}, batch {args.batch}, {args.batches} timed batches, random weights")
+    print(
+        f"threads {args.threads}, batch {args.batch}, {args.batches} timed batches, random weights"
+    )
     print_table(["model", "images/s", "ms per image"], rows)
     print(f"featurising 7,909 BreakHis images (fp32): {7909 / rows[0][1] / 3600:.1f} h")
 
