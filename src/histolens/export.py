@@ -380,7 +380,7 @@ def export_onnx(
         n_calibration = 0
         if quantization == "int8":
             graph, n_calibration = _quantised_graph(
-                predictor, source, graph, calibration_images, batch_size, say
+                predictor, source, graph, calibration_images, batch_size, say, verify
             )
         say(f"Verifying against PyTorch on {where}")
         n, change, auc_torch, auc_onnx = _compare(predictor, OnnxRunner(graph), verify, batch_size)
@@ -430,11 +430,16 @@ def _quantised_graph(
     calibration_images: int,
     batch_size: int,
     say: Callable[[str], None],
+    verify: Sequence[ImageRecord] = (),
 ) -> tuple[Path, int]:
     """The int8 graph (beside ``fp32``) calibrated on the run's training images, and how many
-    images the calibration read."""
+    images the calibration read. Images in ``verify`` are left out of the calibration while
+    others remain, so that the accuracy check is not made on the images calibrated on."""
     train, _ = _records(source, "train")
-    calibration = _spread(train, calibration_images)
+    verifying = {r.path for r in verify}
+    calibration = _spread(
+        [r for r in train if r.path not in verifying] or train, calibration_images
+    )
     if not calibration:
         raise ExportError(
             f"{source} cannot be quantised: its run lists no training images to calibrate on."
