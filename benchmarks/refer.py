@@ -162,46 +162,47 @@ def fold_probabilities(predictor, train_recs, test_recs, feats: dict, classes, t
     return one, tta, np.stack([mean - sd, mean + sd], axis=1)
 
 
+def cross_fitted(probs, score: str, y, pred, fold, patients, scored, cal_mask, classes) -> dict:
+    """Coverage and referral at each alpha on the scored images, each fold's sets calibrated on
+    the other folds' images where ``cal_mask`` holds."""
+    from histolens.conformal import ConformalCalibration, coverage
+
+    row = {}
+    for alpha in ALPHAS:
+        member = np.zeros(probs.shape[:1] + probs.shape[-1:], dtype=bool)
+        for k in np.unique(fold):
+            cal_idx, test_idx = (fold != k) & cal_mask, (fold == k) & scored
+            cal = ConformalCalibration.fit(
+                probs[cal_idx], y[cal_idx], patients[cal_idx], classes, alpha, score
+            )
+            member[test_idx] = cal.prediction_sets(probs[test_idx], alpha, pred[test_idx])
+        cov = coverage(member[scored], y[scored], patients[scored])
+        row[f"coverage {alpha:g}"] = cov["patients"]
+        row[f"refer {alpha:g}"] = float((member[scored].sum(1) > 1).mean())
+    return row
+
+
 def score_repeat(pool: dict, classes) -> dict[str, dict[str, float]]:
     """AURC and cross-fitted coverage/referral of each score over one repeat's pooled images."""
-    from histolens.conformal import SCORES, ConformalCalibration, coverage, risk_coverage
+    from histolens.conformal import SCORES, coverage, risk_coverage
 
     y, pred, fold, patients = (np.asarray(pool[k]) for k in ("y", "pred", "fold", "patient"))
     scored = np.asarray(pool["mag"]) == SCORED_MAGNIFICATION
+    every = np.ones_like(scored)
+    folds = (y, pred, fold, patients, scored)
     out: dict[str, dict[str, float]] = {}
     for name in ("probability", "tta", "ensemble"):
         probs = np.concatenate(pool[name])
         class_scores = SCORES[name](probs)
         own = class_scores[np.arange(len(pred)), pred]
         row = {"AURC": risk_coverage((pred == y)[scored], 1 - own[scored])["aurc"]}
-        for alpha in ALPHAS:
-            member = np.zeros(class_scores.shape, dtype=bool)
-            for k in np.unique(fold):
-                cal_idx, test_idx = fold != k, (fold == k) & scored
-                cal = ConformalCalibration.fit(
-                    probs[cal_idx], y[cal_idx], patients[cal_idx], classes, alpha, name
-                )
-                member[test_idx] = cal.prediction_sets(probs[test_idx], alpha, pred[test_idx])
-            cov = coverage(member[scored], y[scored], patients[scored])
-            row[f"coverage {alpha:g}"] = cov["patients"]
-            row[f"refer {alpha:g}"] = float((member[scored].sum(1) > 1).mean())
-        out[name] = row
+        out[name] = row | cross_fitted(probs, name, *folds, every, classes)
     # The same score calibrated only on the other folds' 100X images: is a calibration set of
     # every magnification and source (the shipped one) exchangeable with new 100X images?
     probs = np.concatenate(pool["probability"])
-    own_mag = {"AURC": out["probability"]["AURC"]}
-    for alpha in ALPHAS:
-        member = np.zeros(probs.shape, dtype=bool)
-        for k in np.unique(fold):
-            cal_idx, test_idx = (fold != k) & scored, (fold == k) & scored
-            cal = ConformalCalibration.fit(
-                probs[cal_idx], y[cal_idx], patients[cal_idx], classes, alpha, "probability"
-            )
-            member[test_idx] = cal.prediction_sets(probs[test_idx], alpha, pred[test_idx])
-        cov = coverage(member[scored], y[scored], patients[scored])
-        own_mag[f"coverage {alpha:g}"] = cov["patients"]
-        own_mag[f"refer {alpha:g}"] = float((member[scored].sum(1) > 1).mean())
-    out[f"probability, calibrated on {SCORED_MAGNIFICATION}X only"] = own_mag
+    out[f"probability, calibrated on {SCORED_MAGNIFICATION}X only"] = {
+        "AURC": out["probability"]["AURC"]
+    } | cross_fitted(probs, "probability", *folds, scored, classes)
     shipped = {"AURC": out["probability"]["AURC"]}
     for alpha in ALPHAS:
         member = np.concatenate(pool[f"shipped {alpha:g}"])

@@ -267,12 +267,12 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             # The head stays fp32: it costs nothing, and quantised logits come in steps of about
             # 0.3, which ties images the threshold should tell apart.
-            nodes_to_exclude=_head_nodes(prepared, keep_fp32),
+            nodes_to_exclude=_fp32_nodes(prepared, keep_fp32),
         )
     return seen[0]
 
 
-def _head_nodes(graph: Path, keep_fp32: Sequence[str] = ()) -> list[str]:
+def _fp32_nodes(graph: Path, keep_fp32: Sequence[str] = ()) -> list[str]:
     """Names of the nodes of the classifier's head and of the backbone modules ``keep_fp32``
     (the exporter names nodes by module path, e.g. ``/blocks.2/blocks.2.1/conv_pw/Conv``)."""
     import onnx

@@ -216,9 +216,7 @@ class Predictor:
     def to_input(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """Resized uint8 batch (B, 3, H, W) -> normalised model input (stain normalised first),
         through the same ``InputPipeline`` that training evaluates with: one preprocessing path."""
-        pipeline = InputPipeline(
-            self.preprocess, stain=self.stain, device=torch.device(self.device)
-        )
+        pipeline = InputPipeline(self.preprocess, stain=self.stain, device=self.device)
         return pipeline.eval_inputs(images_uint8)
 
     def prepare(self, images: Sequence) -> torch.Tensor:

@@ -230,9 +230,9 @@ def _score_map(
     seed: int,
     road_percentiles: Sequence[int],
     road: bool,
-) -> dict:
-    """Deletion, insertion (and ROAD) of ``method``'s map of the predicted class on one image;
-    key ``_`` carries (map, class explained) on to the localisation scores."""
+) -> tuple[dict[str, float], np.ndarray, str]:
+    """Deletion, insertion (and ROAD) of ``method``'s map of the predicted class on one image,
+    with the map and the class it explains."""
     predictor = explainer.predictor
     if method == RANDOM:
         heat, label = random_heatmap((image.height, image.width), seed), predicted
@@ -241,10 +241,10 @@ def _score_map(
         heat, label = explanation.heatmap, explanation.target_class
     target = ClassProbability(predictor.class_names.index(label), predictor.temperature)
     d_auc, i_auc = deletion_insertion_auc(predictor.model, x, heat, target, steps, seed=seed)
-    scores = {"deletion_auc": d_auc, "insertion_auc": i_auc, "_": (heat, label)}
+    scores = {"deletion_auc": d_auc, "insertion_auc": i_auc}
     if road:
         scores["road"] = road_score(predictor.model, x, heat, target, road_percentiles)
-    return scores
+    return scores, heat, label
 
 
 def _localisation(
@@ -253,11 +253,11 @@ def _localisation(
     path: Path,
     method: str,
     mask: np.ndarray,
-    heat_and_label: tuple[np.ndarray, str],
-) -> dict:
-    """Pointing game and IoU of the map of the lesion's class (explained anew if the map was of
-    another class)."""
-    heat, label = heat_and_label
+    heat: np.ndarray,
+    label: str,
+) -> dict[str, float]:
+    """Pointing game and IoU of the map of the lesion's class (explained anew if ``heat`` is of
+    another class, ``label``)."""
     lesion_class = _mask_class(path, explainer.predictor.class_names, label)
     if method != RANDOM and lesion_class != label:
         heat = explainer.explain(image, method, lesion_class).heatmap
@@ -304,14 +304,13 @@ def evaluate_faithfulness(
         n_masks += mask is not None
         predicted = predictor.predict_images([image])[0].label
         for method in names:
-            scores = _score_map(
+            scores, heat, label = _score_map(
                 explainer, image, x, method, predicted, steps, seed + i, road_percentiles, road
             )
             if mask is not None:
-                scores.update(_localisation(explainer, image, path, method, mask, scores.pop("_")))
+                scores |= _localisation(explainer, image, path, method, mask, heat, label)
             for key, value in scores.items():
-                if key != "_":
-                    sums[method][key].append(value)
+                sums[method][key].append(value)
         if progress:
             progress(1)
 
