@@ -37,7 +37,9 @@ def main() -> None:
 
     from histolens.data import discover
     from histolens.imageio import load_rgb
-    from histolens.stain import StainAugmenter, StainNormalizer, choose_reference
+    from histolens.stain import StainNormalizer
+    from histolens.stain_augment import StainAugmenter
+    from histolens.stain_reference import choose_reference
     from histolens.transforms import Preprocess
 
     pre = Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, "bicubic")

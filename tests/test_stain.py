@@ -13,9 +13,11 @@ import torchstain
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 
-from histolens import stain
+from histolens import stain_math
 from histolens.errors import ConfigError, DataError
-from histolens.stain import StainAugmenter, StainNormalizer, choose_reference
+from histolens.stain import StainNormalizer
+from histolens.stain_augment import StainAugmenter
+from histolens.stain_reference import choose_reference
 
 # Ruifrok & Johnston's haematoxylin and eosin OD vectors.
 H_STAIN = torch.tensor([0.65, 0.70, 0.29])
@@ -170,7 +172,7 @@ def test_chunked_processing_equals_one_pass(monkeypatch, reference):
     batch = torch.stack([he_image(10 + i, angle=0.05 * i) for i in range(5)])
     norm = StainNormalizer("macenko").fit(reference)
     whole, _ = norm(batch)
-    monkeypatch.setattr(stain, "_CPU_CHUNK_PIXELS", 2 * 64 * 64)
+    monkeypatch.setattr(stain_math, "_CPU_CHUNK_PIXELS", 2 * 64 * 64)
     chunked, _ = norm(batch)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
 

@@ -115,7 +115,7 @@ class Augmenter:
         self.config = config
         self._stain = None
         if config.stain:
-            from histolens.stain import StainAugmenter
+            from histolens.stain_augment import StainAugmenter
 
             self._stain = StainAugmenter(config.stain_sigma, config.stain_bias)
 
