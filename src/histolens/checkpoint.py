@@ -27,7 +27,8 @@ import torch
 from histolens import checkpoint_metadata
 from histolens.atomic import atomic_path
 from histolens.checkpoint_metadata import *  # noqa: F403  (re-exported: see ``__all__``)
-from histolens.checkpoint_metadata import CHECKPOINT_FORMAT, CheckpointMetadata, _plain
+from histolens.checkpoint_metadata import CHECKPOINT_FORMAT, CheckpointMetadata
+from histolens.checkpoint_parts import _plain
 from histolens.errors import CheckpointError
 
 # The metadata contract's names are importable from here too, with the file functions.

@@ -9,10 +9,11 @@ takes the one ``.onnx`` file wherever a checkpoint goes.
 Nothing is written until the export has been compared with PyTorch on the run's validation images
 (or, when every patient trained the model, on up to 64 of its training images): fp32 probabilities
 may differ by at most ``FP32_TOLERANCE``; int8 may lose at most ``INT8_AUC_TOLERANCE`` of AUC.
-"""
 
-# Over 400 lines: trace, quantise and verify are one transaction (nothing is written until the
-# check passes).
+This module holds the orchestration (``export_onnx``), the traced graph, the tolerances and the
+metadata written into the file; :mod:`histolens.export_quantize` holds the int8 quantisation and
+:mod:`histolens.export_verify` the choice of images and the comparison with PyTorch.
+"""
 
 from __future__ import annotations
 
@@ -21,23 +22,30 @@ import datetime as _dt
 import json
 import math
 import os
-import re
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from histolens.atomic import atomic_path
 from histolens.checkpoint import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
-from histolens.data import ImageRecord, target_of
-from histolens.errors import ConfigError, DataError, HistolensError, check_choice
+from histolens.data import ImageRecord
+from histolens.errors import ConfigError, check_choice
+from histolens.export_quantize import fp32_stages, quantize_int8
+from histolens.export_verify import (
+    ExportError,
+    compare_with_torch,
+    model_inputs,
+    run_records,
+    spread_evenly,
+    verification_records,
+)
 from histolens.model import HistoClassifier
 from histolens.onnx_backend import (
     INPUT_NAME,
@@ -58,7 +66,6 @@ __all__ = [
     "ExportResult",
     "default_export_path",
     "export_onnx",
-    "quantize_int8",
     "trace_onnx",
 ]
 
@@ -68,13 +75,7 @@ QUANTIZATIONS = ("none", "int8")
 # export may lose, on the verification images.
 FP32_TOLERANCE = 0.01
 INT8_AUC_TOLERANCE = 0.005
-# Training images an export is verified on when the run has no validation images.
-MAX_TRAINING_IMAGES_TO_VERIFY = 64
 OPSET = 17
-
-
-class ExportError(HistolensError):
-    """An export failed its verification against PyTorch, or could not be verified."""
 
 
 @dataclass(frozen=True)
@@ -168,157 +169,6 @@ def trace_onnx(
         )
 
 
-def _spread(records: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
-    """``n`` records spread evenly over the list (split files are sorted by class and patient)."""
-    if len(records) <= n:
-        return list(records)
-    return [records[int(i)] for i in np.linspace(0, len(records) - 1, n).round()]
-
-
-def _records(source: Path, side: str) -> tuple[list[ImageRecord], str]:
-    from histolens.evaluation import records_for_evaluation
-
-    try:
-        _, records, where = records_for_evaluation(source, None, side)
-    except DataError:
-        return [], ""
-    return records, where
-
-
-def _verification_records(source: Path, limit: int) -> tuple[list[ImageRecord], str]:
-    """The run's validation images (up to ``limit``), else up to 64 of its training images."""
-    records, where = _records(source, "val")
-    if records:
-        chosen = _spread(records, limit)
-        return chosen, f"{len(chosen)} of the {len(records)} images of the {where}"
-    records, where = _records(source, "train")
-    if not records:
-        raise ExportError(
-            f"{source} cannot be verified: no validation or training images of its run were "
-            "found (the run's split.csv, or the data its metadata names)."
-        )
-    chosen = _spread(records, min(limit, MAX_TRAINING_IMAGES_TO_VERIFY))
-    return chosen, f"{len(chosen)} training images ({where})"
-
-
-def _inputs(
-    predictor: Predictor, records: Sequence[ImageRecord], batch_size: int
-) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
-    """(records, model-input batch) for the readable images of ``records``."""
-    by_path = {r.path: r for r in records}
-    for paths, batch, _ in predictor.iter_batches([r.path for r in records], batch_size):
-        if batch is not None:
-            yield [by_path[p] for p in paths], predictor.to_input(batch)
-
-
-def fp32_stages(model: torch.nn.Module) -> tuple[str, ...]:
-    """The backbone modules an int8 export keeps in fp32: with several feature levels, the stem
-    and every stage up to the shallowest level, whose pooled output the head reads directly.
-
-    Quantising them cost a real default Lite0 run 0.030 of AUC (0.980 -> 0.950); keeping them
-    in fp32 cost 0.002. A single-level model is quantised whole."""
-    levels = getattr(model, "_levels", None)
-    if not levels or len(levels) < 2:
-        return ()
-    return ("conv_stem", "bn1", *(f"blocks.{i}" for i in range(min(levels) + 1)))
-
-
-def quantize_int8(
-    graph: str | os.PathLike,
-    out: str | os.PathLike,
-    batches: Iterable[np.ndarray],
-    keep_fp32: Sequence[str] = (),
-) -> int:
-    """ONNX Runtime static quantisation of ``graph`` into ``out`` (QDQ, per-channel int8 weights,
-    uint8 activations), activation ranges measured on model-input ``batches``; returns the number
-    of images they held. The head, and the backbone modules named in ``keep_fp32`` (see
-    ``fp32_stages``), stay fp32. Unverified: ``export_onnx`` is the checked way to an int8
-    export."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    stream = iter(batches)
-    seen = [0]
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            x = next(stream, None)
-            if x is None:
-                return None
-            seen[0] += len(x)
-            return {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
-
-    with tempfile.TemporaryDirectory(prefix="histolens-quantize-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # Symbolic shape inference cannot follow the tiles' slices; ONNX's own inference can.
-        quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            # The head stays fp32: it costs nothing, and quantised logits come in steps of about
-            # 0.3, which ties images the threshold should tell apart.
-            nodes_to_exclude=_fp32_nodes(prepared, keep_fp32),
-        )
-    return seen[0]
-
-
-def _fp32_nodes(graph: Path, keep_fp32: Sequence[str] = ()) -> list[str]:
-    """Names of the nodes of the classifier's head and of the backbone modules ``keep_fp32``
-    (the exporter names nodes by module path, e.g. ``/blocks.2/blocks.2.1/conv_pw/Conv``)."""
-    import onnx
-
-    modules = "|".join(["head", *(re.escape(m) for m in keep_fp32)])
-    kept = re.compile(rf"^/(model/)?(backbone/)?({modules})/")
-    return [n.name for n in onnx.load(str(graph)).graph.node if kept.match(n.name)]
-
-
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """ROC AUC (binary) or macro one-vs-rest AUC over the classes present; NaN with one class."""
-    from histolens.metrics import safe_auc
-
-    if probs.shape[1] == 2:
-        return safe_auc(y, probs[:, 1])
-    present = np.unique(y)
-    if len(present) < 2:
-        return float("nan")
-    from sklearn.metrics import roc_auc_score
-
-    sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
-    if len(present) == 2:
-        return float(roc_auc_score(y == present[1], sub[:, 1]))
-    return float(roc_auc_score(np.searchsorted(present, y), sub, multi_class="ovr"))
-
-
-def _compare(
-    predictor: Predictor, runner: OnnxRunner, records: Sequence[ImageRecord], batch_size: int
-) -> tuple[int, float, float, float]:
-    """Images compared, the largest probability change, and the AUC of torch and of the export."""
-    index = {c: i for i, c in enumerate(predictor.class_names)}
-    y: list[int] = []
-    p_torch: list[np.ndarray] = []
-    p_onnx: list[np.ndarray] = []
-    for batch_records, x in _inputs(predictor, records, batch_size):
-        p_torch.append(predictor.probabilities(predictor.logits(x)))
-        p_onnx.append(predictor.probabilities(runner(x)))
-        y += [index.get(target_of(r, predictor.task), -1) for r in batch_records]
-    if not p_torch:
-        raise ExportError("The export cannot be verified: none of its images was readable.")
-    a, b, labels = np.concatenate(p_torch), np.concatenate(p_onnx), np.array(y)
-    known = labels >= 0
-    change = float(np.abs(a - b).max())
-    return len(a), change, _auc(labels[known], a[known]), _auc(labels[known], b[known])
-
-
 def _attach_metadata(
     graph: Path, meta: CheckpointMetadata, tensors: dict[str, torch.Tensor]
 ) -> Any:
@@ -372,7 +222,7 @@ def export_onnx(
     say = progress or (lambda _line: None)
     source, target = _export_paths(checkpoint, out, quantization)
     predictor = Predictor.from_checkpoint(source)
-    verify, where = _verification_records(source, verify_images)
+    verify, where = verification_records(source, verify_images)
     with tempfile.TemporaryDirectory(prefix="histolens-export-") as tmp:
         graph = Path(tmp) / "fp32.onnx"
         say(f"Exporting {predictor.backbone_name} at {predictor.preprocess.input_size}")
@@ -383,7 +233,9 @@ def export_onnx(
                 predictor, source, graph, calibration_images, batch_size, say, verify
             )
         say(f"Verifying against PyTorch on {where}")
-        n, change, auc_torch, auc_onnx = _compare(predictor, OnnxRunner(graph), verify, batch_size)
+        n, change, auc_torch, auc_onnx = compare_with_torch(
+            predictor, OnnxRunner(graph), verify, batch_size
+        )
         _check(quantization, where, change, auc_torch, auc_onnx)
         int8 = quantization == "int8"
         result = ExportResult(
@@ -435,9 +287,9 @@ def _quantised_graph(
     """The int8 graph (beside ``fp32``) calibrated on the run's training images, and how many
     images the calibration read. Images in ``verify`` are left out of the calibration while
     others remain, so that the accuracy check is not made on the images calibrated on."""
-    train, _ = _records(source, "train")
+    train, _ = run_records(source, "train")
     verifying = {r.path for r in verify}
-    calibration = _spread(
+    calibration = spread_evenly(
         [r for r in train if r.path not in verifying] or train, calibration_images
     )
     if not calibration:
@@ -445,7 +297,7 @@ def _quantised_graph(
             f"{source} cannot be quantised: its run lists no training images to calibrate on."
         )
     say(f"Calibrating int8 on {len(calibration)} training images")
-    batches = (x.numpy() for _, x in _inputs(predictor, calibration, batch_size))
+    batches = (x.numpy() for _, x in model_inputs(predictor, calibration, batch_size))
     graph = fp32.with_name("int8.onnx")
     n_calibration = quantize_int8(fp32, graph, batches, fp32_stages(predictor.model))
     if not n_calibration:
