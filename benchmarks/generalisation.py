@@ -303,8 +303,8 @@ def _read_predictions(path: Path, classes, temperature: float = 1.0) -> dict[str
     rows = {}
     with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
-            if "probability" in row:
-                p = np.clip(float(row["probability"]), 1e-12, 1 - 1e-12)
+            if len(classes) == 2:
+                p = np.clip(float(row[f"p_{classes[1]}"]), 1e-12, 1 - 1e-12)
                 p = 1 / (1 + np.exp(-np.log(p / (1 - p)) * temperature))
                 rows[row["path"]] = np.array([1 - p, p])
             else:

@@ -149,6 +149,46 @@ def test_a_partial_file_of_another_model_or_other_inputs_is_refused(predictor, t
         PredictionJob.open(predictor, [tiles], tmp_path / "x.csv")
 
 
+def test_a_partial_file_of_the_previous_schema_is_refused_in_one_sentence(
+    predictor, tiles, tmp_path
+):
+    out = tmp_path / "out.csv"
+    job = _interrupted(predictor, [tiles], out, after_batches=1)
+    # As histolens wrote it before histolens.predictions_csv: uncertain 4th, flags True/False.
+    old_columns = ["path", "prediction", "probability", "uncertain", "p_benign", "p_malignant"]
+    old_columns += ["prediction_set", "refer", "ood", "ood_reason"]
+    old_rows = [
+        [r["path"], r["prediction"], r["probability"], "False", r["p_benign"], r["p_malignant"]]
+        + ["", "False", "False", ""]
+        for r in _rows(job.partial)
+    ]
+    with open(job.partial, "w", newline="") as fh:
+        csv.writer(fh).writerows([old_columns, *old_rows])
+    record = json.loads(job.sidecar.read_text())
+    job.sidecar.write_text(json.dumps({**record, "version": 1, "columns": old_columns}))
+    before = job.partial.read_bytes()
+    sentence = (
+        f"{job.partial} was started by another version of histolens, which writes other "
+        "columns; delete it to start over."
+    )
+    with pytest.raises(ConfigError) as refused:
+        PredictionJob.open(predictor, [tiles], out)
+    assert str(refused.value) == sentence
+    res = CliRunner().invoke(main, ["predict", predictor.source, str(tiles), "--out", str(out)])
+    assert res.exit_code == 1 and res.output.strip() == f"error: {sentence}"
+    assert job.partial.read_bytes() == before and not out.exists()
+
+    # The current sidecar over a row whose flag is not 1 or 0: a damaged row, not a resume.
+    job.sidecar.write_text(json.dumps(record))
+    rows = [prediction_columns(predictor)] + [
+        [r[c] for c in prediction_columns(predictor)] for r in _rows(job.partial)
+    ]
+    with open(job.partial, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    with pytest.raises(ConfigError, match="has a damaged row at line 2; delete it"):
+        PredictionJob.open(predictor, [tiles], out)
+
+
 def test_a_partial_file_of_another_alpha_is_refused(tiles, tmp_path):
     from histolens.testing import flat_calibration
 

@@ -210,10 +210,10 @@ def test_predict_csv_marks_unlike_images(guarded, new_patients, tmp_path):
     assert res.exit_code == 0, res.output
     with open(out, newline="", encoding="utf-8") as fh:
         rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
-    assert [rows[n]["ood"] for n in sorted(rows)] == ["True", "True", "True", "False"]
+    assert [rows[n]["ood"] for n in sorted(rows)] == ["1", "1", "1", "0"]
     assert "4000x3 pixels" in rows["c_sliver.png"]["ood_reason"]
     assert rows["d_tile.png"]["ood_reason"] == ""
-    assert all(rows[n]["uncertain"] == "True" for n in ("a_white.png", "b_cat.jpg"))
+    assert all(rows[n]["uncertain"] == "1" for n in ("a_white.png", "b_cat.jpg"))
 
 
 def test_evaluation_counts_unlike_images_apart(guarded, new_patients, tmp_path):

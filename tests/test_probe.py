@@ -293,7 +293,7 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
         t_k, thr_k = _calibrate(cfg, fold.oof_logits, y[tr], 2)
         decision[te] = fold.logits(x[te])[:, 0] - t_k * np.log(thr_k / (1 - thr_k))
     temperature = read_metadata(run).temperature
-    probability = np.array([float(r["probability"]) for r in rows])
+    probability = np.array([float(r["p_malignant"]) for r in rows])
     np.testing.assert_allclose(probability, sigmoid(decision), atol=1e-5)
 
     # ... which are not what the model fitted on every patient says about its own images.
@@ -364,7 +364,7 @@ def test_held_out_split_and_a_shared_feature_store(synth_small, tmp_path, monkey
     monkeypatch.undo()
     assert calls == []  # every feature came from the store
     rows_b = _predictions(tmp_path / "b" / "predictions.csv")
-    assert [r["probability"] for r in rows_b] == [r["probability"] for r in rows_a]
+    assert [r["p_malignant"] for r in rows_b] == [r["p_malignant"] for r in rows_a]
 
     # The second run's shipped model gives, from the files, what its evaluation says.
     temperature = read_metadata(tmp_path / "b").temperature
@@ -373,7 +373,7 @@ def test_held_out_split_and_a_shared_feature_store(synth_small, tmp_path, monkey
     predictions, _ = predictor.predict_paths([r["path"] for r in rows_b])
     np.testing.assert_allclose(
         [p.scores["malignant"] for p in predictions],
-        [float(r["probability"]) for r in rows_b],
+        [float(r["p_malignant"]) for r in rows_b],
         atol=1e-4,
     )
 

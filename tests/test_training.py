@@ -62,7 +62,7 @@ def test_checkpoint_reloads_with_identical_predictions(trained_run):
     preds, skipped = predictor.predict_paths([r["path"] for r in rows])
     assert not skipped
     got = np.array([p.scores["malignant"] for p in preds])
-    want = np.array([float(r["probability"]) for r in rows])
+    want = np.array([float(r["p_malignant"]) for r in rows])
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert [p.label for p in preds] == [r["prediction"] for r in rows]
 

@@ -14,8 +14,8 @@ are cut from that list at fixed positions, so a resumed run predicts the same ba
 uninterrupted one and writes the same file.
 """
 
-# Over 400 lines: one resumable job: the CSV schema, the partial file's bookkeeping and the
-# progress line share the partial file's format.
+# Over 400 lines: one resumable job: reading back the partial file's rows (their columns are
+# histolens.predictions_csv's), its bookkeeping and the progress line share its format.
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 
+from histolens import predictions_csv
 from histolens.atomic import atomic_write_text
 from histolens.data import Skipped
 from histolens.errors import ConfigError
@@ -53,7 +53,8 @@ __all__ = [
 
 PARTIAL_SUFFIX = ".partial"
 _SIDECAR_FORMAT = "histolens-predict-partial"
-_SIDECAR_VERSION = 1
+# 2: the columns and encoding of histolens.predictions_csv (1: flags True/False, uncertain 4th).
+_SIDECAR_VERSION = 2
 # The summary lists each image when there are at most this many.
 _BRIEF_ROWS = 20
 # File names that are not valid UTF-8 (possible on Linux) round-trip through the CSV unchanged.
@@ -61,9 +62,8 @@ _ENCODING_ERRORS = "surrogateescape"
 
 
 def prediction_columns(predictor: Predictor) -> list[str]:
-    """The columns of the predictions CSV, as ``Prediction.as_row`` writes them."""
-    n = len(predictor.class_names)
-    return list(predictor.decide(np.full(n, 1.0 / n)).as_row())
+    """The columns of the predictions CSV of ``predictor``, as ``Prediction.as_row`` writes them."""
+    return predictions_csv.prediction_columns(predictor.class_names)
 
 
 def model_fingerprint(predictor: Predictor) -> str:
@@ -235,6 +235,11 @@ class PredictionJob:
                 "delete it to start over."
             )
         record = _read_sidecar(self.sidecar)
+        if record.get("version") != _SIDECAR_VERSION:
+            raise ConfigError(
+                f"{self.partial} was started by another version of histolens, which writes other "
+                "columns; delete it to start over."
+            )
         if record.get("model_sha256") != self.fingerprint:
             raise ConfigError(
                 f"{self.partial} was started with model {record.get('model_id', '?')} "
@@ -278,16 +283,23 @@ class PredictionJob:
             self.columns.index(c) for c in ("path", "prediction", "probability", "uncertain")
         )
         for row in reader:
-            if len(row) != len(self.columns):
+            try:
+                if len(row) != len(self.columns):
+                    raise ValueError
+                brief = RowBrief(
+                    row[i_path],
+                    row[i_label],
+                    float(row[i_prob]),
+                    predictions_csv.parse_flag(row[i_unc]),
+                )
+            except ValueError:
                 raise ConfigError(
                     f"{self.partial} has a damaged row at line {reader.line_num}; "
                     "delete it to start over."
-                )
-            if row[i_path] not in self.done:
-                self.done.add(row[i_path])
-                self.tally.add(
-                    RowBrief(row[i_path], row[i_label], float(row[i_prob]), row[i_unc] == "True")
-                )
+                ) from None
+            if brief.path not in self.done:
+                self.done.add(brief.path)
+                self.tally.add(brief)
 
     def _chunks(self, batch_size: int) -> Iterator[list[str]]:
         # Cut at fixed positions of the full listing, so a resumed run forms the same batches.
@@ -393,7 +405,7 @@ class PredictionJob:
                     # predict_batch: prediction sets and the out-of-distribution guard too.
                     preds = predictor.predict_batch(batch, [path for path, _ in ok])
                     for (path, _), pred in zip(ok, preds, strict=True):
-                        writer.writerow(pred.as_row())
+                        writer.writerow(pred.as_row(predictor.class_names))
                         self.tally.add(RowBrief(path, pred.label, pred.probability, pred.uncertain))
                     _sync(fh)
                 if progress is not None:

@@ -34,6 +34,7 @@ from histolens.evaluation_metrics import (
 )
 from histolens.evaluation_records import records_for_evaluation
 from histolens.metrics import HEADLINE_METRICS
+from histolens.predictions_csv import core_columns, core_row, format_flag
 from histolens.predictor import Predictor, probabilities_from_logits
 
 if TYPE_CHECKING:
@@ -309,34 +310,32 @@ def evaluate_checkpoint(
 
 
 def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
-    """path, patient, magnification, label, probability (positive or per class), prediction,
-    correct, then prediction_set (classes joined by ';'), refer, ood and ood_reason."""
+    """The columns every predictions CSV starts with (histolens.predictions_csv), then the
+    image's patient, magnification, true label and whether the prediction is correct."""
+    classes = result.classes
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        binary = len(result.classes) == 2
-        prob_cols = ["probability"] if binary else [f"p_{c}" for c in result.classes]
-        w.writerow(
-            ["path", "patient", "magnification", "label", *prob_cols, "prediction", "correct"]
-            + ["prediction_set", "refer", "ood", "ood_reason"]
+        w = csv.DictWriter(
+            fh, [*core_columns(classes), "patient", "magnification", "label", "correct"]
         )
+        w.writeheader()
         for r in result.rows:
-            pred = result.classes[result.predicted(r)]
-            probs = [f"{r.probs[1]:.6f}"] if binary else [f"{q:.6f}" for q in r.probs]
-            w.writerow(
-                [
-                    r.path,
-                    r.patient,
-                    r.magnification or "",
-                    r.label,
-                    *probs,
-                    pred,
-                    int(pred == r.label),
-                    ";".join(r.prediction_set),
-                    int(r.refer),
-                    int(r.ood),
-                    r.ood_reason,
-                ]
+            i = result.predicted(r)
+            row = core_row(
+                classes,
+                r.path,
+                classes[i],
+                r.probs[i],
+                dict(zip(classes, r.probs, strict=True)),
+                r.prediction_set,
+                r.refer,
+                r.ood,
+                r.ood_reason,
             )
+            row["patient"] = r.patient
+            row["magnification"] = "" if r.magnification is None else str(r.magnification)
+            row["label"] = r.label
+            row["correct"] = format_flag(classes[i] == r.label)
+            w.writerow(row)
     return Path(path)
 
 

@@ -411,33 +411,36 @@ def test_export_writes_csv_and_overlay_pngs(loaded, image_folder, tmp_path):
     presenter.export(out)
     presenter.poll()
     lines = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith("# histolens predictions; model test-test_resnet; heatmap gradcam")
+    assert lines[0].startswith(
+        "# histolens predictions; model test-test_resnet; heatmap gradcam; threshold 0.500000; "
+    )
     assert RESEARCH_NOTICE in lines[0]
     rows = list(csv.DictReader(lines[1:]))
     assert len(rows) == 6
+    # The columns of ``histolens predict`` (histolens.predictions_csv), then the export's own.
     assert list(rows[0]) == [
-        "file",
         "path",
         "prediction",
         "probability",
-        "positive_probability",
-        "threshold",
-        "review_needed",
+        "p_benign",
+        "p_malignant",
         "prediction_set",
         "refer",
         "ood",
         "ood_reason",
-        "p_benign",
-        "p_malignant",
+        "uncertain",
+        "file",
         "overlay",
         "error",
     ]
     by_file = {r["file"]: r for r in rows}
     # A checkpoint without a calibration or guard: no set, nothing referred or flagged.
     assert {(r["prediction_set"], r["refer"], r["ood"]) for r in rows if not r["error"]} == {
-        ("", "false", "false")
+        ("", "0", "0")
     }
-    assert by_file["broken.png"]["overlay"] == "" and by_file["broken.png"]["error"]
+    broken = by_file["broken.png"]
+    assert broken["overlay"] == "" and broken["error"] and broken["path"].endswith("broken.png")
+    assert broken["prediction"] == broken["probability"] == broken["refer"] == ""
     nested = by_file["patient_b/tile_9.png"]
     assert nested["overlay"] == "overlays/patient_b__tile_9_gradcam.png"
     assert float(nested["p_benign"]) + float(nested["p_malignant"]) == pytest.approx(1, abs=1e-5)
@@ -649,8 +652,8 @@ def test_batch_flags_referred_and_unlike_rows_sorts_them_and_exports_them(
     lines = (tmp_path / "export" / "predictions.csv").read_text(encoding="utf-8").splitlines()
     by_file = {r["file"]: r for r in csv.DictReader(lines[1:])}
     blank = by_file["blank.png"]
-    assert (blank["ood"], blank["refer"], blank["review_needed"]) == ("true", "true", "true")
+    assert (blank["ood"], blank["refer"], blank["uncertain"]) == ("1", "1", "1")
     assert blank["ood_reason"] == "the image is nearly uniform (no visible structure)"
     tile = by_file["slides/tile_0.png"]
-    assert tile["prediction_set"] == "benign;malignant" and tile["refer"] == "true"
-    assert (tile["ood"], tile["ood_reason"]) == ("false", "")
+    assert tile["prediction_set"] == "benign;malignant" and tile["refer"] == "1"
+    assert (tile["ood"], tile["ood_reason"]) == ("0", "")

@@ -15,6 +15,7 @@ from histolens.atomic import atomic_path, atomic_write_text
 from histolens.errors import ImageLoadError
 from histolens.gui.display import RESEARCH_NOTICE, ResultRow
 from histolens.imageio import load_rgb
+from histolens.predictions_csv import format_probability, prediction_columns
 
 if TYPE_CHECKING:
     from histolens.explain import Explainer
@@ -46,48 +47,33 @@ def _overlay_name(row: ResultRow, method: str, used: set[str]) -> str:
 
 
 def _fields(class_names: Sequence[str]) -> list[str]:
-    return [
-        "file",
-        "path",
-        "prediction",
-        "probability",
-        "positive_probability",
-        "threshold",
-        "review_needed",
-        "prediction_set",
-        "refer",
-        "ood",
-        "ood_reason",
-        *[f"p_{c}" for c in class_names],
-        "overlay",
-        "error",
-    ]
+    """The columns of a model's predictions (histolens.predictions_csv), then the export's own."""
+    return [*prediction_columns(class_names), "file", "overlay", "error"]
 
 
 def _record(row: ResultRow, class_names: Sequence[str]) -> dict[str, Any]:
-    """The CSV line of one result, before its overlay is written."""
-    pred = row.prediction
-    record: dict[str, Any] = {
-        "file": row.name,
-        "path": row.path,
-        "prediction": row.label,
-        "probability": "" if pred is None else f"{pred.probability:.6f}",
-        "positive_probability": ""
-        if pred is None or pred.positive_probability is None
-        else f"{pred.positive_probability:.6f}",
-        "threshold": "" if pred is None or pred.threshold is None else f"{pred.threshold:.6f}",
-        "review_needed": "" if pred is None else str(bool(pred.uncertain)).lower(),
-        # As the predictions CSV of ``histolens predict``: the set's classes joined by ';'.
-        "prediction_set": "" if pred is None else ";".join(pred.prediction_set),
-        "refer": "" if pred is None else str(bool(pred.refer)).lower(),
-        "ood": "" if pred is None else str(bool(pred.ood)).lower(),
-        "ood_reason": "" if pred is None else pred.ood_reason or "",
-        "overlay": "",
-        "error": row.error or "",
-    }
-    for c in class_names:
-        record[f"p_{c}"] = "" if pred is None else f"{pred.scores.get(c, float('nan')):.6f}"
+    """The CSV line of one result, before its overlay is written; blank where unreadable."""
+    record: dict[str, Any] = dict.fromkeys(_fields(class_names), "")
+    if row.prediction is not None:
+        record.update(row.prediction.as_row(class_names))
+    record.update({"path": row.path, "file": row.name, "error": row.error or ""})
     return record
+
+
+def _classes(rows: Sequence[ResultRow], class_names: Sequence[str]) -> tuple[str, ...]:
+    """``class_names``, or when none are given the classes the predictions were scored on."""
+    if class_names:
+        return tuple(class_names)
+    return next((tuple(r.prediction.scores) for r in rows if r.prediction is not None), ())
+
+
+def _threshold_note(rows: Sequence[ResultRow]) -> str:
+    """'; threshold 0.420000' for a binary model: what ``prediction`` was decided at."""
+    thresholds = {r.prediction.threshold for r in rows if r.prediction is not None}
+    thresholds.discard(None)
+    if len(thresholds) != 1:
+        return ""
+    return f"; threshold {format_probability(thresholds.pop())}"
 
 
 def export_results(
@@ -110,6 +96,7 @@ def export_results(
     used: set[str] = set()
     failed: list[tuple[str, str]] = []
     records: list[dict[str, Any]] = []
+    class_names = _classes(rows, class_names)
     for i, row in enumerate(rows):
         record = _record(row, class_names)
         if row.prediction is not None:
@@ -131,7 +118,8 @@ def export_results(
             progress(i + 1, len(rows))
     buffer = io.StringIO()
     buffer.write(
-        f"# histolens predictions; model {model_id or '?'}; heatmap {method}; {RESEARCH_NOTICE}\n"
+        f"# histolens predictions; model {model_id or '?'}; heatmap {method}"
+        f"{_threshold_note(rows)}; {RESEARCH_NOTICE}\n"
     )
     writer = csv.DictWriter(buffer, fieldnames=_fields(class_names), lineterminator="\n")
     writer.writeheader()
