@@ -24,8 +24,12 @@ images are referred first. Columns:
   patients (what the guarantee is about), with sets calibrated on the OTHER folds' out-of-fold
   predictions (all magnifications) and tested on this fold's patients; "refer" is the fraction
   referred (sets of both classes).
+- per magnification: the probability score calibrated per magnification (Mondrian: each held-out
+  image judged by the quantile of the other folds' images of its own magnification);
+- calibrated on 100X only: the same, calibrated on the other folds' 100X images alone;
 - shipped: the same coverage with the calibration each fold's checkpoint stores (its training
-  patients' inner out-of-fold predictions), as ``histolens predict`` would use it.
+  patients' inner out-of-fold predictions, per magnification), as ``histolens predict`` would
+  use it.
 
 Run:  .venv/bin/python benchmarks/refer.py [--task binary|subtype] [--repeats 3] [--quick]
 ``--quick`` is a smoke check: one repeat of 3 folds on the 100X images only, at 224 px, no stain
@@ -162,20 +166,26 @@ def fold_probabilities(predictor, train_recs, test_recs, feats: dict, classes, t
     return one, tta, np.stack([mean - sd, mean + sd], axis=1)
 
 
-def cross_fitted(probs, score: str, y, pred, fold, patients, scored, cal_mask, classes) -> dict:
+def cross_fitted(
+    probs, score: str, y, pred, fold, patients, scored, cal_mask, classes, mags=None
+) -> dict:
     """Coverage and referral at each alpha on the scored images, each fold's sets calibrated on
-    the other folds' images where ``cal_mask`` holds."""
-    from histolens.conformal import ConformalCalibration, coverage
+    the other folds' images where ``cal_mask`` holds (per magnification with ``mags``)."""
+    from histolens.conformal import ConformalCalibration
+    from histolens.conformal_metrics import coverage
 
     row = {}
     for alpha in ALPHAS:
         member = np.zeros(probs.shape[:1] + probs.shape[-1:], dtype=bool)
         for k in np.unique(fold):
             cal_idx, test_idx = (fold != k) & cal_mask, (fold == k) & scored
+            cal_mags, test_mags = (None, None) if mags is None else (mags[cal_idx], mags[test_idx])
             cal = ConformalCalibration.fit(
-                probs[cal_idx], y[cal_idx], patients[cal_idx], classes, alpha, score
+                probs[cal_idx], y[cal_idx], patients[cal_idx], classes, alpha, score, cal_mags
             )
-            member[test_idx] = cal.prediction_sets(probs[test_idx], alpha, pred[test_idx])
+            member[test_idx] = cal.prediction_sets(
+                probs[test_idx], alpha, pred[test_idx], test_mags
+            )
         cov = coverage(member[scored], y[scored], patients[scored])
         row[f"coverage {alpha:g}"] = cov["patients"]
         row[f"refer {alpha:g}"] = float((member[scored].sum(1) > 1).mean())
@@ -184,10 +194,12 @@ def cross_fitted(probs, score: str, y, pred, fold, patients, scored, cal_mask, c
 
 def score_repeat(pool: dict, classes) -> dict[str, dict[str, float]]:
     """AURC and cross-fitted coverage/referral of each score over one repeat's pooled images."""
-    from histolens.conformal import SCORES, coverage, risk_coverage
+    from histolens.conformal import SCORES
+    from histolens.conformal_metrics import coverage, risk_coverage
 
     y, pred, fold, patients = (np.asarray(pool[k]) for k in ("y", "pred", "fold", "patient"))
-    scored = np.asarray(pool["mag"]) == SCORED_MAGNIFICATION
+    mags = np.asarray(pool["mag"], dtype=object)
+    scored = mags == SCORED_MAGNIFICATION
     every = np.ones_like(scored)
     folds = (y, pred, fold, patients, scored)
     out: dict[str, dict[str, float]] = {}
@@ -200,6 +212,9 @@ def score_repeat(pool: dict, classes) -> dict[str, dict[str, float]]:
     # The same score calibrated only on the other folds' 100X images: is a calibration set of
     # every magnification and source (the shipped one) exchangeable with new 100X images?
     probs = np.concatenate(pool["probability"])
+    out["probability, per magnification"] = {"AURC": out["probability"]["AURC"]} | cross_fitted(
+        probs, "probability", *folds, every, classes, mags
+    )
     out[f"probability, calibrated on {SCORED_MAGNIFICATION}X only"] = {
         "AURC": out["probability"]["AURC"]
     } | cross_fitted(probs, "probability", *folds, scored, classes)
@@ -263,7 +278,8 @@ def run(args) -> None:
                 pool.setdefault("tta", []).append(tta)
                 pool.setdefault("ensemble", []).append(members)
                 for alpha in ALPHAS:
-                    sets = predictor.conformal.prediction_sets(one, alpha, labels)
+                    mags = [r.magnification for r in test_recs]
+                    sets = predictor.conformal.prediction_sets(one, alpha, labels, mags)
                     pool.setdefault(f"shipped {alpha:g}", []).append(sets)
             results.append(score_repeat(pool, classes))
             print(f"repeat {seed + 1}/{repeats} done ({time.perf_counter() - start:.0f} s)")

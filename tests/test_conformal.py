@@ -15,11 +15,9 @@ from histolens.checkpoint import read_metadata
 from histolens.conformal import (
     ConformalCalibration,
     centred_probabilities,
-    coverage,
     leave_one_patient_out_sets,
-    patient_referrals,
-    risk_coverage,
 )
+from histolens.conformal_metrics import coverage, patient_referrals, risk_coverage
 from histolens.errors import CheckpointError, ConfigError
 from histolens.predictor import Predictor
 from histolens.testing import make_checkpoint, tiny_config
@@ -152,6 +150,104 @@ def test_disagreement_across_views_raises_the_score():
 # --------------------------------------------------------------- curve and patient decision
 
 
+def _two_magnifications():
+    """20 patients at 200X whose true-class scores are low (an easy source) and 20 at 100X whose
+    scores are high: one pooled quantile sits between them."""
+    s200 = np.linspace(0.01, 0.10, 20)
+    s100 = np.linspace(0.30, 0.60, 20)
+    scores = np.concatenate([s200, s100])
+    patients = np.arange(40)
+    mags = np.array([200] * 20 + [100] * 20, dtype=object)
+    probs = binary_probs(1 - scores)  # true class 1: score = 1 - p(class 1)
+    return probs, np.ones(40, int), patients, mags, s100, s200
+
+
+def test_each_magnification_is_judged_by_its_own_quantile():
+    probs, y, patients, mags, s100, s200 = _two_magnifications()
+    pooled = ConformalCalibration.fit(probs, y, patients, CLASSES, 0.2)
+    mondrian = ConformalCalibration.fit(probs, y, patients, CLASSES, 0.2, magnifications=mags)
+    # ceil(0.8 * 21) = 17th of 20 per magnification; the pooled quantile is the 33rd of 40.
+    q = mondrian.stratum_quantiles()
+    assert q["100"] == pytest.approx(s100[16]) and q["200"] == pytest.approx(s200[16])
+    assert pooled.quantile() < q["100"]
+    # A new 100X image whose class-0 score lies between the pooled and the 100X quantile: the
+    # pooled calibration rules class 0 out, the per-magnification one keeps it (refer).
+    p0 = 1 - (pooled.quantile() + q["100"]) / 2  # probability of class 0
+    new = binary_probs([1 - p0])
+    assert pooled.prediction_sets(new, predicted=[1]).tolist() == [[False, True]]
+    assert mondrian.prediction_sets(new, predicted=[1], magnifications=[100]).tolist() == [
+        [True, True]
+    ]
+    # At 200X the same image is decided; unknown magnification gets the most cautious quantile.
+    assert mondrian.prediction_sets(new, predicted=[1], magnifications=["200X"]).tolist() == [
+        [False, True]
+    ]
+    assert mondrian.prediction_sets(new, predicted=[1], magnifications=[None]).tolist() == [
+        [True, True]
+    ]
+
+
+def test_a_magnification_with_too_few_patients_gets_the_most_cautious_quantile():
+    probs, y, patients, mags, s100, _ = _two_magnifications()
+    mags = mags.copy()
+    mags[:5] = 40  # five patients at 40X: too few for alpha 0.1 (nine needed)
+    cal = ConformalCalibration.fit(probs, y, patients, CLASSES, 0.1, magnifications=mags)
+    q = cal.stratum_quantiles()
+    assert math.isinf(q["40"]) and cal.stratum_patients()["40"] == 5
+    scores = cal.class_scores(binary_probs([0.5]))
+    fallback = max(q["100"], q["200"], cal.quantile())
+    within = scores[0, 0] <= fallback
+    assert cal.prediction_sets(binary_probs([0.5]), magnifications=[40])[0, 0] == within
+    notes: list[str] = []
+    from histolens.probe_validation import fit_prediction_sets
+
+    fit_prediction_sets(probs, y, patients.astype(str), CLASSES, 0.1, notes, list(mags))
+    assert any("40X (5 patients)" in n for n in notes), notes
+
+
+def test_stratified_calibration_round_trips_and_older_ones_stay_pooled():
+    probs, y, patients, mags, _, _ = _two_magnifications()
+    cal = ConformalCalibration.fit(probs, y, patients, CLASSES, 0.2, magnifications=mags)
+    d = json.loads(json.dumps(cal.to_dict()))
+    assert d["stratum_patients"] == {"100": 20, "200": 20}
+    back = ConformalCalibration.from_dict(d)
+    assert back.stratum_quantiles() == pytest.approx(cal.stratum_quantiles(), abs=1e-6)
+    new = binary_probs(np.linspace(0.3, 0.9, 7))
+    assert (
+        back.prediction_sets(new, magnifications=[100] * 7)
+        == cal.prediction_sets(new, magnifications=[100] * 7)
+    ).all()
+    older = {k: v for k, v in d.items() if k not in ("strata", "stratum_patients")}
+    older["format_version"] = 1
+    pooled = ConformalCalibration.from_dict(older)
+    assert pooled.strata is None and pooled.stratum_quantiles() == {}
+    assert pooled.quantile() == pytest.approx(
+        ConformalCalibration.fit(probs, y, patients, CLASSES, 0.2).quantile()
+    )
+
+
+def test_leave_one_patient_out_is_per_magnification_when_asked():
+    probs, y, patients, mags, _, _ = _two_magnifications()
+    pooled = leave_one_patient_out_sets(probs, y, patients, 0.2)
+    mondrian = leave_one_patient_out_sets(probs, y, patients, 0.2, magnifications=mags)
+    at100 = mags == 100
+    # The pooled calibration covers the hard 100X patients worse than their own does.
+    assert (
+        coverage(mondrian[at100], y[at100], patients[at100])["patients"]
+        > coverage(pooled[at100], y[at100], patients[at100])["patients"]
+    )
+
+
+def test_magnification_is_read_from_breakhis_names_and_folders():
+    from histolens.data import magnification_from_path
+
+    assert magnification_from_path("x/SOB_B_TA-14-3411F-100-001.png") == 100
+    assert magnification_from_path("data/400X/benign/tile.png") == 400
+    assert magnification_from_path("data/200X-224px/DC_10926_000.png") == 200
+    assert magnification_from_path("holiday/cat.jpg") is None
+    assert magnification_from_path(None) is None
+
+
 def test_risk_coverage_refers_the_least_confident_first():
     correct = np.array([True, True, False, True])
     confidence = np.array([0.9, 0.8, 0.6, 0.7])
@@ -271,3 +367,32 @@ def test_checkpoints_without_calibration_keep_the_old_review_rule(tmp_path):
     assert pred.prediction_set == () and pred.refer is False and pred.ood is False
     margin = abs(pred.positive_probability - pred.threshold) < 0.1
     assert pred.uncertain == margin
+
+
+def test_predictor_judges_each_image_by_its_magnification(tmp_path):
+    # 100X patients were hard (every score 0.99: both classes always plausible), 200X easy (0.01).
+    n = 20
+    cal = ConformalCalibration(
+        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
+        np.arange(2 * n) % 2,
+        np.arange(2 * n),
+        CLASSES,
+        0.1,
+        strata=np.array(["100"] * n + ["200"] * n, dtype=object),
+    )
+    predictor = Predictor.from_checkpoint(
+        make_checkpoint(tmp_path / "m.safetensors", conformal=cal)
+    )
+    probs = np.array([0.3, 0.7])
+    at100 = predictor.decide(probs, path="slides/SOB_M_DC-14-2523-100-001.png")
+    at200 = predictor.decide(probs, path="slides/200X/tile.png")
+    unknown = predictor.decide(probs, path="slides/tile.png")
+    told = predictor.decide(probs, path="slides/tile.png", magnification=200)
+    assert at100.refer and set(at100.prediction_set) == set(CLASSES)
+    assert not at200.refer and at200.prediction_set == ("malignant",)
+    assert unknown.refer  # unknown magnification: the most cautious quantile
+    assert not told.refer
+    [batch100, batch_unknown] = predictor.decide_batch(
+        np.stack([probs, probs]), [None, None], None, [100, None]
+    )
+    assert batch100.refer and batch_unknown.refer

@@ -16,9 +16,18 @@ patient exchangeable with the calibration patients, a randomly chosen image of t
 class in its set with probability at least 1 - alpha (coverage averaged over patients, not over
 images, and not conditional on the class).
 
+Calibration is per magnification (Mondrian conformal prediction, Vovk et al. 2003): images of
+different magnifications are not exchangeable (on breakhis-dev the 200X images of another source
+are far easier than 100X, so a pooled quantile left new 100X patients at 0.71 coverage where
+alpha 0.2 promised 0.80). Each calibration image carries its stratum (its magnification, "" when
+unknown), and a new image is judged against the quantile of its own stratum: the guarantee then
+holds per magnification. A new image whose magnification is unknown, or whose stratum has too few
+calibration patients for ``alpha``, gets the most cautious of the quantiles that exist (pooled and
+per stratum): no guarantee of its own, but never a laxer threshold than any magnification's.
+
 A set is never empty: the predicted class is always in it. That can only raise coverage, and
 keeps the set and the shown label consistent. An image is referred when its set holds more than
-one class; a patient is referred when at least ``PATIENT_REFER_FRACTION`` of its images are.
+one class; a patient is referred when at least ``conformal_metrics.PATIENT_REFER_FRACTION`` of its images are.
 """
 
 from __future__ import annotations
@@ -33,23 +42,17 @@ from histolens.errors import CheckpointError, ConfigError, check_choice
 
 __all__ = [
     "DEFAULT_ALPHA",
-    "PATIENT_REFER_FRACTION",
     "SCORES",
     "ConformalCalibration",
     "NonconformityScore",
     "centred_probabilities",
     "check_alpha",
-    "coverage",
     "leave_one_patient_out_sets",
-    "patient_referrals",
-    "risk_coverage",
+    "stratum_of",
 ]
 
 DEFAULT_ALPHA = 0.1
-# A patient is referred when at least this fraction of its images are (referred or unlike the
-# training images): half of the images being undecided leaves no reliable majority.
-PATIENT_REFER_FRACTION = 0.5
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: per-magnification strata
 
 
 @dataclass(frozen=True)
@@ -150,12 +153,63 @@ def _weighted_quantile(scores: np.ndarray, codes: np.ndarray, alpha: float) -> f
     return float(scores[order[min(i, len(order) - 1)]])
 
 
-def _sets_from_scores(
-    class_scores: np.ndarray, q: float, predicted: np.ndarray | None = None
+def stratum_of(magnification: Any) -> str:
+    """The calibration stratum of an image: its magnification as text ("100"), "" when unknown."""
+    if magnification is None or magnification == "":
+        return ""
+    try:
+        return str(int(str(magnification).upper().rstrip("X")))
+    except ValueError:
+        return ""
+
+
+def _strata(values: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
+    """``values`` as stratum keys (n,), all unknown when None."""
+    if values is None:
+        return np.full(n, "", dtype=object)
+    out = np.array([stratum_of(v) for v in values], dtype=object)
+    if len(out) != n:
+        raise ValueError(f"{n} images but {len(out)} magnifications.")
+    return out
+
+
+def _stratified_quantiles(
+    scores: np.ndarray, codes: np.ndarray, strata: np.ndarray, alpha: float
+) -> tuple[dict[str, float], float]:
+    """Each known stratum's quantile, and the fallback: the most cautious finite one (pooled
+    included), +inf when none is finite."""
+    per = {
+        s: _weighted_quantile(scores[strata == s], codes[strata == s], alpha)
+        for s in sorted(set(strata.tolist()) - {""})
+    }
+    finite = [
+        q for q in (*per.values(), _weighted_quantile(scores, codes, alpha)) if np.isfinite(q)
+    ]
+    return per, max(finite) if finite else float("inf")
+
+
+def _image_quantiles(
+    scores: np.ndarray,
+    codes: np.ndarray,
+    strata: np.ndarray | None,
+    alpha: float,
+    image_strata: np.ndarray,
 ) -> np.ndarray:
-    """(n, C) membership: classes whose score is within the quantile, plus the predicted class
-    (by default the class of the lowest score)."""
-    member = class_scores <= q
+    """The quantile each new image is judged by (see the module docstring)."""
+    if strata is None:
+        return np.full(len(image_strata), _weighted_quantile(scores, codes, alpha))
+    per, fallback = _stratified_quantiles(scores, codes, strata, alpha)
+    q = [per.get(s, fallback) for s in image_strata]
+    return np.array([v if np.isfinite(v) else fallback for v in q], dtype=np.float64)
+
+
+def _sets_from_scores(
+    class_scores: np.ndarray, q: float | np.ndarray, predicted: np.ndarray | None = None
+) -> np.ndarray:
+    """(n, C) membership: classes whose score is within the quantile (one, or one per image),
+    plus the predicted class (by default the class of the lowest score)."""
+    q = np.asarray(q, dtype=np.float64)
+    member = class_scores <= (q[:, None] if q.ndim else q)
     best = class_scores.argmin(1) if predicted is None else np.asarray(predicted, dtype=np.int64)
     member[np.arange(len(class_scores)), best] = True
     return member
@@ -175,12 +229,17 @@ class ConformalCalibration:
     classes: tuple[str, ...]
     alpha: float = DEFAULT_ALPHA
     score: str = "probability"
+    # (n,) each calibration image's stratum (its magnification, "" when unknown); None: pooled
+    # (a calibration stored before strata existed).
+    strata: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_choice("nonconformity score", self.score, SCORES)
         check_alpha(self.alpha)
         if not len(self.scores) == len(self.labels) == len(self.patients):
             raise ValueError("scores, labels and patients must have one entry per image.")
+        if self.strata is not None and len(self.strata) != len(self.scores):
+            raise ValueError("strata must have one entry per image.")
 
     @classmethod
     def fit(
@@ -191,15 +250,19 @@ class ConformalCalibration:
         classes: Sequence[str],
         alpha: float = DEFAULT_ALPHA,
         score: str = "probability",
+        magnifications: Sequence[Any] | np.ndarray | None = None,
     ) -> ConformalCalibration:
-        """Calibrate on out-of-fold probabilities (n, C) or (n, V, C), centred for binary."""
+        """Calibrate on out-of-fold probabilities (n, C) or (n, V, C), centred for binary; with
+        ``magnifications`` (one per image, None where unknown), per magnification."""
         check_choice("nonconformity score", score, SCORES)
         y = np.asarray(labels, dtype=np.int64)
         class_scores = SCORES[score](probs)
         if len(y) != len(class_scores):
             raise ValueError(f"{len(class_scores)} predictions but {len(y)} labels.")
         s = class_scores[np.arange(len(y)), y] if len(y) else np.zeros(0)
-        return cls(s, y, _patient_codes(patients), tuple(classes), check_alpha(alpha), score)
+        strata = None if magnifications is None else _strata(magnifications, len(y))
+        codes = _patient_codes(patients)
+        return cls(s, y, codes, tuple(classes), check_alpha(alpha), score, strata)
 
     @property
     def n_patients(self) -> int:
@@ -215,6 +278,21 @@ class ConformalCalibration:
         a = self.alpha if alpha is None else check_alpha(alpha)
         return _weighted_quantile(self.scores, self.patients, a)
 
+    def stratum_quantiles(self, alpha: float | None = None) -> dict[str, float]:
+        """Each magnification's score threshold at ``alpha`` (+inf: too few of its patients);
+        empty for a pooled calibration."""
+        if self.strata is None:
+            return {}
+        a = self.alpha if alpha is None else check_alpha(alpha)
+        return _stratified_quantiles(self.scores, self.patients, self.strata, a)[0]
+
+    def stratum_patients(self) -> dict[str, int]:
+        """How many calibration patients each known magnification has."""
+        if self.strata is None:
+            return {}
+        known = sorted(set(self.strata.tolist()) - {""})
+        return {s: len(np.unique(self.patients[self.strata == s])) for s in known}
+
     def class_scores(self, probs: np.ndarray) -> np.ndarray:
         """Nonconformity (n, C) of every class for probabilities (n, C) or (n, V, C)."""
         return SCORES[self.score](probs)
@@ -224,20 +302,28 @@ class ConformalCalibration:
         probs: np.ndarray,
         alpha: float | None = None,
         predicted: Sequence[int] | np.ndarray | None = None,
+        magnifications: Sequence[Any] | np.ndarray | None = None,
     ) -> np.ndarray:
         """Boolean membership (n, C): which classes each image's set holds.
 
         ``predicted`` (class indices) is always in the set; by default the least nonconforming
-        class, which for centred probabilities is the label a threshold gives.
+        class, which for centred probabilities is the label a threshold gives. Each image is
+        judged by its magnification's quantile (``magnifications``, None where unknown: see the
+        module docstring).
         """
+        a = self.alpha if alpha is None else check_alpha(alpha)
         pred = None if predicted is None else np.asarray(predicted, dtype=np.int64)
-        return _sets_from_scores(self.class_scores(probs), self.quantile(alpha), pred)
+        class_scores = self.class_scores(probs)
+        image_strata = _strata(magnifications, len(class_scores))
+        q = _image_quantiles(self.scores, self.patients, self.strata, a, image_strata)
+        return _sets_from_scores(class_scores, q, pred)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for the checkpoint's metadata."""
         return {
             "format_version": _FORMAT_VERSION,
-            "method": "split-conformal, patient-weighted (hierarchical) quantile",
+            "method": "split-conformal, patient-weighted (hierarchical) quantile"
+            + (", per magnification (Mondrian)" if self.strata is not None else ""),
             "score": self.score,
             "alpha": self.alpha,
             "classes": list(self.classes),
@@ -246,6 +332,8 @@ class ConformalCalibration:
             "scores": [round(float(s), 6) for s in self.scores],
             "labels": [int(v) for v in self.labels],
             "patients": [int(v) for v in self.patients],
+            "strata": None if self.strata is None else [str(v) for v in self.strata],
+            "stratum_patients": self.stratum_patients(),
         }
 
     @classmethod
@@ -263,6 +351,7 @@ class ConformalCalibration:
                 tuple(d["classes"]),
                 float(d.get("alpha", DEFAULT_ALPHA)),
                 str(d.get("score", "probability")),
+                None if d.get("strata") is None else np.array(d["strata"], dtype=object),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
@@ -276,8 +365,10 @@ def leave_one_patient_out_sets(
     patients: Sequence[Any] | np.ndarray,
     alpha: float,
     score: str = "probability",
+    magnifications: Sequence[Any] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Prediction sets of out-of-fold predictions, each patient's from the others' calibration.
+    """Prediction sets of out-of-fold predictions, each patient's from the others' calibration
+    (per magnification when ``magnifications`` are given, as a shipped calibration would be).
 
     What a new patient would get from a model calibrated on everyone else: the honest way to
     measure coverage on the training patients' out-of-fold predictions.
@@ -287,58 +378,12 @@ def leave_one_patient_out_sets(
     codes = _patient_codes(patients)
     class_scores = SCORES[score](probs)
     own = class_scores[np.arange(len(y)), y]
+    strata = None if magnifications is None else _strata(magnifications, len(y))
+    image_strata = _strata(magnifications, len(y))
     member = np.zeros(class_scores.shape, dtype=bool)
     for p in np.unique(codes):
-        mine = codes == p
-        others = ~mine
-        q = _weighted_quantile(own[others], codes[others], alpha)
+        mine, others = codes == p, codes != p
+        cal_strata = None if strata is None else strata[others]
+        q = _image_quantiles(own[others], codes[others], cal_strata, alpha, image_strata[mine])
         member[mine] = _sets_from_scores(class_scores[mine], q)
     return member
-
-
-def coverage(
-    member: np.ndarray, labels: Sequence[int] | np.ndarray, patients: Sequence[Any] | np.ndarray
-) -> dict[str, float]:
-    """Empirical coverage: of images, and averaged over patients (what the guarantee is about)."""
-    y = np.asarray(labels, dtype=np.int64)
-    if len(y) == 0:
-        return {"images": float("nan"), "patients": float("nan")}
-    hit = member[np.arange(len(y)), y]
-    codes = _patient_codes(patients)
-    per_patient = np.bincount(codes, weights=hit) / np.bincount(codes)
-    return {"images": float(hit.mean()), "patients": float(per_patient.mean())}
-
-
-def patient_referrals(
-    refer: Sequence[bool] | np.ndarray,
-    patients: Sequence[Any] | np.ndarray,
-    fraction: float = PATIENT_REFER_FRACTION,
-) -> dict[str, bool]:
-    """Per patient: referred when at least ``fraction`` of its images are referred."""
-    refer = np.asarray(refer, dtype=bool)
-    names = np.asarray(patients, dtype=str)
-    return {
-        str(p): bool(refer[names == p].mean() >= fraction) for p in dict.fromkeys(names.tolist())
-    }
-
-
-def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> dict[str, np.ndarray | float]:
-    """The risk-coverage curve of referring the least confident images first.
-
-    Returns ``referred`` (fraction referred, 0 to (n-1)/n), ``accuracy`` (of the images kept) and
-    ``aurc``: the area under risk (1 - accuracy) against coverage, averaged over every coverage
-    n/n, (n-1)/n, ..., 1/n; lower is better, and a perfect ranking's is the smallest reachable.
-    Ties in confidence are broken by keeping the error last (a pessimistic, order-free curve).
-    """
-    correct = np.asarray(correct, dtype=bool)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    n = len(correct)
-    if n == 0:
-        return {"referred": np.zeros(0), "accuracy": np.zeros(0), "aurc": float("nan")}
-    # Most confident first; among ties errors go first, so they are the last to be referred.
-    order = np.lexsort((correct, -confidence))
-    kept_correct = np.cumsum(correct[order])
-    kept = np.arange(1, n + 1)
-    accuracy = (kept_correct / kept)[::-1]  # index i: the n - i most confident images kept
-    referred = np.arange(n) / n
-    return {"referred": referred, "accuracy": accuracy, "aurc": float(np.mean(1 - accuracy))}

@@ -33,6 +33,7 @@ __all__ = [
     "target_of",
     "discover",
     "filter_records",
+    "magnification_from_path",
     "parse_breakhis_name",
     "patient_group",
 ]
@@ -156,6 +157,22 @@ class Dataset:
 
     def counts(self, attr: str) -> Counter:
         return Counter(getattr(r, attr) for r in self.records)
+
+
+def magnification_from_path(path: str | os.PathLike | None) -> int | None:
+    """An image's magnification from its BreakHis file name, else from the nearest folder named
+    like '100X'; None when neither says."""
+    if not path:
+        return None
+    p = Path(path)
+    parsed = parse_breakhis_name(p.name)
+    if parsed is not None and parsed.magnification:
+        return parsed.magnification
+    for part in reversed(p.parts[:-1]):
+        m = _MAG_FOLDER_RE.match(part)
+        if m:
+            return int(m["mag"])
+    return None
 
 
 def class_names_for(task: str, records: Iterable[ImageRecord] = ()) -> tuple[str, ...]:

@@ -177,7 +177,7 @@ def _risk_coverage_figures(
     """AURC and the risk-coverage curve of the in-distribution rows ``ind``, least confident
     referred first (confidence: the predicted class's threshold-centred probability)."""
     from histolens.conformal import centred_probabilities
-    from histolens.conformal import risk_coverage as rc_curve
+    from histolens.conformal_metrics import risk_coverage as rc_curve
 
     probs = np.array([r.probs for r in ind]).reshape(len(ind), len(result.classes))
     thr = result.threshold if len(result.classes) == 2 else None
@@ -197,7 +197,7 @@ def _prediction_set_figures(
 ) -> dict[str, Any]:
     """Coverage (over patients and images), set size, referral rate and the accuracy of the
     kept and referred images, of the in-distribution rows ``ind`` (not empty)."""
-    from histolens.conformal import coverage
+    from histolens.conformal_metrics import coverage
 
     index = {c: i for i, c in enumerate(result.classes)}
     member = np.zeros((len(ind), len(result.classes)), dtype=bool)
@@ -222,7 +222,7 @@ def _prediction_set_figures(
 def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
     """The patients referred (half or more of their images referred) and the accuracy of the
     others, each called by the majority of its kept images."""
-    from histolens.conformal import patient_referrals
+    from histolens.conformal_metrics import patient_referrals
 
     rows = result.rows
     decided = patient_referrals([r.refer for r in rows], np.array([r.patient for r in rows]))

@@ -151,7 +151,8 @@ def fit_referral(
     calib_p = centred_probabilities(probs, threshold if len(classes) == 2 else None)
     y = np.array(targets(val.records, classes, cfg.data.task), dtype=np.int64)
     groups = np.array([r.group or r.patient or r.path for r in val.records], dtype=str)
-    conformal = fit_prediction_sets(calib_p, y, groups, classes, cfg.train.alpha, notes)
+    mags = [r.magnification for r in val.records]
+    conformal = fit_prediction_sets(calib_p, y, groups, classes, cfg.train.alpha, notes, mags)
     n_train, x = len(train.records), np.concatenate([train.features, val.features])
     folds = [(np.arange(n_train), np.arange(n_train, len(x)))] if len(val.records) else []
     feature_guard, _ = fit_feature_guard(x, folds)
@@ -176,7 +177,8 @@ def row_prediction_sets(
     probs = np.array([r.probs for r in result.rows])
     thr = result.threshold if len(result.classes) == 2 else None
     predicted = [result.predicted(r) for r in result.rows]
-    return conformal.prediction_sets(centred_probabilities(probs, thr), alpha, predicted)
+    mags = [r.magnification for r in result.rows]
+    return conformal.prediction_sets(centred_probabilities(probs, thr), alpha, predicted, mags)
 
 
 def add_referrals(result: EvalResult, scored: Scored, referral: Referral, part: str) -> None:

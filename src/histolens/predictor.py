@@ -18,13 +18,14 @@ import torch
 from histolens.backbones import get_backbone_spec
 from histolens.checkpoint import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
 from histolens.conformal import ConformalCalibration, centred_probabilities, check_alpha
-from histolens.data import Skipped
+from histolens.data import Skipped, magnification_from_path
 from histolens.errors import CheckpointError, ImageLoadError
 from histolens.imageio import load_rgb
 from histolens.model import HistoClassifier, build_model
 from histolens.onnx_backend import is_onnx_file
 from histolens.ood import OOD_MESSAGE, OODGuard, image_size
 from histolens.pipeline import InputPipeline
+from histolens.predictions_csv import prediction_row
 from histolens.transforms import Preprocess
 
 __all__ = ["Prediction", "Predictor", "probabilities_from_logits"]
@@ -68,23 +69,10 @@ class Prediction:
     ood: bool = False
     ood_reason: str | None = None
 
-    def as_row(self) -> dict[str, Any]:
-        row = {
-            "path": self.path,
-            "prediction": self.label,
-            "probability": round(self.probability, 6),
-            "uncertain": self.uncertain,
-        }
-        row.update({f"p_{k}": round(v, 6) for k, v in self.scores.items()})
-        row.update(
-            {
-                "prediction_set": ";".join(self.prediction_set),
-                "refer": self.refer,
-                "ood": self.ood,
-                "ood_reason": self.ood_reason or "",
-            }
-        )
-        return row
+    def as_row(self, class_names: Sequence[str] | None = None) -> dict[str, str]:
+        """This prediction as a row of the predictions CSV (histolens.predictions_csv), with
+        ``p_<class>`` columns for ``class_names`` (default: its scores' classes)."""
+        return prediction_row(self, class_names)
 
 
 @dataclass
@@ -236,26 +224,40 @@ class Predictor:
         return probabilities_from_logits(logits, self.temperature).cpu().numpy()
 
     def decide(
-        self, probs: np.ndarray, path: str | None = None, ood_reason: str | None = None
+        self,
+        probs: np.ndarray,
+        path: str | None = None,
+        ood_reason: str | None = None,
+        magnification: int | None = None,
     ) -> Prediction:
         """Turn one row of class probabilities into a Prediction (threshold applied if binary),
-        with its prediction set; ``ood_reason`` marks an image unlike the training images."""
-        return self.decide_batch(np.asarray(probs)[None], [path], [ood_reason])[0]
+        with its prediction set; ``ood_reason`` marks an image unlike the training images.
+        ``magnification`` picks its calibration (default: what ``path`` says, else unknown)."""
+        return self.decide_batch(np.asarray(probs)[None], [path], [ood_reason], [magnification])[0]
 
     def decide_batch(
         self,
         probs: np.ndarray,
         paths: Sequence[str | None] | None = None,
         ood_reasons: Sequence[str | None] | None = None,
+        magnifications: Sequence[int | None] | None = None,
     ) -> list[Prediction]:
-        """Predictions for rows of class probabilities (n, C), prediction sets made together."""
+        """Predictions for rows of class probabilities (n, C), prediction sets made together,
+        each image's from the calibration of its magnification (``magnifications``; where None,
+        what its path says; else the most cautious, see ``histolens.conformal``)."""
         n = len(probs)
         preds = [self._label(p, path) for p, path in zip(probs, paths or [None] * n, strict=True)]
         if self.conformal is not None and n:
             alpha = self.refer_alpha
             index = {c: i for i, c in enumerate(self.class_names)}
             centred = centred_probabilities(probs, self.threshold if self.is_binary else None)
-            member = self.conformal.prediction_sets(centred, alpha, [index[p.label] for p in preds])
+            given = magnifications or [None] * n
+            mags = [
+                m or magnification_from_path(p)
+                for m, p in zip(given, paths or [None] * n, strict=True)
+            ]
+            predicted = [index[p.label] for p in preds]
+            member = self.conformal.prediction_sets(centred, alpha, predicted, mags)
             for pred, row in zip(preds, member, strict=True):
                 pred.prediction_set = tuple(
                     c for c, m in zip(self.class_names, row, strict=True) if m
@@ -301,6 +303,7 @@ class Predictor:
         images_uint8: torch.Tensor,
         paths: Sequence[str | None] | None = None,
         sizes: Sequence[tuple[int, int] | None] | None = None,
+        magnifications: Sequence[int | None] | None = None,
     ) -> list[Prediction]:
         """Predictions for a resized uint8 batch (B, 3, H, W): label, probabilities, prediction
         set, and the out-of-distribution check.
@@ -315,15 +318,22 @@ class Predictor:
             if sizes is None:
                 sizes = [image_size(p) if p else None for p in (paths or [None] * len(probs))]
             reasons = self.guard.reasons(images_uint8, sizes, self.preprocess.input_size, features)
-        return self.decide_batch(probs, paths, reasons)
+        return self.decide_batch(probs, paths, reasons, magnifications)
 
-    def predict_images(self, images: Sequence, batch_size: int = 32) -> list[Prediction]:
-        """Predictions for PIL RGB images."""
+    def predict_images(
+        self,
+        images: Sequence,
+        batch_size: int = 32,
+        magnifications: Sequence[int | None] | None = None,
+    ) -> list[Prediction]:
+        """Predictions for PIL RGB images (of ``magnifications``, None where unknown)."""
+        mags = list(magnifications) if magnifications is not None else [None] * len(images)
         out: list[Prediction] = []
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
             batch = torch.stack([self.preprocess.resize(img) for img in chunk])
-            out += self.predict_batch(batch, sizes=[img.size for img in chunk])
+            sizes = [img.size for img in chunk]
+            out += self.predict_batch(batch, sizes=sizes, magnifications=mags[i : i + batch_size])
         return out
 
     def predict_image(self, image) -> Prediction:

@@ -81,9 +81,10 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
 
     y = np.array([r.target for r in ev.rows], dtype=int)
     patients = np.array([r.patient for r in ev.rows])
+    mags = [r.magnification for r in ev.rows]
     member, method = None, ""
     if conformal is not None and oof_probs is not None:
-        member = leave_one_patient_out_sets(oof_probs, y, patients, alpha, conformal.score)
+        member = leave_one_patient_out_sets(oof_probs, y, patients, alpha, conformal.score, mags)
         method = (
             "leave-one-patient-out over the out-of-fold predictions (each patient's sets "
             "calibrated on the other patients)"
@@ -92,7 +93,9 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
         probs = np.array([r.probs for r in ev.rows])
         thr = ev.threshold if len(ev.classes) == 2 else None
         predicted = [ev.predicted(r) for r in ev.rows]
-        member = conformal.prediction_sets(centred_probabilities(probs, thr), alpha, predicted)
+        member = conformal.prediction_sets(
+            centred_probabilities(probs, thr), alpha, predicted, mags
+        )
         method = "the training patients' inner out-of-fold predictions, on the test patients"
     reasons: list[str | None] = (
         guard.features.reasons_for_distances(distances)

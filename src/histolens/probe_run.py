@@ -276,7 +276,8 @@ def _fit_and_write(
     x_test = _arrays(frozen.cache, split.test, classes, cfg.data.task)[0] if split.test else None
     held = _held_out_logits(cfg, final, split, x, y, g, n_classes, x_test, progress)
     calibration = _calibrate(cfg, held.calib_logits, held.calib_y, n_classes)
-    referral = _referral(cfg, held, calibration, x, y, g, classes, notes)
+    mags = [r.magnification for r in split.train + split.val]
+    referral = _referral(cfg, held, calibration, x, y, g, classes, notes, mags)
     ckpt = _save_probe_checkpoint(
         cfg, run_dir, frozen, classes, split, dataset, final, calibration, referral
     )

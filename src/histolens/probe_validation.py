@@ -186,8 +186,10 @@ def _referral(
     g: np.ndarray,
     classes: Sequence[str],
     notes: list[str],
+    magnifications: Sequence[int | None],
 ) -> _Referral:
-    """Fit the prediction-set calibration and the feature guard (noting an unreachable alpha)."""
+    """Fit the prediction-set calibration (per magnification: ``magnifications`` of the rows of
+    ``x``) and the feature guard, noting an unreachable alpha."""
     from histolens.conformal import centred_probabilities
     from histolens.ood import OODGuard
     from histolens.predictor import probabilities_from_logits
@@ -202,7 +204,13 @@ def _referral(
         calib_p = probabilities_from_logits(torch.as_tensor(held.calib_logits), temperature).numpy()
         calib_p = centred_probabilities(calib_p, threshold if len(classes) == 2 else None)
     conformal = fit_prediction_sets(
-        calib_p, calib_y, g[: len(calib_y)], classes, cfg.train.alpha, notes
+        calib_p,
+        calib_y,
+        g[: len(calib_y)],
+        classes,
+        cfg.train.alpha,
+        notes,
+        list(magnifications)[: len(calib_y)],
     )
     try:
         guard_folds = group_folds(y, g, cfg.train.cv_folds or 5, cfg.data.seed)
@@ -219,8 +227,10 @@ def fit_prediction_sets(
     classes: Sequence[str],
     alpha: float,
     notes: list[str],
+    magnifications: Sequence[int | None],
 ) -> ConformalCalibration | None:
-    """The prediction sets' calibration on held-out patients' calibrated, centred probabilities.
+    """The prediction sets' calibration on held-out patients' calibrated, centred probabilities,
+    per magnification (``magnifications``, one per row, None where unknown).
 
     Images are weighted by patient (``groups``); rows with NaN (not scored) are left out, and
     None is returned when none is left. An ``alpha`` too few patients cannot guarantee is noted.
@@ -231,8 +241,15 @@ def fit_prediction_sets(
     ok = ~np.isnan(calib_p).any(1)
     if not ok.any():
         return None
+    mags = np.array(magnifications, dtype=object)[ok]
     conformal = ConformalCalibration.fit(
-        calib_p[ok], np.asarray(calib_y)[ok], np.asarray(groups)[ok], classes, alpha
+        calib_p[ok],
+        np.asarray(calib_y)[ok],
+        np.asarray(groups)[ok],
+        classes,
+        alpha,
+        "probability",
+        mags,
     )
     if conformal.quantile() == float("inf"):
         notes.append(
@@ -240,7 +257,22 @@ def fit_prediction_sets(
             f"guarantee alpha {alpha:g}: every image would be referred. Use "
             f"alpha {conformal.min_alpha:.2f} or more (predict --alpha), or add patients."
         )
+    else:
+        _note_thin_strata(conformal, alpha, notes)
     return conformal
+
+
+def _note_thin_strata(conformal: ConformalCalibration, alpha: float, notes: list[str]) -> None:
+    """Note the magnifications with too few calibration patients for their own guarantee."""
+    thin = [s for s, q in conformal.stratum_quantiles(alpha).items() if q == float("inf")]
+    if thin:
+        counts = conformal.stratum_patients()
+        names = ", ".join(f"{s}X ({counts[s]} patients)" for s in thin)
+        notes.append(
+            f"Prediction sets at alpha {alpha:g} hold per magnification; {names} have too few "
+            "calibration patients for a guarantee of their own, so their images get the most "
+            "cautious threshold of the others. Add patients at those magnifications."
+        )
 
 
 def fit_feature_guard(

@@ -42,7 +42,9 @@ class FakeExplainer:
         self.closed = False
         FakeExplainer.instances.append(self)
 
-    def explain(self, image: Image.Image, method: str = "gradcam") -> FakeExplanation:
+    def explain(
+        self, image: Image.Image, method: str = "gradcam", magnification: int | None = None
+    ) -> FakeExplanation:
         assert not self.closed, "explain() after close()"
         self.calls.append(method)
         return FakeExplanation(image, method, self.predictor.predict_image(image))

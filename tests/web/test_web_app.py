@@ -330,11 +330,11 @@ class _GatedPredict:
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def __call__(self, images, batch_size=32):
+    def __call__(self, images, batch_size=32, magnifications=None):
         self.sizes.append(len(images))
         self.entered.set()
         assert self.gate.wait(30)
-        return self.predict_images(images, batch_size)
+        return self.predict_images(images, batch_size, magnifications)
 
 
 def _post_in_threads(client, n, payload):
@@ -400,9 +400,9 @@ def test_batch_wait_collects_requests_arriving_shortly_after(make_client, tissue
     predictor = client.app.state.service.predictor
     original = predictor.predict_images
 
-    def recording(images, batch_size=32):
+    def recording(images, batch_size=32, magnifications=None):
         sizes.append(len(images))
-        return original(images, batch_size)
+        return original(images, batch_size, magnifications)
 
     monkeypatch.setattr(predictor, "predict_images", recording)
     threads, results = _post_in_threads(client, 4, tissue_png)
@@ -435,7 +435,7 @@ def test_model_failure_is_a_json_500(checkpoint, tissue_png, monkeypatch):
 
     with TestClient(create_app(checkpoint), raise_server_exceptions=False) as client:
 
-        def broken(images, batch_size=32):
+        def broken(images, batch_size=32, magnifications=None):
             raise RuntimeError("out of memory")
 
         monkeypatch.setattr(client.app.state.service.predictor, "predict_images", broken)

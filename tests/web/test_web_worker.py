@@ -20,7 +20,7 @@ class FakePredictor:
             self.gate.set()
         self.fail = fail
 
-    def predict_images(self, images, batch_size=32):
+    def predict_images(self, images, batch_size=32, magnifications=None):
         self.calls.append(list(images))
         self.entered.set()
         self.gate.wait(10)
@@ -37,7 +37,7 @@ class FakeExplainer:
         self.threads: set[str] = set()
         FakeExplainer.instances.append(self)
 
-    def explain(self, image, method="gradcam"):
+    def explain(self, image, method="gradcam", magnification=None):
         self.threads.add(threading.current_thread().name)
         return (image, method)
 

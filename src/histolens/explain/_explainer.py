@@ -56,15 +56,18 @@ class _PredictedClass:
     prediction needs no forward pass of its own; ``index`` fixed up front overrides it.
     """
 
-    def __init__(self, predictor: Predictor, index: int | None) -> None:
+    def __init__(
+        self, predictor: Predictor, index: int | None, magnification: int | None = None
+    ) -> None:
         self.predictor = predictor
         self.index = index
+        self.magnification = magnification
         self.prediction: Prediction | None = None
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         if self.prediction is None:
             probs = self.predictor.probabilities(output.detach().reshape(1, -1))[0]
-            self.prediction = self.predictor.decide(probs)
+            self.prediction = self.predictor.decide(probs, magnification=self.magnification)
             if self.index is None:
                 self.index = self.predictor.class_names.index(self.prediction.label)
         return class_logits(output)[..., self.index]
@@ -194,9 +197,14 @@ class Explainer:
 
     # --- public API -------------------------------------------------------------------------
     def explain(
-        self, image: Image.Image, method: str = "gradcam", target_class: str | None = None
+        self,
+        image: Image.Image,
+        method: str = "gradcam",
+        target_class: str | None = None,
+        magnification: int | None = None,
     ) -> Explanation:
-        """Explain one PIL image; the class explained is the predicted one unless given."""
+        """Explain one PIL image; the class explained is the predicted one unless given. The
+        prediction's set is calibrated for ``magnification`` (None: unknown)."""
         entry = get_method(method)
         if target_class is not None:
             check_choice("target class", target_class, self.predictor.class_names)
@@ -209,12 +217,12 @@ class Explainer:
             x = self.predictor.to_input(uint8.unsqueeze(0))
             index = None if target_class is None else self.predictor.class_names.index(target_class)
             if entry.single_pass:
-                target = _PredictedClass(self.predictor, index)
+                target = _PredictedClass(self.predictor, index, magnification)
                 small = self._run_cam(entry, x, target)
                 prediction = target.prediction
                 index = target.index
             else:
-                prediction = self._predict(x)
+                prediction = self._predict(x, magnification)
                 if index is None:
                     index = self.predictor.class_names.index(prediction.label)
                 if entry.family == "cam":
@@ -234,16 +242,16 @@ class Explainer:
             )
 
     # --- internals --------------------------------------------------------------------------
-    def _predict(self, x: torch.Tensor) -> Prediction:
+    def _predict(self, x: torch.Tensor, magnification: int | None) -> Prediction:
         with torch.inference_mode():
             probs = self.predictor.probabilities(self.model(x))[0]
-        return self.predictor.decide(probs)
+        return self.predictor.decide(probs, magnification=magnification)
 
     def _run_cam(self, method: ExplanationMethod, x: torch.Tensor, target) -> np.ndarray:
         with self._cam(method) as cam:
             maps = cam(input_tensor=x, targets=[target])
         if isinstance(target, _PredictedClass) and target.prediction is None:
-            target.prediction = self._predict(x)
+            target.prediction = self._predict(x, target.magnification)
         return maps[0]
 
     def _forward_scores(self, kind: str):

@@ -238,6 +238,7 @@ def _run(
 
 
 def _explain_all(explainer, paths, root, methods, out, alpha, target_class, advance) -> list[dict]:
+    from histolens.data import magnification_from_path
     from histolens.errors import ImageLoadError
     from histolens.explain._render import render_panel
     from histolens.imageio import load_rgb
@@ -252,7 +253,7 @@ def _explain_all(explainer, paths, root, methods, out, alpha, target_class, adva
             continue
         stem = _stem(path, root)
         for method in methods:
-            e = explainer.explain(image, method, target_class)
+            e = explainer.explain(image, method, target_class, magnification_from_path(path))
             base = out / f"{stem}_{method}"
             heat_file = base.with_name(base.name + "_heatmap.npy")
             overlay_file = base.with_name(base.name + "_overlay.png")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histolens.data import magnification_from_path
 from histolens.errors import did_you_mean
 from histolens.explain._methods import EXPLANATION_METHODS
 from histolens.gui.display import (
@@ -196,7 +197,9 @@ class ImageInspector:
                 report_error(self._view, "Heatmap failed", exc)
 
         def job() -> Explanation | None:
-            return None if cur is not self.current else explainer.explain(image, method=method)
+            if cur is not self.current:
+                return None
+            return explainer.explain(image, method, magnification=magnification_from_path(cur.path))
 
         self._jobs.submit(job, lambda e: self._explained(cur, method, e), failed)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from histolens.data import magnification_from_path
 from histolens.errors import ImageLoadError, check_choice
 from histolens.imageio import load_rgb_bytes
 from histolens.web.errors import UploadRefused
@@ -142,7 +143,7 @@ class ModelService:
     # --- predictions ----------------------------------------------------------------------------
     async def predict(self, upload: UploadFile) -> PredictResponse:
         image = await self.read_image(upload)
-        [pred] = await self.worker.predict([image])
+        [pred] = await self.worker.predict([image], [magnification_from_path(upload.filename)])
         return PredictResponse(**self._prediction_out(pred).model_dump(), filename=upload.filename)
 
     async def predict_batch(self, uploads: Sequence[UploadFile]) -> BatchResponse:
@@ -153,13 +154,14 @@ class ModelService:
                 413, f"Send at most {limit} files per batch request (got {len(uploads)})."
             )
         refused: dict[int, UploadRefused] = {}
-        images = []
+        images, mags = [], []
         for i, upload in enumerate(uploads):
             try:
                 images.append(await self.read_image(upload))
+                mags.append(magnification_from_path(upload.filename))
             except UploadRefused as exc:
                 refused[i] = exc
-        predictions = iter(await self.worker.predict(images) if images else [])
+        predictions = iter(await self.worker.predict(images, mags) if images else [])
         results = [
             BatchItem(filename=upload.filename, status=refused[i].status, error=str(refused[i]))
             if i in refused
@@ -179,7 +181,7 @@ class ModelService:
     async def explain(self, upload: UploadFile, method: str) -> Explanation:
         check_choice("explanation method", method, self.explain_methods)
         image = await self.read_image(upload)
-        return await self.worker.explain(image, method)
+        return await self.worker.explain(image, method, magnification_from_path(upload.filename))
 
     async def explain_png(
         self, upload: UploadFile, method: str, alpha: float

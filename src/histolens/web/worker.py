@@ -37,7 +37,12 @@ class _Job:
     kind: str  # "predict" or "explain"
     images: Sequence[Any]
     method: str | None = None
+    magnifications: Sequence[int | None] = ()  # one per image, None where unknown
     future: Future = field(default_factory=Future)
+
+    @property
+    def image_magnifications(self) -> list[int | None]:
+        return list(self.magnifications) or [None] * len(self.images)
 
 
 _STOP = object()
@@ -126,19 +131,24 @@ class InferenceWorker:
             ) from None
         return job.future
 
-    def submit_predict(self, images: Sequence[Any]) -> Future:
-        """Queue PIL images for prediction; the future resolves to a list of Predictions."""
-        return self._submit(_Job("predict", list(images)))
+    def submit_predict(
+        self, images: Sequence[Any], magnifications: Sequence[int | None] = ()
+    ) -> Future:
+        """Queue PIL images (of ``magnifications``, None where unknown) for prediction; the
+        future resolves to a list of Predictions."""
+        return self._submit(_Job("predict", list(images), magnifications=list(magnifications)))
 
-    def submit_explain(self, image: Any, method: str) -> Future:
+    def submit_explain(self, image: Any, method: str, magnification: int | None = None) -> Future:
         """Queue one explanation; the future resolves to the Explainer's result."""
-        return self._submit(_Job("explain", [image], method))
+        return self._submit(_Job("explain", [image], method, [magnification]))
 
-    async def predict(self, images: Sequence[Any]) -> list[Any]:
-        return await asyncio.wrap_future(self.submit_predict(images))
+    async def predict(
+        self, images: Sequence[Any], magnifications: Sequence[int | None] = ()
+    ) -> list[Any]:
+        return await asyncio.wrap_future(self.submit_predict(images, magnifications))
 
-    async def explain(self, image: Any, method: str) -> Any:
-        return await asyncio.wrap_future(self.submit_explain(image, method))
+    async def explain(self, image: Any, method: str, magnification: int | None = None) -> Any:
+        return await asyncio.wrap_future(self.submit_explain(image, method, magnification))
 
     # --- the worker -----------------------------------------------------------------------------
     def _next(self, timeout: float | None) -> Any:
@@ -186,8 +196,11 @@ class InferenceWorker:
         if not live:
             return
         images = [img for job in live for img in job.images]
+        mags = [m for job in live for m in job.image_magnifications]
         try:
-            predictions = self.predictor.predict_images(images, batch_size=max(self.max_batch, 1))
+            predictions = self.predictor.predict_images(
+                images, batch_size=max(self.max_batch, 1), magnifications=mags
+            )
         except Exception as exc:  # handed to every waiting request, which reports it
             for job in live:
                 job.future.set_exception(exc)
@@ -205,6 +218,9 @@ class InferenceWorker:
         try:
             if self._explainer is None:
                 self._explainer = self._explainer_factory(self.predictor)
-            job.future.set_result(self._explainer.explain(job.images[0], method=job.method))
+            result = self._explainer.explain(
+                job.images[0], method=job.method, magnification=job.image_magnifications[0]
+            )
+            job.future.set_result(result)
         except Exception as exc:
             job.future.set_exception(exc)
