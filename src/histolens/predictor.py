@@ -1,8 +1,5 @@
 """Predictor: the one way evaluation, explanations, the desktop app and the service get a model."""
 
-# Over 400 lines: the one model facade of every front end; its loading paths (torch, ONNX) and
-# prediction methods share its state.
-
 from __future__ import annotations
 
 import os
@@ -15,64 +12,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
+from histolens.checkpoint import CheckpointMetadata
 from histolens.conformal import ConformalCalibration, centred_probabilities, check_alpha
 from histolens.data import Skipped, magnification_from_path
 from histolens.errors import CheckpointError, ImageLoadError
 from histolens.imageio import load_rgb
-from histolens.model import HistoClassifier, build_model
-from histolens.onnx_backend import is_onnx_file
+from histolens.model import HistoClassifier
 from histolens.ood import OOD_MESSAGE, OODGuard, image_size
 from histolens.pipeline import InputPipeline
-from histolens.predictions_csv import prediction_row
+from histolens.prediction import Prediction, probabilities_from_logits
+from histolens.predictor_loading import load_model
 from histolens.transforms import Preprocess
 
+# Prediction and probabilities_from_logits live in histolens.prediction; importable here too.
 __all__ = ["Prediction", "Predictor", "probabilities_from_logits"]
 
 # Checkpoints without a conformal calibration: a probability this close to the decision threshold
 # is flagged "review needed".
 UNCERTAINTY_MARGIN = 0.1
-
-
-def probabilities_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities (B, C) from logits (B, 1) [binary, sigmoid] or (B, C) [softmax]."""
-    scaled = logits.float() / float(temperature)
-    if scaled.shape[1] == 1:
-        p = torch.sigmoid(scaled[:, 0])
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(scaled, dim=1)
-
-
-@dataclass
-class Prediction:
-    """One image's prediction. ``probability`` is that of ``label``; ``scores`` has every class.
-
-    ``prediction_set`` holds the classes not ruled out at error level ``alpha`` (conformal, see
-    histolens.conformal; empty for checkpoints without a calibration). ``refer`` says a person
-    should decide: the set holds several classes, or the image is not like the training images
-    (``ood``, with ``ood_reason``). ``uncertain`` ("review needed") is ``refer`` for calibrated
-    checkpoints, else the old closeness-to-threshold rule or ``ood``.
-    """
-
-    label: str
-    probability: float
-    scores: dict[str, float]
-    positive_probability: float | None  # binary: calibrated probability of the positive class
-    threshold: float | None
-    uncertain: bool
-    path: str | None = None
-    prediction_set: tuple[str, ...] = ()
-    alpha: float | None = None
-    refer: bool = False
-    refer_reason: str | None = None
-    ood: bool = False
-    ood_reason: str | None = None
-
-    def as_row(self, class_names: Sequence[str] | None = None) -> dict[str, str]:
-        """This prediction as a row of the predictions CSV (histolens.predictions_csv), with
-        ``p_<class>`` columns for ``class_names`` (default: its scores' classes)."""
-        return prediction_row(self, class_names)
 
 
 @dataclass
@@ -101,47 +58,7 @@ class Predictor:
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> Predictor:
         """Rebuild model, preprocessing and calibration from a checkpoint (file or run dir), or
         from an ONNX export (a ``.onnx`` file), which then runs on ONNX Runtime."""
-        if is_onnx_file(path):
-            return cls._from_onnx(path, device)
-        state, meta = load_checkpoint(path)
-        spec = get_backbone_spec(meta.backbone)
-        model = build_model(
-            spec,
-            len(meta.class_names),
-            "none",
-            meta.head.dims,
-            meta.head.dropouts,
-            meta.feature_layer,
-        )
-        calibration = _calibration(state, meta)  # takes the guard's tensors out of ``state``
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"Checkpoint {path} does not fit a {meta.backbone} model "
-                f"({len(missing)} missing, {len(unexpected)} unexpected tensors)."
-            )
-        dev = torch.device(device)
-        model.to(dev).eval()
-        if dev.type == "cpu":
-            model.to(memory_format=torch.channels_last)
-        return cls._with_metadata(model, meta, calibration, dev, str(resolve_checkpoint_path(path)))
-
-    @classmethod
-    def _from_onnx(cls, path: str | os.PathLike, device: str) -> Predictor:
-        """A Predictor whose logits come from ONNX Runtime; its ``model`` loads the torch
-        checkpoint the export was made from only when something needs the module (heatmaps)."""
-        from histolens.onnx_backend import ExportedTorchModel, OnnxRunner, read_onnx_export
-
-        meta, state = read_onnx_export(path)
-        spec = get_backbone_spec(meta.backbone)
-        return cls._with_metadata(
-            ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
-            meta,
-            _calibration(state, meta),
-            torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
-            str(Path(path)),
-            runner=OnnxRunner(path, device),
-        )
+        return cls._with_metadata(**load_model(path, device)._asdict())
 
     @classmethod
     def _with_metadata(
@@ -456,18 +373,3 @@ class Predictor:
                 kept += ok_paths
         n_out = 1 if self.is_binary else len(self.class_names)
         return kept, (torch.cat(chunks) if chunks else torch.zeros(0, n_out)), skipped
-
-
-def _calibration(
-    state: dict[str, torch.Tensor], meta: CheckpointMetadata
-) -> tuple[OODGuard | None, ConformalCalibration | None, Any]:
-    """The out-of-distribution guard, conformal calibration and stain normaliser a checkpoint
-    (or an ONNX export) stores; the guard's tensors are taken out of ``state``."""
-    guard = OODGuard.from_checkpoint(state, meta)
-    conformal = ConformalCalibration.from_dict(meta.conformal) if meta.conformal else None
-    stain = None
-    if meta.stain:
-        from histolens.stain import StainNormalizer
-
-        stain = StainNormalizer.from_dict(meta.stain)
-    return guard, conformal, stain

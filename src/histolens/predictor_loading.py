@@ -1,0 +1,95 @@
+"""Loading what a Predictor is made of from a torch checkpoint or an ONNX export: the model, its
+metadata and the calibration stored with it (guard, conformal, stain). ``Predictor.from_checkpoint``
+assembles the Predictor."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from histolens.backbones import get_backbone_spec
+from histolens.checkpoint import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
+from histolens.conformal import ConformalCalibration
+from histolens.errors import CheckpointError
+from histolens.model import HistoClassifier, build_model
+from histolens.onnx_backend import is_onnx_file
+from histolens.ood import OODGuard
+
+__all__ = ["LoadedModel", "load_model"]
+
+
+class LoadedModel(NamedTuple):
+    """A loaded model with what its checkpoint says: the arguments of ``Predictor._with_metadata``."""
+
+    model: HistoClassifier
+    meta: CheckpointMetadata
+    calibration: tuple[OODGuard | None, ConformalCalibration | None, Any]
+    device: torch.device
+    source: str
+    # What computes the logits when it is not ``model`` itself: ONNX Runtime for an export.
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """The model, metadata and stored calibration of a checkpoint (file or run dir), or of an
+    ONNX export (a ``.onnx`` file), whose logits then come from ONNX Runtime."""
+    if is_onnx_file(path):
+        return _load_onnx(path, device)
+    state, meta = load_checkpoint(path)
+    spec = get_backbone_spec(meta.backbone)
+    model = build_model(
+        spec,
+        len(meta.class_names),
+        "none",
+        meta.head.dims,
+        meta.head.dropouts,
+        meta.feature_layer,
+    )
+    calibration = _calibration(state, meta)  # takes the guard's tensors out of ``state``
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"Checkpoint {path} does not fit a {meta.backbone} model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors)."
+        )
+    dev = torch.device(device)
+    model.to(dev).eval()
+    if dev.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return LoadedModel(model, meta, calibration, dev, str(resolve_checkpoint_path(path)))
+
+
+def _load_onnx(path: str | os.PathLike, device: str) -> LoadedModel:
+    """A model whose logits come from ONNX Runtime; its ``model`` loads the torch checkpoint the
+    export was made from only when something needs the module (heatmaps)."""
+    from histolens.onnx_backend import ExportedTorchModel, OnnxRunner, read_onnx_export
+
+    meta, state = read_onnx_export(path)
+    spec = get_backbone_spec(meta.backbone)
+    return LoadedModel(
+        ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
+        meta,
+        _calibration(state, meta),
+        torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
+        str(Path(path)),
+        runner=OnnxRunner(path, device),
+    )
+
+
+def _calibration(
+    state: dict[str, torch.Tensor], meta: CheckpointMetadata
+) -> tuple[OODGuard | None, ConformalCalibration | None, Any]:
+    """The out-of-distribution guard, conformal calibration and stain normaliser a checkpoint
+    (or an ONNX export) stores; the guard's tensors are taken out of ``state``."""
+    guard = OODGuard.from_checkpoint(state, meta)
+    conformal = ConformalCalibration.from_dict(meta.conformal) if meta.conformal else None
+    stain = None
+    if meta.stain:
+        from histolens.stain import StainNormalizer
+
+        stain = StainNormalizer.from_dict(meta.stain)
+    return guard, conformal, stain
