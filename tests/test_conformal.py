@@ -391,6 +391,8 @@ def test_predictor_judges_each_image_by_its_magnification(tmp_path):
     assert at100.refer and set(at100.prediction_set) == set(CLASSES)
     assert not at200.refer and at200.prediction_set == ("malignant",)
     assert unknown.refer  # unknown magnification: the most cautious quantile
+    assert at100.refer_reason.endswith("(calibrated on 100X images)")
+    assert "magnification unknown: the most cautious calibration" in unknown.refer_reason
     assert not told.refer
     [batch100, batch_unknown] = predictor.decide_batch(
         np.stack([probs, probs]), [None, None], None, [100, None]

@@ -17,13 +17,11 @@ class in its set with probability at least 1 - alpha (coverage averaged over pat
 images, and not conditional on the class).
 
 Calibration is per magnification (Mondrian conformal prediction, Vovk et al. 2003): images of
-different magnifications are not exchangeable (on breakhis-dev the 200X images of another source
-are far easier than 100X, so a pooled quantile left new 100X patients at 0.71 coverage where
-alpha 0.2 promised 0.80). Each calibration image carries its stratum (its magnification, "" when
-unknown), and a new image is judged against the quantile of its own stratum: the guarantee then
-holds per magnification. A new image whose magnification is unknown, or whose stratum has too few
-calibration patients for ``alpha``, gets the most cautious of the quantiles that exist (pooled and
-per stratum): no guarantee of its own, but never a laxer threshold than any magnification's.
+different magnifications are not exchangeable (a pooled quantile left new 100X patients of
+breakhis-dev at 0.71 coverage where alpha 0.2 promised 0.80). A new image is judged by the
+quantile of its own magnification's calibration images, so the guarantee holds per magnification;
+an unknown magnification, or one with too few calibration patients for ``alpha``, gets the most
+cautious quantile there is (pooled or per magnification), without a guarantee of its own.
 
 A set is never empty: the predicted class is always in it. That can only raise coverage, and
 keeps the set and the shown label consistent. An image is referred when its set holds more than
@@ -292,6 +290,19 @@ class ConformalCalibration:
             return {}
         known = sorted(set(self.strata.tolist()) - {""})
         return {s: len(np.unique(self.patients[self.strata == s])) for s in known}
+
+    def basis(self, magnification: Any, alpha: float | None = None) -> str:
+        """What an image of ``magnification`` is judged against, as a clause for a reason
+        (empty for a pooled calibration): its own magnification's patients, or the most cautious
+        threshold when the magnification is unknown or has too few patients."""
+        if self.strata is None:
+            return ""
+        key = stratum_of(magnification)
+        q = self.stratum_quantiles(alpha).get(key, float("inf"))
+        if np.isfinite(q):
+            return f" (calibrated on {key}X images)"
+        why = "magnification unknown" if not key else f"too few {key}X calibration patients"
+        return f" ({why}: the most cautious calibration)"
 
     def class_scores(self, probs: np.ndarray) -> np.ndarray:
         """Nonconformity (n, C) of every class for probabilities (n, C) or (n, V, C)."""

@@ -175,7 +175,7 @@ class Predictor:
             ]
             predicted = [index[p.label] for p in preds]
             member = self.conformal.prediction_sets(centred, alpha, predicted, mags)
-            for pred, row in zip(preds, member, strict=True):
+            for pred, row, mag in zip(preds, member, mags, strict=True):
                 pred.prediction_set = tuple(
                     c for c, m in zip(self.class_names, row, strict=True) if m
                 )
@@ -184,6 +184,7 @@ class Predictor:
                 if pred.refer:
                     pred.refer_reason = (
                         f"{' and '.join(pred.prediction_set)} are all plausible at alpha {alpha:g}"
+                        f"{self.conformal.basis(mag, alpha)}"
                     )
         for pred, reason in zip(preds, ood_reasons or [None] * n, strict=True):
             if reason:
