@@ -12,34 +12,42 @@ refused rather than mixed in.
 Rows are in the order of ``images_under`` (the one rule for which files are images) and batches
 are cut from that list at fixed positions, so a resumed run predicts the same batches as an
 uninterrupted one and writes the same file.
-"""
 
-# Over 400 lines: one resumable job: reading back the partial file's rows (their columns are
-# histolens.predictions_csv's), its bookkeeping and the progress line share its format.
+This module is the streaming loop and what ``histolens predict`` calls; the partial file and its
+record (reading back, checking, opening for append) are :mod:`histolens.predict_resume`'s, and
+the progress line is :mod:`histolens.predict_progress`'s.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
-import json
 import os
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import torch
 
 from histolens import predictions_csv
-from histolens.atomic import atomic_write_text
 from histolens.data import Skipped
-from histolens.errors import ConfigError
 from histolens.imagefiles import images_under
+from histolens.predict_progress import ProgressReporter
+from histolens.predict_resume import (
+    PARTIAL_SUFFIX,
+    RowBrief,
+    Tally,
+    check_sidecar,
+    model_fingerprint,
+    partial_writer,
+    read_partial,
+    sidecar_path,
+    sidecar_record,
+    sync,
+)
 from histolens.predictor import Predictor
 
 __all__ = [
@@ -51,58 +59,10 @@ __all__ = [
     "prediction_columns",
 ]
 
-PARTIAL_SUFFIX = ".partial"
-_SIDECAR_FORMAT = "histolens-predict-partial"
-# 2: the columns and encoding of histolens.predictions_csv (1: flags True/False, uncertain 4th).
-_SIDECAR_VERSION = 2
-# The summary lists each image when there are at most this many.
-_BRIEF_ROWS = 20
-# File names that are not valid UTF-8 (possible on Linux) round-trip through the CSV unchanged.
-_ENCODING_ERRORS = "surrogateescape"
-
 
 def prediction_columns(predictor: Predictor) -> list[str]:
     """The columns of the predictions CSV of ``predictor``, as ``Prediction.as_row`` writes them."""
     return predictions_csv.prediction_columns(predictor.class_names)
-
-
-def model_fingerprint(predictor: Predictor) -> str:
-    """SHA-256 of the checkpoint file and the predictor's metadata: what makes its predictions."""
-    digest = hashlib.sha256()
-    source = Path(predictor.source) if predictor.source else None
-    if source is not None and source.is_file():
-        with open(source, "rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
-    meta = predictor.metadata.to_dict() if predictor.metadata is not None else {}
-    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class RowBrief:
-    """One written row, as the summary shows it."""
-
-    path: str
-    label: str
-    probability: float
-    uncertain: bool
-
-
-@dataclass
-class _Tally:
-    """Counts over the rows of the output, kept as they are written (not the rows themselves)."""
-
-    rows: int = 0
-    labels: Counter = field(default_factory=Counter)
-    uncertain: int = 0
-    first: list[RowBrief] = field(default_factory=list)
-
-    def add(self, brief: RowBrief) -> None:
-        self.rows += 1
-        self.labels[brief.label] += 1
-        self.uncertain += brief.uncertain
-        if len(self.first) <= _BRIEF_ROWS:
-            self.first.append(brief)
 
 
 @dataclass
@@ -128,47 +88,6 @@ class PredictSummary:
         return handled / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _sidecar_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".json")
-
-
-def _read_sidecar(sidecar: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
-    if not isinstance(data, dict) or data.get("format") != _SIDECAR_FORMAT:
-        raise ConfigError(f"{sidecar} is not a histolens record of an unfinished prediction run.")
-    return data
-
-
-def _lines(path: Path, limit: int) -> Iterator[str]:
-    """The lines of the first ``limit`` bytes of a file, read one at a time."""
-    with open(path, "rb") as raw:
-        read = 0
-        for line in raw:
-            read += len(line)
-            if read > limit:
-                return
-            yield line.decode("utf-8", errors=_ENCODING_ERRORS)
-
-
-def _complete_length(path: Path) -> int:
-    """Bytes up to and including the last newline: what survives of a file killed mid-write."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        end = size
-        while end > 0:
-            start = max(0, end - 65536)
-            fh.seek(start)
-            block = fh.read(end - start)
-            i = block.rfind(b"\n")
-            if i >= 0:
-                return start + i + 1
-            end = start
-    return 0
-
-
 @dataclass
 class PredictionJob:
     """Predictions of ``inputs`` into the CSV ``out``, resuming ``out.partial`` when one is there.
@@ -186,7 +105,7 @@ class PredictionJob:
     total: int
     already_done: int
     done: set[str]
-    tally: _Tally
+    tally: Tally
     keep_bytes: int  # of the partial file; anything after is a torn line
 
     @property
@@ -195,7 +114,7 @@ class PredictionJob:
 
     @property
     def sidecar(self) -> Path:
-        return _sidecar_path(self.partial)
+        return sidecar_path(self.partial)
 
     @classmethod
     def open(
@@ -216,126 +135,19 @@ class PredictionJob:
             len(paths),
             0,
             set(),
-            _Tally(),
+            Tally(),
             0,
         )
         if job.partial.exists():
-            job._check_sidecar()
-            job._read_partial()
+            check_sidecar(job.partial, predictor, job.fingerprint, inputs)
+            job.keep_bytes = read_partial(job.partial, job.columns, job.done, job.tally)
             job.already_done = sum(p in job.done for p in paths)
         return job
-
-    def _inputs_record(self) -> list[list[str]]:
-        return [[str(p), os.path.abspath(p)] for p in self.inputs]
-
-    def _check_sidecar(self) -> None:
-        if not self.sidecar.is_file():
-            raise ConfigError(
-                f"{self.partial} has no {self.sidecar.name} saying which model wrote it; "
-                "delete it to start over."
-            )
-        record = _read_sidecar(self.sidecar)
-        if record.get("version") != _SIDECAR_VERSION:
-            raise ConfigError(
-                f"{self.partial} was started by another version of histolens, which writes other "
-                "columns; delete it to start over."
-            )
-        if record.get("model_sha256") != self.fingerprint:
-            raise ConfigError(
-                f"{self.partial} was started with model {record.get('model_id', '?')} "
-                f"({record.get('checkpoint', '?')}), not {self.predictor.model_id} "
-                f"({self.predictor.source}); delete it, or write to another file, to predict "
-                "with this model."
-            )
-        if record.get("inputs") != self._inputs_record():
-            given = ", ".join(p for p, _ in record.get("inputs", [])) or "none"
-            raise ConfigError(
-                f"{self.partial} was started on other inputs ({given}); give the same inputs "
-                "to resume it, or delete it to start over."
-            )
-        # The prediction sets (and so refer) of the rows written depend on alpha, which the
-        # model's fingerprint does not include; None: the model has no calibration.
-        started, alpha = record.get("alpha"), self.predictor.refer_alpha
-        if started != alpha:
-            if started is None:
-                raise ConfigError(
-                    f"{self.partial} does not record the alpha of its prediction sets; delete "
-                    "it to start over."
-                )
-            raise ConfigError(
-                f"{self.partial} was started with prediction sets at alpha {started}, not "
-                f"{alpha}; give --alpha {started} to resume it, or delete it to start over."
-            )
-
-    def _read_partial(self) -> None:
-        self.keep_bytes = _complete_length(self.partial)
-        reader = csv.reader(_lines(self.partial, self.keep_bytes))
-        header = next(reader, None)
-        if header is None:
-            self.keep_bytes = 0
-            return
-        if header != self.columns:
-            raise ConfigError(
-                f"{self.partial} does not have the columns {', '.join(self.columns)}; "
-                "delete it to start over."
-            )
-        i_path, i_label, i_prob, i_unc = (
-            self.columns.index(c) for c in ("path", "prediction", "probability", "uncertain")
-        )
-        for row in reader:
-            try:
-                if len(row) != len(self.columns):
-                    raise ValueError
-                brief = RowBrief(
-                    row[i_path],
-                    row[i_label],
-                    float(row[i_prob]),
-                    predictions_csv.parse_flag(row[i_unc]),
-                )
-            except ValueError:
-                raise ConfigError(
-                    f"{self.partial} has a damaged row at line {reader.line_num}; "
-                    "delete it to start over."
-                ) from None
-            if brief.path not in self.done:
-                self.done.add(brief.path)
-                self.tally.add(brief)
 
     def _chunks(self, batch_size: int) -> Iterator[list[str]]:
         # Cut at fixed positions of the full listing, so a resumed run forms the same batches.
         for i in range(0, len(self.paths), batch_size):
             yield [p for p in self.paths[i : i + batch_size] if p not in self.done]
-
-    @contextlib.contextmanager
-    def _partial_writer(self) -> Iterator[IO[str]]:
-        """The partial file opened for appending: the torn tail cut off, or header and sidecar
-        written first when it is new."""
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        if self.keep_bytes:
-            os.truncate(self.partial, self.keep_bytes)
-        else:
-            atomic_write_text(
-                self.sidecar,
-                json.dumps(
-                    {
-                        "format": _SIDECAR_FORMAT,
-                        "version": _SIDECAR_VERSION,
-                        "model_id": self.predictor.model_id,
-                        "checkpoint": self.predictor.source,
-                        "model_sha256": self.fingerprint,
-                        "inputs": self._inputs_record(),
-                        "alpha": self.predictor.refer_alpha,
-                        "columns": self.columns,
-                    },
-                    indent=2,
-                ),
-            )
-        mode = "a" if self.keep_bytes else "w"
-        with open(self.partial, mode, newline="", encoding="utf-8", errors=_ENCODING_ERRORS) as fh:
-            if mode == "w":
-                csv.writer(fh).writerow(self.columns)
-                _sync(fh)
-            yield fh
 
     def run(
         self,
@@ -352,7 +164,8 @@ class PredictionJob:
         start = time.perf_counter()
         resumed = self.tally.rows
         skipped: list[Skipped] = []
-        with self._partial_writer() as fh:
+        record = sidecar_record(self.predictor, self.fingerprint, self.inputs, self.columns)
+        with partial_writer(self.partial, self.keep_bytes, record, self.columns) as fh:
             self._predict_into(fh, batch_size, workers, prefetch, progress, skipped)
         os.replace(self.partial, self.out)
         _sync_folder(self.out.parent)
@@ -407,16 +220,11 @@ class PredictionJob:
                     for (path, _), pred in zip(ok, preds, strict=True):
                         writer.writerow(pred.as_row(predictor.class_names))
                         self.tally.add(RowBrief(path, pred.label, pred.probability, pred.uncertain))
-                    _sync(fh)
+                    sync(fh)
                 if progress is not None:
                     progress(len(chunk))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _sync(fh: IO) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def _sync_folder(folder: Path) -> None:
@@ -431,77 +239,3 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-class ProgressReporter:
-    """Images done of the total and images/s: a live bar on a terminal, and a plain line every
-    ``interval`` seconds otherwise (log files get readable lines, not carriage returns)."""
-
-    def __init__(
-        self,
-        total: int,
-        initial: int = 0,
-        stream: IO[str] | None = None,
-        interval: float = 10.0,
-        enabled: bool = True,
-    ) -> None:
-        self.total = total
-        self.done = initial
-        self.initial = initial
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval = interval
-        self.enabled = enabled
-        self._start = time.perf_counter()
-        self._last_line = self._start
-        self._bar = None
-        if enabled and _is_terminal(self.stream):
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(
-                total=total,
-                initial=initial,
-                desc="Predicting",
-                unit=" images",
-                file=self.stream,
-                dynamic_ncols=True,
-            )
-
-    @property
-    def images_per_second(self) -> float:
-        elapsed = time.perf_counter() - self._start
-        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
-
-    def line(self) -> str:
-        rate = self.images_per_second
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = f", about {left:.0f} s left" if left == left and self.done < self.total else ""
-        return f"predicted {self.done:,}/{self.total:,} images, {rate:.1f} images/s{eta}"
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and time.perf_counter() - self._last_line >= self.interval:
-            self._last_line = time.perf_counter()
-            print(self.line(), file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self.enabled and self.done > self.initial:
-            print(self.line(), file=self.stream, flush=True)
-        self.enabled = False
-
-    def __enter__(self) -> ProgressReporter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _is_terminal(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
