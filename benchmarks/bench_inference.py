@@ -11,6 +11,11 @@ or the ONNX Runtime session, and the batches. It is the process's own high-water
 Linux carries ``ru_maxrss`` over from the parent across fork and exec, which would give every
 child the parent's peak (``ru_maxrss`` is the fallback where /proc is missing).
 
+OpenVINO (``--backends ...,ov-fp32,ov-int8``; ``pip install openvino``, not a histolens
+dependency) runs the same two ONNX files with OpenVINO's CPU plugin at f32 inference precision (by
+default it would compute in bf16 on CPUs that have it). It is offered for comparison only: on the
+development machine's CPU it was slower than ONNX Runtime (README, "Fast inference").
+
 Run: .venv/bin/python benchmarks/bench_inference.py [--quick] [--models vgg16] [--batches 1,32]
 """
 
@@ -35,6 +40,26 @@ from _common import print_table, setup  # noqa: E402
 THREADS = 2
 MODELS = ("tf_efficientnet_lite0", "vgg16")
 BACKENDS = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8")
+OPTIONAL_BACKENDS = ("ov-fp32", "ov-int8")  # OpenVINO, when installed
+
+
+def openvino_forward(onnx: str):
+    """A forward function of OpenVINO's CPU plugin on ``onnx`` (f32, 2 threads)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise SystemExit("openvino is not installed: pip install openvino") from None
+    compiled = ov.Core().compile_model(
+        onnx,
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": THREADS,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+        },
+    )
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x.numpy()})
 
 
 def build(backbone: str):
@@ -63,7 +88,8 @@ def synthetic_inputs(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tens
 
 def export(backbone: str, folder: Path) -> dict[str, str]:
     """fp32 and int8 ONNX files of ``backbone`` in ``folder`` (made once, outside the timings)."""
-    from histolens.export import fp32_stages, quantize_int8, trace_onnx
+    from histolens.export import trace_onnx
+    from histolens.export_quantize import fp32_stages, quantize_int8
 
     model, size = build(backbone)
     fp32, int8 = folder / f"{backbone}.onnx", folder / f"{backbone}-int8.onnx"
@@ -93,6 +119,9 @@ def measure(args: argparse.Namespace) -> dict:
 
         size = tuple(json.loads(args.size))
         forward = OnnxRunner(args.onnx, threads=THREADS)
+    elif args.backend.startswith("ov"):
+        size = tuple(json.loads(args.size))
+        forward = openvino_forward(args.onnx)
     else:
         model, size = build(args.model)
         if args.backend == "torch-bf16":
@@ -190,6 +219,12 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     backends = [b for b in args.backends.split(",") if b]
+    unknown = sorted(set(backends) - set(BACKENDS) - set(OPTIONAL_BACKENDS))
+    if unknown:
+        raise SystemExit(
+            f"Unknown backend(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(BACKENDS + OPTIONAL_BACKENDS)}."
+        )
     print(
         f"RANDOM weights (speed and memory only, not accuracy); {THREADS} threads; torch "
         f"{torch.__version__}, onnxruntime {onnxruntime.__version__}; "
@@ -199,7 +234,9 @@ def main() -> None:
         for model in [m for m in args.models.split(",") if m]:
             _, size = build(model)
             t = time.perf_counter()
-            files = export(model, Path(tmp)) if any(b.startswith("ort") for b in backends) else {}
+            onnx_needed = any(b.startswith(("ort", "ov")) for b in backends)
+            files = export(model, Path(tmp)) if onnx_needed else {}
+            files |= {f"ov-{k[4:]}": v for k, v in files.items()}  # OpenVINO reads the same
             print(
                 f"\n{model} at {size[0]}x{size[1]} (export + int8 calibration "
                 f"{time.perf_counter() - t:.0f} s)"
