@@ -11,10 +11,9 @@ or the ONNX Runtime session, and the batches. It is the process's own high-water
 Linux carries ``ru_maxrss`` over from the parent across fork and exec, which would give every
 child the parent's peak (``ru_maxrss`` is the fallback where /proc is missing).
 
-OpenVINO (``--backends ...,ov-fp32,ov-int8``; ``pip install openvino``, not a histolens
-dependency) runs the same two ONNX files with OpenVINO's CPU plugin at f32 inference precision (by
-default it would compute in bf16 on CPUs that have it). It is offered for comparison only: on the
-development machine's CPU it was slower than ONNX Runtime (README, "Fast inference").
+OpenVINO (``--backends ...,ov-fp32,ov-int8``; ``pip install 'histolens[openvino]'``, an optional
+runtime) runs the same two ONNX files with OpenVINO's CPU plugin at f32 inference precision (by
+default it would compute in bf16 on CPUs that have it), as ``--onnx-runtime openvino`` does.
 
 Run: .venv/bin/python benchmarks/bench_inference.py [--quick] [--models vgg16] [--batches 1,32]
 """

@@ -13,6 +13,7 @@ from histolens.cli_options import (
     count_option,
     data_option,
     magnification_option,
+    onnx_runtime_option,
     out_option,
     quiet_option,
     split_name_option,
@@ -65,8 +66,9 @@ def main() -> None:
 @count_option("--batch-size", 32)
 @count_option("--workers", 2, help="Threads decoding images ahead of the model.")
 @alpha_option()
+@onnx_runtime_option()
 @quiet_option("No progress.")
-def predict(checkpoint, inputs, out, batch_size, workers, alpha, quiet):
+def predict(checkpoint, inputs, out, batch_size, workers, alpha, onnx_runtime, quiet):
     """Predict the class and calibrated probability of images or folders of images.
 
     Rows are written to OUT.partial batch by batch, and OUT appears when every image is done.
@@ -76,7 +78,7 @@ def predict(checkpoint, inputs, out, batch_size, workers, alpha, quiet):
     from histolens.batch_predict import PredictionJob, ProgressReporter
     from histolens.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
     predictor.alpha = alpha
     job = PredictionJob.open(predictor, inputs, out)
     if job.already_done and not quiet:
@@ -127,8 +129,20 @@ def predict(checkpoint, inputs, out, batch_size, workers, alpha, quiet):
     "labels used): for a cohort from another lab. On new patients of the training lab it lowered "
     "the AUC (benchmarks/generalisation.py), so leave it off there.",
 )
+@onnx_runtime_option()
 @quiet_option()
-def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, alpha, adapt_bn, quiet):
+def evaluate(
+    checkpoint,
+    data_path,
+    split_name,
+    out,
+    magnification,
+    n_boot,
+    alpha,
+    adapt_bn,
+    onnx_runtime,
+    quiet,
+):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
     from histolens.estimate import build_estimate
     from histolens.evaluation import evaluate_checkpoint, records_for_evaluation, write_evaluation
@@ -136,7 +150,13 @@ def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, alph
 
     ckpt, records, where = records_for_evaluation(checkpoint, data_path, split_name, magnification)
     result, skipped = evaluate_checkpoint(
-        ckpt, records, n_boot=n_boot, progress=not quiet, alpha=alpha, adapt_batchnorm=adapt_bn
+        ckpt,
+        records,
+        n_boot=n_boot,
+        progress=not quiet,
+        alpha=alpha,
+        adapt_batchnorm=adapt_bn,
+        runtime=onnx_runtime,
     )
     if adapt_bn:
         click.echo(f"Batch-norm statistics adapted to these {len(records)} images (AdaBN).")
@@ -162,6 +182,12 @@ def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, alph
     click.echo(f"Evaluated {support_text(estimate)}: {where}.")
     for line in figure_lines(estimate):
         click.echo(line)
+    _echo_referrals(result, alpha, skipped)
+    click.echo(f"Report: {out / 'report.html'}")
+
+
+def _echo_referrals(result, alpha, skipped) -> None:
+    """What ``evaluate`` says after the figures: prediction sets, unusual and skipped images."""
     refer = result.metrics.get("refer") or {}
     if "coverage" in refer:
         click.echo(
@@ -179,7 +205,6 @@ def evaluate(checkpoint, data_path, split_name, out, magnification, n_boot, alph
         click.echo(f"{refer['n_ood']} image(s) not like the training images, counted apart.")
     for s in skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
-    click.echo(f"Report: {out / 'report.html'}")
 
 
 @main.command()

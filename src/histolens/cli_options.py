@@ -16,6 +16,7 @@ import click
 __all__ = [
     "GROUP_BY_CHOICES",
     "MAGNIFICATION_CHOICES",
+    "ONNX_RUNTIME_CHOICES",
     "RECIPE_CHOICES",
     "STAIN_NORM_CHOICES",
     "TASK_CHOICES",
@@ -31,6 +32,7 @@ __all__ = [
     "epochs_option",
     "lr_option",
     "magnification_option",
+    "onnx_runtime_option",
     "out_option",
     "pretrained_option",
     "quiet_option",
@@ -51,6 +53,8 @@ TASK_CHOICES = ("binary", "subtype")
 STAIN_NORM_CHOICES = ("none", "macenko", "reinhard")
 RECIPE_CHOICES = ("default", "original")
 GROUP_BY_CHOICES = ("group", "patient")
+# histolens.onnx_backend.ONNX_RUNTIMES, repeated so that --help does not import torch.
+ONNX_RUNTIME_CHOICES = ("onnxruntime", "openvino")
 
 _EXISTING = click.Path(exists=True, path_type=Path)
 
@@ -110,6 +114,18 @@ def device_option() -> Decorator:
     """``--device``: the torch device a model runs on."""
     return click.option(
         "--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1."
+    )
+
+
+def onnx_runtime_option() -> Decorator:
+    """``--onnx-runtime``: what runs an ONNX export; None unless given, so that the environment
+    variable HISTOLENS_ONNX_RUNTIME decides then, and a torch checkpoint refuses it only if given."""
+    return click.option(
+        "--onnx-runtime",
+        type=click.Choice(ONNX_RUNTIME_CHOICES, case_sensitive=False),
+        default=None,
+        help="Which runtime runs an .onnx export (default: ONNX Runtime, or "
+        "$HISTOLENS_ONNX_RUNTIME); openvino needs 'pip install openvino'.",
     )
 
 

@@ -271,13 +271,15 @@ def evaluate_checkpoint(
     seed: int = 0,
     alpha: float | None = None,
     adapt_batchnorm: bool = False,
+    runtime: str | None = None,
 ) -> tuple[EvalResult, list]:
     """Evaluate a checkpoint on records, with its stored threshold, temperature, conformal
     calibration (at ``alpha``, default the training one) and out-of-distribution guard.
 
     ``adapt_batchnorm``: first re-estimate the backbone's batch-norm statistics on these images
-    (AdaBN, unlabelled; for a cohort from another lab)."""
-    predictor = Predictor.from_checkpoint(checkpoint)
+    (AdaBN, unlabelled; for a cohort from another lab). ``runtime``: what runs an ONNX export
+    (``Predictor.from_checkpoint``)."""
+    predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime)
     predictor.alpha = alpha
     if adapt_batchnorm:
         predictor.adapt_batchnorm([r.path for r in records])

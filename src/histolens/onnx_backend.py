@@ -1,10 +1,15 @@
-"""ONNX Runtime as the Predictor's model runner, for models exported by ``histolens export``.
+"""ONNX Runtime (default) or OpenVINO as the Predictor's model runner, for models exported by
+``histolens export``.
 
 An export is one self-contained ``.onnx`` file. Its graph maps a model-input batch (stain and
 mean/std normalised by the Predictor, at the model's input size, tiling inside the graph) to
 logits and pooled features; its ``metadata_props`` carry the checkpoint's JSON metadata, with an
 ``export`` section, and the tensors that are not weights (the out-of-distribution guard's
 statistics), base64-encoded safetensors.
+
+Which runtime runs an export: ``onnxruntime`` (a dependency) or ``openvino`` (``pip install
+openvino``, CPU only; faster for EfficientNet-Lite0 on the 2-core CPU of
+``benchmarks/bench_inference.py``), chosen by the caller or by $HISTOLENS_ONNX_RUNTIME.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from histolens.errors import CheckpointError, ConfigError
+from histolens.errors import CheckpointError, ConfigError, check_choice
 
 if TYPE_CHECKING:
     from histolens.checkpoint import CheckpointMetadata
@@ -26,12 +31,16 @@ if TYPE_CHECKING:
 __all__ = [
     "INPUT_NAME",
     "METADATA_KEY",
+    "ONNX_RUNTIMES",
     "ONNX_SUFFIX",
     "OUTPUT_NAMES",
+    "RUNTIME_ENV",
     "TENSORS_KEY",
     "ExportedTorchModel",
     "OnnxRunner",
+    "OpenVinoRunner",
     "is_onnx_file",
+    "make_runner",
     "read_onnx_export",
     "read_onnx_metadata",
 ]
@@ -41,10 +50,13 @@ METADATA_KEY = "histolens"
 TENSORS_KEY = "histolens.tensors"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "features")
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+RUNTIME_ENV = "HISTOLENS_ONNX_RUNTIME"
 
 
 def is_onnx_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an ONNX export (by its suffix): it then runs on ONNX Runtime."""
+    """Whether ``path`` names an ONNX export (by its suffix): it then runs on ONNX Runtime or
+    OpenVINO rather than torch."""
     return Path(path).suffix.lower() == ONNX_SUFFIX
 
 
@@ -116,11 +128,26 @@ def _providers(device: str | torch.device) -> list:
     raise ConfigError(f"Unknown device '{device}' for an ONNX model; choose cpu or cuda[:N].")
 
 
+def _check_graph(path: str | os.PathLike, inputs: list[str], outputs: set[str]) -> None:
+    """Refuse a graph without the export's input and output names."""
+    if inputs != [INPUT_NAME] or not outputs >= set(OUTPUT_NAMES):
+        raise CheckpointError(
+            f"{path} is not a histolens export (its graph has inputs {inputs} and outputs "
+            f"{sorted(outputs)}, not '{INPUT_NAME}' -> {', '.join(OUTPUT_NAMES)})."
+        )
+
+
+def _first_line(exc: Exception, limit: int = 160) -> str:
+    return str(exc).splitlines()[0][:limit] if str(exc) else type(exc).__name__
+
+
 class OnnxRunner:
     """An ONNX export on ONNX Runtime, called like the torch classifier: input -> logits.
 
     ``threads`` defaults to torch's thread count, so one setting governs both backends.
     """
+
+    runtime = "onnxruntime"
 
     def __init__(
         self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None
@@ -137,15 +164,14 @@ class OnnxRunner:
         except ConfigError:
             raise
         except Exception as exc:
-            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"ONNX Runtime cannot load {path} ({first}).") from None
-        outputs = {o.name for o in self.session.get_outputs()}
-        inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != [INPUT_NAME] or not outputs >= set(OUTPUT_NAMES):
             raise CheckpointError(
-                f"{path} is not a histolens export (its graph has inputs {inputs} and outputs "
-                f"{sorted(outputs)}, not '{INPUT_NAME}' -> {', '.join(OUTPUT_NAMES)})."
-            )
+                f"ONNX Runtime cannot load {path} ({_first_line(exc)})."
+            ) from None
+        _check_graph(
+            path,
+            [i.name for i in self.session.get_inputs()],
+            {o.name for o in self.session.get_outputs()},
+        )
 
     def _run(self, inputs: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         x = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -158,6 +184,79 @@ class OnnxRunner:
         """Logits and pooled features in one pass, as ``HistoClassifier.forward_with_features``."""
         logits, features = self._run(inputs, list(OUTPUT_NAMES))
         return logits, features
+
+
+class OpenVinoRunner:
+    """An ONNX export on OpenVINO's CPU plugin, called like :class:`OnnxRunner`.
+
+    Computes in f32 (OpenVINO would use bf16 on CPUs that have it, which changes the
+    probabilities) with the latency hint. One infer request serves every call, one call at a
+    time: the web service runs the model on one worker thread anyway.
+    """
+
+    runtime = "openvino"
+
+    def __init__(
+        self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        if str(device).lower() not in ("cpu", "auto"):
+            raise ConfigError(
+                f"OpenVINO runs an ONNX model on the CPU only, not on '{device}'; use --device "
+                "cpu, or --onnx-runtime onnxruntime for a GPU."
+            )
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ConfigError(
+                "OpenVINO is not installed: pip install openvino (or pip install "
+                "'histolens[openvino]'), or run the model on the default ONNX Runtime."
+            ) from None
+        self.path = Path(path)
+        config = {
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as exc:
+            raise CheckpointError(f"OpenVINO cannot load {path} ({_first_line(exc)}).") from None
+        _check_graph(
+            path,
+            [_port_name(port, INPUT_NAME) for port in self.compiled.inputs],
+            {name for port in self.compiled.outputs for name in port.get_names()},
+        )
+        self._outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def _run(self, inputs: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        x = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
+        with self._lock:
+            result = self._request.infer({INPUT_NAME: x})  # copies: the request is reused
+            return [torch.from_numpy(result[self._outputs[name]]) for name in names]
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._run(inputs, ["logits"])[0]
+
+    def forward_with_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled features in one pass, as ``HistoClassifier.forward_with_features``."""
+        logits, features = self._run(inputs, list(OUTPUT_NAMES))
+        return logits, features
+
+
+def _port_name(port: Any, wanted: str) -> str:
+    """``wanted`` if it is one of the names of an OpenVINO port (a port may have several)."""
+    names = port.get_names()
+    return wanted if wanted in names else port.get_any_name()
+
+
+def make_runner(
+    path: str | os.PathLike, device: str = "cpu", runtime: str = "onnxruntime"
+) -> OnnxRunner | OpenVinoRunner:
+    """The runner of an ONNX export on ``runtime`` (one of :data:`ONNX_RUNTIMES`)."""
+    check_choice("ONNX runtime", runtime, ONNX_RUNTIMES)
+    return (OpenVinoRunner if runtime == "openvino" else OnnxRunner)(path, device)
 
 
 _OWN_ATTRIBUTES = frozenset({"_metadata", "_export_path", "_device", "_module", "_lock"})

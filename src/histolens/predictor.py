@@ -55,10 +55,14 @@ class Predictor:
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> Predictor:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str = "cpu", runtime: str | None = None
+    ) -> Predictor:
         """Rebuild model, preprocessing and calibration from a checkpoint (file or run dir), or
-        from an ONNX export (a ``.onnx`` file), which then runs on ONNX Runtime."""
-        return cls._with_metadata(**load_model(path, device)._asdict())
+        from an ONNX export (a ``.onnx`` file), which then runs on ``runtime``: 'onnxruntime' or
+        'openvino' (None: $HISTOLENS_ONNX_RUNTIME, else 'onnxruntime'). A torch checkpoint
+        refuses an explicit ``runtime``."""
+        return cls._with_metadata(**load_model(path, device, runtime)._asdict())
 
     @classmethod
     def _with_metadata(

@@ -14,12 +14,12 @@ import torch
 from histolens.backbones import get_backbone_spec
 from histolens.checkpoint import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
 from histolens.conformal import ConformalCalibration
-from histolens.errors import CheckpointError
+from histolens.errors import CheckpointError, ConfigError, check_choice
 from histolens.model import HistoClassifier, build_model
-from histolens.onnx_backend import is_onnx_file
+from histolens.onnx_backend import ONNX_RUNTIMES, RUNTIME_ENV, is_onnx_file
 from histolens.ood import OODGuard
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["LoadedModel", "load_model", "resolve_runtime"]
 
 
 class LoadedModel(NamedTuple):
@@ -30,15 +30,39 @@ class LoadedModel(NamedTuple):
     calibration: tuple[OODGuard | None, ConformalCalibration | None, Any]
     device: torch.device
     source: str
-    # What computes the logits when it is not ``model`` itself: ONNX Runtime for an export.
+    # What computes the logits when it is not ``model`` itself: ONNX Runtime or OpenVINO for an
+    # export.
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+def resolve_runtime(path: str | os.PathLike, runtime: str | None = None) -> str | None:
+    """The runtime that runs ``path``: for an ONNX export ``runtime``, else the
+    ``HISTOLENS_ONNX_RUNTIME`` environment variable, else onnxruntime; None for a torch
+    checkpoint, which refuses a runtime given explicitly (the variable does not apply to it)."""
+    if not is_onnx_file(path):
+        if runtime is not None:
+            raise ConfigError(
+                f"The ONNX runtime ({runtime}) applies to .onnx exports only, and "
+                f"{Path(path).name} is a torch checkpoint; export one with 'histolens export RUN'."
+            )
+        return None
+    if runtime is None:
+        runtime = os.environ.get(RUNTIME_ENV, "").strip().lower() or "onnxruntime"
+        name = f"ONNX runtime (${RUNTIME_ENV})"
+    else:
+        name = "ONNX runtime"
+    return check_choice(name, runtime, ONNX_RUNTIMES)
+
+
+def load_model(
+    path: str | os.PathLike, device: str = "cpu", runtime: str | None = None
+) -> LoadedModel:
     """The model, metadata and stored calibration of a checkpoint (file or run dir), or of an
-    ONNX export (a ``.onnx`` file), whose logits then come from ONNX Runtime."""
-    if is_onnx_file(path):
-        return _load_onnx(path, device)
+    ONNX export (a ``.onnx`` file), whose logits then come from ``runtime`` (see
+    :func:`resolve_runtime`)."""
+    onnx_runtime = resolve_runtime(path, runtime)
+    if onnx_runtime is not None:
+        return _load_onnx(path, device, onnx_runtime)
     state, meta = load_checkpoint(path)
     spec = get_backbone_spec(meta.backbone)
     model = build_model(
@@ -63,10 +87,11 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model, meta, calibration, dev, str(resolve_checkpoint_path(path)))
 
 
-def _load_onnx(path: str | os.PathLike, device: str) -> LoadedModel:
-    """A model whose logits come from ONNX Runtime; its ``model`` loads the torch checkpoint the
-    export was made from only when something needs the module (heatmaps)."""
-    from histolens.onnx_backend import ExportedTorchModel, OnnxRunner, read_onnx_export
+def _load_onnx(path: str | os.PathLike, device: str, runtime: str) -> LoadedModel:
+    """A model whose logits come from ``runtime`` (ONNX Runtime or OpenVINO); its ``model`` loads
+    the torch checkpoint the export was made from only when something needs the module
+    (heatmaps)."""
+    from histolens.onnx_backend import ExportedTorchModel, make_runner, read_onnx_export
 
     meta, state = read_onnx_export(path)
     spec = get_backbone_spec(meta.backbone)
@@ -74,9 +99,9 @@ def _load_onnx(path: str | os.PathLike, device: str) -> LoadedModel:
         ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
         meta,
         _calibration(state, meta),
-        torch.device("cpu"),  # inputs are prepared on the CPU; ONNX Runtime places them
+        torch.device("cpu"),  # inputs are prepared on the CPU; the runtime places them
         str(Path(path)),
-        runner=OnnxRunner(path, device),
+        runner=make_runner(path, device, runtime),
     )
 
 

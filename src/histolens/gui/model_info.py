@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["LoadedModel", "ModelInfo"]
 
 _WARNING = "warning: "
+_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime (ONNX export)", "openvino": "OpenVINO (ONNX export)"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ModelInfo:
     performance: tuple[str, ...]
     performance_title: str
     saved_at: str
+    # What computes the predictions: torch, or onnxruntime / openvino for an ONNX export.
+    runtime: str = "torch"
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ModelInfo:
@@ -58,6 +61,7 @@ class ModelInfo:
                 else "MEASURED PERFORMANCE"
             ),
             saved_at=(meta.saved_at if meta is not None else None) or "",
+            runtime=getattr(getattr(predictor, "runner", None), "runtime", "torch"),
         )
 
     def rows(self) -> list[tuple[str, str]]:
@@ -74,6 +78,8 @@ class ModelInfo:
         if self.saved_at:
             rows.append(("Saved", self.saved_at))
         rows.append(("File", self.source))
+        if self.runtime != "torch":
+            rows.append(("Runtime", _RUNTIME_NAMES.get(self.runtime, self.runtime)))
         return rows
 
     @property

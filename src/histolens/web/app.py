@@ -44,14 +44,15 @@ def create_app(
     max_batch_bytes: int | None = None,
     max_pixels: int = MAX_PIXELS,
     device: str = "cpu",
+    onnx_runtime: str | None = None,
 ) -> FastAPI:
     """Build the service. The model loads once, when the app starts (its lifespan).
 
     Args:
         checkpoint: a checkpoint file or run directory (or an already loaded Predictor).
         token, max_upload_bytes, max_queue, max_batch, batch_wait_ms, max_batch_files,
-            max_batch_bytes, max_pixels, device: the fields of :class:`ServiceSettings`, which
-            says what each one limits and checks them.
+            max_batch_bytes, max_pixels, device, onnx_runtime: the fields of
+            :class:`ServiceSettings`, which says what each one limits and checks them.
     """
     settings = ServiceSettings(
         token=token,
@@ -63,24 +64,14 @@ def create_app(
         max_batch_bytes=max_batch_bytes,
         max_pixels=max_pixels,
         device=device,
+        onnx_runtime=onnx_runtime,
     )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        service = (await ModelService.load(checkpoint, settings)).start()
-        app.state.service = service
-        log.info("Serving model %s (%s).", service.model_id, service.predictor.backbone_name)
-        try:
-            yield
-        finally:
-            await run_in_threadpool(service.close)
-
     app = FastAPI(
         title="histolens",
         summary="Breast-histopathology classification with calibrated probabilities and "
         "heatmaps. " + NOTICE,
         version=_version(),
-        lifespan=lifespan,
+        lifespan=_lifespan(checkpoint, settings),
     )
     app.add_middleware(
         RequestGuard,
@@ -93,6 +84,28 @@ def create_app(
     app.include_router(site)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _lifespan(checkpoint: str | os.PathLike | Predictor, settings: ServiceSettings):
+    """The app's lifespan: the model loads (and its worker starts) when the app starts, and the
+    worker finishes what it holds when the app stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = (await ModelService.load(checkpoint, settings)).start()
+        app.state.service = service
+        log.info(
+            "Serving model %s (%s, on %s).",
+            service.model_id,
+            service.predictor.backbone_name,
+            service.model_info.runtime,
+        )
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.close)
+
+    return lifespan
 
 
 def _bearer(token: str | None) -> list:

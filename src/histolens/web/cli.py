@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
-from histolens.cli_options import checkpoint_option, count_option, device_option
+from histolens.cli_options import (
+    checkpoint_option,
+    count_option,
+    device_option,
+    onnx_runtime_option,
+)
 
 __all__ = ["serve_command"]
 
@@ -53,6 +58,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 )
 @count_option("--max-batch-files", 16, help="Files per /v1/predict/batch request.")
 @device_option()
+@onnx_runtime_option()
 @click.option(
     "--log-level",
     default="info",
@@ -70,6 +76,7 @@ def serve_command(
     batch_wait_ms: float,
     max_batch_files: int,
     device: str,
+    onnx_runtime: str | None,
     log_level: str,
 ) -> None:
     """Serve a model: REST API under /v1, a web page at /, API docs at /docs.
@@ -77,9 +84,11 @@ def serve_command(
     Research and education use only; not for diagnosis.
     """
     from histolens.checkpoint import read_metadata
+    from histolens.predictor_loading import resolve_runtime
 
     # Fail here with one line if the checkpoint is unusable, not in the server's startup log.
     meta = read_metadata(checkpoint)
+    runtime = resolve_runtime(checkpoint, onnx_runtime)
     import uvicorn
 
     from histolens.web.app import create_app
@@ -100,11 +109,13 @@ def serve_command(
         batch_wait_ms=batch_wait_ms,
         max_batch_files=max_batch_files,
         device=device,
+        onnx_runtime=onnx_runtime,
     )
     shown_host = f"[{host}]" if ":" in host else host
+    on_runtime = f" on {runtime}" if runtime else ""
     click.echo(
         f"histolens: serving {meta.model_id or checkpoint.name} "
-        f"({meta.backbone}) at http://{shown_host}:{port}/ (API docs at /docs)"
+        f"({meta.backbone}{on_runtime}) at http://{shown_host}:{port}/ (API docs at /docs)"
         + ("; API token required" if token else "")
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

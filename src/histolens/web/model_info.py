@@ -47,6 +47,7 @@ def describe_model(
         metrics_description=stored["description"] if stored else None,
         metrics_warnings=(estimate or stored or {}).get("warnings", []),
         versions=meta.versions,
+        runtime=getattr(predictor.runner, "runtime", "torch"),
         explain_methods=list(explain_methods),
         auth_required=bool(settings.token),
         limits=settings.limits,

@@ -203,6 +203,11 @@ class ModelInfo(BaseModel):
         "class, or in a test split), in words.",
     )
     versions: dict[str, Any] = Field(default_factory=dict)
+    runtime: str = Field(
+        "torch",
+        description="What computes the predictions: torch (a checkpoint), or onnxruntime or "
+        "openvino (an ONNX export).",
+    )
     explain_methods: list[str] = Field(
         default_factory=list, description="Methods /v1/explain accepts."
     )

@@ -80,7 +80,7 @@ class ModelService:
             from histolens.predictor import Predictor
 
             checkpoint = await run_in_threadpool(
-                Predictor.from_checkpoint, checkpoint, settings.device
+                Predictor.from_checkpoint, checkpoint, settings.device, settings.onnx_runtime
             )
         return cls(checkpoint, settings)
 

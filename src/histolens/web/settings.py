@@ -1,4 +1,5 @@
-"""The web service's settings: token, upload limits, queue and micro-batching, device."""
+"""The web service's settings: token, upload limits, queue and micro-batching, device, the
+runtime of an ONNX export."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class ServiceSettings:
         max_batch_bytes: body limit of /v1/predict/batch (default 8 x max_upload_bytes).
         max_pixels: images with more pixels are refused as possible decompression bombs.
         device: torch device for the model.
+        onnx_runtime: what runs an ONNX export, onnxruntime or openvino (None:
+            $HISTOLENS_ONNX_RUNTIME, else onnxruntime); a torch checkpoint refuses one given.
     """
 
     token: str | None = None
@@ -38,6 +41,7 @@ class ServiceSettings:
     max_batch_bytes: int | None = None
     max_pixels: int = MAX_PIXELS
     device: str = "cpu"
+    onnx_runtime: str | None = None
 
     def __post_init__(self) -> None:
         sizes = (self.max_upload_bytes, self.max_batch_files, self.max_queue, self.max_batch)

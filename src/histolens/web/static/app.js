@@ -147,6 +147,7 @@ async function loadModel() {
     if (info.threshold !== null) facts.push(["Threshold", fmt(info.threshold)]);
     facts.push(["Temperature", fmt(info.temperature)]);
     facts.push(["Licence", info.licence || "see the backbone's model card"]);
+    if (info.runtime && info.runtime !== "torch") facts.push(["Runtime", `${info.runtime} (ONNX export)`]);
     if (info.saved_at) facts.push(["Saved", info.saved_at.replace("T", " ").replace("+00:00", " UTC")]);
     const dl = $("model-facts");
     dl.replaceChildren();

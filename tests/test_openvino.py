@@ -1,0 +1,210 @@
+"""OpenVINO as the opt-in runtime of an ONNX export: the same logits, features and predictions as
+ONNX Runtime, chosen by ``runtime=``, ``--onnx-runtime`` or $HISTOLENS_ONNX_RUNTIME, and one
+sentence for each thing that cannot work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from histolens.cli import main
+from histolens.cli_options import ONNX_RUNTIME_CHOICES
+from histolens.data import discover
+from histolens.errors import CheckpointError, ConfigError
+from histolens.export import export_onnx
+from histolens.gui.model_info import ModelInfo
+from histolens.onnx_backend import (
+    ONNX_RUNTIMES,
+    RUNTIME_ENV,
+    OnnxRunner,
+    OpenVinoRunner,
+)
+from histolens.predictor import Predictor
+from histolens.splits import load_split_csv, split_by_patient
+from histolens.testing import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(synth_small, tmp_path_factory) -> Path:
+    """A run directory of a tiny random ResNet whose threshold splits the images about in half,
+    with its split.csv (export verifies on the run's validation images)."""
+    run_dir = tmp_path_factory.mktemp("openvino") / "run"
+    run_dir.mkdir()
+    split_by_patient(discover(synth_small).records, "binary", 0.25, 0.25, 0).write_csv(
+        run_dir / "split.csv"
+    )
+    make_checkpoint(run_dir / "best.safetensors")
+    probs = [
+        p.positive_probability
+        for p in Predictor.from_checkpoint(run_dir).predict_paths(_images(run_dir))[0]
+    ]
+    make_checkpoint(run_dir / "best.safetensors", threshold=float(np.median(probs)))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def onnx_path(run) -> Path:
+    return export_onnx(run, verify_images=8).path
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_from_the_environment(monkeypatch):
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+
+
+def _images(run: Path, n: int = 12) -> list[str]:
+    records = load_split_csv(run / "split.csv").side("all")
+    return [records[int(i)].path for i in np.linspace(0, len(records) - 1, n).round()]
+
+
+def _inputs(predictor: Predictor, run: Path, n: int = 6) -> torch.Tensor:
+    return predictor.to_input(torch.stack([predictor.load_input(p) for p in _images(run, n)]))
+
+
+def test_openvino_gives_onnx_runtimes_logits_and_features(run, onnx_path):
+    predictor = Predictor.from_checkpoint(onnx_path)
+    x = _inputs(predictor, run)
+    ort, ov = OnnxRunner(onnx_path), OpenVinoRunner(onnx_path, threads=1)
+    logits, features = ov.forward_with_features(x)
+    expected_logits, expected_features = ort.forward_with_features(x)
+    assert logits.shape == (6, 1) and features.shape == expected_features.shape
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ov(x), expected_logits, atol=1e-4, rtol=0)
+    # Any batch size: one image at a time gives the same logits.
+    torch.testing.assert_close(ov(x[:1]), expected_logits[:1], atol=1e-4, rtol=0)
+
+
+def test_one_runner_serves_several_threads(run, onnx_path):
+    predictor = Predictor.from_checkpoint(onnx_path, runtime="openvino")
+    x = _inputs(predictor, run, 8)
+    expected = [predictor.logits(x[i : i + 1]) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: predictor.logits(x[i : i + 1]), [*range(8), *range(8)]))
+    for i, logits in enumerate(got):
+        torch.testing.assert_close(logits, expected[i % 8], atol=0, rtol=0)
+
+
+def test_the_predictor_on_openvino_predicts_as_on_onnx_runtime(run, onnx_path):
+    ort = Predictor.from_checkpoint(onnx_path, runtime="onnxruntime")
+    ov = Predictor.from_checkpoint(onnx_path, runtime="openvino")
+    assert isinstance(ov.runner, OpenVinoRunner) and ov.runner.runtime == "openvino"
+    assert isinstance(ort.runner, OnnxRunner) and ort.runner.runtime == "onnxruntime"
+    paths = _images(run)
+    expected, _ = ort.predict_paths(paths, batch_size=5)
+    got, skipped = ov.predict_paths(paths, batch_size=5)
+    assert not skipped and len(got) == len(expected) == len(paths)
+    assert [g.label for g in got] == [e.label for e in expected]
+    assert len({e.label for e in expected}) == 2  # a threshold that tells the images apart
+    np.testing.assert_allclose(
+        [[g.scores[c] for c in ort.class_names] for g in got],
+        [[e.scores[c] for c in ort.class_names] for e in expected],
+        atol=1e-5,
+        rtol=0,
+    )
+    assert [g.uncertain for g in got] == [e.uncertain for e in expected]
+    assert ov.model._module is None  # predicting never needed the torch model
+
+
+def test_the_environment_variable_chooses_the_runtime(run, onnx_path, monkeypatch):
+    assert isinstance(Predictor.from_checkpoint(onnx_path).runner, OnnxRunner)  # the default
+    monkeypatch.setenv(RUNTIME_ENV, "OpenVINO")
+    assert isinstance(Predictor.from_checkpoint(onnx_path).runner, OpenVinoRunner)
+    # An explicit choice wins over the variable, and a torch checkpoint ignores the variable.
+    assert isinstance(
+        Predictor.from_checkpoint(onnx_path, runtime="onnxruntime").runner, OnnxRunner
+    )
+    assert Predictor.from_checkpoint(run).runner is None
+    monkeypatch.setenv(RUNTIME_ENV, "tensorrt")
+    with pytest.raises(ConfigError, match=r"\$HISTOLENS_ONNX_RUNTIME\) 'tensorrt'; choose one of"):
+        Predictor.from_checkpoint(onnx_path)
+
+
+def test_what_cannot_run_is_refused_in_one_sentence(run, onnx_path, monkeypatch):
+    with pytest.raises(
+        ConfigError,
+        match=r"^Unknown ONNX runtime 'openvno'; choose one of: onnxruntime, openvino\. "
+        r"Did you mean 'openvino'\?$",
+    ):
+        Predictor.from_checkpoint(onnx_path, runtime="openvno")
+    with pytest.raises(ConfigError, match=r"^OpenVINO runs an ONNX model on the CPU only, not on"):
+        Predictor.from_checkpoint(onnx_path, device="cuda:0", runtime="openvino")
+    with pytest.raises(ConfigError, match=r"applies to \.onnx exports only, and best\.safetensors"):
+        Predictor.from_checkpoint(run / "best.safetensors", runtime="openvino")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"^OpenVINO is not installed: pip install openvino \("):
+        Predictor.from_checkpoint(onnx_path, runtime="openvino")
+
+
+def test_files_openvino_cannot_run_are_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match=r"^OpenVINO cannot load .*garbage\.onnx \("):
+        OpenVinoRunner(garbage)
+    plain = tmp_path / "plain.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph), str(plain))
+    with pytest.raises(CheckpointError, match=r"is not a histolens export \(its graph has inputs"):
+        OpenVinoRunner(plain)
+
+
+def test_cli_predict_on_openvino_writes_the_default_csv(run, onnx_path, tmp_path):
+    images = _images(run, 8)
+    outputs = {}
+    for runtime in (None, "openvino"):
+        out = tmp_path / f"{runtime}.csv"
+        flag = ["--onnx-runtime", runtime] if runtime else []
+        r = CliRunner().invoke(
+            main, ["predict", str(onnx_path), *images, "--out", str(out), "--quiet", *flag]
+        )
+        assert r.exit_code == 0, r.output
+        outputs[runtime] = out.read_text(encoding="utf-8")
+    assert outputs["openvino"] == outputs[None]
+    assert outputs[None].count("\n") >= len(images)
+    r = CliRunner().invoke(main, ["predict", str(run), *images, "--onnx-runtime", "openvino"])
+    assert r.exit_code == 1
+    assert "applies to .onnx exports only" in r.output and "histolens export RUN" in r.output
+
+
+def test_cli_evaluate_on_openvino_gives_the_default_metrics(onnx_path, tmp_path):
+    metrics = {}
+    for runtime in ("onnxruntime", "openvino"):
+        args = ["evaluate", str(onnx_path), "--split", "all", "--n-boot", "0", "--quiet"]
+        out = tmp_path / runtime
+        r = CliRunner().invoke(main, [*args, "--out", str(out), "--onnx-runtime", runtime])
+        assert r.exit_code == 0, r.output
+        metrics[runtime] = json.loads((out / "metrics.json").read_text())["image"]
+    assert metrics["openvino"]["roc_auc"] == pytest.approx(metrics["onnxruntime"]["roc_auc"])
+    assert metrics["openvino"]["accuracy"] == metrics["onnxruntime"]["accuracy"]
+
+
+def test_every_front_end_offers_the_flag_and_says_which_runtime_runs(onnx_path):
+    assert ONNX_RUNTIME_CHOICES == ONNX_RUNTIMES  # the CLI's copy (no torch import for --help)
+    for command in ("predict", "evaluate", "serve"):
+        r = CliRunner().invoke(main, [command, "--help"])
+        assert "--onnx-runtime [onnxruntime|openvino]" in r.output, command
+    predictor = Predictor.from_checkpoint(onnx_path, runtime="openvino")
+    assert dict(ModelInfo.from_predictor(predictor).rows())["Runtime"] == "OpenVINO (ONNX export)"
+    pytest.importorskip("fastapi", reason="the web extra (fastapi) is not installed")
+    from fastapi.testclient import TestClient
+
+    from histolens.web.app import create_app
+
+    with TestClient(create_app(onnx_path, onnx_runtime="openvino")) as client:
+        info = client.get("/v1/model").json()
+    assert info["runtime"] == "openvino"
