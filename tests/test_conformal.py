@@ -398,3 +398,36 @@ def test_predictor_judges_each_image_by_its_magnification(tmp_path):
         np.stack([probs, probs]), [None, None], None, [100, None]
     )
     assert batch100.refer and batch_unknown.refer
+
+
+def test_magnifications_are_read_leniently_and_unknowns_stay_pooled():
+    from histolens.conformal import stratum_of
+
+    assert [stratum_of(v) for v in (100, "100X", " 100x ", 200.0, np.int64(400))] == [
+        "100",
+        "100",
+        "100",
+        "200",
+        "400",
+    ]
+    assert [stratum_of(v) for v in (None, "", 0, "0", -40, 12.5, "cat", float("nan"))] == [""] * 8
+    probs, y, patients, _, _, _ = _two_magnifications()
+    # No magnification known anywhere: one pooled calibration, and no clause in the reasons.
+    cal = ConformalCalibration.fit(probs, y, patients, CLASSES, 0.2, magnifications=[None] * 40)
+    assert cal.strata is None and cal.basis(100) == ""
+    assert "per magnification" not in cal.to_dict()["method"]
+
+
+def test_a_magnification_without_calibration_patients_is_named(tmp_path):
+    probs, y, patients, mags, _, _ = _two_magnifications()
+    cal = ConformalCalibration.fit(probs, y, patients, CLASSES, 0.2, magnifications=mags)
+    assert cal.basis(400) == " (no 400X calibration patients: the most cautious calibration)"
+    assert cal.basis("100X") == " (calibrated on 100X images)"
+    predictor = Predictor.from_checkpoint(
+        make_checkpoint(tmp_path / "m.safetensors", conformal=cal)
+    )
+    two = np.array([[0.3, 0.7], [0.3, 0.7]])
+    # numpy magnifications work, and an explicit magnification beats the path's.
+    a, b = predictor.decide_batch(two, ["x/100X/a.png", None], None, np.array([200, 100]))
+    assert a.prediction_set == predictor.decide(two[0], magnification=200).prediction_set
+    assert b.prediction_set == predictor.decide(two[1], path="x/100X/b.png").prediction_set

@@ -1,10 +1,9 @@
 """Knowing when not to answer: split-conformal prediction sets with a guarantee about new patients.
 
-Each image gets the set of classes that its nonconformity score does not rule out at a chosen
-error level ``alpha``: {benign}, {malignant}, or both (then the image is *referred* to a person).
-The calibration is the nonconformity of the out-of-fold predictions of the training patients at
-their true class, stored in the checkpoint with the patient of each score, so that ``alpha`` can
-be changed at prediction time.
+Each image gets the classes its nonconformity score does not rule out at error level ``alpha``:
+{benign}, {malignant}, or both (then it is *referred* to a person). The calibration (out-of-fold
+nonconformity of the training patients' images at their true class, with each image's patient)
+is stored in the checkpoint, so ``alpha`` can change at prediction time.
 
 Images of one patient are not exchangeable with each other, so plain split-conformal (one score
 per image) would promise coverage for new images of known patients. Here every calibration image
@@ -23,9 +22,9 @@ quantile of its own magnification's calibration images, so the guarantee holds p
 an unknown magnification, or one with too few calibration patients for ``alpha``, gets the most
 cautious quantile there is (pooled or per magnification), without a guarantee of its own.
 
-A set is never empty: the predicted class is always in it. That can only raise coverage, and
-keeps the set and the shown label consistent. An image is referred when its set holds more than
-one class; a patient is referred when at least ``conformal_metrics.PATIENT_REFER_FRACTION`` of its images are.
+A set is never empty: the predicted class is always in it, which can only raise coverage and
+keeps the set and the shown label consistent. A patient is referred when at least
+``conformal_metrics.PATIENT_REFER_FRACTION`` of its images are.
 """
 
 from __future__ import annotations
@@ -153,12 +152,13 @@ def _weighted_quantile(scores: np.ndarray, codes: np.ndarray, alpha: float) -> f
 
 def stratum_of(magnification: Any) -> str:
     """The calibration stratum of an image: its magnification as text ("100"), "" when unknown."""
-    if magnification is None or magnification == "":
+    if magnification is None:
         return ""
     try:
-        return str(int(str(magnification).upper().rstrip("X")))
+        value = float(str(magnification).strip().upper().rstrip("X"))
     except ValueError:
         return ""
+    return str(int(value)) if np.isfinite(value) and value > 0 and value == int(value) else ""
 
 
 def _strata(values: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
@@ -259,6 +259,8 @@ class ConformalCalibration:
             raise ValueError(f"{len(class_scores)} predictions but {len(y)} labels.")
         s = class_scores[np.arange(len(y)), y] if len(y) else np.zeros(0)
         strata = None if magnifications is None else _strata(magnifications, len(y))
+        if strata is not None and not any(strata):
+            strata = None  # no magnification known: one pooled calibration, said as such
         codes = _patient_codes(patients)
         return cls(s, y, codes, tuple(classes), check_alpha(alpha), score, strata)
 
@@ -292,16 +294,16 @@ class ConformalCalibration:
         return {s: len(np.unique(self.patients[self.strata == s])) for s in known}
 
     def basis(self, magnification: Any, alpha: float | None = None) -> str:
-        """What an image of ``magnification`` is judged against, as a clause for a reason
-        (empty for a pooled calibration): its own magnification's patients, or the most cautious
-        threshold when the magnification is unknown or has too few patients."""
+        """What an image of ``magnification`` is judged by, as a clause for a reason (empty for a
+        pooled calibration): its magnification's patients, or the most cautious threshold."""
         if self.strata is None:
             return ""
         key = stratum_of(magnification)
         q = self.stratum_quantiles(alpha).get(key, float("inf"))
         if np.isfinite(q):
             return f" (calibrated on {key}X images)"
-        why = "magnification unknown" if not key else f"too few {key}X calibration patients"
+        few = "too few" if self.stratum_patients().get(key, 0) else "no"
+        why = f"{few} {key}X calibration patients" if key else "magnification unknown"
         return f" ({why}: the most cautious calibration)"
 
     def class_scores(self, probs: np.ndarray) -> np.ndarray:

@@ -172,9 +172,9 @@ class Predictor:
             alpha = self.refer_alpha
             index = {c: i for i, c in enumerate(self.class_names)}
             centred = centred_probabilities(probs, self.threshold if self.is_binary else None)
-            given = magnifications or [None] * n
+            given = list(magnifications) if magnifications is not None else [None] * n
             mags = [
-                m or magnification_from_path(p)
+                m if m is not None else magnification_from_path(p)
                 for m, p in zip(given, paths or [None] * n, strict=True)
             ]
             predicted = [index[p.label] for p in preds]

@@ -140,6 +140,7 @@ class ImageInspector:
     # --- prediction -----------------------------------------------------------------------------
     def _predict(self, cur: _Current) -> None:
         predictor, image = self._model.predictor, cur.image
+        mag = magnification_from_path(cur.path)  # its prediction set's calibration
 
         def done(pred: Prediction | None) -> None:
             cur.pending.discard("prediction")
@@ -147,7 +148,11 @@ class ImageInspector:
 
         self._jobs.submit(
             # Skip work for an image the user has already left (arrow keys in the results list).
-            lambda: None if cur is not self.current else predictor.predict_image(image),
+            lambda: (
+                None
+                if cur is not self.current
+                else predictor.predict_images([image], magnifications=[mag])[0]
+            ),
             done,
             lambda exc: report_error(self._view, "Prediction failed", exc),
         )
