@@ -199,6 +199,7 @@ def test_a_partial_file_of_another_alpha_is_refused(tiles, tmp_path):
     out = tmp_path / "out.csv"
     job = _interrupted(calibrated, [tiles], out, after_batches=1)
     assert json.loads(job.sidecar.read_text())["alpha"] == 0.1
+    assert json.loads(job.sidecar.read_text())["runtime"] == "torch"
     sets = {r["prediction_set"] for r in _rows(job.partial)}
     assert sets and all(";" not in s for s in sets)
     calibrated.alpha = 0.02

@@ -140,8 +140,64 @@ def test_what_cannot_run_is_refused_in_one_sentence(run, onnx_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"applies to \.onnx exports only, and best\.safetensors"):
         Predictor.from_checkpoint(run / "best.safetensors", runtime="openvino")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
-    with pytest.raises(ConfigError, match=r"^OpenVINO is not installed: pip install openvino \("):
+    with pytest.raises(
+        ConfigError,
+        match=r"^OpenVINO is not installed: pip install openvino \(or pip install "
+        r"'histolens\[openvino\]'\), or run the model on ONNX Runtime "
+        r"\(--onnx-runtime onnxruntime\)\.$",
+    ):
         Predictor.from_checkpoint(onnx_path, runtime="openvino")
+
+
+def test_a_refusal_names_the_environment_variable_when_it_chose_openvino(onnx_path, monkeypatch):
+    # explain and the desktop app have no --onnx-runtime: the way back is unsetting the variable.
+    monkeypatch.setenv(RUNTIME_ENV, "openvino")
+    with pytest.raises(
+        ConfigError,
+        match=r"^OpenVINO runs an ONNX model on the CPU only, not on 'cuda'; use --device cpu, "
+        r"or ONNX Runtime for a GPU \(unset \$HISTOLENS_ONNX_RUNTIME, which chose OpenVINO\)\.$",
+    ):
+        Predictor.from_checkpoint(onnx_path, device="cuda")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(
+        ConfigError,
+        match=r"^OpenVINO is not installed: .*, or run the model on ONNX Runtime "
+        r"\(unset \$HISTOLENS_ONNX_RUNTIME, which chose OpenVINO\)\.$",
+    ):
+        Predictor.from_checkpoint(onnx_path)
+    # The flag, when given, chose it: the sentence names the flag again.
+    with pytest.raises(ConfigError, match=r"\(--onnx-runtime onnxruntime\)\.$"):
+        Predictor.from_checkpoint(onnx_path, runtime="openvino")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "hide_openvino"),
+    [
+        (["--onnx-runtime", "openvino"], {}, True),
+        (["--onnx-runtime", "openvino", "--device", "cuda"], {}, False),
+        ([], {RUNTIME_ENV: "openvino"}, True),
+    ],
+    ids=["not-installed", "gpu", "not-installed-by-env"],
+)
+def test_serve_refuses_an_unusable_runtime_before_starting(
+    onnx_path, monkeypatch, args, env, hide_openvino
+):
+    uvicorn = pytest.importorskip("uvicorn", reason="the web extra (uvicorn) is not installed")
+
+    def must_not_run(*_args, **_kwargs):
+        pytest.fail("uvicorn.run was called for a runtime that cannot run")
+
+    monkeypatch.setattr(uvicorn, "run", must_not_run)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if hide_openvino:
+        monkeypatch.setitem(sys.modules, "openvino", None)
+    device = args[args.index("--device") + 1] if "--device" in args else "cpu"
+    with pytest.raises(ConfigError) as refused:  # what loading the model would say
+        Predictor.from_checkpoint(onnx_path, device, runtime=None if env else "openvino")
+    r = CliRunner().invoke(main, ["serve", "--checkpoint", str(onnx_path), *args])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip() == f"error: {refused.value}"  # one line: no traceback, no "serving"
 
 
 def test_files_openvino_cannot_run_are_refused(tmp_path):
@@ -179,6 +235,45 @@ def test_cli_predict_on_openvino_writes_the_default_csv(run, onnx_path, tmp_path
     r = CliRunner().invoke(main, ["predict", str(run), *images, "--onnx-runtime", "openvino"])
     assert r.exit_code == 1
     assert "applies to .onnx exports only" in r.output and "histolens export RUN" in r.output
+
+
+def test_a_predict_run_is_resumed_on_the_runtime_it_was_started_on(run, onnx_path, tmp_path):
+    from histolens.batch_predict import PredictionJob
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one_batch(_n: int) -> None:
+        raise Stop
+
+    images, out = _images(run, 8), tmp_path / "out.csv"
+    ort = Predictor.from_checkpoint(onnx_path, runtime="onnxruntime")
+    ov = Predictor.from_checkpoint(onnx_path, runtime="openvino")
+    job = PredictionJob.open(ort, images, out)
+    with pytest.raises(Stop):
+        job.run(4, progress=stop_after_one_batch)
+    record = json.loads(job.sidecar.read_text())
+    assert record["runtime"] == "onnxruntime"
+    before = job.partial.read_bytes()
+    sentence = (
+        f"{job.partial} was started on onnxruntime, not openvino; give --onnx-runtime "
+        "onnxruntime to resume it, or delete it to start over."
+    )
+    with pytest.raises(ConfigError) as refused:
+        PredictionJob.open(ov, images, out)
+    assert str(refused.value) == sentence
+    args = ["predict", str(onnx_path), *images, "--out", str(out), "--quiet"]
+    r = CliRunner().invoke(main, [*args, "--onnx-runtime", "openvino"])
+    assert r.exit_code == 1 and r.output.strip() == f"error: {sentence}"
+    assert job.partial.read_bytes() == before and not out.exists()
+    # A sidecar written before the runtime was recorded says nothing against resuming.
+    del record["runtime"]
+    job.sidecar.write_text(json.dumps(record))
+    resumed = PredictionJob.open(ov, images, out)
+    assert resumed.already_done == 4
+    r = CliRunner().invoke(main, [*args, "--onnx-runtime", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert out.read_text().count("\n") == len(images) + 1
 
 
 def test_cli_evaluate_on_openvino_gives_the_default_metrics(onnx_path, tmp_path):

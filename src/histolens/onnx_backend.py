@@ -39,6 +39,7 @@ __all__ = [
     "ExportedTorchModel",
     "OnnxRunner",
     "OpenVinoRunner",
+    "check_runtime_usable",
     "is_onnx_file",
     "make_runner",
     "read_onnx_export",
@@ -191,26 +192,21 @@ class OpenVinoRunner:
 
     Computes in f32 (OpenVINO would use bf16 on CPUs that have it, which changes the
     probabilities) with the latency hint. One infer request serves every call, one call at a
-    time: the web service runs the model on one worker thread anyway.
+    time: the web service runs the model on one worker thread anyway. ``from_env``: OpenVINO was
+    chosen by $HISTOLENS_ONNX_RUNTIME, which the sentence refusing it then names.
     """
 
     runtime = "openvino"
 
     def __init__(
-        self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None
+        self,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        threads: int | None = None,
+        *,
+        from_env: bool = False,
     ) -> None:
-        if str(device).lower() not in ("cpu", "auto"):
-            raise ConfigError(
-                f"OpenVINO runs an ONNX model on the CPU only, not on '{device}'; use --device "
-                "cpu, or --onnx-runtime onnxruntime for a GPU."
-            )
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ConfigError(
-                "OpenVINO is not installed: pip install openvino (or pip install "
-                "'histolens[openvino]'), or run the model on the default ONNX Runtime."
-            ) from None
+        ov = _openvino(device, from_env)
         self.path = Path(path)
         config = {
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
@@ -245,6 +241,46 @@ class OpenVinoRunner:
         return logits, features
 
 
+def _choose_onnx_runtime(from_env: bool) -> str:
+    """How to run on ONNX Runtime instead of OpenVINO, by undoing what chose OpenVINO: the
+    environment variable (which explain and the desktop app also read) or the caller's choice."""
+    if from_env:
+        return f"unset ${RUNTIME_ENV}, which chose OpenVINO"
+    return "--onnx-runtime onnxruntime"
+
+
+def _openvino(device: str | torch.device, from_env: bool) -> Any:
+    """The openvino module, when it is installed and ``device`` is the CPU (its only device here);
+    otherwise one sentence saying how to run the model, ``from_env`` telling what chose OpenVINO."""
+    if str(device).lower() not in ("cpu", "auto"):
+        raise ConfigError(
+            f"OpenVINO runs an ONNX model on the CPU only, not on '{device}'; use --device "
+            f"cpu, or ONNX Runtime for a GPU ({_choose_onnx_runtime(from_env)})."
+        )
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError(
+            "OpenVINO is not installed: pip install openvino (or pip install "
+            "'histolens[openvino]'), or run the model on ONNX Runtime "
+            f"({_choose_onnx_runtime(from_env)})."
+        ) from None
+    return openvino
+
+
+def check_runtime_usable(
+    runtime: str, device: str | torch.device = "cpu", *, from_env: bool = False
+) -> None:
+    """Refuse, in the sentence the runner would raise, a runtime that cannot run an export on
+    ``device`` here (not installed, or not on that device), without loading the model: for a
+    front end to check before it starts. ``from_env``: $HISTOLENS_ONNX_RUNTIME chose it."""
+    check_choice("ONNX runtime", runtime, ONNX_RUNTIMES)
+    if runtime == "openvino":
+        _openvino(device, from_env)
+    else:
+        _providers(device)
+
+
 def _port_name(port: Any, wanted: str) -> str:
     """``wanted`` if it is one of the names of an OpenVINO port (a port may have several)."""
     names = port.get_names()
@@ -252,11 +288,18 @@ def _port_name(port: Any, wanted: str) -> str:
 
 
 def make_runner(
-    path: str | os.PathLike, device: str = "cpu", runtime: str = "onnxruntime"
+    path: str | os.PathLike,
+    device: str = "cpu",
+    runtime: str = "onnxruntime",
+    *,
+    from_env: bool = False,
 ) -> OnnxRunner | OpenVinoRunner:
-    """The runner of an ONNX export on ``runtime`` (one of :data:`ONNX_RUNTIMES`)."""
+    """The runner of an ONNX export on ``runtime`` (one of :data:`ONNX_RUNTIMES`);
+    ``from_env``: $HISTOLENS_ONNX_RUNTIME chose it, which its errors then say."""
     check_choice("ONNX runtime", runtime, ONNX_RUNTIMES)
-    return (OpenVinoRunner if runtime == "openvino" else OnnxRunner)(path, device)
+    if runtime == "openvino":
+        return OpenVinoRunner(path, device, from_env=from_env)
+    return OnnxRunner(path, device)
 
 
 _OWN_ATTRIBUTES = frozenset({"_metadata", "_export_path", "_device", "_module", "_lock"})

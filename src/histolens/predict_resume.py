@@ -1,8 +1,9 @@
 """The unfinished output of ``histolens predict``: ``OUT.partial`` and its ``.json`` record.
 
 A run appends rows to ``OUT.partial`` and records in ``OUT.partial.json`` (the sidecar) the model,
-inputs and alpha the rows came from. Resuming reads both back: the sidecar must match this run
-(same format version, model, inputs and alpha) or the run is refused rather than mixed in; the
+runtime, inputs and alpha the rows came from. Resuming reads both back: the sidecar must match this
+run (same format version, model, runtime, inputs and alpha) or the run is refused rather than mixed
+in; the
 rows are read up to the last whole line (a torn last line is what a kill leaves behind), and any
 other damaged row is refused. :class:`histolens.batch_predict.PredictionJob` drives the run.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "model_fingerprint",
     "partial_writer",
     "read_partial",
+    "runtime_of",
     "sidecar_path",
     "sidecar_record",
     "sync",
@@ -58,6 +60,12 @@ def model_fingerprint(predictor: Predictor) -> str:
     meta = predictor.metadata.to_dict() if predictor.metadata is not None else {}
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def runtime_of(predictor: Predictor) -> str:
+    """What computes the predictor's logits: 'torch', or the runtime of an ONNX export
+    ('onnxruntime' or 'openvino'), whose numbers differ in the last digits."""
+    return getattr(predictor.runner, "runtime", "torch")
 
 
 @dataclass(frozen=True)
@@ -135,13 +143,15 @@ def _inputs_record(inputs: Sequence[Path]) -> list[list[str]]:
 def sidecar_record(
     predictor: Predictor, fingerprint: str, inputs: Sequence[Path], columns: list[str]
 ) -> dict[str, Any]:
-    """What the sidecar of a new partial file records: the model, inputs and alpha of its rows."""
+    """What the sidecar of a new partial file records: the model, runtime, inputs and alpha of
+    its rows."""
     return {
         "format": _SIDECAR_FORMAT,
         "version": _SIDECAR_VERSION,
         "model_id": predictor.model_id,
         "checkpoint": predictor.source,
         "model_sha256": fingerprint,
+        "runtime": runtime_of(predictor),
         "inputs": _inputs_record(inputs),
         "alpha": predictor.refer_alpha,
         "columns": columns,
@@ -152,7 +162,7 @@ def check_sidecar(
     partial: Path, predictor: Predictor, fingerprint: str, inputs: Sequence[Path]
 ) -> None:
     """Refuse, in one sentence, to resume ``partial`` unless its sidecar says the rows came from
-    this version of the format, this model, these inputs and this alpha."""
+    this version of the format, this model on this runtime, these inputs and this alpha."""
     sidecar = sidecar_path(partial)
     if not sidecar.is_file():
         raise ConfigError(
@@ -170,6 +180,15 @@ def check_sidecar(
             f"({record.get('checkpoint', '?')}), not {predictor.model_id} "
             f"({predictor.source}); delete it, or write to another file, to predict "
             "with this model."
+        )
+    # One export gives the same fingerprint on ONNX Runtime and OpenVINO, whose probabilities
+    # differ in the last digits. A sidecar written before the runtime was recorded (same
+    # version: the columns did not change) has none, and is resumed on whatever runs now.
+    started, runtime = record.get("runtime"), runtime_of(predictor)
+    if started is not None and started != runtime:
+        raise ConfigError(
+            f"{partial} was started on {started}, not {runtime}; give --onnx-runtime {started} "
+            "to resume it, or delete it to start over."
         )
     if record.get("inputs") != _inputs_record(inputs):
         given = ", ".join(p for p, _ in record.get("inputs", [])) or "none"

@@ -62,7 +62,7 @@ def load_model(
     :func:`resolve_runtime`)."""
     onnx_runtime = resolve_runtime(path, runtime)
     if onnx_runtime is not None:
-        return _load_onnx(path, device, onnx_runtime)
+        return _load_onnx(path, device, onnx_runtime, from_env=runtime is None)
     state, meta = load_checkpoint(path)
     spec = get_backbone_spec(meta.backbone)
     model = build_model(
@@ -87,10 +87,12 @@ def load_model(
     return LoadedModel(model, meta, calibration, dev, str(resolve_checkpoint_path(path)))
 
 
-def _load_onnx(path: str | os.PathLike, device: str, runtime: str) -> LoadedModel:
-    """A model whose logits come from ``runtime`` (ONNX Runtime or OpenVINO); its ``model`` loads
-    the torch checkpoint the export was made from only when something needs the module
-    (heatmaps)."""
+def _load_onnx(
+    path: str | os.PathLike, device: str, runtime: str, from_env: bool = False
+) -> LoadedModel:
+    """A model whose logits come from ``runtime`` (ONNX Runtime or OpenVINO; ``from_env``: chosen
+    by $HISTOLENS_ONNX_RUNTIME); its ``model`` loads the torch checkpoint the export was made from
+    only when something needs the module (heatmaps)."""
     from histolens.onnx_backend import ExportedTorchModel, make_runner, read_onnx_export
 
     meta, state = read_onnx_export(path)
@@ -101,7 +103,7 @@ def _load_onnx(path: str | os.PathLike, device: str, runtime: str) -> LoadedMode
         _calibration(state, meta),
         torch.device("cpu"),  # inputs are prepared on the CPU; the runtime places them
         str(Path(path)),
-        runner=make_runner(path, device, runtime),
+        runner=make_runner(path, device, runtime, from_env=from_env),
     )
 
 

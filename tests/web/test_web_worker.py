@@ -14,6 +14,7 @@ class FakePredictor:
 
     def __init__(self, hold_first: bool = False, fail: bool = False):
         self.calls: list[list[int]] = []
+        self.magnifications: list[list[int | None]] = []
         self.entered = threading.Event()
         self.gate = threading.Event()
         if not hold_first:
@@ -22,6 +23,7 @@ class FakePredictor:
 
     def predict_images(self, images, batch_size=32, magnifications=None):
         self.calls.append(list(images))
+        self.magnifications.append(list(magnifications or []))
         self.entered.set()
         self.gate.wait(10)
         if self.fail:
@@ -67,6 +69,29 @@ def test_a_job_that_does_not_fit_waits_for_the_next_batch():
     predictor.gate.set()
     assert (a.result(5), b.result(5), c.result(5)) == ([2, 4], [6, 8], [10])
     assert predictor.calls[1:] == [[1, 2], [3, 4, 5]]
+    service.close()
+
+
+def test_a_job_with_the_wrong_number_of_magnifications_is_refused():
+    predictor = FakePredictor(hold_first=True)
+    service = InferenceWorker(predictor, max_queue=8, max_batch=8, batch_wait_ms=0).start()
+    service.submit_predict([0])
+    assert predictor.entered.wait(5)
+    with pytest.raises(ValueError, match=r"^1 magnifications for 2 images; give one per image"):
+        service.submit_predict([1, 2], [400])
+    with pytest.raises(ValueError, match=r"^2 magnifications for 1 images"):
+        service.submit_predict([3], [40, 100])
+    good = [
+        service.submit_predict([4, 5], [40, 100]),
+        service.submit_predict([6]),
+        service.submit_predict([7], [200]),
+    ]
+    predictor.gate.set()
+    assert [f.result(5) for f in good] == [[8, 10], [12], [14]]
+    # Each image of the micro-batch keeps its own job's magnification; none was queued for
+    # the refused jobs.
+    assert predictor.calls[1:] == [[4, 5, 6, 7]]
+    assert predictor.magnifications[1:] == [[40, 100, None, 200]]
     service.close()
 
 

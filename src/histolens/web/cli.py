@@ -84,11 +84,15 @@ def serve_command(
     Research and education use only; not for diagnosis.
     """
     from histolens.checkpoint import read_metadata
+    from histolens.onnx_backend import check_runtime_usable
     from histolens.predictor_loading import resolve_runtime
 
-    # Fail here with one line if the checkpoint is unusable, not in the server's startup log.
+    # Fail here with one line if the checkpoint or its runtime is unusable, not in the server's
+    # startup log.
     meta = read_metadata(checkpoint)
     runtime = resolve_runtime(checkpoint, onnx_runtime)
+    if runtime is not None:
+        check_runtime_usable(runtime, device, from_env=onnx_runtime is None)
     import uvicorn
 
     from histolens.web.app import create_app

@@ -134,9 +134,17 @@ class InferenceWorker:
     def submit_predict(
         self, images: Sequence[Any], magnifications: Sequence[int | None] = ()
     ) -> Future:
-        """Queue PIL images (of ``magnifications``, None where unknown) for prediction; the
-        future resolves to a list of Predictions."""
-        return self._submit(_Job("predict", list(images), magnifications=list(magnifications)))
+        """Queue PIL images (of ``magnifications``: one per image, None where unknown, or none
+        at all) for prediction; the future resolves to a list of Predictions."""
+        images, magnifications = list(images), list(magnifications)
+        # Jobs are concatenated into one micro-batch: a job with the wrong number of
+        # magnifications would shift those of the jobs batched after it.
+        if len(magnifications) not in (0, len(images)):
+            raise ValueError(
+                f"{len(magnifications)} magnifications for {len(images)} images; give one per "
+                "image, or none."
+            )
+        return self._submit(_Job("predict", images, magnifications=magnifications))
 
     def submit_explain(self, image: Any, method: str, magnification: int | None = None) -> Future:
         """Queue one explanation; the future resolves to the Explainer's result."""
