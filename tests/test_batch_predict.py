@@ -218,6 +218,90 @@ def test_a_partial_file_of_another_alpha_is_refused(tiles, tmp_path):
     assert {r["prediction_set"] for r in _rows(out)} == {"benign;malignant"}
 
 
+def _hard_at_100_easy_at_200(n: int = 20):
+    """A calibration on which 100X patients were hard (every score 0.99: both classes stay in an
+    image's set) and 200X patients easy (0.01: an image's set is its label)."""
+    import numpy as np
+
+    from histolens.conformal import ConformalCalibration
+
+    return ConformalCalibration(
+        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
+        np.arange(2 * n) % 2,
+        np.arange(2 * n),
+        ("benign", "malignant"),
+        0.1,
+        strata=np.array(["100"] * n + ["200"] * n, dtype=object),
+    )
+
+
+def test_predict_magnification_picks_the_calibration_of_every_image(tiles, tmp_path):
+    # The tiles' names and folders (t00.png under benign/) say no magnification.
+    ckpt = make_checkpoint(tmp_path / "m.st", conformal=_hard_at_100_easy_at_200())
+    runs = {}
+    for mag in ("100", "200", None):
+        out = tmp_path / f"at{mag}.csv"
+        args = ["predict", str(ckpt), str(tiles), "--out", str(out), "--quiet"]
+        res = CliRunner().invoke(main, args + (["--magnification", mag] if mag else []))
+        assert res.exit_code == 0, res.output
+        runs[mag] = _rows(out)
+    assert len(runs["100"]) == len(runs["200"]) == 14
+    assert {(r["prediction_set"], r["refer"]) for r in runs["100"]} == {("benign;malignant", "1")}
+    assert all(r["prediction_set"] == r["prediction"] for r in runs["200"])
+    assert {r["refer"] for r in runs["200"]} == {"0"}
+    # Unknown: the most cautious calibration, 100X's here.
+    assert {r["refer"] for r in runs[None]} == {"1"}
+    res = CliRunner().invoke(main, ["predict", str(ckpt), str(tiles), "-m", "all"])
+    assert res.exit_code == 2 and "'all' is not one of '40', '100', '200', '400'" in res.output
+
+
+def test_a_partial_file_of_another_magnification_is_refused(tiles, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.st", conformal=_hard_at_100_easy_at_200())
+    calibrated = Predictor.from_checkpoint(ckpt)
+    out = tmp_path / "out.csv"
+
+    def stop(n: int) -> None:
+        raise _Stop  # after the first batch
+
+    job = PredictionJob.open(calibrated, [tiles], out, magnification=100)
+    with pytest.raises(_Stop):
+        job.run(4, progress=stop)
+    assert json.loads(job.sidecar.read_text())["magnification"] == 100
+    before = job.partial.read_bytes()
+    with pytest.raises(ConfigError) as refused:
+        PredictionJob.open(calibrated, [tiles], out, magnification=200)
+    assert str(refused.value) == (
+        f"{job.partial} was started with --magnification 100, not --magnification 200; give "
+        "--magnification 100 to resume it, or delete it to start over."
+    )
+    args = ["predict", str(ckpt), str(tiles), "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and res.output.strip() == (
+        f"error: {job.partial} was started with --magnification 100, not magnifications read "
+        "from the file names; give --magnification 100 to resume it, or delete it to start over."
+    )
+    assert job.partial.read_bytes() == before and not out.exists()
+    res = CliRunner().invoke(main, [*args, "--magnification", "100"])
+    assert res.exit_code == 0, res.output
+    assert {r["refer"] for r in _rows(out)} == {"1"} and len(_rows(out)) == 14
+
+    # A sidecar written before the magnification was recorded: rows read it from their paths.
+    job = PredictionJob.open(calibrated, [tiles], out)
+    with pytest.raises(_Stop):
+        job.run(4, progress=stop)
+    record = json.loads(job.sidecar.read_text())
+    assert record.pop("magnification") is None
+    job.sidecar.write_text(json.dumps(record))
+    with pytest.raises(ConfigError) as refused:
+        PredictionJob.open(calibrated, [tiles], out, magnification=200)
+    assert str(refused.value) == (
+        f"{job.partial} was started with magnifications read from the file names, not "
+        "--magnification 200; leave out --magnification to resume it, or delete it to start over."
+    )
+    resumed = PredictionJob.open(calibrated, [tiles], out)
+    assert resumed.already_done == len(_rows(job.partial)) > 0
+
+
 def test_cli_resumes_and_reports_progress(predictor, tiles, tmp_path):
     out = tmp_path / "p.csv"
     _interrupted(predictor, [tiles], out, after_batches=1, batch_size=8)

@@ -6,8 +6,8 @@ loses at most the batch in flight, and memory holds a few batches of images and 
 not the predictions. Running again with the same output reads the paths already in
 ``OUT.partial`` (a torn last line is dropped), skips them and finishes the rest; the finished file
 is then renamed onto ``OUT``, so ``OUT`` itself is only ever complete. ``OUT.partial.json`` records
-the model and inputs the rows came from, and a rerun with another checkpoint or other inputs is
-refused rather than mixed in.
+the model, inputs and magnification the rows came from, and a rerun with another checkpoint,
+other inputs or another ``--magnification`` is refused rather than mixed in.
 
 Rows are in the order of ``images_under`` (the one rule for which files are images) and batches
 are cut from that list at fixed positions, so a resumed run predicts the same batches as an
@@ -107,6 +107,7 @@ class PredictionJob:
     done: set[str]
     tally: Tally
     keep_bytes: int  # of the partial file; anything after is a torn line
+    magnification: int | None = None  # of every image; None: each path's own, if it says
 
     @property
     def partial(self) -> Path:
@@ -118,10 +119,18 @@ class PredictionJob:
 
     @classmethod
     def open(
-        cls, predictor: Predictor, inputs: Sequence[str | os.PathLike], out: str | os.PathLike
+        cls,
+        predictor: Predictor,
+        inputs: Sequence[str | os.PathLike],
+        out: str | os.PathLike,
+        magnification: int | None = None,
     ) -> PredictionJob:
-        """Check an unfinished run of the same output (same model, same inputs), read its rows
-        and count the images still to do."""
+        """Check an unfinished run of the same output (same model, inputs and magnification),
+        read its rows and count the images still to do.
+
+        ``magnification`` is every image's, for prediction sets calibrated per magnification;
+        None reads each image's from its path (else the most cautious calibration).
+        """
         inputs = [Path(p) for p in inputs]
         paths = list(dict.fromkeys(str(p) for p in images_under(*inputs)))
         out = Path(out)
@@ -137,9 +146,10 @@ class PredictionJob:
             set(),
             Tally(),
             0,
+            magnification,
         )
         if job.partial.exists():
-            check_sidecar(job.partial, predictor, job.fingerprint, inputs)
+            check_sidecar(job.partial, predictor, job.fingerprint, inputs, magnification)
             job.keep_bytes = read_partial(job.partial, job.columns, job.done, job.tally)
             job.already_done = sum(p in job.done for p in paths)
         return job
@@ -164,7 +174,9 @@ class PredictionJob:
         start = time.perf_counter()
         resumed = self.tally.rows
         skipped: list[Skipped] = []
-        record = sidecar_record(self.predictor, self.fingerprint, self.inputs, self.columns)
+        record = sidecar_record(
+            self.predictor, self.fingerprint, self.inputs, self.columns, self.magnification
+        )
         with partial_writer(self.partial, self.keep_bytes, record, self.columns) as fh:
             self._predict_into(fh, batch_size, workers, prefetch, progress, skipped)
         os.replace(self.partial, self.out)
@@ -216,7 +228,10 @@ class PredictionJob:
                 if ok:
                     batch = torch.stack([r for _, r in ok])
                     # predict_batch: prediction sets and the out-of-distribution guard too.
-                    preds = predictor.predict_batch(batch, [path for path, _ in ok])
+                    mags = None if self.magnification is None else [self.magnification] * len(ok)
+                    preds = predictor.predict_batch(
+                        batch, [path for path, _ in ok], magnifications=mags
+                    )
                     for (path, _), pred in zip(ok, preds, strict=True):
                         writer.writerow(pred.as_row(predictor.class_names))
                         self.tally.add(RowBrief(path, pred.label, pred.probability, pred.uncertain))

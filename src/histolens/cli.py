@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from histolens.cli_options import (
+    MAGNIFICATIONS,
     alpha_option,
     checkpoint_argument,
     count_option,
@@ -66,9 +67,16 @@ def main() -> None:
 @count_option("--batch-size", 32)
 @count_option("--workers", 2, help="Threads decoding images ahead of the model.")
 @alpha_option()
+@magnification_option(
+    help="Magnification of every image, for prediction sets calibrated per magnification "
+    "(default: read from each file name or folder, else the most cautious calibration).",
+    choices=MAGNIFICATIONS,
+)
 @onnx_runtime_option()
 @quiet_option("No progress.")
-def predict(checkpoint, inputs, out, batch_size, workers, alpha, onnx_runtime, quiet):
+def predict(
+    checkpoint, inputs, out, batch_size, workers, alpha, magnification, onnx_runtime, quiet
+):
     """Predict the class and calibrated probability of images or folders of images.
 
     Rows are written to OUT.partial batch by batch, and OUT appears when every image is done.
@@ -80,7 +88,8 @@ def predict(checkpoint, inputs, out, batch_size, workers, alpha, onnx_runtime, q
 
     predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
     predictor.alpha = alpha
-    job = PredictionJob.open(predictor, inputs, out)
+    magnification = int(magnification) if magnification else None
+    job = PredictionJob.open(predictor, inputs, out, magnification)
     if job.already_done and not quiet:
         click.echo(
             f"Resuming {job.partial}: {job.already_done} of {job.total} images already predicted.",

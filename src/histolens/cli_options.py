@@ -15,6 +15,7 @@ import click
 
 __all__ = [
     "GROUP_BY_CHOICES",
+    "MAGNIFICATIONS",
     "MAGNIFICATION_CHOICES",
     "ONNX_RUNTIME_CHOICES",
     "RECIPE_CHOICES",
@@ -48,7 +49,8 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 Decorator = Callable[[F], F]
 
-MAGNIFICATION_CHOICES = ("40", "100", "200", "400", "all")
+MAGNIFICATIONS = ("40", "100", "200", "400")
+MAGNIFICATION_CHOICES = (*MAGNIFICATIONS, "all")
 TASK_CHOICES = ("binary", "subtype")
 STAIN_NORM_CHOICES = ("none", "macenko", "reinhard")
 RECIPE_CHOICES = ("default", "original")
@@ -165,14 +167,19 @@ def split_name_option(
 
 
 # --- data selection and the patient-level split --------------------------------------------------
-def magnification_option(default: str | None = None, help: str | None = None) -> Decorator:
-    """``--magnification/-m``: 40, 100, 200, 400 or all (any case)."""
+def magnification_option(
+    default: str | None = None,
+    help: str | None = None,
+    choices: Sequence[str] = MAGNIFICATION_CHOICES,
+) -> Decorator:
+    """``--magnification/-m``: 40, 100, 200, 400 or all (any case); ``choices`` narrows them
+    (``MAGNIFICATIONS``: one magnification, no "all")."""
     return click.option(
         "--magnification",
         "-m",
         default=default,
         show_default=default is not None,
-        type=click.Choice(MAGNIFICATION_CHOICES, case_sensitive=False),
+        type=click.Choice(list(choices), case_sensitive=False),
         help=help,
     )
 

@@ -1,11 +1,11 @@
 """The unfinished output of ``histolens predict``: ``OUT.partial`` and its ``.json`` record.
 
 A run appends rows to ``OUT.partial`` and records in ``OUT.partial.json`` (the sidecar) the model,
-runtime, inputs and alpha the rows came from. Resuming reads both back: the sidecar must match this
-run (same format version, model, runtime, inputs and alpha) or the run is refused rather than mixed
-in; the
-rows are read up to the last whole line (a torn last line is what a kill leaves behind), and any
-other damaged row is refused. :class:`histolens.batch_predict.PredictionJob` drives the run.
+runtime, inputs, alpha and magnification the rows came from. Resuming reads both back: the sidecar
+must match this run (same format version, model, runtime, inputs, alpha and magnification) or the
+run is refused rather than mixed in; the rows are read up to the last whole line (a torn last line
+is what a kill leaves behind), and any other damaged row is refused.
+:class:`histolens.batch_predict.PredictionJob` drives the run.
 """
 
 from __future__ import annotations
@@ -141,10 +141,14 @@ def _inputs_record(inputs: Sequence[Path]) -> list[list[str]]:
 
 
 def sidecar_record(
-    predictor: Predictor, fingerprint: str, inputs: Sequence[Path], columns: list[str]
+    predictor: Predictor,
+    fingerprint: str,
+    inputs: Sequence[Path],
+    columns: list[str],
+    magnification: int | None = None,
 ) -> dict[str, Any]:
-    """What the sidecar of a new partial file records: the model, runtime, inputs and alpha of
-    its rows."""
+    """What the sidecar of a new partial file records: the model, runtime, inputs, alpha and
+    magnification (given for every image; None: read from each path) of its rows."""
     return {
         "format": _SIDECAR_FORMAT,
         "version": _SIDECAR_VERSION,
@@ -154,15 +158,21 @@ def sidecar_record(
         "runtime": runtime_of(predictor),
         "inputs": _inputs_record(inputs),
         "alpha": predictor.refer_alpha,
+        "magnification": magnification,
         "columns": columns,
     }
 
 
 def check_sidecar(
-    partial: Path, predictor: Predictor, fingerprint: str, inputs: Sequence[Path]
+    partial: Path,
+    predictor: Predictor,
+    fingerprint: str,
+    inputs: Sequence[Path],
+    magnification: int | None = None,
 ) -> None:
     """Refuse, in one sentence, to resume ``partial`` unless its sidecar says the rows came from
-    this version of the format, this model on this runtime, these inputs and this alpha."""
+    this version of the format, this model on this runtime, these inputs, this alpha and this
+    magnification."""
     sidecar = sidecar_path(partial)
     if not sidecar.is_file():
         raise ConfigError(
@@ -209,6 +219,25 @@ def check_sidecar(
             f"{partial} was started with prediction sets at alpha {started}, not "
             f"{alpha}; give --alpha {started} to resume it, or delete it to start over."
         )
+    _check_magnification(partial, record.get("magnification"), magnification)
+
+
+def _check_magnification(partial: Path, started: int | None, given: int | None) -> None:
+    # The magnification picks each row's calibration, so its prediction set and refer. A sidecar
+    # written before it was recorded has none: those rows read it from their paths.
+    if started == given:
+        return
+
+    def said(m: int | None) -> str:
+        return (
+            f"--magnification {m}" if m is not None else "magnifications read from the file names"
+        )
+
+    hint = f"give --magnification {started}" if started is not None else "leave out --magnification"
+    raise ConfigError(
+        f"{partial} was started with {said(started)}, not {said(given)}; {hint} to resume it, "
+        "or delete it to start over."
+    )
 
 
 def read_partial(partial: Path, columns: list[str], done: set[str], tally: Tally) -> int:

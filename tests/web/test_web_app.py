@@ -233,6 +233,90 @@ def test_invalid_form_values_get_one_sentence(client, tissue_png):
     assert r.status_code == 404 and "/v1/nothing" in r.json()["detail"]
 
 
+# --- magnification -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def by_magnification(tmp_path_factory):
+    """A service whose calibration found 100X patients hard (every score 0.99: both classes stay
+    in a set) and 200X patients easy (0.01: a set is its label); unknown gets 100X's."""
+    from fastapi.testclient import TestClient
+
+    from histolens.conformal import ConformalCalibration
+    from histolens.web.app import create_app
+
+    n = 20
+    cal = ConformalCalibration(
+        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
+        np.arange(2 * n) % 2,
+        np.arange(2 * n),
+        ("benign", "malignant"),
+        0.1,
+        strata=np.array(["100"] * n + ["200"] * n, dtype=object),
+    )
+    path = make_checkpoint(tmp_path_factory.mktemp("mag") / "m.safetensors", conformal=cal)
+    with TestClient(create_app(path)) as client:
+        yield client
+
+
+def _judged(body: dict) -> tuple[list[str], bool]:
+    return sorted(body["prediction_set"]), body["refer"]
+
+
+def test_the_magnification_field_picks_the_calibration(by_magnification, tissue_png):
+    client, both = by_magnification, ["benign", "malignant"]
+    # tile.png says no magnification: the most cautious calibration, unless the form says 200.
+    unknown = client.post("/v1/predict", files=_file(tissue_png)).json()
+    told = client.post("/v1/predict", files=_file(tissue_png), data={"magnification": "200"})
+    assert told.status_code == 200, told.text
+    assert _judged(unknown) == (both, True)
+    assert _judged(told.json()) == ([told.json()["class"]], False)
+    # The field overrides what a BreakHis file name says.
+    named = _file(tissue_png, "SOB_M_DC-14-2523-200-001.png")
+    assert _judged(client.post("/v1/predict", files=named).json())[1] is False
+    overridden = client.post("/v1/predict", files=named, data={"magnification": "100"}).json()
+    assert _judged(overridden) == (both, True)
+    # An empty field (a form's "from the file name" choice) gives no magnification.
+    empty = client.post("/v1/predict", files=_file(tissue_png), data={"magnification": ""})
+    assert empty.status_code == 200 and _judged(empty.json()) == (both, True)
+
+    files = [("files", (name, tissue_png, "image/png")) for name in ("a.png", "b.png")]
+    batch = client.post("/v1/predict/batch", files=files, data={"magnification": "200"}).json()
+    assert [r["prediction"]["refer"] for r in batch["results"]] == [False, False]
+    batch = client.post("/v1/predict/batch", files=files).json()
+    assert [r["prediction"]["refer"] for r in batch["results"]] == [True, True]
+
+    for mag, refer in (("200", False), (None, True)):
+        data = {"format": "json", **({"magnification": mag} if mag else {})}
+        r = client.post("/v1/explain", files=_file(tissue_png), data=data)
+        assert r.status_code == 200 and r.json()["prediction"]["refer"] is refer
+    r = client.post("/v1/explain", files=_file(tissue_png), data={"magnification": "200"})
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["X-Histolens-Uncertain"] == "false"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/predict", "/v1/predict/batch", "/v1/explain"])
+@pytest.mark.parametrize("value", ["250", "100X", "forty"])
+def test_a_bad_magnification_is_422_in_one_sentence(client, tissue_png, endpoint, value):
+    field = "files" if endpoint.endswith("batch") else "file"
+    files = {field: ("tile.png", tissue_png, "image/png")}
+    r = client.post(endpoint, files=files, data={"magnification": value})
+    assert r.status_code == 422
+    assert r.json() == {
+        "detail": "Invalid value for 'magnification': Input should be '40', '100', '200' or '400'."
+    }
+
+
+def test_the_magnification_field_is_documented(client):
+    api = client.get("/openapi.json").json()
+    for path in ("/v1/predict", "/v1/predict/batch", "/v1/explain"):
+        ref = api["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+        body = api["components"]["schemas"][ref["schema"]["$ref"].rsplit("/", 1)[-1]]
+        field = body["properties"]["magnification"]
+        assert "magnification" not in body.get("required", [])
+        assert {"type": "string", "enum": ["40", "100", "200", "400"]} in field["anyOf"]
+        assert "for prediction sets calibrated per magnification" in field["description"]
+        assert "Default: read from the file name" in field["description"]
+
+
 # --- bad uploads --------------------------------------------------------------------------------
 def test_non_image_is_415(client):
     r = client.post("/v1/predict", files=_file(b"%PDF-1.4 not a tile", "scan.pdf", "image/png"))

@@ -26,6 +26,8 @@ __all__ = ["STATIC_DIR", "api", "site"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 _IMAGE = "An image: PNG, JPEG, TIFF, BMP or WebP."
+# A form field arrives as text; 40/100/200/400 exactly, anything else is a 422 naming the choices.
+Magnification = Literal["40", "100", "200", "400"]
 
 
 def _service(request: Request) -> ModelService:
@@ -34,13 +36,32 @@ def _service(request: Request) -> ModelService:
 
 Service = Annotated[ModelService, Depends(_service)]
 
+
+def _magnification_form(whose: str) -> Any:
+    """The optional ``magnification`` form field; it overrides what the file names say."""
+    return Form(
+        None,
+        description=f"Magnification {whose} taken at (40, 100, 200 or 400), for prediction sets "
+        "calibrated per magnification. Default: read from the file name (a BreakHis name, or a "
+        "folder like '100X' in it), else the most cautious calibration.",
+    )
+
+
+def _magnification(value: Magnification | None) -> int | None:
+    return int(value) if value else None
+
+
 api = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 site = APIRouter()
 
 
 @api.post("/predict", response_model=PredictResponse, summary="Classify one image")
-async def predict(service: Service, file: UploadFile = File(..., description=_IMAGE)) -> Any:
-    return await service.predict(file)
+async def predict(
+    service: Service,
+    file: UploadFile = File(..., description=_IMAGE),
+    magnification: Magnification | None = _magnification_form("the image was"),
+) -> Any:
+    return await service.predict(file, _magnification(magnification))
 
 
 @api.post(
@@ -53,8 +74,9 @@ async def predict_batch(
     files: list[UploadFile] = File(
         ..., description="Images; at most limits.max_batch_files of them (GET /v1/model)."
     ),
+    magnification: Magnification | None = _magnification_form("every image was"),
 ) -> Any:
-    return await service.predict_batch(files)
+    return await service.predict_batch(files, _magnification(magnification))
 
 
 @api.post(
@@ -79,11 +101,13 @@ async def explain(
     encoding: Literal["base64", "list"] = Form(
         "base64", description="format=json: base64 float32 (compact) or nested lists."
     ),
+    magnification: Magnification | None = _magnification_form("the image was"),
 ) -> Any:
+    mag = _magnification(magnification)
     if format == "png":
-        png, headers = await service.explain_png(file, method, alpha)
+        png, headers = await service.explain_png(file, method, alpha, mag)
         return Response(png, media_type="image/png", headers=headers)
-    return await service.explain_json(file, method, encoding)
+    return await service.explain_json(file, method, encoding, mag)
 
 
 @api.get("/model", response_model=ModelInfo, summary="The model, its checkpoint and metrics")

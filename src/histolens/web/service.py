@@ -141,13 +141,19 @@ class ModelService:
         )
 
     # --- predictions ----------------------------------------------------------------------------
-    async def predict(self, upload: UploadFile) -> PredictResponse:
+    async def predict(
+        self, upload: UploadFile, magnification: int | None = None
+    ) -> PredictResponse:
+        """``magnification``: the image's (default: what its file name says, else unknown)."""
         image = await self.read_image(upload)
-        [pred] = await self.worker.predict([image], [magnification_from_path(upload.filename)])
+        [pred] = await self.worker.predict([image], [_magnification_of(upload, magnification)])
         return PredictResponse(**self._prediction_out(pred).model_dump(), filename=upload.filename)
 
-    async def predict_batch(self, uploads: Sequence[UploadFile]) -> BatchResponse:
-        """Each file gets its prediction or its own error; the readable ones run as one batch."""
+    async def predict_batch(
+        self, uploads: Sequence[UploadFile], magnification: int | None = None
+    ) -> BatchResponse:
+        """Each file gets its prediction or its own error; the readable ones run as one batch.
+        ``magnification`` is every file's (default: what each file name says)."""
         limit = self.settings.max_batch_files
         if len(uploads) > limit:
             raise UploadRefused(
@@ -158,7 +164,7 @@ class ModelService:
         for i, upload in enumerate(uploads):
             try:
                 images.append(await self.read_image(upload))
-                mags.append(magnification_from_path(upload.filename))
+                mags.append(_magnification_of(upload, magnification))
             except UploadRefused as exc:
                 refused[i] = exc
         predictions = iter(await self.worker.predict(images, mags) if images else [])
@@ -178,16 +184,19 @@ class ModelService:
         )
 
     # --- explanations ---------------------------------------------------------------------------
-    async def explain(self, upload: UploadFile, method: str) -> Explanation:
+    async def explain(
+        self, upload: UploadFile, method: str, magnification: int | None = None
+    ) -> Explanation:
+        """``magnification``: the image's (default: what its file name says, else unknown)."""
         check_choice("explanation method", method, self.explain_methods)
         image = await self.read_image(upload)
-        return await self.worker.explain(image, method, magnification_from_path(upload.filename))
+        return await self.worker.explain(image, method, _magnification_of(upload, magnification))
 
     async def explain_png(
-        self, upload: UploadFile, method: str, alpha: float
+        self, upload: UploadFile, method: str, alpha: float, magnification: int | None = None
     ) -> tuple[bytes, dict[str, str]]:
         """The overlay as PNG bytes, and headers with the prediction behind it."""
-        result = await self.explain(upload, method)
+        result = await self.explain(upload, method, magnification)
         pred = result.prediction
         png = await run_in_threadpool(_overlay_png, result, alpha)
         return png, {
@@ -197,9 +206,11 @@ class ModelService:
             "X-Histolens-Method": str(result.method),
         }
 
-    async def explain_json(self, upload: UploadFile, method: str, encoding: str) -> ExplainResponse:
+    async def explain_json(
+        self, upload: UploadFile, method: str, encoding: str, magnification: int | None = None
+    ) -> ExplainResponse:
         """The heatmap's values (base64 float32 or nested lists) and the prediction."""
-        result = await self.explain(upload, method)
+        result = await self.explain(upload, method, magnification)
         heatmap = await run_in_threadpool(_encode_heatmap, result.heatmap, encoding)
         return ExplainResponse(
             method=str(result.method),
@@ -207,6 +218,11 @@ class ModelService:
             prediction=self._prediction_out(result.prediction),
             heatmap=heatmap,
         )
+
+
+def _magnification_of(upload: UploadFile, given: int | None) -> int | None:
+    """The magnification the request gave, else what the upload's file name says."""
+    return given if given is not None else magnification_from_path(upload.filename)
 
 
 def _class_name(target: Any, class_names: tuple[str, ...]) -> str:

@@ -1,5 +1,6 @@
 // histolens web page: upload an image, show the prediction and a heatmap blended client-side.
-// The heatmap is fetched once per image and method; the opacity slider only redraws the canvas.
+// The heatmap is fetched once per image, method and magnification; the opacity slider only
+// redraws the canvas.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -35,6 +36,9 @@ function formWith(file, fields = {}) {
   const form = new FormData();
   form.append("file", file, file.name);
   for (const [k, v] of Object.entries(fields)) form.append(k, v);
+  // The magnification picks the calibration of the prediction set; empty: read from the name.
+  const magnification = $("magnification").value;
+  if (magnification) form.append("magnification", magnification);
   return form;
 }
 
@@ -425,6 +429,7 @@ function init() {
   setupDrop($("canvas-wrap"));
   $("alpha").addEventListener("input", draw);
   $("method").addEventListener("change", () => { state.requestId++; explain(); });
+  $("magnification").addEventListener("change", () => { if (state.file) handleFile(state.file); });
   $("token").value = state.token;
   $("token-form").addEventListener("submit", (e) => {
     e.preventDefault();
