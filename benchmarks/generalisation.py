@@ -84,6 +84,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "default",
         {"bench.tta": True},
     ),
+    "default + probe on the mean of the clean and 4 stain-jittered views": (
+        "default",
+        {"train.probe_views": 4, "augment.enabled": False, "augment.stain": True},
+    ),
     "default, but EfficientNet-Lite1 (240-px tiles)": (
         "default",
         {"model.backbone": "tf_efficientnet_lite1"},

@@ -402,3 +402,30 @@ def test_subtype_task_trains_a_probe_over_all_subtypes(tmp_path):
     probs = np.array([[float(r[f"p_{c}"]) for c in SUBTYPE_CLASSES] for r in rows])
     assert np.isfinite(probs).all()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_probe_trains_on_the_mean_of_clean_and_augmented_views(synth_small, tmp_path):
+    """train.probe_views: the probe's training features average the clean view with K
+    stain-jittered views (computed once, cached); the test images are scored on clean views."""
+    views = {"train.probe_views": 2, "augment.enabled": False, "augment.stain": True}
+    cfg = tiny_config(synth_small, **{**PROBE, "train.cv_folds": 0, **views})
+    store: dict = {}
+    train(cfg, tmp_path / "v", progress=False, feature_store=store)
+    [cache] = store.values()
+    with open(tmp_path / "v" / "split.csv", newline="", encoding="utf-8") as fh:
+        split = list(csv.DictReader(fh))
+    trained = {r["path"] for r in split if r["split"] in ("train", "val")}
+    assert trained and set(cache.views) == trained  # views of the training images only
+    some = next(iter(trained))
+    assert cache.views[some].shape == (2, *cache.clean[some].shape)
+    assert not torch.allclose(cache.views[some][0], cache.clean[some])  # jittered, not a copy
+    plain = tiny_config(synth_small, **{**PROBE, "train.cv_folds": 0})
+    train(plain, tmp_path / "c", progress=False, feature_store={})
+    a = read_metadata(tmp_path / "v").estimate
+    b = read_metadata(tmp_path / "c").estimate
+    assert a["n_images"] == b["n_images"]  # the same test images, scored on clean views
+    w_views = Predictor.from_checkpoint(tmp_path / "v").model.head.out.weight
+    w_plain = Predictor.from_checkpoint(tmp_path / "c").model.head.out.weight
+    assert not torch.allclose(w_views, w_plain)  # the averaged views trained the probe
+    with pytest.raises(ConfigError, match="probe_views must be 0 or more"):
+        tiny_config(synth_small, **{"train.probe_views": -1})

@@ -161,6 +161,10 @@ class TrainConfig:
     # One strong value is the default: on breakhis-dev the inner-CV choice swung between 1e-3
     # and 1e-1 from fold to fold and generalised worse (README, "Why these defaults").
     probe_cs: tuple[float, ...] = (3e-3,)
+    # Linear probe: each training image's features are the mean of its clean view and this many
+    # augmented views (``augment``: geometric and/or stain jitter); 0 = the clean view only.
+    # Predictions always use the clean view. Measured in the README; not the default.
+    probe_views: int = 0
     # Error level of the conformal prediction sets (histolens.conformal): a new patient's image
     # has its true class in its set with probability at least 1 - alpha; changeable at predict.
     alpha: float = 0.1
@@ -179,6 +183,8 @@ class TrainConfig:
             )
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--alpha must be between 0 and 1, got {self.alpha}.")
+        if self.probe_views < 0:
+            raise ConfigError(f"probe_views must be 0 or more, got {self.probe_views}.")
         self.probe_cs = tuple(float(c) for c in self.probe_cs)
         if not self.probe_cs or min(self.probe_cs) <= 0:
             raise ConfigError("probe_cs must be one or more positive numbers.")

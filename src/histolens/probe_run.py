@@ -80,6 +80,7 @@ def _features(
     images: ImageSource,
     pipeline: InputPipeline,
     paths: Sequence[str],
+    train_paths: Sequence[str],
     run_dir: Path,
     feature_store: dict | None,
     preprocess,
@@ -87,39 +88,57 @@ def _features(
     write_outputs: bool,
     fabric,
 ) -> FeatureCache:
-    """The frozen backbone's features of ``paths``, computed once (shared out between ranks)."""
+    """The frozen backbone's features of ``paths`` (and ``cfg.train.probe_views`` augmented
+    views of ``train_paths``), computed once (shared out between ranks)."""
     from histolens.training import FEATURE_CACHE
 
     spec = model.spec
+    n_views = cfg.train.probe_views
+    # Augmented views depend on the augmentation too (only then: other caches keep their key).
+    views = {"views": [n_views, repr(cfg.augment)]} if n_views else {}
     fingerprint = FeatureCache.fingerprint_of(
         backbone=spec.timm_name,
         feature_layer=model.feature_layer,
         pretrained=cfg.model.pretrained,
         preprocess=preprocess.to_dict(),
         stain=pipeline.stain.to_dict() if pipeline.stain is not None else None,
+        **views,
     )
     store = feature_store if feature_store is not None else {}
     cache = store.get(fingerprint) or FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
     if cache is None:
         cache = FeatureCache({}, {}, fingerprint)
     store[fingerprint] = cache
-    before = len(cache.clean)
+    before = (len(cache.clean), len(cache.views))
     with fabric.autocast():
         bs = cfg.train.batch_size
-        cache.extend(model, images, pipeline, paths, [], 0, bs, progress, fabric=fabric)
-    changed = len(cache.clean) != before
+        view_paths = train_paths if n_views else []
+        cache.extend(
+            model, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
+        )
+    changed = (len(cache.clean), len(cache.views)) != before
     if fabric.is_global_zero and write_outputs and feature_store is None and changed:
         cache.save(run_dir / FEATURE_CACHE)
     return cache
 
 
 def _arrays(
-    cache: FeatureCache, recs: Sequence[ImageRecord], classes: Sequence[str], task: str
+    cache: FeatureCache,
+    recs: Sequence[ImageRecord],
+    classes: Sequence[str],
+    task: str,
+    views: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The cached features, class indices and patient groups of ``recs``."""
+    """The cached features, class indices and patient groups of ``recs``; with ``views``, each
+    image's features are the mean of its clean view and its cached augmented views."""
     from histolens.training_data import targets
 
-    x = torch.stack([cache.clean[r.path] for r in recs]).double().numpy()
+    def features(path: str) -> torch.Tensor:
+        if not views:
+            return cache.clean[path]
+        return torch.cat([cache.clean[path][None], cache.views[path][:views]]).mean(0)
+
+    x = torch.stack([features(r.path) for r in recs]).double().numpy()
     return x, np.array(targets(recs, classes, task)), np.array([_group_of(r) for r in recs])
 
 
@@ -151,7 +170,7 @@ def _frozen_features(
 ) -> _FrozenBackbone:
     """Build the frozen backbone and compute the features of every image of ``split`` once."""
     from histolens.training_data import fit_stain
-    from histolens.transforms import resolve_preprocess
+    from histolens.transforms import Augmenter, resolve_preprocess
 
     layer = resolve_feature_layer(spec, cfg.model.feature_layer, "linear")
     # As the Lightning path's seed_everything: a randomly initialised backbone (--pretrained none)
@@ -170,7 +189,8 @@ def _frozen_features(
     # Streamed from disk (only the features are kept) unless a shared bank holds the images.
     images = image_source(bank, preprocess)
     stain, stain_ref = fit_stain(cfg, images, [r.path for r in split.train + split.val], preprocess)
-    pipeline = InputPipeline(preprocess, None, stain, cfg.train.seed, fabric.device)
+    augmenter = Augmenter(cfg.augment) if cfg.train.probe_views else None
+    pipeline = InputPipeline(preprocess, augmenter, stain, cfg.train.seed, fabric.device)
     paths = [r.path for r in split.train + split.val + split.test]
     cache = _features(
         cfg,
@@ -178,6 +198,7 @@ def _frozen_features(
         images,
         pipeline,
         paths,
+        [r.path for r in split.train + split.val],
         run_dir,
         feature_store,
         preprocess,
@@ -269,7 +290,8 @@ def _fit_and_write(
         split.write_csv(run_dir / SPLIT_FILE)
         atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
     n_classes = len(classes)
-    x, y, g = _arrays(frozen.cache, split.train + split.val, classes, cfg.data.task)
+    train_recs = split.train + split.val
+    x, y, g = _arrays(frozen.cache, train_recs, classes, cfg.data.task, cfg.train.probe_views)
     if len(np.unique(y)) < 2:
         raise DataError("The training images hold only one class; the probe needs two or more.")
     final = _fit(cfg, x, y, g, n_classes, cfg.data.seed)
