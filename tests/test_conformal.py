@@ -431,3 +431,24 @@ def test_a_magnification_without_calibration_patients_is_named(tmp_path):
     a, b = predictor.decide_batch(two, ["x/100X/a.png", None], None, np.array([200, 100]))
     assert a.prediction_set == predictor.decide(two[0], magnification=200).prediction_set
     assert b.prediction_set == predictor.decide(two[1], path="x/100X/b.png").prediction_set
+
+
+def test_subtypes_get_sets_of_subtypes_per_magnification():
+    from histolens.data import SUBTYPE_CLASSES
+
+    rng = np.random.default_rng(3)
+    n, c = 240, len(SUBTYPE_CLASSES)
+    y = rng.integers(0, c, n)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), y] += 2.0  # the true subtype usually, not always, on top
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    patients = np.arange(n) // 4  # 60 patients of 4 images
+    mags = np.where(patients % 2 == 0, 100, 400)
+    cal = ConformalCalibration.fit(probs, y, patients, SUBTYPE_CLASSES, 0.1, magnifications=mags)
+    assert set(cal.stratum_patients()) == {"100", "400"}
+    member = cal.prediction_sets(probs, predicted=probs.argmax(1), magnifications=mags)
+    assert member.shape == (n, c)
+    assert member[np.arange(n), probs.argmax(1)].all()  # the predicted subtype is always in
+    sizes = member.sum(1)
+    assert sizes.min() >= 1 and (sizes > 1).any() and (sizes < c).any()  # sets, not all or one
+    assert member[np.arange(n), y].mean() >= 0.85  # in-sample coverage near 1 - alpha
