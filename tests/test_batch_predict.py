@@ -22,7 +22,7 @@ from histolens.cli import main
 from histolens.errors import ConfigError
 from histolens.imagefiles import images_under
 from histolens.predictor import Predictor
-from histolens.testing import make_checkpoint, make_tissue_image
+from histolens.testing import make_checkpoint, make_tissue_image, stratified_calibration
 
 
 class _Stop(Exception):
@@ -218,26 +218,9 @@ def test_a_partial_file_of_another_alpha_is_refused(tiles, tmp_path):
     assert {r["prediction_set"] for r in _rows(out)} == {"benign;malignant"}
 
 
-def _hard_at_100_easy_at_200(n: int = 20):
-    """A calibration on which 100X patients were hard (every score 0.99: both classes stay in an
-    image's set) and 200X patients easy (0.01: an image's set is its label)."""
-    import numpy as np
-
-    from histolens.conformal import ConformalCalibration
-
-    return ConformalCalibration(
-        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
-        np.arange(2 * n) % 2,
-        np.arange(2 * n),
-        ("benign", "malignant"),
-        0.1,
-        strata=np.array(["100"] * n + ["200"] * n, dtype=object),
-    )
-
-
 def test_predict_magnification_picks_the_calibration_of_every_image(tiles, tmp_path):
     # The tiles' names and folders (t00.png under benign/) say no magnification.
-    ckpt = make_checkpoint(tmp_path / "m.st", conformal=_hard_at_100_easy_at_200())
+    ckpt = make_checkpoint(tmp_path / "m.st", conformal=stratified_calibration("100", "200"))
     runs = {}
     for mag in ("100", "200", None):
         out = tmp_path / f"at{mag}.csv"
@@ -256,7 +239,7 @@ def test_predict_magnification_picks_the_calibration_of_every_image(tiles, tmp_p
 
 
 def test_a_partial_file_of_another_magnification_is_refused(tiles, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "m.st", conformal=_hard_at_100_easy_at_200())
+    ckpt = make_checkpoint(tmp_path / "m.st", conformal=stratified_calibration("100", "200"))
     calibrated = Predictor.from_checkpoint(ckpt)
     out = tmp_path / "out.csv"
 

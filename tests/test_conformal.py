@@ -20,7 +20,7 @@ from histolens.conformal import (
 from histolens.conformal_metrics import coverage, patient_referrals, risk_coverage
 from histolens.errors import CheckpointError, ConfigError
 from histolens.predictor import Predictor
-from histolens.testing import make_checkpoint, tiny_config
+from histolens.testing import make_checkpoint, stratified_calibration, tiny_config
 from histolens.training import train
 
 CLASSES = ("benign", "malignant")
@@ -371,15 +371,7 @@ def test_checkpoints_without_calibration_keep_the_old_review_rule(tmp_path):
 
 def test_predictor_judges_each_image_by_its_magnification(tmp_path):
     # 100X patients were hard (every score 0.99: both classes always plausible), 200X easy (0.01).
-    n = 20
-    cal = ConformalCalibration(
-        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
-        np.arange(2 * n) % 2,
-        np.arange(2 * n),
-        CLASSES,
-        0.1,
-        strata=np.array(["100"] * n + ["200"] * n, dtype=object),
-    )
+    cal = stratified_calibration("100", "200")
     predictor = Predictor.from_checkpoint(
         make_checkpoint(tmp_path / "m.safetensors", conformal=cal)
     )

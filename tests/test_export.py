@@ -29,7 +29,7 @@ from histolens.ood import FeatureGuard, OODGuard
 from histolens.predictor import Predictor
 from histolens.splits import load_split_csv, split_by_patient
 from histolens.stain import StainNormalizer
-from histolens.testing import make_tissue_image
+from histolens.testing import make_tissue_image, plain_onnx
 from histolens.transforms import resolve_preprocess
 
 TILE = 160  # timm's test nets' pretrained input size
@@ -291,16 +291,8 @@ def test_heatmaps_of_an_export_whose_checkpoint_is_gone_say_so_in_one_sentence(r
 
 
 def test_onnx_files_that_are_not_histolens_exports_are_refused(tmp_path):
-    from onnx import TensorProto, helper
-
     plain = tmp_path / "plain.onnx"
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    onnx.save(helper.make_model(graph), str(plain))
+    plain_onnx(plain)
     with pytest.raises(CheckpointError, match="ONNX model but not a histolens export"):
         Predictor.from_checkpoint(plain)
     garbage = tmp_path / "garbage.onnx"

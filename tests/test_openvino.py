@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -29,7 +28,7 @@ from histolens.onnx_backend import (
 )
 from histolens.predictor import Predictor
 from histolens.splits import load_split_csv, split_by_patient
-from histolens.testing import make_checkpoint
+from histolens.testing import make_checkpoint, plain_onnx
 
 
 @pytest.fixture(scope="module")
@@ -201,20 +200,12 @@ def test_serve_refuses_an_unusable_runtime_before_starting(
 
 
 def test_files_openvino_cannot_run_are_refused(tmp_path):
-    from onnx import TensorProto, helper
-
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match=r"^OpenVINO cannot load .*garbage\.onnx \("):
         OpenVinoRunner(garbage)
     plain = tmp_path / "plain.onnx"
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    onnx.save(helper.make_model(graph), str(plain))
+    plain_onnx(plain)
     with pytest.raises(CheckpointError, match=r"is not a histolens export \(its graph has inputs"):
         OpenVinoRunner(plain)
 

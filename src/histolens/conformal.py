@@ -391,8 +391,8 @@ def leave_one_patient_out_sets(
     codes = _patient_codes(patients)
     class_scores = SCORES[score](probs)
     own = class_scores[np.arange(len(y)), y]
-    strata = None if magnifications is None else _strata(magnifications, len(y))
     image_strata = _strata(magnifications, len(y))
+    strata = None if magnifications is None else image_strata
     member = np.zeros(class_scores.shape, dtype=bool)
     for p in np.unique(codes):
         mine, others = codes == p, codes != p

@@ -22,7 +22,14 @@ from histolens.model import build_model
 from histolens.ood import OODGuard
 from histolens.transforms import resolve_preprocess
 
-__all__ = ["flat_calibration", "make_checkpoint", "make_tissue_image", "tiny_config"]
+__all__ = [
+    "flat_calibration",
+    "make_checkpoint",
+    "make_tissue_image",
+    "plain_onnx",
+    "stratified_calibration",
+    "tiny_config",
+]
 
 
 def make_checkpoint(
@@ -89,6 +96,38 @@ def flat_calibration(
     return ConformalCalibration(
         np.full(n, float(score)), labels, np.arange(n), tuple(classes), alpha
     )
+
+
+def stratified_calibration(
+    hard: str = "100", easy: str = "200", n_patients: int = 20, alpha: float = 0.1
+) -> ConformalCalibration:
+    """A per-magnification calibration on which ``hard``-X patients were hard (every score
+    0.99: both classes stay in an image's set) and ``easy``-X patients easy (0.01: an image's
+    set is its label), ``n_patients`` of each; an unknown magnification gets the hard one's."""
+    n = int(n_patients)
+    return ConformalCalibration(
+        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
+        np.arange(2 * n) % 2,
+        np.arange(2 * n),
+        BINARY_CLASSES,
+        alpha,
+        strata=np.array([hard] * n + [easy] * n, dtype=object),
+    )
+
+
+def plain_onnx(path: str | os.PathLike) -> Path:
+    """A valid ONNX model that is not a histolens export (one Identity node), at ``path``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return Path(path)
 
 
 def make_tissue_image(

@@ -240,18 +240,10 @@ def by_magnification(tmp_path_factory):
     in a set) and 200X patients easy (0.01: a set is its label); unknown gets 100X's."""
     from fastapi.testclient import TestClient
 
-    from histolens.conformal import ConformalCalibration
+    from histolens.testing import stratified_calibration
     from histolens.web.app import create_app
 
-    n = 20
-    cal = ConformalCalibration(
-        np.r_[np.full(n, 0.99), np.full(n, 0.01)],
-        np.arange(2 * n) % 2,
-        np.arange(2 * n),
-        ("benign", "malignant"),
-        0.1,
-        strata=np.array(["100"] * n + ["200"] * n, dtype=object),
-    )
+    cal = stratified_calibration("100", "200")
     path = make_checkpoint(tmp_path_factory.mktemp("mag") / "m.safetensors", conformal=cal)
     with TestClient(create_app(path)) as client:
         yield client
