@@ -58,6 +58,9 @@ _CONFIG_KEYS = {
     "feature_cache": "train.feature_cache",
     "cache_views": "train.cache_views",
     "class_weights": "train.class_weights",
+    "label_smoothing": "train.label_smoothing",
+    "mixup": "train.mixup",
+    "cutmix": "train.cutmix",
     "patience": "train.early_stopping_patience",
     "threshold_method": "train.threshold_method",
     "target_sensitivity": "train.target_sensitivity",
@@ -75,10 +78,10 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
     from histolens.config import load_yaml_overrides, recipe_config
 
     cfg = recipe_config(recipe)
-    if config_file:
-        cfg = cfg.override(load_yaml_overrides(config_file))
+    from_file = load_yaml_overrides(config_file) if config_file else {}
     overrides = {_CONFIG_KEYS[k]: v for k, v in flags.items() if v is not None}
-    return cfg.override({**overrides, **extra})
+    # One override: a file's setting may need a flag's (--mixup in the file, --head mlp given).
+    return cfg.override({**from_file, **overrides, **extra})
 
 
 @click.command("train")
@@ -121,6 +124,23 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 @lr_option()
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
 @click.option("--unfreeze", type=click.IntRange(0), help="Also train the last N backbone stages.")
+@click.option(
+    "--label-smoothing",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Move training targets this share towards uniform (--head mlp; default 0).",
+)
+@click.option(
+    "--mixup",
+    type=click.FloatRange(0),
+    metavar="ALPHA",
+    help="MixUp of training samples, share ~ Beta(ALPHA, ALPHA) (--head mlp; 0: off, default).",
+)
+@click.option(
+    "--cutmix",
+    type=click.FloatRange(0),
+    metavar="ALPHA",
+    help="CutMix of training images, share ~ Beta(ALPHA, ALPHA) (--head mlp with --unfreeze N).",
+)
 @click.option("--augment/--no-augment", default=None)
 @stain_norm_option()
 @click.option("--stain-reference", type=click.Path(exists=True, dir_okay=False))

@@ -168,6 +168,10 @@ class TrainConfig:
     # Error level of the conformal prediction sets (histolens.conformal): a new patient's image
     # has its true class in its set with probability at least 1 - alpha; changeable at predict.
     alpha: float = 0.1
+    # The MLP head's training loss (histolens.mixing); validation loss stays on the hard labels.
+    label_smoothing: float = 0.0  # targets move this share of the way towards uniform
+    mixup: float = 0.0  # Beta(a, a) concentration of MixUp's share (cached features or images)
+    cutmix: float = 0.0  # the same for CutMix: images only (--unfreeze N or --no-feature-cache)
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ["sgd", "adam", "adamw"])
@@ -188,6 +192,16 @@ class TrainConfig:
         self.probe_cs = tuple(float(c) for c in self.probe_cs)
         if not self.probe_cs or min(self.probe_cs) <= 0:
             raise ConfigError("probe_cs must be one or more positive numbers.")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(
+                f"--label-smoothing must be 0 or more and below 1, got {self.label_smoothing}."
+            )
+        for name in ("mixup", "cutmix"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(
+                    f"--{name} must be 0 (off) or a positive Beta concentration, "
+                    f"got {getattr(self, name)}."
+                )
 
 
 @dataclass
@@ -200,6 +214,21 @@ class RunConfig:
     stain: StainConfig = field(default_factory=StainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: str = "default"
+
+    def __post_init__(self) -> None:
+        t = self.train
+        if self.model.head == "linear":
+            for name in ("label_smoothing", "mixup", "cutmix"):
+                if getattr(t, name) > 0:
+                    flag = name.replace("_", "-")
+                    raise ConfigError(
+                        f"--{flag} trains the MLP head; add --head mlp or leave --{flag} at 0."
+                    )
+        if t.cutmix > 0 and t.feature_cache and self.model.unfreeze == 0:
+            raise ConfigError(
+                "--cutmix pastes boxes between images, but a frozen backbone trains on cached "
+                "features; add --unfreeze N or --no-feature-cache (or use --mixup instead)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,9 +253,9 @@ class RunConfig:
                     "stain.method": "none",
                 }
             )
-        for section, value in d.items():
-            cfg = cfg.override({section: value})
-        return cfg
+        # All sections at once: a setting may be valid only with another section's (--mixup
+        # with model.head "mlp").
+        return cfg.override(d)
 
     def override(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with ``{"section": {"key": value}}`` or ``{"section.key": value}`` applied."""

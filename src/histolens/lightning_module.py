@@ -1,7 +1,8 @@
 """What Lightning runs for ``histolens train --head mlp``: the LightningModule.
 
 The module trains the head on cached features (frozen backbone) or the head and the unfrozen
-stages on images. The run's callbacks (best and last checkpoints, epoch log) are in
+stages on images; label smoothing, MixUp and CutMix of its training loss are
+:mod:`histolens.mixing`'s. The run's callbacks (best and last checkpoints, epoch log) are in
 :mod:`histolens.lightning_callbacks` and importable from here too. Lightning is imported inside
 the factory: it is slow to import, and ``--help`` should not wait for it.
 """
@@ -21,6 +22,7 @@ from histolens.lightning_callbacks import (
     atomic_checkpoint_io,
     run_callbacks,
 )
+from histolens.mixing import batch_generator, mix_labelled_batch, soft_target_loss, soft_targets
 from histolens.model import HistoClassifier
 from histolens.pipeline import InputPipeline
 
@@ -64,7 +66,8 @@ def _lightning_module_class():
             self.register_buffer(
                 "class_weights", torch.tensor(list(class_weights), dtype=torch.float32)
             )
-            self.binary = model.head.out.out_features == 1
+            self.n_outputs = model.head.out.out_features
+            self.binary = self.n_outputs == 1
             self.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
             # A frozen backbone is rebuilt from its pretrained source on resume, so Lightning's
             # checkpoints (written every epoch) hold only what trains.
@@ -86,29 +89,48 @@ def _lightning_module_class():
             self.model.backbone.eval()
             return self
 
-        def _logits(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        def _inputs(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            """The head's inputs (cached features) or the model's (images), and the labels."""
             if self.cached:
                 feats, y = batch
                 if feats.dim() == 3:  # (B, K, D): epoch e trains on view e mod K
                     feats = feats[:, self.current_epoch % feats.shape[1]]
-                return self.model.head(feats), y
+                return feats, y
             images, y, keys = batch
             if train:
-                x = self.pipeline.train_inputs(images, keys, self.current_epoch)
-            else:
-                x = self.pipeline.eval_inputs(images)
-            return self.model(x), y
+                return self.pipeline.train_inputs(images, keys, self.current_epoch), y
+            return self.pipeline.eval_inputs(images), y
 
-        def _loss(self, logits: torch.Tensor, y: torch.Tensor, weighted: bool) -> torch.Tensor:
+        def _forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model.head(x) if self.cached else self.model(x)
+
+        def _logits(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = self._inputs(batch, train)
+            return self._forward(x), y
+
+        def _loss(
+            self, logits: torch.Tensor, y: torch.Tensor, weighted: bool, smoothing: float = 0.0
+        ) -> torch.Tensor:
             w = self.class_weights if weighted and self.cfg.train.class_weights else None
             if self.binary:
                 sample_w = w[y.long()] if w is not None else None
-                return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), weight=sample_w)
-            return F.cross_entropy(logits, y.long(), weight=w)
+                target = soft_targets(y, 1, smoothing)
+                return F.binary_cross_entropy_with_logits(logits[:, 0], target, weight=sample_w)
+            return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=smoothing)
 
         def training_step(self, batch, batch_idx):
-            logits, y = self._logits(batch, train=True)
-            loss = self._loss(logits, y, weighted=True)
+            x, y = self._inputs(batch, train=True)
+            t = self.cfg.train
+            w = self.class_weights if t.class_weights else None
+            gen = batch_generator(t.seed, self.current_epoch, batch_idx)
+            mixed = mix_labelled_batch(
+                x, y, w, self.n_outputs, t.label_smoothing, t.mixup, t.cutmix, gen
+            )
+            if mixed is None:
+                loss = self._loss(self._forward(x), y, weighted=True, smoothing=t.label_smoothing)
+            else:
+                logits = self._forward(mixed.inputs)
+                loss = soft_target_loss(logits, mixed.targets, mixed.weights, w)
             self.log(
                 "train_loss",
                 loss,
