@@ -15,6 +15,11 @@ OpenVINO (``--backends ...,ov-fp32,ov-int8``; ``pip install 'histolens[openvino]
 runtime) runs the same two ONNX files with OpenVINO's CPU plugin at f32 inference precision (by
 default it would compute in bf16 on CPUs that have it), as ``--onnx-runtime openvino`` does.
 
+Before the tables it prints the CPU's instruction sets (benchmarks/_cpu.py). Each row's GMAC/s is
+its images/s times the model's multiply-accumulates per image, the rate its convolutions ran at:
+where eager fp32 already runs near the best fp32 rate, int8 can beat it by little more than the
+int8 / fp32 rate ratio the instruction sets allow (about 2x on AVX2 without VNNI).
+
 Run: .venv/bin/python benchmarks/bench_inference.py [--quick] [--models vgg16] [--batches 1,32]
 """
 
@@ -35,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, setup  # noqa: E402
+from _cpu import conv_gmacs, cpu_summary  # noqa: E402
 
 THREADS = 2
 MODELS = ("tf_efficientnet_lite0", "vgg16")
@@ -229,16 +235,19 @@ def main() -> None:
         f"{torch.__version__}, onnxruntime {onnxruntime.__version__}; "
         f"{platform.processor() or platform.machine()}; int8 calibrated on 8 synthetic images."
     )
+    print(f"CPU: {cpu_summary()}")
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         for model in [m for m in args.models.split(",") if m]:
-            _, size = build(model)
+            net, size = build(model)
+            gmacs = conv_gmacs(net, size)
+            del net
             t = time.perf_counter()
             onnx_needed = any(b.startswith(("ort", "ov")) for b in backends)
             files = export(model, Path(tmp)) if onnx_needed else {}
             files |= {f"ov-{k[4:]}": v for k, v in files.items()}  # OpenVINO reads the same
             print(
                 f"\n{model} at {size[0]}x{size[1]} (export + int8 calibration "
-                f"{time.perf_counter() - t:.0f} s)"
+                f"{time.perf_counter() - t:.0f} s); {gmacs:.2f} GMAC per image"
             )
             rows = []
             for batch in batches:
@@ -246,7 +255,7 @@ def main() -> None:
                 for backend in backends:
                     r = run_child(model, backend, batch, files.get(backend, ""), size, args)
                     if "error" in r:
-                        rows.append([backend, batch, "failed", "", "", r["error"][:60]])
+                        rows.append([backend, batch, "failed", "", "", "", r["error"][:60]])
                         continue
                     if backend == "torch-fp32":
                         base = r["images_per_s"]
@@ -257,12 +266,22 @@ def main() -> None:
                             batch,
                             r["images_per_s"],
                             ratio,
+                            f"{r['images_per_s'] * gmacs:.0f}",
                             f"{r['peak_rss_mb']:.0f}",
                             r["batches"],
                         ]
                     )
             print_table(
-                ["backend", "batch", "images/s", "vs eager fp32", "peak RSS MB", "batches"], rows
+                [
+                    "backend",
+                    "batch",
+                    "images/s",
+                    "vs eager fp32",
+                    "GMAC/s",
+                    "peak RSS MB",
+                    "batches",
+                ],
+                rows,
             )
 
 
