@@ -57,6 +57,30 @@ CONFIGS: dict[str, tuple[str, dict]] = {
             "augment.enabled": False,
         },
     ),
+    "MLP head, Adam 1e-3, no aug, tiles, blocks.2+5, Macenko, + weight decay 1e-4, label "
+    "smoothing 0.1": (
+        "default",
+        {
+            "model.head": "mlp",
+            "model.feature_layer": "blocks.2,blocks.5",
+            "train.optimizer": "adam",
+            "train.lr": 1e-3,
+            "train.weight_decay": 1e-4,
+            "train.label_smoothing": 0.1,
+            "augment.enabled": False,
+        },
+    ),
+    "MLP head, Adam 1e-3, no aug, tiles, blocks.2+5, Macenko, + MixUp 0.4 of cached features": (
+        "default",
+        {
+            "model.head": "mlp",
+            "model.feature_layer": "blocks.2,blocks.5",
+            "train.optimizer": "adam",
+            "train.lr": 1e-3,
+            "train.mixup": 0.4,
+            "augment.enabled": False,
+        },
+    ),
     "linear probe, 224 px, last layer, no stain": (
         "default",
         {"model.input_size": None, "model.feature_layer": "last", "stain.method": "none"},
