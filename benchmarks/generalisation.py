@@ -81,6 +81,23 @@ CONFIGS: dict[str, tuple[str, dict]] = {
             "augment.enabled": False,
         },
     ),
+    "fine-tune the last stage (blocks.5) at 224 px, stain + geometric aug, MixUp 0.4 / CutMix "
+    "1.0, 5 epochs": (
+        "default",
+        {
+            "model.head": "mlp",
+            "model.unfreeze": 1,
+            "model.input_size": None,
+            "model.feature_layer": "blocks.2,blocks.5",
+            "train.optimizer": "adam",
+            "train.lr": 1e-3,
+            "train.epochs": 5,
+            "train.mixup": 0.4,
+            "train.cutmix": 1.0,
+            "augment.enabled": True,
+            "augment.stain": True,
+        },
+    ),
     "linear probe, 224 px, last layer, no stain": (
         "default",
         {"model.input_size": None, "model.feature_layer": "last", "stain.method": "none"},
@@ -111,6 +128,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "default + probe on the mean of the clean and 4 stain-jittered views": (
         "default",
         {"train.probe_views": 4, "augment.enabled": False, "augment.stain": True},
+    ),
+    "default, but the haematoxylin channel only (macenko-h: Macenko, eosin left out)": (
+        "default",
+        {"stain.method": "macenko-h"},
     ),
     "default, but EfficientNet-Lite1 (240-px tiles)": (
         "default",

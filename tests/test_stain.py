@@ -205,10 +205,34 @@ def test_normalisation_makes_differently_stained_images_alike(method, reference)
     assert _colour_spread(out) < 0.5 * _colour_spread(batch)
 
 
+def test_macenko_h_keeps_the_haematoxylin_of_the_full_normalisation_and_drops_the_eosin(
+    reference, targets
+):
+    full = StainNormalizer("macenko").fit(reference)
+    h_only = StainNormalizer("macenko-h").fit(reference)
+    torch.testing.assert_close(h_only.stain_matrix, full.stain_matrix)
+    out, fell_back = h_only(targets.float() / 255)
+    assert not fell_back.any()
+    od = -torch.log((out * 255 / 240).clamp_min(1e-6)).permute(0, 2, 3, 1).reshape(-1, 3)
+    h = full.stain_matrix[:, 0]
+    inked = od @ h / h.norm() > 0.1  # pixels the stain reaches (not white background)
+    assert inked.float().mean() > 0.3
+    # Every stained pixel's optical density lies along the reference haematoxylin vector.
+    cosine = (od[inked] @ h) / od[inked].norm(dim=1) / h.norm()
+    assert cosine.min() > 0.995
+    # ... and with the same haematoxylin amount as the full normalisation recomposes.
+    full_out, _ = full(targets.float() / 255)
+    assert not torch.allclose(out, full_out, atol=0.05)
+    full_od = -torch.log((full_out * 255 / 240).clamp_min(1e-6)).permute(0, 2, 3, 1)
+    e_free = od.reshape(full_od.shape) @ h / h.dot(h)
+    e_full = (full_od @ torch.linalg.pinv(full.stain_matrix).T)[..., 0]
+    assert (e_free - e_full).abs()[inked.reshape(e_full.shape)].median() < 0.02
+
+
 # ------------------------------------------------------------------------------ API
 
 
-@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+@pytest.mark.parametrize("method", ["macenko", "macenko-h", "reinhard"])
 def test_to_dict_round_trip_through_json_gives_identical_output(method, reference, targets):
     norm = StainNormalizer(method, beta=0.2).fit(reference)
     state = json.loads(json.dumps(norm.to_dict()))
@@ -233,7 +257,7 @@ def test_bad_state_raises_config_error():
 
 
 def test_unknown_method_names_the_valid_choices():
-    with pytest.raises(ConfigError, match="macenko, reinhard"):
+    with pytest.raises(ConfigError, match="macenko, macenko-h, reinhard"):
         StainNormalizer("macenkoo")
 
 

@@ -52,7 +52,7 @@ Decorator = Callable[[F], F]
 MAGNIFICATIONS = ("40", "100", "200", "400")
 MAGNIFICATION_CHOICES = (*MAGNIFICATIONS, "all")
 TASK_CHOICES = ("binary", "subtype")
-STAIN_NORM_CHOICES = ("none", "macenko", "reinhard")
+STAIN_NORM_CHOICES = ("none", "macenko", "macenko-h", "reinhard")
 RECIPE_CHOICES = ("default", "original")
 GROUP_BY_CHOICES = ("group", "patient")
 # histolens.onnx_backend.ONNX_RUNTIMES, repeated so that --help does not import torch.
@@ -258,11 +258,12 @@ def config_option() -> Decorator:
 
 
 def stain_norm_option() -> Decorator:
-    """``--stain-norm``: none, macenko or reinhard."""
+    """``--stain-norm``: none, macenko, macenko-h (haematoxylin only) or reinhard."""
     return click.option(
         "--stain-norm",
         type=click.Choice(STAIN_NORM_CHOICES),
-        help="Stain normalisation of every image (default: the recipe's).",
+        help="Stain normalisation of every image; macenko-h: Macenko, haematoxylin only "
+        "(default: the recipe's).",
     )
 
 

@@ -123,7 +123,9 @@ class StainConfig:
     reference: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice("stain normalisation", self.method, ["none", "macenko", "reinhard"])
+        check_choice(
+            "stain normalisation", self.method, ["none", "macenko", "macenko-h", "reinhard"]
+        )
 
 
 @dataclass

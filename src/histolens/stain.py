@@ -1,4 +1,4 @@
-"""Batched H&E stain normalisation (Macenko, Reinhard) in torch: :class:`StainNormalizer`.
+"""Batched H&E stain normalisation (Macenko, Macenko haematoxylin-only, Reinhard): StainNormalizer.
 
 The maths (in :mod:`histolens.stain_math`) follows torchstain, which the tests use as the oracle,
 but runs as batched tensor operations, with no per-image Python loop. It never raises on a bad
@@ -37,19 +37,23 @@ from histolens.stain_math import (
 
 __all__ = ["STAIN_METHODS", "StainNormalizer"]
 
-STAIN_METHODS = ("macenko", "reinhard")
+STAIN_METHODS = ("macenko", "macenko-h", "reinhard")
+# Fitted like Macenko; "macenko-h" then recomposes the haematoxylin concentration alone.
+_MACENKO_FAMILY = ("macenko", "macenko-h")
 
 
 class StainNormalizer:
     """Maps every image of a batch to the stain appearance of one reference image.
 
     Macenko estimates each image's haematoxylin/eosin OD vectors and recomposes its stain
-    concentrations with the reference's vectors; Reinhard matches per-channel CIE L*a*b*
-    mean and std. Tiles that cannot be normalised are returned unchanged and flagged, and
+    concentrations with the reference's vectors; "macenko-h" recomposes the haematoxylin
+    concentration alone (nuclei and their texture in the reference's haematoxylin colour, the
+    eosin left out); Reinhard matches per-channel CIE L*a*b* mean and std. Tiles that cannot
+    be normalised are returned unchanged (in colour, for "macenko-h" too) and flagged, and
     ``fallbacks`` / ``seen`` count them across calls.
 
     Args:
-        method: ``"macenko"`` or ``"reinhard"``.
+        method: ``"macenko"``, ``"macenko-h"`` or ``"reinhard"``.
         io: transmitted light intensity (0..255 scale) for optical density.
         alpha: percentile (0..100) of the stain angles taken as the stain extremes (Macenko).
         beta: OD below which a pixel counts as background in any channel.
@@ -83,7 +87,7 @@ class StainNormalizer:
     @property
     def fitted(self) -> bool:
         """True once a reference has been fitted or loaded."""
-        if self.method == "macenko":
+        if self.method in _MACENKO_FAMILY:
             return self.stain_matrix is not None and self.max_concentrations is not None
         return self.lab_mean is not None and self.lab_std is not None
 
@@ -107,7 +111,7 @@ class StainNormalizer:
                 f"normalisation: at least {MIN_TISSUE_PIXELS} pixels and "
                 f"{MIN_TISSUE_FRACTION:.0%} of the image must be stained; choose another."
             )
-        if self.method == "macenko":
+        if self.method in _MACENKO_FAMILY:
             he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
             if not bool(ok[0]):
                 raise DataError(
@@ -145,7 +149,7 @@ class StainNormalizer:
             od = _optical_density(pixels, self.io)
             if not bool(finite[0]):
                 continue
-            if self.method == "macenko":
+            if self.method in _MACENKO_FAMILY:
                 he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
                 if bool(ok[0]):
                     firsts.append(he[0])
@@ -163,7 +167,7 @@ class StainNormalizer:
             )
         first = torch.stack(firsts).median(dim=0).values
         second = torch.stack(seconds).median(dim=0).values
-        if self.method == "macenko":
+        if self.method in _MACENKO_FAMILY:
             self.stain_matrix = first / first.norm(dim=0, keepdim=True).clamp_min(1e-8)
             self.max_concentrations = second
         else:
@@ -202,7 +206,7 @@ class StainNormalizer:
         """Normalise one chunk; returns (B, 3, N) pixels and the (B,) success mask."""
         pixels, ok = _pixels(batch)
         od = _optical_density(pixels, self.io)
-        if self.method == "macenko":
+        if self.method in _MACENKO_FAMILY:
             normalised, fitted = self._macenko(od)
         else:
             normalised, fitted = self._reinhard(pixels, od)
@@ -213,6 +217,8 @@ class StainNormalizer:
 
     def _macenko(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, conc, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
+        if self.method == "macenko-h":  # (B, 2, N): haematoxylin first; no eosin
+            conc = torch.cat((conc[:, :1], torch.zeros_like(conc[:, 1:])), dim=1)
         ratio = self.max_concentrations.to(od) / max_conc.clamp_min(_MIN_MAX_CONCENTRATION)
         # Rescaling the concentrations to the reference maxima is folded into the stain matrix.
         mixing = self.stain_matrix.to(od) * ratio.unsqueeze(1)  # (B, 3, 2)
@@ -243,7 +249,7 @@ class StainNormalizer:
             "alpha": self.alpha,
             "beta": self.beta,
         }
-        if self.method == "macenko" and self.fitted:
+        if self.method in _MACENKO_FAMILY and self.fitted:
             state["stain_matrix"] = self.stain_matrix.double().tolist()
             state["max_concentrations"] = self.max_concentrations.double().tolist()
         elif self.method == "reinhard" and self.fitted:
@@ -258,10 +264,11 @@ class StainNormalizer:
             raise ConfigError("Stain normalisation state must be a dict with a 'method' key.")
         params = {k: state[k] for k in ("io", "alpha", "beta") if k in state}
         norm = cls(state["method"], **params)
-        expected = {
-            "macenko": {"stain_matrix": (3, 2), "max_concentrations": (2,)},
-            "reinhard": {"lab_mean": (3,), "lab_std": (3,)},
-        }[norm.method]
+        expected = (
+            {"stain_matrix": (3, 2), "max_concentrations": (2,)}
+            if norm.method in _MACENKO_FAMILY
+            else {"lab_mean": (3,), "lab_std": (3,)}
+        )
         present = [key for key in expected if key in state]
         if not present:
             return norm

@@ -46,7 +46,7 @@ def choose_reference(
     Args:
         images: a (B, 3, H, W) batch or a list of (3, H, W) tensors (uint8 or [0, 1] float;
             sizes may differ).
-        method: ``"macenko"`` or ``"reinhard"``.
+        method: ``"macenko"``, ``"macenko-h"`` or ``"reinhard"``.
 
     Raises:
         DataError: there are no images, or none of them can be fitted.
@@ -106,7 +106,7 @@ def _reference_features(
     for group, batch in chunks:
         pixels, ok = _pixels(batch)
         od = _optical_density(pixels, io)
-        if method == "macenko":
+        if method.startswith("macenko"):
             he, _, _, fitted = _macenko_fit(od, alpha, beta)
             feats = he.flatten(1)
         else:
