@@ -114,23 +114,35 @@ def test_cutmix_of_features_is_refused():
         mix_batch(x, t, w, 0.0, 1.0, batch_generator(0, 0, 0))
 
 
-def test_binary_class_weights_become_mixed_per_sample_weights():
+def test_binary_class_weights_weight_each_class_share_of_a_mixed_target():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 0, 1, 1, 1])
     class_w = torch.tensor([2.0, 0.5])
     mixed = mix_labelled_batch(x, y, class_w, 1, 0.1, 0.4, 0.0, batch_generator(0, 0, 1))
     lam, perm = mixed.lam, mixed.perm
-    torch.testing.assert_close(mixed.weights, lam * class_w[y] + (1 - lam) * class_w[y[perm]])
+    assert mixed.weights is None
     soft = y.float() * 0.9 + 0.05
     torch.testing.assert_close(mixed.targets, lam * soft + (1 - lam) * soft[perm])
     logits = torch.randn(5, 1, generator=torch.Generator().manual_seed(2))
-    manual = -(
-        mixed.targets * F.logsigmoid(logits[:, 0])
-        + (1 - mixed.targets) * F.logsigmoid(-logits[:, 0])
+    t, z = mixed.targets, logits[:, 0]
+    manual = -(0.5 * t * F.logsigmoid(z) + 2.0 * (1 - t) * F.logsigmoid(-z)).mean()
+    loss = soft_target_loss(logits, t, None, class_w)
+    assert float(loss) == pytest.approx(float(manual), rel=1e-5)
+    # The binary form of softmax cross-entropy with class weights, as for several logits.
+    two = torch.cat([torch.zeros_like(logits), logits], dim=1)
+    as_softmax = F.cross_entropy(two, torch.stack([1 - t, t], 1), weight=class_w)
+    assert float(loss) == pytest.approx(float(as_softmax), rel=1e-5)
+    # A benign/malignant pair at lam 0.5 is pulled towards the rarer (heavier) class.
+    half = torch.tensor([0.5])
+    best = min(
+        torch.linspace(-4, 4, 801),
+        key=lambda v: float(soft_target_loss(v.view(1, 1), half, None, class_w)),
     )
-    loss = soft_target_loss(logits, mixed.targets, mixed.weights, class_w)
-    assert float(loss) == pytest.approx(float((manual * mixed.weights).mean()), rel=1e-5)
-    # Several logits: the class weights stay per class, for F.cross_entropy's ``weight``.
+    assert torch.sigmoid(best) == pytest.approx(0.2, abs=0.01)
+    # Hard labels: each sample's loss times its class weight, as before mixing existed.
+    hard = soft_target_loss(logits, y.float(), None, class_w)
+    bce = F.binary_cross_entropy_with_logits(z, y.float(), weight=class_w[y])
+    assert float(hard) == pytest.approx(float(bce), rel=1e-5)
     multi = mix_labelled_batch(x, y, class_w, 2, 0.0, 0.4, 0.0, batch_generator(0, 0, 1))
     assert multi.weights is None and multi.targets.shape == (5, 2)
 

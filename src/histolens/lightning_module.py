@@ -112,10 +112,8 @@ def _lightning_module_class():
             self, logits: torch.Tensor, y: torch.Tensor, weighted: bool, smoothing: float = 0.0
         ) -> torch.Tensor:
             w = self.class_weights if weighted and self.cfg.train.class_weights else None
-            if self.binary:
-                sample_w = w[y.long()] if w is not None else None
-                target = soft_targets(y, 1, smoothing)
-                return F.binary_cross_entropy_with_logits(logits[:, 0], target, weight=sample_w)
+            if self.binary:  # w[y] * BCE for hard labels; per class for smoothed ones
+                return soft_target_loss(logits, soft_targets(y, 1, smoothing), class_weights=w)
             return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=smoothing)
 
         def training_step(self, batch, batch_idx):

@@ -61,11 +61,18 @@ def soft_target_loss(
     sample_weights: torch.Tensor | None = None,
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy against probability targets: binary cross-entropy with per-sample weights
-    for a one-logit head, else softmax cross-entropy with per-class weights."""
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], targets, weight=sample_weights)
-    return F.cross_entropy(logits, targets, weight=class_weights)
+    """Cross-entropy against probability targets, each class's share weighted by its class
+    weight: for a one-logit head ``-(w1 t log p + w0 (1 - t) log(1 - p))``, the binary form of
+    ``F.cross_entropy(logits, targets, weight=class_weights)`` used for several logits. A mixed
+    pair of classes is thus pulled towards the rarer class, as the two unmixed samples would be.
+    ``sample_weights`` (one-logit head, no class weights) multiply each sample's loss instead."""
+    if logits.shape[1] > 1:
+        return F.cross_entropy(logits, targets, weight=class_weights)
+    z = logits[:, 0]
+    if class_weights is None:
+        return F.binary_cross_entropy_with_logits(z, targets, weight=sample_weights)
+    w0, w1 = class_weights[0], class_weights[1]
+    return -(w1 * targets * F.logsigmoid(z) + w0 * (1 - targets) * F.logsigmoid(-z)).mean()
 
 
 def mix_batch(
@@ -116,15 +123,14 @@ def mix_labelled_batch(
     cutmix: float,
     generator: torch.Generator,
 ) -> Mixed | None:
-    """:func:`mix_batch` of a labelled batch: the labels become smoothed probability targets and,
-    for a one-logit head, the class weights per-sample weights, mixed with the inputs. A
-    several-logit head's class weights stay per class (pass them to :func:`soft_target_loss`)."""
+    """:func:`mix_batch` of a labelled batch: the labels become smoothed probability targets,
+    mixed with the inputs. The class weights stay per class: pass them to
+    :func:`soft_target_loss`, which weights each class's share of a mixed target."""
+    del class_weights  # applied per class by soft_target_loss, not per sample
     if len(x) < 2 or not (mixup > 0 or cutmix > 0):
         return None
     targets = soft_targets(y, n_outputs, smoothing)
-    binary = n_outputs == 1 and class_weights is not None
-    sample_weights = class_weights[y.long()] if binary else None
-    return mix_batch(x, targets, sample_weights, mixup, cutmix, generator)
+    return mix_batch(x, targets, None, mixup, cutmix, generator)
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:
