@@ -112,3 +112,14 @@ def test_resume_refuses_a_folder_with_nothing_to_resume(synth_small, tmp_path):
         r"error: \S+ is a finished linear-probe run, .* nothing to resume .*new --out\.\n",
         result.output,
     )
+
+
+def test_resume_does_not_check_the_flags_it_ignores(tmp_path):
+    """--resume trains on the saved config, so a flag that would be refused on a new run (MixUp
+    with the default linear head) only gets the note that it is ignored."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["train", "--resume", str(empty), "--mixup", "0.4"])
+    assert result.exit_code == 1
+    assert "only --epochs is applied" in result.output
+    assert "has no config.json" in result.output and "--head mlp" not in result.output

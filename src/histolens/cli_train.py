@@ -184,7 +184,12 @@ def train_command(data_path, out, resume, recipe, config_file, quiet, **flags):
         extra["data.path"] = str(data_path)
     if flags.get("seed") is not None:
         extra["train.seed"] = flags["seed"]
-    cfg = _run_config(recipe, config_file, flags, extra)
+    # --resume trains on the run's saved config: the flags it ignores are not checked either.
+    cfg = (
+        _run_config(recipe, None, {}, {})
+        if resume
+        else _run_config(recipe, config_file, flags, extra)
+    )
     if resume is not None:
         out = resume
     elif out is None:
