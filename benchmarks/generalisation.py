@@ -129,6 +129,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "default",
         {"train.probe_views": 4, "augment.enabled": False, "augment.stain": True},
     ),
+    "default, but native resolution: 460x700 (BreakHis's own size), more 224-px tiles": (
+        "default",
+        {"model.input_size": (460, 700)},
+    ),
     "default, but the haematoxylin channel only (macenko-h: Macenko, eosin left out)": (
         "default",
         {"stain.method": "macenko-h"},
