@@ -42,6 +42,14 @@ SCORED_MAGNIFICATION = 100
 
 # Each lever as config overrides of the default recipe (or of the original recipe).
 BASE = {"model.backbone": "tf_efficientnet_lite0", "model.pretrained": "imagenet"}
+# The MLP head trained to convergence on the default's features (cached: no augmentation).
+MLP = {
+    "model.head": "mlp",
+    "model.feature_layer": "blocks.2,blocks.5",
+    "train.optimizer": "adam",
+    "train.lr": 1e-3,
+    "augment.enabled": False,
+}
 CONFIGS: dict[str, tuple[str, dict]] = {
     "previous default: MLP head, SGD 1e-4, 224 px, last layer": (
         "original",
@@ -49,48 +57,24 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "MLP head, Adam 1e-3, no aug, 294x448 tiles, blocks.2+5, Macenko": (
         "default",
-        {
-            "model.head": "mlp",
-            "model.feature_layer": "blocks.2,blocks.5",
-            "train.optimizer": "adam",
-            "train.lr": 1e-3,
-            "augment.enabled": False,
-        },
+        MLP,
     ),
     "MLP head, Adam 1e-3, no aug, tiles, blocks.2+5, Macenko, + weight decay 1e-4, label "
     "smoothing 0.1": (
         "default",
-        {
-            "model.head": "mlp",
-            "model.feature_layer": "blocks.2,blocks.5",
-            "train.optimizer": "adam",
-            "train.lr": 1e-3,
-            "train.weight_decay": 1e-4,
-            "train.label_smoothing": 0.1,
-            "augment.enabled": False,
-        },
+        {**MLP, "train.weight_decay": 1e-4, "train.label_smoothing": 0.1},
     ),
     "MLP head, Adam 1e-3, no aug, tiles, blocks.2+5, Macenko, + MixUp 0.4 of cached features": (
         "default",
-        {
-            "model.head": "mlp",
-            "model.feature_layer": "blocks.2,blocks.5",
-            "train.optimizer": "adam",
-            "train.lr": 1e-3,
-            "train.mixup": 0.4,
-            "augment.enabled": False,
-        },
+        {**MLP, "train.mixup": 0.4},
     ),
     "fine-tune the last stage (blocks.5) at 224 px, stain + geometric aug, MixUp 0.4 / CutMix "
     "1.0, 5 epochs": (
         "default",
         {
-            "model.head": "mlp",
+            **MLP,
             "model.unfreeze": 1,
             "model.input_size": None,
-            "model.feature_layer": "blocks.2,blocks.5",
-            "train.optimizer": "adam",
-            "train.lr": 1e-3,
             "train.epochs": 5,
             "train.mixup": 0.4,
             "train.cutmix": 1.0,

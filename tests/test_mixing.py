@@ -105,7 +105,7 @@ def test_a_batch_of_one_or_nothing_switched_on_is_left_unmixed():
     assert mix_batch(x, t, w, 0.4, 1.0, batch_generator(0, 0, 0)) is None
     x, t, w = _batch((4, 3, 8, 8))
     assert mix_batch(x, t, w, 0.0, 0.0, batch_generator(0, 0, 0)) is None
-    assert mix_labelled_batch(x[:1], torch.tensor([1]), w, 1, 0.1, 0.4, 0.0, None) is None
+    assert mix_labelled_batch(x[:1], torch.tensor([1]), 1, 0.1, 0.4, 0.0, None) is None
 
 
 def test_cutmix_of_features_is_refused():
@@ -118,7 +118,7 @@ def test_binary_class_weights_weight_each_class_share_of_a_mixed_target():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 0, 1, 1, 1])
     class_w = torch.tensor([2.0, 0.5])
-    mixed = mix_labelled_batch(x, y, class_w, 1, 0.1, 0.4, 0.0, batch_generator(0, 0, 1))
+    mixed = mix_labelled_batch(x, y, 1, 0.1, 0.4, 0.0, batch_generator(0, 0, 1))
     lam, perm = mixed.lam, mixed.perm
     assert mixed.weights is None
     soft = y.float() * 0.9 + 0.05
@@ -143,7 +143,7 @@ def test_binary_class_weights_weight_each_class_share_of_a_mixed_target():
     hard = soft_target_loss(logits, y.float(), None, class_w)
     bce = F.binary_cross_entropy_with_logits(z, y.float(), weight=class_w[y])
     assert float(hard) == pytest.approx(float(bce), rel=1e-5)
-    multi = mix_labelled_batch(x, y, class_w, 2, 0.0, 0.4, 0.0, batch_generator(0, 0, 1))
+    multi = mix_labelled_batch(x, y, 2, 0.0, 0.4, 0.0, batch_generator(0, 0, 1))
     assert multi.weights is None and multi.targets.shape == (5, 2)
 
 
@@ -168,7 +168,7 @@ def test_training_step_trains_on_the_mixed_batch(n_classes):
         x = feats[:, 0]  # epoch 0 trains on view 0
         w = torch.tensor(weights)
         n_out = 1 if n_classes == 2 else n_classes
-        mixed = mix_labelled_batch(x, y, w, n_out, 0.1, 0.4, 0.0, batch_generator(42, 0, 4))
+        mixed = mix_labelled_batch(x, y, n_out, 0.1, 0.4, 0.0, batch_generator(42, 0, 4))
         want = soft_target_loss(model.head(mixed.inputs), mixed.targets, mixed.weights, w)
         unmixed = module._loss(model.head(x), y, weighted=True, smoothing=0.1)
     assert float(loss) == pytest.approx(float(want), rel=1e-5)

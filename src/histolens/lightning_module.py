@@ -122,7 +122,7 @@ def _lightning_module_class():
             w = self.class_weights if t.class_weights else None
             gen = batch_generator(t.seed, self.current_epoch, batch_idx)
             mixed = mix_labelled_batch(
-                x, y, w, self.n_outputs, t.label_smoothing, t.mixup, t.cutmix, gen
+                x, y, self.n_outputs, t.label_smoothing, t.mixup, t.cutmix, gen
             )
             if mixed is None:
                 loss = self._loss(self._forward(x), y, weighted=True, smoothing=t.label_smoothing)

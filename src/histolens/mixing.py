@@ -116,7 +116,6 @@ def mix_batch(
 def mix_labelled_batch(
     x: torch.Tensor,
     y: torch.Tensor,
-    class_weights: torch.Tensor | None,
     n_outputs: int,
     smoothing: float,
     mixup: float,
@@ -124,9 +123,8 @@ def mix_labelled_batch(
     generator: torch.Generator,
 ) -> Mixed | None:
     """:func:`mix_batch` of a labelled batch: the labels become smoothed probability targets,
-    mixed with the inputs. The class weights stay per class: pass them to
-    :func:`soft_target_loss`, which weights each class's share of a mixed target."""
-    del class_weights  # applied per class by soft_target_loss, not per sample
+    mixed with the inputs. Class weights stay per class: :func:`soft_target_loss` weights each
+    class's share of a mixed target."""
     if len(x) < 2 or not (mixup > 0 or cutmix > 0):
         return None
     targets = soft_targets(y, n_outputs, smoothing)

@@ -35,11 +35,11 @@ from histolens.stain_math import (
     _tissue_mask,
 )
 
-__all__ = ["STAIN_METHODS", "StainNormalizer"]
+__all__ = ["MACENKO_METHODS", "STAIN_METHODS", "StainNormalizer"]
 
 STAIN_METHODS = ("macenko", "macenko-h", "reinhard")
 # Fitted like Macenko; "macenko-h" then recomposes the haematoxylin concentration alone.
-_MACENKO_FAMILY = ("macenko", "macenko-h")
+MACENKO_METHODS = ("macenko", "macenko-h")
 
 
 class StainNormalizer:
@@ -87,7 +87,7 @@ class StainNormalizer:
     @property
     def fitted(self) -> bool:
         """True once a reference has been fitted or loaded."""
-        if self.method in _MACENKO_FAMILY:
+        if self.method in MACENKO_METHODS:
             return self.stain_matrix is not None and self.max_concentrations is not None
         return self.lab_mean is not None and self.lab_std is not None
 
@@ -111,7 +111,7 @@ class StainNormalizer:
                 f"normalisation: at least {MIN_TISSUE_PIXELS} pixels and "
                 f"{MIN_TISSUE_FRACTION:.0%} of the image must be stained; choose another."
             )
-        if self.method in _MACENKO_FAMILY:
+        if self.method in MACENKO_METHODS:
             he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
             if not bool(ok[0]):
                 raise DataError(
@@ -149,7 +149,7 @@ class StainNormalizer:
             od = _optical_density(pixels, self.io)
             if not bool(finite[0]):
                 continue
-            if self.method in _MACENKO_FAMILY:
+            if self.method in MACENKO_METHODS:
                 he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
                 if bool(ok[0]):
                     firsts.append(he[0])
@@ -167,7 +167,7 @@ class StainNormalizer:
             )
         first = torch.stack(firsts).median(dim=0).values
         second = torch.stack(seconds).median(dim=0).values
-        if self.method in _MACENKO_FAMILY:
+        if self.method in MACENKO_METHODS:
             self.stain_matrix = first / first.norm(dim=0, keepdim=True).clamp_min(1e-8)
             self.max_concentrations = second
         else:
@@ -206,7 +206,7 @@ class StainNormalizer:
         """Normalise one chunk; returns (B, 3, N) pixels and the (B,) success mask."""
         pixels, ok = _pixels(batch)
         od = _optical_density(pixels, self.io)
-        if self.method in _MACENKO_FAMILY:
+        if self.method in MACENKO_METHODS:
             normalised, fitted = self._macenko(od)
         else:
             normalised, fitted = self._reinhard(pixels, od)
@@ -249,7 +249,7 @@ class StainNormalizer:
             "alpha": self.alpha,
             "beta": self.beta,
         }
-        if self.method in _MACENKO_FAMILY and self.fitted:
+        if self.method in MACENKO_METHODS and self.fitted:
             state["stain_matrix"] = self.stain_matrix.double().tolist()
             state["max_concentrations"] = self.max_concentrations.double().tolist()
         elif self.method == "reinhard" and self.fitted:
@@ -266,7 +266,7 @@ class StainNormalizer:
         norm = cls(state["method"], **params)
         expected = (
             {"stain_matrix": (3, 2), "max_concentrations": (2,)}
-            if norm.method in _MACENKO_FAMILY
+            if norm.method in MACENKO_METHODS
             else {"lab_mean": (3,), "lab_std": (3,)}
         )
         present = [key for key in expected if key in state]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from histolens.errors import DataError, check_choice
-from histolens.stain import STAIN_METHODS
+from histolens.stain import MACENKO_METHODS, STAIN_METHODS
 from histolens.stain_math import (
     _MIN_LAB_STD,
     _as_float_batch,
@@ -106,7 +106,7 @@ def _reference_features(
     for group, batch in chunks:
         pixels, ok = _pixels(batch)
         od = _optical_density(pixels, io)
-        if method.startswith("macenko"):
+        if method in MACENKO_METHODS:
             he, _, _, fitted = _macenko_fit(od, alpha, beta)
             feats = he.flatten(1)
         else:
