@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import (
+from histolens.checkpoint.io import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
     SCHEMA_VERSION,
@@ -26,8 +25,9 @@ from histolens.checkpoint import (
     update_metadata,
 )
 from histolens.errors import CheckpointError
-from histolens.model import build_model
-from histolens.transforms import Preprocess
+from histolens.models.backbones import get_backbone_spec
+from histolens.models.classifier import build_model
+from histolens.models.transforms import Preprocess
 
 META = {
     "backbone": "test_resnet",
@@ -264,7 +264,7 @@ def test_a_version_1_checkpoint_is_migrated_and_still_loads(tmp_path, model):
         oldest.headline_estimate["description"] == "a held-out test split of 6 patients (40 images)"
     )
 
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(path)
     assert predictor.metadata == oldest and predictor.threshold == 0.42

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from histolens.crossval import cross_validate
-from histolens.metrics import HEADLINE_METRICS
+from histolens.stats.metrics import HEADLINE_METRICS
 from histolens.testing import tiny_config
+from histolens.training.crossval import cross_validate
 
 PROBE = {
     "model.head": "linear",

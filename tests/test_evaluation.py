@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from histolens.cli import main
-from histolens.data import discover
+from histolens.cli.commands import main
+from histolens.data.records import discover
 from histolens.errors import DataError
-from histolens.evaluation import evaluate_checkpoint, rows_from_logits
+from histolens.evaluation.evaluate import evaluate_checkpoint, rows_from_logits
 
 
 def test_loader_order_changes_nothing(trained_run, synth_small):
@@ -144,7 +144,7 @@ def test_report_shows_heatmaps_and_faithfulness(trained_run, tmp_path):
 
     from PIL import Image
 
-    from histolens.report import write_report
+    from histolens.report.build import write_report
 
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
@@ -200,7 +200,7 @@ def test_cross_validation_cli(synth_small):
 @pytest.fixture(scope="module")
 def two_magnifications(tmp_path_factory):
     """A manifest of 32 synthetic images of 4 patients: 16 at 100X and the same 16 at 400X."""
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     root = tmp_path_factory.mktemp("cohort")
     lines = []
@@ -221,7 +221,7 @@ def two_magnifications(tmp_path_factory):
 
 
 def test_records_for_evaluation_keeps_one_magnification(tmp_path, two_magnifications):
-    from histolens.evaluation import records_for_evaluation
+    from histolens.evaluation.evaluate import records_for_evaluation
     from histolens.testing import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "m.safetensors")  # trained on every magnification

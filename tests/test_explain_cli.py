@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from histolens.explain.cli import explain_command
+from histolens.cli.explain import explain_command
 from histolens.explain.faithfulness import (
     deletion_insertion_auc,
     mask_iou,
@@ -190,8 +190,8 @@ def test_pointing_game_and_iou():
 @pytest.mark.slow
 def test_trained_gradcam_beats_random_on_the_pointing_game(tmp_path):
     """A Lite0 model trained on synthetic data points at the lesion more often than chance."""
-    from histolens import synth
-    from histolens.cli import main
+    from histolens.cli.commands import main
+    from histolens.data import synth
 
     data = tmp_path / "data"
     synth.generate_synthetic(data, n=96, seed=5)
@@ -246,7 +246,7 @@ def test_trained_gradcam_beats_random_on_the_pointing_game(tmp_path):
 def test_split_option_explains_the_runs_test_images(trained_run, tmp_path):
     from click.testing import CliRunner
 
-    from histolens.explain.cli import explain_command
+    from histolens.cli.explain import explain_command
 
     run, _ = trained_run
     out = tmp_path / "x"

@@ -14,20 +14,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from histolens.cli import main
-from histolens.cli_options import ONNX_RUNTIME_CHOICES
-from histolens.data import discover
+from histolens.cli.commands import main
+from histolens.cli.options import ONNX_RUNTIME_CHOICES
+from histolens.data.records import discover
+from histolens.data.splits import load_split_csv, split_by_patient
 from histolens.errors import CheckpointError, ConfigError
-from histolens.export import export_onnx
+from histolens.export.onnx import export_onnx
 from histolens.gui.model_info import ModelInfo
-from histolens.onnx_backend import (
+from histolens.inference.predictor import Predictor
+from histolens.inference.runtimes import (
     ONNX_RUNTIMES,
     RUNTIME_ENV,
     OnnxRunner,
     OpenVinoRunner,
 )
-from histolens.predictor import Predictor
-from histolens.splits import load_split_csv, split_by_patient
 from histolens.testing import make_checkpoint, plain_onnx
 
 
@@ -229,7 +229,7 @@ def test_cli_predict_on_openvino_writes_the_default_csv(run, onnx_path, tmp_path
 
 
 def test_a_predict_run_is_resumed_on_the_runtime_it_was_started_on(run, onnx_path, tmp_path):
-    from histolens.batch_predict import PredictionJob
+    from histolens.inference.batch import PredictionJob
 
     class Stop(Exception):
         pass

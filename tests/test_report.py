@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from histolens.checkpoint import update_metadata
-from histolens.report import write_report
+from histolens.checkpoint.io import update_metadata
+from histolens.report.build import write_report
 from histolens.testing import make_checkpoint
 
 

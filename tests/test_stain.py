@@ -13,11 +13,11 @@ import torchstain
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 
-from histolens import stain_math
 from histolens.errors import ConfigError, DataError
-from histolens.stain import StainNormalizer
-from histolens.stain_augment import StainAugmenter
-from histolens.stain_reference import choose_reference
+from histolens.stain import math as stain_math
+from histolens.stain.augment import StainAugmenter
+from histolens.stain.normalize import StainNormalizer
+from histolens.stain.reference import choose_reference
 
 # Ruifrok & Johnston's haematoxylin and eosin OD vectors.
 H_STAIN = torch.tensor([0.65, 0.70, 0.29])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
 from histolens.testing import make_checkpoint, make_tissue_image
 
 
@@ -114,7 +114,7 @@ def test_model_info_shows_checkpoint_metadata_and_test_metrics(client):
 def test_model_info_returns_the_estimate_and_no_server_path(tmp_path, estimate):
     from fastapi.testclient import TestClient
 
-    from histolens.checkpoint import update_metadata
+    from histolens.checkpoint.io import update_metadata
     from histolens.web.app import create_app
 
     data_dir = tmp_path / "private" / "breakhis-dev"

@@ -8,8 +8,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from histolens.cli.web import serve_command
 from histolens.errors import CheckpointError
-from histolens.web.cli import serve_command
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_unusable_checkpoint_fails_before_serving(tmp_path, captured_run):
 def test_help_imports_neither_torch_nor_fastapi():
     code = (
         "import sys; from click.testing import CliRunner; "
-        "from histolens.web.cli import serve_command; "
+        "from histolens.cli.web import serve_command; "
         "r = CliRunner().invoke(serve_command, ['--help']); assert r.exit_code == 0; "
         "assert '--max-batch' in r.output; "
         "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules))"

@@ -4,7 +4,7 @@
 registered target layer, LIME / Kernel SHAP over SLIC superpixels and Integrated Gradients
 through Captum. Each method is one entry of ``EXPLANATION_METHODS`` (``get_method(name)``),
 which every front end reads. The Explainer returns arrays only; ``histolens explain``
-(``explain.cli``) writes files.
+(``histolens.cli.explain``) writes files.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy (PEP 562): importing histolens.explain.cli for `histolens --help` must not load torch.
+    # Lazy (PEP 562): importing histolens.cli.explain for `histolens --help` must not load torch.
     if name in _LAZY:
         import importlib
 

@@ -16,6 +16,7 @@ from tkinter import filedialog, ttk
 
 from PIL import Image
 
+from histolens.data.imageio import IMAGE_SUFFIXES
 from histolens.gui.display import (
     DEFAULT_OPACITY,
     RESEARCH_NOTICE,
@@ -28,7 +29,6 @@ from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
 from histolens.gui.presenter import Presenter
 from histolens.gui.style import apply_style
 from histolens.gui.widgets import ImagesArea
-from histolens.imageio import IMAGE_SUFFIXES
 
 __all__ = ["ViewerApp", "run_app"]
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from histolens.gui.model_info import ModelInfo
-    from histolens.predictor import Prediction
+    from histolens.inference.predictor import Prediction
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -143,7 +143,9 @@ def _sentence(text: str | None) -> str:
 
 
 def _ood_message() -> str:
-    from histolens.ood import OOD_MESSAGE  # imported when a prediction exists (torch is loaded)
+    from histolens.inference.ood import (
+        OOD_MESSAGE,  # imported when a prediction exists (torch is loaded)
+    )
 
     return OOD_MESSAGE
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histolens.data import magnification_from_path
+from histolens.data.imageio import load_rgb
+from histolens.data.records import magnification_from_path
 from histolens.errors import did_you_mean
 from histolens.explain._methods import EXPLANATION_METHODS
 from histolens.gui.display import (
@@ -23,7 +24,6 @@ from histolens.gui.display import (
     method_label,
 )
 from histolens.gui.jobs import BackgroundJobs, report_error
-from histolens.imageio import load_rgb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from histolens.explain import Explanation
     from histolens.gui.model_info import LoadedModel
-    from histolens.predictor import Prediction
+    from histolens.inference.predictor import Prediction
 
 __all__ = ["SINGLE_PASS_METHODS", "ImageInspector"]
 

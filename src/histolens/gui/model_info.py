@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from histolens.checkpoint import TrainingData
+    from histolens.checkpoint.io import TrainingData
     from histolens.explain import Explainer
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
 __all__ = ["LoadedModel", "ModelInfo"]
 
@@ -40,7 +40,7 @@ class ModelInfo:
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ModelInfo:
-        from histolens.performance import is_from_metrics, performance_lines
+        from histolens.evaluation.performance import is_from_metrics, performance_lines
 
         meta = predictor.metadata
         estimate = meta.headline_estimate if meta is not None else None

@@ -40,7 +40,7 @@ from histolens.gui.model_info import LoadedModel, ModelInfo
 
 if TYPE_CHECKING:
     from histolens.explain import Explainer
-    from histolens.predictor import Prediction, Predictor
+    from histolens.inference.predictor import Prediction, Predictor
 
 __all__ = [
     "BATCH_CHUNK",
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 
 def _load_predictor(path: str) -> Predictor:
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     return Predictor.from_checkpoint(path)
 

@@ -17,7 +17,7 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from histolens.imageio import MAX_PIXELS
+from histolens.data.imageio import MAX_PIXELS
 from histolens.web.errors import install_error_handlers
 from histolens.web.guard import RequestGuard
 from histolens.web.model_info import NOTICE
@@ -26,7 +26,7 @@ from histolens.web.service import ModelService
 from histolens.web.settings import DEFAULT_MAX_UPLOAD_BYTES, ServiceSettings
 
 if TYPE_CHECKING:
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
 __all__ = ["NOTICE", "create_app"]
 

@@ -58,7 +58,7 @@ class InferenceWorker:
     """Runs a Predictor (and, on demand, an Explainer) on one worker thread.
 
     Args:
-        predictor: a loaded :class:`histolens.predictor.Predictor`.
+        predictor: a loaded :class:`histolens.inference.predictor.Predictor`.
         max_queue: jobs that may wait; one more is refused with :class:`QueueFullError`.
         max_batch: images per ``predict_images`` call; 1 turns micro-batching off.
         batch_wait_ms: how long the worker waits for more jobs after the first one of a batch.
