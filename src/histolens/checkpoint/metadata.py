@@ -245,16 +245,6 @@ class CheckpointMetadata:
         return self.class_names[1] if self.is_binary else None
 
     @property
-    def headline_estimate(self) -> dict[str, Any] | None:
-        """The figures to quote, with their 95% CIs: the stored estimate on unseen patients, or
-        an older checkpoint's metrics labelled as what they are; None when nothing is stored."""
-        from histolens.evaluation.performance import checkpoint_estimate
-
-        return checkpoint_estimate(
-            self.estimate, self.metrics, self.class_names, self.task, self.threshold
-        )
-
-    @property
     def stain_method(self) -> str:
         """The stain normalisation the model expects ('none' when it has none)."""
         return str((self.stain or {}).get("method") or "none")

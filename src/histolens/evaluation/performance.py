@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from histolens.checkpoint.metadata import CheckpointMetadata
 
 from histolens.evaluation.estimate import (
     ESTIMATE_KEYS,
@@ -28,6 +31,7 @@ __all__ = [
     "estimate_from_metrics",
     "figure_lines",
     "headline",
+    "headline_estimate",
     "is_from_metrics",
     "measured_on",
     "performance_lines",
@@ -193,10 +197,21 @@ def checkpoint_estimate(
     threshold: float | None,
 ) -> dict[str, Any] | None:
     """A checkpoint's figures to quote: its stored estimate, or else its older test-split
-    ``metrics`` labelled as such, or None (what ``CheckpointMetadata.headline_estimate`` is)."""
+    ``metrics`` labelled as such, or None (what :func:`headline_estimate` quotes)."""
     if isinstance(estimate, dict) and estimate.get("metrics") is not None:
         return estimate
     return estimate_from_metrics(metrics, list(classes), task, _number(threshold))
+
+
+def headline_estimate(meta: CheckpointMetadata | None) -> dict[str, Any] | None:
+    """The figures to quote for a model, with their 95% CIs: the stored estimate on unseen
+    patients, or an older checkpoint's metrics labelled as what they are; None when nothing is
+    stored (or there is no metadata)."""
+    if meta is None:
+        return None
+    return checkpoint_estimate(
+        meta.estimate, meta.metrics, meta.class_names, meta.task, meta.threshold
+    )
 
 
 def support_text(block: dict[str, Any]) -> str:

@@ -40,10 +40,14 @@ class ModelInfo:
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ModelInfo:
-        from histolens.evaluation.performance import is_from_metrics, performance_lines
+        from histolens.evaluation.performance import (
+            headline_estimate,
+            is_from_metrics,
+            performance_lines,
+        )
 
         meta = predictor.metadata
-        estimate = meta.headline_estimate if meta is not None else None
+        estimate = headline_estimate(meta)
         return cls(
             source=str(getattr(predictor, "source", "")),
             model_id=predictor.model_id,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_write_text
-from histolens.evaluation.performance import headline
+from histolens.evaluation.performance import headline, headline_estimate
 from histolens.report.estimate import estimate_section, lead_estimate
 from histolens.report.markup import embedded_image, fmt
 from histolens.report.metrics import headline_cards, metrics_table, refer_section
@@ -107,7 +107,7 @@ def _licence_paragraph(meta: CheckpointMetadata) -> str:
 
 def _model_card(meta: CheckpointMetadata, estimate: dict[str, Any] | None = None) -> str:
     data = meta.data
-    performance = html.escape(headline(estimate if estimate else meta.headline_estimate))
+    performance = html.escape(headline(estimate if estimate else headline_estimate(meta)))
     return f"""
 <p><b>Intended use.</b> Research and education in computational pathology: studying how a
 classifier of H&amp;E breast histopathology images behaves, comparing backbones and training
@@ -157,7 +157,7 @@ def write_report(
     if faith.is_file():
         parts.append(_faithfulness_section(json.loads(faith.read_text())))
     if meta is not None:
-        parts += _model_sections(meta, estimate if own else meta.headline_estimate)
+        parts += _model_sections(meta, estimate if own else headline_estimate(meta))
     doc = (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>histolens report</title>"
         f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{_CSS}</style>"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from histolens.evaluation.estimate import ESTIMATE_KEYS
 from histolens.evaluation.performance import (
     estimate_from_metrics,
+    headline_estimate,
     is_from_metrics,
     measured_on,
     support_text,
@@ -153,7 +154,7 @@ def lead_estimate(
             per_magnification=blocks,
         )
     else:
-        estimate = meta.headline_estimate if meta is not None else None
+        estimate = headline_estimate(meta)
     # Figures of patients held out from training (a test split, out-of-fold predictions) are an
     # estimate on unseen patients; a validation split chose the threshold, so it is not.
     held_out = estimate is not None and (
