@@ -28,6 +28,7 @@ from histolens.atomic import atomic_path
 from histolens.checkpoint import metadata as checkpoint_metadata
 from histolens.checkpoint.metadata import *  # noqa: F403  (re-exported: see ``__all__``)
 from histolens.checkpoint.metadata import CHECKPOINT_FORMAT, CheckpointMetadata
+from histolens.checkpoint.onnx_file import is_onnx_file, read_onnx_metadata
 from histolens.checkpoint.parts import _plain
 from histolens.errors import CheckpointError
 
@@ -150,9 +151,7 @@ def _read_json(p: Path) -> dict[str, Any]:
 def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """The metadata of a checkpoint, without loading its weights (of an ONNX export too)."""
     p = resolve_checkpoint_path(path)
-    if p.suffix.lower() == ".onnx":
-        from histolens.inference.runtimes import read_onnx_metadata
-
+    if is_onnx_file(p):  # the one place that decides "ONNX export or torch checkpoint"
         return read_onnx_metadata(p)
     return CheckpointMetadata.from_dict(_read_json(p), p)
 

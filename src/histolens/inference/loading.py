@@ -98,13 +98,18 @@ def _load_onnx(
     meta, state = read_onnx_export(path)
     spec = get_backbone_spec(meta.backbone)
     return LoadedModel(
-        ExportedTorchModel(spec, meta, path, "cpu"),  # type: ignore[arg-type]
+        ExportedTorchModel(spec, meta, path, "cpu", _torch_module),  # type: ignore[arg-type]
         meta,
         _calibration(state, meta),
         torch.device("cpu"),  # inputs are prepared on the CPU; the runtime places them
         str(Path(path)),
         runner=make_runner(path, device, runtime, from_env=from_env),
     )
+
+
+def _torch_module(path: str | os.PathLike, device: str) -> HistoClassifier:
+    """The torch classifier of a checkpoint: what an ONNX export's heatmaps load."""
+    return load_model(path, device).model
 
 
 def _calibration(

@@ -14,19 +14,28 @@ openvino``, CPU only; faster for EfficientNet-Lite0 on the 2-core CPU of
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+# The export as a file (its metadata, its tensors) belongs to the checkpoint package; re-exported
+# here beside the runners that run it.
+from histolens.checkpoint.onnx_file import (
+    METADATA_KEY,
+    ONNX_SUFFIX,
+    TENSORS_KEY,
+    is_onnx_file,
+    read_onnx_export,
+    read_onnx_metadata,
+)
 from histolens.errors import CheckpointError, ConfigError, check_choice
 
 if TYPE_CHECKING:
-    from histolens.checkpoint.io import CheckpointMetadata
+    from histolens.checkpoint.metadata import CheckpointMetadata
 
 __all__ = [
     "INPUT_NAME",
@@ -46,69 +55,10 @@ __all__ = [
     "read_onnx_metadata",
 ]
 
-ONNX_SUFFIX = ".onnx"
-METADATA_KEY = "histolens"
-TENSORS_KEY = "histolens.tensors"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "features")
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_ENV = "HISTOLENS_ONNX_RUNTIME"
-
-
-def is_onnx_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an ONNX export (by its suffix): it then runs on ONNX Runtime or
-    OpenVINO rather than torch."""
-    return Path(path).suffix.lower() == ONNX_SUFFIX
-
-
-def _load_proto(path: Path):
-    import onnx
-
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable ONNX model ({first}).") from None
-
-
-def read_onnx_export(
-    path: str | os.PathLike,
-) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
-    """The checkpoint metadata and the non-weight tensors stored in an ONNX export."""
-    from histolens.checkpoint.io import CHECKPOINT_FORMAT, CheckpointMetadata
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"Checkpoint {p} does not exist.")
-    props = {entry.key: entry.value for entry in _load_proto(p).metadata_props}
-    if METADATA_KEY not in props:
-        raise CheckpointError(
-            f"{p} is an ONNX model but not a histolens export (no histolens metadata); make one "
-            "with 'histolens export RUN'."
-        )
-    try:
-        raw = json.loads(props[METADATA_KEY])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{p} has corrupt histolens metadata.") from None
-    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{p} is not a histolens export.")
-    meta = CheckpointMetadata.from_dict(raw, p)  # a newer version is refused here
-    if meta.export is None:
-        raise CheckpointError(f"{p} is not a histolens export.")
-    tensors: dict[str, torch.Tensor] = {}
-    if props.get(TENSORS_KEY):
-        from safetensors.torch import load as load_tensors
-
-        try:
-            tensors = load_tensors(base64.b64decode(props[TENSORS_KEY]))
-        except Exception:
-            raise CheckpointError(f"{p} has corrupt histolens tensors.") from None
-    return meta, tensors
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> CheckpointMetadata:
-    """The JSON metadata of an ONNX export (what ``read_metadata`` gives for a checkpoint)."""
-    return read_onnx_export(path)[0]
 
 
 def _providers(device: str | torch.device) -> list:
@@ -302,7 +252,7 @@ def make_runner(
     return OnnxRunner(path, device)
 
 
-_OWN_ATTRIBUTES = frozenset({"_metadata", "_export_path", "_device", "_module", "_lock"})
+_OWN_ATTRIBUTES = frozenset({"_metadata", "_export_path", "_device", "_loader", "_module", "_lock"})
 
 
 class ExportedTorchModel:
@@ -311,13 +261,20 @@ class ExportedTorchModel:
     Heatmaps need gradients, which ONNX Runtime does not give: the first use of anything of the
     module (its backbone, parameters, forward) loads the torch checkpoint the export was made
     from, where it still is (as recorded, or beside the export), and otherwise raises one
-    sentence naming it. ``spec`` (the backbone) is known without loading.
+    sentence naming it. ``spec`` (the backbone) is known without loading; ``loader(path,
+    device)`` builds the torch module of a checkpoint (``histolens.inference.loading`` gives it).
     """
 
     def __init__(
-        self, spec: Any, metadata: CheckpointMetadata, export_path: str | os.PathLike, device: str
+        self,
+        spec: Any,
+        metadata: CheckpointMetadata,
+        export_path: str | os.PathLike,
+        device: str,
+        loader: Callable[[Path, str], torch.nn.Module],
     ) -> None:
         self.spec = spec
+        self._loader = loader
         self._metadata = metadata
         self._export_path = Path(export_path)
         self._device = device
@@ -346,7 +303,6 @@ class ExportedTorchModel:
         with self._lock:
             if self._module is None:
                 from histolens.checkpoint.io import read_metadata
-                from histolens.inference.predictor import Predictor
 
                 path = self._checkpoint()
                 theirs = read_metadata(path)
@@ -358,7 +314,7 @@ class ExportedTorchModel:
                         f"Heatmaps need the torch checkpoint {self._export_path.name} was exported "
                         f"from, and {path} holds another model (model id or save time differ)."
                     )
-                self._module = Predictor.from_checkpoint(path, self._device).model
+                self._module = self._loader(path, self._device)
             return self._module
 
     def __getattr__(self, name: str) -> Any:
