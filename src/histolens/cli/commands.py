@@ -160,6 +160,7 @@ def evaluate(
         write_evaluation,
     )
     from histolens.evaluation.performance import figure_lines, support_text
+    from histolens.report.build import write_report
 
     ckpt, records, where = records_for_evaluation(checkpoint, data_path, split_name, magnification)
     result, skipped = evaluate_checkpoint(
@@ -189,7 +190,8 @@ def evaluate(
         mag = "" if magnification in (None, "all") else f"-{magnification}x"
         out = ckpt.parent / f"evaluation-{split_name}{mag}"
     logs = ckpt.parent / "logs"
-    write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None, checkpoint=ckpt)
+    write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None)
+    write_report(out, evaluation_dir=out, checkpoint=ckpt)
     # Whether the model saw these patients in training, evaluate cannot know of other data:
     # it says what the figures rest on and leaves that judgement to the reader.
     click.echo(f"Evaluated {support_text(estimate)}: {where}.")

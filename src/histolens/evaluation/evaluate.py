@@ -114,7 +114,8 @@ def finalize_run(
     write_outputs: bool = True,
 ) -> dict[str, Any]:
     """After training: fit temperature and threshold on validation, and on the same patients the
-    prediction sets and the out-of-distribution guard; evaluate on test (with referrals), report.
+    prediction sets and the out-of-distribution guard; evaluate on test (with referrals) and, with
+    ``write_outputs``, write ``evaluation/`` (the caller writes the report from it).
 
     ``notes`` given as a list also receives the notes this step adds (an unreliable
     temperature, a calibration that could not be fitted), as the run's result shows them.
@@ -151,7 +152,6 @@ def finalize_run(
             result,
             run_dir / "evaluation",
             logs_dir=run_dir / "logs",
-            report_dir=run_dir,
             notes=notes,
         )
     else:
@@ -345,12 +345,11 @@ def write_evaluation(
     result: EvalResult,
     out_dir: str | os.PathLike,
     logs_dir: str | os.PathLike | None = None,
-    report_dir: str | os.PathLike | None = None,
     notes: Sequence[str] = (),
-    checkpoint: str | os.PathLike | None = None,
 ) -> Path:
-    """metrics.json, predictions.csv and the plots in ``out_dir`` (training curves from
-    ``logs_dir`` when given); then ``report.html`` in ``report_dir`` (default ``out_dir``)."""
+    """metrics.json, predictions.csv, notes.json and the plots in ``out_dir`` (training curves
+    from ``logs_dir`` when given). The report (``histolens.report``) is written from these by
+    whoever orchestrates: the CLI, or training."""
     from histolens.evaluation import plots
 
     out = Path(out_dir)
@@ -389,7 +388,4 @@ def write_evaluation(
         plots.plot_risk_coverage(refer, out / "risk_coverage.png")
     if logs_dir is not None:
         plots.plot_training_curves(logs_dir, out / "training_curves.png")
-    from histolens.report.build import write_report
-
-    write_report(report_dir or out, evaluation_dir=out, checkpoint=checkpoint)  # notes.json
     return out

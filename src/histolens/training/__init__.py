@@ -3,5 +3,5 @@
 Owns ``runner`` (``train``: dispatching a ``RunConfig``), ``data`` (the training records and
 image bank), ``probe*`` (the frozen-feature probe), ``lightning_*`` (fine-tuning), ``crossval``,
 ``mixing`` (MixUp/CutMix) and ``distributed``. May import: everything below it
-(base .. evaluation).
+(base .. evaluation, report).
 """

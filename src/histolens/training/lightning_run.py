@@ -370,4 +370,8 @@ def _finish(run: _LightningRun, trainer, export, epoch_log, opts: RunOptions) ->
             notes=run.notes,  # receives the calibration's notes too
             write_outputs=opts.write_outputs,
         )
+        if opts.write_outputs:
+            from histolens.report.build import write_report
+
+            write_report(run.run_dir, evaluation_dir=run.run_dir / "evaluation")
     return result

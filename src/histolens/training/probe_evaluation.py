@@ -115,6 +115,7 @@ def _write_outputs(
     """Store the estimate and headline in the checkpoint; write the evaluation and the report."""
     from histolens.evaluation.estimate import build_estimate
     from histolens.evaluation.evaluate import _headline, write_evaluation
+    from histolens.report.build import write_report
 
     groups = {r.patient for r in ev.rows}
     description = (
@@ -125,4 +126,5 @@ def _write_outputs(
     summary: dict[str, Any] = {"split": metrics["split"], **_headline(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
     notes = list(notes) + estimate["warnings"]
-    write_evaluation(ev, run_dir / "evaluation", logs_dir=None, report_dir=run_dir, notes=notes)
+    write_evaluation(ev, run_dir / "evaluation", logs_dir=None, notes=notes)
+    write_report(run_dir, evaluation_dir=run_dir / "evaluation")
