@@ -60,7 +60,7 @@ def class_support_warnings(
 
 
 def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
-    from histolens.evaluation.evaluate import EvalResult, compute_metrics
+    from histolens.evaluation.metrics import EvalResult, compute_metrics
     from histolens.stats.metrics import bootstrap_ci
 
     sub = EvalResult(list(rows), result.classes, result.task, result.threshold, result.temperature)
@@ -97,7 +97,7 @@ def build_estimate(
     seed: int = 0,
     per_magnification_boot: int = 500,
 ) -> dict[str, Any]:
-    """The estimate of an :class:`~histolens.evaluation.evaluate.EvalResult`, overall and per magnification.
+    """The estimate of an :class:`~histolens.evaluation.metrics.EvalResult`, overall and per magnification.
 
     Args:
         result: predictions of images whose patients the scoring model never saw.

@@ -47,6 +47,7 @@ __all__ = [
     "compute_metrics",
     "evaluate_checkpoint",
     "finalize_run",
+    "headline_metrics",
     "records_for_evaluation",
     "rows_from_logits",
     "write_evaluation",
@@ -140,7 +141,7 @@ def finalize_run(
     scored = score_records(predictor, split.test or split.val, images, cache, referral.guard, batch)
     n_boot = 1000 if write_outputs else 0
     result = _evaluated(cfg, scored, classes, (temperature, threshold), referral, test_part, n_boot)
-    summary = {"split": test_part, **_headline(result.metrics)}
+    summary = {"split": test_part, **headline_metrics(result.metrics)}
     estimate = None
     # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
     if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
@@ -253,7 +254,7 @@ def _held_out_estimate(result: EvalResult, cfg: RunConfig, test_part: str) -> di
     )
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline metrics, and the secondary and calibration figures, kept in the checkpoint."""
     img = metrics["image"]
     keys = (*HEADLINE_METRICS, "pr_auc", "f1", "brier", "ece", "roc_auc_ovr")

@@ -114,7 +114,7 @@ def _write_outputs(
 ) -> None:
     """Store the estimate and headline in the checkpoint; write the evaluation and the report."""
     from histolens.evaluation.estimate import build_estimate
-    from histolens.evaluation.evaluate import _headline, write_evaluation
+    from histolens.evaluation.evaluate import headline_metrics, write_evaluation
     from histolens.report.build import write_report
 
     groups = {r.patient for r in ev.rows}
@@ -123,7 +123,7 @@ def _write_outputs(
         f" (magnification {cfg.data.magnification})"
     )
     estimate = build_estimate(ev, method, description, n_boot=1000, seed=cfg.data.seed)
-    summary: dict[str, Any] = {"split": metrics["split"], **_headline(metrics)}
+    summary: dict[str, Any] = {"split": metrics["split"], **headline_metrics(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
     notes = list(notes) + estimate["warnings"]
     write_evaluation(ev, run_dir / "evaluation", logs_dir=None, notes=notes)
