@@ -199,7 +199,7 @@ def test_a_magnification_with_too_few_patients_gets_the_most_cautious_quantile()
     within = scores[0, 0] <= fallback
     assert cal.prediction_sets(binary_probs([0.5]), magnifications=[40])[0, 0] == within
     notes: list[str] = []
-    from histolens.training.probe_validation import fit_prediction_sets
+    from histolens.evaluation.referral import fit_prediction_sets
 
     fit_prediction_sets(probs, y, patients.astype(str), CLASSES, 0.1, notes, list(mags))
     assert any("40X (5 patients)" in n for n in notes), notes

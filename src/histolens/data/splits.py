@@ -24,6 +24,7 @@ __all__ = [
     "group_kfold",
     "load_split_csv",
     "split_by_patient",
+    "targets",
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -260,3 +261,9 @@ def load_split_csv(path: str | os.PathLike) -> Split:
     patient_level = all(r.group for recs in parts.values() for r in recs)
     assert_patient_disjoint(parts)
     return Split(parts["train"], parts["val"], parts["test"], patient_level)
+
+
+def targets(records: Sequence[ImageRecord], classes: Sequence[str], task: str) -> list[int]:
+    """Class indices of ``records`` for ``task``."""
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[target_of(r, task)] for r in records]

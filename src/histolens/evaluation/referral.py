@@ -3,8 +3,9 @@
 :func:`histolens.evaluation.evaluate.finalize_run` fits the threshold and temperature of a Lightning run
 on its validation patients. The same patients' calibrated predictions calibrate the run's
 prediction sets, and their pooled features set the limit of its feature guard, whose statistics
-are those of the training (and validation) images: through the functions the linear probe uses
-(:mod:`histolens.training.probe_validation`), so both heads store the same records in the checkpoint.
+are those of the training (and validation) images: through the functions defined here that the
+linear probe uses too (``fit_prediction_sets``, ``fit_feature_guard``), so both heads store the
+same records in the checkpoint.
 Features come from the frozen backbone's feature cache when it holds them, else from the
 model in batches.
 """
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from histolens.data.records import ImageRecord
+from histolens.data.splits import targets
 from histolens.evaluation.metrics import EvalResult, with_referrals
 from histolens.inference.ood import OODGuard, image_size
 from histolens.inference.predictor import Predictor, probabilities_from_logits
@@ -27,12 +29,15 @@ from histolens.stats.conformal import ConformalCalibration, centred_probabilitie
 
 if TYPE_CHECKING:
     from histolens.config import RunConfig
+    from histolens.inference.ood import FeatureGuard
     from histolens.models.pipeline import FeatureCache, ImageSource
 
 __all__ = [
     "Referral",
     "Scored",
     "add_referrals",
+    "fit_feature_guard",
+    "fit_prediction_sets",
     "fit_referral",
     "row_prediction_sets",
     "score_records",
@@ -143,9 +148,6 @@ def fit_referral(
     each patient weighing the same), and fit the feature guard on the training and validation
     images' features with its limit from the validation patients (as a fold of the probe's);
     ``notes`` says what could not be fitted."""
-    from histolens.training.data import targets
-    from histolens.training.probe_validation import fit_feature_guard, fit_prediction_sets
-
     temperature, threshold = calibration
     probs = probabilities_from_logits(val.logits, temperature).numpy()
     calib_p = centred_probabilities(probs, threshold if len(classes) == 2 else None)
@@ -204,3 +206,73 @@ def store_referral(checkpoint: str | Path, referral: Referral, **changes: Any) -
     OODGuard.from_checkpoint(state, meta)  # takes out the tensors of a guard stored before
     metadata = {**meta.to_dict(), **changes, **referral.metadata()}
     save_checkpoint(checkpoint, {**state, **referral.guard.state_dict()}, metadata)
+
+
+def fit_prediction_sets(
+    calib_p: np.ndarray,
+    calib_y: np.ndarray,
+    groups: np.ndarray,
+    classes: Sequence[str],
+    alpha: float,
+    notes: list[str],
+    magnifications: Sequence[int | None],
+) -> ConformalCalibration | None:
+    """The prediction sets' calibration on held-out patients' calibrated, centred probabilities,
+    per magnification (``magnifications``, one per row, None where unknown).
+
+    Images are weighted by patient (``groups``); rows with NaN (not scored) are left out, and
+    None is returned when none is left. An ``alpha`` too few patients cannot guarantee is noted.
+    Shared by the linear probe (out-of-fold predictions) and the MLP head (validation patients).
+    """
+    from histolens.stats.conformal import ConformalCalibration
+
+    ok = ~np.isnan(calib_p).any(1)
+    if not ok.any():
+        return None
+    mags = np.array(magnifications, dtype=object)[ok]
+    conformal = ConformalCalibration.fit(
+        calib_p[ok],
+        np.asarray(calib_y)[ok],
+        np.asarray(groups)[ok],
+        classes,
+        alpha,
+        "probability",
+        mags,
+    )
+    if conformal.quantile() == float("inf"):
+        notes.append(
+            f"With {conformal.n_patients} calibration patients, prediction sets cannot "
+            f"guarantee alpha {alpha:g}: every image would be referred. Use "
+            f"alpha {conformal.min_alpha:.2f} or more (predict --alpha), or add patients."
+        )
+    else:
+        _note_thin_strata(conformal, alpha, notes)
+    return conformal
+
+
+def _note_thin_strata(conformal: ConformalCalibration, alpha: float, notes: list[str]) -> None:
+    """Note the magnifications with too few calibration patients for their own guarantee."""
+    thin = [s for s, q in conformal.stratum_quantiles(alpha).items() if q == float("inf")]
+    if thin:
+        counts = conformal.stratum_patients()
+        names = ", ".join(f"{s}X ({counts[s]} patients)" for s in thin)
+        notes.append(
+            f"Prediction sets at alpha {alpha:g} hold per magnification; {names} have too few "
+            "calibration patients for a guarantee of their own, so their images get the most "
+            "cautious threshold of the others. Add patients at those magnifications."
+        )
+
+
+def fit_feature_guard(
+    x: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[FeatureGuard | None, np.ndarray]:
+    """The feature guard of all the pooled features ``x``, its limit set on the images that
+    ``folds`` (split by patient) hold out, and those images' held-out distances (NaN for the
+    others); None and all NaN when there are no folds (no held-out patients to set a limit on).
+    Shared by the linear probe (k folds) and the MLP head (one: training -> validation).
+    """
+    from histolens.inference.ood import FeatureGuard
+
+    if not folds:
+        return None, np.full(len(x), np.nan)
+    return FeatureGuard.calibrated(x, folds)

@@ -25,7 +25,7 @@ from histolens.data.splits import Split
 from histolens.errors import ConfigError, DataError
 from histolens.models.pipeline import ImageSource, ImageStream
 
-__all__ = ["fit_stain", "prepare_records", "readable_split", "targets"]
+__all__ = ["fit_stain", "prepare_records", "readable_split"]
 
 SKIPPED_FILE = "skipped.csv"
 
@@ -41,12 +41,6 @@ def prepare_records(cfg: RunConfig) -> tuple[Records, list[ImageRecord], tuple[s
             f"Training needs at least two classes; {cfg.data.path} has only {', '.join(present)}."
         )
     return dataset, records, classes
-
-
-def targets(records: Sequence[ImageRecord], classes: Sequence[str], task: str) -> list[int]:
-    """Class indices of ``records`` for ``task``."""
-    index = {c: i for i, c in enumerate(classes)}
-    return [index[target_of(r, task)] for r in records]
 
 
 def check_readable(images: ImageSource, paths: Sequence[str], fabric, progress: bool) -> None:

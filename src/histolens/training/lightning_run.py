@@ -23,7 +23,7 @@ from histolens.checkpoint.io import BEST_CHECKPOINT, CheckpointMetadata, save_ch
 from histolens.config import RunConfig
 from histolens.data.records import Dataset as Records
 from histolens.data.records import ImageRecord
-from histolens.data.splits import Split, balanced_class_weights, split_by_patient
+from histolens.data.splits import Split, balanced_class_weights, split_by_patient, targets
 from histolens.errors import DataError
 from histolens.models.backbones import BackboneSpec, get_backbone_spec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
@@ -34,7 +34,6 @@ from histolens.training.data import (
     fit_stain,
     prepare_records,
     readable_split,
-    targets,
     write_skipped,
 )
 from histolens.training.distributed import lightning_devices, scoped_matmul_precision

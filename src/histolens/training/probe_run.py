@@ -143,7 +143,7 @@ def _arrays(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The cached features, class indices and patient groups of ``recs``; with ``views``, each
     image's features are the mean of its clean view and its cached augmented views."""
-    from histolens.training.data import targets
+    from histolens.data.splits import targets
 
     def features(path: str) -> torch.Tensor:
         if not views:

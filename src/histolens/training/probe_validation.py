@@ -19,10 +19,11 @@ from histolens.config import RunConfig
 from histolens.data.records import ImageRecord
 from histolens.data.splits import Split
 from histolens.errors import DataError
+from histolens.evaluation.referral import fit_feature_guard, fit_prediction_sets
 from histolens.training.probe import ProbeFit, fit_linear_probe, group_folds
 
 if TYPE_CHECKING:
-    from histolens.inference.ood import FeatureGuard, OODGuard
+    from histolens.inference.ood import OODGuard
     from histolens.stats.conformal import ConformalCalibration
 
 log = logging.getLogger("histolens")
@@ -218,73 +219,3 @@ def _referral(
         guard_folds = []
     feature_guard, held_out_distance = fit_feature_guard(x, guard_folds)
     return _Referral(calib_p, conformal, OODGuard(features=feature_guard), held_out_distance)
-
-
-def fit_prediction_sets(
-    calib_p: np.ndarray,
-    calib_y: np.ndarray,
-    groups: np.ndarray,
-    classes: Sequence[str],
-    alpha: float,
-    notes: list[str],
-    magnifications: Sequence[int | None],
-) -> ConformalCalibration | None:
-    """The prediction sets' calibration on held-out patients' calibrated, centred probabilities,
-    per magnification (``magnifications``, one per row, None where unknown).
-
-    Images are weighted by patient (``groups``); rows with NaN (not scored) are left out, and
-    None is returned when none is left. An ``alpha`` too few patients cannot guarantee is noted.
-    Shared by the linear probe (out-of-fold predictions) and the MLP head (validation patients).
-    """
-    from histolens.stats.conformal import ConformalCalibration
-
-    ok = ~np.isnan(calib_p).any(1)
-    if not ok.any():
-        return None
-    mags = np.array(magnifications, dtype=object)[ok]
-    conformal = ConformalCalibration.fit(
-        calib_p[ok],
-        np.asarray(calib_y)[ok],
-        np.asarray(groups)[ok],
-        classes,
-        alpha,
-        "probability",
-        mags,
-    )
-    if conformal.quantile() == float("inf"):
-        notes.append(
-            f"With {conformal.n_patients} calibration patients, prediction sets cannot "
-            f"guarantee alpha {alpha:g}: every image would be referred. Use "
-            f"alpha {conformal.min_alpha:.2f} or more (predict --alpha), or add patients."
-        )
-    else:
-        _note_thin_strata(conformal, alpha, notes)
-    return conformal
-
-
-def _note_thin_strata(conformal: ConformalCalibration, alpha: float, notes: list[str]) -> None:
-    """Note the magnifications with too few calibration patients for their own guarantee."""
-    thin = [s for s, q in conformal.stratum_quantiles(alpha).items() if q == float("inf")]
-    if thin:
-        counts = conformal.stratum_patients()
-        names = ", ".join(f"{s}X ({counts[s]} patients)" for s in thin)
-        notes.append(
-            f"Prediction sets at alpha {alpha:g} hold per magnification; {names} have too few "
-            "calibration patients for a guarantee of their own, so their images get the most "
-            "cautious threshold of the others. Add patients at those magnifications."
-        )
-
-
-def fit_feature_guard(
-    x: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]
-) -> tuple[FeatureGuard | None, np.ndarray]:
-    """The feature guard of all the pooled features ``x``, its limit set on the images that
-    ``folds`` (split by patient) hold out, and those images' held-out distances (NaN for the
-    others); None and all NaN when there are no folds (no held-out patients to set a limit on).
-    Shared by the linear probe (k folds) and the MLP head (one: training -> validation).
-    """
-    from histolens.inference.ood import FeatureGuard
-
-    if not folds:
-        return None, np.full(len(x), np.nan)
-    return FeatureGuard.calibrated(x, folds)
