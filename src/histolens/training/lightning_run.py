@@ -29,6 +29,13 @@ from histolens.models.backbones import BackboneSpec, get_backbone_spec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
 from histolens.models.pipeline import FeatureCache, ImageSource, InputPipeline, image_source
 from histolens.models.transforms import Augmenter, Preprocess, resolve_preprocess
+from histolens.training.common import (
+    CONFIG_FILE,
+    FEATURE_CACHE,
+    SPLIT_FILE,
+    TrainResult,
+    initial_metadata,
+)
 from histolens.training.data import (
     check_readable,
     fit_stain,
@@ -38,13 +45,6 @@ from histolens.training.data import (
 )
 from histolens.training.distributed import lightning_devices, scoped_matmul_precision
 from histolens.training.lightning_module import LAST_CHECKPOINT, ClassifierModule
-from histolens.training.runner import (
-    CONFIG_FILE,
-    FEATURE_CACHE,
-    SPLIT_FILE,
-    TrainResult,
-    _checkpoint_metadata,
-)
 
 __all__ = ["RunOptions", "train_lightning"]
 
@@ -277,7 +277,7 @@ def _fit(run: _LightningRun, train_set: Dataset, val_set: Dataset | None, opts: 
     train_loader, val_loader = _loaders(run, train_set, val_set)
     monitor = "val_loss" if val_loader is not None else "train_loss"
     weights = balanced_class_weights(run.split.train, run.classes, cfg.data.task)
-    run.metadata = _checkpoint_metadata(
+    run.metadata = initial_metadata(
         cfg, run.spec, run.classes, run.preprocess, run.pipeline.stain, run.stain_ref,
         run.split, weights, run.dataset,
     )  # fmt: skip

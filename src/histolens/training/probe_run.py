@@ -50,7 +50,7 @@ from histolens.training.probe_validation import (
 if TYPE_CHECKING:
     from histolens.models.transforms import Preprocess
     from histolens.stain.normalize import StainNormalizer
-    from histolens.training.runner import TrainResult
+    from histolens.training.common import TrainResult
 
 __all__ = ["train_probe"]
 
@@ -102,7 +102,7 @@ def _features(
 ) -> FeatureCache:
     """The frozen backbone's features of ``paths`` (and ``cfg.train.probe_views`` augmented
     views of ``train_paths``), computed once (shared out between ranks)."""
-    from histolens.training.runner import FEATURE_CACHE
+    from histolens.training.common import FEATURE_CACHE
 
     spec = model.spec
     n_views = cfg.train.probe_views
@@ -239,9 +239,9 @@ def train_probe(
     With a launched ``fabric`` of several processes, the ranks share the feature extraction
     and rank 0 alone fits the probe and writes the files.
     """
+    from histolens.training.common import TrainResult
     from histolens.training.data import prepare_records, readable_split
     from histolens.training.distributed import launch
-    from histolens.training.runner import TrainResult
 
     start = time.perf_counter()
     notes: list[str] = []
@@ -294,8 +294,8 @@ def _fit_and_write(
 ) -> TrainResult:
     """Rank 0's part: write the run's files, fit the probe on the train + val features, score it
     on held-out patients, and write the checkpoint and (with ``evaluate``) the evaluation."""
+    from histolens.training.common import CONFIG_FILE, SPLIT_FILE, TrainResult
     from histolens.training.data import write_skipped
-    from histolens.training.runner import CONFIG_FILE, SPLIT_FILE, TrainResult
 
     write_skipped(run_dir, frozen.images, dataset)
     if write_outputs:
@@ -345,12 +345,12 @@ def _save_probe_checkpoint(
     referral: _Referral,
 ) -> Path:
     """Load ``final`` into the head and write the checkpoint (with the guard's state); its path."""
-    from histolens.training.runner import _checkpoint_metadata
+    from histolens.training.common import initial_metadata
 
     temperature, threshold = calibration
     final.load_into(frozen.model.head.out)
     weights = balanced_class_weights(split.train + split.val, classes, cfg.data.task)
-    metadata = _checkpoint_metadata(
+    metadata = initial_metadata(
         cfg,
         frozen.spec,
         classes,

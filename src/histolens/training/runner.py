@@ -15,30 +15,26 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from histolens.checkpoint.io import (
     BEST_CHECKPOINT,
-    CheckpointMetadata,
-    HeadSpec,
-    SplitPart,
-    TrainingData,
     read_metadata,
 )
 from histolens.config import RunConfig
-from histolens.data.records import Dataset as Records
 from histolens.data.splits import Split
 from histolens.errors import ConfigError
-from histolens.models.classifier import resolve_feature_layer
 from histolens.models.pipeline import FeatureCache, ImageBank
+from histolens.training.common import CONFIG_FILE, FEATURE_CACHE, SPLIT_FILE, TrainResult
 from histolens.training.data import prepare_records
 from histolens.training.distributed import launch, quiet_lightning
 from histolens.training.lightning_module import EPOCH_LOG, LAST_CHECKPOINT, ClassifierModule
 
 __all__ = [
+    "CONFIG_FILE",
     "EPOCH_LOG",
+    "FEATURE_CACHE",
+    "SPLIT_FILE",
     "LAST_CHECKPOINT",
     "ClassifierModule",
     "TrainResult",
@@ -47,26 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("histolens")
-
-FEATURE_CACHE = "features.safetensors"
-CONFIG_FILE = "config.json"
-SPLIT_FILE = "split.csv"
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    run_dir: Path
-    checkpoint: Path
-    epochs_run: int
-    best_epoch: int
-    best_val_loss: float
-    seconds: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    first_epoch: int = 0  # where this invocation started: > 0 for a resumed run
-    global_rank: int = 0  # of this process; only rank 0 wrote files and has metrics
 
 
 def train(
@@ -154,43 +130,6 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
     for folder in (run_dir, run_dir / LAST_CHECKPOINT.parent, run_dir / EPOCH_LOG.parent):
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-
-
-def _checkpoint_metadata(
-    cfg: RunConfig,
-    spec,
-    classes,
-    preprocess,
-    stain,
-    stain_ref,
-    split: Split,
-    weights,
-    dataset: Records,
-) -> CheckpointMetadata:
-    """What every run's checkpoint says before training adds its threshold, figures and fits."""
-    return CheckpointMetadata(
-        model_id=f"{spec.name}-{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}",
-        backbone=spec.name,
-        timm_name=spec.timm_name,
-        licence=spec.licence,  # of the backbone's weights (None: see the timm model card)
-        pretrained=cfg.model.pretrained,
-        task=cfg.data.task,
-        class_names=tuple(classes),
-        head=HeadSpec.from_config(cfg.model),
-        feature_layer=resolve_feature_layer(spec, cfg.model.feature_layer, cfg.model.head),
-        preprocess=preprocess,
-        stain=stain.to_dict() if stain is not None else None,
-        stain_reference=stain_ref,
-        magnification=cfg.data.magnification,
-        config=cfg.to_dict(),
-        class_weights=dict(zip(classes, weights, strict=True)),
-        data=TrainingData(
-            str(cfg.data.path),
-            dataset.layout,
-            split.patient_level,
-            {name: SplitPart(**part) for name, part in split.summary(cfg.data.task).items()},
-        ),
-    )
 
 
 def checkpoint_task_guard(checkpoint: str | os.PathLike, task: str) -> None:
