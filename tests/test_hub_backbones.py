@@ -424,7 +424,8 @@ def test_no_network_is_one_sentence(online, monkeypatch):
 
 
 def test_feature_extraction_prints_its_expected_duration(tmp_path, capsys):
-    from histolens.models.pipeline import FeatureCache, ImageBank, InputPipeline
+    from histolens.models.feature_cache import FeatureCache
+    from histolens.models.pipeline import ImageBank, InputPipeline
     from histolens.models.transforms import resolve_preprocess
     from histolens.testing import make_tissue_image
 

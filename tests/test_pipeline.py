@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from histolens.models.pipeline import FeatureCache
+from histolens.models.feature_cache import FeatureCache
 
 
 def _cache(n: int, fingerprint: str = "fp") -> FeatureCache:

@@ -25,7 +25,7 @@ from histolens.errors import ConfigError, DataError
 from histolens.evaluation.estimate import headline_text
 from histolens.inference.predictor import Predictor
 from histolens.models.classifier import HistoClassifier
-from histolens.models.pipeline import FeatureCache
+from histolens.models.feature_cache import FeatureCache
 from histolens.testing import tiny_config
 from histolens.training.probe import fit_linear_probe, group_folds, grouped_scores
 from histolens.training.runner import FEATURE_CACHE, train

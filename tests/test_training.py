@@ -106,7 +106,8 @@ def test_cached_views_are_the_views_live_training_sees(synth_small):
     from histolens.data.records import discover
     from histolens.models.backbones import get_backbone_spec
     from histolens.models.classifier import build_model
-    from histolens.models.pipeline import FeatureCache, ImageBank, InputPipeline
+    from histolens.models.feature_cache import FeatureCache
+    from histolens.models.pipeline import ImageBank, InputPipeline
     from histolens.models.transforms import Augmenter, resolve_preprocess
 
     model = build_model(get_backbone_spec("test_resnet"), 2, "none").eval()

@@ -30,7 +30,8 @@ from histolens.stats.conformal import ConformalCalibration, centred_probabilitie
 if TYPE_CHECKING:
     from histolens.config import RunConfig
     from histolens.inference.ood import FeatureGuard
-    from histolens.models.pipeline import FeatureCache, ImageSource
+    from histolens.models.feature_cache import FeatureCache
+    from histolens.models.pipeline import ImageSource
 
 __all__ = [
     "Referral",

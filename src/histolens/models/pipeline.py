@@ -5,7 +5,7 @@ they are needed (a run's memory then does not grow with its dataset), ``ImageBan
 all in memory (for cross-validation folds that read the same images again and again).
 ``InputPipeline`` turns uint8 batches into model inputs (stain normalisation, seeded
 augmentation, mean/std) exactly as the Predictor does. The frozen backbone's features are kept
-by ``histolens.models.feature_cache.FeatureCache`` (importable from here too).
+by ``histolens.models.feature_cache.FeatureCache``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import torch
 from histolens.data.imageio import load_rgb
 from histolens.data.records import Skipped
 from histolens.errors import ImageLoadError
-from histolens.models.feature_cache import FeatureCache
 from histolens.models.transforms import Augmenter, Preprocess, view_generator
 
-__all__ = ["FeatureCache", "ImageBank", "ImageSource", "ImageStream", "InputPipeline"]
+__all__ = ["ImageBank", "ImageSource", "ImageStream", "InputPipeline"]
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -16,7 +16,7 @@ from histolens.errors import ConfigError, PretrainedWeightsError, did_you_mean
 from histolens.models.hub import hub_cached, hub_error, hub_safetensors, require_token
 
 if TYPE_CHECKING:
-    from histolens.models.backbones import BackboneSpec
+    from histolens.models.registry import BackboneSpec
 
 __all__ = [
     "create_backbone",

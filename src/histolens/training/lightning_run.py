@@ -27,7 +27,8 @@ from histolens.data.splits import Split, balanced_class_weights, split_by_patien
 from histolens.errors import DataError
 from histolens.models.backbones import BackboneSpec, get_backbone_spec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
-from histolens.models.pipeline import FeatureCache, ImageSource, InputPipeline, image_source
+from histolens.models.feature_cache import FeatureCache
+from histolens.models.pipeline import ImageSource, InputPipeline, image_source
 from histolens.models.transforms import Augmenter, Preprocess, resolve_preprocess
 from histolens.training.common import (
     CONFIG_FILE,

@@ -30,8 +30,8 @@ from histolens.data.splits import Split, balanced_class_weights, split_by_patien
 from histolens.errors import DataError
 from histolens.models.backbones import BackboneSpec, get_backbone_spec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
+from histolens.models.feature_cache import FeatureCache
 from histolens.models.pipeline import (
-    FeatureCache,
     ImageBank,
     ImageSource,
     InputPipeline,

@@ -24,7 +24,8 @@ from histolens.checkpoint.io import (
 from histolens.config import RunConfig
 from histolens.data.splits import Split
 from histolens.errors import ConfigError
-from histolens.models.pipeline import FeatureCache, ImageBank
+from histolens.models.feature_cache import FeatureCache
+from histolens.models.pipeline import ImageBank
 from histolens.training.common import CONFIG_FILE, FEATURE_CACHE, SPLIT_FILE, TrainResult
 from histolens.training.data import prepare_records
 from histolens.training.distributed import launch, quiet_lightning
