@@ -21,7 +21,7 @@ from histolens.cli.options import (
     split_name_option,
 )
 from histolens.errors import HistolensError
-from histolens.explain._methods import METHODS, get_method
+from histolens.explain import METHODS, get_method
 
 __all__ = ["explain_command"]
 
@@ -241,7 +241,7 @@ def _explain_all(explainer, paths, root, methods, out, alpha, target_class, adva
     from histolens.data.imageio import load_rgb
     from histolens.data.records import magnification_from_path
     from histolens.errors import ImageLoadError
-    from histolens.explain._render import render_panel
+    from histolens.explain import render_panel
 
     rows: list[dict] = []
     for path in paths:

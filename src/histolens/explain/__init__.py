@@ -15,12 +15,13 @@ from histolens.explain._methods import *  # noqa: F403  (re-exported: see ``__al
 
 if TYPE_CHECKING:
     from histolens.explain._explainer import Explainer, Explanation
-    from histolens.explain._render import overlay_heatmap
+    from histolens.explain._render import overlay_heatmap, render_panel
 
 _LAZY = {
     "Explainer": "_explainer",
     "Explanation": "_explainer",
     "overlay_heatmap": "_render",
+    "render_panel": "_render",
 }
 
 
@@ -33,4 +34,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'histolens.explain' has no attribute '{name}'")
 
 
-__all__ = [*_methods.__all__, "Explainer", "Explanation", "overlay_heatmap"]
+__all__ = [*_methods.__all__, "Explainer", "Explanation", "overlay_heatmap", "render_panel"]

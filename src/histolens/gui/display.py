@@ -37,7 +37,7 @@ SORT_COLUMNS = ("file", "class", "probability", "review")
 
 def method_label(method: str) -> str:
     """The name a pathologist reads ('Grad-CAM') for a method key ('gradcam')."""
-    from histolens.explain._methods import EXPLANATION_METHODS
+    from histolens.explain import EXPLANATION_METHODS
 
     entry = EXPLANATION_METHODS.get(method)
     return entry.display_name if entry is not None else method

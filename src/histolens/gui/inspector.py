@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from histolens.data.imageio import load_rgb
 from histolens.data.records import magnification_from_path
 from histolens.errors import did_you_mean
-from histolens.explain._methods import EXPLANATION_METHODS
+from histolens.explain import EXPLANATION_METHODS
 from histolens.gui.display import (
     DEFAULT_METHOD,
     DEFAULT_OPACITY,
