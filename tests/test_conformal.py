@@ -14,12 +14,13 @@ from click.testing import CliRunner
 from histolens.checkpoint.io import read_metadata
 from histolens.errors import CheckpointError, ConfigError
 from histolens.inference.predictor import Predictor
-from histolens.stats.conformal import (
-    ConformalCalibration,
-    centred_probabilities,
+from histolens.stats.conformal import ConformalCalibration, centred_probabilities
+from histolens.stats.conformal_metrics import (
+    coverage,
     leave_one_patient_out_sets,
+    patient_referrals,
+    risk_coverage,
 )
-from histolens.stats.conformal_metrics import coverage, patient_referrals, risk_coverage
 from histolens.testing import make_checkpoint, stratified_calibration, tiny_config
 from histolens.training.runner import train
 

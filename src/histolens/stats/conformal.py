@@ -44,7 +44,6 @@ __all__ = [
     "NonconformityScore",
     "centred_probabilities",
     "check_alpha",
-    "leave_one_patient_out_sets",
     "stratum_of",
 ]
 
@@ -370,33 +369,3 @@ class ConformalCalibration:
             raise CheckpointError(
                 f"The checkpoint's conformal calibration is damaged ({exc})."
             ) from None
-
-
-def leave_one_patient_out_sets(
-    probs: np.ndarray,
-    labels: Sequence[int] | np.ndarray,
-    patients: Sequence[Any] | np.ndarray,
-    alpha: float,
-    score: str = "probability",
-    magnifications: Sequence[Any] | np.ndarray | None = None,
-) -> np.ndarray:
-    """Prediction sets of out-of-fold predictions, each patient's from the others' calibration
-    (per magnification when ``magnifications`` are given, as a shipped calibration would be).
-
-    What a new patient would get from a model calibrated on everyone else: the honest way to
-    measure coverage on the training patients' out-of-fold predictions.
-    """
-    check_alpha(alpha)
-    y = np.asarray(labels, dtype=np.int64)
-    codes = _patient_codes(patients)
-    class_scores = SCORES[score](probs)
-    own = class_scores[np.arange(len(y)), y]
-    image_strata = _strata(magnifications, len(y))
-    strata = None if magnifications is None else image_strata
-    member = np.zeros(class_scores.shape, dtype=bool)
-    for p in np.unique(codes):
-        mine, others = codes == p, codes != p
-        cal_strata = None if strata is None else strata[others]
-        q = _image_quantiles(own[others], codes[others], cal_strata, alpha, image_strata[mine])
-        member[mine] = _sets_from_scores(class_scores[mine], q)
-    return member

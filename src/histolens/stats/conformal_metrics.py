@@ -1,5 +1,6 @@
-"""Measuring referral: coverage of prediction sets, per-patient refer decisions, and the
-risk-coverage curve (histolens.stats.conformal makes the sets these measure)."""
+"""Measuring referral: coverage of prediction sets, the leave-one-patient-out sets that measure
+it honestly on out-of-fold predictions, per-patient refer decisions, and the risk-coverage curve
+(histolens.stats.conformal makes the sets these measure)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,22 @@ from typing import Any
 
 import numpy as np
 
-from histolens.stats.conformal import _patient_codes
+from histolens.stats.conformal import (
+    SCORES,
+    _image_quantiles,
+    _patient_codes,
+    _sets_from_scores,
+    _strata,
+    check_alpha,
+)
 
-__all__ = ["PATIENT_REFER_FRACTION", "coverage", "patient_referrals", "risk_coverage"]
+__all__ = [
+    "PATIENT_REFER_FRACTION",
+    "coverage",
+    "leave_one_patient_out_sets",
+    "patient_referrals",
+    "risk_coverage",
+]
 
 # A patient is referred when at least this fraction of its images are (referred or unlike the
 # training images): half of the images being undecided leaves no reliable majority.
@@ -63,3 +77,33 @@ def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> dict[str, np.n
     accuracy = (kept_correct / kept)[::-1]  # index i: the n - i most confident images kept
     referred = np.arange(n) / n
     return {"referred": referred, "accuracy": accuracy, "aurc": float(np.mean(1 - accuracy))}
+
+
+def leave_one_patient_out_sets(
+    probs: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    patients: Sequence[Any] | np.ndarray,
+    alpha: float,
+    score: str = "probability",
+    magnifications: Sequence[Any] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Prediction sets of out-of-fold predictions, each patient's from the others' calibration
+    (per magnification when ``magnifications`` are given, as a shipped calibration would be).
+
+    What a new patient would get from a model calibrated on everyone else: the honest way to
+    measure coverage on the training patients' out-of-fold predictions.
+    """
+    check_alpha(alpha)
+    y = np.asarray(labels, dtype=np.int64)
+    codes = _patient_codes(patients)
+    class_scores = SCORES[score](probs)
+    own = class_scores[np.arange(len(y)), y]
+    image_strata = _strata(magnifications, len(y))
+    strata = None if magnifications is None else image_strata
+    member = np.zeros(class_scores.shape, dtype=bool)
+    for p in np.unique(codes):
+        mine, others = codes == p, codes != p
+        cal_strata = None if strata is None else strata[others]
+        q = _image_quantiles(own[others], codes[others], cal_strata, alpha, image_strata[mine])
+        member[mine] = _sets_from_scores(class_scores[mine], q)
+    return member

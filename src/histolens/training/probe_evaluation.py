@@ -77,7 +77,8 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
     held-out feature distances (``distances``); a test split gets the stored calibration.
     """
     from histolens.evaluation.evaluate import with_referrals
-    from histolens.stats.conformal import centred_probabilities, leave_one_patient_out_sets
+    from histolens.stats.conformal import centred_probabilities
+    from histolens.stats.conformal_metrics import leave_one_patient_out_sets
 
     y = np.array([r.target for r in ev.rows], dtype=int)
     patients = np.array([r.patient for r in ev.rows])
