@@ -47,138 +47,139 @@ class ClassifierModule:
         return _lightning_module_class()(*args, **kwargs)
 
 
-# Over 60 lines: the LightningModule subclass is defined inside its factory so that Lightning is
-# imported only when a run starts, and Lightning wants all of its hooks on that one class.
-def _lightning_module_class():
-    import lightning as L
+class _ClassifierSteps:
+    """The hooks of the LightningModule: trains the head (cached features) or head + unfrozen
+    stages (images) of a model. A mixin, so that Lightning is imported only when a run starts
+    (:func:`_lightning_module_class` puts it before ``L.LightningModule``)."""
 
-    class _ClassifierModule(L.LightningModule):
-        """Trains the head (cached features) or head + unfrozen stages (images) of a model."""
+    def __init__(
+        self,
+        model: HistoClassifier,
+        cfg: RunConfig,
+        class_weights: Sequence[float],
+        pipeline: InputPipeline | None,
+        cached: bool,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.cached = cached
+        self.pipeline = pipeline
+        self.register_buffer(
+            "class_weights", torch.tensor(list(class_weights), dtype=torch.float32)
+        )
+        self.n_outputs = model.head.out.out_features
+        self.binary = self.n_outputs == 1
+        self.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
+        # A frozen backbone is rebuilt from its pretrained source on resume, so Lightning's
+        # checkpoints (written every epoch) hold only what trains.
+        self.strict_loading = not self.frozen_backbone
+        self._val_logits: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
 
-        def __init__(
-            self,
-            model: HistoClassifier,
-            cfg: RunConfig,
-            class_weights: Sequence[float],
-            pipeline: InputPipeline | None,
-            cached: bool,
-        ) -> None:
-            super().__init__()
-            self.model = model
-            self.cfg = cfg
-            self.cached = cached
-            self.pipeline = pipeline
-            self.register_buffer(
-                "class_weights", torch.tensor(list(class_weights), dtype=torch.float32)
-            )
-            self.n_outputs = model.head.out.out_features
-            self.binary = self.n_outputs == 1
-            self.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
-            # A frozen backbone is rebuilt from its pretrained source on resume, so Lightning's
-            # checkpoints (written every epoch) hold only what trains.
-            self.strict_loading = not self.frozen_backbone
-            self._val_logits: list[torch.Tensor] = []
-            self._val_targets: list[torch.Tensor] = []
-
-        def on_save_checkpoint(self, checkpoint):
-            if self.frozen_backbone:
-                checkpoint["state_dict"] = {
-                    k: v
-                    for k, v in checkpoint["state_dict"].items()
-                    if not k.startswith("model.backbone.")
-                }
-
-        def train(self, mode: bool = True):
-            super().train(mode)
-            # The backbone keeps its ImageNet batch-norm statistics (Keras's frozen layers too).
-            self.model.backbone.eval()
-            return self
-
-        def _inputs(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            """The head's inputs (cached features) or the model's (images), and the labels."""
-            if self.cached:
-                feats, y = batch
-                if feats.dim() == 3:  # (B, K, D): epoch e trains on view e mod K
-                    feats = feats[:, self.current_epoch % feats.shape[1]]
-                return feats, y
-            images, y, keys = batch
-            if train:
-                return self.pipeline.train_inputs(images, keys, self.current_epoch), y
-            return self.pipeline.eval_inputs(images), y
-
-        def _forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model.head(x) if self.cached else self.model(x)
-
-        def _logits(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = self._inputs(batch, train)
-            return self._forward(x), y
-
-        def _loss(
-            self, logits: torch.Tensor, y: torch.Tensor, weighted: bool, smoothing: float = 0.0
-        ) -> torch.Tensor:
-            w = self.class_weights if weighted and self.cfg.train.class_weights else None
-            if self.binary:  # w[y] * BCE for hard labels; per class for smoothed ones
-                return soft_target_loss(logits, soft_targets(y, 1, smoothing), class_weights=w)
-            return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=smoothing)
-
-        def training_step(self, batch, batch_idx):
-            x, y = self._inputs(batch, train=True)
-            t = self.cfg.train
-            w = self.class_weights if t.class_weights else None
-            gen = batch_generator(t.seed, self.current_epoch, batch_idx)
-            mixed = mix_labelled_batch(
-                x, y, self.n_outputs, t.label_smoothing, t.mixup, t.cutmix, gen
-            )
-            if mixed is None:
-                loss = self._loss(self._forward(x), y, weighted=True, smoothing=t.label_smoothing)
-            else:
-                logits = self._forward(mixed.inputs)
-                loss = soft_target_loss(logits, mixed.targets, mixed.weights, w)
-            self.log(
-                "train_loss",
-                loss,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=True,
-                batch_size=len(y),
-                sync_dist=True,  # each rank trains on its share of the images
-            )
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            logits, y = self._logits(batch, train=False)
-            self._val_logits.append(logits.detach().float().cpu())
-            self._val_targets.append(y.detach().cpu())
-
-        def on_validation_epoch_end(self):
-            if not self._val_logits:
-                return
-            logits, y = torch.cat(self._val_logits), torch.cat(self._val_targets)
-            self._val_logits.clear()
-            self._val_targets.clear()
-            # Unweighted, as Keras reports validation loss. Every rank scores the whole
-            # validation set, so all make the same early-stopping and learning-rate decisions.
-            self.log("val_loss", self._loss(logits, y, weighted=False), prog_bar=True)
-            accuracy, auc = _accuracy_and_auc(logits, y, self.binary)
-            self.log("val_acc", accuracy)
-            if np.isfinite(auc):
-                self.log("val_auc", auc, prog_bar=True)
-
-        def configure_optimizers(self):
-            t = self.cfg.train
-            opt = _optimizer(self.model, t)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="min", factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr
-            )
-            return {
-                "optimizer": opt,
-                "lr_scheduler": {"scheduler": sched, "monitor": self._monitor()},
+    def on_save_checkpoint(self, checkpoint):
+        if self.frozen_backbone:
+            checkpoint["state_dict"] = {
+                k: v
+                for k, v in checkpoint["state_dict"].items()
+                if not k.startswith("model.backbone.")
             }
 
-        def _monitor(self) -> str:
-            return (
-                "val_loss" if self.trainer is None or self.trainer.val_dataloaders else "train_loss"
-            )
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The backbone keeps its ImageNet batch-norm statistics (Keras's frozen layers too).
+        self.model.backbone.eval()
+        return self
+
+    def _inputs(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's inputs (cached features) or the model's (images), and the labels."""
+        if self.cached:
+            feats, y = batch
+            if feats.dim() == 3:  # (B, K, D): epoch e trains on view e mod K
+                feats = feats[:, self.current_epoch % feats.shape[1]]
+            return feats, y
+        images, y, keys = batch
+        if train:
+            return self.pipeline.train_inputs(images, keys, self.current_epoch), y
+        return self.pipeline.eval_inputs(images), y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x) if self.cached else self.model(x)
+
+    def _logits(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._inputs(batch, train)
+        return self._forward(x), y
+
+    def _loss(
+        self, logits: torch.Tensor, y: torch.Tensor, weighted: bool, smoothing: float = 0.0
+    ) -> torch.Tensor:
+        w = self.class_weights if weighted and self.cfg.train.class_weights else None
+        if self.binary:  # w[y] * BCE for hard labels; per class for smoothed ones
+            return soft_target_loss(logits, soft_targets(y, 1, smoothing), class_weights=w)
+        return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=smoothing)
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._inputs(batch, train=True)
+        t = self.cfg.train
+        w = self.class_weights if t.class_weights else None
+        gen = batch_generator(t.seed, self.current_epoch, batch_idx)
+        mixed = mix_labelled_batch(x, y, self.n_outputs, t.label_smoothing, t.mixup, t.cutmix, gen)
+        if mixed is None:
+            loss = self._loss(self._forward(x), y, weighted=True, smoothing=t.label_smoothing)
+        else:
+            logits = self._forward(mixed.inputs)
+            loss = soft_target_loss(logits, mixed.targets, mixed.weights, w)
+        self.log(
+            "train_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(y),
+            sync_dist=True,  # each rank trains on its share of the images
+        )
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits, y = self._logits(batch, train=False)
+        self._val_logits.append(logits.detach().float().cpu())
+        self._val_targets.append(y.detach().cpu())
+
+    def on_validation_epoch_end(self):
+        if not self._val_logits:
+            return
+        logits, y = torch.cat(self._val_logits), torch.cat(self._val_targets)
+        self._val_logits.clear()
+        self._val_targets.clear()
+        # Unweighted, as Keras reports validation loss. Every rank scores the whole
+        # validation set, so all make the same early-stopping and learning-rate decisions.
+        self.log("val_loss", self._loss(logits, y, weighted=False), prog_bar=True)
+        accuracy, auc = _accuracy_and_auc(logits, y, self.binary)
+        self.log("val_acc", accuracy)
+        if np.isfinite(auc):
+            self.log("val_auc", auc, prog_bar=True)
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        opt = _optimizer(self.model, t)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr
+        )
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "monitor": self._monitor()},
+        }
+
+    def _monitor(self) -> str:
+        return "val_loss" if self.trainer is None or self.trainer.val_dataloaders else "train_loss"
+
+
+def _lightning_module_class():
+    """The LightningModule class: :class:`_ClassifierSteps` on ``L.LightningModule``."""
+    import lightning as L
+
+    class _ClassifierModule(_ClassifierSteps, L.LightningModule):
+        """Trains the head (cached features) or head + unfrozen stages (images) of a model."""
 
     return _ClassifierModule
 
