@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from histolens.cli.explain import explain_command
+from histolens.cli.explain import OPACITY_RENAMED, explain_command
 from histolens.explain.faithfulness import (
     deletion_insertion_auc,
     mask_iou,
@@ -65,10 +65,26 @@ def test_a_folder_without_images_is_a_one_line_error(tmp_path, tiny_checkpoint):
     assert result.output.startswith("error: No images in") and len(result.output.splitlines()) == 1
 
 
+def test_the_old_alpha_spelling_is_refused_naming_opacity(tmp_path, tiny_checkpoint, folder):
+    # --alpha is the conformal error level everywhere else; explain's opacity is --opacity.
+    result = _invoke(tiny_checkpoint, folder, "--out", tmp_path / "out", "--alpha", "0.3")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: {OPACITY_RENAMED}"]
+    assert "--opacity" in OPACITY_RENAMED and not (tmp_path / "out").exists()
+
+
 def test_folder_writes_heatmaps_overlays_panels_and_index(tmp_path, tiny_checkpoint, folder):
     out = tmp_path / "out"
     result = _invoke(
-        tiny_checkpoint, folder, "--out", out, "-m", "gradcam,eigencam", "--alpha", "0.3", "--quiet"
+        tiny_checkpoint,
+        folder,
+        "--out",
+        out,
+        "-m",
+        "gradcam,eigencam",
+        "--opacity",
+        "0.3",
+        "--quiet",
     )
     assert result.exit_code == 0, result.output
     assert "4 heatmap(s) of 2 image(s)" in result.output

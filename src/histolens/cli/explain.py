@@ -23,7 +23,12 @@ from histolens.cli.options import (
 from histolens.errors import HistolensError
 from histolens.explain import METHODS, get_method
 
-__all__ = ["explain_command"]
+__all__ = ["OPACITY_RENAMED", "explain_command"]
+
+OPACITY_RENAMED = (
+    "explain's heatmap opacity is --opacity now (--alpha is the conformal error level of "
+    "predict and evaluate)."
+)
 
 
 def _split_paths(checkpoint: Path, split_name: str) -> list[Path]:
@@ -137,12 +142,14 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
 )
 @out_option("Output folder (default: <run dir>/explanations).", file_okay=False)
 @click.option(
-    "--alpha",
+    "--opacity",
     default=0.5,
     show_default=True,
     type=click.FloatRange(0.0, 1.0),
     help="Opacity of the heatmap in overlays.",
 )
+# The old spelling, refused: everywhere else --alpha is the conformal error level.
+@click.option("--alpha", "old_alpha", default=None, hidden=True, expose_value=True)
 @click.option(
     "--target-class", default=None, help="Explain this class instead of the predicted one."
 )
@@ -168,12 +175,15 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
 )
 @device_option()
 @quiet_option()
-def explain_command(checkpoint, target, split_name, limit, **options):
+def explain_command(checkpoint, target, split_name, limit, old_alpha, **options):
     """Heatmaps of what the model looked at, for an image or a folder of images.
 
     Per image and method: <name>_<method>_heatmap.npy (float32 at the image's own size),
     _overlay.png and _panel.png, and index.csv for the whole run.
     """
+    if old_alpha is not None:
+        click.secho(f"error: {OPACITY_RENAMED}", fg="red", err=True)
+        sys.exit(2)
     if (target is None) == (split_name is None):
         raise click.UsageError("give IMAGE_OR_FOLDER or --split (one of them).")
     try:
@@ -192,7 +202,7 @@ def _run(
     *,
     methods: tuple[str, ...],
     out: Path | None,
-    alpha: float,
+    opacity: float,
     target_class: str | None,
     layers: str | None,
     evaluate: bool,
@@ -232,12 +242,14 @@ def _run(
                 total=len(paths) * len(chosen), desc="Explaining", unit="map", disable=quiet
             ) as bar:
                 rows = _explain_all(
-                    explainer, paths, target, chosen, out, alpha, target_class, bar.update
+                    explainer, paths, target, chosen, out, opacity, target_class, bar.update
                 )
             _report(rows, out, quiet)
 
 
-def _explain_all(explainer, paths, root, methods, out, alpha, target_class, advance) -> list[dict]:
+def _explain_all(
+    explainer, paths, root, methods, out, opacity, target_class, advance
+) -> list[dict]:
     from histolens.data.imageio import load_rgb
     from histolens.data.records import magnification_from_path
     from histolens.errors import ImageLoadError
@@ -259,14 +271,14 @@ def _explain_all(explainer, paths, root, methods, out, alpha, target_class, adva
             overlay_file = base.with_name(base.name + "_overlay.png")
             panel_file = base.with_name(base.name + "_panel.png")
             _save_npy(e.heatmap, heat_file)
-            _save_png(e.overlay(alpha), overlay_file)
+            _save_png(e.overlay(opacity), overlay_file)
             caption = [
                 f"{path.name}  |  method: {get_method(method).display_name}",
                 f"prediction: {e.prediction.label} (p = {e.prediction.probability:.3f})"
                 + ("  [review]" if e.prediction.uncertain else ""),
                 f"explained class: {e.target_class}",
             ]
-            _save_png(render_panel(image, e.heatmap, caption, alpha), panel_file)
+            _save_png(render_panel(image, e.heatmap, caption, opacity), panel_file)
             rows.append(
                 {
                     "path": str(path),
