@@ -528,3 +528,16 @@ def test_invalid_limits_are_refused_when_the_app_is_made(checkpoint):
 
     with pytest.raises(ConfigError, match="max_queue and max_batch must be at least 1"):
         create_app(checkpoint, max_batch=0)
+
+
+def test_the_app_takes_its_settings_whole(checkpoint):
+    from fastapi.testclient import TestClient
+
+    from histolens.errors import ConfigError
+    from histolens.web.app import ServiceSettings, create_app
+
+    settings = ServiceSettings(max_batch=2, max_batch_files=3)
+    with TestClient(create_app(checkpoint, settings)) as client:
+        assert client.app.state.service.settings is settings
+    with pytest.raises(ConfigError, match="settings or their fields"):
+        create_app(checkpoint, settings, max_batch=4)

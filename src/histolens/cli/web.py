@@ -95,7 +95,7 @@ def serve_command(
         check_runtime_usable(runtime, device, from_env=onnx_runtime is None)
     import uvicorn
 
-    from histolens.web.app import create_app
+    from histolens.web.app import ServiceSettings, create_app
 
     if host not in LOOPBACK_HOSTS and not token:
         click.secho(
@@ -104,8 +104,7 @@ def serve_command(
             fg="yellow",
             err=True,
         )
-    app = create_app(
-        checkpoint,
+    settings = ServiceSettings(
         token=token or None,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_queue=max_queue,
@@ -115,6 +114,7 @@ def serve_command(
         device=device,
         onnx_runtime=onnx_runtime,
     )
+    app = create_app(checkpoint, settings)
     shown_host = f"[{host}]" if ":" in host else host
     on_runtime = f" on {runtime}" if runtime else ""
     click.echo(
