@@ -31,6 +31,7 @@ from histolens.checkpoint.metadata import CHECKPOINT_FORMAT, CheckpointMetadata
 from histolens.checkpoint.onnx_file import is_onnx_file, read_onnx_metadata
 from histolens.checkpoint.parts import _plain
 from histolens.errors import CheckpointError
+from histolens.rundir import RunDir
 
 # The metadata contract's names are importable from here too, with the file functions.
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
     "versions",
 ]
 
-BEST_CHECKPOINT = "best.safetensors"
+BEST_CHECKPOINT = RunDir.CHECKPOINT
 _META_KEY = "histolens"
 
 

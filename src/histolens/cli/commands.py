@@ -20,6 +20,7 @@ from histolens.cli.options import (
     split_name_option,
 )
 from histolens.errors import HistolensError
+from histolens.rundir import RunDir
 
 
 def _fail(exc: Exception) -> None:
@@ -189,7 +190,7 @@ def evaluate(
     if out is None:
         mag = "" if magnification in (None, "all") else f"-{magnification}x"
         out = ckpt.parent / f"evaluation-{split_name}{mag}"
-    logs = ckpt.parent / "logs"
+    logs = RunDir(ckpt.parent).logs
     write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None)
     write_report(out, evaluation_dir=out, checkpoint=ckpt)
     # Whether the model saw these patients in training, evaluate cannot know of other data:
@@ -228,8 +229,8 @@ def report(run_dir):
     """(Re)write RUN_DIR/report.html from the run's checkpoint, evaluation and explanations."""
     from histolens.report.build import write_report
 
-    if not (run_dir / "best.safetensors").exists():
-        raise click.UsageError(f"{run_dir} is not a run directory (no best.safetensors).")
+    if not RunDir(run_dir).checkpoint.exists():
+        raise click.UsageError(f"{run_dir} is not a run directory (no {RunDir.CHECKPOINT}).")
     click.echo(f"Report: {write_report(run_dir)}")
 
 

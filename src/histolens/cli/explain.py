@@ -22,6 +22,7 @@ from histolens.cli.options import (
 )
 from histolens.errors import HistolensError
 from histolens.explain import METHODS, get_method
+from histolens.rundir import ExplanationFiles, RunDir
 
 __all__ = ["OPACITY_RENAMED", "explain_command"]
 
@@ -36,7 +37,7 @@ def _split_paths(checkpoint: Path, split_name: str) -> list[Path]:
     from histolens.checkpoint.io import resolve_checkpoint_path
     from histolens.data.splits import load_split_csv
 
-    split_csv = resolve_checkpoint_path(checkpoint).parent / "split.csv"
+    split_csv = RunDir(resolve_checkpoint_path(checkpoint).parent).split
     if not split_csv.is_file():
         raise click.UsageError(f"--split needs a run directory with split.csv ({split_csv}).")
     records = load_split_csv(split_csv).side(split_name)
@@ -59,8 +60,7 @@ def _evenly_spread(paths: list[Path], n: int) -> list[Path]:
 
 
 def _default_out(checkpoint: Path) -> Path:
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    return run_dir / "explanations"
+    return RunDir.of_checkpoint(checkpoint).explanations.path
 
 
 def _stem(path: Path, root: Path) -> str:
@@ -303,7 +303,7 @@ def _explain_all(
 def _report(rows: list[dict], out: Path, quiet: bool) -> None:
     from histolens.atomic import atomic_write_text
 
-    index = atomic_write_text(out / "index.csv", _csv_text(rows))
+    index = atomic_write_text(ExplanationFiles(out).index, _csv_text(rows))
     done = [r for r in rows if r["status"] == "ok"]
     skipped = [r for r in rows if r["status"] != "ok"]
     if not done:
@@ -331,7 +331,9 @@ def _evaluate(explainer, paths, methods, out, max_images, road, quiet) -> None:
         rows = evaluate_faithfulness(explainer, paths, methods, road=road, progress=bar.update)
     table = [r.as_dict() for r in rows]
     atomic_write_text(out / "faithfulness.csv", _csv_text(table))
-    atomic_write_text(out / "faithfulness.json", json.dumps({"rows": table}, indent=2) + "\n")
+    atomic_write_text(
+        ExplanationFiles(out).faithfulness, json.dumps({"rows": table}, indent=2) + "\n"
+    )
     click.echo(format_table(table))
     click.echo(f"written to {out / 'faithfulness.csv'} and faithfulness.json")
 

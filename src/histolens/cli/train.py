@@ -29,6 +29,7 @@ from histolens.cli.options import (
     stain_norm_option,
     task_option,
 )
+from histolens.rundir import RunDir
 
 __all__ = ["cv_command", "train_command"]
 
@@ -285,7 +286,7 @@ def _train_summary(result) -> str:
     for n in result.notes:
         if n not in shown:
             lines.append(f"note: {n}")
-    report = result.run_dir / "report.html"
+    report = RunDir(result.run_dir).report
     if report.exists():
         lines.append(f"Report: {report}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from histolens.evaluation.metrics import (
 from histolens.evaluation.records import records_for_evaluation
 from histolens.inference.predictions_csv import core_columns, core_row, format_flag
 from histolens.inference.predictor import Predictor, probabilities_from_logits
+from histolens.rundir import EvaluationFiles, RunDir
 from histolens.stats.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -151,12 +152,12 @@ def finalize_run(
     if write_outputs:
         write_evaluation(
             result,
-            run_dir / "evaluation",
-            logs_dir=run_dir / "logs",
+            RunDir(run_dir).evaluation.path,
+            logs_dir=RunDir(run_dir).logs,
             notes=notes,
         )
     else:
-        write_predictions_csv(result, run_dir / "predictions.csv")
+        write_predictions_csv(result, RunDir(run_dir).predictions)
     return result.metrics
 
 
@@ -221,7 +222,7 @@ def _store(
 
     temperature, threshold = calibration
     store_referral(
-        run_dir / "best.safetensors",
+        RunDir(run_dir).checkpoint,
         referral,
         temperature=temperature,
         threshold=threshold,
@@ -355,10 +356,11 @@ def write_evaluation(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2, default=float))
-    write_predictions_csv(result, out / "predictions.csv")
+    files = EvaluationFiles(out)
+    atomic_write_text(files.metrics, json.dumps(result.metrics, indent=2, default=float))
+    write_predictions_csv(result, files.predictions)
     # Kept beside the metrics so that `histolens report` later shows the same warnings.
-    atomic_write_text(out / "notes.json", json.dumps(list(notes), indent=2))
+    atomic_write_text(files.notes, json.dumps(list(notes), indent=2))
     y = np.array([r.target for r in result.rows])
     pred = np.array([result.predicted(r) for r in result.rows])
     plots.plot_confusion_matrix(y, pred, result.classes, out / "confusion_matrix.png")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from histolens.data.records import ImageRecord
 from histolens.errors import DataError
+from histolens.rundir import RunDir
 
 if TYPE_CHECKING:
     from histolens.config import RunConfig
@@ -42,7 +43,7 @@ def records_for_evaluation(
     meta = read_metadata(ckpt)
     cfg = meta.run_config
     trained_on = meta.data.path
-    split_csv = ckpt.parent / "split.csv"
+    split_csv = RunDir(ckpt.parent).split
     same_data = data_path is None or (
         trained_on is not None and Path(data_path).resolve() == Path(trained_on).resolve()
     )

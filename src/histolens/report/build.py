@@ -18,6 +18,7 @@ from histolens.evaluation.performance import headline, headline_estimate
 from histolens.report.estimate import estimate_section, lead_estimate
 from histolens.report.markup import embedded_image, fmt
 from histolens.report.metrics import headline_cards, metrics_table, refer_section
+from histolens.rundir import EvaluationFiles, ExplanationFiles, RunDir
 
 if TYPE_CHECKING:
     from histolens.checkpoint.io import CheckpointMetadata, TrainingData
@@ -140,20 +141,21 @@ def write_report(
     from histolens.checkpoint.io import BEST_CHECKPOINT, read_metadata
 
     run_dir = Path(run_dir)
-    ev = Path(evaluation_dir) if evaluation_dir else run_dir / "evaluation"
+    run = RunDir(run_dir)
+    ev = Path(evaluation_dir) if evaluation_dir else run.evaluation.path
     ckpt = Path(checkpoint) if checkpoint else run_dir / BEST_CHECKPOINT
     meta = read_metadata(ckpt) if ckpt.exists() else None
-    metrics = _read_json(ev / "metrics.json", {})
-    notes = list(dict.fromkeys([*_read_json(ev / "notes.json", []), *notes]))  # saved first
-    own = evaluation_dir is None or ev.resolve() == (run_dir / "evaluation").resolve()
+    metrics = _read_json(EvaluationFiles(ev).metrics, {})
+    notes = list(dict.fromkeys([*_read_json(EvaluationFiles(ev).notes, []), *notes]))  # saved first
+    own = evaluation_dir is None or ev.resolve() == run.evaluation.path.resolve()
     title, estimate = lead_estimate(meta, metrics, ev, own)
     parts = [_title(meta), *_note_boxes(notes, estimate)]
     parts += _results_sections(title, estimate, metrics, ev)
     if meta is not None and meta.data.known:
         parts.append(_data_section(meta))
     parts.append(_plots_section(ev))
-    parts.append(_gallery_section(run_dir / "explanations"))
-    faith = run_dir / "explanations" / "faithfulness.json"
+    parts.append(_gallery_section(run.explanations.path))
+    faith = run.explanations.faithfulness
     if faith.is_file():
         parts.append(_faithfulness_section(json.loads(faith.read_text())))
     if meta is not None:
@@ -163,7 +165,7 @@ def write_report(
         f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{_CSS}</style>"
         f"</head><body><main>{''.join(parts)}</main></body></html>"
     )
-    return atomic_write_text(run_dir / "report.html", doc)
+    return atomic_write_text(run.report, doc)
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -237,7 +239,7 @@ def _gallery_section(explanations: Path) -> str:
     gallery = sorted(explanations.glob("*_panel.png"))[:12]
     if not gallery:
         return ""
-    captions = _gallery_captions(explanations / "index.csv")
+    captions = _gallery_captions(ExplanationFiles(explanations).index)
     return (
         "<section><h2>Example heatmaps</h2><div class=gallery>"
         + "".join(

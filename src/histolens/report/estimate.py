@@ -17,6 +17,7 @@ from histolens.evaluation.performance import (
     support_text,
 )
 from histolens.report.markup import card_row, fmt
+from histolens.rundir import EvaluationFiles
 
 if TYPE_CHECKING:
     from histolens.checkpoint.io import CheckpointMetadata
@@ -129,7 +130,7 @@ def lead_estimate(
         return unseen, meta.estimate
     if metrics.get("image"):
         classes = list(meta.class_names) if meta is not None else []
-        overall, per_mag_classes = _patients_per_class(ev / "predictions.csv")
+        overall, per_mag_classes = _patients_per_class(EvaluationFiles(ev).predictions)
         blocks = {}
         for mag, block in (metrics.get("per_magnification") or {}).items():
             blocks[mag] = {

@@ -17,12 +17,13 @@ from histolens.config import RunConfig
 from histolens.data.records import Dataset as Records
 from histolens.data.splits import Split
 from histolens.models.classifier import resolve_feature_layer
+from histolens.rundir import RunDir
 
 __all__ = ["CONFIG_FILE", "FEATURE_CACHE", "SPLIT_FILE", "TrainResult", "initial_metadata"]
 
-FEATURE_CACHE = "features.safetensors"
-CONFIG_FILE = "config.json"
-SPLIT_FILE = "split.csv"
+FEATURE_CACHE = RunDir.FEATURE_CACHE
+CONFIG_FILE = RunDir.CONFIG
+SPLIT_FILE = RunDir.SPLIT
 
 
 @dataclass

@@ -24,10 +24,11 @@ from histolens.data.records import (
 from histolens.data.splits import Split
 from histolens.errors import ConfigError, DataError
 from histolens.models.pipeline import ImageSource, ImageStream
+from histolens.rundir import RunDir
 
 __all__ = ["fit_stain", "prepare_records", "readable_split"]
 
-SKIPPED_FILE = "skipped.csv"
+SKIPPED_FILE = RunDir.SKIPPED
 
 
 def prepare_records(cfg: RunConfig) -> tuple[Records, list[ImageRecord], tuple[str, ...]]:

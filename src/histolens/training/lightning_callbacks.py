@@ -27,6 +27,7 @@ from histolens.checkpoint.io import (
     read_metadata,
     save_checkpoint,
 )
+from histolens.rundir import RunDir
 
 __all__ = [
     "EPOCH_LOG",
@@ -35,10 +36,10 @@ __all__ = [
     "run_callbacks",
 ]
 
-LAST_CHECKPOINT = Path("lightning") / "last.ckpt"
+LAST_CHECKPOINT = RunDir.LAST_CHECKPOINT
 # One row per epoch; under logs/version_0 where Lightning's CSVLogger used to write it, which
 # the training-curve plot and evaluate still read.
-EPOCH_LOG = Path("logs") / "version_0" / "metrics.csv"
+EPOCH_LOG = RunDir.EPOCH_LOG
 EPOCH_LOG_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_acc", "val_auc", "lr")
 
 

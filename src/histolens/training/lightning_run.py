@@ -30,6 +30,7 @@ from histolens.models.classifier import HistoClassifier, build_model, resolve_fe
 from histolens.models.feature_cache import FeatureCache
 from histolens.models.pipeline import ImageSource, InputPipeline, image_source
 from histolens.models.transforms import Augmenter, Preprocess, resolve_preprocess
+from histolens.rundir import RunDir
 from histolens.training.common import (
     CONFIG_FILE,
     FEATURE_CACHE,
@@ -373,5 +374,5 @@ def _finish(run: _LightningRun, trainer, export, epoch_log, opts: RunOptions) ->
         if opts.write_outputs:
             from histolens.report.build import write_report
 
-            write_report(run.run_dir, evaluation_dir=run.run_dir / "evaluation")
+            write_report(run.run_dir, evaluation_dir=RunDir(run.run_dir).evaluation.path)
     return result

@@ -17,6 +17,7 @@ import torch
 from histolens.checkpoint.io import BEST_CHECKPOINT, update_metadata
 from histolens.config import RunConfig
 from histolens.models.pipeline import ImageSource
+from histolens.rundir import RunDir
 from histolens.training.probe_validation import _HeldOut, _Referral
 
 
@@ -66,7 +67,7 @@ def _evaluate(
     else:
         from histolens.evaluation.evaluate import write_predictions_csv
 
-        write_predictions_csv(ev, run_dir / "predictions.csv")
+        write_predictions_csv(ev, RunDir(run_dir).predictions)
     return metrics
 
 
@@ -127,5 +128,5 @@ def _write_outputs(
     summary: dict[str, Any] = {"split": metrics["split"], **headline_metrics(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
     notes = list(notes) + estimate["warnings"]
-    write_evaluation(ev, run_dir / "evaluation", logs_dir=None, notes=notes)
-    write_report(run_dir, evaluation_dir=run_dir / "evaluation")
+    write_evaluation(ev, RunDir(run_dir).evaluation.path, logs_dir=None, notes=notes)
+    write_report(run_dir, evaluation_dir=RunDir(run_dir).evaluation.path)

@@ -1,0 +1,135 @@
+"""Every file of a run directory, named once.
+
+``histolens train --out RUN`` writes a run directory; evaluate, explain, report and the front
+ends read it. ``RunDir(path)`` gives each file's path; the class attributes give the names
+relative to the run (what error messages and the docs quote). The files of the run's
+``evaluation/`` and ``explanations/`` folders are named here too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EvaluationFiles", "ExplanationFiles", "RunDir"]
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """What ``write_evaluation`` writes into an evaluation folder (``RUN/evaluation`` or
+    ``histolens evaluate --out``)."""
+
+    path: Path
+
+    METRICS = "metrics.json"
+    PREDICTIONS = "predictions.csv"
+    NOTES = "notes.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / self.PREDICTIONS
+
+    @property
+    def notes(self) -> Path:
+        return self.path / self.NOTES
+
+
+@dataclass(frozen=True)
+class ExplanationFiles:
+    """What ``histolens explain`` writes into its output folder (default ``RUN/explanations``)."""
+
+    path: Path
+
+    INDEX = "index.csv"
+    FAITHFULNESS = "faithfulness.json"
+
+    @property
+    def index(self) -> Path:
+        return self.path / self.INDEX
+
+    @property
+    def faithfulness(self) -> Path:
+        return self.path / self.FAITHFULNESS
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A training run's directory and the path of each of its files."""
+
+    path: Path
+
+    CHECKPOINT = "best.safetensors"
+    CONFIG = "config.json"
+    SPLIT = "split.csv"
+    FEATURE_CACHE = "features.safetensors"
+    SKIPPED = "skipped.csv"
+    PREDICTIONS = "predictions.csv"  # a run trained without writing its evaluation
+    REPORT = "report.html"
+    EVALUATION = "evaluation"
+    EXPLANATIONS = "explanations"
+    LOGS = "logs"
+    LAST_CHECKPOINT = Path("lightning") / "last.ckpt"
+    # One row per epoch; under logs/version_0 where Lightning's CSVLogger used to write it.
+    EPOCH_LOG = Path("logs") / "version_0" / "metrics.csv"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
+        """The run a checkpoint file belongs to (a directory is the run itself)."""
+        p = Path(checkpoint)
+        return cls(p if p.is_dir() else p.parent)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def split(self) -> Path:
+        return self.path / self.SPLIT
+
+    @property
+    def feature_cache(self) -> Path:
+        return self.path / self.FEATURE_CACHE
+
+    @property
+    def skipped(self) -> Path:
+        return self.path / self.SKIPPED
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / self.PREDICTIONS
+
+    @property
+    def report(self) -> Path:
+        return self.path / self.REPORT
+
+    @property
+    def evaluation(self) -> EvaluationFiles:
+        return EvaluationFiles(self.path / self.EVALUATION)
+
+    @property
+    def explanations(self) -> ExplanationFiles:
+        return ExplanationFiles(self.path / self.EXPLANATIONS)
+
+    @property
+    def logs(self) -> Path:
+        return self.path / self.LOGS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / self.LAST_CHECKPOINT
+
+    @property
+    def epoch_log(self) -> Path:
+        return self.path / self.EPOCH_LOG
