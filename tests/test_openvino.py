@@ -20,7 +20,7 @@ from histolens.data.records import discover
 from histolens.data.splits import load_split_csv, split_by_patient
 from histolens.errors import CheckpointError, ConfigError
 from histolens.export.onnx import export_onnx
-from histolens.gui.model_info import ModelInfo
+from histolens.gui.model_info import ModelSummary
 from histolens.inference.predictor import Predictor
 from histolens.inference.runtimes import (
     ONNX_RUNTIMES,
@@ -285,7 +285,9 @@ def test_every_front_end_offers_the_flag_and_says_which_runtime_runs(onnx_path):
         r = CliRunner().invoke(main, [command, "--help"])
         assert "--onnx-runtime [onnxruntime|openvino]" in r.output, command
     predictor = Predictor.from_checkpoint(onnx_path, runtime="openvino")
-    assert dict(ModelInfo.from_predictor(predictor).rows())["Runtime"] == "OpenVINO (ONNX export)"
+    assert (
+        dict(ModelSummary.from_predictor(predictor).rows())["Runtime"] == "OpenVINO (ONNX export)"
+    )
     pytest.importorskip("fastapi", reason="the web extra (fastapi) is not installed")
     from fastapi.testclient import TestClient
 

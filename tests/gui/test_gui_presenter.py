@@ -560,11 +560,11 @@ def test_real_explainer(checkpoint, image_path):
 
 
 def test_model_info_names_the_backbones_licence(tmp_path):
-    from histolens.gui.model_info import ModelInfo
+    from histolens.gui.model_info import ModelSummary
     from histolens.testing import make_checkpoint
 
     path = make_checkpoint(tmp_path / "uni.safetensors", licence="CC-BY-NC-ND-4.0")
-    info = ModelInfo.from_predictor(Predictor.from_checkpoint(path))
+    info = ModelSummary.from_predictor(Predictor.from_checkpoint(path))
     assert dict(info.rows())["Licence"] == "CC-BY-NC-ND-4.0"
 
 

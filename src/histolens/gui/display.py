@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
-    from histolens.gui.model_info import ModelInfo
+    from histolens.gui.model_info import ModelSummary
     from histolens.inference.predictor import Prediction
 
 __all__ = [
@@ -215,7 +215,7 @@ def sort_key(column: str) -> Callable[[ResultRow], Any]:
 class View(Protocol):
     """What the presenter asks of a window. Called on the UI thread only."""
 
-    def show_model(self, info: ModelInfo | None) -> None: ...
+    def show_model(self, info: ModelSummary | None) -> None: ...
 
     def show_methods(self, methods: Sequence[str], current: str) -> None: ...
 

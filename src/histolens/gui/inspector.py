@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from histolens.explain import Explanation
-    from histolens.gui.model_info import LoadedModel
+    from histolens.gui.model_info import ViewerModel
     from histolens.inference.predictor import Prediction
 
 __all__ = ["SINGLE_PASS_METHODS", "ImageInspector"]
@@ -65,7 +65,7 @@ class ImageInspector:
         model: the loaded model, shared with the presenter (which replaces its contents).
     """
 
-    def __init__(self, view: View, jobs: BackgroundJobs, model: LoadedModel) -> None:
+    def __init__(self, view: View, jobs: BackgroundJobs, model: ViewerModel) -> None:
         self._view = view
         self._jobs = jobs
         self._model = model
