@@ -4,7 +4,8 @@
 registered target layer, LIME / Kernel SHAP over SLIC superpixels and Integrated Gradients
 through Captum. Each method is one entry of ``EXPLANATION_METHODS`` (``get_method(name)``),
 which every front end reads. The Explainer returns arrays only; ``histolens explain``
-(``histolens.cli.explain``) writes files.
+(``histolens.cli.explain``) writes files. May import: everything below it (base .. export);
+``histolens.report`` reads what explain writes, by file.
 """
 
 from typing import TYPE_CHECKING, Any
