@@ -11,7 +11,7 @@ import math
 import torch
 
 from histolens.errors import ConfigError
-from histolens.stain.math import _as_float_batch, _chunk_size, _pixels
+from histolens.stain.math import as_float_batch, chunk_size, flat_pixels
 
 __all__ = ["StainAugmenter"]
 
@@ -55,10 +55,10 @@ class StainAugmenter:
 
     def apply(self, batch: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Apply given HED ``scale`` and ``shift`` (each (B, 3)) to a (B, 3, H, W) batch."""
-        batch = _as_float_batch(batch)
+        batch = as_float_batch(batch)
         scale = scale.to(batch.device, torch.float32)
         shift = shift.to(batch.device, torch.float32)
-        step = _chunk_size(batch)
+        step = chunk_size(batch)
         parts = [
             self._apply(batch[i : i + step], scale[i : i + step], shift[i : i + step])
             for i in range(0, batch.shape[0], step)
@@ -67,7 +67,7 @@ class StainAugmenter:
         return out.view(batch.shape).to(batch.dtype)
 
     def _apply(self, batch: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        pixels, _ = _pixels(batch)
+        pixels, _ = flat_pixels(batch)
         # skimage's rgb2hed: hed = (log(rgb) / log(1e-6)) @ hed_from_rgb, pixels as rows.
         log_adjust = math.log(1e-6)
         to_hed = self._hed_from_rgb.T.to(pixels) / log_adjust

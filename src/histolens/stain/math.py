@@ -17,17 +17,35 @@ import torch
 from histolens.errors import DataError
 
 # A tile needs at least this many tissue pixels, and this fraction of its pixels, to be fitted.
+__all__ = [
+    "MIN_LAB_STD",
+    "MIN_MAX_CONCENTRATION",
+    "MIN_TISSUE_FRACTION",
+    "MIN_TISSUE_PIXELS",
+    "as_float_batch",
+    "as_float_image",
+    "chunk_size",
+    "enough_tissue",
+    "flat_pixels",
+    "lab_stats",
+    "lab_to_rgb",
+    "macenko_fit",
+    "optical_density",
+    "rgb_to_lab",
+    "tissue_mask",
+]
+
 MIN_TISSUE_PIXELS = 50
 MIN_TISSUE_FRACTION = 0.01
 # H and E OD vectors are ~40 degrees apart; two fitted unit vectors under 10 degrees apart mean
 # one stain or only noise (a flat tile with sensor noise gives ~5), so det(HE^T HE) = sin^2 > this.
 _MIN_STAIN_GRAM_DET = math.sin(math.radians(10)) ** 2
 # Below this 99th-percentile concentration the rescale ratio explodes (a stain that is absent).
-_MIN_MAX_CONCENTRATION = 1e-2
+MIN_MAX_CONCENTRATION = 1e-2
 # Reinhard: a LAB channel flatter than this (L in 0..100, a/b in about -128..127) is not scaled.
-_MIN_LAB_STD = 1e-3
+MIN_LAB_STD = 1e-3
 
-# Pixels per batched pass; see _chunk_size.
+# Pixels per batched pass; see chunk_size.
 _CPU_CHUNK_PIXELS = 6 * 224 * 224
 _GPU_CHUNK_PIXELS = 2**24
 
@@ -49,7 +67,7 @@ _D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 # --------------------------------------------------------------------------------------------
 
 
-def _as_float_image(image: Any) -> torch.Tensor:
+def as_float_image(image: Any) -> torch.Tensor:
     """Return a float32 (3, H, W) tensor in [0, 1] from a tensor, PIL image or HxWx3 array."""
     if isinstance(image, torch.Tensor):
         tensor = image.detach()
@@ -81,7 +99,7 @@ def _as_float_image(image: Any) -> torch.Tensor:
     return tensor
 
 
-def _as_float_batch(batch: torch.Tensor) -> torch.Tensor:
+def as_float_batch(batch: torch.Tensor) -> torch.Tensor:
     """Validate a (B, 3, H, W) batch and return it as floating point in [0, 1]."""
     if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
         shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
@@ -93,7 +111,7 @@ def _as_float_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-def _pixels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flat_pixels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, N) float32 pixels with NaN/inf replaced and clamped to [0, 1], and (B,) finite."""
     pixels = batch.flatten(2).float()
     finite = torch.isfinite(pixels.sum(dim=(1, 2)))  # one pass: NaN/inf survive a sum
@@ -102,7 +120,7 @@ def _pixels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels.clamp(0.0, 1.0), finite
 
 
-def _chunk_size(batch: torch.Tensor) -> int:
+def chunk_size(batch: torch.Tensor) -> int:
     """Images per chunk: whole batches on GPU; on CPU chunks small enough to stay in cache.
 
     On CPU the work is memory-bound; measured on 224x224 tiles, chunks of about 4 to 8 images
@@ -113,17 +131,17 @@ def _chunk_size(batch: torch.Tensor) -> int:
     return max(1, budget // max(n_pixels, 1))
 
 
-def _optical_density(pixels: torch.Tensor, io: float) -> torch.Tensor:
+def optical_density(pixels: torch.Tensor, io: float) -> torch.Tensor:
     """OD = -log((I*255 + 1) / Io) of (B, 3, N) pixels in [0, 1], as torchstain computes it."""
     return torch.log((pixels * 255.0 + 1.0) * (1.0 / io)).neg_()
 
 
-def _tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
+def tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
     """(B, N) pixels whose optical density is at least ``beta`` in every channel."""
     return (od >= beta).all(dim=1)
 
 
-def _enough_tissue(mask: torch.Tensor) -> torch.Tensor:
+def enough_tissue(mask: torch.Tensor) -> torch.Tensor:
     """Per image: True when the tissue mask has enough pixels to fit stain statistics."""
     n_pixels = mask.shape[-1]
     needed = max(MIN_TISSUE_PIXELS, math.ceil(MIN_TISSUE_FRACTION * n_pixels))
@@ -164,7 +182,7 @@ def _upper_percentile(values: torch.Tensor, q: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _macenko_fit(
+def macenko_fit(
     od: torch.Tensor, alpha: float, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stain matrices, concentrations and max concentrations of a (B, 3, N) OD batch.
@@ -174,8 +192,8 @@ def _macenko_fit(
     an item are then meaningless but finite, so one bad tile cannot break the batch).
     """
     batch = od.shape[0]
-    mask = _tissue_mask(od, beta)
-    ok = _enough_tissue(mask)
+    mask = tissue_mask(od, beta)
+    ok = enough_tissue(mask)
     weights = mask.to(od.dtype).unsqueeze(1)  # (B, 1, N)
     n_tissue = weights.sum(dim=-1, keepdim=True).clamp_min(2.0)  # (B, 1, 1)
 
@@ -210,7 +228,7 @@ def _macenko_fit(
     gram = torch.where(ok.view(batch, 1, 1), gram, eye2)
     conc = torch.linalg.solve(gram, he.transpose(1, 2)) @ od  # (B, 2, N)
     max_conc = _upper_percentile(conc, 99)
-    ok &= torch.isfinite(max_conc).all(dim=1) & (max_conc > _MIN_MAX_CONCENTRATION).all(dim=1)
+    ok &= torch.isfinite(max_conc).all(dim=1) & (max_conc > MIN_MAX_CONCENTRATION).all(dim=1)
     return he, conc, max_conc, ok
 
 
@@ -219,7 +237,7 @@ def _macenko_fit(
 # --------------------------------------------------------------------------------------------
 
 
-def _rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (B, 3, N) -> CIE L*a*b* (L 0..100), same layout."""
     linear = torch.where(
         rgb > 0.04045, ((rgb.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92
@@ -231,7 +249,7 @@ def _rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack((116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)), dim=1)
 
 
-def _lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """CIE L*a*b*, (B, 3, N) -> sRGB clamped to [0, 1], same layout."""
     lum, a, b = lab.unbind(1)
     fy = (lum + 16) / 116
@@ -247,7 +265,7 @@ def _lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return rgb.clamp_(0, 1)
 
 
-def _lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image channel mean and (unbiased) std of a (B, 3, N) LAB batch over all pixels."""
     std, mean = torch.std_mean(lab, dim=-1)
     return mean, std

@@ -18,21 +18,21 @@ import torch
 
 from histolens.errors import ConfigError, DataError, check_choice
 from histolens.stain.math import (
-    _MIN_LAB_STD,
-    _MIN_MAX_CONCENTRATION,
+    MIN_LAB_STD,
+    MIN_MAX_CONCENTRATION,
     MIN_TISSUE_FRACTION,
     MIN_TISSUE_PIXELS,
-    _as_float_batch,
-    _as_float_image,
-    _chunk_size,
-    _enough_tissue,
-    _lab_stats,
-    _lab_to_rgb,
-    _macenko_fit,
-    _optical_density,
-    _pixels,
-    _rgb_to_lab,
-    _tissue_mask,
+    as_float_batch,
+    as_float_image,
+    chunk_size,
+    enough_tissue,
+    flat_pixels,
+    lab_stats,
+    lab_to_rgb,
+    macenko_fit,
+    optical_density,
+    rgb_to_lab,
+    tissue_mask,
 )
 
 __all__ = ["MACENKO_METHODS", "STAIN_METHODS", "StainNormalizer"]
@@ -100,19 +100,19 @@ class StainNormalizer:
         Raises:
             DataError: the reference has too little tissue, or no stain contrast, to fit.
         """
-        image = _as_float_image(reference)
-        pixels, finite = _pixels(image.unsqueeze(0))
-        od = _optical_density(pixels, self.io)
+        image = as_float_image(reference)
+        pixels, finite = flat_pixels(image.unsqueeze(0))
+        od = optical_density(pixels, self.io)
         if not bool(finite[0]):
             raise DataError("The stain reference image contains NaN or infinite values.")
-        if not bool(_enough_tissue(_tissue_mask(od, self.beta))[0]):
+        if not bool(enough_tissue(tissue_mask(od, self.beta))[0]):
             raise DataError(
                 f"The stain reference image has too little tissue to fit {self.method} "
                 f"normalisation: at least {MIN_TISSUE_PIXELS} pixels and "
                 f"{MIN_TISSUE_FRACTION:.0%} of the image must be stained; choose another."
             )
         if self.method in MACENKO_METHODS:
-            he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
+            he, _, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
             if not bool(ok[0]):
                 raise DataError(
                     "The stain reference image has no usable haematoxylin/eosin contrast "
@@ -121,8 +121,8 @@ class StainNormalizer:
             self.stain_matrix = he[0].clone()
             self.max_concentrations = max_conc[0].clone()
         else:
-            mean, std = _lab_stats(_rgb_to_lab(pixels))
-            if not bool((std > _MIN_LAB_STD).all()):
+            mean, std = lab_stats(rgb_to_lab(pixels))
+            if not bool((std > MIN_LAB_STD).all()):
                 raise DataError(
                     "The stain reference image has a flat colour channel; Reinhard "
                     "normalisation needs colour variation. Choose another."
@@ -145,18 +145,18 @@ class StainNormalizer:
         tensors = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
         firsts, seconds = [], []
         for image in tensors:
-            pixels, finite = _pixels(_as_float_image(image).unsqueeze(0))
-            od = _optical_density(pixels, self.io)
+            pixels, finite = flat_pixels(as_float_image(image).unsqueeze(0))
+            od = optical_density(pixels, self.io)
             if not bool(finite[0]):
                 continue
             if self.method in MACENKO_METHODS:
-                he, _, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
+                he, _, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
                 if bool(ok[0]):
                     firsts.append(he[0])
                     seconds.append(max_conc[0])
             else:
-                mean, std = _lab_stats(_rgb_to_lab(pixels))
-                ok = _enough_tissue(_tissue_mask(od, self.beta)) & (std > _MIN_LAB_STD).all(dim=1)
+                mean, std = lab_stats(rgb_to_lab(pixels))
+                ok = enough_tissue(tissue_mask(od, self.beta)) & (std > MIN_LAB_STD).all(dim=1)
                 if bool(ok[0]):
                     firsts.append(mean[0])
                     seconds.append(std[0])
@@ -188,11 +188,11 @@ class StainNormalizer:
             raise RuntimeError(
                 f"StainNormalizer({self.method!r}) is not fitted; call fit() or from_dict()."
             )
-        batch = _as_float_batch(batch)
+        batch = as_float_batch(batch)
         size, _, height, width = batch.shape
         if size == 0:
             return batch.clone(), torch.zeros(0, dtype=torch.bool, device=batch.device)
-        step = _chunk_size(batch)
+        step = chunk_size(batch)
         parts = [self._normalise(batch[i : i + step]) for i in range(0, size, step)]
         out = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         ok = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
@@ -204,8 +204,8 @@ class StainNormalizer:
 
     def _normalise(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise one chunk; returns (B, 3, N) pixels and the (B,) success mask."""
-        pixels, ok = _pixels(batch)
-        od = _optical_density(pixels, self.io)
+        pixels, ok = flat_pixels(batch)
+        od = optical_density(pixels, self.io)
         if self.method in MACENKO_METHODS:
             normalised, fitted = self._macenko(od)
         else:
@@ -216,10 +216,10 @@ class StainNormalizer:
         return out.clamp_(0.0, 1.0), ok
 
     def _macenko(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, conc, max_conc, ok = _macenko_fit(od, self.alpha, self.beta)
+        _, conc, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
         if self.method == "macenko-h":  # (B, 2, N): haematoxylin first; no eosin
             conc = torch.cat((conc[:, :1], torch.zeros_like(conc[:, 1:])), dim=1)
-        ratio = self.max_concentrations.to(od) / max_conc.clamp_min(_MIN_MAX_CONCENTRATION)
+        ratio = self.max_concentrations.to(od) / max_conc.clamp_min(MIN_MAX_CONCENTRATION)
         # Rescaling the concentrations to the reference maxima is folded into the stain matrix.
         mixing = self.stain_matrix.to(od) * ratio.unsqueeze(1)  # (B, 3, 2)
         out = torch.exp_((mixing @ conc).neg_()).mul_(self.io / 255.0)  # I / 255, unclamped
@@ -228,13 +228,13 @@ class StainNormalizer:
     def _reinhard(
         self, pixels: torch.Tensor, od: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        lab = _rgb_to_lab(pixels)
-        mean, std = _lab_stats(lab)
-        ok = _enough_tissue(_tissue_mask(od, self.beta))
-        ok &= torch.isfinite(std).all(dim=1) & (std > _MIN_LAB_STD).all(dim=1)
-        scale = self.lab_std.to(lab) / std.clamp_min(_MIN_LAB_STD)
+        lab = rgb_to_lab(pixels)
+        mean, std = lab_stats(lab)
+        ok = enough_tissue(tissue_mask(od, self.beta))
+        ok &= torch.isfinite(std).all(dim=1) & (std > MIN_LAB_STD).all(dim=1)
+        scale = self.lab_std.to(lab) / std.clamp_min(MIN_LAB_STD)
         shift = self.lab_mean.to(lab) - mean * scale
-        return _lab_to_rgb(lab.mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))), ok
+        return lab_to_rgb(lab.mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))), ok
 
     def reset_counts(self) -> None:
         """Zero the ``fallbacks`` and ``seen`` counters (e.g. at the start of an epoch)."""

@@ -13,17 +13,17 @@ import torch
 
 from histolens.errors import DataError, check_choice
 from histolens.stain.math import (
-    _MIN_LAB_STD,
-    _as_float_batch,
-    _as_float_image,
-    _chunk_size,
-    _enough_tissue,
-    _lab_stats,
-    _macenko_fit,
-    _optical_density,
-    _pixels,
-    _rgb_to_lab,
-    _tissue_mask,
+    MIN_LAB_STD,
+    as_float_batch,
+    as_float_image,
+    chunk_size,
+    enough_tissue,
+    flat_pixels,
+    lab_stats,
+    macenko_fit,
+    optical_density,
+    rgb_to_lab,
+    tissue_mask,
 )
 from histolens.stain.normalize import MACENKO_METHODS, STAIN_METHODS
 
@@ -71,10 +71,10 @@ def _reference_chunks(
         DataError: there are no images.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
-        batch = _as_float_batch(images)
+        batch = as_float_batch(images)
         groups = [(list(range(batch.shape[0])), batch)]
     else:
-        tensors = [_as_float_image(image) for image in images]
+        tensors = [as_float_image(image) for image in images]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, tensor in enumerate(tensors):
             by_shape.setdefault(tuple(tensor.shape), []).append(index)
@@ -84,7 +84,7 @@ def _reference_chunks(
         raise DataError("choose_reference needs at least one image.")
     chunks = []
     for group, batch in groups:
-        step = _chunk_size(batch)
+        step = chunk_size(batch)
         chunks += [(group[i : i + step], batch[i : i + step]) for i in range(0, len(group), step)]
     return chunks, total
 
@@ -104,14 +104,14 @@ def _reference_features(
     features = torch.zeros(total, 6, dtype=torch.float64)
     usable = torch.zeros(total, dtype=torch.bool)
     for group, batch in chunks:
-        pixels, ok = _pixels(batch)
-        od = _optical_density(pixels, io)
+        pixels, ok = flat_pixels(batch)
+        od = optical_density(pixels, io)
         if method in MACENKO_METHODS:
-            he, _, _, fitted = _macenko_fit(od, alpha, beta)
+            he, _, _, fitted = macenko_fit(od, alpha, beta)
             feats = he.flatten(1)
         else:
-            mean, std = _lab_stats(_rgb_to_lab(pixels))
-            fitted = _enough_tissue(_tissue_mask(od, beta)) & (std > _MIN_LAB_STD).all(dim=1)
+            mean, std = lab_stats(rgb_to_lab(pixels))
+            fitted = enough_tissue(tissue_mask(od, beta)) & (std > MIN_LAB_STD).all(dim=1)
             feats = torch.cat((mean, std), dim=1)
         ok &= fitted & torch.isfinite(feats).all(dim=1)
         index = torch.tensor(group)
