@@ -20,11 +20,20 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "histolens"
 
 # The layers, lowest first. A module may import its own layer's modules (without cycles) and any
 # lower layer, never a higher one. A name is a module or package; a module belongs to the longest
-# name that prefixes it ("histolens" is the package's own __init__ only). docs/architecture.md draws the same list.
+# name that prefixes it ("histolens" is the package's own __init__ only). docs/architecture.md
+# draws the same list.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("histolens", "histolens.errors", "histolens.atomic", "histolens.config", "histolens.rundir"),
+    (
+        "histolens",
+        "histolens.errors",
+        "histolens.atomic",
+        "histolens.config",
+        "histolens.rundir",
+        "histolens.progress",
+    ),
     ("histolens.stats",),
     ("histolens.data",),
+    ("histolens.slides",),  # whole-slide images: read with data's image I/O
     ("histolens.stain",),
     ("histolens.models",),
     ("histolens.checkpoint",),
