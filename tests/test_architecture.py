@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "histolens.config",
         "histolens.rundir",
         "histolens.progress",
+        "histolens.moved",
     ),
     ("histolens.stats",),
     ("histolens.data",),
