@@ -15,6 +15,11 @@ from pathlib import Path
 __all__ = ["EvaluationFiles", "ExplanationFiles", "RunDir"]
 
 
+def _file(name: str | Path) -> property:
+    """A property: ``name`` inside the folder at ``self.path``."""
+    return property(lambda self: self.path / name, doc=f"``{name}`` in this folder.")
+
+
 @dataclass(frozen=True)
 class EvaluationFiles:
     """What ``write_evaluation`` writes into an evaluation folder (``RUN/evaluation`` or
@@ -26,17 +31,12 @@ class EvaluationFiles:
     PREDICTIONS = "predictions.csv"
     NOTES = "notes.json"
 
-    @property
-    def metrics(self) -> Path:
-        return self.path / self.METRICS
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
 
-    @property
-    def predictions(self) -> Path:
-        return self.path / self.PREDICTIONS
-
-    @property
-    def notes(self) -> Path:
-        return self.path / self.NOTES
+    metrics = _file(METRICS)
+    predictions = _file(PREDICTIONS)
+    notes = _file(NOTES)
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,11 @@ class ExplanationFiles:
     INDEX = "index.csv"
     FAITHFULNESS = "faithfulness.json"
 
-    @property
-    def index(self) -> Path:
-        return self.path / self.INDEX
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
 
-    @property
-    def faithfulness(self) -> Path:
-        return self.path / self.FAITHFULNESS
+    index = _file(INDEX)
+    faithfulness = _file(FAITHFULNESS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,17 @@ class RunDir:
     # One row per epoch; under logs/version_0 where Lightning's CSVLogger used to write it.
     EPOCH_LOG = Path("logs") / "version_0" / "metrics.csv"
 
+    checkpoint = _file(CHECKPOINT)
+    config = _file(CONFIG)
+    split = _file(SPLIT)
+    feature_cache = _file(FEATURE_CACHE)
+    skipped = _file(SKIPPED)
+    predictions = _file(PREDICTIONS)
+    report = _file(REPORT)
+    logs = _file(LOGS)
+    last_checkpoint = _file(LAST_CHECKPOINT)
+    epoch_log = _file(EPOCH_LOG)
+
     def __init__(self, path: str | os.PathLike) -> None:
         object.__setattr__(self, "path", Path(path))
 
@@ -87,49 +96,9 @@ class RunDir:
         return cls(p if p.is_dir() else p.parent)
 
     @property
-    def checkpoint(self) -> Path:
-        return self.path / self.CHECKPOINT
-
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def split(self) -> Path:
-        return self.path / self.SPLIT
-
-    @property
-    def feature_cache(self) -> Path:
-        return self.path / self.FEATURE_CACHE
-
-    @property
-    def skipped(self) -> Path:
-        return self.path / self.SKIPPED
-
-    @property
-    def predictions(self) -> Path:
-        return self.path / self.PREDICTIONS
-
-    @property
-    def report(self) -> Path:
-        return self.path / self.REPORT
-
-    @property
     def evaluation(self) -> EvaluationFiles:
         return EvaluationFiles(self.path / self.EVALUATION)
 
     @property
     def explanations(self) -> ExplanationFiles:
         return ExplanationFiles(self.path / self.EXPLANATIONS)
-
-    @property
-    def logs(self) -> Path:
-        return self.path / self.LOGS
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.path / self.LAST_CHECKPOINT
-
-    @property
-    def epoch_log(self) -> Path:
-        return self.path / self.EPOCH_LOG
