@@ -75,17 +75,8 @@ def test_the_old_alpha_spelling_is_refused_naming_opacity(tmp_path, tiny_checkpo
 
 def test_folder_writes_heatmaps_overlays_panels_and_index(tmp_path, tiny_checkpoint, folder):
     out = tmp_path / "out"
-    result = _invoke(
-        tiny_checkpoint,
-        folder,
-        "--out",
-        out,
-        "-m",
-        "gradcam,eigencam",
-        "--opacity",
-        "0.3",
-        "--quiet",
-    )
+    options = ("-m", "gradcam,eigencam", "--opacity", "0.3", "--quiet")
+    result = _invoke(tiny_checkpoint, folder, "--out", out, *options)
     assert result.exit_code == 0, result.output
     assert "4 heatmap(s) of 2 image(s)" in result.output
     assert "skipped" in result.output and "broken.png" in result.output

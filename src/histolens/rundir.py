@@ -21,45 +21,38 @@ def _file(name: str | Path) -> property:
 
 
 @dataclass(frozen=True)
-class EvaluationFiles:
+class _Folder:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+
+class EvaluationFiles(_Folder):
     """What ``write_evaluation`` writes into an evaluation folder (``RUN/evaluation`` or
     ``histolens evaluate --out``)."""
-
-    path: Path
 
     METRICS = "metrics.json"
     PREDICTIONS = "predictions.csv"
     NOTES = "notes.json"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
 
     metrics = _file(METRICS)
     predictions = _file(PREDICTIONS)
     notes = _file(NOTES)
 
 
-@dataclass(frozen=True)
-class ExplanationFiles:
+class ExplanationFiles(_Folder):
     """What ``histolens explain`` writes into its output folder (default ``RUN/explanations``)."""
-
-    path: Path
 
     INDEX = "index.csv"
     FAITHFULNESS = "faithfulness.json"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
 
     index = _file(INDEX)
     faithfulness = _file(FAITHFULNESS)
 
 
-@dataclass(frozen=True)
-class RunDir:
+class RunDir(_Folder):
     """A training run's directory and the path of each of its files."""
-
-    path: Path
 
     CHECKPOINT = "best.safetensors"
     CONFIG = "config.json"
@@ -85,9 +78,6 @@ class RunDir:
     logs = _file(LOGS)
     last_checkpoint = _file(LAST_CHECKPOINT)
     epoch_log = _file(EPOCH_LOG)
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        object.__setattr__(self, "path", Path(path))
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
