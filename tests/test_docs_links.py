@@ -89,7 +89,7 @@ def broken_links(path: Path) -> list[str]:
 
 
 def test_github_slug_matches_github() -> None:
-    # Slugs as GitHub renders these headings (checked by hand on github.com).
+    # GitHub's slugger drops punctuation and turns each space into a hyphen, so " / " gives "--".
     assert github_slug("Fast on a CPU: the feature cache") == "fast-on-a-cpu-the-feature-cache"
     assert (
         github_slug('Knowing when not to answer: refer, and "not like the training images"')
