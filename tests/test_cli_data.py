@@ -32,5 +32,5 @@ def test_data_synth_writes_the_dataset_and_logs_plain_lines(tmp_path):
 
 def test_data_synth_refuses_too_few_images(tmp_path):
     result = CliRunner().invoke(main, ["data", "synth", str(tmp_path / "s"), "--n", "1"])
-    assert result.exit_code == 2 and "1 is not in the range x>=2" in result.output
+    assert result.exit_code == 2 and "1 is not in the range 2<=x<=100000" in result.output
     assert not (tmp_path / "s").exists()

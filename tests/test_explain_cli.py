@@ -113,8 +113,8 @@ def test_target_class_explains_that_class_whatever_the_prediction(tmp_path, tiny
     bad = CliRunner().invoke(
         explain_command, [str(tiny_checkpoint), str(img), "--target-class", "tumour"]
     )
-    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
-    assert "target class" in bad.output and "benign" in bad.output
+    assert bad.exit_code == 1
+    assert bad.output == "error: Unknown target class 'tumour'; choose one of: benign, malignant.\n"
 
 
 def test_split_needs_a_run_with_split_csv(tmp_path, tiny_checkpoint):
@@ -150,30 +150,28 @@ def test_evaluate_writes_the_faithfulness_table(tmp_path, tiny_checkpoint, synth
         synth_small,
         "--evaluate",
         "-m",
-        "gradcam",
+        "gradcam,eigencam",
         "--max-images",
-        "6",
+        "16",
         "--no-road",
         "--out",
         out,
         "--quiet",
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "faithfulness.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["gradcam", "random"]
-    for r in rows:
-        assert set(r) >= {
-            "method",
-            "deletion_auc",
-            "insertion_auc",
-            "road",
-            "pointing_game",
-            "iou",
-            "n",
-        }
-        assert r["n"] == 6 and r["road"] is None
+    rows = {r["method"]: r for r in json.loads((out / "faithfulness.json").read_text())["rows"]}
+    assert list(rows) == ["gradcam", "eigencam", "random"]
+    for r in rows.values():
+        assert set(r) >= {"deletion_auc", "insertion_auc", "road", "pointing_game", "iou", "n"}
+        assert r["n"] == 16 and r["road"] is None
+        assert r["n_masks"] == 8  # the 8 malignant images of 16 carry lesion masks
         assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1
-        assert r["n_masks"] > 0 and 0 <= r["pointing_game"] <= 1 and 0 <= r["iou"] <= 1
+    # On the synthetic lesions a CAM beats the smooth random map: EigenCAM's peak falls in the
+    # lesion on 7 of 8 images against the random map's 3 (here a margin of 2 images is asked).
+    # Grad-CAM needs a model that has learnt the lesions: this untrained one scores 1 of 8.
+    eigen, random = rows["eigencam"], rows["random"]
+    assert eigen["pointing_game"] >= random["pointing_game"] + 2 / 8
+    assert eigen["iou"] > random["iou"] + 0.2
     assert (out / "faithfulness.csv").read_text().startswith("method,deletion_auc")
 
 
