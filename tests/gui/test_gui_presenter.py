@@ -187,7 +187,9 @@ def test_open_image_shows_image_prediction_and_heatmap(loaded, image_path):
     assert overlay.size == (140, 96)
     assert caption == "Grad-CAM · opacity 45%"
     assert set(presenter.current_timings) == {"prediction_s", "heatmap_s"}
-    assert "REVIEW" in view.last("show_status")[0] or summary.label in view.last("show_status")[0]
+    status = view.last("show_status")[0]
+    assert status.startswith(f"{image_path.name}: {summary.label} ({summary.probability_text})")
+    assert ("REVIEW NEEDED" in status) is summary.uncertain
 
 
 def test_prediction_near_threshold_is_flagged_for_review(tmp_path, image_path):

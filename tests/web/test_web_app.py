@@ -466,8 +466,11 @@ def test_concurrent_predicts_are_micro_batched(
         t.join(30)
     assert [r.status_code for r in results + more] == [200] * 6
     assert gated.sizes == expected_sizes
-    # Batched or not, every request gets the same answer for the same image.
-    assert len({r.json()["probability"] for r in results + more}) == 1
+    # Batched or not, every request gets the same answer for the same image: to float32
+    # rounding, as a batch of 1 and one of 5 sum each convolution in another blocked order
+    # (eps 1.2e-7 x sqrt of the ~10^3 terms of a test_resnet output: ~4e-6), so 1e-5.
+    probabilities = [r.json()["probability"] for r in results + more]
+    assert max(probabilities) - min(probabilities) <= 1e-5
 
 
 def test_batch_wait_collects_requests_arriving_shortly_after(make_client, tissue_png, monkeypatch):

@@ -37,12 +37,16 @@ class _Group(click.Group):
         except HistolensError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            click.secho(
+            # Only a training run has a checkpoint to resume from; other commands just stop
+            # (what they write is written atomically: nothing half-written is left).
+            message = (
                 "interrupted; the last good checkpoint is intact (train --resume RUN_DIR "
-                "continues).",
-                fg="yellow",
-                err=True,
+                "continues)."
+                if ctx.invoked_subcommand == "train"
+                else f"interrupted; {ctx.invoked_subcommand or 'histolens'} stopped before it "
+                "finished."
             )
+            click.secho(message, fg="yellow", err=True)
             sys.exit(130)
 
 

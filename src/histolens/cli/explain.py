@@ -20,7 +20,7 @@ from histolens.cli.options import (
     quiet_option,
     split_name_option,
 )
-from histolens.errors import HistolensError
+from histolens.errors import HistolensError, check_choice
 from histolens.explain import METHODS, get_method
 from histolens.rundir import ExplanationFiles, RunDir
 
@@ -234,6 +234,8 @@ def _run(
         load_rgb(target)  # a single unreadable file is an error, not a skipped row
     out = out or _default_out(checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    if target_class is not None:  # refused before any work, not after the first image
+        check_choice("target class", target_class, predictor.class_names)
     with Explainer(predictor, n_samples=n_samples, layers=layers) as explainer:
         if evaluate:
             _evaluate(explainer, paths, chosen, out, max_images, not no_road, quiet)

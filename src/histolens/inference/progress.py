@@ -1,4 +1,4 @@
-"""The progress of ``histolens predict``: images done of the total, images/s and time left.
+"""The progress of ``histolens predict`` (and ``data synth``): images done, images/s, time left.
 
 On a terminal it is a live tqdm bar; otherwise (output going to a log file) a plain line every few
 seconds, so the log gets readable lines rather than carriage returns.
@@ -24,7 +24,11 @@ class ProgressReporter:
         stream: IO[str] | None = None,
         interval: float = 10.0,
         enabled: bool = True,
+        *,
+        desc: str = "Predicting",
+        verb: str = "predicted",
     ) -> None:
+        self.verb = verb
         self.total = total
         self.done = initial
         self.initial = initial
@@ -40,7 +44,7 @@ class ProgressReporter:
             self._bar = tqdm(
                 total=total,
                 initial=initial,
-                desc="Predicting",
+                desc=desc,
                 unit=" images",
                 file=self.stream,
                 dynamic_ncols=True,
@@ -55,7 +59,7 @@ class ProgressReporter:
         rate = self.images_per_second
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta = f", about {left:.0f} s left" if left == left and self.done < self.total else ""
-        return f"predicted {self.done:,}/{self.total:,} images, {rate:.1f} images/s{eta}"
+        return f"{self.verb} {self.done:,}/{self.total:,} images, {rate:.1f} images/s{eta}"
 
     def update(self, n: int) -> None:
         self.done += n

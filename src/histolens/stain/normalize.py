@@ -11,6 +11,8 @@ reference image is :mod:`histolens.stain.reference`; HED stain augmentation is
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +77,8 @@ class StainNormalizer:
         self.max_concentrations: torch.Tensor | None = None  # Macenko (2,)
         self.lab_mean: torch.Tensor | None = None  # Reinhard (3,)
         self.lab_std: torch.Tensor | None = None  # Reinhard (3,)
+        # What the reference was fitted from (see cache_key); None until fitted or loaded.
+        self.reference_digest: str | None = None
         self.fallbacks = 0
         self.seen = 0
 
@@ -91,6 +95,22 @@ class StainNormalizer:
             return self.stain_matrix is not None and self.max_concentrations is not None
         return self.lab_mean is not None and self.lab_std is not None
 
+    def cache_key(self) -> dict[str, Any]:
+        """The method, its parameters and a digest of what the reference was fitted from.
+
+        A key for caches of normalised images' features. The fitted floats themselves are no
+        such key: their reductions run in an order that depends on the thread count and the
+        CPU's vector width, so two processes fitting the same images can differ in the last bit.
+        The inputs (the images' exact pixel values, or a loaded state's stored numbers) cannot.
+        """
+        return {
+            "method": self.method,
+            "io": self.io,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "reference": self.reference_digest,
+        }
+
     def fit(self, reference: Any) -> StainNormalizer:
         """Learn the target stain from one reference image.
 
@@ -101,6 +121,8 @@ class StainNormalizer:
             DataError: the reference has too little tissue, or no stain contrast, to fit.
         """
         image = as_float_image(reference)
+        digest = hashlib.sha256()
+        _add_to_digest(digest, image)
         pixels, finite = flat_pixels(image.unsqueeze(0))
         od = optical_density(pixels, self.io)
         if not bool(finite[0]):
@@ -129,6 +151,7 @@ class StainNormalizer:
                 )
             self.lab_mean = mean[0].clone()
             self.lab_std = std[0].clone()
+        self.reference_digest = digest.hexdigest()
         return self
 
     def fit_median(self, images: Sequence[torch.Tensor] | torch.Tensor) -> StainNormalizer:
@@ -144,8 +167,11 @@ class StainNormalizer:
         """
         tensors = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
         firsts, seconds = [], []
+        digest = hashlib.sha256()
         for image in tensors:
-            pixels, finite = flat_pixels(as_float_image(image).unsqueeze(0))
+            image = as_float_image(image)
+            _add_to_digest(digest, image)
+            pixels, finite = flat_pixels(image.unsqueeze(0))
             od = optical_density(pixels, self.io)
             if not bool(finite[0]):
                 continue
@@ -172,6 +198,7 @@ class StainNormalizer:
             self.max_concentrations = second
         else:
             self.lab_mean, self.lab_std = first, second
+        self.reference_digest = digest.hexdigest()
         return self
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,4 +312,14 @@ class StainNormalizer:
                     f"got shape {tuple(value.shape)}."
                 )
             setattr(norm, key, value)
+        stored = {key: state[key] for key in expected}
+        norm.reference_digest = hashlib.sha256(
+            json.dumps(stored, sort_keys=True).encode()
+        ).hexdigest()
         return norm
+
+
+def _add_to_digest(digest: Any, image: torch.Tensor) -> None:
+    """Feed a float (3, H, W) image's shape and exact values to a hashlib digest."""
+    digest.update(repr(tuple(image.shape)).encode())
+    digest.update(image.detach().cpu().contiguous().numpy().tobytes())

@@ -200,7 +200,7 @@ def _feature_cache(run: _LightningRun, paths: list[str], opts: RunOptions) -> Fe
         feature_layer=run.model.feature_layer,
         pretrained=cfg.model.pretrained,
         preprocess=run.preprocess.to_dict(),
-        stain=run.pipeline.stain.to_dict() if run.pipeline.stain is not None else None,
+        stain=run.pipeline.stain.cache_key() if run.pipeline.stain is not None else None,
         augment=cfg.augment,
         views=cfg.train.cache_views,
         seed=cfg.train.seed,

@@ -113,7 +113,7 @@ def _features(
         feature_layer=model.feature_layer,
         pretrained=cfg.model.pretrained,
         preprocess=preprocess.to_dict(),
-        stain=pipeline.stain.to_dict() if pipeline.stain is not None else None,
+        stain=pipeline.stain.cache_key() if pipeline.stain is not None else None,
         **views,
     )
     store = feature_store if feature_store is not None else {}
