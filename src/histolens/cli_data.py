@@ -87,11 +87,10 @@ def data_audit(path, magnification, threshold, seed, colour, quiet):
 )
 def data_synth(out, n, seed, magnification, patients):
     """Write a synthetic H&E-like dataset (BreakHis names, lesion masks, a contact sheet)."""
-    from tqdm.auto import tqdm
-
+    from histolens.progress import progress_bar
     from histolens.synth import generate_synthetic
 
-    with tqdm(total=n, desc="Synthesising", unit="img") as bar:
+    with progress_bar(n, "Synthesising", "img") as bar:
         summary = generate_synthetic(
             out,
             n=n,

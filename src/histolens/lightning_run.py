@@ -25,6 +25,7 @@ from histolens.config import RunConfig
 from histolens.data import Dataset as Records
 from histolens.data import ImageRecord
 from histolens.distributed import lightning_devices, scoped_matmul_precision
+from histolens.engine import feature_engine
 from histolens.errors import DataError
 from histolens.lightning_module import LAST_CHECKPOINT, ClassifierModule
 from histolens.model import HistoClassifier, build_model, resolve_feature_layer
@@ -165,7 +166,8 @@ def _datasets(run: _LightningRun, opts: RunOptions) -> tuple[Dataset, Dataset | 
     everything = [r.path for r in run.split.train + run.split.val + run.split.test]
     if run.cached:
         run.cache = _feature_cache(run, everything, opts)
-    else:
+    else:  # the backbone trains: every forward pass is PyTorch's
+        run.cfg = replace(run.cfg, train=replace(run.cfg.train, engine="torch"))
         check_readable(run.images, everything, run.fabric, opts.progress)
     split = run.split = readable_split(run.split, run.images, run.notes)
     if not split.train:
@@ -192,9 +194,18 @@ def _datasets(run: _LightningRun, opts: RunOptions) -> tuple[Dataset, Dataset | 
 def _feature_cache(run: _LightningRun, paths: list[str], opts: RunOptions) -> FeatureCache:
     """The frozen backbone's features of ``paths`` and K augmented views of the training images,
     loaded from the run's cache file (or ``opts.feature_store``) where already computed."""
-    cfg = run.cfg
+    run.model.eval()  # the backbone is frozen: batch norm uses its running statistics
+    engine = feature_engine(
+        run.model,
+        run.cfg.train.engine,
+        run.preprocess.input_size,
+        precision=run.cfg.train.precision,
+    )
+    # The run's config (and checkpoint) record the engine that computed its features.
+    cfg = run.cfg = replace(run.cfg, train=replace(run.cfg.train, engine=engine.name))
     augmented = run.pipeline.augmenter.active
     fingerprint = FeatureCache.fingerprint_of(
+        engine=engine.name,  # features of different runtimes never mix
         backbone=run.spec.timm_name,
         feature_layer=run.model.feature_layer,
         pretrained=cfg.model.pretrained,
@@ -212,7 +223,7 @@ def _feature_cache(run: _LightningRun, paths: list[str], opts: RunOptions) -> Fe
     view_paths = [r.path for r in run.split.train] if augmented else []
     with run.fabric.autocast():
         cache.extend(
-            run.model,
+            engine,
             run.images,
             run.pipeline,
             paths,

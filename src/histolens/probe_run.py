@@ -27,6 +27,7 @@ from histolens.backbones import BackboneSpec, get_backbone_spec
 from histolens.checkpoint import BEST_CHECKPOINT, HeadSpec, ProbeChoice, save_checkpoint
 from histolens.config import RunConfig
 from histolens.data import ImageRecord
+from histolens.engine import FeatureEngine, feature_engine
 from histolens.errors import DataError
 from histolens.model import HistoClassifier, build_model, resolve_feature_layer
 from histolens.pipeline import FeatureCache, ImageBank, ImageSource, InputPipeline, image_source
@@ -77,6 +78,7 @@ def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) 
 def _features(
     cfg: RunConfig,
     model,
+    engine: FeatureEngine,
     images: ImageSource,
     pipeline: InputPipeline,
     paths: Sequence[str],
@@ -97,6 +99,7 @@ def _features(
     # Augmented views depend on the augmentation too (only then: other caches keep their key).
     views = {"views": [n_views, repr(cfg.augment)]} if n_views else {}
     fingerprint = FeatureCache.fingerprint_of(
+        engine=engine.name,  # features of different runtimes never mix
         backbone=spec.timm_name,
         feature_layer=model.feature_layer,
         pretrained=cfg.model.pretrained,
@@ -114,7 +117,7 @@ def _features(
         bs = cfg.train.batch_size
         view_paths = train_paths if n_views else []
         cache.extend(
-            model, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
+            engine, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
         )
     changed = (len(cache.clean), len(cache.views)) != before
     if fabric.is_global_zero and write_outputs and feature_store is None and changed:
@@ -154,6 +157,7 @@ class _FrozenBackbone:
     stain: StainNormalizer | None
     stain_ref: str | None
     cache: FeatureCache
+    engine: str  # what computed the features (histolens.engine), recorded in the run's config
 
 
 def _frozen_features(
@@ -192,9 +196,13 @@ def _frozen_features(
     augmenter = Augmenter(cfg.augment) if cfg.train.probe_views else None
     pipeline = InputPipeline(preprocess, augmenter, stain, cfg.train.seed, fabric.device)
     paths = [r.path for r in split.train + split.val + split.test]
+    engine = feature_engine(
+        model, cfg.train.engine, preprocess.input_size, precision=cfg.train.precision
+    )
     cache = _features(
         cfg,
         model,
+        engine,
         images,
         pipeline,
         paths,
@@ -206,7 +214,9 @@ def _frozen_features(
         write_outputs,
         fabric,
     )
-    return _FrozenBackbone(spec, model, layer, preprocess, images, stain, stain_ref, cache)
+    return _FrozenBackbone(
+        spec, model, layer, preprocess, images, stain, stain_ref, cache, engine.name
+    )
 
 
 def train_probe(
@@ -285,6 +295,7 @@ def _fit_and_write(
     from histolens.training import CONFIG_FILE, SPLIT_FILE, TrainResult
     from histolens.training_data import write_skipped
 
+    cfg = replace(cfg, train=replace(cfg.train, engine=frozen.engine))
     write_skipped(run_dir, frozen.images, dataset)
     if write_outputs:
         split.write_csv(run_dir / SPLIT_FILE)
