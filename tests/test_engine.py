@@ -197,5 +197,41 @@ def test_data_synth_into_a_log_writes_lines_not_redraws(tmp_path):
 
 def test_feature_difference_is_relative_to_the_largest_feature():
     a = torch.tensor([[10.0, -20.0]])
-    assert feature_difference(a, a + 0.02) == pytest.approx(0.001)
+    assert feature_difference(a, a + 0.02) == pytest.approx(0.001, rel=1e-3)  # fp32 of 0.02
     assert np.isfinite(feature_difference(torch.zeros(1, 2), torch.zeros(1, 2)))
+
+
+def test_a_predictor_on_the_engine_gives_pytorchs_logits(tiny_checkpoint, tmp_path, monkeypatch):
+    from histolens.predictor import Predictor
+
+    monkeypatch.setenv("HISTOLENS_CACHE", str(tmp_path))
+    predictor = Predictor.from_checkpoint(tiny_checkpoint)
+    x = predictor.prepare([make_tissue_image(seed=i) for i in range(3)])
+    ref_logits, ref_features = predictor.logits_and_features(x)
+    runtime = _runtimes()[-1]
+    assert predictor.use_engine(runtime) == runtime
+    logits, features = predictor.logits_and_features(x)
+    assert feature_difference(ref_features, features) <= FEATURE_RTOL
+    # A logit moves by at most sum|w| times the largest feature change (the head is linear
+    # after the features, or a fixed eval-mode MLP whose first layer bounds it the same way
+    # up to its Lipschitz constant): bound it by the head's weights and FEATURE_RTOL.
+    head = predictor.model.head
+    lipschitz = 1.0
+    for layer in head.modules():
+        if isinstance(layer, torch.nn.Linear):
+            lipschitz *= float(layer.weight.detach().abs().sum(1).max())
+        elif isinstance(layer, torch.nn.BatchNorm1d):
+            scale = layer.weight.detach().abs() / torch.sqrt(layer.running_var + layer.eps)
+            lipschitz *= float(scale.max())
+    bound = lipschitz * FEATURE_RTOL * float(ref_features.abs().max())
+    assert float((logits - ref_logits).abs().max()) <= bound
+    # AdaBN changes the backbone's statistics: the engine is exported anew, not reused stale.
+    before = set(tmp_path.rglob("*.onnx"))
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for i in range(16):  # AdaBN's minimum
+        make_tissue_image(seed=10 + i).save(folder / f"{i}.png")
+    predictor.adapt_batchnorm([str(p) for p in sorted(folder.glob("*.png"))])
+    assert predictor.runner is not None and predictor.runner.runtime == runtime
+    predictor.logits(x)
+    assert len(set(tmp_path.rglob("*.onnx")) - before) == 1
