@@ -323,11 +323,11 @@ def feature_engine(
     choice = resolve_engine(setting)
     if choice == "torch":
         return TorchFeatures(model)
-    device = next(iter(model.parameters())).device
+    first = next(iter(model.parameters()))
     reason = None
-    if device.type != "cpu":
-        reason = f"the model is on {device.type}"
-    elif precision not in ("32-true", "32", "64-true"):
+    if first.device.type != "cpu":
+        reason = f"the model is on {first.device.type}"
+    elif precision not in ("32-true", "32") or first.dtype != torch.float32:
         reason = f"precision {precision}"
     elif model.training:
         reason = "the backbone is training"
@@ -346,10 +346,10 @@ def feature_engine(
                     "auto or torch."
                 )
             continue
-        engine = ExportedFeatures(model, runtime, cache_dir)
-        if input_size is None:
-            return _Guarded(engine, model)
         try:
+            engine = ExportedFeatures(model, runtime, cache_dir)
+            if input_size is None:
+                return _Guarded(engine, model)
             engine.prepare(input_size)
         except Exception as exc:  # an export or runtime problem: PyTorch computes instead
             if choice != "auto":
