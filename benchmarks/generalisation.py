@@ -14,13 +14,18 @@ stain reference is fitted once over all images (it uses no labels) so that folds
 The peer, in the same run: frozen EfficientNet-Lite0 features at 224 px (histolens's own
 feature code), StandardScaler, LogisticRegression(C=0.01, class_weight="balanced").
 
+Every backbone forward pass runs on the feature engine (``--engine``, default auto: see
+docs/engine.md); ``--engine torch`` gives the PyTorch eager figures.
+
 Run:  .venv/bin/python benchmarks/generalisation.py [--task binary|subtype] [--only NAME ...]
+      [--engine auto|torch]
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import tempfile
 import time
@@ -187,11 +192,13 @@ def _peer_features(records):
 
     from histolens.models.backbones import get_backbone_spec
     from histolens.models.classifier import build_model
+    from histolens.models.engine import feature_engine
     from histolens.models.pipeline import ImageBank, InputPipeline
     from histolens.models.transforms import resolve_preprocess
 
     model = build_model(get_backbone_spec("tf_efficientnet_lite0"), 2, "imagenet").eval()
     preprocess = resolve_preprocess(model.backbone)
+    engine = feature_engine(model, None, preprocess.input_size)
     bank = ImageBank([r.path for r in records], preprocess, progress=False)
     pipeline = InputPipeline(preprocess)
     feats = {}
@@ -199,7 +206,7 @@ def _peer_features(records):
     with torch.inference_mode():
         for i in range(0, len(paths), 32):
             chunk = paths[i : i + 32]
-            f = model.features(pipeline.eval_inputs(bank.stack(chunk)))
+            f = engine.features(pipeline.eval_inputs(bank.stack(chunk)))
             feats.update(zip(chunk, f.double().numpy(), strict=True))
     return feats
 
@@ -361,7 +368,15 @@ def main() -> None:
     ap = repeated_study_parser(__doc__)
     ap.add_argument("--only", nargs="*", help="only configurations containing one of these")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument(
+        "--engine",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        default=None,
+        help="what computes the backbone's features (docs/engine.md; default: auto)",
+    )
     args = ap.parse_args()
+    if args.engine:
+        os.environ["HISTOLENS_ENGINE"] = args.engine
     import logging
 
     logging.getLogger("histolens").setLevel(logging.ERROR)

@@ -9,6 +9,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tests train many tiny random-weight models: PyTorch computes their features unless a test asks
+# for an engine (tests/test_engine.py checks the exported engines against PyTorch), and nothing is
+# exported into the user's own cache.
+os.environ.setdefault("HISTOLENS_ENGINE", "torch")
+if "HISTOLENS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["HISTOLENS_CACHE"] = tempfile.mkdtemp(prefix="histolens-test-cache-")
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "breakhis-dev"
 

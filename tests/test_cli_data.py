@@ -26,8 +26,8 @@ def test_data_synth_writes_the_dataset_and_logs_plain_lines(tmp_path):
     assert Image.open(out / "contact_sheet.png").mode == "RGB"
     # Not a terminal (a log file): plain lines, no carriage-return redraws of a bar.
     assert "\r" not in result.output
-    progress = [line for line in result.output.splitlines() if line.startswith("synthesised ")]
-    assert progress and progress[-1].startswith("synthesised 12/12 images, ")
+    progress = [line for line in result.output.splitlines() if line.startswith("Synthesising: ")]
+    assert progress and progress[-1].startswith("Synthesising: 12/12 img (100%)")
 
 
 def test_data_synth_refuses_too_few_images(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 from histolens.errors import ConfigError, check_choice, did_you_mean
 
 __all__ = [
+    "ENGINES",
     "AugmentConfig",
     "DataConfig",
     "MLP_HEAD_DIMS",
@@ -128,6 +129,10 @@ class StainConfig:
         )
 
 
+# What may compute a frozen backbone's features (see histolens.models.engine).
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+
+
 @dataclass
 class TrainConfig:
     """The optimisation recipe."""
@@ -152,6 +157,10 @@ class TrainConfig:
     strategy: str = "auto"  # Lightning's: auto, ddp, ...
     num_nodes: int = 1
     precision: str = "32-true"
+    # What computes the frozen backbone's features (histolens.models.engine): auto (the fastest
+    # runtime here: OpenVINO, ONNX Runtime, else PyTorch), torch, openvino or onnxruntime; None:
+    # $HISTOLENS_ENGINE, else auto. A run's saved config holds the engine that computed them.
+    engine: str | None = None
     threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.95
     seed: int = 42
@@ -178,6 +187,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ["sgd", "adam", "adamw"])
         check_choice("threshold method", self.threshold_method, ["youden", "sensitivity", "fixed"])
+        if self.engine is not None:
+            check_choice("engine", self.engine, ENGINES)
         for name in ("lr", "batch_size", "epochs", "cache_views", "num_nodes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")

@@ -13,6 +13,7 @@ from histolens.cli.options import (
     checkpoint_argument,
     count_option,
     data_option,
+    engine_option,
     magnification_option,
     onnx_runtime_option,
     out_option,
@@ -78,9 +79,10 @@ def main() -> None:
     choices=MAGNIFICATIONS,
 )
 @onnx_runtime_option()
+@engine_option()
 @quiet_option("No progress.")
 def predict(
-    checkpoint, inputs, out, batch_size, workers, alpha, magnification, onnx_runtime, quiet
+    checkpoint, inputs, out, batch_size, workers, alpha, magnification, onnx_runtime, engine, quiet
 ):
     """Predict the class and calibrated probability of images or folders of images.
 
@@ -92,6 +94,7 @@ def predict(
     from histolens.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
+    predictor.use_engine(engine)
     predictor.alpha = alpha
     magnification = int(magnification) if magnification else None
     job = PredictionJob.open(predictor, inputs, out, magnification)
@@ -144,6 +147,7 @@ def predict(
     "the AUC (benchmarks/generalisation.py), so leave it off there.",
 )
 @onnx_runtime_option()
+@engine_option()
 @quiet_option()
 def evaluate(
     checkpoint,
@@ -155,6 +159,7 @@ def evaluate(
     alpha,
     adapt_bn,
     onnx_runtime,
+    engine,
     quiet,
 ):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
@@ -176,6 +181,7 @@ def evaluate(
         alpha=alpha,
         adapt_batchnorm=adapt_bn,
         runtime=onnx_runtime,
+        engine=engine,
     )
     if adapt_bn:
         click.echo(f"Batch-norm statistics adapted to these {len(records)} images (AdaBN).")

@@ -88,17 +88,16 @@ def data_audit(path, magnification, threshold, seed, colour, quiet):
 def data_synth(out, n, seed, magnification, patients):
     """Write a synthetic H&E-like dataset (BreakHis names, lesion masks, a contact sheet)."""
     from histolens.data.synth import generate_synthetic
-    from histolens.inference.progress import ProgressReporter
+    from histolens.progress import progress_bar
 
-    # A live bar on a terminal; in a log, a plain line every few seconds (no carriage returns).
-    with ProgressReporter(n, desc="Synthesising", verb="synthesised") as bar:
+    with progress_bar(n, "Synthesising", "img") as bar:
         summary = generate_synthetic(
             out,
             n=n,
             seed=seed,
             magnification=int(magnification),
             n_patients=patients,
-            progress=lambda done, total: bar.update(done - bar.done),
+            progress=lambda done, total: bar.update(done - bar.n),
         )
     click.echo(
         f"Wrote {summary.n_images} images of {summary.n_patients} patients to {out} in "

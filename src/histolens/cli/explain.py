@@ -16,6 +16,7 @@ from histolens.cli.options import (
     checkpoint_argument,
     count_option,
     device_option,
+    engine_option,
     out_option,
     quiet_option,
     split_name_option,
@@ -174,6 +175,7 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     "--n-samples", 200, help="Perturbed images per LIME / Kernel SHAP explanation.", minimum=10
 )
 @device_option()
+@engine_option()
 @quiet_option()
 def explain_command(checkpoint, target, split_name, limit, old_alpha, **options):
     """Heatmaps of what the model looked at, for an image or a folder of images.
@@ -210,14 +212,14 @@ def _run(
     no_road: bool,
     n_samples: int,
     device: str,
+    engine: str | None,
     quiet: bool,
 ) -> None:
     """Explain TARGET's images (or ``paths``, a split's images) and write the files."""
-    from tqdm.auto import tqdm
-
     from histolens.data.imagefiles import images_under
     from histolens.explain import Explainer
     from histolens.inference.predictor import Predictor
+    from histolens.progress import progress_bar
 
     chosen = _resolve_methods(methods, evaluate)
     if paths is None:
@@ -238,11 +240,9 @@ def _run(
         check_choice("target class", target_class, predictor.class_names)
     with Explainer(predictor, n_samples=n_samples, layers=layers) as explainer:
         if evaluate:
-            _evaluate(explainer, paths, chosen, out, max_images, not no_road, quiet)
+            _evaluate(explainer, paths, chosen, out, max_images, not no_road, quiet, engine)
         else:
-            with tqdm(
-                total=len(paths) * len(chosen), desc="Explaining", unit="map", disable=quiet
-            ) as bar:
+            with progress_bar(len(paths) * len(chosen), "Explaining", "map", not quiet) as bar:
                 rows = _explain_all(
                     explainer, paths, target, chosen, out, opacity, target_class, bar.update
                 )
@@ -320,17 +320,18 @@ def _report(rows: list[dict], out: Path, quiet: bool) -> None:
         )
 
 
-def _evaluate(explainer, paths, methods, out, max_images, road, quiet) -> None:
+def _evaluate(explainer, paths, methods, out, max_images, road, quiet, engine=None) -> None:
     import json
-
-    from tqdm.auto import tqdm
 
     from histolens.atomic import atomic_write_text
     from histolens.explain.faithfulness import evaluate_faithfulness
+    from histolens.progress import progress_bar
 
     paths = _evenly_spread(paths, max_images)
-    with tqdm(total=len(paths), desc="Evaluating", unit="img", disable=quiet) as bar:
-        rows = evaluate_faithfulness(explainer, paths, methods, road=road, progress=bar.update)
+    with progress_bar(len(paths), "Evaluating", "img", enabled=not quiet) as bar:
+        rows = evaluate_faithfulness(
+            explainer, paths, methods, road=road, progress=bar.update, engine=engine
+        )
     table = [r.as_dict() for r in rows]
     atomic_write_text(out / "faithfulness.csv", _csv_text(table))
     atomic_write_text(

@@ -30,6 +30,7 @@ __all__ = [
     "count_option",
     "data_option",
     "device_option",
+    "engine_option",
     "epochs_option",
     "lr_option",
     "magnification_option",
@@ -57,6 +58,8 @@ RECIPE_CHOICES = ("default", "original")
 GROUP_BY_CHOICES = ("group", "patient")
 # histolens.inference.runtimes.ONNX_RUNTIMES, repeated so that --help does not import torch.
 ONNX_RUNTIME_CHOICES = ("onnxruntime", "openvino")
+# histolens.config.ENGINES, repeated for the same reason.
+ENGINE_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
 
 _EXISTING = click.Path(exists=True, path_type=Path)
 
@@ -128,6 +131,18 @@ def onnx_runtime_option() -> Decorator:
         default=None,
         help="Which runtime runs an .onnx export (default: ONNX Runtime, or "
         "$HISTOLENS_ONNX_RUNTIME); openvino needs 'pip install openvino'.",
+    )
+
+
+def engine_option() -> Decorator:
+    """``--engine``: what computes the frozen backbone's features (histolens.models.engine); None unless
+    given, so that $HISTOLENS_ENGINE decides then (else auto)."""
+    return click.option(
+        "--engine",
+        type=click.Choice(ENGINE_CHOICES, case_sensitive=False),
+        default=None,
+        help="What computes the frozen backbone's features: auto (default, or $HISTOLENS_ENGINE: "
+        "the fastest runtime here, checked against PyTorch) or torch; see docs/engine.md.",
     )
 
 

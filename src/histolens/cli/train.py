@@ -16,6 +16,7 @@ from histolens.cli.options import (
     config_option,
     count_option,
     data_option,
+    engine_option,
     epochs_option,
     lr_option,
     magnification_option,
@@ -71,6 +72,7 @@ _CONFIG_KEYS = {
     "strategy": "train.strategy",
     "num_nodes": "train.num_nodes",
     "precision": "train.precision",
+    "engine": "train.engine",
 }
 
 
@@ -167,6 +169,7 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 @click.option("--strategy", help="Lightning strategy, e.g. ddp for data-parallel processes.")
 @click.option("--num-nodes", type=click.IntRange(1), help="Machines taking part (default 1).")
 @click.option("--precision", help="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed.")
+@engine_option()
 @quiet_option()
 def train_command(data_path, out, resume, recipe, config_file, quiet, **flags):
     """Train a classifier: frozen EfficientNet-Lite0 features and a linear probe by default.
@@ -306,6 +309,7 @@ def _train_summary(result) -> str:
 @stain_norm_option()
 @stain_augment_option()
 @seed_option(42, help="Seed of the patient-level folds.")
+@engine_option()
 def cv_command(data_path, folds, recipe, config_file, seed, **flags):
     """Patient-level k-fold cross-validation: mean and spread of AUC and patient metrics."""
     from histolens.training.crossval import cross_validate

@@ -123,7 +123,7 @@ def read_all_facts(
     records: Sequence[ImageRecord], progress: bool, colour: bool
 ) -> tuple[list[ImageFacts | None], list[Skipped]]:
     """Facts of every record (None where unreadable) and the files skipped, read on two threads."""
-    from tqdm.auto import tqdm
+    from histolens.progress import progress_bar
 
     def read(record: ImageRecord) -> ImageFacts | Skipped:
         try:
@@ -133,16 +133,14 @@ def read_all_facts(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(
-                tqdm(
-                    pool.map(read, records),
-                    total=len(records),
-                    desc="Auditing",
-                    unit="img",
-                    disable=not progress,
-                )
-            )
+        with (
+            ThreadPoolExecutor(max_workers=2) as pool,
+            progress_bar(len(records), "Auditing", "img", enabled=progress) as bar,
+        ):
+            results = []
+            for result in pool.map(read, records):
+                results.append(result)
+                bar.update(1)
     facts = [r if isinstance(r, ImageFacts) else None for r in results]
     return facts, [r for r in results if isinstance(r, Skipped)]
 

@@ -76,12 +76,10 @@ def _logits_for(
             batch = bank.stack([r.path for r in records[i : i + 32]])
             chunks.append(predictor.logits(predictor.to_input(batch)).float().cpu())
         return list(records), torch.cat(chunks), []
-    from tqdm.auto import tqdm
+    from histolens.progress import progress_bar
 
     by_path = {r.path: r for r in records}
-    with tqdm(
-        total=len(records), desc="Predicting", unit="img", disable=not progress, leave=False
-    ) as bar:
+    with progress_bar(len(records), "Predicting", "img", enabled=progress, leave=False) as bar:
         kept, logits, skipped = predictor.logits_for_paths(
             [r.path for r in records], progress=bar.update
         )
@@ -92,12 +90,10 @@ def _assess_records(
     predictor: Predictor, records: Sequence[ImageRecord], progress: bool
 ) -> tuple[list[ImageRecord], torch.Tensor, list[str | None], list]:
     """Logits and out-of-distribution reasons of records' files (Predictor.assess_paths)."""
-    from tqdm.auto import tqdm
+    from histolens.progress import progress_bar
 
     by_path = {r.path: r for r in records}
-    with tqdm(
-        total=len(records), desc="Predicting", unit="img", disable=not progress, leave=False
-    ) as bar:
+    with progress_bar(len(records), "Predicting", "img", enabled=progress, leave=False) as bar:
         kept, logits, reasons, skipped = predictor.assess_paths(
             [r.path for r in records], progress=bar.update
         )
@@ -274,14 +270,17 @@ def evaluate_checkpoint(
     alpha: float | None = None,
     adapt_batchnorm: bool = False,
     runtime: str | None = None,
+    engine: str | None = None,
 ) -> tuple[EvalResult, list]:
     """Evaluate a checkpoint on records, with its stored threshold, temperature, conformal
     calibration (at ``alpha``, default the training one) and out-of-distribution guard.
 
     ``adapt_batchnorm``: first re-estimate the backbone's batch-norm statistics on these images
     (AdaBN, unlabelled; for a cohort from another lab). ``runtime``: what runs an ONNX export
-    (``Predictor.from_checkpoint``)."""
+    (``Predictor.from_checkpoint``); ``engine``: what computes a torch checkpoint's backbone
+    features (``Predictor.use_engine``)."""
     predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime)
+    predictor.use_engine(engine)
     predictor.alpha = alpha
     if adapt_batchnorm:
         predictor.adapt_batchnorm([r.path for r in records])

@@ -109,9 +109,9 @@ def _batches(
     images: ImageSource, paths: list[str], batch_size: int, desc: str | None
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """``images.batches``, with a progress bar named ``desc`` (none when it is None)."""
-    from tqdm.auto import tqdm
+    from histolens.progress import progress_bar
 
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
+    with progress_bar(len(paths), desc or "", "img", enabled=desc is not None, leave=False) as bar:
         for chunk, batch in images.batches(paths, batch_size):
             yield chunk, batch
             bar.update(len(chunk))

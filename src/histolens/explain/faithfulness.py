@@ -32,6 +32,7 @@ __all__ = [
     "FaithfulnessRow",
     "RANDOM",
     "deletion_insertion_auc",
+    "curve_model",
     "evaluate_faithfulness",
     "mask_iou",
     "pointing_game",
@@ -93,7 +94,7 @@ def deletion_insertion_auc(
     heatmap: np.ndarray,
     score: Callable[[torch.Tensor], torch.Tensor],
     steps: int = 20,
-    batch_size: int = 32,
+    batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[float, float]:
     """RISE deletion and insertion AUCs of one image ``x`` (1, 3, H, W) for a (H, W) heatmap."""
@@ -105,15 +106,16 @@ def deletion_insertion_auc(
     deleted = x * (1 - masks)  # the mean colour is 0 in normalised space
     inserted = blurred * (1 - masks) + x * masks
 
-    def curve(batch: torch.Tensor) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for i in range(0, batch.shape[0], batch_size):
-                out.append(score(model(batch[i : i + batch_size].contiguous())).float().cpu())
-        return torch.cat(out).numpy()
-
+    # Both curves' images in the same batches: 2 * (steps + 1) forward passes per map.
+    both = torch.cat([deleted, inserted])
+    out = []
+    with torch.inference_mode():
+        for i in range(0, both.shape[0], batch_size):
+            out.append(score(model(both[i : i + batch_size].contiguous())).float().cpu())
+    curves = torch.cat(out).numpy()
     dx = 1.0 / steps
-    return (float(np.trapezoid(curve(deleted), dx=dx)), float(np.trapezoid(curve(inserted), dx=dx)))
+    deletion, insertion = curves[: steps + 1], curves[steps + 1 :]
+    return float(np.trapezoid(deletion, dx=dx)), float(np.trapezoid(insertion, dx=dx))
 
 
 def _fast_imputer():
@@ -186,6 +188,21 @@ def road_score(
     return float(np.mean(scores))
 
 
+def curve_model(
+    predictor, engine: str | None, input_size: tuple[int, int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What computes the logits of the perturbed images: an ONNX export's runner, else the
+    classifier with its backbone on the feature engine (``histolens.models.engine``; no gradients are
+    needed here), else the torch module."""
+    if predictor.runner is not None:
+        return predictor.runner
+    from histolens.models.engine import EngineClassifier, TorchFeatures, feature_engine
+
+    model = predictor.model
+    chosen = feature_engine(model, engine, input_size)
+    return model if isinstance(chosen, TorchFeatures) else EngineClassifier(model, chosen)
+
+
 def _mask_array(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
     mask = Image.open(mask_path).convert("L")
     if mask.size != size:
@@ -230,9 +247,10 @@ def _score_map(
     seed: int,
     road_percentiles: Sequence[int],
     road: bool,
+    forward: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[dict[str, float], np.ndarray, str]:
     """Deletion, insertion (and ROAD) of ``method``'s map of the predicted class on one image,
-    with the map and the class it explains."""
+    with the map and the class it explains; ``forward`` computes the logits of the curves."""
     predictor = explainer.predictor
     if method == RANDOM:
         heat, label = random_heatmap((image.height, image.width), seed), predicted
@@ -240,10 +258,10 @@ def _score_map(
         explanation = explainer.explain(image, method)
         heat, label = explanation.heatmap, explanation.target_class
     target = ClassProbability(predictor.class_names.index(label), predictor.temperature)
-    d_auc, i_auc = deletion_insertion_auc(predictor.model, x, heat, target, steps, seed=seed)
+    d_auc, i_auc = deletion_insertion_auc(forward, x, heat, target, steps, seed=seed)
     scores = {"deletion_auc": d_auc, "insertion_auc": i_auc}
     if road:
-        scores["road"] = road_score(predictor.model, x, heat, target, road_percentiles)
+        scores["road"] = road_score(forward, x, heat, target, road_percentiles)
     return scores, heat, label
 
 
@@ -274,12 +292,14 @@ def evaluate_faithfulness(
     road: bool = True,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    engine: str | None = None,
 ) -> list[FaithfulnessRow]:
     """Mean faithfulness metrics per method (and the random baseline) over image files.
 
     Deletion, insertion and ROAD follow the predicted class. Where ``mask_path_for`` finds a
     lesion mask, the map of the mask's class (its folder, e.g. malignant) is scored by the
-    pointing game and IoU, whatever the prediction was.
+    pointing game and IoU, whatever the prediction was. The maps come from PyTorch (gradients);
+    the curves' forward passes from ``engine`` (see :func:`curve_model`).
     """
     try:
         from histolens.data.synth import mask_path_for
@@ -292,6 +312,7 @@ def evaluate_faithfulness(
     names = [get_method(m).name for m in methods] + [RANDOM]
     sums: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in names}
     n_images = n_masks = 0
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     for i, raw in enumerate(paths):
         path = Path(raw)
         image = load_rgb(path)
@@ -300,12 +321,23 @@ def evaluate_faithfulness(
         if mask is not None and not mask.any():
             mask = None  # a lesion-free image (benign): no localisation to score
         x = predictor.to_input(predictor.preprocess.resize(image)[None])
+        if forward is None:
+            forward = curve_model(predictor, engine, tuple(x.shape[-2:]))
         n_images += 1
         n_masks += mask is not None
         predicted = predictor.predict_images([image])[0].label
         for method in names:
             scores, heat, label = _score_map(
-                explainer, image, x, method, predicted, steps, seed + i, road_percentiles, road
+                explainer,
+                image,
+                x,
+                method,
+                predicted,
+                steps,
+                seed + i,
+                road_percentiles,
+                road,
+                forward,
             )
             if mask is not None:
                 scores |= _localisation(explainer, image, path, method, mask, heat, label)

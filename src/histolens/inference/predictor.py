@@ -92,6 +92,21 @@ class Predictor:
             runner=runner,
         )
 
+    def use_engine(self, setting: str | None = None) -> str:
+        """Compute the backbone's forward passes on the feature engine (``histolens.models.engine``:
+        ``setting``, else $HISTOLENS_ENGINE, else auto), the head on PyTorch; returns the engine's
+        name. An ONNX export keeps its runtime; heatmaps (gradients) still use ``model``."""
+        from histolens.models.engine import EngineClassifier, TorchFeatures, feature_engine
+
+        if self.runner is not None and not isinstance(self.runner, EngineClassifier):
+            return getattr(self.runner, "runtime", "torch")
+        self.model.eval()
+        engine = feature_engine(self.model, setting, self.preprocess.input_size)
+        self.runner = (
+            None if isinstance(engine, TorchFeatures) else EngineClassifier(self.model, engine)
+        )
+        return engine.name
+
     # --- properties the front ends show ---------------------------------------------------
     @property
     def task(self) -> str:
@@ -317,7 +332,11 @@ class Predictor:
         For images from another lab: no label is used. Returns the number of images used.
         """
         from histolens.models.adapt import adapt_batchnorm
+        from histolens.models.engine import EngineClassifier
 
+        engine = self.runner.runtime if isinstance(self.runner, EngineClassifier) else None
+        if engine is not None:  # the engine's export holds the old statistics: made anew below
+            self.runner = None
         if self.runner is not None:
             raise CheckpointError(
                 "AdaBN changes the torch model's batch-norm statistics, which an ONNX export has "
@@ -330,6 +349,8 @@ class Predictor:
             if batch is not None
         )
         n = adapt_batchnorm(self.model, batches)
+        if engine is not None:
+            self.use_engine(engine)
         if self.metadata is not None:
             self.metadata = replace(self.metadata, adapted_batchnorm={"images": n})
         return n

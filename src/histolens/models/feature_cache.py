@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from histolens.models.engine import FeatureEngine
     from histolens.models.pipeline import ImageSource, InputPipeline
 
 __all__ = ["FeatureCache"]
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from histolens.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+    return progress_bar(total, desc, "img", enabled=enabled, leave=False)
 
 
 def _duration(seconds: float) -> str:
@@ -110,7 +111,7 @@ class FeatureCache:
     @torch.inference_mode()
     def extend(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | FeatureEngine,
         images: ImageSource,
         pipeline: InputPipeline,
         clean_paths: Sequence[str],
@@ -122,12 +123,14 @@ class FeatureCache:
     ) -> None:
         """Compute features only for the images (and views) not cached yet.
 
-        Each image is decoded once, for its clean view and all its augmented views; unreadable
-        files end in ``images.skipped`` and stay out of the cache. With a launched
-        ``lightning.fabric.Fabric`` of several processes, every rank must call this with the
-        same arguments: each computes its share and all receive the whole result.
+        ``model`` is the classifier or a feature engine (``histolens.models.engine.feature_engine``):
+        whatever has ``features(x)``. Each image is decoded once, for its clean view and all its
+        augmented views; unreadable files end in ``images.skipped`` and stay out of the cache.
+        With a launched ``lightning.fabric.Fabric`` of several processes, every rank must call
+        this with the same arguments: each computes its share and all receive the whole result.
         """
-        model.eval()
+        if isinstance(model, torch.nn.Module):
+            model.eval()
         clean_todo = [p for p in dict.fromkeys(clean_paths) if p in images and p not in self.clean]
         view_todo = [p for p in dict.fromkeys(view_paths) if p in images and p not in self.views]
         view_todo = view_todo if n_views else []

@@ -28,9 +28,9 @@ __all__ = ["ImageBank", "ImageSource", "ImageStream", "InputPipeline"]
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from histolens.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+    return progress_bar(total, desc, "img", enabled=enabled, leave=False)
 
 
 def _decoder_threads() -> int:

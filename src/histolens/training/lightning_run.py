@@ -27,6 +27,7 @@ from histolens.data.splits import Split, balanced_class_weights, split_by_patien
 from histolens.errors import DataError
 from histolens.models.backbones import BackboneSpec, get_backbone_spec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
+from histolens.models.engine import feature_engine
 from histolens.models.feature_cache import FeatureCache
 from histolens.models.pipeline import ImageSource, InputPipeline, image_source
 from histolens.models.transforms import Augmenter, Preprocess, resolve_preprocess
@@ -166,7 +167,8 @@ def _datasets(run: _LightningRun, opts: RunOptions) -> tuple[Dataset, Dataset | 
     everything = [r.path for r in run.split.train + run.split.val + run.split.test]
     if run.cached:
         run.cache = _feature_cache(run, everything, opts)
-    else:
+    else:  # the backbone trains: every forward pass is PyTorch's
+        run.cfg = replace(run.cfg, train=replace(run.cfg.train, engine="torch"))
         check_readable(run.images, everything, run.fabric, opts.progress)
     split = run.split = readable_split(run.split, run.images, run.notes)
     if not split.train:
@@ -193,9 +195,18 @@ def _datasets(run: _LightningRun, opts: RunOptions) -> tuple[Dataset, Dataset | 
 def _feature_cache(run: _LightningRun, paths: list[str], opts: RunOptions) -> FeatureCache:
     """The frozen backbone's features of ``paths`` and K augmented views of the training images,
     loaded from the run's cache file (or ``opts.feature_store``) where already computed."""
-    cfg = run.cfg
+    run.model.eval()  # the backbone is frozen: batch norm uses its running statistics
+    engine = feature_engine(
+        run.model,
+        run.cfg.train.engine,
+        run.preprocess.input_size,
+        precision=run.cfg.train.precision,
+    )
+    # The run's config (and checkpoint) record the engine that computed its features.
+    cfg = run.cfg = replace(run.cfg, train=replace(run.cfg.train, engine=engine.name))
     augmented = run.pipeline.augmenter.active
     fingerprint = FeatureCache.fingerprint_of(
+        engine=engine.name,  # features of different runtimes never mix
         backbone=run.spec.timm_name,
         feature_layer=run.model.feature_layer,
         pretrained=cfg.model.pretrained,
@@ -213,7 +224,7 @@ def _feature_cache(run: _LightningRun, paths: list[str], opts: RunOptions) -> Fe
     view_paths = [r.path for r in run.split.train] if augmented else []
     with run.fabric.autocast():
         cache.extend(
-            run.model,
+            engine,
             run.images,
             run.pipeline,
             paths,

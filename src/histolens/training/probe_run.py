@@ -30,6 +30,7 @@ from histolens.data.splits import Split, balanced_class_weights, split_by_patien
 from histolens.errors import DataError
 from histolens.models.backbones import BackboneSpec, get_backbone_spec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
+from histolens.models.engine import FeatureEngine, feature_engine
 from histolens.models.feature_cache import FeatureCache
 from histolens.models.pipeline import (
     ImageBank,
@@ -89,6 +90,7 @@ def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) 
 def _features(
     cfg: RunConfig,
     model,
+    engine: FeatureEngine,
     images: ImageSource,
     pipeline: InputPipeline,
     paths: Sequence[str],
@@ -109,6 +111,7 @@ def _features(
     # Augmented views depend on the augmentation too (only then: other caches keep their key).
     views = {"views": [n_views, repr(cfg.augment)]} if n_views else {}
     fingerprint = FeatureCache.fingerprint_of(
+        engine=engine.name,  # features of different runtimes never mix
         backbone=spec.timm_name,
         feature_layer=model.feature_layer,
         pretrained=cfg.model.pretrained,
@@ -126,7 +129,7 @@ def _features(
         bs = cfg.train.batch_size
         view_paths = train_paths if n_views else []
         cache.extend(
-            model, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
+            engine, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
         )
     changed = (len(cache.clean), len(cache.views)) != before
     if fabric.is_global_zero and write_outputs and feature_store is None and changed:
@@ -166,6 +169,9 @@ class _FrozenBackbone:
     stain: StainNormalizer | None
     stain_ref: str | None
     cache: FeatureCache
+    engine: (
+        str  # what computed the features (histolens.models.engine), recorded in the run's config
+    )
 
 
 def _frozen_features(
@@ -204,9 +210,13 @@ def _frozen_features(
     augmenter = Augmenter(cfg.augment) if cfg.train.probe_views else None
     pipeline = InputPipeline(preprocess, augmenter, stain, cfg.train.seed, fabric.device)
     paths = [r.path for r in split.train + split.val + split.test]
+    engine = feature_engine(
+        model, cfg.train.engine, preprocess.input_size, precision=cfg.train.precision
+    )
     cache = _features(
         cfg,
         model,
+        engine,
         images,
         pipeline,
         paths,
@@ -218,7 +228,9 @@ def _frozen_features(
         write_outputs,
         fabric,
     )
-    return _FrozenBackbone(spec, model, layer, preprocess, images, stain, stain_ref, cache)
+    return _FrozenBackbone(
+        spec, model, layer, preprocess, images, stain, stain_ref, cache, engine.name
+    )
 
 
 def train_probe(
@@ -297,6 +309,7 @@ def _fit_and_write(
     from histolens.training.common import CONFIG_FILE, SPLIT_FILE, TrainResult
     from histolens.training.data import write_skipped
 
+    cfg = replace(cfg, train=replace(cfg.train, engine=frozen.engine))
     write_skipped(run_dir, frozen.images, dataset)
     if write_outputs:
         split.write_csv(run_dir / SPLIT_FILE)
