@@ -19,7 +19,14 @@ import torch
 
 from histolens.onnx_backend import INPUT_NAME
 
-__all__ = ["fp32_stages", "quantize_int8"]
+__all__ = ["INT8_OP_TYPES", "fp32_stages", "quantize_int8"]
+
+# The operators an int8 export quantises: the convolutions, which hold nearly all the weights and
+# time. Everything between them and after them (the tiles' crops, the pooling of each feature
+# level, their concatenation, the mean over tiles and the head) stays fp32: with every operator
+# quantised, the pooled features of both levels shared one uint8 scale in the concatenation, and
+# the input image was rounded to uint8 before the fp32 stem (see docs/int8-guard.md).
+INT8_OP_TYPES: tuple[str, ...] = ("Conv",)
 
 
 def fp32_stages(model: torch.nn.Module) -> tuple[str, ...]:
@@ -39,12 +46,16 @@ def quantize_int8(
     out: str | os.PathLike,
     batches: Iterable[np.ndarray],
     keep_fp32: Sequence[str] = (),
+    *,
+    op_types: Sequence[str] | None = INT8_OP_TYPES,
+    reduce_range: bool = False,
 ) -> int:
     """ONNX Runtime static quantisation of ``graph`` into ``out`` (QDQ, per-channel int8 weights,
     uint8 activations), activation ranges measured on model-input ``batches``; returns the number
-    of images they held. The head, and the backbone modules named in ``keep_fp32`` (see
-    ``fp32_stages``), stay fp32. Unverified: ``export_onnx`` is the checked way to an int8
-    export."""
+    of images they held. Only ``op_types`` are quantised (None: every operator ONNX Runtime can
+    quantise); the head, and the backbone modules named in ``keep_fp32`` (see ``fp32_stages``),
+    stay fp32. ``reduce_range``: 7-bit weights. Unverified: ``export_onnx`` is the checked way
+    to an int8 export."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -76,6 +87,8 @@ def quantize_int8(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types) if op_types is not None else None,
+            reduce_range=reduce_range,
             # The head stays fp32: it costs nothing, and quantised logits come in steps of about
             # 0.3, which ties images the threshold should tell apart.
             nodes_to_exclude=_fp32_nodes(prepared, keep_fp32),
