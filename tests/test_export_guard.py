@@ -99,7 +99,8 @@ def test_a_single_class_cannot_be_checked():
 def _records(prefix: str, patients: list[str]) -> list[ImageRecord]:
     return [
         ImageRecord(f"/data/{prefix}-{p}-{i}.png", label, patient=p, group=p)
-        for p, label in zip(patients, ["benign", "malignant"] * len(patients))
+        for k, p in enumerate(patients)
+        for label in [("benign", "malignant")[k % 2]]
         for i in range(3)
     ]
 
