@@ -425,7 +425,10 @@ def test_int8_keeps_the_stages_a_multi_level_model_reads_early_in_fp32(tmp_path)
     x = torch.stack(
         [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     )
-    export_module.quantize_int8(fp32, int8, [x.numpy()], export_module.fp32_stages(model))
+    # One image per batch: the ranges of every batch count, however many batches there are.
+    batches = [x[i : i + 1].numpy() for i in range(4)]
+    keep = export_module.fp32_stages(model)
+    assert export_module.quantize_int8(fp32, int8, batches, keep) == 4
     graph = onnx.load(str(int8)).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     convs = {n.name: n for n in graph.node if n.op_type == "Conv"}

@@ -2,8 +2,8 @@
 
 ``quantize_int8`` is the static quantisation step of ``histolens export --quantize int8``;
 ``fp32_stages`` names the backbone modules kept in fp32 because quantising them costs accuracy.
-Both are unverified: :func:`histolens.export.export_onnx` compares the result with PyTorch
-before anything is written.
+Both are unverified: :func:`histolens.export.export_onnx` checks the result against the fp32
+export on unseen patients (:mod:`histolens.export_guard`) before anything is written.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def fp32_stages(model: torch.nn.Module) -> tuple[str, ...]:
     """The backbone modules an int8 export keeps in fp32: with several feature levels, the stem
     and every stage up to the shallowest level, whose pooled output the head reads directly.
 
-    Quantising them cost a real default Lite0 run 0.030 of AUC (0.980 -> 0.950); keeping them
-    in fp32 cost 0.002. A single-level model is quantised whole."""
+    Quantising them too cost the default Lite0 0.071 of image AUC on unseen patients
+    (``benchmarks/int8_heldout.py``, docs/int8-guard.md). A single-level model is quantised
+    whole."""
     levels = getattr(model, "_levels", None)
     if not levels or len(levels) < 2:
         return ()
@@ -92,9 +93,6 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types) if op_types is not None else None,
             reduce_range=reduce_range,
-            # Ranges are merged every 4 batches (min of minima, max of maxima: the same ranges),
-            # so that memory does not grow with --calibration-images.
-            extra_options={"CalibMaxIntermediateOutputs": 4},
             # The head stays fp32: it costs nothing, and quantised logits come in steps of about
             # 0.3, which ties images the threshold should tell apart.
             nodes_to_exclude=_fp32_nodes(prepared, keep_fp32),
