@@ -21,7 +21,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # Score-CAM's per-image progress bar
 import torch  # noqa: E402
 
 from histolens.explain import METHODS, Explainer  # noqa: E402
-from histolens.predictor import Predictor  # noqa: E402
+from histolens.inference.predictor import Predictor  # noqa: E402
 from histolens.testing import make_checkpoint, make_tissue_image  # noqa: E402
 
 BACKBONES = (

@@ -37,8 +37,8 @@ MLP_HEAD = {  # the MLP head these measurements are about, at the backbone's own
 
 def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrained: str):
     from histolens.config import RunConfig
-    from histolens.metrics import safe_auc
-    from histolens.training import train
+    from histolens.stats.metrics import safe_auc
+    from histolens.training.runner import train
 
     cfg = RunConfig().override(
         {
@@ -61,9 +61,9 @@ def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrai
     )
     seconds = time.perf_counter() - start
     # Validation AUC of the best checkpoint on the validation split.
-    from histolens.evaluation import _logits_for
-    from histolens.predictor import Predictor
-    from histolens.splits import load_split_csv
+    from histolens.data.splits import load_split_csv
+    from histolens.evaluation.evaluate import _logits_for
+    from histolens.inference.predictor import Predictor
 
     run_dir = result.run_dir
     predictor = Predictor.from_checkpoint(run_dir)
@@ -76,7 +76,7 @@ def run(backbone: str, cached: bool, epochs: int, data: Path, tmp: Path, pretrai
 def cross_validated(backbone: str, folds: int, data: Path, pretrained: str) -> None:
     """Held-out metrics of cached and uncached training over the same patient-level folds."""
     from histolens.config import RunConfig
-    from histolens.crossval import cross_validate, image_bank_for
+    from histolens.training.crossval import cross_validate, image_bank_for
 
     base = RunConfig().override(
         {
@@ -136,7 +136,7 @@ def main() -> None:
             pretrained = args.pretrained
             if backbone != "tf_efficientnet_lite0" and pretrained == "imagenet":
                 try:
-                    from histolens.backbones import create_backbone, get_backbone_spec
+                    from histolens.models.backbones import create_backbone, get_backbone_spec
 
                     create_backbone(get_backbone_spec(backbone), "imagenet")
                 except Exception as exc:  # offline: time the same computation, random weights

@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "vgg16"])
     ap.add_argument("--images", type=int, default=8)
     args = ap.parse_args()
+    from histolens.data.imageio import load_rgb
+    from histolens.data.synth import generate_synthetic
     from histolens.gui.presenter import Presenter, find_images
-    from histolens.imageio import load_rgb
-    from histolens.synth import generate_synthetic
     from histolens.testing import make_checkpoint
 
     rows = []

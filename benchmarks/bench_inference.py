@@ -69,9 +69,9 @@ def openvino_forward(onnx: str):
 
 def build(backbone: str):
     """The default probe classifier of ``backbone`` (random weights) and its input size."""
-    from histolens.backbones import get_backbone_spec
     from histolens.config import RunConfig
-    from histolens.model import build_model, resolve_feature_layer
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model, resolve_feature_layer
 
     cfg = RunConfig()
     spec = get_backbone_spec(backbone)
@@ -83,8 +83,8 @@ def build(backbone: str):
 
 def synthetic_inputs(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
     """``n`` H&E-like images at ``size``, normalised as the models expect (ImageNet mean/std)."""
+    from histolens.models.transforms import Preprocess
     from histolens.testing import make_tissue_image
-    from histolens.transforms import Preprocess
 
     pre = Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     images = [make_tissue_image((size[1], size[0]), seed=seed + i) for i in range(n)]
@@ -93,8 +93,8 @@ def synthetic_inputs(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tens
 
 def export(backbone: str, folder: Path) -> dict[str, str]:
     """fp32 and int8 ONNX files of ``backbone`` in ``folder`` (made once, outside the timings)."""
-    from histolens.export import trace_onnx
-    from histolens.export_quantize import fp32_stages, quantize_int8
+    from histolens.export.onnx import trace_onnx
+    from histolens.export.quantize import fp32_stages, quantize_int8
 
     model, size = build(backbone)
     fp32, int8 = folder / f"{backbone}.onnx", folder / f"{backbone}-int8.onnx"
@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
     """One backend, one model, one batch size (run in a child process)."""
     setup(THREADS)
     if args.backend.startswith("ort"):
-        from histolens.onnx_backend import OnnxRunner
+        from histolens.inference.runtimes import OnnxRunner
 
         size = tuple(json.loads(args.size))
         forward = OnnxRunner(args.onnx, threads=THREADS)

@@ -32,8 +32,8 @@ from _common import print_table  # noqa: E402
 
 IN_MEMORY = """
 import csv, sys
-from histolens.imageio import is_image_name
-from histolens.predictor import Predictor
+from histolens.data.imageio import is_image_name
+from histolens.inference.predictor import Predictor
 ckpt, folder, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 from pathlib import Path
 root = Path(folder)
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--skip-in-memory", action="store_true")
     args = parser.parse_args()
 
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
     from histolens.testing import make_checkpoint
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}

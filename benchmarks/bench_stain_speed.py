@@ -35,12 +35,12 @@ def main() -> None:
     args = ap.parse_args()
     import torchstain
 
-    from histolens.data import discover
-    from histolens.imageio import load_rgb
-    from histolens.stain import StainNormalizer
-    from histolens.stain_augment import StainAugmenter
-    from histolens.stain_reference import choose_reference
-    from histolens.transforms import Preprocess
+    from histolens.data.imageio import load_rgb
+    from histolens.data.records import discover
+    from histolens.models.transforms import Preprocess
+    from histolens.stain.augment import StainAugmenter
+    from histolens.stain.normalize import StainNormalizer
+    from histolens.stain.reference import choose_reference
 
     pre = Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, "bicubic")
     records = discover(require_real_data("100X")).records[: args.n]

@@ -5,7 +5,7 @@ only their features; the naive way decodes every image into memory first (``Imag
 what cross-validation benchmarks share between folds). Each run is a fresh process; the table
 gives its wall time and peak resident memory (``wait4``'s ru_maxrss).
 
-Tiles: a pool of synthetic tiles (``histolens.synth``), hard-linked under new names, patients and
+Tiles: a pool of synthetic tiles (``histolens.data.synth``), hard-linked under new names, patients and
 a CSV manifest up to N files (decoding still happens per file; the pool keeps set-up fast).
 
 ``--ddp-features`` times the expensive step alone, the feature cache, in 1 and 2 processes
@@ -40,8 +40,8 @@ FLAGS = [
 BANK_RUN = """
 import json, sys
 from histolens.config import RunConfig
-from histolens.crossval import image_bank_for
-from histolens.training import train
+from histolens.training.crossval import image_bank_for
+from histolens.training.runner import train
 cfg = RunConfig.from_dict(json.load(open(sys.argv[1])))
 train(cfg, sys.argv[2], bank=image_bank_for(cfg, progress=False), progress=False)
 """
@@ -49,7 +49,7 @@ train(cfg, sys.argv[2], bank=image_bank_for(cfg, progress=False), progress=False
 
 def make_tiles(n: int, root: Path, tile: int) -> Path:
     """``root/manifest.csv`` listing ``n`` tiles: copies of a synthetic pool, 20 per patient."""
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     pool = root / "pool"
     if not (pool / "manifest.csv").is_file():
@@ -88,7 +88,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def memory_table(args, root: Path, env: dict[str, str]) -> None:
-    from histolens.checkpoint import read_metadata
+    from histolens.checkpoint.io import read_metadata
 
     rows, h, w = [], 0, 0
     for n in args.sizes:
@@ -120,13 +120,13 @@ def ddp_features(args, root: Path) -> None:
     """Run by the launcher in every rank: time FeatureCache.extend over the tiles."""
     import torch
 
-    from histolens.backbones import get_backbone_spec
     from histolens.config import TrainConfig
-    from histolens.distributed import launch, quiet_lightning
-    from histolens.feature_cache import FeatureCache
-    from histolens.model import build_model
-    from histolens.pipeline import ImageStream, InputPipeline
-    from histolens.transforms import resolve_preprocess
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
+    from histolens.models.feature_cache import FeatureCache
+    from histolens.models.pipeline import ImageStream, InputPipeline
+    from histolens.models.transforms import resolve_preprocess
+    from histolens.training.distributed import launch, quiet_lightning
 
     with open(root / f"manifest-{args.ddp_features}.csv", newline="") as fh:  # ddp_table made it
         paths = [r["path"] for r in csv.DictReader(fh)]

@@ -35,10 +35,10 @@ def candidates(predictor) -> list[str]:
 
 
 def real_rows(run: Path, n_images: int) -> list[list[object]]:
+    from histolens.cli.explain import _evenly_spread, _split_paths
     from histolens.explain import Explainer
-    from histolens.explain.cli import _evenly_spread, _split_paths
     from histolens.explain.faithfulness import evaluate_faithfulness
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(run)
     paths = _evenly_spread(_split_paths(run, "all"), n_images)
@@ -54,17 +54,17 @@ def real_rows(run: Path, n_images: int) -> list[list[object]]:
 
 
 def synthetic_rows(run: Path, n_lesions: int) -> list[list[object]]:
+    from histolens.cli.explain import _evenly_spread, _split_paths
+    from histolens.data.imageio import load_rgb
+    from histolens.data.synth import mask_path_for
     from histolens.explain import Explainer
-    from histolens.explain.cli import _evenly_spread, _split_paths
     from histolens.explain.faithfulness import (
         _mask_array,
         mask_iou,
         pointing_game,
         random_heatmap,
     )
-    from histolens.imageio import load_rgb
-    from histolens.predictor import Predictor
-    from histolens.synth import mask_path_for
+    from histolens.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(run)
     lesions = []

@@ -71,7 +71,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     from histolens.config import RunConfig
-    from histolens.crossval import cross_validate, image_bank_for
+    from histolens.training.crossval import cross_validate, image_bank_for
 
     data = require_real_data()
     mag = args.magnification or ("100" if args.suite == "headline" else "all")
@@ -102,7 +102,7 @@ def main() -> None:
         if method != "none" and not args.per_fold_reference:
             # The reference is picked without labels, so one pick among all images leaks no
             # label information and lets every fold share the features.
-            from histolens.stain_reference import choose_reference
+            from histolens.stain.reference import choose_reference
 
             candidates = list(bank.images)[:: max(1, len(bank.images) // 200)]
             pick = choose_reference([bank.images[p] for p in candidates], method=method)

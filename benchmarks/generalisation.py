@@ -133,7 +133,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 
 
 def _records(data: Path, task: str):
-    from histolens.data import discover, filter_records
+    from histolens.data.records import discover, filter_records
 
     return filter_records(discover(data / "manifest.csv").records, "all", task)
 
@@ -141,7 +141,7 @@ def _records(data: Path, task: str):
 def _folds(records, task: str, seed: int, k: int = 5):
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from histolens.data import target_of
+    from histolens.data.records import target_of
 
     y = np.array([target_of(r, task) for r in records])
     groups = np.array([r.group for r in records])
@@ -155,8 +155,8 @@ def _scores(records, probs: dict[str, np.ndarray], classes, task: str) -> dict[s
     """Pooled out-of-fold metrics over the scored images."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    from histolens.data import target_of
-    from histolens.metrics import patient_level_auc, patient_recognition_rate, safe_auc
+    from histolens.data.records import target_of
+    from histolens.stats.metrics import patient_level_auc, patient_recognition_rate, safe_auc
 
     scored = [r for r in records if r.path in probs]
     index = {c: i for i, c in enumerate(classes)}
@@ -185,10 +185,10 @@ def _peer_features(records):
     """Frozen Lite0 at 224 px: the features histolens itself computes (mean = std = 0.5)."""
     import torch
 
-    from histolens.backbones import get_backbone_spec
-    from histolens.model import build_model
-    from histolens.pipeline import ImageBank, InputPipeline
-    from histolens.transforms import resolve_preprocess
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
+    from histolens.models.pipeline import ImageBank, InputPipeline
+    from histolens.models.transforms import resolve_preprocess
 
     model = build_model(get_backbone_spec("tf_efficientnet_lite0"), 2, "imagenet").eval()
     preprocess = resolve_preprocess(model.backbone)
@@ -208,7 +208,7 @@ def run_peer(records, classes, task, seeds, feats) -> list[dict[str, float]]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from histolens.data import target_of
+    from histolens.data.records import target_of
 
     index = {c: i for i, c in enumerate(classes)}
     x = np.stack([feats[r.path] for r in records])
@@ -232,10 +232,10 @@ def run_peer(records, classes, task, seeds, feats) -> list[dict[str, float]]:
 
 
 def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
-    """Train each fold through histolens.training.train; pool the held-out 100X predictions."""
+    """Train each fold through histolens.training.runner.train; pool the held-out 100X predictions."""
     from histolens.config import recipe_config
-    from histolens.splits import Split
-    from histolens.training import train
+    from histolens.data.splits import Split
+    from histolens.training.runner import train
 
     overrides = dict(overrides)
     adabn = bool(overrides.pop("bench.adabn", False))
@@ -245,7 +245,7 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
     )
     key = ("bank", cfg.model.input_size)
     if key not in shared:
-        from histolens.crossval import image_bank_for
+        from histolens.training.crossval import image_bank_for
 
         shared[key] = image_bank_for(cfg, progress=False, records=records)
     bank = shared[key]
@@ -254,7 +254,7 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
         # fold share the features (training fits it on its own training images).
         ref_key = ("stain", cfg.stain.method, cfg.model.input_size)
         if ref_key not in shared:
-            from histolens.stain import StainNormalizer
+            from histolens.stain.normalize import StainNormalizer
 
             paths = list(bank.images)[:: max(1, len(bank.images) // 200)]
             state = StainNormalizer(cfg.stain.method).fit_median([bank.images[p] for p in paths])
@@ -272,7 +272,7 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                 if not test_recs:
                     continue
                 if cfg.model.head == "mlp":  # early stopping needs validation patients
-                    from histolens.splits import split_by_patient
+                    from histolens.data.splits import split_by_patient
 
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)
@@ -293,7 +293,7 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                 # Undo the fold's temperature: a user scores new patients with one model, whose
                 # ranking no temperature changes, but pooling folds that each carry their own
                 # temperature would mix scales and understate that figure.
-                from histolens.checkpoint import read_metadata
+                from histolens.checkpoint.io import read_metadata
 
                 if adabn or tta:
                     paths = [r.path for r in test_recs]
@@ -312,7 +312,7 @@ def _predictor_probabilities(
     labels) or averaging the logits of the four flips; temperature undone."""
     import torch
 
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(run_dir)
     if adabn:
@@ -365,7 +365,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("histolens").setLevel(logging.ERROR)
-    from histolens.data import class_names_for
+    from histolens.data.records import class_names_for
 
     data = require_real_data()
     records = _records(data, args.task)

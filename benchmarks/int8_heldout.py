@@ -64,7 +64,7 @@ def _folds(records, k: int, seed: int = 0):
 
 def _stain_reference(cfg, bank) -> str:
     """The label-free median stain reference over all images, so that folds share features."""
-    from histolens.stain import StainNormalizer
+    from histolens.stain.normalize import StainNormalizer
 
     paths = list(bank.images)[:: max(1, len(bank.images) // 200)]
     state = StainNormalizer(cfg.stain.method).fit_median([bank.images[p] for p in paths])
@@ -74,7 +74,7 @@ def _stain_reference(cfg, bank) -> str:
 
 
 def _inputs(predictor, records) -> tuple[list, torch.Tensor]:
-    from histolens.export_verify import model_inputs
+    from histolens.export.verify import model_inputs
 
     kept, chunks = [], []
     for recs, x in model_inputs(predictor, records, 16):
@@ -85,7 +85,7 @@ def _inputs(predictor, records) -> tuple[list, torch.Tensor]:
 
 def _score(graph: Path, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Logits of ``graph`` on ``x`` and the seconds per image it took."""
-    from histolens.onnx_backend import OnnxRunner
+    from histolens.inference.runtimes import OnnxRunner
 
     runner = OnnxRunner(graph)
     start = time.perf_counter()
@@ -101,15 +101,15 @@ def main() -> None:
     setup()
     data = require_real_data()
     from histolens.config import recipe_config
-    from histolens.crossval import image_bank_for
-    from histolens.data import discover, filter_records
-    from histolens.export import trace_onnx
-    from histolens.export_quantize import fp32_stages, quantize_int8
-    from histolens.export_verify import model_inputs, spread_evenly
-    from histolens.metrics import bootstrap_ci, patient_level_auc, safe_auc
-    from histolens.predictor import Predictor
-    from histolens.splits import Split
-    from histolens.training import train
+    from histolens.data.records import discover, filter_records
+    from histolens.data.splits import Split
+    from histolens.export.onnx import trace_onnx
+    from histolens.export.quantize import fp32_stages, quantize_int8
+    from histolens.export.verify import model_inputs, spread_evenly
+    from histolens.inference.predictor import Predictor
+    from histolens.stats.metrics import bootstrap_ci, patient_level_auc, safe_auc
+    from histolens.training.crossval import image_bank_for
+    from histolens.training.runner import train
 
     start = time.perf_counter()
     records = filter_records(discover(data / "manifest.csv").records, "all", "binary")

@@ -2,7 +2,7 @@
 
 Protocol: the generalisation protocol's folds (benchmarks/generalisation.py; repeated 5-fold
 stratified group k-fold over breakhis-dev's patient groups). Each fold trains the default recipe
-on all images of its training groups through ``histolens.training.train``, which stores the guard
+on all images of its training groups through ``histolens.training.runner.train``, which stores the guard
 (cheap input checks, and the Mahalanobis distance of pooled features with its limit set on the
 training groups' own held-out patients). The guard then scores:
 
@@ -106,8 +106,8 @@ def noise_tiles(n: int = 3, seed: int = 0) -> list:
 
 def synthetic_tiles(n: int, work: Path) -> list:
     """H&E-like tiles from ``histolens data synth`` (the generator behind the command)."""
-    from histolens.imageio import load_rgb
-    from histolens.synth import generate_synthetic
+    from histolens.data.imageio import load_rgb
+    from histolens.data.synth import generate_synthetic
 
     generate_synthetic(work / "synth", n=n, seed=7, size=SIZE)
     return [(p.name, load_rgb(p)) for p in sorted((work / "synth").glob("*X/*/*.png"))]
@@ -140,8 +140,8 @@ def run(args) -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from histolens.imageio import load_rgb
-    from histolens.predictor import Predictor
+    from histolens.data.imageio import load_rgb
+    from histolens.inference.predictor import Predictor
 
     logging.getLogger("histolens").setLevel(logging.ERROR)
     data = require_real_data()

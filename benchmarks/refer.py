@@ -3,11 +3,11 @@ coverage promised at alpha hold on patients the model has never seen?
 
 Protocol: the generalisation protocol (benchmarks/generalisation.py): repeated 5-fold stratified
 group k-fold over the patient groups of breakhis-dev; each fold trains the default recipe on
-ALL images of its training groups through ``histolens.training.train``. Every image of the
+ALL images of its training groups through ``histolens.training.runner.train``. Every image of the
 held-out groups is predicted by its fold's model (pooled out-of-fold predictions); the figures
 are on the held-out 100X images.
 
-Nonconformity scores compared (histolens.conformal.SCORES), each from the fold's calibrated
+Nonconformity scores compared (histolens.stats.conformal.SCORES), each from the fold's calibrated
 probabilities, centred on its threshold:
 
 - probability: one minus the calibrated probability of the class (what histolens ships);
@@ -66,7 +66,7 @@ def study_config(data: Path, task: str, quick: bool, records, shared: dict):
     """The default recipe on ``data``, with the image bank and (label-free) median stain reference
     shared by every fold, as the generalisation benchmark does."""
     from histolens.config import recipe_config
-    from histolens.crossval import image_bank_for
+    from histolens.training.crossval import image_bank_for
 
     cfg = recipe_config("default").override(
         {**(QUICK if quick else {}), "data.path": str(data / "manifest.csv"), "data.task": task}
@@ -75,7 +75,7 @@ def study_config(data: Path, task: str, quick: bool, records, shared: dict):
         shared["bank"] = image_bank_for(cfg, progress=False, records=records)
     if cfg.stain.method != "none":
         if "stain" not in shared:
-            from histolens.stain import StainNormalizer
+            from histolens.stain.normalize import StainNormalizer
 
             images = shared["bank"].images
             paths = list(images)[:: max(1, len(images) // 200)]
@@ -92,8 +92,8 @@ def train_folds(
 ) -> Iterator[tuple[int, list, list, Path]]:
     """Train each fold of one repeat on all images of its training groups; yield (fold, training
     records, held-out records (every magnification), run directory)."""
-    from histolens.splits import Split
-    from histolens.training import train
+    from histolens.data.splits import Split
+    from histolens.training.runner import train
 
     for fold, (tr, te) in enumerate(_folds(records, task, seed, k)):
         train_recs = [records[i] for i in tr]
@@ -130,8 +130,8 @@ def centred(predictor, logits: np.ndarray) -> np.ndarray:
     """The fold's calibrated probabilities of logits (..., n_out), centred on its threshold."""
     import torch
 
-    from histolens.conformal import centred_probabilities
-    from histolens.predictor import probabilities_from_logits
+    from histolens.inference.predictor import probabilities_from_logits
+    from histolens.stats.conformal import centred_probabilities
 
     flat = torch.as_tensor(logits.reshape(-1, logits.shape[-1]), dtype=torch.float32)
     p = probabilities_from_logits(flat, predictor.temperature).numpy()
@@ -142,8 +142,8 @@ def centred(predictor, logits: np.ndarray) -> np.ndarray:
 def fold_probabilities(predictor, train_recs, test_recs, feats: dict, classes, task, seed):
     """Centred probabilities of the held-out images: one view (n, C), the four flips (n, 4, C)
     and the ensemble of inner-fold probes (n, 2, C), see below."""
-    from histolens.data import target_of
-    from histolens.probe import fit_linear_probe, group_folds
+    from histolens.data.records import target_of
+    from histolens.training.probe import fit_linear_probe, group_folds
 
     w = predictor.model.head.out.weight.detach().double().numpy()
     b = predictor.model.head.out.bias.detach().double().numpy()
@@ -171,8 +171,8 @@ def cross_fitted(
 ) -> dict:
     """Coverage and referral at each alpha on the scored images, each fold's sets calibrated on
     the other folds' images where ``cal_mask`` holds (per magnification with ``mags``)."""
-    from histolens.conformal import ConformalCalibration
-    from histolens.conformal_metrics import coverage
+    from histolens.stats.conformal import ConformalCalibration
+    from histolens.stats.conformal_metrics import coverage
 
     row = {}
     for alpha in ALPHAS:
@@ -194,8 +194,8 @@ def cross_fitted(
 
 def score_repeat(pool: dict, classes) -> dict[str, dict[str, float]]:
     """AURC and cross-fitted coverage/referral of each score over one repeat's pooled images."""
-    from histolens.conformal import SCORES
-    from histolens.conformal_metrics import coverage, risk_coverage
+    from histolens.stats.conformal import SCORES
+    from histolens.stats.conformal_metrics import coverage, risk_coverage
 
     y, pred, fold, patients = (np.asarray(pool[k]) for k in ("y", "pred", "fold", "patient"))
     mags = np.asarray(pool["mag"], dtype=object)
@@ -231,8 +231,8 @@ def score_repeat(pool: dict, classes) -> dict[str, dict[str, float]]:
 def run(args) -> None:
     import logging
 
-    from histolens.data import class_names_for, target_of
-    from histolens.predictor import Predictor
+    from histolens.data.records import class_names_for, target_of
+    from histolens.inference.predictor import Predictor
 
     logging.getLogger("histolens").setLevel(logging.ERROR)
     data = require_real_data()

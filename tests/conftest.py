@@ -24,7 +24,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A small synthetic dataset (32 images of 8 patients, 176x120), made once per session."""
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate_synthetic(out, n=32, seed=3, size=(176, 120), n_patients=8)
@@ -41,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(synth_small, tmp_path_factory):
     """A finished 2-epoch run on the small synthetic set: (run_dir, TrainResult)."""
-    from histolens.training import train
+    from histolens.training.runner import train
 
     run = tmp_path_factory.mktemp("run") / "r"
     from histolens.testing import tiny_config
@@ -56,8 +56,8 @@ def estimate() -> dict:
     malignant and 3 benign, at 100X and 400X, so that it carries class-support warnings."""
     import numpy as np
 
-    from histolens.estimate import build_estimate
-    from histolens.evaluation import EvalResult, PredictionRow
+    from histolens.evaluation.estimate import build_estimate
+    from histolens.evaluation.evaluate import EvalResult, PredictionRow
 
     rng = np.random.default_rng(0)
     rows = []

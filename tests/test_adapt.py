@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from histolens.adapt import MIN_ADAPT_IMAGES, adapt_batchnorm
 from histolens.errors import DataError
+from histolens.models.adapt import MIN_ADAPT_IMAGES, adapt_batchnorm
 
 
 class _Net(nn.Module):
@@ -67,7 +67,7 @@ def test_a_model_without_batch_norm_is_refused():
 
 
 def test_predictor_adapts_to_a_cohort_and_says_so(tiny_checkpoint, synth_small):
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     paths = sorted(str(p) for p in synth_small.rglob("*.png"))[:24]
     predictor = Predictor.from_checkpoint(tiny_checkpoint)
@@ -81,7 +81,7 @@ def test_predictor_adapts_to_a_cohort_and_says_so(tiny_checkpoint, synth_small):
 def test_evaluate_adapts_to_the_cohort_on_request(tiny_checkpoint, synth_small, tmp_path):
     from click.testing import CliRunner
 
-    from histolens.cli import main
+    from histolens.cli.commands import main
 
     args = ["evaluate", str(tiny_checkpoint), "--data", str(synth_small), "--split", "all"]
     args += ["--n-boot", "0"]

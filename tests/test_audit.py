@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from histolens.audit import (
+from histolens.cli.commands import main
+from histolens.data.audit import (
     TELL_MIN_ODDS_RATIO,
     audit_dataset,
     categorical_oof_scores,
@@ -15,8 +16,7 @@ from histolens.audit import (
     read_image_facts,
     value_tells,
 )
-from histolens.cli import main
-from histolens.data import ImageRecord, discover
+from histolens.data.records import ImageRecord, discover
 
 # (class, patient index, image index) -> ((width, height), PIL format)
 Recipe = Callable[[str, int, int], tuple[tuple[int, int], str]]

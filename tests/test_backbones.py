@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from histolens.backbones import (
+from histolens.errors import ConfigError, PretrainedWeightsError
+from histolens.models.backbones import (
     BACKBONES,
     create_backbone,
     get_backbone_spec,
     lite0_package_state_dict,
     resolve_module,
 )
-from histolens.errors import ConfigError, PretrainedWeightsError
-from histolens.model import build_model
-from histolens.transforms import resolve_preprocess
+from histolens.models.classifier import build_model
+from histolens.models.transforms import resolve_preprocess
 
 
 def test_lite0_package_weights_classify_a_cat():
@@ -38,7 +38,7 @@ def test_lite1_and_lite2_package_weights_load_strictly_and_classify_a_cat(varian
     from PIL import Image
     from skimage import data
 
-    from histolens.backbones import lite_package_state_dict
+    from histolens.models.backbones import lite_package_state_dict
 
     model = timm.create_model(variant, pretrained=False)
     model.load_state_dict(lite_package_state_dict(variant), strict=True)

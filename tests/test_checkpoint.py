@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import (
+from histolens.checkpoint.io import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
     SCHEMA_VERSION,
@@ -26,8 +25,10 @@ from histolens.checkpoint import (
     update_metadata,
 )
 from histolens.errors import CheckpointError
-from histolens.model import build_model
-from histolens.transforms import Preprocess
+from histolens.evaluation.performance import headline_estimate
+from histolens.models.backbones import get_backbone_spec
+from histolens.models.classifier import build_model
+from histolens.models.transforms import Preprocess
 
 META = {
     "backbone": "test_resnet",
@@ -240,7 +241,7 @@ def test_every_field_round_trips_through_json():
     assert raw["config"] == {"model": {"head_dims": [512, 256]}}
     assert raw["from_the_future"] == {"kept": True} and "extra" not in raw
     assert meta.export_source == "/runs/a/best.safetensors" and meta.stain_method == "macenko"
-    assert not meta.is_binary and meta.positive_class is None and meta.headline_estimate is None
+    assert not meta.is_binary and meta.positive_class is None and headline_estimate(meta) is None
 
 
 def test_a_version_1_checkpoint_is_migrated_and_still_loads(tmp_path, model):
@@ -261,10 +262,11 @@ def test_a_version_1_checkpoint_is_migrated_and_still_loads(tmp_path, model):
     assert (oldest.task, oldest.magnification) == ("binary", "all")
     assert oldest.is_binary and oldest.positive_class == "malignant"
     assert (
-        oldest.headline_estimate["description"] == "a held-out test split of 6 patients (40 images)"
+        headline_estimate(oldest)["description"]
+        == "a held-out test split of 6 patients (40 images)"
     )
 
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(path)
     assert predictor.metadata == oldest and predictor.threshold == 0.42
@@ -322,5 +324,5 @@ def test_a_missing_or_invalid_field_is_refused_naming_it(tmp_path, model):
 
 def test_the_headline_estimate_prefers_the_stored_estimate(estimate):
     meta = CheckpointMetadata.from_dict({**V1_MLP, "estimate": estimate})
-    assert meta.headline_estimate is estimate or meta.headline_estimate == estimate
-    assert CheckpointMetadata.from_dict(V1_MLP).headline_estimate["metrics"] == {"roc_auc": 0.88}
+    assert headline_estimate(meta) is estimate or headline_estimate(meta) == estimate
+    assert headline_estimate(CheckpointMetadata.from_dict(V1_MLP))["metrics"] == {"roc_auc": 0.88}

@@ -9,8 +9,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from histolens.cli import main
-from histolens.cli_options import (
+from histolens.cli.commands import main
+from histolens.cli.options import (
     MAGNIFICATION_CHOICES,
     MAGNIFICATIONS,
     STAIN_NORM_CHOICES,
@@ -89,7 +89,7 @@ def test_combined_options_keep_their_order_and_reject_bad_values():
 def test_help_loads_no_heavy_library():
     """`histolens --help` and `histolens explain --help` stay instant: no torch, no CAM library."""
     code = (
-        "import sys; from click.testing import CliRunner; from histolens.cli import main; "
+        "import sys; from click.testing import CliRunner; from histolens.cli.commands import main; "
         "r = CliRunner().invoke(main, ['explain', '--help']); assert r.exit_code == 0; "
         "heavy = [m for m in ('torch', 'pytorch_grad_cam', 'captum') if m in sys.modules]; "
         "print(heavy)"

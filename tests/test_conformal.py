@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from histolens.checkpoint import read_metadata
-from histolens.conformal import (
-    ConformalCalibration,
-    centred_probabilities,
-    leave_one_patient_out_sets,
-)
-from histolens.conformal_metrics import coverage, patient_referrals, risk_coverage
+from histolens.checkpoint.io import read_metadata
 from histolens.errors import CheckpointError, ConfigError
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
+from histolens.stats.conformal import ConformalCalibration, centred_probabilities
+from histolens.stats.conformal_metrics import (
+    coverage,
+    leave_one_patient_out_sets,
+    patient_referrals,
+    risk_coverage,
+)
 from histolens.testing import make_checkpoint, stratified_calibration, tiny_config
-from histolens.training import train
+from histolens.training.runner import train
 
 CLASSES = ("benign", "malignant")
 
@@ -199,7 +200,7 @@ def test_a_magnification_with_too_few_patients_gets_the_most_cautious_quantile()
     within = scores[0, 0] <= fallback
     assert cal.prediction_sets(binary_probs([0.5]), magnifications=[40])[0, 0] == within
     notes: list[str] = []
-    from histolens.probe_validation import fit_prediction_sets
+    from histolens.evaluation.referral import fit_prediction_sets
 
     fit_prediction_sets(probs, y, patients.astype(str), CLASSES, 0.1, notes, list(mags))
     assert any("40X (5 patients)" in n for n in notes), notes
@@ -239,7 +240,7 @@ def test_leave_one_patient_out_is_per_magnification_when_asked():
 
 
 def test_magnification_is_read_from_breakhis_names_and_folders():
-    from histolens.data import magnification_from_path
+    from histolens.data.records import magnification_from_path
 
     assert magnification_from_path("x/SOB_B_TA-14-3411F-100-001.png") == 100
     assert magnification_from_path("data/400X/benign/tile.png") == 400
@@ -340,7 +341,7 @@ def test_predictor_sets_follow_alpha(refer_run, synth_small):
 
 
 def test_predict_command_writes_sets_and_takes_alpha(refer_run, synth_small, tmp_path):
-    from histolens.cli import main
+    from histolens.cli.commands import main
 
     run, _ = refer_run
     out = tmp_path / "p.csv"
@@ -393,7 +394,7 @@ def test_predictor_judges_each_image_by_its_magnification(tmp_path):
 
 
 def test_magnifications_are_read_leniently_and_unknowns_stay_pooled():
-    from histolens.conformal import stratum_of
+    from histolens.stats.conformal import stratum_of
 
     assert [stratum_of(v) for v in (100, "100X", " 100x ", 200.0, np.int64(400))] == [
         "100",
@@ -426,7 +427,7 @@ def test_a_magnification_without_calibration_patients_is_named(tmp_path):
 
 
 def test_subtypes_get_sets_of_subtypes_per_magnification():
-    from histolens.data import SUBTYPE_CLASSES
+    from histolens.data.records import SUBTYPE_CLASSES
 
     rng = np.random.default_rng(3)
     n, c = 240, len(SUBTYPE_CLASSES)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from histolens.data import (
+from histolens.data.records import (
     SUBTYPE_CLASSES,
     class_names_for,
     discover,

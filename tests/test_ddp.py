@@ -16,9 +16,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from histolens.checkpoint import read_metadata
-from histolens.cli import main
-from histolens.predictor import Predictor
+from histolens.checkpoint.io import read_metadata
+from histolens.cli.commands import main
+from histolens.inference.predictor import Predictor
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ if _root:
 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory) -> Path:
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     out = tmp_path_factory.mktemp("ddp") / "data"
     generate_synthetic(out, n=40, seed=11, size=(96, 96), n_patients=10)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from histolens.estimate import (
+from histolens.evaluation.estimate import (
     MIN_PATIENTS_PER_CLASS,
     build_estimate,
     class_support_warnings,
     estimate_lines,
     headline_text,
 )
-from histolens.evaluation import EvalResult, PredictionRow
+from histolens.evaluation.evaluate import EvalResult, PredictionRow
 
 METHOD = "5-fold patient-level cross-validation (out-of-fold predictions)"
 DESCRIPTION = "19 images of 9 patient groups in tiny (magnification all)"

@@ -20,7 +20,7 @@ from histolens.explain import (
     overlay_heatmap,
 )
 from histolens.explain._targets import ClassLogit
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
 from histolens.testing import make_checkpoint, make_tissue_image
 
 IMAGE_SIZE = (140, 92)  # W, H: not square and not the model's input size
@@ -254,7 +254,7 @@ def test_registry_target_layers_resolve(name):
     """Every registered backbone's CAM target layer exists (construction only, no weights)."""
     import timm
 
-    from histolens.backbones import BACKBONES, resolve_module
+    from histolens.models.backbones import BACKBONES, resolve_module
 
     spec = BACKBONES[name]
     with torch.device("meta"):
@@ -307,8 +307,8 @@ def test_a_cam_over_several_feature_levels_hooks_each_level_and_releases_them(pr
     level's alone."""
     from dataclasses import replace
 
-    from histolens.backbones import get_backbone_spec
-    from histolens.model import build_model
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
 
     torch.manual_seed(1)
     spec = get_backbone_spec("test_efficientnet")

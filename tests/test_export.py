@@ -15,22 +15,22 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from histolens import export as export_module
-from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import read_metadata, save_checkpoint
-from histolens.cli import main
-from histolens.data import BINARY_CLASSES, discover
+from histolens.checkpoint.io import read_metadata, save_checkpoint
+from histolens.cli.commands import main
+from histolens.data.records import BINARY_CLASSES, discover
+from histolens.data.splits import Split, load_split_csv, split_by_patient
 from histolens.errors import CheckpointError, ConfigError
-from histolens.export import FP32_TOLERANCE, ExportError, export_onnx
-from histolens.metrics import safe_auc
-from histolens.model import build_model
-from histolens.onnx_backend import OnnxRunner
-from histolens.ood import FeatureGuard, OODGuard
-from histolens.predictor import Predictor
-from histolens.splits import Split, load_split_csv, split_by_patient
-from histolens.stain import StainNormalizer
+from histolens.export import onnx as export_module
+from histolens.export.onnx import FP32_TOLERANCE, ExportError, export_onnx
+from histolens.inference.ood import FeatureGuard, OODGuard
+from histolens.inference.predictor import Predictor
+from histolens.inference.runtimes import OnnxRunner
+from histolens.models.backbones import get_backbone_spec
+from histolens.models.classifier import build_model
+from histolens.models.transforms import resolve_preprocess
+from histolens.stain.normalize import StainNormalizer
+from histolens.stats.metrics import safe_auc
 from histolens.testing import make_tissue_image, plain_onnx
-from histolens.transforms import resolve_preprocess
 
 TILE = 160  # timm's test nets' pretrained input size
 INPUT_SIZE = (TILE, 2 * TILE)  # two tiles side by side: the tiling must be inside the graph
@@ -298,7 +298,7 @@ def test_cli_int8_export_above_the_limit_is_refused_and_writes_nothing(run, tmp_
 
 
 def test_cli_int8_export_checks_on_verify_data(run, synth_small, tmp_path, monkeypatch):
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     monkeypatch.setattr(export_module, "INT8_AUC_TOLERANCE", ACCEPT_ANY)
     other = tmp_path / "other-patients"

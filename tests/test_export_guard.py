@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histolens.data import ImageRecord
-from histolens.export_guard import (
+from histolens.data.records import ImageRecord
+from histolens.data.splits import Split
+from histolens.export.guard import (
     compare_int8,
     enforce_int8_limit,
     unseen_patient_images,
 )
-from histolens.export_verify import ExportError
-from histolens.splits import Split
+from histolens.export.verify import ExportError
 
 
 def _binary(p: list[float]) -> np.ndarray:
@@ -115,7 +115,8 @@ def _run_dir(tmp_path, split: Split, head: str = "linear"):
     if head == "linear":
         from dataclasses import replace
 
-        from histolens.checkpoint import HeadSpec, load_checkpoint, save_checkpoint
+        from histolens.checkpoint.io import load_checkpoint, save_checkpoint
+        from histolens.checkpoint.parts import HeadSpec
 
         state, meta = load_checkpoint(ckpt)
         meta = replace(meta, head=HeadSpec.linear())

@@ -23,15 +23,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from histolens.backbones import (
+from histolens.errors import ConfigError, PretrainedWeightsError
+from histolens.models.backbones import (
     BACKBONES,
     create_backbone,
     get_backbone_spec,
     hub_id_of,
     resolve_module,
 )
-from histolens.errors import ConfigError, PretrainedWeightsError
-from histolens.model import build_model
+from histolens.models.classifier import build_model
 
 TINY_VIT = "histolens-test/tiny-vit"
 TINY_DINOV2 = "histolens-test/tiny-dinov2"
@@ -156,7 +156,7 @@ def test_foundation_model_entries_build_the_architectures_of_their_cards(name):
 def test_h_optimus_0_preprocessing_is_its_own():
     with torch.device("meta"):
         backbone = build_model(BACKBONES["h-optimus-0"], 2, "none").backbone
-    from histolens.transforms import resolve_preprocess
+    from histolens.models.transforms import resolve_preprocess
 
     pre = resolve_preprocess(backbone)
     assert pre.mean == (0.707223, 0.578729, 0.703617)
@@ -223,10 +223,10 @@ def test_sharded_transformers_weights_are_read_whole(hub, tiny_midnight):
 def test_checkpoint_of_a_hub_model_rebuilds_without_the_hub(tmp_path, hub, tiny_midnight):
     """A registered hub model's checkpoint holds its backbone: predicting needs no hub files,
     and the licence travels in its metadata to the model card."""
-    from histolens.checkpoint import read_metadata
+    from histolens.checkpoint.io import read_metadata
     from histolens.explain import Explainer
-    from histolens.predictor import Predictor
-    from histolens.report import write_report
+    from histolens.inference.predictor import Predictor
+    from histolens.report.build import write_report
     from histolens.testing import make_checkpoint, make_tissue_image
 
     ckpt = make_checkpoint(tmp_path / "run" / "best.safetensors", backbone="tiny-midnight")
@@ -248,8 +248,8 @@ def test_checkpoint_of_a_hub_model_rebuilds_without_the_hub(tmp_path, hub, tiny_
 @pytest.mark.slow
 def test_cli_trains_predicts_and_explains_a_cached_hub_model(tmp_path, synth_small, tiny_vit_repo):
     """``--backbone hf-hub:ORG/NAME`` with the model in the local cache and HF_HUB_OFFLINE=1."""
-    from histolens.checkpoint import read_metadata
-    from histolens.cli import main
+    from histolens.checkpoint.io import read_metadata
+    from histolens.cli.commands import main
 
     run = tmp_path / "run"
     runner = CliRunner()
@@ -294,7 +294,7 @@ def _error_lines(output: str) -> list[str]:
 
 
 def test_uncached_model_offline_is_one_sentence(tmp_path, hub, synth_small):
-    from histolens.cli import main
+    from histolens.cli.commands import main
 
     with pytest.raises(
         PretrainedWeightsError,
@@ -322,7 +322,7 @@ def test_uncached_model_offline_is_one_sentence(tmp_path, hub, synth_small):
 
 def test_gated_model_without_a_token_names_licence_and_login(tmp_path, hub, synth_small):
     """Nothing cached, nobody logged in: said before any download is tried."""
-    from histolens.cli import main
+    from histolens.cli.commands import main
 
     run = tmp_path / "run"
     result = CliRunner().invoke(
@@ -424,9 +424,10 @@ def test_no_network_is_one_sentence(online, monkeypatch):
 
 
 def test_feature_extraction_prints_its_expected_duration(tmp_path, capsys):
-    from histolens.pipeline import FeatureCache, ImageBank, InputPipeline
+    from histolens.models.feature_cache import FeatureCache
+    from histolens.models.pipeline import ImageBank, InputPipeline
+    from histolens.models.transforms import resolve_preprocess
     from histolens.testing import make_tissue_image
-    from histolens.transforms import resolve_preprocess
 
     paths = []
     for i in range(5):

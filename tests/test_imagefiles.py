@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from histolens.data.imagefiles import images_under
 from histolens.errors import DataError
-from histolens.imagefiles import images_under
 
 
 @pytest.fixture()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from histolens.data.imageio import load_rgb, load_rgb_bytes
 from histolens.errors import ImageLoadError
-from histolens.imageio import load_rgb, load_rgb_bytes
 
 
 def test_modes_are_converted_to_rgb(tmp_path):

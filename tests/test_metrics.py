@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from histolens.calibration import choose_threshold, fit_temperature
-from histolens.metrics import (
+from histolens.stats.calibration import choose_threshold, fit_temperature
+from histolens.stats.metrics import (
     binary_metrics,
     bootstrap_ci,
     expected_calibration_error,

@@ -1,4 +1,4 @@
-"""Label smoothing, MixUp and CutMix of the MLP head's training (histolens.mixing), their config
+"""Label smoothing, MixUp and CutMix of the MLP head's training (histolens.training.mixing), their config
 checks and their command-line flags."""
 
 import csv
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from histolens.cli import main
+from histolens.cli.commands import main
 from histolens.config import RunConfig
 from histolens.errors import ConfigError
-from histolens.mixing import (
+from histolens.training.mixing import (
     batch_generator,
     mix_batch,
     mix_labelled_batch,
@@ -151,10 +151,10 @@ def test_binary_class_weights_weight_each_class_share_of_a_mixed_target():
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_training_step_trains_on_the_mixed_batch(n_classes):
     """The module's training loss is the loss of the batch mixing draws for that batch."""
-    from histolens.backbones import get_backbone_spec
-    from histolens.lightning_module import ClassifierModule
-    from histolens.model import build_model
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
     from histolens.testing import tiny_config
+    from histolens.training.lightning_module import ClassifierModule
 
     model = build_model(get_backbone_spec("test_resnet"), n_classes, "none")
     cfg = tiny_config("unused", **{"train.mixup": 0.4, "train.label_smoothing": 0.1})
@@ -205,7 +205,7 @@ def test_settings_round_trip_through_the_saved_config(tmp_path):
 
 
 def test_a_config_file_setting_may_need_a_flag(tmp_path):
-    from histolens.cli_train import _run_config
+    from histolens.cli.train import _run_config
 
     (tmp_path / "c.yaml").write_text("train:\n  mixup: 0.3\n  lr: 0.5\n")
     flags = {"head": "mlp", "lr": 0.25, "cutmix": None}
@@ -226,16 +226,16 @@ def test_train_refuses_mixing_with_the_linear_probe(synth_small, tmp_path):
 
 def _record_mixing(monkeypatch) -> list:
     """Make every training batch's mix_batch call append (input shape, result) to a list."""
-    import histolens.mixing
+    import histolens.training.mixing
 
-    calls, real = [], histolens.mixing.mix_batch
+    calls, real = [], histolens.training.mixing.mix_batch
 
     def recording(x, *args):
         mixed = real(x, *args)
         calls.append((tuple(x.shape), mixed))
         return mixed
 
-    monkeypatch.setattr(histolens.mixing, "mix_batch", recording)
+    monkeypatch.setattr(histolens.training.mixing, "mix_batch", recording)
     return calls
 
 
@@ -245,7 +245,7 @@ def _train_losses(run):
 
 
 def test_mlp_head_trains_with_mixup_and_label_smoothing(synth_small, tmp_path, monkeypatch):
-    from histolens.checkpoint import read_metadata
+    from histolens.checkpoint.io import read_metadata
 
     calls = _record_mixing(monkeypatch)
     run = tmp_path / "mix"
@@ -267,7 +267,7 @@ def test_mlp_head_trains_with_mixup_and_label_smoothing(synth_small, tmp_path, m
 
 def test_fine_tuning_trains_with_cutmix(synth_small, tmp_path, monkeypatch):
     from histolens.testing import tiny_config
-    from histolens.training import train
+    from histolens.training.runner import train
 
     calls = _record_mixing(monkeypatch)
     cfg = tiny_config(synth_small, **{"model.unfreeze": 1, "train.epochs": 1, "train.cutmix": 1.0})

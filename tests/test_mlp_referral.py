@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from histolens.checkpoint import read_metadata
-from histolens.predictor import Predictor
+from histolens.checkpoint.io import read_metadata
+from histolens.inference.predictor import Predictor
 from histolens.testing import tiny_config
-from histolens.training import train
+from histolens.training.runner import train
 
 
 def _split(run):

@@ -9,14 +9,14 @@ import timm
 import torch
 from PIL import Image
 
-from histolens.backbones import BACKBONES, create_backbone, get_backbone_spec
-from histolens.checkpoint import save_checkpoint, update_metadata
+from histolens.checkpoint.io import save_checkpoint, update_metadata
 from histolens.errors import ConfigError
 from histolens.explain import Explainer
-from histolens.model import build_model, resolve_feature_layer, tile_starts
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
+from histolens.models.backbones import BACKBONES, create_backbone, get_backbone_spec
+from histolens.models.classifier import build_model, resolve_feature_layer, tile_starts
+from histolens.models.transforms import resolve_preprocess
 from histolens.testing import make_checkpoint, make_tissue_image
-from histolens.transforms import resolve_preprocess
 
 TILE = 160  # timm's test nets' pretrained input size
 
@@ -158,7 +158,7 @@ def test_gradcam_explains_a_tiled_image_as_a_whole(tmp_path):
 
 
 def _preprocess(path) -> dict:
-    from histolens.checkpoint import read_metadata
+    from histolens.checkpoint.io import read_metadata
 
     return read_metadata(path).preprocess.to_dict()
 

@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from histolens.checkpoint import CheckpointMetadata, read_metadata
-from histolens.data import ImageRecord
+from histolens.checkpoint.io import CheckpointMetadata, read_metadata
+from histolens.data.records import ImageRecord
 from histolens.errors import CheckpointError
-from histolens.ood import FeatureGuard, InputChecks, OODGuard
-from histolens.predictor import Predictor
+from histolens.inference.ood import FeatureGuard, InputChecks, OODGuard
+from histolens.inference.predictor import Predictor
+from histolens.models.transforms import Preprocess
 from histolens.testing import make_tissue_image, tiny_config
-from histolens.training import train
-from histolens.transforms import Preprocess
+from histolens.training.runner import train
 
 INPUT = (294, 448)  # (height, width), the default model input
 
@@ -107,7 +107,7 @@ def test_distance_is_the_ledoit_wolf_mahalanobis_distance_of_standardised_featur
 
 
 def test_limit_comes_from_held_out_patients_and_flags_far_images():
-    from histolens.probe import group_folds
+    from histolens.training.probe import group_folds
 
     x, groups = grouped_gaussian()
     folds = group_folds(np.zeros(len(x), int) + groups % 2, groups, 5, 0)
@@ -161,7 +161,7 @@ def guarded(synth_small, tmp_path_factory):
 @pytest.fixture(scope="module")
 def new_patients(tmp_path_factory):
     """Synthetic tiles of patients the model never saw (another seed)."""
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     out = tmp_path_factory.mktemp("new") / "data"
     generate_synthetic(out, n=12, seed=11, size=(176, 120), n_patients=4)
@@ -197,7 +197,7 @@ def test_cat_photo_and_white_tile_are_flagged_and_new_tiles_are_not(guarded, new
 
 
 def test_predict_csv_marks_unlike_images(guarded, new_patients, tmp_path):
-    from histolens.cli import main
+    from histolens.cli.commands import main
 
     folder = tmp_path / "inputs"
     folder.mkdir()
@@ -217,7 +217,7 @@ def test_predict_csv_marks_unlike_images(guarded, new_patients, tmp_path):
 
 
 def test_evaluation_counts_unlike_images_apart(guarded, new_patients, tmp_path):
-    from histolens.evaluation import evaluate_checkpoint
+    from histolens.evaluation.evaluate import evaluate_checkpoint
 
     white = tmp_path / "white.png"
     Image.new("RGB", (176, 120), "white").save(white)
@@ -241,8 +241,8 @@ def test_real_tiles_of_new_patients_pass_and_a_cat_does_not(real_data, tmp_path)
     """Lite0 (ImageNet weights) at 224 px trained on the 100X images of most patient groups;
     the 100X images (37) of four held-out groups are not flagged, a cat photo and a white tile are."""
     from histolens.config import recipe_config
-    from histolens.data import discover, filter_records
-    from histolens.splits import Split
+    from histolens.data.records import discover, filter_records
+    from histolens.data.splits import Split
 
     records = filter_records(discover(real_data / "manifest.csv").records, "all", "binary")
     records = [r for r in records if r.magnification == 100]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from histolens.estimate import estimate_lines
-from histolens.performance import (
+from histolens.evaluation.estimate import estimate_lines
+from histolens.evaluation.performance import (
     checkpoint_estimate,
     estimate_from_metrics,
     figure_lines,

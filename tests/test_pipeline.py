@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from histolens.pipeline import FeatureCache
+from histolens.models.feature_cache import FeatureCache
 
 
 def _cache(n: int, fingerprint: str = "fp") -> FeatureCache:
@@ -70,13 +70,13 @@ def image_files(tmp_path):
 
 
 def _preprocess():
-    from histolens.transforms import Preprocess
+    from histolens.models.transforms import Preprocess
 
     return Preprocess((32, 48), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def test_stream_gives_the_banks_images_and_lists_the_unreadable(image_files):
-    from histolens.pipeline import ImageBank, ImageStream
+    from histolens.models.pipeline import ImageBank, ImageStream
 
     stream, bank = ImageStream(_preprocess()), ImageBank(image_files, _preprocess(), False)
     broken = image_files[3]
@@ -94,7 +94,7 @@ def test_stream_gives_the_banks_images_and_lists_the_unreadable(image_files):
 
 
 def test_stream_holds_only_a_few_batches_at_once(image_files, monkeypatch):
-    import histolens.pipeline as pipeline
+    import histolens.models.pipeline as pipeline
 
     decoded = []
     real = pipeline._decode
@@ -109,11 +109,11 @@ def test_stream_holds_only_a_few_batches_at_once(image_files, monkeypatch):
 
 
 def test_features_streamed_equal_features_from_a_bank(image_files):
-    from histolens.backbones import get_backbone_spec
     from histolens.config import AugmentConfig
-    from histolens.model import build_model
-    from histolens.pipeline import ImageBank, ImageStream, InputPipeline
-    from histolens.transforms import Augmenter, resolve_preprocess
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
+    from histolens.models.pipeline import ImageBank, ImageStream, InputPipeline
+    from histolens.models.transforms import Augmenter, resolve_preprocess
 
     model = build_model(get_backbone_spec("test_resnet"), 2, "none").eval()
     pre = resolve_preprocess(model.backbone)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histolens import plots
+from histolens.evaluation import plots
 from histolens.testing import make_tissue_image
 
 DPI = 110  # plots._save

@@ -6,21 +6,21 @@ import re
 import pytest
 from PIL import Image
 
-from histolens.batch_predict import PredictionJob
-from histolens.evaluation import write_predictions_csv
-from histolens.evaluation_metrics import EvalResult, PredictionRow
+from histolens.data.imagefiles import images_under
+from histolens.evaluation.evaluate import write_predictions_csv
+from histolens.evaluation.metrics import EvalResult, PredictionRow
 from histolens.gui.display import ResultRow
 from histolens.gui.export import export_results
-from histolens.imagefiles import images_under
-from histolens.ood import OODGuard
-from histolens.predictions_csv import (
+from histolens.inference.batch import PredictionJob
+from histolens.inference.ood import OODGuard
+from histolens.inference.predictions_csv import (
     core_columns,
     format_flag,
     format_probability,
     parse_flag,
     prediction_columns,
 )
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
 from histolens.testing import flat_calibration, make_checkpoint, make_tissue_image
 
 CLASSES = ("benign", "malignant")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from histolens.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_checkpoint
+from histolens.checkpoint.io import BEST_CHECKPOINT, load_checkpoint, save_checkpoint
 from histolens.errors import CheckpointError
-from histolens.predictor import Predictor, probabilities_from_logits
+from histolens.inference.predictor import Predictor, probabilities_from_logits
 from histolens.testing import make_checkpoint, make_tissue_image
 
 THRESHOLD, TEMPERATURE = 0.3, 2.0
@@ -80,7 +80,7 @@ def test_predict_paths_predicts_good_files_and_skips_bad_ones(predictor, tmp_pat
         assert p.probability == p.scores[p.label]
         assert p.label == ("malignant" if p.positive_probability >= THRESHOLD else "benign")
     # Batched file prediction and in-memory prediction of the same images agree.
-    from histolens.imageio import load_rgb
+    from histolens.data.imageio import load_rgb
 
     in_memory = predictor.predict_images([load_rgb(g) for g in good])
     for a, b in zip(predictions, in_memory, strict=True):

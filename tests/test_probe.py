@@ -18,17 +18,17 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from histolens.checkpoint import HeadSpec, read_metadata
-from histolens.data import SUBTYPE_CLASSES
+from histolens.checkpoint.io import HeadSpec, read_metadata
+from histolens.data.imageio import load_rgb
+from histolens.data.records import SUBTYPE_CLASSES
 from histolens.errors import ConfigError, DataError
-from histolens.estimate import headline_text
-from histolens.imageio import load_rgb
-from histolens.model import HistoClassifier
-from histolens.pipeline import FeatureCache
-from histolens.predictor import Predictor
-from histolens.probe import fit_linear_probe, group_folds, grouped_scores
+from histolens.evaluation.estimate import headline_text
+from histolens.inference.predictor import Predictor
+from histolens.models.classifier import HistoClassifier
+from histolens.models.feature_cache import FeatureCache
 from histolens.testing import tiny_config
-from histolens.training import FEATURE_CACHE, train
+from histolens.training.probe import fit_linear_probe, group_folds, grouped_scores
+from histolens.training.runner import FEATURE_CACHE, train
 
 CS = (0.01, 0.1, 1.0)
 
@@ -283,7 +283,7 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
     x = torch.stack([cache.clean[p] for p in paths]).double().numpy()
     y = np.array([int(r["label"] == "malignant") for r in rows])
     g = np.array([r["patient"] for r in rows])
-    from histolens.probe_run import _calibrate
+    from histolens.training.probe_run import _calibrate
 
     decision = np.full(len(y), np.nan)
     for k, (tr, te) in enumerate(group_folds(y, g, 3, cfg.data.seed)):
@@ -380,7 +380,7 @@ def test_held_out_split_and_a_shared_feature_store(synth_small, tmp_path, monkey
 
 @pytest.mark.slow
 def test_subtype_task_trains_a_probe_over_all_subtypes(tmp_path):
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     data = tmp_path / "data"
     generate_synthetic(data, n=48, seed=5, size=(176, 120), n_patients=16)

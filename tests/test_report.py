@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
-from histolens.checkpoint import update_metadata
-from histolens.report import write_report
+from click.testing import CliRunner
+
+from histolens.checkpoint.io import update_metadata
+from histolens.cli.commands import main
+from histolens.report.build import write_report
 from histolens.testing import make_checkpoint
 
 
@@ -83,3 +86,24 @@ def test_report_of_an_older_checkpoint_alone_says_how_few_patients(tmp_path):
     ) in html
     assert "<td>patient AUC</td><td class=num>1.000</td><td class=num>not stored</td>" in html
     assert "Measured on only 7 test patients: the figures may not hold for new patients." in html
+
+
+def test_report_of_a_folder_without_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / "evaluation").mkdir()
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"{tmp_path} is not a run directory (no best.safetensors)." in result.output
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_ctrl_c_during_report_exits_130_without_a_training_hint(tmp_path, monkeypatch):
+    import histolens.report.build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    make_checkpoint(tmp_path / "best.safetensors")
+    monkeypatch.setattr(histolens.report.build, "write_report", interrupted)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted; report stopped before it finished."

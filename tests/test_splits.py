@@ -2,15 +2,15 @@ import warnings
 
 import pytest
 
-from histolens.data import ImageRecord
-from histolens.errors import ConfigError, DataError, LeakageError
-from histolens.splits import (
+from histolens.data.records import ImageRecord
+from histolens.data.splits import (
     assert_patient_disjoint,
     balanced_class_weights,
     group_kfold,
     load_split_csv,
     split_by_patient,
 )
+from histolens.errors import ConfigError, DataError, LeakageError
 
 
 def _records(n_benign_groups=6, n_malignant_groups=10, per_group=(3, 12)):

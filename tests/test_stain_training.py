@@ -2,12 +2,12 @@
 
 import torch
 
-from histolens.checkpoint import read_metadata
-from histolens.imageio import load_rgb
-from histolens.predictor import Predictor
-from histolens.stain import StainNormalizer
+from histolens.checkpoint.io import read_metadata
+from histolens.data.imageio import load_rgb
+from histolens.inference.predictor import Predictor
+from histolens.stain.normalize import StainNormalizer
 from histolens.testing import tiny_config
-from histolens.training import train
+from histolens.training.runner import train
 
 
 def test_reference_saved_in_checkpoint_is_applied_by_predictor(synth_small, tmp_path):

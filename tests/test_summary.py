@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from histolens.summary import render_summary
+from histolens.data.summary import render_summary
 from histolens.testing import make_tissue_image
 
 

@@ -11,20 +11,20 @@ import pytest
 from PIL import Image
 from skimage.color import rgb2hed
 
-from histolens.data import (
+from histolens.data.records import (
     BENIGN_SUBTYPES,
     MALIGNANT_SUBTYPES,
     discover,
     parse_breakhis_name,
     patient_group,
 )
-from histolens.errors import ConfigError
-from histolens.synth import (
+from histolens.data.synth import (
     SynthSummary,
     generate_synthetic,
     mask_path_for,
     write_contact_sheet,
 )
+from histolens.errors import ConfigError
 
 N = 24
 SIZE = (176, 120)

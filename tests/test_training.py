@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from histolens.checkpoint import HeadSpec, read_metadata
+from histolens.checkpoint.io import HeadSpec, read_metadata
 from histolens.config import RunConfig
 from histolens.errors import CheckpointError, ConfigError
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
 from histolens.testing import tiny_config
-from histolens.training import train
+from histolens.training.runner import train
 
 
 def _cfg(data, **over):
@@ -68,7 +68,7 @@ def test_checkpoint_reloads_with_identical_predictions(trained_run):
 
 
 def test_class_weights_are_balanced_and_applied(trained_run, synth_small):
-    from histolens.training import ClassifierModule
+    from histolens.training.runner import ClassifierModule
 
     run, _ = trained_run
     meta = read_metadata(run)
@@ -102,12 +102,13 @@ def test_resume_continues_from_saved_epoch(synth_small, tmp_path):
 
 def test_cached_views_are_the_views_live_training_sees(synth_small):
     """The feature cache holds exactly what an uncached epoch would feed the head."""
-    from histolens.backbones import get_backbone_spec
     from histolens.config import AugmentConfig
-    from histolens.data import discover
-    from histolens.model import build_model
-    from histolens.pipeline import FeatureCache, ImageBank, InputPipeline
-    from histolens.transforms import Augmenter, resolve_preprocess
+    from histolens.data.records import discover
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
+    from histolens.models.feature_cache import FeatureCache
+    from histolens.models.pipeline import ImageBank, InputPipeline
+    from histolens.models.transforms import Augmenter, resolve_preprocess
 
     model = build_model(get_backbone_spec("test_resnet"), 2, "none").eval()
     pre = resolve_preprocess(model.backbone)
@@ -140,9 +141,9 @@ def test_uncached_training_runs(synth_small, tmp_path):
 def test_unfreeze_trains_only_the_last_stages(synth_small, tmp_path):
     import lightning as L
 
-    from histolens.backbones import get_backbone_spec
-    from histolens.checkpoint import load_checkpoint
-    from histolens.model import build_model
+    from histolens.checkpoint.io import load_checkpoint
+    from histolens.models.backbones import get_backbone_spec
+    from histolens.models.classifier import build_model
 
     cfg = _cfg(synth_small, **{"model.unfreeze": 1, "train.epochs": 1})
     train(cfg, tmp_path / "f", progress=False, evaluate=False)

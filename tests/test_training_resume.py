@@ -11,12 +11,12 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from histolens.cli import main
+from histolens.cli.commands import main
 from histolens.config import RunConfig
 from histolens.errors import ConfigError
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
 from histolens.testing import make_checkpoint, tiny_config
-from histolens.training import EPOCH_LOG, LAST_CHECKPOINT, train
+from histolens.training.runner import EPOCH_LOG, LAST_CHECKPOINT, train
 
 TINY_FLAGS = [
     "--backbone", "test_resnet", "--pretrained", "none", "--head", "mlp", "--cv-folds", "0",
@@ -35,12 +35,12 @@ def _logged_epochs(run) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(tmp_path):
-    from histolens.synth import generate_synthetic
+    from histolens.data.synth import generate_synthetic
 
     data, run, epochs = tmp_path / "data", tmp_path / "run", 12
     # Enough images that an epoch takes a noticeable fraction of a second on a CPU.
     generate_synthetic(data, n=48, seed=5, size=(176, 120), n_patients=12)
-    cmd = [sys.executable, "-m", "histolens.cli", "train"]
+    cmd = [sys.executable, "-m", "histolens.cli.commands", "train"]
     with open(tmp_path / "first.log", "w") as out:
         proc = subprocess.Popen(
             [*cmd, "--data", str(data), "--out", str(run), "--epochs", str(epochs), *TINY_FLAGS],

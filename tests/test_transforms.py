@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from histolens.config import AugmentConfig
-from histolens.transforms import Augmenter, view_generator
+from histolens.models.transforms import Augmenter, view_generator
 
 
 def _only(**changes) -> Augmenter:

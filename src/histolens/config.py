@@ -167,10 +167,10 @@ class TrainConfig:
     # augmented views (``augment``: geometric and/or stain jitter); 0 = the clean view only.
     # Predictions always use the clean view. Measured in the README; not the default.
     probe_views: int = 0
-    # Error level of the conformal prediction sets (histolens.conformal): a new patient's image
+    # Error level of the conformal prediction sets (histolens.stats.conformal): a new patient's image
     # has its true class in its set with probability at least 1 - alpha; changeable at predict.
     alpha: float = 0.1
-    # The MLP head's training loss (histolens.mixing); validation loss stays on the hard labels.
+    # The MLP head's training loss (histolens.training.mixing); validation loss stays on the hard labels.
     label_smoothing: float = 0.0  # targets move this share of the way towards uniform
     mixup: float = 0.0  # Beta(a, a) concentration of MixUp's share (cached features or images)
     cutmix: float = 0.0  # the same for CutMix: images only (--unfreeze N or --no-feature-cache)

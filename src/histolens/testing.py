@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from histolens.backbones import get_backbone_spec
-from histolens.checkpoint import CheckpointMetadata, HeadSpec, TrainingData, save_checkpoint
-from histolens.conformal import ConformalCalibration
-from histolens.data import BINARY_CLASSES
-from histolens.model import build_model
-from histolens.ood import OODGuard
-from histolens.transforms import resolve_preprocess
+from histolens.checkpoint.io import CheckpointMetadata, HeadSpec, TrainingData, save_checkpoint
+from histolens.data.records import BINARY_CLASSES
+from histolens.inference.ood import OODGuard
+from histolens.models.backbones import get_backbone_spec
+from histolens.models.classifier import build_model
+from histolens.models.transforms import resolve_preprocess
+from histolens.stats.conformal import ConformalCalibration
 
 __all__ = [
     "flat_calibration",

@@ -39,10 +39,10 @@ def breakhis_like(tmp_path_factory, estimate) -> tuple[Path, Path]:
     temperature that widens the logits, so both classes and some review flags appear."""
     import torch
 
-    from histolens.checkpoint import save_checkpoint
+    from histolens.checkpoint.io import save_checkpoint
+    from histolens.data.synth import generate_synthetic
     from histolens.gui.presenter import find_images
-    from histolens.predictor import Predictor
-    from histolens.synth import generate_synthetic
+    from histolens.inference.predictor import Predictor
     from histolens.testing import make_checkpoint
 
     root = tmp_path_factory.mktemp("gui")
@@ -174,7 +174,7 @@ def test_window_shows_refer_and_unlike_badges_with_their_reasons(
     import tkinter as tk
 
     from histolens.gui.app import ViewerApp
-    from histolens.ood import OODGuard
+    from histolens.inference.ood import OODGuard
     from histolens.testing import flat_calibration, make_checkpoint
 
     ckpt = make_checkpoint(

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from gui_helpers import pump
 
-from histolens.gui.cli import gui_command
+from histolens.cli.gui import gui_command
 
 
 def test_help_is_instant_and_says_research_use_only():
@@ -19,7 +19,7 @@ def test_help_is_instant_and_says_research_use_only():
     assert "[IMAGE_OR_FOLDER]..." in result.output
     # --help must not pull in Tk, torch or the presenter.
     code = (
-        "import sys; from click.testing import CliRunner; from histolens.gui.cli import "
+        "import sys; from click.testing import CliRunner; from histolens.cli.gui import "
         "gui_command; CliRunner().invoke(gui_command, ['--help']); "
         "print(sorted(m for m in ('torch', 'tkinter', 'histolens.gui.app') if m in sys.modules))"
     )

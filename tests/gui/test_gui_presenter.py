@@ -18,7 +18,7 @@ from histolens.gui.presenter import (
     find_images,
     method_label,
 )
-from histolens.predictor import Predictor
+from histolens.inference.predictor import Predictor
 from histolens.testing import make_checkpoint
 
 
@@ -136,7 +136,7 @@ def test_checkpoint_shows_backbone_task_data_and_metrics(loaded, checkpoint):
 
 
 def test_checkpoint_with_an_estimate_shows_its_cis_support_and_warnings(tmp_path, estimate):
-    from histolens.checkpoint import update_metadata
+    from histolens.checkpoint.io import update_metadata
 
     path = make_checkpoint(tmp_path / "m.safetensors", metrics={"split": "out-of-fold"})
     update_metadata(path, estimate=estimate)
@@ -187,7 +187,9 @@ def test_open_image_shows_image_prediction_and_heatmap(loaded, image_path):
     assert overlay.size == (140, 96)
     assert caption == "Grad-CAM · opacity 45%"
     assert set(presenter.current_timings) == {"prediction_s", "heatmap_s"}
-    assert "REVIEW" in view.last("show_status")[0] or summary.label in view.last("show_status")[0]
+    status = view.last("show_status")[0]
+    assert status.startswith(f"{image_path.name}: {summary.label} ({summary.probability_text})")
+    assert ("REVIEW NEEDED" in status) is summary.uncertain
 
 
 def test_prediction_near_threshold_is_flagged_for_review(tmp_path, image_path):
@@ -417,7 +419,7 @@ def test_export_writes_csv_and_overlay_pngs(loaded, image_folder, tmp_path):
     assert RESEARCH_NOTICE in lines[0]
     rows = list(csv.DictReader(lines[1:]))
     assert len(rows) == 6
-    # The columns of ``histolens predict`` (histolens.predictions_csv), then the export's own.
+    # The columns of ``histolens predict`` (histolens.inference.predictions_csv), then the export's own.
     assert list(rows[0]) == [
         "path",
         "prediction",
@@ -530,7 +532,7 @@ def test_find_images_and_method_labels(image_folder, tmp_path):
         "tile_2.png",
         "tile_3.png",
     ]
-    from histolens.imagefiles import images_under
+    from histolens.data.imagefiles import images_under
 
     assert find_images(image_folder) == [str(p) for p in images_under(image_folder)]
     (tmp_path / "empty").mkdir()
@@ -560,11 +562,11 @@ def test_real_explainer(checkpoint, image_path):
 
 
 def test_model_info_names_the_backbones_licence(tmp_path):
-    from histolens.gui.model_info import ModelInfo
+    from histolens.gui.model_info import ModelSummary
     from histolens.testing import make_checkpoint
 
     path = make_checkpoint(tmp_path / "uni.safetensors", licence="CC-BY-NC-ND-4.0")
-    info = ModelInfo.from_predictor(Predictor.from_checkpoint(path))
+    info = ModelSummary.from_predictor(Predictor.from_checkpoint(path))
     assert dict(info.rows())["Licence"] == "CC-BY-NC-ND-4.0"
 
 
@@ -572,7 +574,7 @@ def test_model_info_names_the_backbones_licence(tmp_path):
 def _guarded_checkpoint(path: Path, score: float) -> Path:
     """A checkpoint with the image checks of the guard and a calibration that refers every
     image (``score`` 0.99) or none (0.01); see histolens.testing.flat_calibration."""
-    from histolens.ood import OODGuard
+    from histolens.inference.ood import OODGuard
     from histolens.testing import flat_calibration
 
     return make_checkpoint(path, conformal=flat_calibration(score), guard=OODGuard())
@@ -621,7 +623,7 @@ def test_an_image_unlike_the_training_images_says_so_with_the_reason(
     )
     assert status.endswith("  ·  NOT LIKE THE TRAINING IMAGES")
     # A guard without a calibration (an older training) still flags it; no set is shown.
-    from histolens.ood import OODGuard
+    from histolens.inference.ood import OODGuard
 
     summary, _ = _open(make_checkpoint(tmp_path / "g.st", guard=OODGuard()), white_path)
     assert summary.ood and summary.review_text.startswith("NOT LIKE THE TRAINING IMAGES\n")

@@ -145,7 +145,7 @@ def test_upload_shows_prediction_and_heatmap_and_slider_only_redraws(
 def test_model_panel_shows_the_estimate_with_cis_support_and_warnings(
     sync_playwright, tmp_path, estimate
 ):
-    from histolens.checkpoint import update_metadata
+    from histolens.checkpoint.io import update_metadata
     from histolens.testing import make_checkpoint
 
     path = make_checkpoint(tmp_path / "m.safetensors", metrics={"split": "out-of-fold"})
@@ -200,7 +200,7 @@ def test_referred_and_unlike_images_show_the_flag_and_its_reason(sync_playwright
     tile is 'not like the training images', with the reason."""
     from PIL import Image
 
-    from histolens.ood import OODGuard
+    from histolens.inference.ood import OODGuard
     from histolens.testing import flat_calibration, make_checkpoint
 
     ckpt = make_checkpoint(

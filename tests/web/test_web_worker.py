@@ -109,10 +109,16 @@ def test_queue_full_is_refused_at_once():
 
 
 def test_model_errors_reach_every_request_of_the_batch():
-    service = InferenceWorker(FakePredictor(fail=True), max_batch=4).start()
-    future = service.submit_predict([1, 2])
-    with pytest.raises(RuntimeError, match="model exploded"):
-        future.result(5)
+    predictor = FakePredictor(hold_first=True, fail=True)
+    service = InferenceWorker(predictor, max_batch=8, batch_wait_ms=0).start()
+    first = service.submit_predict([1])
+    assert predictor.entered.wait(5)
+    batched = [service.submit_predict([2, 3]), service.submit_predict([4])]
+    predictor.gate.set()
+    for future in [first, *batched]:
+        with pytest.raises(RuntimeError, match="model exploded"):
+            future.result(5)
+    assert predictor.calls == [[1], [2, 3, 4]]  # the last two jobs failed in one batch
     service.close()
 
 
@@ -122,15 +128,31 @@ def test_close_fails_waiting_jobs_and_refuses_new_ones():
     running = service.submit_predict([1])
     assert predictor.entered.wait(5)
     waiting = service.submit_predict([2])
+    service.close(timeout=0.2)  # the worker is still held: close gives up waiting for it
+    with pytest.raises(ServiceClosedError, match="shutting down"):
+        waiting.result(0)
+    with pytest.raises(ServiceClosedError):
+        service.submit_predict([3])
+    predictor.gate.set()
+    assert running.result(5) == [2]  # the job it held finishes
+    service._thread.join(5)
+    assert not service._thread.is_alive()  # and then the worker stops
+    assert predictor.calls == [[1]]  # the failed job never ran
+
+
+def test_close_finishes_the_jobs_queued_before_it():
+    predictor = FakePredictor(hold_first=True)
+    service = InferenceWorker(predictor, max_queue=4, max_batch=1).start()
+    running = service.submit_predict([1])
+    assert predictor.entered.wait(5)
+    waiting = service.submit_predict([2])
     closer = threading.Thread(target=service.close)
     closer.start()
     predictor.gate.set()
     closer.join(10)
-    assert running.result(5) == [2]
-    # The stop signal was queued after it, so the waiting job still ran; none is left hanging.
-    assert waiting.done()
-    with pytest.raises(ServiceClosedError):
-        service.submit_predict([3])
+    # The stop signal was queued after it, so the waiting job ran; none is left hanging.
+    assert running.result(0) == [2] and waiting.result(0) == [4]
+    assert predictor.calls == [[1], [2]]
 
 
 def test_explanations_run_on_the_worker_and_the_explainer_is_closed():

@@ -4,7 +4,8 @@
 registered target layer, LIME / Kernel SHAP over SLIC superpixels and Integrated Gradients
 through Captum. Each method is one entry of ``EXPLANATION_METHODS`` (``get_method(name)``),
 which every front end reads. The Explainer returns arrays only; ``histolens explain``
-(``explain.cli``) writes files.
+(``histolens.cli.explain``) writes files. May import: everything below it (base .. export);
+``histolens.report`` reads what explain writes, by file.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -15,17 +16,18 @@ from histolens.explain._methods import *  # noqa: F403  (re-exported: see ``__al
 
 if TYPE_CHECKING:
     from histolens.explain._explainer import Explainer, Explanation
-    from histolens.explain._render import overlay_heatmap
+    from histolens.explain._render import overlay_heatmap, render_panel
 
 _LAZY = {
     "Explainer": "_explainer",
     "Explanation": "_explainer",
     "overlay_heatmap": "_render",
+    "render_panel": "_render",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy (PEP 562): importing histolens.explain.cli for `histolens --help` must not load torch.
+    # Lazy (PEP 562): importing histolens.cli.explain for `histolens --help` must not load torch.
     if name in _LAZY:
         import importlib
 
@@ -33,4 +35,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'histolens.explain' has no attribute '{name}'")
 
 
-__all__ = [*_methods.__all__, "Explainer", "Explanation", "overlay_heatmap"]
+__all__ = [*_methods.__all__, "Explainer", "Explanation", "overlay_heatmap", "render_panel"]

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from histolens.backbones import resolve_module
 from histolens.errors import ConfigError, check_choice
 from histolens.explain._methods import ExplanationMethod, get_method
 from histolens.explain._render import heatmap_to_size, overlay_heatmap
 from histolens.explain._targets import ClassLogit, class_logits
-from histolens.predictor import Prediction, Predictor, probabilities_from_logits
+from histolens.inference.predictor import Prediction, Predictor, probabilities_from_logits
+from histolens.models.backbones import resolve_module
 
 __all__ = ["Explainer", "Explanation"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from histolens.predictor import probabilities_from_logits
+from histolens.inference.predictor import probabilities_from_logits
 
 __all__ = ["ClassLogit", "ClassProbability", "class_logits"]
 

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from histolens.data.imageio import load_rgb
 from histolens.explain._explainer import Explainer
 from histolens.explain._methods import get_method
 from histolens.explain._render import heatmap_to_size
 from histolens.explain._targets import ClassProbability
-from histolens.imageio import load_rgb
 
 __all__ = [
     "COLUMNS",
@@ -282,7 +282,7 @@ def evaluate_faithfulness(
     pointing game and IoU, whatever the prediction was.
     """
     try:
-        from histolens.synth import mask_path_for
+        from histolens.data.synth import mask_path_for
     except ImportError:  # synthetic data support not installed: no masks
 
         def mask_path_for(_path):

@@ -4,5 +4,6 @@
 results list) and ``export``, with model work run by ``jobs``; ``display`` and ``model_info``
 hold what the view shows. The Tk side is ``app`` (the window's wiring) over ``panels``,
 ``widgets`` and ``style``. Nothing is imported here so that ``histolens --help`` and the
-presenter's tests stay light.
+presenter's tests stay light. May import: everything below the front ends (base ..
+explain); not ``histolens.web`` or ``histolens.cli``.
 """

@@ -16,6 +16,7 @@ from tkinter import filedialog, ttk
 
 from PIL import Image
 
+from histolens.data.imageio import IMAGE_SUFFIXES
 from histolens.gui.display import (
     DEFAULT_OPACITY,
     RESEARCH_NOTICE,
@@ -23,12 +24,11 @@ from histolens.gui.display import (
     ResultRow,
     method_label,
 )
-from histolens.gui.model_info import ModelInfo
+from histolens.gui.model_info import ModelSummary
 from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
 from histolens.gui.presenter import Presenter
 from histolens.gui.style import apply_style
 from histolens.gui.widgets import ImagesArea
-from histolens.imageio import IMAGE_SUFFIXES
 
 __all__ = ["ViewerApp", "run_app"]
 
@@ -313,7 +313,7 @@ class ViewerApp:
         self.root.destroy()
 
     # --- View protocol: presenter -> widgets ----------------------------------------------------
-    def show_model(self, info: ModelInfo | None) -> None:
+    def show_model(self, info: ModelSummary | None) -> None:
         self.model_panel.show(info)
         self.prediction_panel.set_classes(info.class_names if info else ())
 

@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from histolens.data.imagefiles import images_under
 from histolens.errors import DataError
 from histolens.gui.display import SORT_COLUMNS, ResultRow, View, sort_key
 from histolens.gui.jobs import BackgroundJobs, report_error
-from histolens.imagefiles import images_under
 
 if TYPE_CHECKING:
-    from histolens.data import Skipped
-    from histolens.predictor import Prediction, Predictor
+    from histolens.data.records import Skipped
+    from histolens.inference.predictor import Prediction, Predictor
 
 __all__ = ["BATCH_CHUNK", "BatchRunner", "find_images", "images_in"]
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
-    from histolens.gui.model_info import ModelInfo
-    from histolens.predictor import Prediction
+    from histolens.gui.model_info import ModelSummary
+    from histolens.inference.predictor import Prediction
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -37,7 +37,7 @@ SORT_COLUMNS = ("file", "class", "probability", "review")
 
 def method_label(method: str) -> str:
     """The name a pathologist reads ('Grad-CAM') for a method key ('gradcam')."""
-    from histolens.explain._methods import EXPLANATION_METHODS
+    from histolens.explain import EXPLANATION_METHODS
 
     entry = EXPLANATION_METHODS.get(method)
     return entry.display_name if entry is not None else method
@@ -143,7 +143,9 @@ def _sentence(text: str | None) -> str:
 
 
 def _ood_message() -> str:
-    from histolens.ood import OOD_MESSAGE  # imported when a prediction exists (torch is loaded)
+    from histolens.inference.ood import (
+        OOD_MESSAGE,  # imported when a prediction exists (torch is loaded)
+    )
 
     return OOD_MESSAGE
 
@@ -213,7 +215,7 @@ def sort_key(column: str) -> Callable[[ResultRow], Any]:
 class View(Protocol):
     """What the presenter asks of a window. Called on the UI thread only."""
 
-    def show_model(self, info: ModelInfo | None) -> None: ...
+    def show_model(self, info: ModelSummary | None) -> None: ...
 
     def show_methods(self, methods: Sequence[str], current: str) -> None: ...
 

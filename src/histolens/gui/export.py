@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_path, atomic_write_text
+from histolens.data.imageio import load_rgb
 from histolens.errors import ImageLoadError
 from histolens.gui.display import RESEARCH_NOTICE, ResultRow
-from histolens.imageio import load_rgb
-from histolens.predictions_csv import format_probability, prediction_columns
+from histolens.inference.predictions_csv import format_probability, prediction_columns
 
 if TYPE_CHECKING:
     from histolens.explain import Explainer
@@ -47,7 +47,7 @@ def _overlay_name(row: ResultRow, method: str, used: set[str]) -> str:
 
 
 def _fields(class_names: Sequence[str]) -> list[str]:
-    """The columns of a model's predictions (histolens.predictions_csv), then the export's own."""
+    """The columns of a model's predictions (histolens.inference.predictions_csv), then the export's own."""
     return [*prediction_columns(class_names), "file", "overlay", "error"]
 
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histolens.data import magnification_from_path
+from histolens.data.imageio import load_rgb
+from histolens.data.records import magnification_from_path
 from histolens.errors import did_you_mean
-from histolens.explain._methods import EXPLANATION_METHODS
+from histolens.explain import EXPLANATION_METHODS
 from histolens.gui.display import (
     DEFAULT_METHOD,
     DEFAULT_OPACITY,
@@ -23,7 +24,6 @@ from histolens.gui.display import (
     method_label,
 )
 from histolens.gui.jobs import BackgroundJobs, report_error
-from histolens.imageio import load_rgb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from histolens.explain import Explanation
-    from histolens.gui.model_info import LoadedModel
-    from histolens.predictor import Prediction
+    from histolens.gui.model_info import ViewerModel
+    from histolens.inference.predictor import Prediction
 
 __all__ = ["SINGLE_PASS_METHODS", "ImageInspector"]
 
@@ -65,7 +65,7 @@ class ImageInspector:
         model: the loaded model, shared with the presenter (which replaces its contents).
     """
 
-    def __init__(self, view: View, jobs: BackgroundJobs, model: LoadedModel) -> None:
+    def __init__(self, view: View, jobs: BackgroundJobs, model: ViewerModel) -> None:
         self._view = view
         self._jobs = jobs
         self._model = model

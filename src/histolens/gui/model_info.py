@@ -9,18 +9,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from histolens.checkpoint import TrainingData
+    from histolens.checkpoint.io import TrainingData
     from histolens.explain import Explainer
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
-__all__ = ["LoadedModel", "ModelInfo"]
+__all__ = ["ViewerModel", "ModelSummary"]
 
 _WARNING = "warning: "
 _RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime (ONNX export)", "openvino": "OpenVINO (ONNX export)"}
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelSummary:
     """What the window says about the loaded checkpoint."""
 
     source: str
@@ -39,11 +39,15 @@ class ModelInfo:
     runtime: str = "torch"
 
     @classmethod
-    def from_predictor(cls, predictor: Predictor) -> ModelInfo:
-        from histolens.performance import is_from_metrics, performance_lines
+    def from_predictor(cls, predictor: Predictor) -> ModelSummary:
+        from histolens.evaluation.performance import (
+            headline_estimate,
+            is_from_metrics,
+            performance_lines,
+        )
 
         meta = predictor.metadata
-        estimate = meta.headline_estimate if meta is not None else None
+        estimate = headline_estimate(meta)
         return cls(
             source=str(getattr(predictor, "source", "")),
             model_id=predictor.model_id,
@@ -123,7 +127,7 @@ def _describe_data(data: TrainingData, magnification: str) -> str:
 
 
 @dataclass
-class LoadedModel:
+class ViewerModel:
     """The model the viewer works with, shared by the presenter's parts.
 
     ``predictor`` and ``explainer`` are replaced together when a checkpoint finishes loading;
@@ -132,7 +136,7 @@ class LoadedModel:
 
     predictor: Predictor | None = None
     explainer: Explainer | None = None
-    info: ModelInfo | None = None
+    info: ModelSummary | None = None
     loading: int = 0
 
     @property

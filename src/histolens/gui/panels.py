@@ -12,7 +12,7 @@ from tkinter import ttk
 
 from histolens.gui import style
 from histolens.gui.display import SORT_COLUMNS, PredictionSummary, ResultRow
-from histolens.gui.model_info import ModelInfo
+from histolens.gui.model_info import ModelSummary
 
 __all__ = ["ModelPanel", "PredictionPanel", "ResultsPanel"]
 
@@ -220,7 +220,7 @@ class ModelPanel(ttk.Frame):
         self.body.columnconfigure(1, weight=1)
         self.performance_text: tk.Text | None = None  # the model's figures and warnings
 
-    def show(self, info: ModelInfo | None) -> None:
+    def show(self, info: ModelSummary | None) -> None:
         body = self.body
         for row in range(body.grid_size()[1]):
             body.rowconfigure(row, weight=0)
@@ -254,7 +254,7 @@ class ModelPanel(ttk.Frame):
         self.performance_text = _performance_text(area, info)
 
 
-def _performance_text(area: ttk.Frame, info: ModelInfo) -> tk.Text:
+def _performance_text(area: ttk.Frame, info: ModelSummary) -> tk.Text:
     """A read-only, scrollable text with the model's figures, what they were measured on and
     their warnings."""
     text = tk.Text(

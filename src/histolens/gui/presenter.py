@@ -36,11 +36,11 @@ from histolens.gui.display import (
 from histolens.gui.export import ExportSummary, export_results
 from histolens.gui.inspector import SINGLE_PASS_METHODS, ImageInspector
 from histolens.gui.jobs import BackgroundJobs, ImmediateExecutor, report_error
-from histolens.gui.model_info import LoadedModel, ModelInfo
+from histolens.gui.model_info import ModelSummary, ViewerModel
 
 if TYPE_CHECKING:
     from histolens.explain import Explainer
-    from histolens.predictor import Prediction, Predictor
+    from histolens.inference.predictor import Prediction, Predictor
 
 __all__ = [
     "BATCH_CHUNK",
@@ -51,7 +51,7 @@ __all__ = [
     "SORT_COLUMNS",
     "ExportSummary",
     "ImmediateExecutor",
-    "ModelInfo",
+    "ModelSummary",
     "PredictionSummary",
     "Presenter",
     "ResultRow",
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 
 def _load_predictor(path: str) -> Predictor:
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
     return Predictor.from_checkpoint(path)
 
@@ -119,7 +119,7 @@ class Presenter:
         self._make_explainer = make_explainer
         self._methods_source = methods
         self._jobs = BackgroundJobs(view, executor)
-        self._model = LoadedModel()
+        self._model = ViewerModel()
         self._inspector = ImageInspector(view, self._jobs, self._model)
         self._batch = BatchRunner(view, self._jobs, batch_chunk)
         self._batch_after_load: tuple[Callable[[], list[str]], Path | None] | None = None
@@ -140,7 +140,7 @@ class Presenter:
         return self._model.explainer
 
     @property
-    def model_info(self) -> ModelInfo | None:
+    def model_info(self) -> ModelSummary | None:
         return self._model.info
 
     @property
@@ -227,7 +227,7 @@ class Presenter:
             # Queued behind any running explanation, so its hooks are never pulled mid-use.
             self._jobs.submit(old.close, lambda _: None, lambda exc: log.warning("close: %s", exc))
         predictor = model.predictor
-        model.info = ModelInfo.from_predictor(predictor)
+        model.info = ModelSummary.from_predictor(predictor)
         source = self._methods_source
         self._inspector.use_methods(source() if callable(source) else source)
         self._view.show_model(model.info)

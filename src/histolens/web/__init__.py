@@ -1,6 +1,8 @@
 """The histolens web service: a FastAPI app (``create_app``) and its browser page.
 
 Importing this package is cheap; FastAPI and torch load only when ``create_app`` is first used.
+May import: everything below the front ends (base .. explain); not ``histolens.gui`` or
+``histolens.cli``.
 """
 
 from __future__ import annotations

@@ -10,62 +10,48 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from histolens.imageio import MAX_PIXELS
+from histolens.errors import ConfigError
 from histolens.web.errors import install_error_handlers
 from histolens.web.guard import RequestGuard
 from histolens.web.model_info import NOTICE
 from histolens.web.routes import STATIC_DIR, api, site
 from histolens.web.service import ModelService
-from histolens.web.settings import DEFAULT_MAX_UPLOAD_BYTES, ServiceSettings
+from histolens.web.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from histolens.predictor import Predictor
+    from histolens.inference.predictor import Predictor
 
-__all__ = ["NOTICE", "create_app"]
+__all__ = ["NOTICE", "ServiceSettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
     checkpoint: str | os.PathLike | Predictor,
-    token: str | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_queue: int = 64,
-    max_batch: int = 16,
-    batch_wait_ms: float = 2.0,
-    max_batch_files: int = 16,
-    max_batch_bytes: int | None = None,
-    max_pixels: int = MAX_PIXELS,
-    device: str = "cpu",
-    onnx_runtime: str | None = None,
+    settings: ServiceSettings | None = None,
+    **fields: Any,
 ) -> FastAPI:
     """Build the service. The model loads once, when the app starts (its lifespan).
 
     Args:
         checkpoint: a checkpoint file or run directory (or an already loaded Predictor).
-        token, max_upload_bytes, max_queue, max_batch, batch_wait_ms, max_batch_files,
-            max_batch_bytes, max_pixels, device, onnx_runtime: the fields of
-            :class:`ServiceSettings`, which says what each one limits and checks them.
+        settings: how the service runs (:class:`ServiceSettings`: its limits, device and
+            runtime); default ``ServiceSettings()``.
+        fields: instead of ``settings``, its fields as keywords (``max_batch=4``).
     """
-    settings = ServiceSettings(
-        token=token,
-        max_upload_bytes=max_upload_bytes,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms,
-        max_batch_files=max_batch_files,
-        max_batch_bytes=max_batch_bytes,
-        max_pixels=max_pixels,
-        device=device,
-        onnx_runtime=onnx_runtime,
-    )
+    if settings is None:
+        settings = ServiceSettings(**fields)
+    elif fields:
+        raise ConfigError(
+            f"Give create_app its settings or their fields ({', '.join(sorted(fields))}), not both."
+        )
     app = FastAPI(
         title="histolens",
         summary="Breast-histopathology classification with calibrated probabilities and "

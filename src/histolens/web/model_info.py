@@ -11,8 +11,8 @@ from histolens.web.schemas import DataSummary, ModelInfo
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from histolens.checkpoint import TrainingData
-    from histolens.predictor import Predictor
+    from histolens.checkpoint.io import TrainingData
+    from histolens.inference.predictor import Predictor
     from histolens.web.settings import ServiceSettings
 
 __all__ = ["NOTICE", "describe_model"]
@@ -24,7 +24,7 @@ def describe_model(
     predictor: Predictor, settings: ServiceSettings, explain_methods: Sequence[str]
 ) -> ModelInfo:
     """The model, its checkpoint's metadata and figures, and the service's limits."""
-    from histolens.performance import estimate_from_metrics
+    from histolens.evaluation.performance import estimate_from_metrics
 
     meta = predictor.metadata
     if meta is None:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from histolens.data import magnification_from_path
+from histolens.data.imageio import load_rgb_bytes
+from histolens.data.records import magnification_from_path
 from histolens.errors import ImageLoadError, check_choice
-from histolens.imageio import load_rgb_bytes
 from histolens.web.errors import UploadRefused
 from histolens.web.guard import format_bytes
 from histolens.web.model_info import describe_model
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from histolens.explain import Explanation
-    from histolens.predictor import Prediction, Predictor
+    from histolens.inference.predictor import Prediction, Predictor
 
 __all__ = ["ModelService"]
 
@@ -77,7 +77,7 @@ class ModelService:
     ) -> ModelService:
         """Load ``checkpoint`` (a file or run folder; or use a loaded Predictor) off the loop."""
         if isinstance(checkpoint, (str, os.PathLike)):
-            from histolens.predictor import Predictor
+            from histolens.inference.predictor import Predictor
 
             checkpoint = await run_in_threadpool(
                 Predictor.from_checkpoint, checkpoint, settings.device, settings.onnx_runtime

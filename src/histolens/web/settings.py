@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from histolens.data.imageio import MAX_PIXELS
 from histolens.errors import ConfigError
-from histolens.imageio import MAX_PIXELS
 from histolens.web.schemas import Limits
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "ServiceSettings"]

@@ -58,7 +58,7 @@ class InferenceWorker:
     """Runs a Predictor (and, on demand, an Explainer) on one worker thread.
 
     Args:
-        predictor: a loaded :class:`histolens.predictor.Predictor`.
+        predictor: a loaded :class:`histolens.inference.predictor.Predictor`.
         max_queue: jobs that may wait; one more is refused with :class:`QueueFullError`.
         max_batch: images per ``predict_images`` call; 1 turns micro-batching off.
         batch_wait_ms: how long the worker waits for more jobs after the first one of a batch.
@@ -103,7 +103,11 @@ class InferenceWorker:
             with contextlib.suppress(queue.Full):
                 self._queue.put(_STOP, timeout=timeout)
             self._thread.join(timeout)
-        leftovers = list(self._carry)
+        # popleft, not a copy: a worker still busy after the timeout must not run these too.
+        leftovers = []
+        with contextlib.suppress(IndexError):
+            while True:
+                leftovers.append(self._carry.popleft())
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -114,6 +118,9 @@ class InferenceWorker:
         for job in leftovers:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ServiceClosedError("The service is shutting down."))
+        if self._thread.is_alive():  # still busy: it stops after its current batch
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)
 
     @property
     def queue_depth(self) -> int:

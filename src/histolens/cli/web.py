@@ -1,0 +1,125 @@
+"""``histolens serve``: the web service and page. Register ``serve_command`` on the main group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from histolens.cli.options import (
+    checkpoint_option,
+    count_option,
+    device_option,
+    onnx_runtime_option,
+)
+
+__all__ = ["serve_command"]
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+@click.command("serve")
+@checkpoint_option(required=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on; 0.0.0.0 exposes the service to the network.",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--token",
+    envvar="HISTOLENS_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="Require 'Authorization: Bearer TOKEN' on /v1/* (the page and /healthz stay open).",
+)
+@click.option(
+    "--max-upload-mb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0.001),
+    help="Largest image upload; larger ones get 413.",
+)
+@count_option(
+    "--max-queue", 64, help="Requests that may wait for the model; more get 503 with Retry-After."
+)
+@count_option(
+    "--max-batch",
+    16,
+    help="Images per model call when concurrent requests are micro-batched (1: off).",
+)
+@click.option(
+    "--batch-wait-ms",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="How long a micro-batch waits for more requests after its first.",
+)
+@count_option("--max-batch-files", 16, help="Files per /v1/predict/batch request.")
+@device_option()
+@onnx_runtime_option()
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
+def serve_command(
+    checkpoint: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    max_upload_mb: float,
+    max_queue: int,
+    max_batch: int,
+    batch_wait_ms: float,
+    max_batch_files: int,
+    device: str,
+    onnx_runtime: str | None,
+    log_level: str,
+) -> None:
+    """Serve a model: REST API under /v1, a web page at /, API docs at /docs.
+
+    Research and education use only; not for diagnosis.
+    """
+    from histolens.checkpoint.io import read_metadata
+    from histolens.inference.loading import resolve_runtime
+    from histolens.inference.runtimes import check_runtime_usable
+
+    # Fail here with one line if the checkpoint or its runtime is unusable, not in the server's
+    # startup log.
+    meta = read_metadata(checkpoint)
+    runtime = resolve_runtime(checkpoint, onnx_runtime)
+    if runtime is not None:
+        check_runtime_usable(runtime, device, from_env=onnx_runtime is None)
+    import uvicorn
+
+    from histolens.web.app import ServiceSettings, create_app
+
+    if host not in LOOPBACK_HOSTS and not token:
+        click.secho(
+            f"warning: serving on {host} without --token; anyone who can reach this "
+            "machine can use the API.",
+            fg="yellow",
+            err=True,
+        )
+    settings = ServiceSettings(
+        token=token or None,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_queue=max_queue,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        max_batch_files=max_batch_files,
+        device=device,
+        onnx_runtime=onnx_runtime,
+    )
+    app = create_app(checkpoint, settings)
+    shown_host = f"[{host}]" if ":" in host else host
+    on_runtime = f" on {runtime}" if runtime else ""
+    click.echo(
+        f"histolens: serving {meta.model_id or checkpoint.name} "
+        f"({meta.backbone}{on_runtime}) at http://{shown_host}:{port}/ (API docs at /docs)"
+        + ("; API token required" if token else "")
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

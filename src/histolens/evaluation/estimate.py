@@ -1,0 +1,181 @@
+"""The headline estimate: how well a model does on patients it has not seen, and on how many.
+
+Built once from out-of-fold predictions (patient-level cross-validation, the default) or from a
+held-out test split, stored in the checkpoint as plain JSON, and rendered by every front end
+through :func:`estimate_lines` so that the terminal, report, desktop app and web page all say
+the same thing: the figure, its 95% CI by bootstrap over patients, what it was measured on, how
+many patients of each class support it, and a warning where that is too few.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from histolens.stats.metrics import HEADLINE_METRICS
+
+__all__ = [
+    "ESTIMATE_KEYS",
+    "MIN_PATIENTS_PER_CLASS",
+    "build_estimate",
+    "class_support_warnings",
+    "estimate_lines",
+    "headline_text",
+]
+
+# Below this many patients of a class, an estimate's CI rests on too few people to trust.
+MIN_PATIENTS_PER_CLASS = 5
+
+# What is shown, in order: binary task, then subtypes (one list for every front end).
+ESTIMATE_KEYS: dict[str, str] = dict(HEADLINE_METRICS)
+
+
+def _patients_per_class(rows) -> dict[str, int]:
+    """Patients (groups) per class: each group counted under the label of most of its images."""
+    labels: dict[str, Counter] = {}
+    for r in rows:
+        labels.setdefault(r.patient, Counter())[r.label] += 1
+    counts = Counter(c.most_common(1)[0][0] for c in labels.values())
+    return dict(sorted(counts.items()))
+
+
+def class_support_warnings(
+    patients_per_class: dict[str, int], classes: Sequence[str], where: str = ""
+) -> list[str]:
+    """One sentence per class with fewer than MIN_PATIENTS_PER_CLASS patients behind it."""
+    out = []
+    suffix = f" at {where}" if where else ""
+    for c in classes:
+        n = int(patients_per_class.get(c, 0))
+        if n < MIN_PATIENTS_PER_CLASS:
+            people = "patient supports" if n == 1 else "patients support"
+            out.append(
+                f"Only {n} {c} {people} this estimate{suffix}: its confidence interval rests on "
+                "very few people and may not hold for new patients."
+            )
+    return out
+
+
+def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
+    from histolens.evaluation.metrics import EvalResult, compute_metrics
+    from histolens.stats.metrics import bootstrap_ci
+
+    sub = EvalResult(list(rows), result.classes, result.task, result.threshold, result.temperature)
+    metrics = compute_metrics(sub, n_boot=n_boot, seed=seed)
+    img = dict(metrics["image"])
+    ci = dict(img.get("ci95", {}))
+    if len(result.classes) > 2:
+        # The subtype headline (and the probe's choice of C): compute_metrics has no balanced
+        # accuracy for subtypes, so it is computed here, with its CI over patients.
+        y = np.array([r.target for r in rows])
+        correct = np.array([int(np.argmax(r.probs)) == r.target for r in rows])
+        patients = np.array([r.patient for r in rows])
+
+        def balanced_accuracy(i: np.ndarray) -> float:
+            return float(np.mean([correct[i][y[i] == c].mean() for c in np.unique(y[i])]))
+
+        img["balanced_accuracy"] = balanced_accuracy(np.arange(len(rows)))
+        if n_boot:
+            ci["balanced_accuracy"] = bootstrap_ci(balanced_accuracy, patients, n_boot, seed)
+    return {
+        "n_images": metrics["n_images"],
+        "n_patients": metrics["n_patients"],
+        "patients_per_class": _patients_per_class(rows),
+        "metrics": {k: float(img[k]) for k in ESTIMATE_KEYS if k in img},
+        "ci95": {k: [float(v[0]), float(v[1])] for k, v in ci.items() if k in ESTIMATE_KEYS},
+    }
+
+
+def build_estimate(
+    result,
+    method: str,
+    description: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    per_magnification_boot: int = 500,
+) -> dict[str, Any]:
+    """The estimate of an :class:`~histolens.evaluation.metrics.EvalResult`, overall and per magnification.
+
+    Args:
+        result: predictions of images whose patients the scoring model never saw.
+        method: how, e.g. "5-fold patient-level cross-validation (out-of-fold predictions)".
+        description: on what, e.g. "735 images of 30 patient groups in breakhis-dev".
+    """
+    rows = result.rows
+    est: dict[str, Any] = {
+        "version": 1,
+        "method": method,
+        "description": description,
+        "task": result.task,
+        "classes": list(result.classes),
+        "threshold": float(result.threshold),
+        **_block(result, rows, n_boot, seed),
+        "per_magnification": {},
+    }
+    mags = sorted({r.magnification for r in rows if r.magnification})
+    if len(mags) > 1:
+        for m in mags:
+            sub = [r for r in rows if r.magnification == m]
+            if len({r.target for r in sub}) < 2:
+                est["per_magnification"][f"{m}X"] = {
+                    "n_images": len(sub),
+                    "n_patients": len({r.patient for r in sub}),
+                    "patients_per_class": _patients_per_class(sub),
+                    "metrics": {},
+                    "ci95": {},
+                }
+                continue
+            est["per_magnification"][f"{m}X"] = _block(result, sub, per_magnification_boot, seed)
+    warnings = class_support_warnings(est["patients_per_class"], result.classes)
+    for m, block in est["per_magnification"].items():
+        warnings += class_support_warnings(block["patients_per_class"], result.classes, m)
+    est["warnings"] = warnings
+    return est
+
+
+def _fmt_metric(block: dict[str, Any], key: str) -> str:
+    value = block["metrics"].get(key)
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    ci = block.get("ci95", {}).get(key)
+    if ci and all(np.isfinite(ci)):
+        return f"{value:.3f} (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
+    return f"{value:.3f}"
+
+
+def _support(block: dict[str, Any]) -> str:
+    per_class = ", ".join(f"{n} {c}" for c, n in block.get("patients_per_class", {}).items())
+    detail = f" ({per_class})" if per_class else ""
+    return f"{block['n_images']} images of {block['n_patients']} patients{detail}"
+
+
+def headline_text(estimate: dict[str, Any]) -> str:
+    """One line: the main figure with its CI and the support behind it."""
+    key = "roc_auc" if "roc_auc" in estimate.get("metrics", {}) else "balanced_accuracy"
+    return (
+        f"{ESTIMATE_KEYS[key]} on unseen patients {_fmt_metric(estimate, key)}, "
+        f"{estimate['method']}, {_support(estimate)}"
+    )
+
+
+def estimate_lines(estimate: dict[str, Any] | None, per_magnification: bool = True) -> list[str]:
+    """The estimate as lines of text for a terminal, a label or a page; warnings last."""
+    if not estimate:
+        return ["No estimate on unseen patients is stored with this model."]
+    lines = [
+        f"Estimated on unseen patients by {estimate['method']}: {estimate['description']}.",
+        f"Support: {_support(estimate)}.",
+    ]
+    for key, name in ESTIMATE_KEYS.items():
+        if key in estimate.get("metrics", {}):
+            lines.append(f"  {name}: {_fmt_metric(estimate, key)}")
+    if per_magnification:
+        for m, block in estimate.get("per_magnification", {}).items():
+            key = "roc_auc" if "roc_auc" in block["metrics"] else "balanced_accuracy"
+            value = _fmt_metric(block, key) if block["metrics"] else "n/a (one class only)"
+            lines.append(f"  {m}: {ESTIMATE_KEYS[key]} {value}; {_support(block)}")
+    lines += [f"warning: {w}" for w in estimate.get("warnings", [])]
+    return lines

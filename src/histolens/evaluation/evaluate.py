@@ -1,0 +1,394 @@
+"""Evaluating a model: its predictions on records, their metrics, plots, CSV and report.
+
+Every prediction travels as a row with its path, patient and label; metrics are computed from
+those rows only (:mod:`histolens.evaluation.metrics`). Threshold and temperature are fitted on
+the validation split and stored in the checkpoint, so every front end uses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from histolens.atomic import atomic_open, atomic_write_text
+from histolens.data.records import ImageRecord, target_of
+from histolens.evaluation.metrics import (
+    EvalResult,
+    PredictionRow,
+    compute_metrics,
+    rows_from_logits,
+    with_referrals,
+)
+from histolens.evaluation.records import records_for_evaluation
+from histolens.inference.predictions_csv import core_columns, core_row, format_flag
+from histolens.inference.predictor import Predictor, probabilities_from_logits
+from histolens.rundir import EvaluationFiles, RunDir
+from histolens.stats.calibration import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    choose_threshold,
+    fit_temperature,
+)
+from histolens.stats.metrics import HEADLINE_METRICS
+
+if TYPE_CHECKING:
+    from histolens.config import RunConfig
+    from histolens.evaluation.referral import Referral, Scored
+
+__all__ = [
+    "EvalResult",
+    "PredictionRow",
+    "compute_metrics",
+    "evaluate_checkpoint",
+    "finalize_run",
+    "headline_metrics",
+    "records_for_evaluation",
+    "rows_from_logits",
+    "write_evaluation",
+]
+
+
+def _logits_for(
+    predictor: Predictor,
+    records: Sequence[ImageRecord],
+    bank=None,
+    cache=None,
+    progress: bool = False,
+) -> tuple[list[ImageRecord], torch.Tensor, list]:
+    """Logits for records, from cached features, an image bank, or the files themselves."""
+    if not records:
+        n_out = 1 if predictor.is_binary else len(predictor.class_names)
+        return [], torch.zeros(0, n_out), []
+    if cache is not None and all(r.path in cache.clean for r in records):
+        with torch.inference_mode():
+            feats = torch.stack([cache.clean[r.path] for r in records]).to(predictor.device)
+            return list(records), predictor.model.head(feats).float().cpu(), []
+    if bank is not None and all(r.path in bank for r in records):
+        chunks = []
+        for i in range(0, len(records), 32):
+            batch = bank.stack([r.path for r in records[i : i + 32]])
+            chunks.append(predictor.logits(predictor.to_input(batch)).float().cpu())
+        return list(records), torch.cat(chunks), []
+    from tqdm.auto import tqdm
+
+    by_path = {r.path: r for r in records}
+    with tqdm(
+        total=len(records), desc="Predicting", unit="img", disable=not progress, leave=False
+    ) as bar:
+        kept, logits, skipped = predictor.logits_for_paths(
+            [r.path for r in records], progress=bar.update
+        )
+    return [by_path[p] for p in kept], logits, skipped
+
+
+def _assess_records(
+    predictor: Predictor, records: Sequence[ImageRecord], progress: bool
+) -> tuple[list[ImageRecord], torch.Tensor, list[str | None], list]:
+    """Logits and out-of-distribution reasons of records' files (Predictor.assess_paths)."""
+    from tqdm.auto import tqdm
+
+    by_path = {r.path: r for r in records}
+    with tqdm(
+        total=len(records), desc="Predicting", unit="img", disable=not progress, leave=False
+    ) as bar:
+        kept, logits, reasons, skipped = predictor.assess_paths(
+            [r.path for r in records], progress=bar.update
+        )
+    return [by_path[p] for p in kept], logits, reasons, skipped
+
+
+def finalize_run(
+    run_dir: str | os.PathLike,
+    cfg,
+    split,
+    classes: Sequence[str],
+    bank=None,
+    cache=None,
+    progress: bool = True,
+    notes: Sequence[str] = (),
+    write_outputs: bool = True,
+) -> dict[str, Any]:
+    """After training: fit temperature and threshold on validation, and on the same patients the
+    prediction sets and the out-of-distribution guard; evaluate on test (with referrals) and, with
+    ``write_outputs``, write ``evaluation/`` (the caller writes the report from it).
+
+    ``notes`` given as a list also receives the notes this step adds (an unreliable
+    temperature, a calibration that could not be fitted), as the run's result shows them.
+    """
+    from histolens.evaluation.referral import fit_referral, score_records
+    from histolens.models.pipeline import image_source
+
+    run_dir = Path(run_dir)
+    predictor = Predictor.from_checkpoint(run_dir)
+    images = image_source(bank, predictor.preprocess)
+    notes = notes if isinstance(notes, list) else list(notes)
+    batch = cfg.train.batch_size
+    val = score_records(predictor, split.val, images, cache, batch_size=batch)
+    temperature, threshold = _fit_on_validation(cfg, val.records, val.logits, classes)
+    predictor.temperature, predictor.threshold = temperature, threshold
+    if temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
+        notes.append(_temperature_bound_note(temperature))
+    desc = "Features for the guard" if progress else None
+    train = score_records(predictor, split.train, images, cache, batch_size=batch, desc=desc)
+    referral = fit_referral(cfg, train, val, classes, (temperature, threshold), notes)
+    test_part = "test" if split.test else "val"
+    scored = score_records(predictor, split.test or split.val, images, cache, referral.guard, batch)
+    n_boot = 1000 if write_outputs else 0
+    result = _evaluated(cfg, scored, classes, (temperature, threshold), referral, test_part, n_boot)
+    summary = {"split": test_part, **headline_metrics(result.metrics)}
+    estimate = None
+    # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
+    if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
+        estimate = _held_out_estimate(result, cfg, test_part)
+        notes = notes + [w for w in estimate["warnings"] if w not in notes]
+    _store(run_dir, cfg, referral, (temperature, threshold), summary, estimate)
+    if write_outputs:
+        write_evaluation(
+            result,
+            RunDir(run_dir).evaluation.path,
+            logs_dir=RunDir(run_dir).logs,
+            notes=notes,
+        )
+    else:
+        write_predictions_csv(result, RunDir(run_dir).predictions)
+    return result.metrics
+
+
+def _fit_on_validation(
+    cfg: RunConfig,
+    val_records: Sequence[ImageRecord],
+    val_logits: torch.Tensor,
+    classes: Sequence[str],
+) -> tuple[float, float]:
+    """Temperature and (binary) decision threshold fitted on the validation records' logits;
+    1.0 and 0.5 when there are none."""
+    temperature, threshold = 1.0, 0.5
+    if val_records:
+        idx = {c: i for i, c in enumerate(classes)}
+        y_val = torch.tensor([idx[target_of(r, cfg.data.task)] for r in val_records])
+        temperature = fit_temperature(val_logits, y_val)
+        if len(classes) == 2:
+            p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
+            threshold = choose_threshold(
+                y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
+            )
+    return temperature, threshold
+
+
+def _evaluated(
+    cfg: RunConfig,
+    scored: Scored,
+    classes: Sequence[str],
+    calibration: tuple[float, float],
+    referral: Referral,
+    part: str,
+    n_boot: int,
+) -> EvalResult:
+    """The evaluated split's rows, with prediction sets and flags, and their metrics."""
+    from histolens.evaluation.referral import add_referrals
+
+    temperature, threshold = calibration
+    result = EvalResult(
+        rows_from_logits(scored.records, scored.logits, classes, cfg.data.task, temperature),
+        tuple(classes),
+        cfg.data.task,
+        threshold,
+        temperature,
+    )
+    add_referrals(result, scored, referral, part)
+    result.metrics = compute_metrics(result, n_boot=n_boot, seed=cfg.data.seed)
+    result.metrics["split"] = part
+    return result
+
+
+def _store(
+    run_dir: Path,
+    cfg: RunConfig,
+    referral: Referral,
+    calibration: tuple[float, float],
+    summary: dict[str, Any],
+    estimate: dict[str, Any] | None,
+) -> None:
+    """Write temperature, threshold, prediction sets, guard, headline and estimate into the
+    run's checkpoint, in one rewrite."""
+    from histolens.evaluation.referral import store_referral
+
+    temperature, threshold = calibration
+    store_referral(
+        RunDir(run_dir).checkpoint,
+        referral,
+        temperature=temperature,
+        threshold=threshold,
+        metrics=summary,
+        threshold_method=cfg.train.threshold_method,
+        **({"estimate": estimate} if estimate else {}),
+    )
+
+
+def _temperature_bound_note(temperature: float) -> str:
+    """The warning for a calibration temperature fitted at one of its bounds."""
+    return (
+        f"The calibration temperature reached its bound ({temperature:g}): the validation "
+        "patients are "
+        + ("perfectly separated" if temperature == MIN_TEMPERATURE else "barely separable")
+        + ", so the probabilities' calibration is not well determined."
+    )
+
+
+def _held_out_estimate(result: EvalResult, cfg: RunConfig, test_part: str) -> dict[str, Any]:
+    """The estimate (histolens.evaluation.estimate) of a run's held-out split, described for its report."""
+    from histolens.evaluation.estimate import build_estimate
+
+    return build_estimate(
+        result,
+        f"the held-out {test_part} split of patients (one split, no cross-validation)",
+        f"{result.metrics['n_images']} images of {result.metrics['n_patients']} patient "
+        f"groups in {Path(str(cfg.data.path)).name} (magnification {cfg.data.magnification})",
+        seed=cfg.data.seed,
+    )
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline metrics, and the secondary and calibration figures, kept in the checkpoint."""
+    img = metrics["image"]
+    keys = (*HEADLINE_METRICS, "pr_auc", "f1", "brier", "ece", "roc_auc_ovr")
+    return {k: img[k] for k in keys if k in img} | {
+        "n_images": metrics["n_images"],
+        "n_patients": metrics["n_patients"],
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    records: Sequence[ImageRecord],
+    n_boot: int = 1000,
+    progress: bool = True,
+    seed: int = 0,
+    alpha: float | None = None,
+    adapt_batchnorm: bool = False,
+    runtime: str | None = None,
+) -> tuple[EvalResult, list]:
+    """Evaluate a checkpoint on records, with its stored threshold, temperature, conformal
+    calibration (at ``alpha``, default the training one) and out-of-distribution guard.
+
+    ``adapt_batchnorm``: first re-estimate the backbone's batch-norm statistics on these images
+    (AdaBN, unlabelled; for a cohort from another lab). ``runtime``: what runs an ONNX export
+    (``Predictor.from_checkpoint``)."""
+    predictor = Predictor.from_checkpoint(checkpoint, runtime=runtime)
+    predictor.alpha = alpha
+    if adapt_batchnorm:
+        predictor.adapt_batchnorm([r.path for r in records])
+    reasons = None
+    if predictor.guard is None:
+        kept, logits, skipped = _logits_for(predictor, records, progress=progress)
+    else:
+        kept, logits, reasons, skipped = _assess_records(predictor, records, progress)
+    result = EvalResult(
+        rows_from_logits(
+            kept, logits, predictor.class_names, predictor.task, predictor.temperature
+        ),
+        predictor.class_names,
+        predictor.task,
+        predictor.threshold,
+        predictor.temperature,
+    )
+    if predictor.conformal is not None or reasons is not None:
+        from histolens.evaluation.referral import row_prediction_sets
+
+        with_referrals(
+            result,
+            row_prediction_sets(result, predictor.conformal, predictor.refer_alpha),
+            reasons,
+            predictor.refer_alpha,
+            "the checkpoint's calibration (out-of-fold predictions of its training patients)",
+        )
+    result.metrics = compute_metrics(result, n_boot=n_boot, seed=seed)
+    return result, skipped
+
+
+def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
+    """The columns every predictions CSV starts with (histolens.inference.predictions_csv), then the
+    image's patient, magnification, true label and whether the prediction is correct."""
+    classes = result.classes
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(
+            fh, [*core_columns(classes), "patient", "magnification", "label", "correct"]
+        )
+        w.writeheader()
+        for r in result.rows:
+            i = result.predicted(r)
+            row = core_row(
+                classes,
+                r.path,
+                classes[i],
+                r.probs[i],
+                dict(zip(classes, r.probs, strict=True)),
+                r.prediction_set,
+                r.refer,
+                r.ood,
+                r.ood_reason,
+            )
+            row["patient"] = r.patient
+            row["magnification"] = "" if r.magnification is None else str(r.magnification)
+            row["label"] = r.label
+            row["correct"] = format_flag(classes[i] == r.label)
+            w.writerow(row)
+    return Path(path)
+
+
+def write_evaluation(
+    result: EvalResult,
+    out_dir: str | os.PathLike,
+    logs_dir: str | os.PathLike | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
+    """metrics.json, predictions.csv, notes.json and the plots in ``out_dir`` (training curves
+    from ``logs_dir`` when given). The report (``histolens.report``) is written from these by
+    whoever orchestrates: the CLI, or training."""
+    from histolens.evaluation import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = EvaluationFiles(out)
+    atomic_write_text(files.metrics, json.dumps(result.metrics, indent=2, default=float))
+    write_predictions_csv(result, files.predictions)
+    # Kept beside the metrics so that `histolens report` later shows the same warnings.
+    atomic_write_text(files.notes, json.dumps(list(notes), indent=2))
+    y = np.array([r.target for r in result.rows])
+    pred = np.array([result.predicted(r) for r in result.rows])
+    plots.plot_confusion_matrix(y, pred, result.classes, out / "confusion_matrix.png")
+    if len(result.classes) == 2:
+        p = np.array([r.probs[1] for r in result.rows])
+        p_raw = np.array([r.probs_uncalibrated[1] for r in result.rows])
+        plots.plot_roc_pr(y, p, result.threshold, out / "roc_pr.png")
+        plots.plot_probability_distribution(
+            y, p, result.classes, result.threshold, out / "probability_distribution.png"
+        )
+        plots.plot_reliability(y, p_raw, p, result.temperature, out / "reliability.png")
+    wrong = [
+        (
+            r.path,
+            r.label,
+            result.classes[result.predicted(r)],
+            max(r.probs)
+            if len(result.classes) > 2
+            else (r.probs[1] if result.predicted(r) else r.probs[0]),
+        )
+        for r in result.rows
+        if result.predicted(r) != r.target
+    ]
+    wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
+    plots.plot_misclassified(wrong, out / "misclassified.png")
+    refer = result.metrics.get("refer") or {}
+    if refer.get("curve", {}).get("referred"):
+        plots.plot_risk_coverage(refer, out / "risk_coverage.png")
+    if logs_dir is not None:
+        plots.plot_training_curves(logs_dir, out / "training_curves.png")
+    return out

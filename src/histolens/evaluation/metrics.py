@@ -1,0 +1,322 @@
+"""Prediction rows and the metrics computed from them, with patient-level CIs.
+
+Every prediction travels as a :class:`PredictionRow` with its path, patient and label; the
+metrics (:func:`compute_metrics`, the referral figures of :func:`refer_metrics`) are computed
+from those rows only, so predictions and labels cannot misalign. Pure: no model, no files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from histolens.data.records import ImageRecord, target_of
+from histolens.errors import DataError
+from histolens.inference.predictor import probabilities_from_logits
+from histolens.stats.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    multiclass_metrics,
+    patient_level_auc,
+    patient_recognition_rate,
+    safe_auc,
+)
+
+__all__ = [
+    "EvalResult",
+    "PredictionRow",
+    "compute_metrics",
+    "refer_metrics",
+    "rows_from_logits",
+    "with_referrals",
+]
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One image's prediction with everything that identifies it."""
+
+    path: str
+    patient: str
+    magnification: int | None
+    label: str
+    target: int
+    probs: tuple[float, ...]
+    probs_uncalibrated: tuple[float, ...]
+    # Knowing when not to answer (histolens.stats.conformal, histolens.inference.ood): the classes not ruled out
+    # (empty: no calibration), whether a person should decide, and whether the image is unlike
+    # the training images, with the reason.
+    prediction_set: tuple[str, ...] = ()
+    refer: bool = False
+    ood: bool = False
+    ood_reason: str = ""
+
+    def score(self) -> float:
+        """Positive-class probability (binary) or the top probability."""
+        return self.probs[1] if len(self.probs) == 2 else max(self.probs)
+
+
+@dataclass
+class EvalResult:
+    rows: list[PredictionRow]
+    classes: tuple[str, ...]
+    task: str
+    threshold: float
+    temperature: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # The error level of the rows' prediction sets and how they were calibrated (None: no sets).
+    alpha: float | None = None
+    refer_method: str = ""
+
+    def predicted(self, row: PredictionRow) -> int:
+        if len(self.classes) == 2:
+            return int(row.probs[1] >= self.threshold)
+        return int(np.argmax(row.probs))
+
+
+def rows_from_logits(
+    records: Sequence[ImageRecord],
+    logits: torch.Tensor,
+    classes: Sequence[str],
+    task: str,
+    temperature: float,
+) -> list[PredictionRow]:
+    """Pair each record with its own logits; raises if the counts differ."""
+    if len(records) != len(logits):
+        raise ValueError(f"{len(records)} records but {len(logits)} logits.")
+    index = {c: i for i, c in enumerate(classes)}
+    calibrated = probabilities_from_logits(logits, temperature).numpy()
+    raw = probabilities_from_logits(logits, 1.0).numpy()
+    rows = []
+    for r, pc, pr in zip(records, calibrated, raw, strict=True):
+        label = target_of(r, task)
+        if label not in index:
+            raise DataError(
+                f"{r.path} is labelled '{label}', which the model does not know "
+                f"(classes: {', '.join(classes)}); is this checkpoint for another task?"
+            )
+        rows.append(
+            PredictionRow(
+                r.path,
+                r.group or r.patient or r.path,
+                r.magnification,
+                label,
+                index[label],
+                tuple(map(float, pc)),
+                tuple(map(float, pr)),
+            )
+        )
+    return rows
+
+
+def with_referrals(
+    result: EvalResult,
+    member: np.ndarray | None,
+    ood_reasons: Sequence[str | None] | None,
+    alpha: float | None,
+    method: str,
+) -> EvalResult:
+    """Give each row its prediction set (``member``: (n, C) booleans) and out-of-distribution
+    reason; an image is referred when its set holds several classes or it is out of distribution."""
+    import dataclasses
+
+    rows = []
+    for i, r in enumerate(result.rows):
+        s = (
+            tuple(c for c, m in zip(result.classes, member[i], strict=True) if m)
+            if member is not None
+            else ()
+        )
+        reason = (ood_reasons[i] if ood_reasons is not None else None) or ""
+        rows.append(
+            dataclasses.replace(
+                r,
+                prediction_set=s,
+                refer=len(s) > 1 or bool(reason),
+                ood=bool(reason),
+                ood_reason=reason,
+            )
+        )
+    result.rows = rows
+    result.alpha = alpha if member is not None else None
+    result.refer_method = method
+    return result
+
+
+def refer_metrics(result: EvalResult) -> dict[str, Any] | None:
+    """Coverage of the prediction sets, referrals of images and patients, and the images unlike
+    the training images (counted apart: the coverage and accuracy figures leave them out)."""
+    rows = result.rows
+    n_ood = sum(r.ood for r in rows)
+    if result.alpha is None and not n_ood:
+        return None
+    out: dict[str, Any] = {"n_ood": n_ood, "ood_rate": n_ood / len(rows) if rows else 0.0}
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if r.ood:
+            kind = r.ood_reason.split(" (")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+    out["ood_reasons"] = reasons
+    ind = [r for r in rows if not r.ood]
+    y = np.array([r.target for r in ind], dtype=int)
+    pred = np.array([result.predicted(r) for r in ind], dtype=int)
+    out.update(_risk_coverage_figures(result, ind, y, pred))
+    if result.alpha is not None and ind:
+        out.update(_prediction_set_figures(result, ind, y, pred))
+    out.update(_patient_referral_figures(result))
+    return out
+
+
+def _risk_coverage_figures(
+    result: EvalResult, ind: list[PredictionRow], y: np.ndarray, pred: np.ndarray
+) -> dict[str, Any]:
+    """AURC and the risk-coverage curve of the in-distribution rows ``ind``, least confident
+    referred first (confidence: the predicted class's threshold-centred probability)."""
+    from histolens.stats.conformal import centred_probabilities
+    from histolens.stats.conformal_metrics import risk_coverage as rc_curve
+
+    probs = np.array([r.probs for r in ind]).reshape(len(ind), len(result.classes))
+    thr = result.threshold if len(result.classes) == 2 else None
+    confidence = centred_probabilities(probs, thr)[np.arange(len(ind)), pred] if len(ind) else pred
+    curve = rc_curve(pred == y, confidence)
+    return {
+        "aurc": curve["aurc"],
+        "curve": {
+            "referred": [round(float(v), 4) for v in curve["referred"]],
+            "accuracy": [round(float(v), 4) for v in curve["accuracy"]],
+        },
+    }
+
+
+def _prediction_set_figures(
+    result: EvalResult, ind: list[PredictionRow], y: np.ndarray, pred: np.ndarray
+) -> dict[str, Any]:
+    """Coverage (over patients and images), set size, referral rate and the accuracy of the
+    kept and referred images, of the in-distribution rows ``ind`` (not empty)."""
+    from histolens.stats.conformal_metrics import coverage
+
+    index = {c: i for i, c in enumerate(result.classes)}
+    member = np.zeros((len(ind), len(result.classes)), dtype=bool)
+    for i, r in enumerate(ind):
+        member[i, [index[c] for c in r.prediction_set]] = True
+    refer = np.array([r.refer for r in ind])
+    cov = coverage(member, y, np.array([r.patient for r in ind]))
+    kept = ~refer
+    return dict(
+        alpha=result.alpha,
+        method=result.refer_method,
+        target_coverage=1 - result.alpha,
+        coverage=cov["patients"],
+        coverage_images=cov["images"],
+        mean_set_size=float(member.sum(1).mean()),
+        refer_rate=float(refer.mean()),
+        accuracy_kept=float((pred == y)[kept].mean()) if kept.any() else float("nan"),
+        accuracy_referred=float((pred == y)[refer].mean()) if refer.any() else float("nan"),
+    )
+
+
+def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
+    """The patients referred (half or more of their images referred) and the accuracy of the
+    others, each called by the majority of its kept images."""
+    from histolens.stats.conformal_metrics import patient_referrals
+
+    rows = result.rows
+    decided = patient_referrals([r.refer for r in rows], np.array([r.patient for r in rows]))
+    correct = []
+    for p, referred in decided.items():
+        if referred:
+            continue
+        mine = [r for r in rows if r.patient == p and not r.refer]
+        votes = np.bincount([result.predicted(r) for r in mine], minlength=len(result.classes))
+        truth = np.bincount([r.target for r in mine], minlength=len(result.classes)).argmax()
+        correct.append(bool(votes.argmax() == truth))
+    return {
+        "n_patients": len(decided),
+        "patients_referred": sorted(p for p, v in decided.items() if v),
+        "patient_accuracy_kept": float(np.mean(correct)) if correct else float("nan"),
+    }
+
+
+def _binary_block(y, p, patients, threshold, n_boot, seed) -> dict[str, Any]:
+    out = binary_metrics(y, p, threshold)
+    correct = (p >= threshold).astype(int) == y
+    out["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
+    out["patient_auc"] = patient_level_auc(patients, y, p)
+    out["n_patients"] = int(len(np.unique(patients)))
+    positive = p >= threshold
+
+    def rate(i: np.ndarray, cls: int) -> float:
+        of_class = y[i] == cls
+        return float((positive[i][of_class] == bool(cls)).mean()) if of_class.any() else np.nan
+
+    stats = {
+        "roc_auc": lambda i: safe_auc(y[i], p[i]),
+        "accuracy": lambda i: float(correct[i].mean()),
+        "balanced_accuracy": lambda i: float(np.mean([rate(i, 1), rate(i, 0)])),
+        "sensitivity": lambda i: rate(i, 1),
+        "specificity": lambda i: rate(i, 0),
+        "patient_recognition_rate": lambda i: patient_recognition_rate(patients[i], correct[i]),
+        "patient_auc": lambda i: patient_level_auc(patients[i], y[i], p[i]),
+    }
+    if n_boot:
+        out["ci95"] = {k: bootstrap_ci(f, patients, n_boot, seed) for k, f in stats.items()}
+    return out
+
+
+def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Image- and patient-level metrics of ``result`` with bootstrap CIs over patients."""
+    rows = result.rows
+    if not rows:
+        raise DataError("Nothing to evaluate: no readable images in this split.")
+    y = np.array([r.target for r in rows])
+    patients = np.array([r.patient for r in rows])
+    probs = np.array([r.probs for r in rows])
+    out: dict[str, Any] = {
+        "n_images": len(rows),
+        "n_patients": int(len(np.unique(patients))),
+        "threshold": result.threshold,
+        "temperature": result.temperature,
+    }
+    if len(result.classes) == 2:
+        p = probs[:, 1]
+        out["image"] = _binary_block(y, p, patients, result.threshold, n_boot, seed)
+        out["image_at_0.5"] = binary_metrics(y, p, 0.5)
+        p_raw = np.array([r.probs_uncalibrated[1] for r in rows])
+        out["uncalibrated"] = {
+            "brier": binary_metrics(y, p_raw, 0.5)["brier"],
+            "ece": binary_metrics(y, p_raw, 0.5)["ece"],
+        }
+        mags = sorted({r.magnification for r in rows if r.magnification})
+        if len(mags) > 1:
+            out["per_magnification"] = {}
+            for m in mags:
+                idx = np.array([r.magnification == m for r in rows])
+                out["per_magnification"][f"{m}X"] = _binary_block(
+                    y[idx], p[idx], patients[idx], result.threshold, 0, seed
+                )
+    else:
+        mc = multiclass_metrics(y, probs, result.classes)
+        pred = probs.argmax(1)
+        correct = pred == y
+        mc["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
+        if n_boot:
+            mc["ci95"] = {
+                "accuracy": bootstrap_ci(
+                    lambda i: float(correct[i].mean()), patients, n_boot, seed
+                ),
+                "patient_recognition_rate": bootstrap_ci(
+                    lambda i: patient_recognition_rate(patients[i], correct[i]),
+                    patients,
+                    n_boot,
+                    seed,
+                ),
+            }
+        out["image"] = mc
+    refer = refer_metrics(result)
+    if refer is not None:
+        out["refer"] = refer
+    return out

@@ -1,0 +1,180 @@
+"""The report's sections of metrics: the headline cards, the table of every metric, and the
+referrals (prediction sets, images unlike the training images)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from histolens.report.markup import card_row, embedded_image, fmt
+
+__all__ = ["headline_cards", "metrics_table", "refer_section"]
+
+
+def _ci(ci: dict, key: str) -> str:
+    """A metric's stored 95% CI as 'lo - hi'; empty when there is none."""
+    lo, hi = ci.get(key, (float("nan"), float("nan")))
+    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
+        return ""
+    return f"{lo:.3f} - {hi:.3f}"
+
+
+# The rows of the metrics table, in order: (key in metrics["image"], label); absent keys skipped.
+_METRIC_NAMES = [
+    ("roc_auc", "ROC AUC (image)"),
+    ("pr_auc", "PR AUC"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("sensitivity", "Sensitivity (recall)"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision"),
+    ("f1", "F1"),
+    ("brier", "Brier score"),
+    ("ece", "Expected calibration error"),
+    ("patient_recognition_rate", "Patient recognition rate"),
+    ("patient_auc", "Patient-level AUC"),
+    ("macro_f1", "Macro F1"),
+    ("weighted_f1", "Weighted F1"),
+    ("roc_auc_ovr", "ROC AUC (one-vs-rest)"),
+]
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Every image-level metric with its CI and its value at threshold 0.5, then the per-class
+    and per-magnification tables when the metrics have them."""
+    img = metrics.get("image", {})
+    table = _overall_table(metrics)
+    per_class = img.get("per_class")
+    if per_class:
+        table += _per_class_table(per_class)
+    per_mag = metrics.get("per_magnification")
+    if per_mag:
+        table += _per_magnification_table(per_mag)
+    return table
+
+
+def _overall_table(metrics: dict[str, Any]) -> str:
+    """One row per metric: value at the chosen threshold, bootstrap CI, value at 0.5."""
+    img = metrics.get("image", {})
+    ci = img.get("ci95", {})
+    rows = []
+    at05 = metrics.get("image_at_0.5", {})
+    for key, label in _METRIC_NAMES:
+        if key not in img:
+            continue
+        rows.append(
+            f"<tr><td>{label}</td><td class=num>{fmt(img[key])}</td>"
+            f"<td class=num>{_ci(ci, key)}</td>"
+            f"<td class=num>{fmt(at05[key]) if key in at05 else ''}</td></tr>"
+        )
+    head = (
+        "<tr><th>Metric</th><th>Value (chosen threshold "
+        f"{metrics.get('threshold', 0.5):.3f})</th><th>95% CI (bootstrap over patients)</th>"
+        "<th>At threshold 0.5</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _per_class_table(per_class: dict[str, dict[str, Any]]) -> str:
+    """Precision, recall, F1 and images of each class (multi-class tasks)."""
+    pc = "".join(
+        f"<tr><td>{html.escape(c)}</td><td class=num>{v['precision']:.3f}</td>"
+        f"<td class=num>{v['recall']:.3f}</td><td class=num>{v['f1']:.3f}</td>"
+        f"<td class=num>{v['support']}</td></tr>"
+        for c, v in per_class.items()
+    )
+    return (
+        "<h3>Per class</h3><table><tr><th>Class</th><th>Precision</th><th>Recall</th>"
+        f"<th>F1</th><th>Images</th></tr>{pc}</table>"
+    )
+
+
+def _per_magnification_table(per_mag: dict[str, dict[str, Any]]) -> str:
+    """Images, patients, ROC AUC, accuracy and patient recognition rate at each magnification."""
+    pm = "".join(
+        f"<tr><td>{m}</td><td class=num>{v['n']}</td><td class=num>{v['n_patients']}</td>"
+        f"<td class=num>{fmt(v['roc_auc'])}</td><td class=num>{fmt(v['accuracy'])}</td>"
+        f"<td class=num>{fmt(v['patient_recognition_rate'])}</td></tr>"
+        for m, v in per_mag.items()
+    )
+    return (
+        "<h3>Per magnification</h3><table><tr><th>Magnification</th><th>Images</th>"
+        "<th>Patients</th><th>ROC AUC</th><th>Accuracy</th>"
+        f"<th>Patient recognition rate</th></tr>{pm}</table>"
+    )
+
+
+def refer_section(metrics: dict[str, Any], ev: Path) -> str:
+    """Prediction sets, referrals and images unlike the training images (metrics["refer"])."""
+    refer = metrics.get("refer")
+    if not refer:
+        return ""
+    parts = _prediction_set_parts(refer) if refer.get("alpha") is not None else []
+    n_ood = int(refer.get("n_ood", 0))
+    reasons = "; ".join(
+        f"{html.escape(k)}: {v}" for k, v in (refer.get("ood_reasons") or {}).items()
+    )
+    parts.append(
+        f"<p class=how><b>Not like the training images:</b> {n_ood} image(s)"
+        + (f" ({reasons})" if reasons else "")
+        + ", counted apart: they are referred, and left out of the coverage and accuracy "
+        "figures above (the headline metrics include them).</p>"
+    )
+    plot = ev / "risk_coverage.png"
+    if plot.is_file():
+        parts.append(
+            "<h3>Risk-coverage: accuracy of the images kept against the fraction referred</h3>"
+            + embedded_image(plot)
+        )
+    return "<section id=refer><h2>Knowing when not to answer</h2>" + "".join(parts) + "</section>"
+
+
+def _prediction_set_parts(refer: dict[str, Any]) -> list[str]:
+    """Cards, explanation and referred patients of the prediction sets (``refer`` has alpha)."""
+    alpha = float(refer["alpha"])
+    parts = [
+        card_row(
+            [
+                (
+                    "Coverage on held-out patients",
+                    fmt(refer["coverage"]),
+                    f"target {1 - alpha:.2f} (alpha {alpha:g})",
+                ),
+                ("Images referred", fmt(refer["refer_rate"]), "set of several classes"),
+                ("Accuracy of the images kept", fmt(refer["accuracy_kept"]), ""),
+                (
+                    "Patients referred",
+                    f"{len(refer['patients_referred'])} / {refer['n_patients']}",
+                    "half or more of their images referred",
+                ),
+            ]
+        ),
+        f"<p class=how>Each image gets the set of classes its calibrated probability does not "
+        f"rule out at error level alpha = {alpha:g}; a set of several classes means "
+        "<b>refer</b> to a person. Calibration: "
+        f"{html.escape(str(refer.get('method', '')))}; every patient weighs the same, so "
+        "coverage is a guarantee about new patients (averaged over patients: "
+        f"{fmt(refer['coverage'])}; over images: {fmt(refer['coverage_images'])}). "
+        f"Mean set size {fmt(refer['mean_set_size'])}; accuracy of the referred images "
+        f"{fmt(refer['accuracy_referred'])}; patient-level accuracy of the patients not "
+        f"referred (majority of their kept images) {fmt(refer['patient_accuracy_kept'])}.</p>",
+    ]
+    if refer["patients_referred"]:
+        names = ", ".join(html.escape(str(p)) for p in refer["patients_referred"])
+        parts.append(f"<p class=how><b>Patients referred:</b> {names}.</p>")
+    return parts
+
+
+def headline_cards(metrics: dict[str, Any]) -> str:
+    """Cards of the main figures, for an evaluation without an estimate to lead with."""
+    img = metrics.get("image", {})
+    items = [
+        ("ROC AUC", img.get("roc_auc", img.get("roc_auc_ovr"))),
+        ("Patient recognition rate", img.get("patient_recognition_rate")),
+        ("Patient-level AUC", img.get("patient_auc")),
+        ("Balanced accuracy", img.get("balanced_accuracy", img.get("accuracy"))),
+        ("Images / patients", f"{metrics.get('n_images')} / {metrics.get('n_patients')}"),
+    ]
+    return card_row([(k, fmt(v), "") for k, v in items if v is not None])

@@ -1,0 +1,6 @@
+"""Pure numerics: classification metrics, temperature calibration, conformal prediction.
+
+Owns ``metrics`` (AUC, balanced accuracy, bootstrap intervals), ``calibration`` (temperature
+scaling), ``conformal`` (split-conformal sets and referral rules) and ``conformal_metrics``.
+May import: ``histolens.errors`` only (numpy/scikit-learn outside). No torch, no files.
+"""

@@ -1,0 +1,132 @@
+"""The evaluation of the linear probe's held-out predictions, for ``histolens train``.
+
+Each held-out image gets its prediction set and out-of-distribution flag (referrals); the
+metrics, the estimate stored in the checkpoint and the evaluation files are written from those
+rows. Steps of :mod:`histolens.training.probe_run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histolens.checkpoint.io import BEST_CHECKPOINT, update_metadata
+from histolens.config import RunConfig
+from histolens.models.pipeline import ImageSource
+from histolens.rundir import RunDir
+from histolens.training.probe_validation import _HeldOut, _Referral
+
+
+def _evaluate(
+    cfg: RunConfig,
+    run_dir: Path,
+    held: _HeldOut,
+    calibration: tuple[float, float],
+    classes: Sequence[str],
+    referral: _Referral,
+    x_test: np.ndarray | None,
+    images: ImageSource,
+    dataset,
+    notes: list[str],
+    write_outputs: bool,
+) -> dict[str, Any]:
+    """Score the held-out predictions, with referrals, and write the evaluation; its metrics."""
+    from histolens.evaluation.evaluate import EvalResult, compute_metrics, rows_from_logits
+
+    # Out-of-fold decision logits are already centred on each fold's own threshold.
+    temperature, threshold = calibration if held.n_folds == 0 else (1.0, 0.5)
+    scored = ~np.isnan(held.logits).any(1)
+    kept = [r for r, ok in zip(held.records, scored, strict=True) if ok]
+    logits = torch.as_tensor(held.logits[scored], dtype=torch.float32)
+    ev = EvalResult(
+        rows_from_logits(kept, logits, classes, cfg.data.task, temperature),
+        tuple(classes),
+        cfg.data.task,
+        threshold,
+        temperature,
+    )
+    feature_guard = referral.guard.features
+    if held.n_folds:
+        distances, refer_p = referral.held_out_distance[scored], referral.calib_p[scored]
+    elif feature_guard is not None:
+        distances, refer_p = feature_guard.distance(x_test), None
+    else:
+        distances, refer_p = np.full(len(kept), np.nan), None
+    _add_referrals(
+        ev, referral.conformal, referral.guard, images, distances, refer_p, cfg.train.alpha
+    )
+    metrics = compute_metrics(ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed)
+    metrics["split"] = "out-of-fold" if held.n_folds else "test"
+    ev.metrics = metrics
+    if write_outputs:
+        _write_outputs(run_dir, ev, cfg, held.method, dataset, notes, held.n_folds, metrics)
+    else:
+        from histolens.evaluation.evaluate import write_predictions_csv
+
+        write_predictions_csv(ev, RunDir(run_dir).predictions)
+    return metrics
+
+
+def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: float) -> None:
+    """Prediction sets and out-of-distribution flags of the evaluated images.
+
+    Out-of-fold predictions (``oof_probs`` given) get leave-one-patient-out sets, and their
+    held-out feature distances (``distances``); a test split gets the stored calibration.
+    """
+    from histolens.evaluation.evaluate import with_referrals
+    from histolens.stats.conformal import centred_probabilities
+    from histolens.stats.conformal_metrics import leave_one_patient_out_sets
+
+    y = np.array([r.target for r in ev.rows], dtype=int)
+    patients = np.array([r.patient for r in ev.rows])
+    mags = [r.magnification for r in ev.rows]
+    member, method = None, ""
+    if conformal is not None and oof_probs is not None:
+        member = leave_one_patient_out_sets(oof_probs, y, patients, alpha, conformal.score, mags)
+        method = (
+            "leave-one-patient-out over the out-of-fold predictions (each patient's sets "
+            "calibrated on the other patients)"
+        )
+    elif conformal is not None and ev.rows:
+        probs = np.array([r.probs for r in ev.rows])
+        thr = ev.threshold if len(ev.classes) == 2 else None
+        predicted = [ev.predicted(r) for r in ev.rows]
+        member = conformal.prediction_sets(
+            centred_probabilities(probs, thr), alpha, predicted, mags
+        )
+        method = "the training patients' inner out-of-fold predictions, on the test patients"
+    reasons: list[str | None] = (
+        guard.features.reasons_for_distances(distances)
+        if guard.features is not None
+        else [None] * len(ev.rows)
+    )
+    paths = [r.path for r in ev.rows]
+    for i in range(0, len(paths), 64):
+        content = guard.checks.content_reasons(bank.stack(paths[i : i + 64]))
+        reasons[i : i + 64] = [c or f for c, f in zip(content, reasons[i : i + 64], strict=True)]
+    with_referrals(ev, member, reasons, alpha, method)
+
+
+def _write_outputs(
+    run_dir: Path, ev, cfg: RunConfig, method: str, dataset, notes, n_folds: int, metrics
+) -> None:
+    """Store the estimate and headline in the checkpoint; write the evaluation and the report."""
+    from histolens.evaluation.estimate import build_estimate
+    from histolens.evaluation.evaluate import headline_metrics, write_evaluation
+    from histolens.report.build import write_report
+
+    groups = {r.patient for r in ev.rows}
+    description = (
+        f"{len(ev.rows)} images of {len(groups)} patient groups in {Path(cfg.data.path).name}"
+        f" (magnification {cfg.data.magnification})"
+    )
+    estimate = build_estimate(ev, method, description, n_boot=1000, seed=cfg.data.seed)
+    summary: dict[str, Any] = {"split": metrics["split"], **headline_metrics(metrics)}
+    update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
+    notes = list(notes) + estimate["warnings"]
+    write_evaluation(ev, RunDir(run_dir).evaluation.path, logs_dir=None, notes=notes)
+    write_report(run_dir, evaluation_dir=RunDir(run_dir).evaluation.path)

@@ -1,0 +1,392 @@
+"""``histolens train`` with the linear head (the default): every patient trains the shipped model.
+
+Steps: decode the images once; compute the frozen backbone's pooled features once (cached on
+disk); estimate performance on unseen patients by patient-level k-fold cross-validation, each
+fold choosing its own regularisation by inner cross-validation; fit temperature and threshold on
+the out-of-fold predictions; fit the shipped probe on all patients; write the checkpoint with
+the estimate, and the evaluation of the out-of-fold predictions. The held-out scoring and
+calibration live in :mod:`histolens.training.probe_validation`, the evaluation in
+:mod:`histolens.training.probe_evaluation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from histolens.atomic import atomic_write_text
+from histolens.checkpoint.io import BEST_CHECKPOINT, HeadSpec, ProbeChoice, save_checkpoint
+from histolens.config import RunConfig
+from histolens.data.records import ImageRecord
+from histolens.data.splits import Split, balanced_class_weights, split_by_patient
+from histolens.errors import DataError
+from histolens.models.backbones import BackboneSpec, get_backbone_spec
+from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
+from histolens.models.feature_cache import FeatureCache
+from histolens.models.pipeline import (
+    ImageBank,
+    ImageSource,
+    InputPipeline,
+    image_source,
+)
+from histolens.training.probe import ProbeFit
+from histolens.training.probe_evaluation import _evaluate
+from histolens.training.probe_validation import (
+    _calibrate,
+    _fit,
+    _held_out_logits,
+    _Referral,
+    _referral,
+)
+
+if TYPE_CHECKING:
+    from histolens.models.transforms import Preprocess
+    from histolens.stain.normalize import StainNormalizer
+    from histolens.training.common import TrainResult
+
+__all__ = ["train_probe"]
+
+log = logging.getLogger("histolens")
+
+
+def _group_of(r: ImageRecord) -> str:
+    return r.group or r.patient or r.path
+
+
+def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) -> Split:
+    """All patients train (cross-validated estimate), or the configured held-out split."""
+    if cfg.train.cv_folds:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Only for its checks and warnings (no patient ids, too few patients): no held-out part.
+            check = split_by_patient(
+                records, cfg.data.task, 0.0, 0.0, cfg.data.seed, cfg.data.group_by
+            )
+        notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        return Split(check.train, [], [], check.patient_level, check.warnings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = split_by_patient(
+            records,
+            cfg.data.task,
+            0.0,  # the probe needs no validation patients: C comes from inner CV
+            cfg.data.test_fraction,
+            cfg.data.seed,
+            cfg.data.group_by,
+        )
+    notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return split
+
+
+def _features(
+    cfg: RunConfig,
+    model,
+    images: ImageSource,
+    pipeline: InputPipeline,
+    paths: Sequence[str],
+    train_paths: Sequence[str],
+    run_dir: Path,
+    feature_store: dict | None,
+    preprocess,
+    progress: bool,
+    write_outputs: bool,
+    fabric,
+) -> FeatureCache:
+    """The frozen backbone's features of ``paths`` (and ``cfg.train.probe_views`` augmented
+    views of ``train_paths``), computed once (shared out between ranks)."""
+    from histolens.training.common import FEATURE_CACHE
+
+    spec = model.spec
+    n_views = cfg.train.probe_views
+    # Augmented views depend on the augmentation too (only then: other caches keep their key).
+    views = {"views": [n_views, repr(cfg.augment)]} if n_views else {}
+    fingerprint = FeatureCache.fingerprint_of(
+        backbone=spec.timm_name,
+        feature_layer=model.feature_layer,
+        pretrained=cfg.model.pretrained,
+        preprocess=preprocess.to_dict(),
+        stain=pipeline.stain.cache_key() if pipeline.stain is not None else None,
+        **views,
+    )
+    store = feature_store if feature_store is not None else {}
+    cache = store.get(fingerprint) or FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
+    if cache is None:
+        cache = FeatureCache({}, {}, fingerprint)
+    store[fingerprint] = cache
+    before = (len(cache.clean), len(cache.views))
+    with fabric.autocast():
+        bs = cfg.train.batch_size
+        view_paths = train_paths if n_views else []
+        cache.extend(
+            model, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
+        )
+    changed = (len(cache.clean), len(cache.views)) != before
+    if fabric.is_global_zero and write_outputs and feature_store is None and changed:
+        cache.save(run_dir / FEATURE_CACHE)
+    return cache
+
+
+def _arrays(
+    cache: FeatureCache,
+    recs: Sequence[ImageRecord],
+    classes: Sequence[str],
+    task: str,
+    views: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cached features, class indices and patient groups of ``recs``; with ``views``, each
+    image's features are the mean of its clean view and its cached augmented views."""
+    from histolens.data.splits import targets
+
+    def features(path: str) -> torch.Tensor:
+        if not views:
+            return cache.clean[path]
+        return torch.cat([cache.clean[path][None], cache.views[path][:views]]).mean(0)
+
+    x = torch.stack([features(r.path) for r in recs]).double().numpy()
+    return x, np.array(targets(recs, classes, task)), np.array([_group_of(r) for r in recs])
+
+
+@dataclass
+class _FrozenBackbone:
+    """The frozen backbone, what its inputs were prepared with, and its cached features."""
+
+    spec: BackboneSpec
+    model: HistoClassifier
+    layer: str | None
+    preprocess: Preprocess
+    images: ImageSource
+    stain: StainNormalizer | None
+    stain_ref: str | None
+    cache: FeatureCache
+
+
+def _frozen_features(
+    cfg: RunConfig,
+    spec: BackboneSpec,
+    n_classes: int,
+    split: Split,
+    run_dir: Path,
+    bank: ImageBank | None,
+    feature_store: dict | None,
+    progress: bool,
+    write_outputs: bool,
+    fabric,
+) -> _FrozenBackbone:
+    """Build the frozen backbone and compute the features of every image of ``split`` once."""
+    from histolens.models.transforms import Augmenter, resolve_preprocess
+    from histolens.training.data import fit_stain
+
+    layer = resolve_feature_layer(spec, cfg.model.feature_layer, "linear")
+    # As the Lightning path's seed_everything: a randomly initialised backbone (--pretrained none)
+    # is then the same in every run, so features shared through feature_store match its weights.
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(spec, n_classes, cfg.model.pretrained, (), (), layer)
+    if fabric.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    size = spec.input_size_for(cfg.model.input_size)
+    preprocess = resolve_preprocess(model.backbone, size)
+    model.set_trainable(0)
+    model.eval().to(fabric.device)
+    if fabric.device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+
+    # Streamed from disk (only the features are kept) unless a shared bank holds the images.
+    images = image_source(bank, preprocess)
+    stain, stain_ref = fit_stain(cfg, images, [r.path for r in split.train + split.val], preprocess)
+    augmenter = Augmenter(cfg.augment) if cfg.train.probe_views else None
+    pipeline = InputPipeline(preprocess, augmenter, stain, cfg.train.seed, fabric.device)
+    paths = [r.path for r in split.train + split.val + split.test]
+    cache = _features(
+        cfg,
+        model,
+        images,
+        pipeline,
+        paths,
+        [r.path for r in split.train + split.val],
+        run_dir,
+        feature_store,
+        preprocess,
+        progress,
+        write_outputs,
+        fabric,
+    )
+    return _FrozenBackbone(spec, model, layer, preprocess, images, stain, stain_ref, cache)
+
+
+def train_probe(
+    cfg: RunConfig,
+    run_dir: Path,
+    split: Split | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+    bank: ImageBank | None = None,
+    feature_store: dict | None = None,
+    write_outputs: bool = True,
+    fabric=None,
+):
+    """Train the linear-probe model as ``cfg`` says; see the module docstring for the steps.
+
+    With ``split`` given, the probe trains on its train + val images and is scored on its test
+    images (what cross-validation benchmarks use); otherwise ``cfg.train.cv_folds`` decides.
+    With a launched ``fabric`` of several processes, the ranks share the feature extraction
+    and rank 0 alone fits the probe and writes the files.
+    """
+    from histolens.training.common import TrainResult
+    from histolens.training.data import prepare_records, readable_split
+    from histolens.training.distributed import launch
+
+    start = time.perf_counter()
+    notes: list[str] = []
+    spec = get_backbone_spec(cfg.model.backbone)
+    dataset, records, classes = prepare_records(cfg)
+    if split is None:
+        notes += _audit_notes(records, progress)
+        split = _choose_split(cfg, records, notes)
+    notes = list(dict.fromkeys(notes + split.warnings))
+    fabric = fabric if fabric is not None else launch(cfg.train)
+    main = fabric.is_global_zero
+    for n in notes if main else ():
+        log.warning(n)
+    frozen = _frozen_features(
+        cfg,
+        spec,
+        len(classes),
+        split,
+        run_dir,
+        bank,
+        feature_store,
+        progress,
+        write_outputs,
+        fabric,
+    )
+    split = readable_split(split, frozen.images, notes)
+    if not split.train + split.val:
+        raise DataError("No readable training images.")
+    if not main:  # rank 0 fits the probe on the gathered features and writes the files
+        ckpt = run_dir / BEST_CHECKPOINT
+        return TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, global_rank=fabric.global_rank)
+    result = _fit_and_write(
+        cfg, run_dir, frozen, classes, split, dataset, notes, progress, evaluate, write_outputs
+    )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _fit_and_write(
+    cfg: RunConfig,
+    run_dir: Path,
+    frozen: _FrozenBackbone,
+    classes: Sequence[str],
+    split: Split,
+    dataset,
+    notes: list[str],
+    progress: bool,
+    evaluate: bool,
+    write_outputs: bool,
+) -> TrainResult:
+    """Rank 0's part: write the run's files, fit the probe on the train + val features, score it
+    on held-out patients, and write the checkpoint and (with ``evaluate``) the evaluation."""
+    from histolens.training.common import CONFIG_FILE, SPLIT_FILE, TrainResult
+    from histolens.training.data import write_skipped
+
+    write_skipped(run_dir, frozen.images, dataset)
+    if write_outputs:
+        split.write_csv(run_dir / SPLIT_FILE)
+        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_json())
+    n_classes = len(classes)
+    train_recs = split.train + split.val
+    x, y, g = _arrays(frozen.cache, train_recs, classes, cfg.data.task, cfg.train.probe_views)
+    if len(np.unique(y)) < 2:
+        raise DataError("The training images hold only one class; the probe needs two or more.")
+    final = _fit(cfg, x, y, g, n_classes, cfg.data.seed)
+    x_test = _arrays(frozen.cache, split.test, classes, cfg.data.task)[0] if split.test else None
+    held = _held_out_logits(cfg, final, split, x, y, g, n_classes, x_test, progress)
+    calibration = _calibrate(cfg, held.calib_logits, held.calib_y, n_classes)
+    mags = [r.magnification for r in split.train + split.val]
+    referral = _referral(cfg, held, calibration, x, y, g, classes, notes, mags)
+    ckpt = _save_probe_checkpoint(
+        cfg, run_dir, frozen, classes, split, dataset, final, calibration, referral
+    )
+    result = TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, notes=notes)
+    if evaluate:
+        result.metrics = _evaluate(
+            cfg,
+            run_dir,
+            held,
+            calibration,
+            classes,
+            referral,
+            x_test,
+            frozen.images,
+            dataset,
+            notes,
+            write_outputs,
+        )
+    return result
+
+
+def _save_probe_checkpoint(
+    cfg: RunConfig,
+    run_dir: Path,
+    frozen: _FrozenBackbone,
+    classes: Sequence[str],
+    split: Split,
+    dataset,
+    final: ProbeFit,
+    calibration: tuple[float, float],
+    referral: _Referral,
+) -> Path:
+    """Load ``final`` into the head and write the checkpoint (with the guard's state); its path."""
+    from histolens.training.common import initial_metadata
+
+    temperature, threshold = calibration
+    final.load_into(frozen.model.head.out)
+    weights = balanced_class_weights(split.train + split.val, classes, cfg.data.task)
+    metadata = initial_metadata(
+        cfg,
+        frozen.spec,
+        classes,
+        frozen.preprocess,
+        frozen.stain,
+        frozen.stain_ref,
+        split,
+        weights,
+        dataset,
+    )
+    metadata = replace(
+        metadata,
+        head=HeadSpec.linear(),
+        feature_layer=frozen.layer,
+        threshold=threshold,
+        temperature=temperature,
+        threshold_method=cfg.train.threshold_method,
+        probe=ProbeChoice(final.C, {f"{c:g}": s for c, s in final.inner_scores.items()}),
+        conformal=referral.conformal.to_dict() if referral.conformal is not None else None,
+        ood=referral.guard.to_dict(),
+    )
+    ckpt = run_dir / BEST_CHECKPOINT
+    save_checkpoint(ckpt, {**frozen.model.state_dict(), **referral.guard.state_dict()}, metadata)
+    return ckpt
+
+
+def _audit_notes(records: Sequence[ImageRecord], progress: bool) -> list[str]:
+    """The shortcut audit's warnings (image size, source folder, format) at the start of a run."""
+    from histolens.data.audit import audit_dataset
+
+    try:
+        report = audit_dataset(list(records), progress=False, colour=False)
+    except DataError:
+        return []
+    if not report.warnings:
+        return []
+    others = report.flagged[1:]
+    also = f" Also flagged: {', '.join(others)}." if others else ""
+    return [f"Shortcut audit: {report.warnings[0]}{also} See 'histolens data audit' for the table."]

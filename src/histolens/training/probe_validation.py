@@ -1,0 +1,221 @@
+"""How the linear probe of ``histolens train`` is scored on patients it did not train on.
+
+Either a held-out test split of patients, or patient-level k-fold cross-validation whose folds
+each choose their own regularisation, temperature and threshold by inner cross-validation; and
+the temperature and threshold fitted on held-out logits. Steps of :mod:`histolens.training.probe_run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from histolens.config import RunConfig
+from histolens.data.records import ImageRecord
+from histolens.data.splits import Split
+from histolens.errors import DataError
+from histolens.evaluation.referral import fit_feature_guard, fit_prediction_sets
+from histolens.training.probe import ProbeFit, fit_linear_probe, group_folds
+
+if TYPE_CHECKING:
+    from histolens.inference.ood import OODGuard
+    from histolens.stats.conformal import ConformalCalibration
+
+log = logging.getLogger("histolens")
+
+
+def _fit(cfg: RunConfig, x, y, g, n_classes: int, seed: int) -> ProbeFit:
+    """The probe on these images, C chosen from ``cfg``'s candidates by 5-fold inner CV."""
+    return fit_linear_probe(x, y, g, n_classes, cfg.train.probe_cs, 5, seed)
+
+
+@dataclass
+class _HeldOut:
+    """The evaluated images' held-out logits, and the logits temperature and threshold are fitted on.
+
+    ``fold_temperature`` (n, 1) is each image's fold temperature under cross-validation, whose
+    ``logits`` are the folds' decision logits (see :func:`_cross_validated_logits`); it is None
+    for a held-out test split, whose ``logits`` are the shipped probe's.
+    """
+
+    records: list[ImageRecord]
+    logits: np.ndarray
+    calib_logits: np.ndarray
+    calib_y: np.ndarray
+    method: str  # how the evaluated images were held out, in words
+    n_folds: int  # 0 for a held-out test split
+    fold_temperature: np.ndarray | None = None
+
+
+def _held_out_logits(
+    cfg: RunConfig,
+    final: ProbeFit,
+    split: Split,
+    x: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    n_classes: int,
+    x_test: np.ndarray | None,
+    progress: bool,
+) -> _HeldOut:
+    """The held-out test patients scored by ``final``, or else every training image out-of-fold.
+
+    ``x``, ``y``, ``g`` are the features, targets and groups of ``split.train + split.val``;
+    ``x_test`` the features of ``split.test`` (None when it is empty).
+    """
+    if split.test:
+        eval_logits = final.logits(x_test)
+        return _HeldOut(
+            split.test,
+            eval_logits,
+            final.oof_logits if final.oof_logits is not None else eval_logits[:0],
+            y if final.oof_logits is not None else y[:0],
+            "a held-out test split of patients",
+            0,
+        )
+    if not cfg.train.cv_folds:
+        raise DataError(
+            "--cv-folds 0 needs held-out test patients, and the split left none: raise "
+            "--test-fraction, add patients, or use cross-validation (--cv-folds 5)."
+        )
+    oof, decision, n_folds, fold_t = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
+    unit = "patient-level" if split.patient_level else "image-level (no patient ids)"
+    chosen = "C, threshold" if len(cfg.train.probe_cs) > 1 else "threshold"
+    method = (
+        f"{n_folds}-fold {unit} cross-validation (out-of-fold predictions; {chosen} "
+        "and temperature chosen inside each fold)"
+    )
+    return _HeldOut(split.train + split.val, decision, oof, y, method, n_folds, fold_t)
+
+
+def _cross_validated_logits(
+    cfg: RunConfig, x: np.ndarray, y: np.ndarray, g: np.ndarray, n_classes: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Out-of-fold logits of every image from patient-level k-fold (nested C selection).
+
+    Returns the raw logits and the fold's decision logits: for two classes, shifted so that 0 is
+    the fold's own decision boundary (threshold and temperature chosen on the fold's inner
+    out-of-fold predictions). Scoring those at 0.5 never lets a held-out patient choose its own
+    threshold; they stay on the raw scale, since folds calibrated by different temperatures would
+    pool on different scales and understate the AUC of one model. Last, each image's fold
+    temperature (n, 1): decision / temperature is what the fold's model would call calibrated.
+    """
+    from scipy.special import logit
+
+    for cls in np.unique(y):
+        if len(np.unique(g[y == cls])) < 2:
+            raise DataError(
+                f"Cross-validation needs at least 2 patient groups of every class; class index "
+                f"{cls} has 1. Add patients, or train with --cv-folds 0 and a held-out split."
+            )
+    folds = group_folds(y, g, cfg.train.cv_folds, cfg.data.seed)
+    n_out = 1 if n_classes == 2 else n_classes
+    oof = np.full((len(y), n_out), np.nan)
+    decision = np.full((len(y), n_out), np.nan)
+    fold_temperature = np.ones((len(y), 1))
+    for k, (tr, te) in enumerate(folds):
+        if len(np.unique(y[tr])) < 2:
+            continue
+        fit = _fit(cfg, x[tr], y[tr], g[tr], n_classes, cfg.data.seed + k)
+        oof[te] = fit.logits(x[te])
+        inner = fit.oof_logits if fit.oof_logits is not None else oof[te][:0]
+        t_k, thr_k = _calibrate(cfg, inner, y[tr] if len(inner) else y[:0], n_classes)
+        decision[te] = oof[te]
+        fold_temperature[te] = t_k
+        if n_classes == 2:  # the fold's boundary p = thr_k, with p = sigmoid(z / t_k)
+            decision[te] -= t_k * logit(np.clip(thr_k, 1e-6, 1 - 1e-6))
+        if progress:
+            log.info(
+                "fold %d/%d: %d held-out images of %d patients, C=%g",
+                k + 1,
+                len(folds),
+                len(te),
+                len(np.unique(g[te])),
+                fit.C,
+            )
+    return oof, decision, len(folds), fold_temperature
+
+
+def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int):
+    """Temperature and (two classes) threshold fitted on held-out ``logits``; (1.0, 0.5) when
+    fewer than two of them can be used."""
+    from histolens.inference.predictor import probabilities_from_logits
+    from histolens.stats.calibration import choose_threshold, fit_temperature
+
+    ok = ~np.isnan(logits).any(1)
+    if n_classes > 2:
+        # A class absent from a fold's training patients has a logit that never wins (-1e4);
+        # its held-out images say nothing about calibration and would drive T to its bound.
+        true_logit = np.take_along_axis(np.nan_to_num(logits), y[:, None], axis=1)[:, 0]
+        ok &= true_logit > -1e3
+    if ok.sum() < 2:
+        return 1.0, 0.5
+    t_logits = torch.as_tensor(logits[ok], dtype=torch.float32)
+    t_y = torch.as_tensor(y[ok])
+    temperature = fit_temperature(t_logits, t_y)
+    threshold = 0.5
+    if n_classes == 2:
+        p = probabilities_from_logits(t_logits, temperature)[:, 1].numpy()
+        threshold = choose_threshold(
+            y[ok], p, cfg.train.threshold_method, cfg.train.target_sensitivity
+        )
+    return temperature, threshold
+
+
+@dataclass
+class _Referral:
+    """Knowing when not to answer: prediction sets calibrated on held-out patients' predictions,
+    and the feature distance beyond which an image is unlike the training images."""
+
+    calib_p: np.ndarray  # calibrated, centred probabilities the prediction sets were fitted on
+    conformal: ConformalCalibration | None  # None when no calibration image was scored
+    guard: OODGuard  # with a feature guard when there were held-out patients to set it on
+    held_out_distance: np.ndarray  # each training image's distance when its patient was held out
+
+
+def _referral(
+    cfg: RunConfig,
+    held: _HeldOut,
+    calibration: tuple[float, float],
+    x: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    classes: Sequence[str],
+    notes: list[str],
+    magnifications: Sequence[int | None],
+) -> _Referral:
+    """Fit the prediction-set calibration (per magnification: ``magnifications`` of the rows of
+    ``x``) and the feature guard, noting an unreachable alpha."""
+    from histolens.inference.ood import OODGuard
+    from histolens.inference.predictor import probabilities_from_logits
+    from histolens.stats.conformal import centred_probabilities
+
+    temperature, threshold = calibration
+    calib_y = held.calib_y
+    if held.n_folds:  # each fold's decision logits over its temperature: its calibrated, centred p
+        calib_p = probabilities_from_logits(
+            torch.as_tensor(held.logits / held.fold_temperature), 1.0
+        ).numpy()
+    else:
+        calib_p = probabilities_from_logits(torch.as_tensor(held.calib_logits), temperature).numpy()
+        calib_p = centred_probabilities(calib_p, threshold if len(classes) == 2 else None)
+    conformal = fit_prediction_sets(
+        calib_p,
+        calib_y,
+        g[: len(calib_y)],
+        classes,
+        cfg.train.alpha,
+        notes,
+        list(magnifications)[: len(calib_y)],
+    )
+    try:
+        guard_folds = group_folds(y, g, cfg.train.cv_folds or 5, cfg.data.seed)
+    except DataError:  # one patient group: no held-out patients to set a limit on
+        guard_folds = []
+    feature_guard, held_out_distance = fit_feature_guard(x, guard_folds)
+    return _Referral(calib_p, conformal, OODGuard(features=feature_guard), held_out_distance)
