@@ -260,7 +260,8 @@ def report(run_dir):
     type=click.Choice(["none", "int8"]),
     default="none",
     show_default=True,
-    help="int8: ONNX Runtime static quantisation (QDQ), calibrated on the run's training images.",
+    help="int8: ONNX Runtime static quantisation of the convolutions (QDQ), calibrated on the "
+    "run's training images, checked against fp32 on unseen patients.",
 )
 @out_option(
     "The .onnx file (default: beside the checkpoint, best.onnx or best-int8.onnx).",
@@ -274,13 +275,26 @@ def report(run_dir):
 @count_option(
     "--verify-images",
     256,
-    help="Validation images the export is compared with PyTorch on, at most.",
+    help="Images the export is checked on, at most (fp32: validation images against PyTorch; "
+    "int8: images of unseen patients against the fp32 export).",
+)
+@click.option(
+    "--verify-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="int8: labelled images of patients the model was not fitted on (folder or CSV "
+    "manifest) to check the int8 export on; default: the run's held-out patients, or per-fold "
+    "refits of a cross-validated probe (docs/int8-guard.md).",
 )
 @quiet_option("No progress lines.")
-def export(checkpoint, export_format, quantize, out, calibration_images, verify_images, quiet):
-    """Export a model for ONNX Runtime; it is checked against PyTorch before it is written.
+def export(
+    checkpoint, export_format, quantize, out, calibration_images, verify_images, verify_data, quiet
+):
+    """Export a model for ONNX Runtime; it is checked before it is written.
 
-    The .onnx file then goes wherever a checkpoint goes (predict, evaluate, serve, gui).
+    fp32 is compared with PyTorch; int8 with the fp32 export on patients the model was not
+    fitted on. The .onnx file then goes wherever a checkpoint goes (predict, evaluate, serve,
+    gui).
     """
     from histolens.export.onnx import FP32_TOLERANCE, INT8_AUC_TOLERANCE, export_onnx
 
@@ -290,6 +304,7 @@ def export(checkpoint, export_format, quantize, out, calibration_images, verify_
         quantize,
         calibration_images=calibration_images,
         verify_images=verify_images,
+        verify_data=verify_data,
         progress=None if quiet else (lambda line: click.echo(f"{line} ...", err=True)),
     )
     click.echo(
@@ -297,17 +312,20 @@ def export(checkpoint, export_format, quantize, out, calibration_images, verify_
         f"{'fp32' if quantize == 'none' else quantize}) from {result.source} in "
         f"{result.seconds:.0f} s."
     )
-    check = (
-        f"Verified on {result.images_from}: largest probability change "
-        f"{result.max_probability_change:.4f}"
-    )
-    if result.auc_drop is None:
-        click.echo(f"{check} (at most {FP32_TOLERANCE} allowed).")
-    else:
+    check = result.int8_check
+    if check is None:
         click.echo(
-            f"{check}; AUC {result.auc_torch:.4f} -> {result.auc_onnx:.4f} (drop "
-            f"{result.auc_drop:.4f}, at most {INT8_AUC_TOLERANCE} allowed; calibrated on "
-            f"{result.n_calibration} training images)."
+            f"Verified against PyTorch on {result.images_from}: largest probability change "
+            f"{result.max_probability_change:.4f} (at most {FP32_TOLERANCE} allowed)."
+        )
+    else:
+        lo, hi = check.drop_ci
+        click.echo(
+            f"Verified against fp32 on {check.images_from}: image AUC {check.auc_fp32:.4f} -> "
+            f"{check.auc_int8:.4f} (drop {check.drop:.4f}, 95% CI over patients {lo:.4f} to "
+            f"{hi:.4f}; at most {INT8_AUC_TOLERANCE} allowed), largest probability change "
+            f"{check.max_probability_change:.4f}; calibrated on {result.n_calibration} "
+            "training images."
         )
 
 

@@ -6,13 +6,17 @@ features the out-of-distribution guard reads. The checkpoint's JSON metadata tra
 model's ``metadata_props`` (see :mod:`histolens.inference.runtimes`), so ``Predictor.from_checkpoint``
 takes the one ``.onnx`` file wherever a checkpoint goes.
 
-Nothing is written until the export has been compared with PyTorch on the run's validation images
-(or, when every patient trained the model, on up to 64 of its training images): fp32 probabilities
-may differ by at most ``FP32_TOLERANCE``; int8 may lose at most ``INT8_AUC_TOLERANCE`` of AUC.
+Nothing is written until the export has been checked. An fp32 export is compared with PyTorch
+on the run's validation images (or, when every patient trained the model, on up to 64 of its
+training images): its probabilities may differ by at most ``FP32_TOLERANCE``. An int8 export is
+compared with the fp32 export on patients the model was not fitted on (see
+:mod:`histolens.export.guard` and docs/int8-guard.md): it may lose at most
+``INT8_AUC_TOLERANCE`` of image AUC.
 
 This module holds the orchestration (``export_onnx``), the traced graph, the tolerances and the
-metadata written into the file; :mod:`histolens.export.quantize` holds the int8 quantisation and
-:mod:`histolens.export.verify` the choice of images and the comparison with PyTorch.
+metadata written into the file; :mod:`histolens.export.quantize` holds the int8 quantisation,
+:mod:`histolens.export.verify` the fp32 comparison with PyTorch and
+:mod:`histolens.export.guard` the int8 guard.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ from histolens.atomic import atomic_path
 from histolens.checkpoint.io import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
 from histolens.data.records import ImageRecord
 from histolens.errors import ConfigError, check_choice
+from histolens.export.guard import (
+    Int8Check,
+    UnseenImages,
+    enforce_int8_limit,
+    score_unseen,
+    unseen_patient_images,
+)
 from histolens.export.quantize import fp32_stages, quantize_int8
 from histolens.export.verify import (
     ExportError,
@@ -71,8 +82,8 @@ __all__ = [
 
 EXPORT_FORMATS = ("onnx",)
 QUANTIZATIONS = ("none", "int8")
-# The most an fp32 export's probability may differ from PyTorch's, and the most AUC an int8
-# export may lose, on the verification images.
+# The most an fp32 export's probability may differ from PyTorch's on the verification images,
+# and the most image AUC an int8 export may lose against the fp32 export on unseen patients.
 FP32_TOLERANCE = 0.01
 INT8_AUC_TOLERANCE = 0.005
 OPSET = 17
@@ -87,24 +98,29 @@ class ExportResult:
     quantization: str
     n_images: int  # verification images
     images_from: str
-    max_probability_change: float
-    auc_torch: float | None  # int8 only: AUC of the torch model and of the export
-    auc_onnx: float | None
+    max_probability_change: float  # fp32: from PyTorch; int8: from the fp32 export
     n_calibration: int  # int8 only: training images the activation ranges were measured on
     size_bytes: int
     seconds: float
+    int8_check: Int8Check | None = None  # int8 only: against fp32 on unseen patients
 
     @property
     def auc_drop(self) -> float | None:
-        if self.auc_torch is None or self.auc_onnx is None:
-            return None
-        return self.auc_torch - self.auc_onnx
+        return None if self.int8_check is None else self.int8_check.drop
 
     def verification(self) -> dict[str, Any]:
         """The figures stored in the export's metadata."""
-        keep = ("n_images", "images_from", "max_probability_change", "auc_torch", "auc_onnx")
+        keep = ("n_images", "images_from", "max_probability_change")
         out = {k: v for k, v in asdict(self).items() if k in keep}
-        out["auc_drop"] = self.auc_drop
+        check = self.int8_check
+        if check is not None:
+            out.update(
+                n_patients=check.n_patients,
+                auc_fp32=_finite(check.auc_fp32),
+                auc_int8=_finite(check.auc_int8),
+                auc_drop=_finite(check.drop),
+                auc_drop_ci=[_finite(v) for v in check.drop_ci],
+            )
         return out
 
 
@@ -203,6 +219,7 @@ def export_onnx(
     *,
     calibration_images: int = 64,
     verify_images: int = 256,
+    verify_data: str | os.PathLike | None = None,
     batch_size: int = 16,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -211,48 +228,77 @@ def export_onnx(
     Args:
         quantization: 'none' (fp32) or 'int8' (static quantisation calibrated on up to
             ``calibration_images`` of the run's training images).
-        verify_images: at most this many validation images are compared with PyTorch.
+        verify_images: at most this many images are compared (fp32: validation images against
+            PyTorch; int8: unseen-patient images against the fp32 export).
+        verify_data: int8 only: labelled images of patients the model was not fitted on (folder
+            or CSV manifest) to check the int8 export on, instead of the run's own.
         progress: called with a short line as each step starts.
 
     Raises:
-        ExportError: the export differs from PyTorch by more than the tolerance (with the
-            figure) or cannot be verified; nothing is written then.
+        ExportError: the export strays from its reference by more than the tolerance (with the
+            figures) or cannot be verified; nothing is written then.
     """
     start = time.perf_counter()
     say = progress or (lambda _line: None)
     source, target = _export_paths(checkpoint, out, quantization)
+    if verify_data is not None and quantization != "int8":
+        raise ConfigError("--verify-data checks an int8 export; add --quantize int8.")
     predictor = Predictor.from_checkpoint(source)
-    verify, where = verification_records(source, verify_images)
+    int8 = quantization == "int8"
+    if int8:
+        unseen = unseen_patient_images(source, verify_data, verify_images)
+    else:
+        verify, where = verification_records(source, verify_images)
     with tempfile.TemporaryDirectory(prefix="histolens-export-") as tmp:
         graph = Path(tmp) / "fp32.onnx"
         say(f"Exporting {predictor.backbone_name} at {predictor.preprocess.input_size}")
         trace_onnx(predictor.model, predictor.preprocess.input_size, graph)
-        n_calibration = 0
-        if quantization == "int8":
-            graph, n_calibration = _quantised_graph(
-                predictor, source, graph, calibration_images, batch_size, say, verify
+        if int8:
+            result = _int8_export(
+                predictor, source, target, graph, unseen, calibration_images, batch_size, say
             )
-        say(f"Verifying against PyTorch on {where}")
-        n, change, auc_torch, auc_onnx = compare_with_torch(
-            predictor, OnnxRunner(graph), verify, batch_size
-        )
-        _check(quantization, where, change, auc_torch, auc_onnx)
-        int8 = quantization == "int8"
-        result = ExportResult(
-            target,
-            source,
-            quantization,
-            n,
-            where,
-            change,
-            _finite(auc_torch) if int8 else None,
-            _finite(auc_onnx) if int8 else None,
-            n_calibration,
-            0,
-            0.0,
-        )
+            graph = graph.with_name("int8.onnx")
+        else:
+            say(f"Verifying against PyTorch on {where}")
+            n, change, _, _ = compare_with_torch(predictor, OnnxRunner(graph), verify, batch_size)
+            _check_fp32(where, change)
+            result = ExportResult(target, source, quantization, n, where, change, 0, 0, 0.0)
         _save_export(graph, predictor, result)
     return replace(result, size_bytes=target.stat().st_size, seconds=time.perf_counter() - start)
+
+
+def _int8_export(
+    predictor: Predictor,
+    source: Path,
+    target: Path,
+    fp32: Path,
+    unseen: UnseenImages,
+    calibration_images: int,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> ExportResult:
+    """Quantise ``fp32`` into ``int8.onnx`` beside it and check it against ``fp32`` on the
+    unseen-patient images; the result, or ExportError when it loses too much AUC."""
+    _, n_calibration = _quantised_graph(
+        predictor, source, fp32, calibration_images, batch_size, say, unseen.records
+    )
+    say(f"Checking int8 against fp32 on {unseen.where}")
+    check = score_unseen(
+        predictor, fp32, fp32.with_name("int8.onnx"), unseen, source, batch_size, say
+    )
+    enforce_int8_limit(check, INT8_AUC_TOLERANCE)
+    return ExportResult(
+        target,
+        source,
+        "int8",
+        check.n_images,
+        check.images_from,
+        check.max_probability_change,
+        n_calibration,
+        0,
+        0.0,
+        check,
+    )
 
 
 def _export_paths(
@@ -342,30 +388,10 @@ def _export_record(predictor: Predictor, result: ExportResult) -> dict[str, Any]
     }
 
 
-def _check(
-    quantization: str,
-    where: str,
-    change: float,
-    auc_torch: float,
-    auc_onnx: float,
-) -> None:
-    """Refuse an export that strays from PyTorch, with the figure, in one sentence."""
-    if quantization == "none":
-        if change > FP32_TOLERANCE:
-            raise ExportError(
-                f"The ONNX export's probabilities differ from PyTorch's by up to {change:.4f} on "
-                f"{where}, more than the {FP32_TOLERANCE} allowed, so nothing was written."
-            )
-        return
-    if math.isnan(auc_torch) or math.isnan(auc_onnx):
+def _check_fp32(where: str, change: float) -> None:
+    """Refuse an fp32 export that strays from PyTorch, with the figure, in one sentence."""
+    if change > FP32_TOLERANCE:
         raise ExportError(
-            f"The int8 export cannot be checked: {where} hold a single class, so there is no AUC "
-            "to compare, and nothing was written."
-        )
-    drop = auc_torch - auc_onnx
-    if drop > INT8_AUC_TOLERANCE:
-        raise ExportError(
-            f"The int8 export loses {drop:.4f} of AUC ({auc_torch:.4f} -> {auc_onnx:.4f}; largest "
-            f"probability change {change:.4f}) on {where}, more than the {INT8_AUC_TOLERANCE} "
-            "allowed, so nothing was written; the fp32 export keeps the model's figures."
+            f"The ONNX export's probabilities differ from PyTorch's by up to {change:.4f} on "
+            f"{where}, more than the {FP32_TOLERANCE} allowed, so nothing was written."
         )

@@ -2,8 +2,8 @@
 
 ``quantize_int8`` is the static quantisation step of ``histolens export --quantize int8``;
 ``fp32_stages`` names the backbone modules kept in fp32 because quantising them costs accuracy.
-Both are unverified: :func:`histolens.export.onnx.export_onnx` compares the result with PyTorch
-before anything is written.
+Both are unverified: :func:`histolens.export.onnx.export_onnx` checks the result against the
+fp32 export on unseen patients (:mod:`histolens.export.guard`) before anything is written.
 """
 
 from __future__ import annotations
@@ -19,15 +19,23 @@ import torch
 
 from histolens.inference.runtimes import INPUT_NAME
 
-__all__ = ["fp32_stages", "quantize_int8"]
+__all__ = ["INT8_OP_TYPES", "fp32_stages", "quantize_int8"]
+
+# The operators an int8 export quantises: the convolutions, which hold nearly all the weights and
+# time. Everything between them and after them (the tiles' crops, the pooling of each feature
+# level, their concatenation, the mean over tiles and the head) stays fp32: with every operator
+# quantised, the pooled features of both levels shared one uint8 scale in the concatenation, and
+# the input image was rounded to uint8 before the fp32 stem (see docs/int8-guard.md).
+INT8_OP_TYPES: tuple[str, ...] = ("Conv",)
 
 
 def fp32_stages(model: torch.nn.Module) -> tuple[str, ...]:
     """The backbone modules an int8 export keeps in fp32: with several feature levels, the stem
     and every stage up to the shallowest level, whose pooled output the head reads directly.
 
-    Quantising them cost a real default Lite0 run 0.030 of AUC (0.980 -> 0.950); keeping them
-    in fp32 cost 0.002. A single-level model is quantised whole."""
+    Quantising them too cost the default Lite0 0.071 of image AUC on unseen patients
+    (``benchmarks/int8_heldout.py``, docs/int8-guard.md). A single-level model is quantised
+    whole."""
     levels = getattr(model, "_levels", None)
     if not levels or len(levels) < 2:
         return ()
@@ -39,12 +47,19 @@ def quantize_int8(
     out: str | os.PathLike,
     batches: Iterable[np.ndarray],
     keep_fp32: Sequence[str] = (),
+    *,
+    op_types: Sequence[str] | None = INT8_OP_TYPES,
+    reduce_range: bool = True,
 ) -> int:
     """ONNX Runtime static quantisation of ``graph`` into ``out`` (QDQ, per-channel int8 weights,
     uint8 activations), activation ranges measured on model-input ``batches``; returns the number
-    of images they held. The head, and the backbone modules named in ``keep_fp32`` (see
-    ``fp32_stages``), stay fp32. Unverified: ``export_onnx`` is the checked way to an int8
-    export."""
+    of images they held. Only ``op_types`` are quantised (None: every operator ONNX Runtime can
+    quantise); the head, and the backbone modules named in ``keep_fp32`` (see ``fp32_stages``),
+    stay fp32. ``reduce_range`` (7-bit weights): x86 CPUs without VNNI multiply uint8 by int8
+    in pairs summed into int16, which saturates with full-range weights and not with 7-bit
+    ones; so one int8 file computes the same integers on AVX2 as on AVX-512 VNNI, and the
+    guard's figures measured on one CPU hold on the other. Unverified: ``export_onnx`` is the
+    checked way to an int8 export."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -76,6 +91,8 @@ def quantize_int8(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types) if op_types is not None else None,
+            reduce_range=reduce_range,
             # The head stays fp32: it costs nothing, and quantised logits come in steps of about
             # 0.3, which ties images the threshold should tell apart.
             nodes_to_exclude=_fp32_nodes(prepared, keep_fp32),

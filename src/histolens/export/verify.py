@@ -26,6 +26,7 @@ __all__ = [
     "ExportError",
     "compare_with_torch",
     "model_inputs",
+    "probability_auc",
     "run_records",
     "spread_evenly",
     "verification_records",
@@ -84,7 +85,7 @@ def model_inputs(
             yield [by_path[p] for p in paths], predictor.to_input(batch)
 
 
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
+def probability_auc(y: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC (binary) or macro one-vs-rest AUC over the classes present; NaN with one class."""
     from histolens.stats.metrics import safe_auc
 
@@ -118,4 +119,9 @@ def compare_with_torch(
     a, b, labels = np.concatenate(p_torch), np.concatenate(p_onnx), np.array(y)
     known = labels >= 0
     change = float(np.abs(a - b).max())
-    return len(a), change, _auc(labels[known], a[known]), _auc(labels[known], b[known])
+    return (
+        len(a),
+        change,
+        probability_auc(labels[known], a[known]),
+        probability_auc(labels[known], b[known]),
+    )
