@@ -16,6 +16,7 @@ from histolens.cli_options import (
     magnification_option,
     onnx_runtime_option,
     out_option,
+    patient_from_option,
     quiet_option,
     split_name_option,
 )
@@ -73,9 +74,19 @@ def main() -> None:
     choices=MAGNIFICATIONS,
 )
 @onnx_runtime_option()
+@patient_from_option()
 @quiet_option("No progress.")
 def predict(
-    checkpoint, inputs, out, batch_size, workers, alpha, magnification, onnx_runtime, quiet
+    checkpoint,
+    inputs,
+    out,
+    batch_size,
+    workers,
+    alpha,
+    magnification,
+    onnx_runtime,
+    patient_from,
+    quiet,
 ):
     """Predict the class and calibrated probability of images or folders of images.
 
@@ -84,8 +95,10 @@ def predict(
     stopped. Progress (images/s) goes to stderr.
     """
     from histolens.batch_predict import PredictionJob, ProgressReporter
+    from histolens.patients import check_patient_pattern
     from histolens.predictor import Predictor
 
+    pattern = check_patient_pattern(patient_from)
     predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
     predictor.alpha = alpha
     magnification = int(magnification) if magnification else None
@@ -118,6 +131,21 @@ def predict(
             click.echo(f"  {Path(row.path).name}: {row.label} ({row.probability:.3f}){flag}")
     for s in summary.skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
+    _write_prediction_patients(out, predictor, magnification, pattern)
+
+
+def _write_prediction_patients(out: Path, predictor, magnification, pattern) -> None:
+    """patients.csv beside ``out`` when the images carry patient ids (binary models)."""
+    from histolens.patients import prediction_patient_rows, write_patients_csv
+
+    rows = prediction_patient_rows(out, predictor, magnification, pattern)
+    if rows:
+        path = write_patients_csv(rows, out.with_name("patients.csv"))
+        referred = sum(r.refer for r in rows)
+        click.echo(
+            f"{len(rows)} patient(s) decided ({referred} referred: their images disagree). "
+            f"Written to {path}"
+        )
 
 
 @main.command()
@@ -139,6 +167,7 @@ def predict(
     "the AUC (benchmarks/generalisation.py), so leave it off there.",
 )
 @onnx_runtime_option()
+@patient_from_option()
 @quiet_option()
 def evaluate(
     checkpoint,
@@ -150,6 +179,7 @@ def evaluate(
     alpha,
     adapt_bn,
     onnx_runtime,
+    patient_from,
     quiet,
 ):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
@@ -186,6 +216,11 @@ def evaluate(
         out = ckpt.parent / f"evaluation-{split_name}{mag}"
     logs = ckpt.parent / "logs"
     write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None, checkpoint=ckpt)
+    if patient_from:  # patients by the user's pattern instead of the records' ids
+        from histolens.evaluation import _write_patients
+        from histolens.patients import check_patient_pattern
+
+        _write_patients(result, out / "patients.csv", check_patient_pattern(patient_from))
     # Whether the model saw these patients in training, evaluate cannot know of other data:
     # it says what the figures rest on and leaves that judgement to the reader.
     click.echo(f"Evaluated {support_text(estimate)}: {where}.")
@@ -297,6 +332,7 @@ def export(checkpoint, export_format, quantize, out, calibration_images, verify_
 def _register_commands() -> None:
     # The data and training commands, and each front end, keep their click commands (light
     # imports only) in their own modules.
+    from histolens.cli_calibrate import calibrate_command
     from histolens.cli_data import data_group
     from histolens.cli_train import cv_command, train_command
     from histolens.explain.cli import explain_command
@@ -306,6 +342,7 @@ def _register_commands() -> None:
     main.add_command(data_group, "data")
     main.add_command(train_command, "train")
     main.add_command(cv_command, "cv")
+    main.add_command(calibrate_command, "calibrate")
     main.add_command(explain_command, "explain")
     main.add_command(gui_command, "gui")
     main.add_command(serve_command, "serve")

@@ -35,6 +35,7 @@ __all__ = [
     "magnification_option",
     "onnx_runtime_option",
     "out_option",
+    "patient_from_option",
     "pretrained_option",
     "quiet_option",
     "recipe_option",
@@ -128,6 +129,17 @@ def onnx_runtime_option() -> Decorator:
         default=None,
         help="Which runtime runs an .onnx export (default: ONNX Runtime, or "
         "$HISTOLENS_ONNX_RUNTIME); openvino needs 'pip install openvino'.",
+    )
+
+
+def patient_from_option() -> Decorator:
+    """``--patient-from REGEX``: each image's patient id from its path (for patients.csv)."""
+    return click.option(
+        "--patient-from",
+        metavar="REGEX",
+        help="Patient id of each image from its path: the group named 'patient', else the "
+        "first group, else the match (default: BreakHis file names, a manifest's patient "
+        "column). Writes patients.csv: one decision per patient.",
     )
 
 

@@ -16,6 +16,7 @@ import torch
 
 from histolens.checkpoint import BEST_CHECKPOINT, update_metadata
 from histolens.config import RunConfig
+from histolens.operating_points import OperatingPoints
 from histolens.pipeline import ImageSource
 from histolens.probe_validation import _HeldOut, _Referral
 
@@ -32,8 +33,12 @@ def _evaluate(
     dataset,
     notes: list[str],
     write_outputs: bool,
+    operating_points: OperatingPoints | None = None,
 ) -> dict[str, Any]:
-    """Score the held-out predictions, with referrals, and write the evaluation; its metrics."""
+    """Score the held-out predictions, with referrals, and write the evaluation; its metrics.
+
+    A test split is decided at ``operating_points`` (per magnification); out-of-fold decision
+    logits are already centred on their folds' own operating points per magnification."""
     from histolens.evaluation import EvalResult, compute_metrics, rows_from_logits
 
     # Out-of-fold decision logits are already centred on each fold's own threshold.
@@ -47,6 +52,7 @@ def _evaluate(
         cfg.data.task,
         threshold,
         temperature,
+        operating_points=None if held.n_folds else operating_points,
     )
     feature_guard = referral.guard.features
     if held.n_folds:
@@ -62,7 +68,9 @@ def _evaluate(
     metrics["split"] = "out-of-fold" if held.n_folds else "test"
     ev.metrics = metrics
     if write_outputs:
-        _write_outputs(run_dir, ev, cfg, held.method, dataset, notes, held.n_folds, metrics)
+        _write_outputs(
+            run_dir, ev, cfg, held.method, dataset, notes, held.n_folds, metrics, operating_points
+        )
     else:
         from histolens.evaluation import write_predictions_csv
 
@@ -91,7 +99,7 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
         )
     elif conformal is not None and ev.rows:
         probs = np.array([r.probs for r in ev.rows])
-        thr = ev.threshold if len(ev.classes) == 2 else None
+        thr = ev.thresholds() if len(ev.classes) == 2 else None
         predicted = [ev.predicted(r) for r in ev.rows]
         member = conformal.prediction_sets(
             centred_probabilities(probs, thr), alpha, predicted, mags
@@ -110,7 +118,15 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
 
 
 def _write_outputs(
-    run_dir: Path, ev, cfg: RunConfig, method: str, dataset, notes, n_folds: int, metrics
+    run_dir: Path,
+    ev,
+    cfg: RunConfig,
+    method: str,
+    dataset,
+    notes,
+    n_folds: int,
+    metrics,
+    operating_points: OperatingPoints | None = None,
 ) -> None:
     """Store the estimate and headline in the checkpoint; write the evaluation and the report."""
     from histolens.estimate import build_estimate
@@ -121,7 +137,9 @@ def _write_outputs(
         f"{len(ev.rows)} images of {len(groups)} patient groups in {Path(cfg.data.path).name}"
         f" (magnification {cfg.data.magnification})"
     )
-    estimate = build_estimate(ev, method, description, n_boot=1000, seed=cfg.data.seed)
+    estimate = build_estimate(
+        ev, method, description, n_boot=1000, seed=cfg.data.seed, decision=operating_points
+    )
     summary: dict[str, Any] = {"split": metrics["split"], **_headline(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
     notes = list(notes) + estimate["warnings"]

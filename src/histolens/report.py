@@ -152,6 +152,7 @@ def write_report(
     if meta is not None and meta.data.known:
         parts.append(_data_section(meta))
     parts.append(_plots_section(ev))
+    parts.append(_patients_section(ev / "patients.csv"))
     parts.append(_gallery_section(run_dir / "explanations"))
     faith = run_dir / "explanations" / "faithfulness.json"
     if faith.is_file():
@@ -164,6 +165,39 @@ def write_report(
         f"</head><body><main>{''.join(parts)}</main></body></html>"
     )
     return atomic_write_text(run_dir / "report.html", doc)
+
+
+def _patients_section(patients_csv: Path, limit: int = 200) -> str:
+    """The decision per patient (patients.csv, histolens.patients); empty without one."""
+    import csv
+
+    if not patients_csv.is_file():
+        return ""
+    with open(patients_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return ""
+    cols = ("patient", "n_images", "magnifications", "mean_probability", "share_malignant")
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(r[c])}</td>" for c in cols)
+        + f"<td>{html.escape(r['decision'])}</td>"
+        + f"<td>{'refer: ' + html.escape(r['refer_reason']) if r['refer'] == '1' else ''}</td>"
+        + f"<td>{html.escape(r['label'])}</td></tr>"
+        for r in rows[:limit]
+    )
+    more = f"<p class=how>First {limit} of {len(rows)} patients: see patients.csv.</p>"
+    return (
+        "<section><h2>Decision per patient</h2><p class=how>Each patient's images aggregated "
+        "(docs/operating-points.md): the mean calibrated probability, the share of images "
+        "called malignant at their magnification's threshold, and the decision at the "
+        "patient-level operating point; referred where the images disagree beyond the "
+        "calibrated limit.</p><table class=fig><tr><th>Patient</th><th>Images</th>"
+        "<th>Magnifications</th><th>Mean probability</th><th>Share malignant</th>"
+        f"<th>Decision</th><th>Refer</th><th>Label</th></tr>{body}</table>"
+        + (more if len(rows) > limit else "")
+        + "</section>"
+    )
 
 
 def _read_json(path: Path, default: Any) -> Any:
