@@ -247,3 +247,32 @@ def test_predict_writes_patients_csv_from_breakhis_names_or_a_pattern(tmp_path, 
         assert sorted(r["patient"] for r in csv.DictReader(fh)) == ["B", "M"]
     bad = CliRunner().invoke(main, [*args, "--patient-from", "(unclosed"])
     assert bad.exit_code == 1 and "is not a regular expression" in bad.output
+
+
+def test_the_estimate_shows_each_magnifications_decision_with_its_cis():
+    from histolens.estimate import build_estimate, estimate_lines
+    from histolens.evaluation import EvalResult, PredictionRow, with_referrals
+
+    p, y, patients, mags = _known_optimum()
+    ops = OperatingPoints.fit("youden", y, p, patients, mags)
+    classes = ("benign", "malignant")
+    rows = [
+        PredictionRow(f"i{k}", q, m, classes[t], int(t), (1 - v, v), (1 - v, v))
+        for k, (v, t, q, m) in enumerate(zip(p, y, patients, mags, strict=True))
+    ]
+    ev = EvalResult(rows, classes, "binary", ops.pooled, 1.0, operating_points=ops)
+    member = np.ones((len(rows), 2), dtype=bool)
+    member[::2] = [True, False]  # every other image referred: a referral rate of 0.5
+    with_referrals(ev, member, None, 0.1, "test")
+    est = build_estimate(ev, "made-up folds", "test rows", n_boot=50, per_magnification_boot=50)
+    assert est["operating_point"] == "youden"
+    for m in ("100X", "200X"):
+        block = est["per_magnification"][m]
+        assert block["threshold"] == ops.threshold_for(m)
+        # Each magnification decided at its own threshold separates its classes perfectly.
+        for k in ("sensitivity", "specificity", "balanced_accuracy"):
+            assert block["metrics"][k] == 1.0 and block["ci95"][k] == [1.0, 1.0]
+        assert block["metrics"]["refer_rate"] == 0.5 and "refer_rate" in block["ci95"]
+    lines = estimate_lines(est)
+    assert any(line.strip().startswith("100X: ROC AUC") for line in lines)
+    assert any("at threshold" in line and "referral rate 0.500" in line for line in lines)

@@ -26,6 +26,7 @@ __all__ = [
     "class_support_warnings",
     "estimate_lines",
     "headline_text",
+    "per_magnification_lines",
 ]
 
 # Below this many patients of a class, an estimate's CI rests on too few people to trust.
@@ -210,6 +211,16 @@ def estimate_lines(estimate: dict[str, Any] | None, per_magnification: bool = Tr
         if key in estimate.get("metrics", {}):
             lines.append(f"  {name}: {_fmt_metric(estimate, key)}")
     if per_magnification:
+        lines += per_magnification_lines(estimate)
+    lines += [f"warning: {w}" for w in estimate.get("warnings", [])]
+    return lines
+
+
+def per_magnification_lines(estimate: dict[str, Any] | None) -> list[str]:
+    """Each magnification's AUC and support, then its decision (sensitivity, specificity,
+    balanced accuracy, referral rate) at its own threshold, each with its CI."""
+    lines: list[str] = []
+    if estimate:
         for m, block in estimate.get("per_magnification", {}).items():
             key = "roc_auc" if "roc_auc" in block["metrics"] else "balanced_accuracy"
             value = _fmt_metric(block, key) if block["metrics"] else "n/a (one class only)"
@@ -222,5 +233,4 @@ def estimate_lines(estimate: dict[str, Any] | None, per_magnification: bool = Tr
             if decision:
                 at = f"at threshold {block['threshold']:.3f}: " if "threshold" in block else ""
                 lines.append(f"      {at}{'; '.join(decision)}")
-    lines += [f"warning: {w}" for w in estimate.get("warnings", [])]
     return lines

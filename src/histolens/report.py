@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_write_text
+from histolens.estimate import per_magnification_lines
 from histolens.performance import headline
 from histolens.report_estimate import estimate_section, lead_estimate
 from histolens.report_html import embedded_image, fmt
@@ -85,6 +86,16 @@ def _head_text(meta: CheckpointMetadata) -> str:
     return f"a linear probe (C={C:g}) on the pooled features of {layer}" if C else "a linear probe"
 
 
+def _thresholds_text(meta: CheckpointMetadata) -> str:
+    """The pooled threshold, and each magnification's own (its operating point)."""
+    ops = meta.decision
+    if ops is None:
+        return f"{meta.threshold:.3f}"
+    own = ", ".join(f"{m}X {t:.3f}" for m, t in ops.thresholds.items())
+    where = f" ({html.escape(str(ops.rule))} per magnification: {own})" if own else ""
+    return f"{ops.pooled:.3f} pooled{where}"
+
+
 def _threshold_source(meta: CheckpointMetadata) -> str:
     if "cross-validation" in str((meta.estimate or {}).get("method", "")):
         return "the out-of-fold predictions of every training patient"
@@ -107,7 +118,17 @@ def _licence_paragraph(meta: CheckpointMetadata) -> str:
 
 def _model_card(meta: CheckpointMetadata, estimate: dict[str, Any] | None = None) -> str:
     data = meta.data
-    performance = html.escape(headline(estimate if estimate else meta.headline_estimate))
+    shown = estimate if estimate else meta.headline_estimate
+    performance = html.escape(headline(shown))
+    # Never a pooled figure without each magnification's beside it (issue 26).
+    mag_lines = per_magnification_lines(shown)
+    per_mag = (
+        "<p><b>Per magnification.</b><br>"
+        + "<br>".join(html.escape(line.strip()) for line in mag_lines)
+        + "</p>"
+        if mag_lines
+        else ""
+    )
     return f"""
 <p><b>Intended use.</b> Research and education in computational pathology: studying how a
 classifier of H&amp;E breast histopathology images behaves, comparing backbones and training
@@ -116,13 +137,13 @@ of the slide is the reference.</p>
 <p><b>Model.</b> {html.escape(meta.backbone)} backbone (weights:
 {html.escape(str(meta.pretrained))}) with {_head_text(meta)}; task
 {html.escape(meta.task)}; classes {html.escape(", ".join(meta.class_names))};
-decision threshold {meta.threshold:.3f} chosen on {_threshold_source(meta)};
+decision threshold {_thresholds_text(meta)} chosen on {_threshold_source(meta)};
 temperature {meta.temperature:.3f}; stain normalisation {html.escape(meta.stain_method)}.</p>
 {_licence_paragraph(meta)}
 <p><b>Data.</b> {html.escape(data.path or "")} ({html.escape(data.layout or "")}),
 magnification {html.escape(meta.magnification)}; split by
 {"image (no patient ids: optimistic)" if data.patient_level_split is False else "patient group"}.</p>
-<p><b>Performance.</b> {performance}.</p>
+<p><b>Performance.</b> {performance}.</p>{per_mag}
 <p><b>Limitations.</b> Trained on few patients: confidence intervals are wide and performance on
 other labs, scanners, stains and magnifications is unknown. Image-level metrics count correlated
 images of one patient many times; read the patient-level figures. Heatmaps show what the model
