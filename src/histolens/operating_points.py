@@ -255,17 +255,6 @@ class OperatingPoints:
         """``threshold_for`` of each image."""
         return np.array([self.threshold_for(m) for m in magnifications], dtype=np.float64)
 
-    def basis(self, magnification: Any) -> str:
-        """Where an image's threshold comes from, in words."""
-        from histolens.conformal import stratum_of
-
-        key = stratum_of(magnification)
-        if key in self.thresholds:
-            return f"{key}X images' own"
-        return (
-            "pooled (magnification unknown)" if not key else f"pooled ({key}X has too few patients)"
-        )
-
     def borrowed(self) -> dict[str, tuple[int, int]]:
         """The known magnifications deciding at the pooled threshold, with their patient counts."""
         return {s: c for s, c in self.patients.items() if s not in self.thresholds}
