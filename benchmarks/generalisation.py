@@ -42,8 +42,11 @@ from _common import (  # noqa: E402
     require_real_data,
     setup,
 )
+from _operating_points_study import HeldOut  # noqa: E402
+from _operating_points_study import report as operating_point_report  # noqa: E402
 
 SCORED_MAGNIFICATION = 100
+DEFAULT = "default: linear probe, 294x448 tiles, blocks.2+5, Macenko, C=0.003"
 
 # Each lever as config overrides of the default recipe (or of the original recipe).
 BASE = {"model.backbone": "tf_efficientnet_lite0", "model.pretrained": "imagenet"}
@@ -101,7 +104,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "linear probe, 294x448 tiles, blocks.2+5, no stain": ("default", {"stain.method": "none"}),
     "linear probe, 224 px, blocks.2+5, Macenko": ("default", {"model.input_size": None}),
-    "default: linear probe, 294x448 tiles, blocks.2+5, Macenko, C=0.003": ("default", {}),
+    DEFAULT: ("default", {}),
     "default, but C chosen by inner patient-level CV": (
         "default",
         {"train.probe_cs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
@@ -238,8 +241,12 @@ def run_peer(records, classes, task, seeds, feats) -> list[dict[str, float]]:
     return out
 
 
-def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
-    """Train each fold through histolens.training.runner.train; pool the held-out 100X predictions."""
+def run_config(records, classes, task, seeds, data, recipe, overrides, shared, study=None):
+    """Train each fold through histolens.training.runner.train; pool the held-out 100X predictions.
+
+    With ``study`` (an ``_operating_points_study.HeldOut``), the folds also score their held-out
+    groups' images of every magnification for it, and one more run of ``train`` (5-fold
+    cross-validation over all groups) gives it the estimate a user would be shown."""
     from histolens.config import recipe_config
     from histolens.data.splits import Split
     from histolens.training.runner import train
@@ -278,6 +285,8 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                 test_recs = [records[i] for i in te if records[i].magnification == 100]
                 if not test_recs:
                     continue
+                if study is not None:  # every magnification of the held-out groups
+                    test_recs = [records[i] for i in te]
                 if cfg.model.head == "mlp":  # early stopping needs validation patients
                     from histolens.data.splits import split_by_patient
 
@@ -307,8 +316,25 @@ def run_config(records, classes, task, seeds, data, recipe, overrides, shared):
                     probs.update(_predictor_probabilities(run_dir, paths, adabn, tta))
                     continue
                 temperature = read_metadata(run_dir).temperature
-                probs.update(_read_predictions(run_dir / "predictions.csv", classes, temperature))
+                fold = _read_predictions(run_dir / "predictions.csv", classes, temperature)
+                scored = {r.path for r in test_recs if r.magnification == SCORED_MAGNIFICATION}
+                probs.update({k: v for k, v in fold.items() if k in scored})
+                if study is not None:
+                    study.add_fold(run_dir, test_recs, classes[1], seed)
             out.append(_scores(records, probs, classes, task))
+        if study is not None:
+            from histolens.checkpoint.io import read_metadata
+
+            run_dir = Path(tmp) / "all-groups"
+            train(
+                cfg.override({"train.cv_folds": 5}),
+                run_dir,
+                split=Split(list(records), [], [], True),
+                bank=bank,
+                feature_store=shared.setdefault(("store", cfg.model.input_size), {}),
+                progress=False,
+            )
+            study.estimate = read_metadata(run_dir).estimate
     return out
 
 
@@ -406,13 +432,20 @@ def main() -> None:
         )
         print("  ".join(map(str, rows[-1])), flush=True)
     shared: dict = {}
+    study_lines: list[str] = []
     for name, (recipe, overrides) in CONFIGS.items():
         if args.only and not any(o in name for o in args.only):
             continue
         start = time.perf_counter()
-        runs = run_config(records, classes, args.task, seeds, data, recipe, overrides, shared)
+        # The default's decision per magnification and per patient (issue 26), from its folds.
+        study = HeldOut() if name == DEFAULT and args.task == "binary" else None
+        runs = run_config(
+            records, classes, args.task, seeds, data, recipe, overrides, shared, study
+        )
         rows.append(_summarise(name, runs, time.perf_counter() - start))
         print("  ".join(map(str, rows[-1])), flush=True)
+        if study is not None:
+            study_lines = operating_point_report(study, study.estimate, SCORED_MAGNIFICATION)
     keys = (
         ["image AUC", "balanced accuracy", "patient recognition rate", "patient AUC"]
         if args.task == "binary"
@@ -424,6 +457,9 @@ def main() -> None:
         f"{len(seeds)} repeats of 5-fold patient-group CV; seconds = wall time for all folds."
     )
     print_table(["configuration", *keys, "seconds"], rows)
+    if study_lines:
+        print()
+        print("\n".join(study_lines))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "histolens",
         "histolens.errors",
         "histolens.atomic",
-        "histolens.config",
         "histolens.rundir",
         "histolens.progress",
         "histolens.moved",
     ),
     ("histolens.stats",),
+    ("histolens.config",),  # the typed run config: validates operating points with stats' parser
     ("histolens.data",),
     ("histolens.slides",),  # whole-slide images: read with data's image I/O
     ("histolens.stain",),

@@ -61,7 +61,7 @@ def test_weights_and_metadata_round_trip(saved, model):
     assert meta.threshold == 0.37 and meta.metrics == META["metrics"]
     assert meta.preprocess == Preprocess((64, 96), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     raw = meta.to_dict()
-    assert raw["format"] == CHECKPOINT_FORMAT and raw["format_version"] == SCHEMA_VERSION == 2
+    assert raw["format"] == CHECKPOINT_FORMAT and raw["format_version"] == SCHEMA_VERSION == 3
     assert {"histolens", "torch", "timm"} <= set(meta.versions)
     assert read_metadata(saved) == meta  # the header alone, without the weights
 
@@ -276,11 +276,11 @@ def test_a_version_1_checkpoint_is_migrated_and_still_loads(tmp_path, model):
 
 
 def test_a_newer_schema_is_refused_naming_both_versions(tmp_path, model):
-    path = _raw_checkpoint(tmp_path / "future.safetensors", model, {**V1_MLP, "format_version": 3})
+    path = _raw_checkpoint(tmp_path / "future.safetensors", model, {**V1_MLP, "format_version": 4})
     with pytest.raises(
         CheckpointError,
         match=r"future\.safetensors was written by a newer histolens \(checkpoint format "
-        r"version 3, while histolens .* reads versions 1 to 2\); upgrade histolens",
+        r"version 4, while histolens .* reads versions 1 to 3\); upgrade histolens",
     ):
         read_metadata(path)
 

@@ -163,6 +163,10 @@ class TrainConfig:
     engine: str | None = None
     threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.95
+    # Where the decision sits, chosen per magnification on held-out predictions
+    # (histolens.stats.decisions): youden, sensitivity:T or specificity:T; None: as
+    # threshold_method says (youden by default).
+    operating_point: str | None = None
     seed: int = 42
     # The estimate on unseen patients: patient-level k-fold cross-validation (out-of-fold
     # predictions of every patient), then the shipped model is fitted on all patients.
@@ -189,6 +193,10 @@ class TrainConfig:
         check_choice("threshold method", self.threshold_method, ["youden", "sensitivity", "fixed"])
         if self.engine is not None:
             check_choice("engine", self.engine, ENGINES)
+        if self.operating_point is not None:
+            from histolens.stats.operating_points import parse_operating_point
+
+            self.operating_point = str(parse_operating_point(self.operating_point))
         for name in ("lr", "batch_size", "epochs", "cache_views", "num_nodes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")

@@ -35,10 +35,12 @@ class EvaluationFiles(_Folder):
     METRICS = "metrics.json"
     PREDICTIONS = "predictions.csv"
     NOTES = "notes.json"
+    PATIENTS = "patients.csv"
 
     metrics = _file(METRICS)
     predictions = _file(PREDICTIONS)
     notes = _file(NOTES)
+    patients = _file(PATIENTS)
 
 
 class ExplanationFiles(_Folder):

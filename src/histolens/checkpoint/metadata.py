@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from histolens.checkpoint.parts import (
     HeadSpec,
@@ -33,6 +33,9 @@ from histolens.config import RunConfig
 from histolens.errors import CheckpointError
 from histolens.models.transforms import Preprocess
 
+if TYPE_CHECKING:
+    from histolens.stats.decisions import OperatingPoints
+
 # The parts are listed here too: ``histolens.checkpoint.io`` re-exports this ``__all__``.
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -49,7 +52,9 @@ CHECKPOINT_FORMAT = "histolens-checkpoint"
 # that an older histolens refuses a newer file in one sentence instead of misreading it.
 # 1: the head's kind was not stored (the head was the MLP, or absent for the original one).
 # 2: every field is written, the head's kind included.
-SCHEMA_VERSION = 2
+# 3: operating points per magnification (``operating_points``); an older file has none, and
+#    decides every image at its one ``threshold``, as it did.
+SCHEMA_VERSION = 3
 FORMAT_VERSION = SCHEMA_VERSION
 
 TASKS = ("binary", "subtype")
@@ -73,7 +78,15 @@ _OPTIONAL_TEXT = (
 )
 # Records owned by other modules (histolens.stain.normalize, estimate, conformal, ood, export, adapt),
 # which validate them when they read them; here they are JSON mappings or None.
-_OPTIONAL_RECORDS = ("stain", "estimate", "conformal", "ood", "adapted_batchnorm", "export")
+_OPTIONAL_RECORDS = (
+    "stain",
+    "estimate",
+    "conformal",
+    "ood",
+    "adapted_batchnorm",
+    "export",
+    "operating_points",
+)
 _RECORDS = ("config", "metrics", "versions", "extra")
 
 
@@ -115,6 +128,9 @@ class CheckpointMetadata:
     ood: dict[str, Any] | None = None  # histolens.inference.ood.OODGuard (its tensors are weights)
     adapted_batchnorm: dict[str, Any] | None = None  # {"images": n} after Predictor AdaBN
     export: dict[str, Any] | None = None  # an ONNX export's section (histolens.export.onnx)
+    # histolens.stats.decisions.OperatingPoints: the threshold per magnification (None: the
+    # one ``threshold`` for every image, as checkpoints before schema 3).
+    operating_points: dict[str, Any] | None = None
     epoch: int | None = None  # Lightning runs: the best epoch, its loss and validation AUC
     best_val_loss: float | None = None
     val_auc_at_best: float | None = None
@@ -245,6 +261,16 @@ class CheckpointMetadata:
         return self.class_names[1] if self.is_binary else None
 
     @property
+    @property
+    def decision(self) -> OperatingPoints | None:
+        """The stored operating points per magnification (None: ``threshold`` for all)."""
+        if self.operating_points is None or not self.is_binary:
+            return None
+        from histolens.stats.decisions import OperatingPoints
+
+        return OperatingPoints.from_dict(self.operating_points)
+
+    @property
     def stain_method(self) -> str:
         """The stain normalisation the model expects ('none' when it has none)."""
         return str((self.stain or {}).get("method") or "none")
@@ -271,6 +297,12 @@ def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "head": head}
 
 
+def _from_version_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 -> 3: no operating points per magnification (the default, None) is what a
+    version-2 file means; nothing to change."""
+    return raw
+
+
 # _MIGRATIONS[v - 1] turns version v into version v + 1.
-_MIGRATIONS = (_from_version_1,)
+_MIGRATIONS = (_from_version_1, _from_version_2)
 assert len(_MIGRATIONS) == SCHEMA_VERSION - 1

@@ -17,11 +17,12 @@ from histolens.cli.options import (
     magnification_option,
     onnx_runtime_option,
     out_option,
+    patient_from_option,
     quiet_option,
     split_name_option,
 )
 from histolens.errors import HistolensError
-from histolens.rundir import RunDir
+from histolens.rundir import EvaluationFiles, RunDir
 
 
 def _fail(exc: Exception) -> None:
@@ -80,9 +81,20 @@ def main() -> None:
 )
 @onnx_runtime_option()
 @engine_option()
+@patient_from_option()
 @quiet_option("No progress.")
 def predict(
-    checkpoint, inputs, out, batch_size, workers, alpha, magnification, onnx_runtime, engine, quiet
+    checkpoint,
+    inputs,
+    out,
+    batch_size,
+    workers,
+    alpha,
+    magnification,
+    onnx_runtime,
+    engine,
+    patient_from,
+    quiet,
 ):
     """Predict the class and calibrated probability of images or folders of images.
 
@@ -91,8 +103,10 @@ def predict(
     stopped. Progress (images/s) goes to stderr.
     """
     from histolens.inference.batch import PredictionJob, ProgressReporter
+    from histolens.inference.patients import check_patient_pattern
     from histolens.inference.predictor import Predictor
 
+    pattern = check_patient_pattern(patient_from)
     predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
     predictor.use_engine(engine)
     predictor.alpha = alpha
@@ -126,6 +140,21 @@ def predict(
             click.echo(f"  {Path(row.path).name}: {row.label} ({row.probability:.3f}){flag}")
     for s in summary.skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
+    _write_prediction_patients(out, predictor, magnification, pattern)
+
+
+def _write_prediction_patients(out: Path, predictor, magnification, pattern) -> None:
+    """patients.csv beside ``out`` when the images carry patient ids (binary models)."""
+    from histolens.inference.patients import prediction_patient_rows, write_patients_csv
+
+    rows = prediction_patient_rows(out, predictor, magnification, pattern)
+    if rows:
+        path = write_patients_csv(rows, out.with_name("patients.csv"))
+        referred = sum(r.refer for r in rows)
+        click.echo(
+            f"{len(rows)} patient(s) decided ({referred} referred: their images disagree). "
+            f"Written to {path}"
+        )
 
 
 @main.command()
@@ -148,6 +177,7 @@ def predict(
 )
 @onnx_runtime_option()
 @engine_option()
+@patient_from_option()
 @quiet_option()
 def evaluate(
     checkpoint,
@@ -160,6 +190,7 @@ def evaluate(
     adapt_bn,
     onnx_runtime,
     engine,
+    patient_from,
     quiet,
 ):
     """Metrics with patient-level CIs, plots, predictions.csv and an HTML report."""
@@ -202,6 +233,11 @@ def evaluate(
         out = ckpt.parent / f"evaluation-{split_name}{mag}"
     logs = RunDir(ckpt.parent).logs
     write_evaluation(result, out, logs_dir=logs if logs.is_dir() else None)
+    if patient_from:  # patients by the user's pattern instead of the records' ids
+        from histolens.evaluation.evaluate import write_patients
+        from histolens.inference.patients import check_patient_pattern
+
+        write_patients(result, EvaluationFiles(out).patients, check_patient_pattern(patient_from))
     write_report(out, evaluation_dir=out, checkpoint=ckpt)
     # Whether the model saw these patients in training, evaluate cannot know of other data:
     # it says what the figures rest on and leaves that judgement to the reader.
@@ -332,6 +368,7 @@ def export(
 def _register_commands() -> None:
     # The data and training commands, and each front end, keep their click commands (light
     # imports only) in their own modules.
+    from histolens.cli.calibrate import calibrate_command
     from histolens.cli.data import data_group
     from histolens.cli.explain import explain_command
     from histolens.cli.gui import gui_command
@@ -341,6 +378,7 @@ def _register_commands() -> None:
     main.add_command(data_group, "data")
     main.add_command(train_command, "train")
     main.add_command(cv_command, "cv")
+    main.add_command(calibrate_command, "calibrate")
     main.add_command(explain_command, "explain")
     main.add_command(gui_command, "gui")
     main.add_command(serve_command, "serve")

@@ -36,6 +36,7 @@ __all__ = [
     "magnification_option",
     "onnx_runtime_option",
     "out_option",
+    "patient_from_option",
     "pretrained_option",
     "quiet_option",
     "recipe_option",
@@ -143,6 +144,17 @@ def engine_option() -> Decorator:
         default=None,
         help="What computes the frozen backbone's features: auto (default, or $HISTOLENS_ENGINE: "
         "the fastest runtime here, checked against PyTorch) or torch; see docs/engine.md.",
+    )
+
+
+def patient_from_option() -> Decorator:
+    """``--patient-from REGEX``: each image's patient id from its path (for patients.csv)."""
+    return click.option(
+        "--patient-from",
+        metavar="REGEX",
+        help="Patient id of each image from its path: the group named 'patient', else the "
+        "first group, else the match (default: BreakHis file names, a manifest's patient "
+        "column). Writes patients.csv: one decision per patient.",
     )
 
 

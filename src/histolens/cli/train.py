@@ -66,6 +66,7 @@ _CONFIG_KEYS = {
     "patience": "train.early_stopping_patience",
     "threshold_method": "train.threshold_method",
     "target_sensitivity": "train.target_sensitivity",
+    "operating_point": "train.operating_point",
     "alpha": "train.alpha",
     "accelerator": "train.accelerator",
     "devices": "train.devices",
@@ -158,6 +159,11 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 @click.option("--patience", type=click.IntRange(1), help="Early-stopping patience (epochs).")
 @click.option("--threshold-method", type=click.Choice(["youden", "sensitivity", "fixed"]))
 @click.option("--target-sensitivity", type=float)
+@click.option(
+    "--operating-point",
+    help="Where the decision sits, chosen per magnification on out-of-fold predictions: "
+    "youden (default), sensitivity:0.95 (screening) or specificity:0.95 (confirmation).",
+)
 @alpha_option(
     help="Error level of the prediction sets (default 0.1): a new patient's image has its true "
     "class in its set with probability 1 - alpha; sets of several classes mean 'refer'."

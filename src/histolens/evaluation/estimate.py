@@ -18,12 +18,15 @@ import numpy as np
 from histolens.stats.metrics import HEADLINE_METRICS
 
 __all__ = [
+    "DECISION_KEYS",
+    "DECISION_NAMES",
     "ESTIMATE_KEYS",
     "MIN_PATIENTS_PER_CLASS",
     "build_estimate",
     "class_support_warnings",
     "estimate_lines",
     "headline_text",
+    "per_magnification_lines",
 ]
 
 # Below this many patients of a class, an estimate's CI rests on too few people to trust.
@@ -31,6 +34,11 @@ MIN_PATIENTS_PER_CLASS = 5
 
 # What is shown, in order: binary task, then subtypes (one list for every front end).
 ESTIMATE_KEYS: dict[str, str] = dict(HEADLINE_METRICS)
+# Stored in each block besides them: the share of images referred to a person.
+_BLOCK_KEYS: dict[str, str] = {**ESTIMATE_KEYS, "refer_rate": "referral rate"}
+# What each magnification's line shows (binary), beside its AUC.
+DECISION_KEYS = ("sensitivity", "specificity", "balanced_accuracy", "refer_rate")
+DECISION_NAMES: dict[str, str] = {**ESTIMATE_KEYS, "refer_rate": "referral rate"}
 
 
 def _patients_per_class(rows) -> dict[str, int]:
@@ -63,10 +71,24 @@ def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
     from histolens.evaluation.metrics import EvalResult, compute_metrics
     from histolens.stats.metrics import bootstrap_ci
 
-    sub = EvalResult(list(rows), result.classes, result.task, result.threshold, result.temperature)
+    sub = EvalResult(
+        list(rows),
+        result.classes,
+        result.task,
+        result.threshold,
+        result.temperature,
+        operating_points=result.operating_points,
+    )
     metrics = compute_metrics(sub, n_boot=n_boot, seed=seed)
     img = dict(metrics["image"])
     ci = dict(img.get("ci95", {}))
+    if result.alpha is not None and rows:
+        # The share of images a person is asked to decide, with its CI over patients.
+        refer = np.array([r.refer for r in rows], dtype=float)
+        img["refer_rate"] = float(refer.mean())
+        if n_boot:
+            groups = np.array([r.patient for r in rows])
+            ci["refer_rate"] = bootstrap_ci(lambda i: float(refer[i].mean()), groups, n_boot, seed)
     if len(result.classes) > 2:
         # The subtype headline (and the probe's choice of C): compute_metrics has no balanced
         # accuracy for subtypes, so it is computed here, with its CI over patients.
@@ -84,8 +106,9 @@ def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
         "n_images": metrics["n_images"],
         "n_patients": metrics["n_patients"],
         "patients_per_class": _patients_per_class(rows),
-        "metrics": {k: float(img[k]) for k in ESTIMATE_KEYS if k in img},
-        "ci95": {k: [float(v[0]), float(v[1])] for k, v in ci.items() if k in ESTIMATE_KEYS},
+        "metrics": {k: float(img[k]) for k in _BLOCK_KEYS if k in img},
+        "ci95": {k: [float(v[0]), float(v[1])] for k, v in ci.items() if k in _BLOCK_KEYS},
+        **({"threshold": float(np.median(sub.thresholds()))} if len(result.classes) == 2 else {}),
     }
 
 
@@ -96,11 +119,14 @@ def build_estimate(
     n_boot: int = 1000,
     seed: int = 0,
     per_magnification_boot: int = 500,
+    decision: Any = None,
 ) -> dict[str, Any]:
     """The estimate of an :class:`~histolens.evaluation.metrics.EvalResult`, overall and per magnification.
 
     Args:
         result: predictions of images whose patients the scoring model never saw.
+        decision: the shipped model's operating points (histolens.stats.decisions), when
+            ``result``'s rows were decided by other models (cross-validation's folds).
         method: how, e.g. "5-fold patient-level cross-validation (out-of-fold predictions)".
         description: on what, e.g. "735 images of 30 patient groups in breakhis-dev".
     """
@@ -112,6 +138,7 @@ def build_estimate(
         "task": result.task,
         "classes": list(result.classes),
         "threshold": float(result.threshold),
+        **_operating_point_fields(decision or result.operating_points),
         **_block(result, rows, n_boot, seed),
         "per_magnification": {},
     }
@@ -129,11 +156,20 @@ def build_estimate(
                 }
                 continue
             est["per_magnification"][f"{m}X"] = _block(result, sub, per_magnification_boot, seed)
+            if decision is not None:  # the shipped model's threshold there
+                est["per_magnification"][f"{m}X"]["threshold"] = decision.threshold_for(m)
     warnings = class_support_warnings(est["patients_per_class"], result.classes)
     for m, block in est["per_magnification"].items():
         warnings += class_support_warnings(block["patients_per_class"], result.classes, m)
     est["warnings"] = warnings
     return est
+
+
+def _operating_point_fields(op) -> dict[str, Any]:
+    """The rule and the per-magnification thresholds of a decision (binary)."""
+    if op is None:
+        return {}
+    return {"operating_point": str(op.rule), "operating_points": op.table()}
 
 
 def _fmt_metric(block: dict[str, Any], key: str) -> str:
@@ -169,13 +205,32 @@ def estimate_lines(estimate: dict[str, Any] | None, per_magnification: bool = Tr
         f"Estimated on unseen patients by {estimate['method']}: {estimate['description']}.",
         f"Support: {_support(estimate)}.",
     ]
-    for key, name in ESTIMATE_KEYS.items():
+    if estimate.get("operating_point"):
+        lines.append(f"Operating point: {estimate['operating_point']}, chosen per magnification.")
+    for key, name in _BLOCK_KEYS.items():
         if key in estimate.get("metrics", {}):
             lines.append(f"  {name}: {_fmt_metric(estimate, key)}")
     if per_magnification:
+        lines += per_magnification_lines(estimate)
+    lines += [f"warning: {w}" for w in estimate.get("warnings", [])]
+    return lines
+
+
+def per_magnification_lines(estimate: dict[str, Any] | None) -> list[str]:
+    """Each magnification's AUC and support, then its decision (sensitivity, specificity,
+    balanced accuracy, referral rate) at its own threshold, each with its CI."""
+    lines: list[str] = []
+    if estimate:
         for m, block in estimate.get("per_magnification", {}).items():
             key = "roc_auc" if "roc_auc" in block["metrics"] else "balanced_accuracy"
             value = _fmt_metric(block, key) if block["metrics"] else "n/a (one class only)"
             lines.append(f"  {m}: {ESTIMATE_KEYS[key]} {value}; {_support(block)}")
-    lines += [f"warning: {w}" for w in estimate.get("warnings", [])]
+            decision = [
+                f"{_BLOCK_KEYS[k]} {_fmt_metric(block, k)}"
+                for k in DECISION_KEYS
+                if k in block["metrics"]
+            ]
+            if decision:
+                at = f"at threshold {block['threshold']:.3f}: " if "threshold" in block else ""
+                lines.append(f"      {at}{'; '.join(decision)}")
     return lines

@@ -33,14 +33,15 @@ from histolens.rundir import EvaluationFiles, RunDir
 from histolens.stats.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
-    choose_threshold,
     fit_temperature,
 )
 from histolens.stats.metrics import HEADLINE_METRICS
+from histolens.stats.operating_points import choose_threshold_for, rule_from_train_config
 
 if TYPE_CHECKING:
     from histolens.config import RunConfig
     from histolens.evaluation.referral import Referral, Scored
+    from histolens.stats.decisions import OperatingPoints
 
 __all__ = [
     "EvalResult",
@@ -129,22 +130,28 @@ def finalize_run(
     val = score_records(predictor, split.val, images, cache, batch_size=batch)
     temperature, threshold = _fit_on_validation(cfg, val.records, val.logits, classes)
     predictor.temperature, predictor.threshold = temperature, threshold
+    ops = _operating_points_on_validation(cfg, val.records, val.logits, classes, temperature)
+    predictor.operating_points = ops
+    if ops is not None:
+        notes += [n for n in ops.notes() if n not in notes]
     if temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
         notes.append(_temperature_bound_note(temperature))
     desc = "Features for the guard" if progress else None
     train = score_records(predictor, split.train, images, cache, batch_size=batch, desc=desc)
-    referral = fit_referral(cfg, train, val, classes, (temperature, threshold), notes)
+    referral = fit_referral(cfg, train, val, classes, (temperature, threshold), notes, ops)
     test_part = "test" if split.test else "val"
     scored = score_records(predictor, split.test or split.val, images, cache, referral.guard, batch)
     n_boot = 1000 if write_outputs else 0
-    result = _evaluated(cfg, scored, classes, (temperature, threshold), referral, test_part, n_boot)
+    result = _evaluated(
+        cfg, scored, classes, (temperature, threshold), referral, test_part, n_boot, ops
+    )
     summary = {"split": test_part, **headline_metrics(result.metrics)}
     estimate = None
     # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
     if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
         estimate = _held_out_estimate(result, cfg, test_part)
         notes = notes + [w for w in estimate["warnings"] if w not in notes]
-    _store(run_dir, cfg, referral, (temperature, threshold), summary, estimate)
+    _store(run_dir, cfg, referral, (temperature, threshold), summary, estimate, ops)
     if write_outputs:
         write_evaluation(
             result,
@@ -172,10 +179,31 @@ def _fit_on_validation(
         temperature = fit_temperature(val_logits, y_val)
         if len(classes) == 2:
             p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
-            threshold = choose_threshold(
-                y_val.numpy(), p_val, cfg.train.threshold_method, cfg.train.target_sensitivity
-            )
+            rule = rule_from_train_config(cfg.train)
+            threshold = choose_threshold_for(rule, y_val.numpy(), p_val)
     return temperature, threshold
+
+
+def _operating_points_on_validation(
+    cfg: RunConfig,
+    val_records: Sequence[ImageRecord],
+    val_logits: torch.Tensor,
+    classes: Sequence[str],
+    temperature: float,
+) -> OperatingPoints | None:
+    """The operating points per magnification chosen on the validation patients (binary, the
+    path the linear probe takes on its out-of-fold logits); None without validation images."""
+    from histolens.stats.decisions import fit_on_logits
+    from histolens.stats.operating_points import rule_from_train_config
+
+    if len(classes) != 2 or not val_records:
+        return None
+    idx = {c: i for i, c in enumerate(classes)}
+    y = np.array([idx[target_of(r, cfg.data.task)] for r in val_records])
+    groups = [r.group or r.patient or r.path for r in val_records]
+    mags = [r.magnification for r in val_records]
+    rule = rule_from_train_config(cfg.train)
+    return fit_on_logits(rule, val_logits.numpy(), y, groups, mags, temperature)
 
 
 def _evaluated(
@@ -186,6 +214,7 @@ def _evaluated(
     referral: Referral,
     part: str,
     n_boot: int,
+    operating_points: OperatingPoints | None = None,
 ) -> EvalResult:
     """The evaluated split's rows, with prediction sets and flags, and their metrics."""
     from histolens.evaluation.referral import add_referrals
@@ -197,6 +226,7 @@ def _evaluated(
         cfg.data.task,
         threshold,
         temperature,
+        operating_points=operating_points,
     )
     add_referrals(result, scored, referral, part)
     result.metrics = compute_metrics(result, n_boot=n_boot, seed=cfg.data.seed)
@@ -211,6 +241,7 @@ def _store(
     calibration: tuple[float, float],
     summary: dict[str, Any],
     estimate: dict[str, Any] | None,
+    operating_points: OperatingPoints | None = None,
 ) -> None:
     """Write temperature, threshold, prediction sets, guard, headline and estimate into the
     run's checkpoint, in one rewrite."""
@@ -224,6 +255,7 @@ def _store(
         threshold=threshold,
         metrics=summary,
         threshold_method=cfg.train.threshold_method,
+        operating_points=None if operating_points is None else operating_points.to_dict(),
         **({"estimate": estimate} if estimate else {}),
     )
 
@@ -297,6 +329,7 @@ def evaluate_checkpoint(
         predictor.task,
         predictor.threshold,
         predictor.temperature,
+        operating_points=predictor.operating_points,
     )
     if predictor.conformal is not None or reasons is not None:
         from histolens.evaluation.referral import row_prediction_sets
@@ -310,6 +343,15 @@ def evaluate_checkpoint(
         )
     result.metrics = compute_metrics(result, n_boot=n_boot, seed=seed)
     return result, skipped
+
+
+def write_patients(result: EvalResult, path: Path, pattern=None) -> None:
+    """patients.csv (histolens.inference.patients) when the rows carry patient ids (binary)."""
+    from histolens.inference.patients import evaluation_patient_rows, write_patients_csv
+
+    rows = evaluation_patient_rows(result, pattern)
+    if rows:
+        write_patients_csv(rows, path)
 
 
 def write_predictions_csv(result: EvalResult, path: str | os.PathLike) -> Path:
@@ -358,6 +400,7 @@ def write_evaluation(
     files = EvaluationFiles(out)
     atomic_write_text(files.metrics, json.dumps(result.metrics, indent=2, default=float))
     write_predictions_csv(result, files.predictions)
+    write_patients(result, files.patients)
     # Kept beside the metrics so that `histolens report` later shows the same warnings.
     atomic_write_text(files.notes, json.dumps(list(notes), indent=2))
     y = np.array([r.target for r in result.rows])

@@ -17,6 +17,7 @@ import torch
 from histolens.data.records import ImageRecord, target_of
 from histolens.errors import DataError
 from histolens.inference.predictor import probabilities_from_logits
+from histolens.stats.decisions import OperatingPoints
 from histolens.stats.metrics import (
     binary_metrics,
     bootstrap_ci,
@@ -71,10 +72,23 @@ class EvalResult:
     # The error level of the rows' prediction sets and how they were calibrated (None: no sets).
     alpha: float | None = None
     refer_method: str = ""
+    # The threshold per magnification (histolens.stats.decisions); None: ``threshold`` for all.
+    operating_points: OperatingPoints | None = None
+
+    def threshold_of(self, row: PredictionRow) -> float:
+        """The threshold ``row`` is decided at: its magnification's, else ``threshold``."""
+        if self.operating_points is None:
+            return self.threshold
+        return self.operating_points.threshold_for(row.magnification)
+
+    def thresholds(self, rows: Sequence[PredictionRow] | None = None) -> np.ndarray:
+        """``threshold_of`` each of ``rows`` (default: all rows)."""
+        rows = self.rows if rows is None else rows
+        return np.array([self.threshold_of(r) for r in rows], dtype=np.float64)
 
     def predicted(self, row: PredictionRow) -> int:
         if len(self.classes) == 2:
-            return int(row.probs[1] >= self.threshold)
+            return int(row.probs[1] >= self.threshold_of(row))
         return int(np.argmax(row.probs))
 
 
@@ -180,7 +194,7 @@ def _risk_coverage_figures(
     from histolens.stats.conformal_metrics import risk_coverage as rc_curve
 
     probs = np.array([r.probs for r in ind]).reshape(len(ind), len(result.classes))
-    thr = result.threshold if len(result.classes) == 2 else None
+    thr = result.thresholds(ind) if len(result.classes) == 2 else None
     confidence = centred_probabilities(probs, thr)[np.arange(len(ind)), pred] if len(ind) else pred
     curve = rc_curve(pred == y, confidence)
     return {
@@ -241,7 +255,11 @@ def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
     }
 
 
-def _binary_block(y, p, patients, threshold, n_boot, seed) -> dict[str, Any]:
+# The CIs each magnification's row shows (the pooled block bootstraps every statistic).
+_PER_MAGNIFICATION_CIS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
+
+
+def _binary_block(y, p, patients, threshold, n_boot, seed, ci_keys=None) -> dict[str, Any]:
     out = binary_metrics(y, p, threshold)
     correct = (p >= threshold).astype(int) == y
     out["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
@@ -263,7 +281,8 @@ def _binary_block(y, p, patients, threshold, n_boot, seed) -> dict[str, Any]:
         "patient_auc": lambda i: patient_level_auc(patients[i], y[i], p[i]),
     }
     if n_boot:
-        out["ci95"] = {k: bootstrap_ci(f, patients, n_boot, seed) for k, f in stats.items()}
+        keys = stats if ci_keys is None else ci_keys
+        out["ci95"] = {k: bootstrap_ci(stats[k], patients, n_boot, seed) for k in keys}
     return out
 
 
@@ -281,9 +300,12 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
         "threshold": result.threshold,
         "temperature": result.temperature,
     }
+    if result.operating_points is not None:
+        out["operating_point"] = str(result.operating_points.rule)
     if len(result.classes) == 2:
         p = probs[:, 1]
-        out["image"] = _binary_block(y, p, patients, result.threshold, n_boot, seed)
+        thr = result.thresholds()
+        out["image"] = _binary_block(y, p, patients, thr, n_boot, seed)
         out["image_at_0.5"] = binary_metrics(y, p, 0.5)
         p_raw = np.array([r.probs_uncalibrated[1] for r in rows])
         out["uncalibrated"] = {
@@ -292,12 +314,29 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
         }
         mags = sorted({r.magnification for r in rows if r.magnification})
         if len(mags) > 1:
+            # Each magnification with its own CIs over its patients and its referral rate: a
+            # pooled figure hides a magnification whose decision sits elsewhere (issue 26).
+            refer = np.array([r.refer for r in rows])
             out["per_magnification"] = {}
             for m in mags:
                 idx = np.array([r.magnification == m for r in rows])
-                out["per_magnification"][f"{m}X"] = _binary_block(
-                    y[idx], p[idx], patients[idx], result.threshold, 0, seed
+                block = _binary_block(
+                    y[idx], p[idx], patients[idx], thr[idx], n_boot, seed, _PER_MAGNIFICATION_CIS
                 )
+                block["threshold"] = float(thr[idx][0])
+                block["n_images"] = int(idx.sum())
+                block["n_benign_patients"] = int(len(np.unique(patients[idx][y[idx] == 0])))
+                block["n_malignant_patients"] = int(len(np.unique(patients[idx][y[idx] == 1])))
+                if result.alpha is not None:
+                    block["refer_rate"] = float(refer[idx].mean())
+                    if n_boot:
+                        block.setdefault("ci95", {})["refer_rate"] = bootstrap_ci(
+                            lambda i, r=refer[idx]: float(r[i].mean()),
+                            patients[idx],
+                            n_boot,
+                            seed,
+                        )
+                out["per_magnification"][f"{m}X"] = block
     else:
         mc = multiclass_metrics(y, probs, result.classes)
         pred = probs.argmax(1)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from histolens.inference.ood import FeatureGuard
     from histolens.models.feature_cache import FeatureCache
     from histolens.models.pipeline import ImageSource
+    from histolens.stats.decisions import OperatingPoints
 
 __all__ = [
     "Referral",
@@ -144,6 +145,7 @@ def fit_referral(
     classes: Sequence[str],
     calibration: tuple[float, float],
     notes: list[str],
+    operating_points: OperatingPoints | None = None,
 ) -> Referral:
     """Calibrate prediction sets on the validation patients' predictions (at the run's alpha,
     each patient weighing the same), and fit the feature guard on the training and validation
@@ -151,10 +153,11 @@ def fit_referral(
     ``notes`` says what could not be fitted."""
     temperature, threshold = calibration
     probs = probabilities_from_logits(val.logits, temperature).numpy()
-    calib_p = centred_probabilities(probs, threshold if len(classes) == 2 else None)
+    mags = [r.magnification for r in val.records]
+    thr = threshold if operating_points is None else operating_points.thresholds_for(mags)
+    calib_p = centred_probabilities(probs, thr if len(classes) == 2 else None)
     y = np.array(targets(val.records, classes, cfg.data.task), dtype=np.int64)
     groups = np.array([r.group or r.patient or r.path for r in val.records], dtype=str)
-    mags = [r.magnification for r in val.records]
     conformal = fit_prediction_sets(calib_p, y, groups, classes, cfg.train.alpha, notes, mags)
     n_train, x = len(train.records), np.concatenate([train.features, val.features])
     folds = [(np.arange(n_train), np.arange(n_train, len(x)))] if len(val.records) else []
@@ -178,7 +181,7 @@ def row_prediction_sets(
     if conformal is None or not result.rows:
         return None
     probs = np.array([r.probs for r in result.rows])
-    thr = result.threshold if len(result.classes) == 2 else None
+    thr = result.thresholds() if len(result.classes) == 2 else None
     predicted = [result.predicted(r) for r in result.rows]
     mags = [r.magnification for r in result.rows]
     return conformal.prediction_sets(centred_probabilities(probs, thr), alpha, predicted, mags)

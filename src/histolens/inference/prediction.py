@@ -8,20 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from histolens.inference.predictions_csv import prediction_row
+from histolens.stats.calibration import probabilities_from_logits
 
 __all__ = ["Prediction", "probabilities_from_logits"]
-
-
-def probabilities_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities (B, C) from logits (B, 1) [binary, sigmoid] or (B, C) [softmax]."""
-    scaled = logits.float() / float(temperature)
-    if scaled.shape[1] == 1:
-        p = torch.sigmoid(scaled[:, 0])
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(scaled, dim=1)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from histolens.models.classifier import HistoClassifier
 from histolens.models.pipeline import InputPipeline
 from histolens.models.transforms import Preprocess
 from histolens.stats.conformal import ConformalCalibration, centred_probabilities, check_alpha
+from histolens.stats.decisions import OperatingPoints
 
 # Prediction and probabilities_from_logits live in histolens.inference.prediction; importable here too.
 __all__ = ["Prediction", "Predictor", "probabilities_from_logits"]
@@ -53,6 +54,8 @@ class Predictor:
     alpha: float | None = None
     # What computes the logits when it is not ``model`` itself: ONNX Runtime for an export.
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The threshold per magnification (histolens.stats.decisions); None: ``threshold`` for all.
+    operating_points: OperatingPoints | None = None
 
     @classmethod
     def from_checkpoint(
@@ -90,6 +93,7 @@ class Predictor:
             conformal=conformal,
             guard=guard,
             runner=runner,
+            operating_points=meta.decision,
         )
 
     def use_engine(self, setting: str | None = None) -> str:
@@ -135,6 +139,13 @@ class Predictor:
         if self.conformal is None:
             return None
         return check_alpha(self.alpha) if self.alpha is not None else self.conformal.alpha
+
+    def threshold_for(self, magnification: Any) -> float:
+        """The decision threshold of an image of ``magnification`` (binary): its
+        magnification's operating point, else the pooled ``threshold``."""
+        if self.operating_points is None:
+            return self.threshold
+        return self.operating_points.threshold_for(magnification)
 
     # --- the pipeline -----------------------------------------------------------------------
     def to_input(self, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -182,16 +193,20 @@ class Predictor:
         each image's from the calibration of its magnification (``magnifications``; where None,
         what its path says; else the most cautious, see ``histolens.stats.conformal``)."""
         n = len(probs)
-        preds = [self._label(p, path) for p, path in zip(probs, paths or [None] * n, strict=True)]
+        given = list(magnifications) if magnifications is not None else [None] * n
+        mags = [
+            m if m is not None else magnification_from_path(p)
+            for m, p in zip(given, paths or [None] * n, strict=True)
+        ]
+        thresholds = np.array([self.threshold_for(m) for m in mags], dtype=np.float64)
+        preds = [
+            self._label(p, path, t)
+            for p, path, t in zip(probs, paths or [None] * n, thresholds, strict=True)
+        ]
         if self.conformal is not None and n:
             alpha = self.refer_alpha
             index = {c: i for i, c in enumerate(self.class_names)}
-            centred = centred_probabilities(probs, self.threshold if self.is_binary else None)
-            given = list(magnifications) if magnifications is not None else [None] * n
-            mags = [
-                m if m is not None else magnification_from_path(p)
-                for m, p in zip(given, paths or [None] * n, strict=True)
-            ]
+            centred = centred_probabilities(probs, thresholds if self.is_binary else None)
             predicted = [index[p.label] for p in preds]
             member = self.conformal.prediction_sets(centred, alpha, predicted, mags)
             for pred, row, mag in zip(preds, member, mags, strict=True):
@@ -214,18 +229,18 @@ class Predictor:
             )
         return preds
 
-    def _label(self, probs: np.ndarray, path: str | None) -> Prediction:
+    def _label(self, probs: np.ndarray, path: str | None, threshold: float) -> Prediction:
         scores = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
         if self.is_binary:
             p = float(probs[1])
-            label = self.class_names[1] if p >= self.threshold else self.class_names[0]
+            label = self.class_names[1] if p >= threshold else self.class_names[0]
             return Prediction(
                 label,
                 scores[label],
                 scores,
                 p,
-                self.threshold,
-                abs(p - self.threshold) < UNCERTAINTY_MARGIN,
+                float(threshold),
+                abs(p - threshold) < UNCERTAINTY_MARGIN,
                 path,
             )
         order = np.argsort(probs)[::-1]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_write_text
+from histolens.evaluation.estimate import per_magnification_lines
 from histolens.evaluation.performance import headline, headline_estimate
 from histolens.report.estimate import estimate_section, lead_estimate
 from histolens.report.markup import embedded_image, fmt
@@ -86,6 +87,16 @@ def _head_text(meta: CheckpointMetadata) -> str:
     return f"a linear probe (C={C:g}) on the pooled features of {layer}" if C else "a linear probe"
 
 
+def _thresholds_text(meta: CheckpointMetadata) -> str:
+    """The pooled threshold, and each magnification's own (its operating point)."""
+    ops = meta.decision
+    if ops is None:
+        return f"{meta.threshold:.3f}"
+    own = ", ".join(f"{m}X {t:.3f}" for m, t in ops.thresholds.items())
+    where = f" ({html.escape(str(ops.rule))} per magnification: {own})" if own else ""
+    return f"{ops.pooled:.3f} pooled{where}"
+
+
 def _threshold_source(meta: CheckpointMetadata) -> str:
     if "cross-validation" in str((meta.estimate or {}).get("method", "")):
         return "the out-of-fold predictions of every training patient"
@@ -108,7 +119,17 @@ def _licence_paragraph(meta: CheckpointMetadata) -> str:
 
 def _model_card(meta: CheckpointMetadata, estimate: dict[str, Any] | None = None) -> str:
     data = meta.data
-    performance = html.escape(headline(estimate if estimate else headline_estimate(meta)))
+    shown = estimate if estimate else headline_estimate(meta)
+    performance = html.escape(headline(shown))
+    # Never a pooled figure without each magnification's beside it (issue 26).
+    mag_lines = per_magnification_lines(shown)
+    per_mag = (
+        "<p><b>Per magnification.</b><br>"
+        + "<br>".join(html.escape(line.strip()) for line in mag_lines)
+        + "</p>"
+        if mag_lines
+        else ""
+    )
     return f"""
 <p><b>Intended use.</b> Research and education in computational pathology: studying how a
 classifier of H&amp;E breast histopathology images behaves, comparing backbones and training
@@ -117,13 +138,13 @@ of the slide is the reference.</p>
 <p><b>Model.</b> {html.escape(meta.backbone)} backbone (weights:
 {html.escape(str(meta.pretrained))}) with {_head_text(meta)}; task
 {html.escape(meta.task)}; classes {html.escape(", ".join(meta.class_names))};
-decision threshold {meta.threshold:.3f} chosen on {_threshold_source(meta)};
+decision threshold {_thresholds_text(meta)} chosen on {_threshold_source(meta)};
 temperature {meta.temperature:.3f}; stain normalisation {html.escape(meta.stain_method)}.</p>
 {_licence_paragraph(meta)}
 <p><b>Data.</b> {html.escape(data.path or "")} ({html.escape(data.layout or "")}),
 magnification {html.escape(meta.magnification)}; split by
 {"image (no patient ids: optimistic)" if data.patient_level_split is False else "patient group"}.</p>
-<p><b>Performance.</b> {performance}.</p>
+<p><b>Performance.</b> {performance}.</p>{per_mag}
 <p><b>Limitations.</b> Trained on few patients: confidence intervals are wide and performance on
 other labs, scanners, stains and magnifications is unknown. Image-level metrics count correlated
 images of one patient many times; read the patient-level figures. Heatmaps show what the model
@@ -154,6 +175,7 @@ def write_report(
     if meta is not None and meta.data.known:
         parts.append(_data_section(meta))
     parts.append(_plots_section(ev))
+    parts.append(_patients_section(EvaluationFiles(ev).patients))
     parts.append(_gallery_section(run.explanations.path))
     faith = run.explanations.faithfulness
     if faith.is_file():
@@ -166,6 +188,39 @@ def write_report(
         f"</head><body><main>{''.join(parts)}</main></body></html>"
     )
     return atomic_write_text(run.report, doc)
+
+
+def _patients_section(patients_csv: Path, limit: int = 200) -> str:
+    """The decision per patient (patients.csv, histolens.inference.patients); empty without one."""
+    import csv
+
+    if not patients_csv.is_file():
+        return ""
+    with open(patients_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return ""
+    cols = ("patient", "n_images", "magnifications", "mean_probability", "share_malignant")
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(r[c])}</td>" for c in cols)
+        + f"<td>{html.escape(r['decision'])}</td>"
+        + f"<td>{'refer: ' + html.escape(r['refer_reason']) if r['refer'] == '1' else ''}</td>"
+        + f"<td>{html.escape(r['label'])}</td></tr>"
+        for r in rows[:limit]
+    )
+    more = f"<p class=how>First {limit} of {len(rows)} patients: see patients.csv.</p>"
+    return (
+        "<section><h2>Decision per patient</h2><p class=how>Each patient's images aggregated "
+        "(docs/operating-points.md): the mean calibrated probability, the share of images "
+        "called malignant at their magnification's threshold, and the decision at the "
+        "patient-level operating point; referred where the images disagree beyond the "
+        "calibrated limit.</p><table class=fig><tr><th>Patient</th><th>Images</th>"
+        "<th>Magnifications</th><th>Mean probability</th><th>Share malignant</th>"
+        f"<th>Decision</th><th>Refer</th><th>Label</th></tr>{body}</table>"
+        + (more if len(rows) > limit else "")
+        + "</section>"
+    )
 
 
 def _read_json(path: Path, default: Any) -> Any:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histolens.evaluation.estimate import ESTIMATE_KEYS
+from histolens.evaluation.estimate import DECISION_KEYS, DECISION_NAMES, ESTIMATE_KEYS
 from histolens.evaluation.performance import (
     estimate_from_metrics,
     headline_estimate,
@@ -58,6 +58,14 @@ def _estimate_cards(estimate: dict[str, Any]) -> str:
     return card_row(items)
 
 
+def _figure_with_ci(block: dict[str, Any], key: str) -> str:
+    value = block.get("metrics", {}).get(key)
+    if value is None:
+        return "n/a"
+    ci = _ci_text(block, key).replace("95% CI ", "")
+    return f"{fmt(value)}{f' ({ci})' if ci else ''}"
+
+
 def estimate_section(title: str, estimate: dict[str, Any]) -> str:
     """The figures a reader should quote: value, 95% CI, what they were measured on, the
     patients of each class behind them, per magnification, and the warnings in words."""
@@ -86,6 +94,8 @@ def estimate_section(title: str, estimate: dict[str, Any]) -> str:
     per_mag = estimate.get("per_magnification") or {}
     if per_mag:
         key = "roc_auc" if "roc_auc" in values else "balanced_accuracy"
+        shown_keys = {k for b in per_mag.values() for k in b.get("metrics", {})}
+        decision_keys = [k for k in DECISION_KEYS if k in shown_keys] if key == "roc_auc" else []
         body = ""
         for mag, block in per_mag.items():
             per_class = block.get("patients_per_class") or {}
@@ -93,15 +103,36 @@ def estimate_section(title: str, estimate: dict[str, Any]) -> str:
             value = block.get("metrics", {}).get(key)
             ci = _ci_text(block, key)
             shown = "n/a (one class only)" if value is None else fmt(value)
+            threshold = block.get("threshold")
+            decision = "".join(
+                f"<td class=num>{_figure_with_ci(block, k)}</td>" for k in decision_keys
+            )
             body += (
                 f"<tr><td>{html.escape(str(mag))}</td><td class=num>{block.get('n_images', '')}"
                 f"</td><td class=num>{block.get('n_patients', '')}</td><td>{classes or '?'}</td>"
-                f"<td class=num>{shown}{f' ({ci})' if ci else ''}</td></tr>"
+                f"<td class=num>{shown}{f' ({ci})' if ci else ''}</td>"
+                + (
+                    f"<td class=num>{'' if threshold is None else fmt(threshold)}</td>{decision}"
+                    if decision_keys
+                    else ""
+                )
+                + "</tr>"
             )
+        heads = "".join(f"<th>{DECISION_NAMES[k]} (95% CI)</th>" for k in decision_keys)
+        rule = estimate.get("operating_point")
+        about = (
+            f"<p class=how>Each magnification is decided at its own threshold ({html.escape(rule)}"
+            ", chosen on the out-of-fold predictions; a magnification with too few patients "
+            "takes the pooled one).</p>"
+            if rule
+            else ""
+        )
         table += (
-            "<h3>Per magnification</h3><table class=fig><tr><th>Magnification</th><th>Images</th>"
-            f"<th>Patients</th><th>Patients per class</th><th>{ESTIMATE_KEYS[key]}</th></tr>"
-            f"{body}</table>"
+            "<h3>Per magnification</h3>" + about + "<table class=fig><tr><th>Magnification</th>"
+            f"<th>Images</th><th>Patients</th><th>Patients per class</th>"
+            f"<th>{ESTIMATE_KEYS[key]}</th>"
+            + (f"<th>Threshold</th>{heads}" if decision_keys else "")
+            + f"</tr>{body}</table>"
         )
     warnings = estimate.get("warnings") or []
     box = ""

@@ -71,3 +71,12 @@ def choose_threshold(
         ok = np.flatnonzero(tpr >= target_sensitivity)
         return float(thr[ok[0]]) if len(ok) else float(thr[-1])
     raise ConfigError(f"Unknown threshold method '{method}'; choose youden, sensitivity or fixed.")
+
+
+def probabilities_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities (B, C) from logits (B, 1) [binary, sigmoid] or (B, C) [softmax]."""
+    scaled = logits.float() / float(temperature)
+    if scaled.shape[1] == 1:
+        p = torch.sigmoid(scaled[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(scaled, dim=1)

@@ -110,18 +110,21 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
-def centred_probabilities(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+def centred_probabilities(probs: np.ndarray, threshold: float | np.ndarray | None) -> np.ndarray:
     """Calibrated probabilities moved so that the decision threshold sits at 0.5 (binary).
 
     ``p' = sigmoid(logit(p) - logit(threshold))``: the class of the larger p' is the thresholded
-    label, so a set built on p' always agrees with the label shown. Multiclass: unchanged.
+    label, so a set built on p' always agrees with the label shown. ``threshold`` is one for all
+    rows or one per row (each image's magnification's). Multiclass: unchanged.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.shape[-1] != 2 or threshold is None:
         return p
     eps = 1e-12
     pos = np.clip(p[..., 1], eps, 1 - eps)
-    t = float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    t = np.clip(np.asarray(threshold, dtype=np.float64), 1e-6, 1 - 1e-6)
+    if t.ndim and pos.ndim > 1:  # (n, V) views of each row share the row's threshold
+        t = t.reshape(-1, *([1] * (pos.ndim - 1)))
     z = np.log(pos / (1 - pos)) - np.log(t / (1 - t))
     q = 1.0 / (1.0 + np.exp(-z))
     return np.stack([1 - q, q], axis=-1)

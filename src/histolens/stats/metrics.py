@@ -84,7 +84,9 @@ def reliability_curve(
     return conf, freq, count
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray = 0.5
+) -> dict[str, float]:
     """Image-level metrics of positive-class probabilities ``p`` against 0/1 labels ``y``."""
     from sklearn.metrics import average_precision_score
 
@@ -120,7 +122,8 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict
         "tn": tn,
         "fp": fp,
         "fn": fn,
-        "threshold": float(threshold),
+        # One threshold, or (per magnification) one per image: then their median.
+        "threshold": float(np.median(threshold)) if np.size(threshold) else float("nan"),
     }
 
 

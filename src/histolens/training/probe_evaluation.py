@@ -18,6 +18,7 @@ from histolens.checkpoint.io import BEST_CHECKPOINT, update_metadata
 from histolens.config import RunConfig
 from histolens.models.pipeline import ImageSource
 from histolens.rundir import RunDir
+from histolens.stats.decisions import OperatingPoints
 from histolens.training.probe_validation import _HeldOut, _Referral
 
 
@@ -33,8 +34,12 @@ def _evaluate(
     dataset,
     notes: list[str],
     write_outputs: bool,
+    operating_points: OperatingPoints | None = None,
 ) -> dict[str, Any]:
-    """Score the held-out predictions, with referrals, and write the evaluation; its metrics."""
+    """Score the held-out predictions, with referrals, and write the evaluation; its metrics.
+
+    A test split is decided at ``operating_points`` (per magnification); out-of-fold decision
+    logits are already centred on their folds' own operating points per magnification."""
     from histolens.evaluation.evaluate import EvalResult, compute_metrics, rows_from_logits
 
     # Out-of-fold decision logits are already centred on each fold's own threshold.
@@ -48,6 +53,7 @@ def _evaluate(
         cfg.data.task,
         threshold,
         temperature,
+        operating_points=None if held.n_folds else operating_points,
     )
     feature_guard = referral.guard.features
     if held.n_folds:
@@ -63,7 +69,9 @@ def _evaluate(
     metrics["split"] = "out-of-fold" if held.n_folds else "test"
     ev.metrics = metrics
     if write_outputs:
-        _write_outputs(run_dir, ev, cfg, held.method, dataset, notes, held.n_folds, metrics)
+        _write_outputs(
+            run_dir, ev, cfg, held.method, dataset, notes, held.n_folds, metrics, operating_points
+        )
     else:
         from histolens.evaluation.evaluate import write_predictions_csv
 
@@ -93,7 +101,7 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
         )
     elif conformal is not None and ev.rows:
         probs = np.array([r.probs for r in ev.rows])
-        thr = ev.threshold if len(ev.classes) == 2 else None
+        thr = ev.thresholds() if len(ev.classes) == 2 else None
         predicted = [ev.predicted(r) for r in ev.rows]
         member = conformal.prediction_sets(
             centred_probabilities(probs, thr), alpha, predicted, mags
@@ -112,7 +120,15 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
 
 
 def _write_outputs(
-    run_dir: Path, ev, cfg: RunConfig, method: str, dataset, notes, n_folds: int, metrics
+    run_dir: Path,
+    ev,
+    cfg: RunConfig,
+    method: str,
+    dataset,
+    notes,
+    n_folds: int,
+    metrics,
+    operating_points: OperatingPoints | None = None,
 ) -> None:
     """Store the estimate and headline in the checkpoint; write the evaluation and the report."""
     from histolens.evaluation.estimate import build_estimate
@@ -124,7 +140,9 @@ def _write_outputs(
         f"{len(ev.rows)} images of {len(groups)} patient groups in {Path(cfg.data.path).name}"
         f" (magnification {cfg.data.magnification})"
     )
-    estimate = build_estimate(ev, method, description, n_boot=1000, seed=cfg.data.seed)
+    estimate = build_estimate(
+        ev, method, description, n_boot=1000, seed=cfg.data.seed, decision=operating_points
+    )
     summary: dict[str, Any] = {"split": metrics["split"], **headline_metrics(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
     notes = list(notes) + estimate["warnings"]

@@ -44,6 +44,7 @@ from histolens.training.probe_validation import (
     _calibrate,
     _fit,
     _held_out_logits,
+    _operating_points,
     _Referral,
     _referral,
 )
@@ -51,6 +52,7 @@ from histolens.training.probe_validation import (
 if TYPE_CHECKING:
     from histolens.models.transforms import Preprocess
     from histolens.stain.normalize import StainNormalizer
+    from histolens.stats.decisions import OperatingPoints
     from histolens.training.common import TrainResult
 
 __all__ = ["train_probe"]
@@ -324,9 +326,13 @@ def _fit_and_write(
     held = _held_out_logits(cfg, final, split, x, y, g, n_classes, x_test, progress)
     calibration = _calibrate(cfg, held.calib_logits, held.calib_y, n_classes)
     mags = [r.magnification for r in split.train + split.val]
-    referral = _referral(cfg, held, calibration, x, y, g, classes, notes, mags)
+    ops = None
+    if n_classes == 2:  # the threshold per magnification, on the same held-out logits
+        ops = _operating_points(cfg, held.calib_logits, held.calib_y, g, mags, calibration[0])
+        notes += [n for n in ops.notes() if n not in notes]
+    referral = _referral(cfg, held, calibration, x, y, g, classes, notes, mags, ops)
     ckpt = _save_probe_checkpoint(
-        cfg, run_dir, frozen, classes, split, dataset, final, calibration, referral
+        cfg, run_dir, frozen, classes, split, dataset, final, calibration, referral, ops
     )
     result = TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, notes=notes)
     if evaluate:
@@ -342,6 +348,7 @@ def _fit_and_write(
             dataset,
             notes,
             write_outputs,
+            ops,
         )
     return result
 
@@ -356,6 +363,7 @@ def _save_probe_checkpoint(
     final: ProbeFit,
     calibration: tuple[float, float],
     referral: _Referral,
+    operating_points: OperatingPoints | None = None,
 ) -> Path:
     """Load ``final`` into the head and write the checkpoint (with the guard's state); its path."""
     from histolens.training.common import initial_metadata
@@ -384,6 +392,7 @@ def _save_probe_checkpoint(
         probe=ProbeChoice(final.C, {f"{c:g}": s for c, s in final.inner_scores.items()}),
         conformal=referral.conformal.to_dict() if referral.conformal is not None else None,
         ood=referral.guard.to_dict(),
+        operating_points=None if operating_points is None else operating_points.to_dict(),
     )
     ckpt = run_dir / BEST_CHECKPOINT
     save_checkpoint(ckpt, {**frozen.model.state_dict(), **referral.guard.state_dict()}, metadata)

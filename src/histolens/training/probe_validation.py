@@ -25,6 +25,7 @@ from histolens.training.probe import ProbeFit, fit_linear_probe, group_folds
 if TYPE_CHECKING:
     from histolens.inference.ood import OODGuard
     from histolens.stats.conformal import ConformalCalibration
+    from histolens.stats.decisions import OperatingPoints
 
 log = logging.getLogger("histolens")
 
@@ -83,7 +84,10 @@ def _held_out_logits(
             "--cv-folds 0 needs held-out test patients, and the split left none: raise "
             "--test-fraction, add patients, or use cross-validation (--cv-folds 5)."
         )
-    oof, decision, n_folds, fold_t = _cross_validated_logits(cfg, x, y, g, n_classes, progress)
+    mags = [r.magnification for r in split.train + split.val]
+    oof, decision, n_folds, fold_t = _cross_validated_logits(
+        cfg, x, y, g, n_classes, progress, mags
+    )
     unit = "patient-level" if split.patient_level else "image-level (no patient ids)"
     chosen = "C, threshold" if len(cfg.train.probe_cs) > 1 else "threshold"
     method = (
@@ -94,16 +98,23 @@ def _held_out_logits(
 
 
 def _cross_validated_logits(
-    cfg: RunConfig, x: np.ndarray, y: np.ndarray, g: np.ndarray, n_classes: int, progress: bool
+    cfg: RunConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    n_classes: int,
+    progress: bool,
+    magnifications: Sequence[int | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Out-of-fold logits of every image from patient-level k-fold (nested C selection).
 
     Returns the raw logits and the fold's decision logits: for two classes, shifted so that 0 is
-    the fold's own decision boundary (threshold and temperature chosen on the fold's inner
-    out-of-fold predictions). Scoring those at 0.5 never lets a held-out patient choose its own
-    threshold; they stay on the raw scale, since folds calibrated by different temperatures would
-    pool on different scales and understate the AUC of one model. Last, each image's fold
-    temperature (n, 1): decision / temperature is what the fold's model would call calibrated.
+    the fold's own decision boundary (temperature and operating point per magnification chosen
+    on the fold's inner out-of-fold predictions, ``magnifications`` one per row of ``x``).
+    Scoring those at 0.5 never lets a held-out patient choose its own threshold; they stay on
+    the raw scale, since folds calibrated by different temperatures would pool on different
+    scales and understate the AUC of one model. Last, each image's fold temperature (n, 1):
+    decision / temperature is what the fold's model would call calibrated.
     """
     from scipy.special import logit
 
@@ -128,7 +139,13 @@ def _cross_validated_logits(
         decision[te] = oof[te]
         fold_temperature[te] = t_k
         if n_classes == 2:  # the fold's boundary p = thr_k, with p = sigmoid(z / t_k)
-            decision[te] -= t_k * logit(np.clip(thr_k, 1e-6, 1 - 1e-6))
+            thr_te = np.full(len(te), thr_k)
+            if magnifications is not None and len(inner):
+                # Each held-out image at its magnification's threshold, as the fold chose it.
+                mags = np.array(list(magnifications), dtype=object)
+                ops = _operating_points(cfg, inner, y[tr], g[tr], mags[tr], t_k)
+                thr_te = ops.thresholds_for(mags[te])
+            decision[te] -= t_k * logit(np.clip(thr_te, 1e-6, 1 - 1e-6))[:, None]
         if progress:
             log.info(
                 "fold %d/%d: %d held-out images of %d patients, C=%g",
@@ -141,11 +158,31 @@ def _cross_validated_logits(
     return oof, decision, len(folds), fold_temperature
 
 
+def _operating_points(
+    cfg: RunConfig,
+    logits: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    magnifications: Sequence[int | None],
+    temperature: float,
+) -> OperatingPoints:
+    """The operating points per magnification (``cfg``'s rule) chosen on held-out ``logits``
+    (two classes) at ``temperature``; rows with NaN logits are left out."""
+    from histolens.stats.decisions import fit_on_logits
+    from histolens.stats.operating_points import rule_from_train_config
+
+    ok = ~np.isnan(logits).any(1)
+    mags = np.array(list(magnifications), dtype=object)[: len(logits)]
+    rule = rule_from_train_config(cfg.train)
+    return fit_on_logits(rule, logits[ok], y[ok], g[: len(logits)][ok], mags[ok], temperature)
+
+
 def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int):
     """Temperature and (two classes) threshold fitted on held-out ``logits``; (1.0, 0.5) when
     fewer than two of them can be used."""
     from histolens.inference.predictor import probabilities_from_logits
-    from histolens.stats.calibration import choose_threshold, fit_temperature
+    from histolens.stats.calibration import fit_temperature
+    from histolens.stats.operating_points import choose_threshold_for, rule_from_train_config
 
     ok = ~np.isnan(logits).any(1)
     if n_classes > 2:
@@ -161,9 +198,7 @@ def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int
     threshold = 0.5
     if n_classes == 2:
         p = probabilities_from_logits(t_logits, temperature)[:, 1].numpy()
-        threshold = choose_threshold(
-            y[ok], p, cfg.train.threshold_method, cfg.train.target_sensitivity
-        )
+        threshold = choose_threshold_for(rule_from_train_config(cfg.train), y[ok], p)
     return temperature, threshold
 
 
@@ -188,6 +223,7 @@ def _referral(
     classes: Sequence[str],
     notes: list[str],
     magnifications: Sequence[int | None],
+    operating_points: OperatingPoints | None = None,
 ) -> _Referral:
     """Fit the prediction-set calibration (per magnification: ``magnifications`` of the rows of
     ``x``) and the feature guard, noting an unreachable alpha."""
@@ -203,7 +239,10 @@ def _referral(
         ).numpy()
     else:
         calib_p = probabilities_from_logits(torch.as_tensor(held.calib_logits), temperature).numpy()
-        calib_p = centred_probabilities(calib_p, threshold if len(classes) == 2 else None)
+        thr = threshold
+        if operating_points is not None:  # each image centred on its magnification's threshold
+            thr = operating_points.thresholds_for(list(magnifications)[: len(calib_p)])
+        calib_p = centred_probabilities(calib_p, thr if len(classes) == 2 else None)
     conformal = fit_prediction_sets(
         calib_p,
         calib_y,

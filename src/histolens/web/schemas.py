@@ -136,6 +136,11 @@ class EstimateBlock(BaseModel):
         description="95% confidence interval [low, high] of each figure, by bootstrap over "
         "patients.",
     )
+    threshold: float | None = Field(
+        None,
+        description="Binary: the decision threshold these images are decided at (per "
+        "magnification: that magnification's operating point).",
+    )
 
 
 class Estimate(EstimateBlock):
@@ -149,7 +154,14 @@ class Estimate(EstimateBlock):
         examples=["735 images of 30 patient groups in manifest.csv (magnification all)"]
     )
     per_magnification: dict[str, EstimateBlock] = Field(
-        default_factory=dict, description="The same figures at each magnification ('100X')."
+        default_factory=dict,
+        description="The same figures at each magnification ('100X'): sensitivity, "
+        "specificity, balanced_accuracy and refer_rate at its own threshold, with CIs.",
+    )
+    operating_point: str | None = Field(
+        None,
+        description="The rule the thresholds were chosen by, per magnification: youden, "
+        "sensitivity:T or specificity:T.",
     )
     warnings: list[str] = Field(default_factory=list)
 

@@ -54,6 +54,9 @@ const FIGURES = {
   specificity: "specificity", macro_f1: "macro F1", accuracy: "accuracy",
 };
 const ALIASES = { auc: "roc_auc", patient_level_auc: "patient_auc" };
+// What each magnification's row shows beside its AUC (histolens.evaluation.estimate's DECISION_KEYS).
+const DECISION = ["sensitivity", "specificity", "balanced_accuracy", "refer_rate"];
+const DECISION_NAMES = { ...FIGURES, refer_rate: "referral rate" };
 
 function figure(value) { return value.toFixed(3); }
 
@@ -133,7 +136,12 @@ function showPerformance(info) {
     const k = typeof block.metrics.roc_auc === "number" ? "roc_auc" : "balanced_accuracy";
     const value = typeof block.metrics[k] === "number"
       ? `${FIGURES[k]} ${figure(block.metrics[k])} ${ciText(block.ci95[k])}` : "n/a (one class only)";
-    return row([[mag], [`${value}; ${supportText(block)}`, "wide"]]);
+    // The decision at this magnification's own operating point, beside its AUC.
+    const decision = DECISION.filter((d) => typeof block.metrics[d] === "number")
+      .map((d) => `${DECISION_NAMES[d]} ${figure(block.metrics[d])} ${ciText(block.ci95[d])}`);
+    const at = typeof block.threshold === "number" ? `at threshold ${fmt(block.threshold)}: ` : "";
+    const text = decision.length ? `${value}; ${at}${decision.join("; ")}` : value;
+    return row([[mag], [`${text}; ${supportText(block)}`, "wide"]]);
   }));
 }
 

@@ -1,0 +1,159 @@
+"""The operating points of issue 26 on the protocol: what each fold's shipped decision does on
+its held-out groups, per magnification and per patient, against the estimate ``train`` prints.
+
+Used by ``generalisation.py`` for the default configuration: each fold's model decides its
+held-out groups' images (every magnification) at the thresholds its checkpoint stores (chosen on
+the fold's own training groups' out-of-fold predictions), under the default rule (Youden per
+magnification) and under ``sensitivity:0.95`` (chosen again from the same stored predictions, as
+``histolens calibrate`` does). Held-out figures pool the repeats; their 95% CIs resample patient
+groups (a group's images in every repeat move together). The estimate is that of one ``train``
+of the default on all groups (5-fold patient-level cross-validation), as a user would see it.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RULES = ("youden", "sensitivity:0.95")
+
+
+@dataclass
+class HeldOut:
+    """Held-out images of all folds and repeats: group, magnification, label, calibrated p,
+    referral, and per rule the image threshold and the patient decision (per group and repeat)."""
+
+    group: list[str] = field(default_factory=list)
+    repeat: list[int] = field(default_factory=list)
+    mag: list[int] = field(default_factory=list)
+    y: list[int] = field(default_factory=list)
+    p: list[float] = field(default_factory=list)
+    refer: list[bool] = field(default_factory=list)
+    thr: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RULES})
+    patient_thr: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RULES})
+    patient_limit: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RULES})
+    estimate: dict = field(default_factory=dict)  # of train on all groups (cross-validated)
+
+    def add_fold(self, run_dir: Path, test_recs, positive: str, repeat: int) -> None:
+        """The fold's held-out rows from its predictions.csv and its checkpoint's decision."""
+        from histolens.checkpoint.io import read_metadata
+        from histolens.inference.predictions_csv import parse_flag
+
+        ops = read_metadata(run_dir).decision
+        by_rule = {r: (ops if r == "youden" else ops.refit(r)) for r in RULES}
+        by_path = {r.path: r for r in test_recs}
+        with open(run_dir / "predictions.csv", newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                rec = by_path[row["path"]]
+                self.group.append(rec.group)
+                self.repeat.append(repeat)
+                self.mag.append(int(rec.magnification))
+                self.y.append(int(rec.label == positive))
+                self.p.append(float(row[f"p_{positive}"]))
+                self.refer.append(parse_flag(row["refer"]))
+                for r, o in by_rule.items():
+                    self.thr[r].append(o.threshold_for(rec.magnification))
+                    self.patient_thr[r].append(o.patient.threshold)
+                    self.patient_limit[r].append(o.patient.disagreement_limit)
+
+
+def _ci(stat, clusters: np.ndarray, n_boot: int = 1000, seed: int = 0) -> str:
+    from histolens.stats.metrics import bootstrap_ci
+
+    value = stat(np.arange(len(clusters)))
+    lo, hi = bootstrap_ci(stat, clusters, n_boot, seed)
+    return f"{value:.3f} [{lo:.2f}-{hi:.2f}]"
+
+
+def _rate(called: np.ndarray, y: np.ndarray, cls: int):
+    def stat(i: np.ndarray) -> float:
+        of = y[i] == cls
+        return float((called[i][of] == bool(cls)).mean()) if of.any() else np.nan
+
+    return stat
+
+
+def _patients(h: HeldOut, at: np.ndarray, rule: str):
+    """Per (repeat, group) at the images ``at``: label, decision, image accuracy (recognition)."""
+    from histolens.stats.conformal import centred_probabilities
+
+    p, y = np.array(h.p)[at], np.array(h.y)[at]
+    thr = np.array(h.thr[rule])[at]
+    centred = centred_probabilities(np.stack([1 - p, p], 1), thr)[:, 1]
+    keys = np.array(
+        [f"{r}|{g}" for r, g in zip(np.array(h.repeat)[at], np.array(h.group)[at], strict=True)]
+    )
+    pt = np.array(h.patient_thr[rule])[at]
+    out = {"group": [], "y": [], "called": [], "accuracy": []}
+    for k in np.unique(keys):
+        i = keys == k
+        out["group"].append(k.split("|", 1)[1])
+        out["y"].append(int(y[i].mean() >= 0.5))
+        out["called"].append(bool(centred[i].mean() >= pt[i][0]))
+        out["accuracy"].append(float(((p[i] >= thr[i]) == y[i].astype(bool)).mean()))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
+    """The tables of issue 26's closing note, as lines."""
+    lines: list[str] = []
+    mag, y, p = np.array(h.mag), np.array(h.y), np.array(h.p)
+    groups, refer = np.array(h.group), np.array(h.refer)
+    at = mag == scored
+    lines.append(
+        f"Operating points on held-out {scored}X images ({at.sum()} image predictions over repeats):"
+    )
+    lines.append(
+        "  rule               sensitivity [95% CI]  specificity [95% CI]  referred (alpha 0.1)"
+    )
+    for rule in RULES:
+        called = p >= np.array(h.thr[rule])
+        sens = _ci(_rate(called[at], y[at], 1), groups[at])
+        spec = _ci(_rate(called[at], y[at], 0), groups[at])
+        ref = f"{refer[at].mean():.0%}" if rule == "youden" else "-"
+        lines.append(f"  {rule:<18} {sens:<21} {spec:<21} {ref}")
+    lines.append("")
+    lines.append(
+        "Per magnification, default rule: held-out (pooled over repeats) vs the estimate train printed"
+    )
+    lines.append(
+        "  mag   held-out sens         held-out spec         estimate sens [CI]     inside?  patients (b/m)"
+    )
+    called = p >= np.array(h.thr["youden"])
+    for m in sorted(set(h.mag)):
+        i = mag == m
+        block = (estimate.get("per_magnification") or {}).get(f"{m}X", {})
+        est = block.get("metrics", {}).get("sensitivity")
+        ci = block.get("ci95", {}).get("sensitivity")
+        held_sens = _rate(called[i], y[i], 1)(np.arange(i.sum()))
+        inside = "n/a" if not ci else ("yes" if ci[0] <= held_sens <= ci[1] else "NO")
+        est_text = f"{est:.3f} [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "n/a"
+        ppc = block.get("patients_per_class", {})
+        lines.append(
+            f"  {m}X{'':<{4 - len(str(m))}} {_ci(_rate(called[i], y[i], 1), groups[i]):<21} "
+            f"{_ci(_rate(called[i], y[i], 0), groups[i]):<21} {est_text:<22} {inside:<8} "
+            f"{ppc.get('benign', 0)}/{ppc.get('malignant', 0)}"
+        )
+    lines.append("")
+    lines.append(
+        f"Patient-level decisions from held-out {scored}X images (patient = group, per repeat):"
+    )
+    lines.append(
+        "  rule               patient recognition   patient sensitivity   patient specificity"
+        "   | image sens  image spec"
+    )
+    for rule in RULES:
+        d = _patients(h, at, rule)
+        called_img = p >= np.array(h.thr[rule])
+        rec = _ci(lambda i, a=d["accuracy"]: float(a[i].mean()), d["group"])
+        psens = _ci(_rate(d["called"], d["y"], 1), d["group"])
+        pspec = _ci(_rate(d["called"], d["y"], 0), d["group"])
+        isens = _rate(called_img[at], y[at], 1)(np.arange(at.sum()))
+        ispec = _rate(called_img[at], y[at], 0)(np.arange(at.sum()))
+        lines.append(
+            f"  {rule:<18} {rec:<21} {psens:<21} {pspec:<21} | {isens:.3f}       {ispec:.3f}"
+        )
+    return lines

@@ -1,0 +1,321 @@
+"""The decisions a binary model takes: its operating points per magnification
+(:class:`OperatingPoints`) and per patient (:class:`PatientDecision`), chosen on held-out
+predictions by a rule of :mod:`histolens.stats.operating_points`, stored in the checkpoint.
+
+A patient's images are aggregated on one scale: each image's probability *centred* on its
+magnification's threshold (moved so that the threshold sits at 0.5,
+:func:`histolens.stats.conformal.centred_probabilities`). The patient's decision is the mean at a
+patient-level threshold chosen by the same rule; a patient is referred when its images disagree
+(the smaller of the shares called malignant and benign) beyond the limit that the out-of-fold
+patients decided correctly stay within, in :data:`AGREEMENT_QUANTILE` of cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from histolens.errors import CheckpointError, ConfigError
+from histolens.stats.operating_points import (
+    _FORMAT_VERSION,
+    MIN_PATIENTS_PER_CLASS,
+    OperatingPointRule,
+    choose_threshold_for,
+    parse_operating_point,
+)
+
+__all__ = [
+    "AGREEMENT_QUANTILE",
+    "OperatingPoints",
+    "PatientDecision",
+    "aggregate_patients",
+    "fit_on_logits",
+]
+
+# The disagreement limit is the quantile of the disagreement of the out-of-fold patients the
+# decision got right: at 0.9, one correctly decided patient in ten would be referred, the same
+# error level as the prediction sets' default alpha (0.1).
+AGREEMENT_QUANTILE = 0.9
+
+
+def _strata(magnifications: Sequence[Any] | None, n: int) -> np.ndarray:
+    from histolens.stats.conformal import stratum_of
+
+    if magnifications is None:
+        return np.full(n, "", dtype=object)
+    out = np.array([stratum_of(m) for m in magnifications], dtype=object)
+    if len(out) != n:
+        raise ValueError(f"{n} images but {len(out)} magnifications.")
+    return out
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare the fields themselves
+class OperatingPoints:
+    """The pooled threshold, each magnification's own (where it has enough patients), and the
+    out-of-fold predictions they were chosen on.
+
+    ``thresholds`` holds only the magnifications with a choice of their own; ``patients`` the
+    (benign, malignant) patient counts of every known magnification.
+    """
+
+    rule: OperatingPointRule
+    pooled: float
+    thresholds: dict[str, float] = field(default_factory=dict)
+    patients: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The predictions chosen on: positive-class probability, label, patient code, stratum.
+    p: np.ndarray | None = None
+    y: np.ndarray | None = None
+    patient_codes: np.ndarray | None = None
+    strata: np.ndarray | None = None
+    # The decision per patient (PatientDecision below), chosen on the same predictions' patients.
+    patient: PatientDecision | None = None
+
+    @classmethod
+    def fit(
+        cls,
+        rule: OperatingPointRule | str,
+        y: Sequence[int] | np.ndarray,
+        p: Sequence[float] | np.ndarray,
+        patients: Sequence[Any] | np.ndarray,
+        magnifications: Sequence[Any] | np.ndarray | None,
+        keep_predictions: bool = True,
+    ) -> OperatingPoints:
+        """Choose the pooled and per-magnification thresholds on held-out predictions (``p``:
+        calibrated positive-class probabilities; NaN rows are left out)."""
+        rule = parse_operating_point(rule)
+        y = np.asarray(y, dtype=np.int64)
+        p = np.asarray(p, dtype=np.float64)
+        strata = _strata(magnifications, len(y))
+        ok = np.isfinite(p)
+        y, p, strata = y[ok], p[ok], strata[ok]
+        _, codes = np.unique(np.asarray(patients, dtype=str)[ok], return_inverse=True)
+        codes = codes.astype(np.int64)
+        pooled = choose_threshold_for(rule, y, p)
+        own: dict[str, float] = {}
+        counts: dict[str, tuple[int, int]] = {}
+        for s in sorted(set(strata.tolist()) - {""}, key=_stratum_order):
+            at = strata == s
+            n_neg = len(np.unique(codes[at & (y == 0)]))
+            n_pos = len(np.unique(codes[at & (y == 1)]))
+            counts[s] = (n_neg, n_pos)
+            if min(n_neg, n_pos) >= MIN_PATIENTS_PER_CLASS:
+                own[s] = choose_threshold_for(rule, y[at], p[at])
+        keep = keep_predictions
+        ops = cls(
+            rule,
+            pooled,
+            own,
+            counts,
+            p if keep else None,
+            y if keep else None,
+            codes if keep else None,
+            strata if keep else None,
+        )
+        if not keep:
+            return ops
+        thresholds = ops.thresholds_for(strata)
+        return replace(ops, patient=PatientDecision.fit(rule, p, y, codes, thresholds))
+
+    @property
+    def has_predictions(self) -> bool:
+        """Whether the predictions chosen on are stored (``refit`` needs them)."""
+        return self.p is not None and self.y is not None and len(self.p) > 0
+
+    def refit(self, rule: OperatingPointRule | str) -> OperatingPoints:
+        """The same predictions, chosen on under another rule."""
+        if not self.has_predictions:
+            raise CheckpointError(
+                "This checkpoint stores no out-of-fold predictions to choose an operating "
+                "point on; retrain it with this histolens and --operating-point instead."
+            )
+        return OperatingPoints.fit(rule, self.y, self.p, self.patient_codes, self.strata)
+
+    def threshold_for(self, magnification: Any) -> float:
+        """The threshold an image of ``magnification`` is decided at (pooled: unknown or too
+        few patients there)."""
+        from histolens.stats.conformal import stratum_of
+
+        return self.thresholds.get(stratum_of(magnification), self.pooled)
+
+    def thresholds_for(self, magnifications: Sequence[Any]) -> np.ndarray:
+        """``threshold_for`` of each image."""
+        return np.array([self.threshold_for(m) for m in magnifications], dtype=np.float64)
+
+    def borrowed(self) -> dict[str, tuple[int, int]]:
+        """The known magnifications deciding at the pooled threshold, with their patient counts."""
+        return {s: c for s, c in self.patients.items() if s not in self.thresholds}
+
+    def notes(self) -> list[str]:
+        """One note per magnification that borrows the pooled threshold."""
+        out = []
+        for s, (neg, pos) in self.borrowed().items():
+            out.append(
+                f"{s}X images are decided at the pooled threshold ({self.pooled:.3f}): a "
+                f"threshold of their own needs {MIN_PATIENTS_PER_CLASS} patients of each class "
+                f"at {s}X, and there are {neg} benign and {pos} malignant."
+            )
+        return out
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per known magnification (threshold, where from, patients), for reports."""
+        return [
+            {
+                "magnification": f"{s}X",
+                "threshold": self.threshold_for(s),
+                "basis": "own" if s in self.thresholds else "pooled (too few patients)",
+                "benign_patients": neg,
+                "malignant_patients": pos,
+            }
+            for s, (neg, pos) in self.patients.items()
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON for the checkpoint's metadata."""
+        out: dict[str, Any] = {
+            "format_version": _FORMAT_VERSION,
+            "rule": str(self.rule),
+            "pooled": float(self.pooled),
+            "thresholds": {k: float(v) for k, v in self.thresholds.items()},
+            "patients": {k: [int(a), int(b)] for k, (a, b) in self.patients.items()},
+            "min_patients_per_class": MIN_PATIENTS_PER_CLASS,
+            "patient": None if self.patient is None else self.patient.to_dict(),
+        }
+        if self.has_predictions:
+            out["predictions"] = {
+                "p": [round(float(v), 6) for v in self.p],  # type: ignore[union-attr]
+                "y": [int(v) for v in self.y],  # type: ignore[union-attr]
+                "patients": [int(v) for v in self.patient_codes],  # type: ignore[union-attr]
+                "strata": [str(v) for v in self.strata],  # type: ignore[union-attr]
+            }
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OperatingPoints:
+        """Read back ``to_dict``; CheckpointError when damaged or newer."""
+        try:
+            if int(d.get("format_version", 1)) > _FORMAT_VERSION:
+                raise CheckpointError(
+                    "The checkpoint's operating points were written by a newer histolens; upgrade."
+                )
+            pred = d.get("predictions") or {}
+            arrays = (
+                (
+                    np.asarray(pred["p"], dtype=np.float64),
+                    np.asarray(pred["y"], dtype=np.int64),
+                    np.asarray(pred["patients"], dtype=np.int64),
+                    np.array(pred["strata"], dtype=object),
+                )
+                if pred
+                else (None, None, None, None)
+            )
+            return cls(
+                parse_operating_point(d.get("rule", "youden")),
+                float(d["pooled"]),
+                {str(k): float(v) for k, v in (d.get("thresholds") or {}).items()},
+                {str(k): (int(v[0]), int(v[1])) for k, v in (d.get("patients") or {}).items()},
+                *arrays,
+                PatientDecision.from_dict(d.get("patient")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, ConfigError) as exc:
+            raise CheckpointError(
+                f"The checkpoint's operating points are damaged ({exc})."
+            ) from None
+
+
+def _stratum_order(key: str) -> float:
+    try:
+        return float(key)
+    except ValueError:
+        return float("inf")
+
+
+def fit_on_logits(
+    rule: OperatingPointRule | str,
+    logits: np.ndarray,
+    y: Sequence[int] | np.ndarray,
+    patients: Sequence[Any] | np.ndarray,
+    magnifications: Sequence[Any] | np.ndarray | None,
+    temperature: float,
+) -> OperatingPoints:
+    """The operating points of a binary model's held-out logits (n, 1) at ``temperature``: the
+    one path both heads take (the probe's out-of-fold logits, the MLP's validation logits)."""
+    import torch
+
+    from histolens.stats.calibration import probabilities_from_logits
+
+    z = torch.as_tensor(np.asarray(logits).reshape(len(logits), -1)[:, :1], dtype=torch.float32)
+    # The same float32 probabilities the pooled choice has always been made on.
+    p = probabilities_from_logits(z, temperature)[:, 1].numpy().astype(np.float64)
+    return OperatingPoints.fit(rule, y, p, patients, magnifications)
+
+
+def _centred(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    from histolens.stats.conformal import centred_probabilities
+
+    return centred_probabilities(np.stack([1 - p, p], axis=1), thresholds)[:, 1]
+
+
+@dataclass(frozen=True)
+class PatientDecision:
+    """The patient-level threshold (on the patient score) and the disagreement limit."""
+
+    threshold: float = 0.5
+    disagreement_limit: float = 0.5
+    n_patients: int = 0
+
+    @classmethod
+    def fit(
+        cls,
+        rule,
+        p: np.ndarray,
+        y: np.ndarray,
+        patients: np.ndarray,
+        thresholds: np.ndarray,
+    ) -> PatientDecision:
+        """Chosen on out-of-fold images (``p`` calibrated, ``thresholds`` each image's)."""
+        score, share, label, _ = aggregate_patients(p, thresholds, patients, y)
+        if len(score) == 0:
+            return cls()
+        threshold = choose_threshold_for(rule, label, score)
+        correct = (score >= threshold) == label.astype(bool)
+        disagreement = np.minimum(share, 1 - share)
+        limit = (
+            float(np.quantile(disagreement[correct], AGREEMENT_QUANTILE)) if correct.any() else 0.5
+        )
+        return cls(float(threshold), limit, len(score))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "disagreement_limit": self.disagreement_limit,
+            "n_patients": self.n_patients,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> PatientDecision | None:
+        if not d:
+            return None
+        return cls(float(d["threshold"]), float(d["disagreement_limit"]), int(d["n_patients"]))
+
+
+def aggregate_patients(p, thresholds, patients, y=None):
+    """Per patient (sorted): score, share called malignant, label (majority, when ``y``), and
+    the row indices."""
+    p = np.asarray(p, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    patients = np.asarray(patients, dtype=str)
+    centred = _centred(p, thresholds)
+    called = p >= thresholds
+    ids = np.unique(patients)
+    rows = [np.flatnonzero(patients == q) for q in ids]
+    score = np.array([centred[i].mean() for i in rows])
+    share = np.array([called[i].mean() for i in rows])
+    label = (
+        None
+        if y is None
+        else np.array([int(np.asarray(y)[i].mean() >= 0.5) for i in rows], dtype=np.int64)
+    )
+    return score, share, label, (ids, rows)

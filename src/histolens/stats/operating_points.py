@@ -1,0 +1,125 @@
+"""Operating points per magnification: where a binary model turns a probability into a decision.
+
+This module holds the rule and the choice of one threshold; :mod:`histolens.stats.decisions`
+holds the chosen thresholds per magnification and per patient (``OperatingPoints``).
+
+One threshold for all magnifications is set where the most common magnification's images sit
+(on breakhis-dev, the resized 200X images), and another magnification's probabilities may sit
+elsewhere: a pooled Youden threshold called half of breakhis-dev's 100X cancers benign. So the
+threshold is chosen per magnification from the out-of-fold predictions, exactly as the
+prediction sets are calibrated per magnification (Mondrian, :mod:`histolens.stats.conformal`), with
+the same stratum keys (:func:`histolens.stats.conformal.stratum_of`). A magnification with fewer than
+:data:`MIN_PATIENTS_PER_CLASS` patients of either class borrows the pooled choice, and says how
+many it would need. An image of an unknown magnification gets the pooled choice.
+
+The rule (:class:`OperatingPointRule`) is what the user asks for: ``youden`` (sensitivity +
+specificity - 1 at its largest), ``sensitivity:0.95`` (the highest threshold whose sensitivity
+reaches 0.95: screening) or ``specificity:0.95`` (the lowest whose specificity reaches 0.95:
+confirmation). The out-of-fold predictions the choice was made on are stored with it, so that
+``histolens calibrate`` can choose again under another rule without retraining.
+
+Used by both heads: the linear probe (out-of-fold predictions of cross-validation, and each
+fold's own choice on its inner out-of-fold predictions) and the MLP head (validation patients).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from histolens.errors import ConfigError
+
+__all__ = [
+    "MIN_PATIENTS_PER_CLASS",
+    "OPERATING_POINT_FORMS",
+    "OperatingPointRule",
+    "choose_threshold_for",
+    "parse_operating_point",
+    "rule_from_train_config",
+]
+
+# A magnification chooses its own threshold only with at least this many patients of each class
+# there. Images of one patient are alike, so the choice is set by the boundary between the
+# classes' patients: with 3 of each, a choice still rests on 2 patients of each class when any
+# one patient is held out (as cross-validation and a new patient do), never on a single patient.
+# Below it, one atypical patient would set the threshold for everyone at that magnification.
+MIN_PATIENTS_PER_CLASS = 3
+
+OPERATING_POINT_FORMS = "youden, sensitivity:T or specificity:T (T between 0 and 1, e.g. 0.95)"
+_FORMAT_VERSION = 1
+_RULE_RE = re.compile(r"^(sensitivity|specificity)\s*:\s*([0-9]*\.?[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class OperatingPointRule:
+    """How a threshold is chosen: ``kind`` youden, sensitivity, specificity (or fixed, 0.5: the
+    old ``threshold_method``), with ``target`` the rate a sensitivity/specificity rule reaches."""
+
+    kind: str = "youden"
+    target: float | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}:{self.target:g}"
+
+    @property
+    def describes(self) -> str:
+        """The rule in words, for reports."""
+        if self.kind == "youden":
+            return "Youden's J (sensitivity + specificity - 1 at its largest)"
+        if self.kind == "fixed":
+            return "a fixed 0.5"
+        return f"{self.kind} at least {self.target:g}"
+
+
+def parse_operating_point(text: str | OperatingPointRule) -> OperatingPointRule:
+    """``youden``, ``sensitivity:0.95`` or ``specificity:0.95`` as a rule; a ConfigError naming
+    the valid forms for anything else."""
+    if isinstance(text, OperatingPointRule):
+        return text
+    s = str(text).strip().lower()
+    if s in ("youden", "fixed"):
+        return OperatingPointRule(s)
+    m = _RULE_RE.match(s)
+    if m is not None:
+        target = float(m[2])
+        if 0.0 < target < 1.0:
+            return OperatingPointRule(m[1], target)
+    raise ConfigError(f"Unknown operating point '{text}'; use {OPERATING_POINT_FORMS}.")
+
+
+def rule_from_train_config(train: Any) -> OperatingPointRule:
+    """The rule a TrainConfig asks for: ``operating_point`` when set, else the older
+    ``threshold_method`` (``sensitivity`` at ``target_sensitivity``)."""
+    chosen = getattr(train, "operating_point", None)
+    if chosen:
+        return parse_operating_point(chosen)
+    method = getattr(train, "threshold_method", "youden")
+    if method == "sensitivity":
+        return OperatingPointRule("sensitivity", float(train.target_sensitivity))
+    return parse_operating_point(method)
+
+
+def choose_threshold_for(rule: OperatingPointRule, y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold ``rule`` chooses on labels ``y`` (0/1) and positive-class probabilities
+    ``p``; 0.5 when one class is absent."""
+    from sklearn.metrics import roc_curve
+
+    from histolens.stats.calibration import choose_threshold
+
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    if rule.kind in ("youden", "fixed"):
+        return choose_threshold(y, p, rule.kind)
+    if rule.kind == "sensitivity":
+        return choose_threshold(y, p, "sensitivity", float(rule.target))
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    finite = np.isfinite(thr)
+    fpr, thr = fpr[finite], thr[finite]
+    # The lowest threshold (largest sensitivity) whose specificity reaches the target.
+    ok = np.flatnonzero(1.0 - fpr >= float(rule.target))
+    return float(thr[ok[-1]]) if len(ok) else float(thr[0])
