@@ -261,7 +261,6 @@ class CheckpointMetadata:
         return self.class_names[1] if self.is_binary else None
 
     @property
-    @property
     def decision(self) -> OperatingPoints | None:
         """The stored operating points per magnification (None: ``threshold`` for all)."""
         if self.operating_points is None or not self.is_binary:
