@@ -301,12 +301,14 @@ def _register_commands() -> None:
     from histolens.cli_train import cv_command, train_command
     from histolens.explain.cli import explain_command
     from histolens.gui.cli import gui_command
+    from histolens.slides.cli import slide_group
     from histolens.web.cli import serve_command
 
     main.add_command(data_group, "data")
     main.add_command(train_command, "train")
     main.add_command(cv_command, "cv")
     main.add_command(explain_command, "explain")
+    main.add_command(slide_group, "slide")
     main.add_command(gui_command, "gui")
     main.add_command(serve_command, "serve")
 

@@ -161,7 +161,9 @@ class OpenSlideReader(SlideReader):
                 "DICOM, ...)."
             ) from None
         except (openslide.OpenSlideError, OSError) as exc:
-            raise DataError(f"{path} cannot be read as a slide (corrupt or truncated: {exc}).") from None
+            raise DataError(
+                f"{path} cannot be read as a slide (corrupt or truncated: {exc})."
+            ) from None
         props = self._slide.properties
         power = _positive(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.objective_power = power
@@ -243,7 +245,7 @@ class PillowReader(SlideReader):
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
         iw, ih = self._image.size
-        if 0 <= x and 0 <= y and x + w <= iw and y + h <= ih:
+        if x >= 0 and y >= 0 and x + w <= iw and y + h <= ih:
             return self._image.crop((x, y, x + w, y + h))
         out = Image.new("RGB", (w, h), (255, 255, 255))
         box = (max(0, x), max(0, y), min(iw, x + w), min(ih, y + h))

@@ -27,7 +27,10 @@ __all__ = [
     "SyntheticSlide",
     "TextureBank",
     "lesion_coverage",
+    "SyntheticSlides",
+    "coverage_of",
     "make_synthetic_slide",
+    "write_synthetic_slides",
     "write_pyramid_tiff",
 ]
 
@@ -126,7 +129,9 @@ def make_synthetic_slide(
     """A slide of tissue blobs filling about ``tissue_fraction`` of a (width, height) frame,
     with ``n_lesions`` lesion ellipses planted inside them, all drawn from ``seed``."""
     if width < 256 or height < 256:
-        raise ConfigError(f"A synthetic slide needs at least 256 x 256 pixels, not {width} x {height}.")
+        raise ConfigError(
+            f"A synthetic slide needs at least 256 x 256 pixels, not {width} x {height}."
+        )
     rng = np.random.default_rng([seed, 23])
     s = math.sqrt(tissue_fraction)
     tissue = [Ellipse(width / 2, height / 2, width * s / 2, height * s / 2)]
@@ -204,9 +209,107 @@ def lesion_coverage(
     """(share of the lesion area covered by flagged tiles, share of the other tissue covered),
     on truth masks at one pixel per ``step`` level-0 pixels."""
     covered = np.zeros(lesion.shape, bool)
-    for (x, y) in coords[np.asarray(flagged, bool)]:
-        covered[y // step : (y + tile_size[1]) // step, x // step : (x + tile_size[0]) // step] = True
+    for x, y in coords[np.asarray(flagged, bool)]:
+        covered[y // step : (y + tile_size[1]) // step, x // step : (x + tile_size[0]) // step] = (
+            True
+        )
     rest = tissue & ~lesion
     hit = float((covered & lesion).sum() / max(1, lesion.sum()))
     false = float((covered & rest).sum() / max(1, rest.sum()))
     return hit, false
+
+
+TRUTH_STEP = 16  # the truth masks keep one pixel per 16 level-0 pixels (8 um at 0.5 um/px)
+SLIDE_MANIFEST = "slides.csv"
+
+
+@dataclass(frozen=True)
+class SyntheticSlides:
+    """What :func:`write_synthetic_slides` wrote."""
+
+    folder: Path
+    slides: list[Path]
+    manifest: Path
+
+
+def write_synthetic_slides(
+    out: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    size: tuple[int, int] = (8192, 6144),
+    magnification: int = 200,
+) -> SyntheticSlides:
+    """Write ``n`` synthetic slides with planted lesions under ``out/slides``: the pyramidal
+    TIFFs, their tissue and lesion truth masks (``masks/<slide>.tissue.png``,
+    ``masks/<slide>.lesion.png``, one pixel per ``TRUTH_STEP`` level-0 pixels) and a manifest."""
+    import csv
+
+    from histolens.slides.scale import BREAKHIS_MPP
+
+    if n < 1:
+        raise ConfigError(f"--slides must be at least 1, not {n}.")
+    from PIL import Image
+
+    folder = Path(out) / "slides"
+    mpp = BREAKHIS_MPP[magnification]
+    bank = TextureBank.paint(seed, magnification=magnification)
+    rows, paths = [], []
+    for i in range(n):
+        slide = make_synthetic_slide(*size, mpp=mpp, n_lesions=1 + i % 3, seed=seed + i, bank=bank)
+        path = write_pyramid_tiff(slide, folder / f"synthetic_{i:03d}.tiff")
+        tissue, lesion = slide.truth(TRUTH_STEP)
+        for kind, mask in (("tissue", tissue), ("lesion", lesion)):
+            with atomic_path(folder / "masks" / f"{path.stem}.{kind}.png") as tmp:
+                Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        px_mm2 = (TRUTH_STEP * mpp) ** 2 / 1e6
+        rows.append(
+            {
+                "slide": path.name,
+                "width": slide.width,
+                "height": slide.height,
+                "mpp": mpp,
+                "truth_step": TRUTH_STEP,
+                "tissue_mm2": round(float(tissue.sum()) * px_mm2, 4),
+                "lesion_mm2": round(float(lesion.sum()) * px_mm2, 4),
+            }
+        )
+        paths.append(path)
+    manifest = folder / SLIDE_MANIFEST
+    from histolens.atomic import atomic_open
+
+    with atomic_open(manifest, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return SyntheticSlides(folder, paths, manifest)
+
+
+def coverage_of(results: str | os.PathLike, slides: str | os.PathLike) -> list[dict]:
+    """Per synthetic slide scored in ``results`` (a ``slide predict`` output): the share of the
+    planted lesion area covered by tiles at or above the threshold, and of the other tissue."""
+    import h5py
+    from PIL import Image
+
+    from histolens.errors import DataError
+    from histolens.slides.outputs import SlideOutputs, read_summary
+
+    folder = Path(slides)
+    rows = []
+    for lesion_png in sorted((folder / "masks").glob("*.lesion.png")):
+        name = lesion_png.name[: -len(".lesion.png")]
+        outputs = SlideOutputs(Path(results), name)
+        summary = read_summary(outputs.summary)
+        if summary is None or not outputs.h5.is_file():
+            continue
+        lesion = np.asarray(Image.open(lesion_png)) > 0
+        tissue = np.asarray(Image.open(folder / "masks" / f"{name}.tissue.png")) > 0
+        with h5py.File(outputs.h5, "r") as f:
+            coords, scores = f["coords"][:], f["score"][:]
+            size = tuple(int(v) for v in f["coords"].attrs["patch_size_level0"])
+        hit, false = lesion_coverage(
+            coords, size, scores >= summary.threshold, tissue, lesion, TRUTH_STEP
+        )
+        rows.append({"slide": name, "lesion_covered": hit, "other_tissue_covered": false})
+    if not rows:
+        raise DataError(f"No slide of {folder} has results in {results}.")
+    return rows

@@ -115,7 +115,7 @@ def _mask_share(
 
 def mask_area_mm2(mask: np.ndarray, dimensions: tuple[int, int], slide_mpp: float) -> float:
     """Tissue area in mm^2 of a mask spanning a slide of level-0 ``dimensions``."""
-    px_um2 = (dimensions[0] * slide_mpp / mask.shape[1]) * (dimensions[1] * slide_mpp / mask.shape[0])
+    px_um2 = (dimensions[0] * slide_mpp / mask.shape[1]) * (
+        dimensions[1] * slide_mpp / mask.shape[0]
+    )
     return float(mask.sum()) * px_um2 / 1e6
-
-
