@@ -6,10 +6,6 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "slides"
-CMU = DATA / "CMU-1-Small-Region.svs"
-CMU_TISSUE = DATA / "CMU-1-Small-Region.tissue.png"
-
 
 @pytest.fixture(scope="session")
 def bank():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -10,7 +12,9 @@ from PIL import Image
 from histolens.errors import DataError
 from histolens.slides.reader import OpenSlideReader, PillowReader, open_slide
 
-from .conftest import CMU
+DATA = Path(__file__).resolve().parents[1] / "data" / "slides"
+CMU = DATA / "CMU-1-Small-Region.svs"
+CMU_TISSUE = DATA / "CMU-1-Small-Region.tissue.png"
 
 
 def test_cmu_slide_metadata():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +12,9 @@ from histolens.slides.reader import open_slide
 from histolens.slides.scale import BREAKHIS_MPP, training_scale
 from histolens.slides.tissue import mask_area_mm2, tile_grid, tissue_mask
 
-from .conftest import CMU, CMU_TISSUE
+DATA = Path(__file__).resolve().parents[1] / "data" / "slides"
+CMU = DATA / "CMU-1-Small-Region.svs"
+CMU_TISSUE = DATA / "CMU-1-Small-Region.tissue.png"
 
 
 def test_cmu_mask_matches_the_hand_drawn_one():
