@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,6 +59,7 @@ def make_model(folder: Path, backbone: str) -> dict[str, str]:
     graph = folder / "graph.onnx"
     trace_onnx(predictor.model, predictor.preprocess.input_size, graph)
     _, meta = load_checkpoint(ckpt)
+    meta = replace(meta, export={"format": "onnx", "quantization": "none"})
     onnx.save(_attach_metadata(graph, meta, {}), str(folder / "model.onnx"))
     return {"torch": str(ckpt), "ort-fp32": str(folder / "model.onnx")}
 

@@ -4,6 +4,7 @@ prediction through an ONNX export."""
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -100,6 +101,7 @@ def test_slide_predict_through_an_onnx_export(tmp_path, tiny_checkpoint, small_s
     graph = tmp_path / "graph.onnx"
     trace_onnx(torch_predictor.model, torch_predictor.preprocess.input_size, graph)
     _, meta = load_checkpoint(tiny_checkpoint)
+    meta = replace(meta, export={"format": "onnx", "quantization": "none"})
     onnx.save(_attach_metadata(graph, meta, {}), str(tmp_path / "tiny.onnx"))
     outs = {}
     for name, ckpt in (("torch", tiny_checkpoint), ("onnx", tmp_path / "tiny.onnx")):

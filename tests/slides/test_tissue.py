@@ -51,9 +51,16 @@ def test_grid_keeps_tiles_by_tissue_share():
     assert len(straddle) == 25
     overlap = tile_grid((1000, 1000), (200, 200), mask, min_tissue=0.5, overlap=0.5)
     assert overlap.stride == (100, 100)
-    # Columns 0 to 300 are all tissue, 400 half: kept; 9 rows each.
+    # Columns 0 to 300 are all tissue, 400 half: kept in rows 0 to 800; the row at 900 hangs
+    # half over the edge, which keeps 0 to 300 (half tissue) and drops 400 (a quarter).
     assert sorted(set(overlap.coords[:, 0])) == [0, 100, 200, 300, 400]
-    assert len(overlap) == 45
+    assert len(overlap) == 5 * 9 + 4
+    # A tile hanging over the slide's edge counts the part outside as glass.
+    full = np.ones((10, 11), bool)  # a 1100 x 1000 slide, all tissue
+    edge = tile_grid((1100, 1000), (200, 200), full, min_tissue=0.5)
+    assert sorted(set(edge.coords[:, 0])) == [0, 200, 400, 600, 800, 1000]
+    assert set(edge.tissue[edge.coords[:, 0] == 1000]) == {0.5}
+    assert 1000 not in tile_grid((1100, 1000), (200, 200), full, min_tissue=0.6).coords[:, 0]
     assert mask_area_mm2(mask, (1000, 1000), 1.0) == pytest.approx(0.5)
 
 

@@ -145,10 +145,13 @@ def make_synthetic_slide(
         for _ in range(2)
     ]
     lesions = []
+    main = tissue[0]
     for _ in range(n_lesions):
         rx, ry = rng.uniform(0.08, 0.16) * width, rng.uniform(0.08, 0.16) * height
-        cx = rng.uniform(0.5 - s / 2, 0.5 + s / 2) * width
-        cy = rng.uniform(0.5 - s / 2, 0.5 + s / 2) * height
+        # Centres well inside the main tissue ellipse, so the lesions lie in tissue.
+        angle, r = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform(0, 1)) * 0.55
+        cx = main.cx + r * math.cos(angle) * main.rx
+        cy = main.cy + r * math.sin(angle) * main.ry
         lesions.append(Ellipse(float(cx), float(cy), float(rx), float(ry)))
     return SyntheticSlide(
         width, height, mpp, tissue, lesions, bank or TextureBank.paint(seed), seed

@@ -87,8 +87,10 @@ def tile_grid(
     tw, th = tile_size
     sx = max(1, round(tw * (1 - overlap)))
     sy = max(1, round(th * (1 - overlap)))
-    xs = np.arange(0, max(1, W - tw + 1), sx, dtype=np.int64)
-    ys = np.arange(0, max(1, H - th + 1), sy, dtype=np.int64)
+    # Tiles may hang over the right and bottom edges (read as glass there), so that the last
+    # strip of tissue is scored too; their tissue share counts the part outside as glass.
+    xs = np.arange(0, W, sx, dtype=np.int64)
+    ys = np.arange(0, H, sy, dtype=np.int64)
     gx, gy = np.meshgrid(xs, ys)
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
     share = _mask_share(mask, coords, tile_size, dimensions)
@@ -100,7 +102,8 @@ def _mask_share(
     mask: np.ndarray, coords: np.ndarray, size: tuple[int, int], dimensions: tuple[int, int]
 ) -> np.ndarray:
     """Share of each level-0 box covered by ``mask``, by a summed-area table of the mask with
-    box corners rounded to mask pixels (at least one pixel each way)."""
+    box corners rounded to mask pixels (at least one pixel each way); the part of a box outside
+    the mask counts as uncovered."""
     mh, mw = mask.shape
     fx, fy = mw / dimensions[0], mh / dimensions[1]
     table = np.zeros((mh + 1, mw + 1), np.int64)
@@ -110,7 +113,8 @@ def _mask_share(
     x1 = np.clip(np.floor((coords[:, 0] + size[0]) * fx + 0.5).astype(np.int64), x0 + 1, mw)
     y1 = np.clip(np.floor((coords[:, 1] + size[1]) * fy + 0.5).astype(np.int64), y0 + 1, mh)
     inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-    return inside / np.maximum(1, (x1 - x0) * (y1 - y0))
+    full = np.maximum(1.0, np.round(size[0] * fx) * np.round(size[1] * fy))
+    return np.minimum(1.0, inside / full)
 
 
 def mask_area_mm2(mask: np.ndarray, dimensions: tuple[int, int], slide_mpp: float) -> float:
