@@ -34,7 +34,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("histolens.stats",),
     ("histolens.config",),  # the typed run config: validates operating points with stats' parser
     ("histolens.data",),
-    ("histolens.slides",),  # whole-slide images: read with data's image I/O
     ("histolens.stain",),
     ("histolens.models",),
     ("histolens.checkpoint",),
@@ -44,6 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("histolens.training",),
     ("histolens.export",),
     ("histolens.explain",),
+    ("histolens.slides",),  # whole-slide images: tiles through the Predictor, Grad-CAM via explain
     ("histolens.gui", "histolens.web"),
     ("histolens.cli", "histolens.testing", "histolens.__main__"),
 )

@@ -372,6 +372,7 @@ def _register_commands() -> None:
     from histolens.cli.data import data_group
     from histolens.cli.explain import explain_command
     from histolens.cli.gui import gui_command
+    from histolens.cli.slide import slide_group
     from histolens.cli.train import cv_command, train_command
     from histolens.cli.web import serve_command
 
@@ -380,6 +381,7 @@ def _register_commands() -> None:
     main.add_command(cv_command, "cv")
     main.add_command(calibrate_command, "calibrate")
     main.add_command(explain_command, "explain")
+    main.add_command(slide_group, "slide")
     main.add_command(gui_command, "gui")
     main.add_command(serve_command, "serve")
 

@@ -85,8 +85,39 @@ def data_audit(path, magnification, threshold, seed, colour, quiet):
     type=click.IntRange(2, 10000),
     help="Number of synthetic patients (default: from --n).",
 )
-def data_synth(out, n, seed, magnification, patients):
-    """Write a synthetic H&E-like dataset (BreakHis names, lesion masks, a contact sheet)."""
+@click.option(
+    "--slides",
+    default=0,
+    type=click.IntRange(0, 1000),
+    help="Write this many synthetic whole slides (pyramidal TIFF) with planted lesions and their "
+    "truth masks under OUT/slides instead of the tile dataset.",
+)
+@click.option(
+    "--slide-size",
+    default="8192x6144",
+    show_default=True,
+    help="Level-0 WIDTHxHEIGHT of each synthetic slide.",
+)
+def data_synth(out, n, seed, magnification, patients, slides, slide_size):
+    """Write a synthetic H&E-like dataset (BreakHis names, lesion masks, a contact sheet).
+
+    With --slides N: N synthetic whole slides at the --magnification's scale instead, with the
+    tissue and lesion masks that 'histolens slide coverage' scores heatmaps against.
+    """
+    if slides:
+        from histolens.slides.synthetic import write_synthetic_slides
+
+        try:
+            w, h = (int(v) for v in slide_size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(
+                "expected WIDTHxHEIGHT, e.g. 8192x6144", param_hint="--slide-size"
+            ) from None
+        written = write_synthetic_slides(out, slides, seed, (w, h), int(magnification))
+        click.echo(
+            f"Wrote {len(written.slides)} slide(s) to {written.folder}; truth in {written.manifest}"
+        )
+        return
     from histolens.data.synth import generate_synthetic
     from histolens.progress import progress_bar
 

@@ -65,7 +65,7 @@ def _split_counts(rng: np.random.Generator, total: int, parts: int) -> list[int]
     return [int(1 + e) for e in extra]
 
 
-def _make_patients(seed: int, n: int, n_patients: int, magnification: int) -> list[Patient]:
+def make_patients(seed: int, n: int, n_patients: int, magnification: int) -> list[Patient]:
     # Benign a little fewer, as in BreakHis (about 31/69 there; 45/55 here keeps classes usable).
     n_benign = max(1, round(n * 0.45))
     n_malignant = n - n_benign
@@ -245,7 +245,7 @@ def generate_synthetic(
     start = time.perf_counter()
     width, height, n_patients = _checked_options(n, magnification, size, n_patients)
     out = Path(out_dir)
-    patients = _make_patients(seed, n, n_patients, magnification)
+    patients = make_patients(seed, n, n_patients, magnification)
     plan = _plan_images(patients, magnification)
     _check_fresh(
         [out / f"{magnification}X" / label for label in ("benign", "malignant")],

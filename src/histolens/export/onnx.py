@@ -185,9 +185,7 @@ def trace_onnx(
         )
 
 
-def _attach_metadata(
-    graph: Path, meta: CheckpointMetadata, tensors: dict[str, torch.Tensor]
-) -> Any:
+def attach_metadata(graph: Path, meta: CheckpointMetadata, tensors: dict[str, torch.Tensor]) -> Any:
     """The ONNX model at ``graph`` with the histolens metadata (and non-weight tensors)."""
     import onnx
     from safetensors.torch import save as save_tensors
@@ -360,7 +358,7 @@ def _save_export(graph: Path, predictor: Predictor, result: ExportResult) -> Non
     own = set(predictor.model.state_dict())
     tensors = {k: v for k, v in state.items() if k not in own}
     export = _export_record(predictor, result)
-    model = _attach_metadata(graph, replace(meta, export=export), tensors)
+    model = attach_metadata(graph, replace(meta, export=export), tensors)
     with atomic_path(result.path) as part:
         onnx.save(model, str(part))
 

@@ -1,0 +1,403 @@
+"""``histolens slide predict``: mask, tile and score slides; write each slide's outputs once.
+
+A slide's tile scores go batch by batch into a partial HDF5 file (``h5/.<slide>.h5.partial``)
+whose ``done`` attribute counts the tiles written, so an interrupted run resumes at the next
+batch; the finished file is renamed into place, the PNGs and GeoJSON follow, and the summary is
+written last. A slide whose summary matches the checkpoint's fingerprint is skipped. Memory holds
+one batch of tiles (plus the tile scores, a few floats a tile), whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from histolens.errors import ConfigError, DataError
+from histolens.slides.outputs import (
+    SlideOutputs,
+    SlideSummary,
+    outputs_exist,
+    read_summary,
+    write_geojson,
+    write_heatmap,
+    write_mask,
+)
+from histolens.slides.reader import PLAIN_IMAGE_SUFFIXES, open_slide
+from histolens.slides.scale import TileScale, training_scale
+from histolens.slides.tiles import StageTimes
+from histolens.slides.tissue import MASK_MPP, mask_area_mm2, tile_grid, tissue_mask
+
+__all__ = [
+    "SLIDE_SUFFIXES",
+    "SlideOptions",
+    "SlideRun",
+    "find_slides",
+    "parse_shard",
+    "shard_slides",
+]
+
+# What a folder is searched for (a plain image is taken only when named directly).
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".tif",
+    ".tiff",
+    ".scn",
+    ".bif",
+    ".svslide",
+    ".vms",
+    ".dcm",
+)
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """How slides are tiled and scored (the CLI's options; defaults here)."""
+
+    slide_mpp: float | None = None
+    tile_mpp: float | None = None
+    tile_size: int | None = None
+    min_tissue: float = 0.5
+    overlap: float = 0.0
+    batch_size: int = 32
+    workers: int = 2
+    save_features: bool = False
+    threshold: float | None = None
+    score_class: str | None = None
+    top_k: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"--min-tissue must be between 0 and 1, not {self.min_tissue}.")
+        if not 0.0 <= self.overlap < 0.95:
+            raise ConfigError(f"--overlap must be at least 0 and under 0.95, not {self.overlap}.")
+        if self.batch_size < 1 or self.workers < 0 or self.top_k < 1:
+            raise ConfigError("--batch-size and --top-k must be at least 1, --workers at least 0.")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold must be between 0 and 1, not {self.threshold}.")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (I from 0 to N-1, as Slurm's array task ids) -> (I, N)."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must be I/N, e.g. 0/4, not {text!r}.") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: I must be from 0 to N-1 and N at least 1.")
+    return i, n
+
+
+def find_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Slide files named or found (not recursively) in folders, sorted and deduplicated; two
+    slides with the same name are refused, their outputs would collide."""
+    found: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and path.suffix.lower() != ".mrxs":
+            found.update(
+                p.resolve()
+                for p in path.iterdir()
+                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+            )
+        elif path.exists():
+            found.add(path.resolve())
+        else:
+            raise DataError(f"{path} does not exist.")
+    if not found:
+        raise DataError(
+            "No slides found (looked for " + ", ".join(SLIDE_SUFFIXES + PLAIN_IMAGE_SUFFIXES) + ")."
+        )
+    slides = sorted(found)
+    names: dict[str, Path] = {}
+    for p in slides:
+        if p.stem in names:
+            raise DataError(f"Two slides are named {p.stem}: {names[p.stem]} and {p}; rename one.")
+        names[p.stem] = p
+    return slides
+
+
+def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """The slides shard (I, N) takes: every N-th of the sorted list, from the I-th."""
+    if shard is None:
+        return list(slides)
+    i, n = shard
+    return list(slides[i::n])
+
+
+@dataclass
+class SlideRun:
+    """Scores slides with one Predictor into one output folder."""
+
+    predictor: object
+    out: Path
+    options: SlideOptions = field(default_factory=SlideOptions)
+    progress: bool = True
+    fingerprint: str = ""
+    times: StageTimes = field(default_factory=StageTimes)
+    masking_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        from histolens.inference.resume import model_fingerprint
+
+        self.out = Path(self.out)
+        self.fingerprint = self.fingerprint or model_fingerprint(self.predictor)
+        p = self.predictor
+        names = tuple(p.class_names)
+        if self.options.score_class is not None:
+            if self.options.score_class not in names:
+                from histolens.errors import check_choice
+
+                check_choice("--score-class", self.options.score_class, names)
+            self.score_class = self.options.score_class
+        elif p.is_binary:
+            self.score_class = p.positive_class
+        else:
+            raise ConfigError(
+                f"This checkpoint has {len(names)} classes; say which one the slide heatmap "
+                f"scores with --score-class ({', '.join(names)})."
+            )
+        self.score_index = names.index(self.score_class)
+        if self.options.threshold is not None:
+            self.threshold = float(self.options.threshold)
+        else:
+            self.threshold = float(p.threshold) if p.is_binary else 0.5
+        meta = p.metadata
+        self.scale: TileScale = training_scale(
+            p.preprocess.input_size,
+            meta.magnification if meta is not None else "all",
+            self.options.tile_mpp,
+            self.options.tile_size,
+        )
+
+    # --- the cohort --------------------------------------------------------------------------
+    def is_done(self, slide: Path) -> bool:
+        outputs = SlideOutputs(self.out, slide.stem)
+        summary = read_summary(outputs.summary)
+        return (
+            summary is not None
+            and summary.fingerprint == self.fingerprint
+            and outputs_exist(outputs)
+        )
+
+    def run(
+        self,
+        slides: Sequence[Path],
+        on_slide: Callable[[SlideSummary | None, Path, str | None], None] | None = None,
+    ) -> list[SlideSummary]:
+        """Score every slide not already done; ``on_slide(summary, path, note)`` after each
+        (summary None and a note when the slide was skipped or could not be read)."""
+        done = []
+        for slide in slides:
+            if self.is_done(slide):
+                if on_slide:
+                    on_slide(None, slide, "already done with this checkpoint")
+                continue
+            try:
+                summary = self.predict_slide(slide)
+            except DataError as exc:
+                if on_slide:
+                    on_slide(None, slide, str(exc))
+                continue
+            done.append(summary)
+            if on_slide:
+                on_slide(summary, slide, None)
+        return done
+
+    # --- one slide ---------------------------------------------------------------------------
+    def predict_slide(self, path: Path) -> SlideSummary:
+        """Mask, tile and score one slide; write its outputs; return its summary."""
+        start = time.perf_counter()
+        outputs = SlideOutputs(self.out, Path(path).stem)
+        with open_slide(path, self.options.slide_mpp) as reader:
+            t0 = time.perf_counter()
+            thumbnail = reader.thumbnail(MASK_MPP)
+            thumb_mpp = reader.mpp * reader.dimensions[0] / thumbnail.size[0]
+            mask = tissue_mask(thumbnail, thumb_mpp)
+            self.masking_seconds += time.perf_counter() - t0
+            size0 = self.scale.level0_size(reader.mpp)
+            grid = tile_grid(
+                reader.dimensions, size0, mask, self.options.min_tissue, self.options.overlap
+            )
+            downsample = size0[0] / self.scale.input_size[0]
+            level = reader.best_level(downsample)
+            level_size = tuple(max(1, round(s / reader.level_downsamples[level])) for s in size0)
+            mpp, mpp_source, dims = reader.mpp, reader.mpp_source, reader.dimensions
+            read_downsample = float(reader.level_downsamples[level])
+        attrs = {
+            "checkpoint_fingerprint": self.fingerprint,
+            "patch_size": int(level_size[0]),
+            "patch_size_level0": np.asarray(size0, np.int64),
+            "patch_level": int(level),
+            "downsample": read_downsample,
+            "level_dim": np.asarray(dims, np.int64),
+            "slide_mpp": float(mpp),
+            "tile_mpp": float(self.scale.mpp),
+            "tile_field_um": np.asarray(self.scale.field_um, np.float64),
+            "scale_source": self.scale.source,
+            "min_tissue": float(self.options.min_tissue),
+            "overlap": float(self.options.overlap),
+            "class_names": ",".join(self.predictor.class_names),
+            "score_class": self.score_class,
+            "name": outputs.name,
+        }
+        self._score_tiles(path, mpp, grid, size0, outputs, attrs)
+        import h5py
+
+        with h5py.File(outputs.h5, "r") as f:
+            scores = f["score"][:]
+            ood = f["ood"][:]
+            coords = f["coords"][:]
+        write_mask(mask, outputs.mask)
+        label = f"P({self.score_class})"
+        write_heatmap(thumbnail, coords, size0, scores, dims, outputs.heatmap, label)
+        above = scores >= self.threshold
+        write_geojson(coords[above], size0, scores[above], self.score_class, outputs.geojson)
+        # The slide score leaves out tiles unlike the training images, unless all are.
+        counted = scores[~ood] if (~ood).any() else scores
+        k = min(self.options.top_k, len(counted))
+        summary = SlideSummary(
+            slide=outputs.name,
+            score_mean=_stat(counted, np.mean),
+            score_max=_stat(counted, np.max),
+            score_topk_mean=_stat(np.sort(counted)[::-1][:k], np.mean),
+            top_k=int(k),
+            score_class=self.score_class,
+            threshold=self.threshold,
+            tiles_above_threshold=int(above.sum()),
+            tissue_mm2=round(mask_area_mm2(mask, dims, mpp), 4),
+            tiles_scored=int(len(scores)),
+            tiles_ood=int(ood.sum()),
+            seconds=round(time.perf_counter() - start, 3),
+            slide_mpp=float(mpp),
+            mpp_source=mpp_source,
+            tile_mpp=round(float(self.scale.mpp), 6),
+            tile_size_level0=f"{size0[0]}x{size0[1]}",
+            read_level=int(level),
+            fingerprint=self.fingerprint,
+            path=str(path),
+        )
+        from histolens.atomic import atomic_write_text
+
+        atomic_write_text(outputs.summary, summary.to_json())
+        return summary
+
+    def _score_tiles(self, path, mpp, grid, size0, outputs: SlideOutputs, attrs: dict) -> None:
+        """Score the grid's tiles into the partial HDF5 file batch by batch, then rename it."""
+        import h5py
+        import torch
+        from torch.utils.data import DataLoader
+
+        from histolens.slides.tiles import TileDataset, score_batch
+
+        n = len(grid)
+        outputs.h5.parent.mkdir(parents=True, exist_ok=True)
+        start = self._resume_point(outputs.partial_h5, grid.coords)
+        if start is None:
+            with h5py.File(outputs.partial_h5, "w") as f:
+                coords = f.create_dataset("coords", data=grid.coords.astype(np.int64))
+                for key, value in attrs.items():
+                    f.attrs[key] = value
+                    coords.attrs[key] = value
+                f.create_dataset("tissue", data=grid.tissue.astype(np.float32))
+                n_classes = len(self.predictor.class_names)
+                f.create_dataset("probabilities", (n, n_classes), np.float32, fillvalue=np.nan)
+                f.create_dataset("score", (n,), np.float32, fillvalue=np.nan)
+                f.create_dataset("ood", (n,), bool)
+                f.create_dataset("refer", (n,), bool)
+                f.attrs["done"] = 0
+            start = 0
+        if start < n:
+            dataset = TileDataset(path, mpp, grid.coords[start:], size0, self.predictor.preprocess)
+            workers = min(self.options.workers, max(0, (n - start) // self.options.batch_size))
+            loader = DataLoader(
+                dataset,
+                batch_size=self.options.batch_size,
+                num_workers=workers,
+                prefetch_factor=4 if workers else None,
+            )
+            bar = self._bar(n, start, outputs.name)
+            i = start
+            try:
+                with h5py.File(outputs.partial_h5, "r+") as f:
+                    batches = iter(loader)
+                    while True:
+                        t0 = time.perf_counter()
+                        batch = next(batches, None)
+                        self.times.reading += time.perf_counter() - t0
+                        if batch is None:
+                            break
+                        with torch.inference_mode():
+                            scores = score_batch(self.predictor, batch, self.times)
+                        b = len(scores.probabilities)
+                        f["probabilities"][i : i + b] = scores.probabilities
+                        f["score"][i : i + b] = scores.probabilities[:, self.score_index]
+                        f["ood"][i : i + b] = scores.ood
+                        f["refer"][i : i + b] = scores.refer
+                        if self.options.save_features and scores.features is not None:
+                            if "features" not in f:
+                                f.create_dataset(
+                                    "features", (n, scores.features.shape[1]), np.float32
+                                )
+                            f["features"][i : i + b] = scores.features
+                        i += b
+                        f.attrs["done"] = i
+                        f.flush()
+                        if bar is not None:
+                            bar.update(b)
+            finally:
+                dataset.close()
+                if bar is not None:
+                    bar.close()
+        os.replace(outputs.partial_h5, outputs.h5)
+
+    def _resume_point(self, partial: Path, coords: np.ndarray) -> int | None:
+        """Tiles already scored in a partial file of this checkpoint and grid, else None (the
+        partial file, if any, is then discarded)."""
+        import h5py
+
+        if not partial.exists():
+            return None
+        try:
+            with h5py.File(partial, "r") as f:
+                same = (
+                    f.attrs.get("checkpoint_fingerprint") == self.fingerprint
+                    and f["coords"].shape == coords.shape
+                    and np.array_equal(f["coords"][:], coords)
+                    and (not self.options.save_features or "features" in f or f.attrs["done"] == 0)
+                )
+                done = int(f.attrs["done"])
+        except (OSError, KeyError, ValueError):
+            same, done = False, 0
+        if not same:
+            partial.unlink()
+            return None
+        return done
+
+    def _bar(self, total: int, initial: int, name: str):
+        if not (self.progress and _is_terminal(sys.stderr)):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total, initial=initial, desc=name, unit=" tiles", file=sys.stderr, leave=False
+        )
+
+
+def _stat(values: np.ndarray, fn) -> float:
+    return round(float(fn(values)), 6) if len(values) else math.nan
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,122 @@
+"""Tile reading for DataLoader workers, and scoring tile batches through the Predictor.
+
+An OpenSlide handle cannot be pickled, so :class:`TileDataset` carries only the slide's path and
+opens it lazily, once in each DataLoader worker (or once in the main process without workers).
+Scoring goes through the same :class:`~histolens.inference.predictor.Predictor` steps as ``histolens
+predict``: its resize, stain normalisation and normalisation (``to_input``), the model or ONNX
+export, temperature, threshold, prediction sets and the out-of-distribution guard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from histolens.models.transforms import Preprocess
+from histolens.slides.reader import SlideReader, open_slide
+
+__all__ = ["BatchScores", "StageTimes", "TileDataset", "score_batch"]
+
+
+class TileDataset(Dataset):
+    """Tiles of one slide as resized uint8 tensors (3, H, W) in the model's input size.
+
+    Args:
+        path: the slide; opened on first use in each process.
+        mpp: the slide's level-0 microns per pixel as resolved by the main process.
+        coords: level-0 top-left corners (N, 2).
+        size: level-0 tile (width, height).
+        preprocess: the checkpoint's preprocessing (its ``resize`` is the one ``predict`` uses).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        mpp: float,
+        coords: np.ndarray,
+        size: tuple[int, int],
+        preprocess: Preprocess,
+    ) -> None:
+        self.path = Path(path)
+        self.mpp = mpp
+        self.coords = np.asarray(coords, np.int64)
+        self.size = size
+        self.preprocess = preprocess
+        self.downsample = size[0] / preprocess.input_size[1]
+        self._reader: SlideReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._reader is None:
+            self._reader = open_slide(self.path, self.mpp)
+        x, y = (int(v) for v in self.coords[i])
+        region = self._reader.read_field(x, y, *self.size, self.downsample)
+        return self.preprocess.resize(region)
+
+    def __getstate__(self) -> dict:
+        # Workers get the recipe, never an open handle.
+        return {**self.__dict__, "_reader": None}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent waiting for tiles, stain-normalising, and in the model (main process)."""
+
+    reading: float = 0.0
+    stain: float = 0.0
+    inference: float = 0.0
+
+    def add(self, other: StageTimes) -> None:
+        self.reading += other.reading
+        self.stain += other.stain
+        self.inference += other.inference
+
+
+@dataclass
+class BatchScores:
+    """One batch's class probabilities (B, C), OOD flags, referral flags and pooled features."""
+
+    probabilities: np.ndarray
+    ood: np.ndarray
+    refer: np.ndarray
+    features: np.ndarray | None = field(default=None, repr=False)
+
+
+def score_batch(predictor, batch: torch.Tensor, times: StageTimes | None = None) -> BatchScores:
+    """Score a uint8 tile batch (B, 3, H, W) exactly as ``Predictor.predict_batch`` does, keeping
+    the pooled features (for --save-features) and timing stain normalisation and the model."""
+    t0 = time.perf_counter()
+    inputs = predictor.to_input(batch)
+    t1 = time.perf_counter()
+    logits, features = predictor.logits_and_features(inputs)
+    probs = predictor.probabilities(logits)
+    reasons: list[str | None] = [None] * len(probs)
+    if predictor.guard is not None:
+        h, w = predictor.preprocess.input_size
+        reasons = predictor.guard.reasons(
+            batch, [(w, h)] * len(probs), predictor.preprocess.input_size, features
+        )
+    preds = predictor.decide_batch(probs, ood_reasons=reasons)
+    t2 = time.perf_counter()
+    if times is not None:
+        times.stain += t1 - t0
+        times.inference += t2 - t1
+    feats = torch.as_tensor(features).float().cpu().numpy() if features is not None else None
+    return BatchScores(
+        np.asarray(probs, np.float32),
+        np.array([p.ood for p in preds], bool),
+        np.array([bool(p.refer) for p in preds], bool),
+        feats,
+    )
