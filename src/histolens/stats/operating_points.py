@@ -48,7 +48,7 @@ __all__ = [
 # Below it, one atypical patient would set the threshold for everyone at that magnification.
 MIN_PATIENTS_PER_CLASS = 3
 
-OPERATING_POINT_FORMS = "youden, sensitivity:T or specificity:T (T between 0 and 1, e.g. 0.95)"
+OPERATING_POINT_FORMS = "youden, sensitivity:T or specificity:T (T in (0, 1], e.g. 0.95)"
 _FORMAT_VERSION = 1
 _RULE_RE = re.compile(r"^(sensitivity|specificity)\s*:\s*([0-9]*\.?[0-9]+)$")
 
@@ -85,7 +85,7 @@ def parse_operating_point(text: str | OperatingPointRule) -> OperatingPointRule:
     m = _RULE_RE.match(s)
     if m is not None:
         target = float(m[2])
-        if 0.0 < target < 1.0:
+        if 0.0 < target <= 1.0:  # 1: every out-of-fold case kept (as --target-sensitivity 1)
             return OperatingPointRule(m[1], target)
     raise ConfigError(f"Unknown operating point '{text}'; use {OPERATING_POINT_FORMS}.")
 
