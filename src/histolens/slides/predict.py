@@ -24,6 +24,7 @@ from histolens.slides.cohort import SLIDE_SUFFIXES, find_slides, parse_shard, sh
 from histolens.slides.outputs import (
     SlideOutputs,
     SlideSummary,
+    heatmap_background,
     outputs_exist,
     read_summary,
     write_geojson,
@@ -162,6 +163,9 @@ class SlideRun:
             thumbnail = reader.thumbnail(MASK_MPP)
             thumb_mpp = reader.mpp * reader.dimensions[0] / thumbnail.size[0]
             mask = tissue_mask(thumbnail, thumb_mpp)
+            # Only the heatmap's small copy is kept while the tiles are scored (and inherited
+            # by forked workers).
+            thumbnail = heatmap_background(thumbnail)
             self.masking_seconds += time.perf_counter() - t0
             size0 = self.scale.level0_size(reader.mpp)
             grid = tile_grid(
