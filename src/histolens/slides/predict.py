@@ -117,6 +117,8 @@ class SlideRun:
             meta.magnification if meta is not None else "all",
             self.options.tile_mpp,
             self.options.tile_size,
+            meta.training_mpp if meta is not None else None,
+            meta.training_image_size if meta is not None else None,
         )
 
     # --- the cohort --------------------------------------------------------------------------
