@@ -40,8 +40,15 @@ class DataConfig:
     test_fraction: float = 0.15
     seed: int = 42
     group_by: str = "group"  # "group": numeric core of the BreakHis id; "patient": exact ids
+    # Microns per pixel of the training images (--mpp), recorded in the checkpoint so that
+    # whole slides are tiled at the same scale; None: the BreakHis magnification table.
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
+        if self.mpp is not None:
+            self.mpp = float(self.mpp)
+            if not (self.mpp > 0 and self.mpp < float("inf")):
+                raise ConfigError(f"--mpp must be a positive number of microns, not {self.mpp}.")
         self.magnification = str(self.magnification).upper().rstrip("X").lower()
         check_choice("magnification", self.magnification, ["40", "100", "200", "400", "all"])
         check_choice("task", self.task, ["binary", "subtype"])

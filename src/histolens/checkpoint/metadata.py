@@ -118,6 +118,10 @@ class CheckpointMetadata:
     stain: dict[str, Any] | None = None  # histolens.stain.normalize.StainNormalizer.to_dict()
     stain_reference: str | None = None
     magnification: str = "all"
+    # The training images' microns per pixel (``--mpp`` at training) and their (width, height)
+    # in pixels; slide tiling takes its scale from them before the BreakHis magnification table.
+    training_mpp: float | None = None
+    training_image_size: tuple[int, int] | None = None
     config: dict[str, Any] = field(default_factory=dict)  # RunConfig.to_dict()
     class_weights: dict[str, float] = field(default_factory=dict)
     data: TrainingData = field(default_factory=TrainingData)
@@ -172,6 +176,23 @@ class CheckpointMetadata:
         if isinstance(self.magnification, bool) or not isinstance(self.magnification, str | int):
             raise _InvalidField("magnification", f"is {_r(self.magnification)}, not 40 ... 'all'")
         put(self, "magnification", str(self.magnification))
+        if self.training_mpp is not None:
+            mpp = _real("training_mpp", self.training_mpp)
+            if not (mpp > 0 and math.isfinite(mpp)):
+                raise _InvalidField("training_mpp", f"is {_r(mpp)}, not a positive number")
+            put(self, "training_mpp", mpp)
+        if self.training_image_size is not None:
+            size = self.training_image_size
+            if (
+                isinstance(size, str)
+                or not isinstance(size, Sequence)
+                or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+            ):
+                raise _InvalidField(
+                    "training_image_size", f"is {_r(size)}, not [width, height] in pixels"
+                )
+            put(self, "training_image_size", (int(size[0]), int(size[1])))
         for name in _OPTIONAL_RECORDS:
             put(self, name, _mapping(name, getattr(self, name), optional=True))
         for name in _RECORDS:

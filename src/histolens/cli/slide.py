@@ -122,16 +122,9 @@ def slide_predict(
     slides' files; 'histolens slide merge OUT' then builds slides.csv.
     """
     from histolens.inference.predictor import Predictor
-    from histolens.slides.outputs import merge_summaries
-    from histolens.slides.predict import (
-        SlideOptions,
-        SlideRun,
-        find_slides,
-        parse_shard,
-        shard_slides,
-    )
+    from histolens.slides.predict import SlideOptions, SlideRun, find_slides, shard_slides
 
-    part = parse_shard(shard) if shard else None
+    part = _shard(shard)
     options = SlideOptions(
         slide_mpp=mpp,
         tile_mpp=tile_mpp,
@@ -153,13 +146,40 @@ def slide_predict(
         f"{run.scale.field_um[1]:.0f} um at {run.scale.mpp:.3f} um/px ({run.scale.source}).",
         err=True,
     )
-    failed = []
+    log = _SlideLog()
+    try:
+        run.run(slides, log)
+    except KeyboardInterrupt:
+        click.secho(
+            "interrupted; finished slides are kept and the current one resumes at its next "
+            "batch: run the same command again.",
+            fg="yellow",
+            err=True,
+        )
+        raise SystemExit(130) from None
+    _finish(out, part)
+    if log.failed:
+        raise SystemExit(1)
 
-    def report(summary, path, note):
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    """--shard I/N parsed, or None for every slide."""
+    from histolens.slides.cohort import parse_shard
+
+    return parse_shard(text) if text else None
+
+
+class _SlideLog:
+    """One line per slide on stderr; remembers the slides that could not be read."""
+
+    def __init__(self) -> None:
+        self.failed: list[Path] = []
+
+    def __call__(self, summary, path: Path, note: str | None) -> None:
         if summary is None:
             colour = "yellow" if note and "already done" not in note else None
             if colour:
-                failed.append(path)
+                self.failed.append(path)
             click.secho(f"{path.name}: skipped: {note}", fg=colour, err=True)
             return
         rate = summary.tiles_scored / summary.seconds if summary.seconds > 0 else 0.0
@@ -172,16 +192,11 @@ def slide_predict(
             err=True,
         )
 
-    try:
-        run.run(slides, report)
-    except KeyboardInterrupt:
-        click.secho(
-            "interrupted; finished slides are kept and the current one resumes at its next "
-            "batch: run the same command again.",
-            fg="yellow",
-            err=True,
-        )
-        raise SystemExit(130) from None
+
+def _finish(out: Path, part: tuple[int, int] | None) -> None:
+    """Write slides.csv after a whole run; after one shard, say how to build it."""
+    from histolens.slides.outputs import merge_summaries
+
     if part is None:
         table, rows = merge_summaries(out)
         click.echo(f"{rows} slide(s) in {table}")
@@ -189,8 +204,6 @@ def slide_predict(
         click.echo(
             f"Shard {part[0]}/{part[1]} done; 'histolens slide merge {out}' builds slides.csv."
         )
-    if failed:
-        raise SystemExit(1)
 
 
 @slide_group.command("merge")

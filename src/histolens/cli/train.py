@@ -42,6 +42,7 @@ _CONFIG_KEYS = {
     "test_fraction": "data.test_fraction",
     "seed": "data.seed",
     "group_by": "data.group_by",
+    "mpp": "data.mpp",
     "backbone": "model.backbone",
     "pretrained": "model.pretrained",
     "unfreeze": "model.unfreeze",
@@ -116,6 +117,12 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 @click.option(
     "--feature-layer",
     help="Where the head reads the backbone: auto (default), last, or blocks.N.",
+)
+@click.option(
+    "--mpp",
+    type=float,
+    help="Microns per pixel of the training images, recorded in the checkpoint so that "
+    "'histolens slide predict' tiles slides at the same scale (default: BreakHis's table).",
 )
 @click.option(
     "--cv-folds",

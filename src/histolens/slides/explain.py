@@ -56,6 +56,8 @@ def explain_tiles(
         meta.magnification if meta is not None else "all",
         tile_mpp,
         tile_size,
+        meta.training_mpp if meta is not None else None,
+        meta.training_image_size if meta is not None else None,
     )
     out = Path(out)
     name = Path(slide).stem

@@ -27,6 +27,7 @@ __all__ = [
     "SLIDES_CSV",
     "SlideOutputs",
     "SlideSummary",
+    "heatmap_background",
     "merge_summaries",
     "read_summary",
     "write_geojson",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 SLIDES_CSV = "slides.csv"
+HEATMAP_SIDE = 1200  # longest side, in pixels, of the thumbnail under the heatmap
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,17 @@ def _save_png(image: Image.Image, target: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def heatmap_background(thumbnail: Image.Image) -> Image.Image:
+    """The thumbnail at most HEATMAP_SIDE pixels a side: the figure is drawn at about 840 pixels
+    wide, and matplotlib resamples a full-size thumbnail and its score layer through float
+    copies whose size grows with the slide's area."""
+    if max(thumbnail.size) <= HEATMAP_SIDE:
+        return thumbnail
+    small = thumbnail.convert("RGB")
+    small.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE), Image.Resampling.BOX)
+    return small
+
+
 def write_heatmap(
     thumbnail: Image.Image,
     coords: np.ndarray,
@@ -152,6 +165,7 @@ def write_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    thumbnail = heatmap_background(thumbnail)
     tw, th = thumbnail.size
     fx, fy = tw / dimensions[0], th / dimensions[1]
     total = np.zeros((th, tw), np.float32)

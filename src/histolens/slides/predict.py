@@ -13,23 +13,26 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from histolens.errors import ConfigError, DataError
+from histolens.slides.cohort import SLIDE_SUFFIXES, find_slides, parse_shard, shard_slides
 from histolens.slides.outputs import (
     SlideOutputs,
     SlideSummary,
+    heatmap_background,
     outputs_exist,
     read_summary,
     write_geojson,
     write_heatmap,
     write_mask,
 )
-from histolens.slides.reader import PLAIN_IMAGE_SUFFIXES, open_slide
+from histolens.slides.partial import PartialScores, create_partial, resume_point
+from histolens.slides.reader import open_slide
 from histolens.slides.scale import TileScale, training_scale
 from histolens.slides.tiles import StageTimes
 from histolens.slides.tissue import MASK_MPP, mask_area_mm2, tile_grid, tissue_mask
@@ -42,20 +45,6 @@ __all__ = [
     "parse_shard",
     "shard_slides",
 ]
-
-# What a folder is searched for (a plain image is taken only when named directly).
-SLIDE_SUFFIXES = (
-    ".svs",
-    ".ndpi",
-    ".mrxs",
-    ".tif",
-    ".tiff",
-    ".scn",
-    ".bif",
-    ".svslide",
-    ".vms",
-    ".dcm",
-)
 
 
 @dataclass(frozen=True)
@@ -83,54 +72,6 @@ class SlideOptions:
             raise ConfigError("--batch-size and --top-k must be at least 1, --workers at least 0.")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be between 0 and 1, not {self.threshold}.")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' (I from 0 to N-1, as Slurm's array task ids) -> (I, N)."""
-    try:
-        i, n = (int(v) for v in str(text).split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must be I/N, e.g. 0/4, not {text!r}.") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: I must be from 0 to N-1 and N at least 1.")
-    return i, n
-
-
-def find_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Slide files named or found (not recursively) in folders, sorted and deduplicated; two
-    slides with the same name are refused, their outputs would collide."""
-    found: set[Path] = set()
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir() and path.suffix.lower() != ".mrxs":
-            found.update(
-                p.resolve()
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-            )
-        elif path.exists():
-            found.add(path.resolve())
-        else:
-            raise DataError(f"{path} does not exist.")
-    if not found:
-        raise DataError(
-            "No slides found (looked for " + ", ".join(SLIDE_SUFFIXES + PLAIN_IMAGE_SUFFIXES) + ")."
-        )
-    slides = sorted(found)
-    names: dict[str, Path] = {}
-    for p in slides:
-        if p.stem in names:
-            raise DataError(f"Two slides are named {p.stem}: {names[p.stem]} and {p}; rename one.")
-        names[p.stem] = p
-    return slides
-
-
-def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
-    """The slides shard (I, N) takes: every N-th of the sorted list, from the I-th."""
-    if shard is None:
-        return list(slides)
-    i, n = shard
-    return list(slides[i::n])
 
 
 @dataclass
@@ -176,6 +117,8 @@ class SlideRun:
             meta.magnification if meta is not None else "all",
             self.options.tile_mpp,
             self.options.tile_size,
+            meta.training_mpp if meta is not None else None,
+            meta.training_image_size if meta is not None else None,
         )
 
     # --- the cohort --------------------------------------------------------------------------
@@ -222,6 +165,9 @@ class SlideRun:
             thumbnail = reader.thumbnail(MASK_MPP)
             thumb_mpp = reader.mpp * reader.dimensions[0] / thumbnail.size[0]
             mask = tissue_mask(thumbnail, thumb_mpp)
+            # Only the heatmap's small copy is kept while the tiles are scored (and inherited
+            # by forked workers).
+            thumbnail = heatmap_background(thumbnail)
             self.masking_seconds += time.perf_counter() - t0
             size0 = self.scale.level0_size(reader.mpp)
             grid = tile_grid(
@@ -292,7 +238,6 @@ class SlideRun:
 
     def _score_tiles(self, path, mpp, grid, size0, outputs: SlideOutputs, attrs: dict) -> None:
         """Score the grid's tiles into the partial HDF5 file batch by batch, then rename it."""
-        import h5py
         import torch
         from torch.utils.data import DataLoader
 
@@ -300,20 +245,11 @@ class SlideRun:
 
         n = len(grid)
         outputs.h5.parent.mkdir(parents=True, exist_ok=True)
-        start = self._resume_point(outputs.partial_h5, grid.coords)
+        partial, save_features = outputs.partial_h5, self.options.save_features
+        start = resume_point(partial, grid.coords, self.fingerprint, save_features)
         if start is None:
-            with h5py.File(outputs.partial_h5, "w") as f:
-                coords = f.create_dataset("coords", data=grid.coords.astype(np.int64))
-                for key, value in attrs.items():
-                    f.attrs[key] = value
-                    coords.attrs[key] = value
-                f.create_dataset("tissue", data=grid.tissue.astype(np.float32))
-                n_classes = len(self.predictor.class_names)
-                f.create_dataset("probabilities", (n, n_classes), np.float32, fillvalue=np.nan)
-                f.create_dataset("score", (n,), np.float32, fillvalue=np.nan)
-                f.create_dataset("ood", (n,), bool)
-                f.create_dataset("refer", (n,), bool)
-                f.attrs["done"] = 0
+            n_classes = len(self.predictor.class_names)
+            create_partial(partial, grid.coords, grid.tissue, n_classes, attrs)
             start = 0
         if start < n:
             dataset = TileDataset(path, mpp, grid.coords[start:], size0, self.predictor.preprocess)
@@ -325,9 +261,8 @@ class SlideRun:
                 prefetch_factor=4 if workers else None,
             )
             bar = self._bar(n, start, outputs.name)
-            i = start
             try:
-                with h5py.File(outputs.partial_h5, "r+") as f:
+                with PartialScores(partial, self.score_index, save_features) as stored:
                     batches = iter(loader)
                     while True:
                         t0 = time.perf_counter()
@@ -336,51 +271,14 @@ class SlideRun:
                         if batch is None:
                             break
                         with torch.inference_mode():
-                            scores = score_batch(self.predictor, batch, self.times)
-                        b = len(scores.probabilities)
-                        f["probabilities"][i : i + b] = scores.probabilities
-                        f["score"][i : i + b] = scores.probabilities[:, self.score_index]
-                        f["ood"][i : i + b] = scores.ood
-                        f["refer"][i : i + b] = scores.refer
-                        if self.options.save_features and scores.features is not None:
-                            if "features" not in f:
-                                f.create_dataset(
-                                    "features", (n, scores.features.shape[1]), np.float32
-                                )
-                            f["features"][i : i + b] = scores.features
-                        i += b
-                        f.attrs["done"] = i
-                        f.flush()
+                            b = stored.write(score_batch(self.predictor, batch, self.times))
                         if bar is not None:
                             bar.update(b)
             finally:
                 dataset.close()
                 if bar is not None:
                     bar.close()
-        os.replace(outputs.partial_h5, outputs.h5)
-
-    def _resume_point(self, partial: Path, coords: np.ndarray) -> int | None:
-        """Tiles already scored in a partial file of this checkpoint and grid, else None (the
-        partial file, if any, is then discarded)."""
-        import h5py
-
-        if not partial.exists():
-            return None
-        try:
-            with h5py.File(partial, "r") as f:
-                same = (
-                    f.attrs.get("checkpoint_fingerprint") == self.fingerprint
-                    and f["coords"].shape == coords.shape
-                    and np.array_equal(f["coords"][:], coords)
-                    and (not self.options.save_features or "features" in f or f.attrs["done"] == 0)
-                )
-                done = int(f.attrs["done"])
-        except (OSError, KeyError, ValueError):
-            same, done = False, 0
-        if not same:
-            partial.unlink()
-            return None
-        return done
+        os.replace(partial, outputs.h5)
 
     def _bar(self, total: int, initial: int, name: str):
         if not (self.progress and _is_terminal(sys.stderr)):

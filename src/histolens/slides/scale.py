@@ -63,12 +63,16 @@ def training_scale(
     magnification: str,
     tile_mpp: float | None = None,
     tile_size: int | None = None,
+    image_mpp: float | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> TileScale:
     """The tile scale of a model with ``input_size`` (height, width), trained at
     ``magnification`` ('40' ... '400' or 'all').
 
-    ``tile_mpp`` (microns per pixel of the model input) and ``tile_size`` (square tiles of that
-    many pixels at that scale, resized to the input) override the checkpoint's scale.
+    ``image_mpp`` and ``image_size`` (width, height) are the training images' scale and size as
+    the checkpoint recorded them (``--mpp`` at training); they come before the BreakHis
+    magnification table. ``tile_mpp`` (microns per pixel of the model input) and ``tile_size``
+    (square tiles of that many pixels at that scale, resized to the input) override both.
     """
     h, w = int(input_size[0]), int(input_size[1])
     if tile_mpp is not None and not (math.isfinite(tile_mpp) and tile_mpp > 0):
@@ -78,6 +82,12 @@ def training_scale(
     if tile_mpp is not None:
         mpp_x = mpp_y = float(tile_mpp)
         source = f"--tile-mpp {tile_mpp:g}"
+    elif image_mpp is not None:
+        # The whole training image was resized to the input, so one input pixel covered
+        # image_mpp * image pixels / input pixels (the input itself where no size is recorded).
+        iw, ih = image_size if image_size is not None else (w, h)
+        mpp_x, mpp_y = image_mpp * iw / w, image_mpp * ih / h
+        source = f"checkpoint trained on {iw} x {ih} px images at {image_mpp:g} um/px (--mpp)"
     else:
         mixed = str(magnification) == "all"
         mag = MIXED_MAGNIFICATION if mixed else _magnification(magnification)

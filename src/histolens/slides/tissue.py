@@ -27,16 +27,17 @@ CLOSING_UM = 32.0  # radius of the closing that joins tissue split by thin gaps
 def tissue_mask(thumbnail: Image.Image, mpp: float) -> np.ndarray:
     """Boolean tissue mask (H, W) of an RGB ``thumbnail`` at ``mpp`` microns per pixel."""
     from scipy import ndimage
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
     from skimage.morphology import disk
 
-    rgb = np.asarray(thumbnail.convert("RGB"))
-    saturation = rgb2hsv(rgb)[..., 1].astype(np.float32)
+    # Saturation as uint8 through Pillow's HSV (255 * (max - min) / max, as skimage's rgb2hsv
+    # but one byte a pixel): a float64 HSV image of a whole-slide thumbnail costs ~100 bytes a
+    # pixel in temporaries, hundreds of MB on a large slide.
+    saturation = np.asarray(thumbnail.convert("RGB").convert("HSV").getchannel("S"))
     saturation = ndimage.median_filter(saturation, size=5)
-    if float(saturation.max() - saturation.min()) < 1e-3:
+    if int(saturation.max()) == int(saturation.min()):
         return np.zeros(saturation.shape, bool)
-    threshold = max(float(threshold_otsu(saturation)), MIN_SATURATION)
+    threshold = max(float(threshold_otsu(saturation)), MIN_SATURATION * 255)
     mask = saturation > threshold
     radius = max(1, round(CLOSING_UM / mpp))
     padded = ndimage.binary_closing(np.pad(mask, radius), structure=disk(radius))
@@ -106,13 +107,14 @@ def _mask_share(
     the mask counts as uncovered."""
     mh, mw = mask.shape
     fx, fy = mw / dimensions[0], mh / dimensions[1]
-    table = np.zeros((mh + 1, mw + 1), np.int64)
-    table[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    # int32 holds any count a mask has (under 2^31 pixels); int64 doubled the table's memory.
+    table = np.zeros((mh + 1, mw + 1), np.int32)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int32), axis=1, out=table[1:, 1:])
     x0 = np.clip(np.floor(coords[:, 0] * fx + 0.5).astype(np.int64), 0, mw - 1)
     y0 = np.clip(np.floor(coords[:, 1] * fy + 0.5).astype(np.int64), 0, mh - 1)
     x1 = np.clip(np.floor((coords[:, 0] + size[0]) * fx + 0.5).astype(np.int64), x0 + 1, mw)
     y1 = np.clip(np.floor((coords[:, 1] + size[1]) * fy + 0.5).astype(np.int64), y0 + 1, mh)
-    inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    inside = table[y1, x1].astype(np.int64) - table[y0, x1] - table[y1, x0] + table[y0, x0]
     full = np.maximum(1.0, np.round(size[0] * fx) * np.round(size[1] * fy))
     return np.minimum(1.0, inside / full)
 

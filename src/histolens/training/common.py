@@ -68,6 +68,8 @@ def initial_metadata(
         stain=stain.to_dict() if stain is not None else None,
         stain_reference=stain_ref,
         magnification=cfg.data.magnification,
+        training_mpp=cfg.data.mpp,
+        training_image_size=image_size(dataset) if cfg.data.mpp is not None else None,
         config=cfg.to_dict(),
         class_weights=dict(zip(classes, weights, strict=True)),
         data=TrainingData(
@@ -77,3 +79,20 @@ def initial_metadata(
             {name: SplitPart(**part) for name, part in split.summary(cfg.data.task).items()},
         ),
     )
+
+
+def image_size(dataset: Records, sample: int = 64) -> tuple[int, int] | None:
+    """The commonest (width, height) among the first ``sample`` training images (read from
+    their headers), the field a model input covered; None when none can be read."""
+    from collections import Counter
+
+    from PIL import Image
+
+    sizes: Counter = Counter()
+    for record in dataset.records[:sample]:
+        try:
+            with Image.open(record.path) as img:
+                sizes[img.size] += 1
+        except (OSError, ValueError):
+            continue
+    return sizes.most_common(1)[0][0] if sizes else None
