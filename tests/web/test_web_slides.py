@@ -185,3 +185,25 @@ def test_second_request_joins_the_running_job(slide_dir, tiny_checkpoint, tmp_pa
         gate.set()
         analyses.close()
         library.close()
+
+
+def test_serve_slides_option_reaches_the_app(checkpoint, slide_dir, tmp_path, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from histolens.cli.web import serve_command
+
+    calls: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    args = ["--checkpoint", str(checkpoint), "--slides", str(slide_dir)]
+    result = CliRunner().invoke(serve_command, [*args, "--slide-cache", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert f"slides of {slide_dir} at /slides" in result.output
+    with TestClient(calls[0]) as client:
+        assert len(_ids(client)) == 2
+        assert client.get("/slides").status_code == 200
+    missing = CliRunner().invoke(
+        serve_command, ["--checkpoint", str(checkpoint), "--slides", "/no"]
+    )
+    assert missing.exit_code != 0 and "does not exist" in missing.output
