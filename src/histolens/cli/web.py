@@ -60,6 +60,25 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 @device_option()
 @onnx_runtime_option()
 @click.option(
+    "--slides",
+    "slides",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A folder of whole-slide images to show in the slide viewer at /slides (only read).",
+)
+@click.option(
+    "--slide-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where slide analyses are kept across restarts [default: ~/.cache/histolens/slides].",
+)
+@click.option(
+    "--slide-tile-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Microns per pixel of the tiles a slide analysis scores [default: the checkpoint's].",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -77,9 +96,13 @@ def serve_command(
     max_batch_files: int,
     device: str,
     onnx_runtime: str | None,
+    slides: Path | None,
+    slide_cache: Path | None,
+    slide_tile_mpp: float | None,
     log_level: str,
 ) -> None:
-    """Serve a model: REST API under /v1, a web page at /, API docs at /docs.
+    """Serve a model: REST API under /v1, a web page at /, API docs at /docs; with --slides, a
+    slide viewer at /slides.
 
     Research and education use only; not for diagnosis.
     """
@@ -113,6 +136,9 @@ def serve_command(
         max_batch_files=max_batch_files,
         device=device,
         onnx_runtime=onnx_runtime,
+        slides=slides,
+        slide_cache=slide_cache,
+        slide_tile_mpp=slide_tile_mpp,
     )
     app = create_app(checkpoint, settings)
     shown_host = f"[{host}]" if ":" in host else host
@@ -121,5 +147,6 @@ def serve_command(
         f"histolens: serving {meta.model_id or checkpoint.name} "
         f"({meta.backbone}{on_runtime}) at http://{shown_host}:{port}/ (API docs at /docs)"
         + ("; API token required" if token else "")
+        + (f"; slides of {slides} at /slides" if slides else "")
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

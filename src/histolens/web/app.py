@@ -24,6 +24,7 @@ from histolens.web.model_info import NOTICE
 from histolens.web.routes import STATIC_DIR, api, site
 from histolens.web.service import ModelService
 from histolens.web.settings import ServiceSettings
+from histolens.web.slide_routes import install_slide_handlers, slides_api, slides_site
 
 if TYPE_CHECKING:
     from histolens.inference.predictor import Predictor
@@ -66,8 +67,11 @@ def create_app(
         body_limit_for=settings.body_limit_for,
     )
     install_error_handlers(app)
+    install_slide_handlers(app)
     app.include_router(api, dependencies=_bearer(settings.token))
+    app.include_router(slides_api, dependencies=_bearer(settings.token))
     app.include_router(site)
+    app.include_router(slides_site)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -86,9 +90,19 @@ def _lifespan(checkpoint: str | os.PathLike | Predictor, settings: ServiceSettin
             service.predictor.backbone_name,
             service.model_info.runtime,
         )
+        app.state.slides = app.state.slide_analyses = None
+        if settings.slides is not None:
+            from histolens.web.slide_jobs import open_viewer
+
+            viewer = await run_in_threadpool(open_viewer, service.predictor, settings)
+            app.state.slides, app.state.slide_analyses = viewer
+            log.info("Serving the slides of %s at /slides.", settings.slides)
         try:
             yield
         finally:
+            if app.state.slide_analyses is not None:
+                await run_in_threadpool(app.state.slide_analyses.close)
+                app.state.slides.close()
             await run_in_threadpool(service.close)
 
     return lifespan

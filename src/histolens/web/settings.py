@@ -3,7 +3,9 @@ runtime of an ONNX export."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from histolens.data.imageio import MAX_PIXELS
 from histolens.errors import ConfigError
@@ -42,6 +44,10 @@ class ServiceSettings:
     max_pixels: int = MAX_PIXELS
     device: str = "cpu"
     onnx_runtime: str | None = None
+    slides: Path | None = None
+    slide_cache: Path | None = None
+    slide_tile_mpp: float | None = None
+    slide_workers: int = 0
 
     def __post_init__(self) -> None:
         sizes = (self.max_upload_bytes, self.max_batch_files, self.max_queue, self.max_batch)
@@ -52,6 +58,19 @@ class ServiceSettings:
             )
         if not self.max_batch_bytes:
             object.__setattr__(self, "max_batch_bytes", 8 * self.max_upload_bytes)
+        if self.slides is not None:
+            object.__setattr__(self, "slides", Path(self.slides))
+            if not self.slides.is_dir():
+                raise ConfigError(f"--slides {self.slides} is not a folder.")
+        if self.slide_cache is None:
+            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            object.__setattr__(self, "slide_cache", Path(base) / "histolens" / "slides")
+        else:
+            object.__setattr__(self, "slide_cache", Path(self.slide_cache))
+        if self.slide_tile_mpp is not None and self.slide_tile_mpp <= 0:
+            raise ConfigError(f"slide_tile_mpp must be above 0, not {self.slide_tile_mpp}.")
+        if self.slide_workers < 0:
+            raise ConfigError("slide_workers must be at least 0.")
 
     @property
     def limits(self) -> Limits:
