@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "histolens.rundir",
         "histolens.progress",
         "histolens.moved",
+        "histolens.lazy",
     ),
     ("histolens.stats",),
     ("histolens.config",),  # the typed run config: validates operating points with stats' parser

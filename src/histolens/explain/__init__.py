@@ -8,11 +8,12 @@ which every front end reads. The Explainer returns arrays only; ``histolens expl
 ``histolens.report`` reads what explain writes, by file.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # The registry is light (no torch): method menus and --help read it without loading a model.
 from histolens.explain import _methods
 from histolens.explain._methods import *  # noqa: F403  (re-exported: see ``__all__``)
+from histolens.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from histolens.explain._explainer import Explainer, Explanation
@@ -26,13 +27,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy (PEP 562): importing histolens.cli.explain for `histolens --help` must not load torch.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"histolens.explain.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'histolens.explain' has no attribute '{name}'")
+# Lazy (PEP 562): importing histolens.cli.explain for `histolens --help` must not load torch.
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [*_methods.__all__, "Explainer", "Explanation", "overlay_heatmap", "render_panel"]

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from histolens.atomic import atomic_path
 from histolens.checkpoint.io import CheckpointMetadata, load_checkpoint, resolve_checkpoint_path
@@ -67,6 +66,7 @@ from histolens.inference.runtimes import (
     is_onnx_file,
 )
 from histolens.models.classifier import HistoClassifier
+from histolens.models.engine_export import FixedTileFeatures
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -132,31 +132,15 @@ def default_export_path(checkpoint: str | os.PathLike, quantization: str = "none
     return source.with_name(f"{source.stem}{suffix}.onnx")
 
 
-class _ExportGraph(nn.Module):
+class _ExportGraph(FixedTileFeatures):
     """The classifier at one input size: (B, 3, H, W) -> (logits, pooled features).
 
-    The legacy (TorchScript) exporter records tensor shapes as tensors, and the classifier's own
-    tiling takes Python ints from ``x.shape``; so the tiles are laid out once here, by the model
-    itself, for its fixed input size. Verification compares the result with ``model.forward``.
+    The tiles are laid out once by :class:`FixedTileFeatures` (the legacy exporter needs fixed
+    shapes); verification compares the result with ``model.forward``.
     """
 
-    def __init__(self, model: HistoClassifier, input_size: tuple[int, int]) -> None:
-        super().__init__()
-        self.model = model
-        model._tiles(torch.zeros(1, 3, *input_size))
-        grid, model._grid = model._grid, None
-        self.tiles: list[tuple[int, int, int, int]] = []
-        if grid is not None:
-            _, ys, xs, (th, tw) = grid
-            self.tiles = [(y, x, th, tw) for y in ys for x in xs]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.tiles:
-            features = self.model._pooled(x)
-        else:
-            crops = [x[:, :, y : y + h, x0 : x0 + w] for y, x0, h, w in self.tiles]
-            pooled = self.model._pooled(torch.stack(crops, dim=1).flatten(0, 1))
-            features = pooled.view(-1, len(self.tiles), pooled.shape[-1]).mean(1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        features = super().forward(x)
         return self.model.head(features), features
 
 

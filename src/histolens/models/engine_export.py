@@ -28,6 +28,7 @@ __all__ = [
     "CACHE_ENV",
     "FEATURE_RTOL",
     "ExportedFeatures",
+    "FixedTileFeatures",
     "engine_cache_dir",
     "feature_difference",
     "runtime_available",
@@ -60,9 +61,14 @@ def engine_cache_dir() -> Path:
     return Path(base) / "histolens" / "engines"
 
 
-class _FeatureGraph(nn.Module):
+class FixedTileFeatures(nn.Module):
     """``model.features`` at one input size, its tiles laid out once (the tracer needs fixed
-    shapes); the head is left out, so the export depends on the backbone's weights only."""
+    shapes); the head is left out, so the export depends on the backbone's weights only.
+
+    The legacy (TorchScript) exporter records tensor shapes as tensors, and the classifier's own
+    tiling takes Python ints from ``x.shape``; so the model itself lays the tiles out here, once,
+    for its fixed input size. ``histolens.export.onnx`` adds the head on top.
+    """
 
     def __init__(self, model: HistoClassifier, input_size: tuple[int, int]) -> None:
         super().__init__()
@@ -164,7 +170,7 @@ class ExportedFeatures:
     def _export(self, input_size: tuple[int, int], target: Path) -> None:
         from histolens.atomic import atomic_path
 
-        graph = _FeatureGraph(self.model, input_size).eval()
+        graph = FixedTileFeatures(self.model, input_size).eval()
         with warnings.catch_warnings(), atomic_path(target) as tmp, torch.no_grad():
             # The legacy exporter's notices and the tracer's constant-shape warnings: shapes
             # are fixed by design, and the graph is checked against PyTorch before use.

@@ -14,7 +14,9 @@ this ``__init__``, so ``histolens --help`` stays fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from histolens.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from histolens.slides.reader import SlideReader, open_slide
@@ -30,12 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"histolens.slides.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'histolens.slides' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["SlideReader", "TileScale", "open_slide", "tissue_mask", "training_scale"]

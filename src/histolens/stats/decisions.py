@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from histolens.errors import CheckpointError, ConfigError
+from histolens.stats.conformal import _strata
 from histolens.stats.operating_points import (
     _FORMAT_VERSION,
     MIN_PATIENTS_PER_CLASS,
@@ -39,17 +40,6 @@ __all__ = [
 # decision got right: at 0.9, one correctly decided patient in ten would be referred, the same
 # error level as the prediction sets' default alpha (0.1).
 AGREEMENT_QUANTILE = 0.9
-
-
-def _strata(magnifications: Sequence[Any] | None, n: int) -> np.ndarray:
-    from histolens.stats.conformal import stratum_of
-
-    if magnifications is None:
-        return np.full(n, "", dtype=object)
-    out = np.array([stratum_of(m) for m in magnifications], dtype=object)
-    if len(out) != n:
-        raise ValueError(f"{n} images but {len(out)} magnifications.")
-    return out
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: compare the fields themselves
