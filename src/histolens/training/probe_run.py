@@ -132,7 +132,7 @@ def train_probe(
         notes += _audit_notes(records, progress)
         split = _choose_split(cfg, records, notes)
     notes = list(dict.fromkeys(notes + split.warnings))
-    fabric = fabric if fabric is not None else launch(cfg.train)
+    fabric = fabric if fabric is not None else launch(cfg.train, lightning=False)
     main = fabric.is_global_zero
     for n in notes if main else ():
         log.warning(n)
