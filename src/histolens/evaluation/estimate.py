@@ -67,7 +67,7 @@ def class_support_warnings(
     return out
 
 
-def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
+def _block(result, rows, n_boot: int, seed: int, metrics=None) -> dict[str, Any]:
     from histolens.evaluation.metrics import EvalResult, compute_metrics
     from histolens.stats.metrics import bootstrap_ci
 
@@ -79,7 +79,8 @@ def _block(result, rows, n_boot: int, seed: int) -> dict[str, Any]:
         result.temperature,
         operating_points=result.operating_points,
     )
-    metrics = compute_metrics(sub, n_boot=n_boot, seed=seed)
+    if metrics is None:
+        metrics = compute_metrics(sub, n_boot=n_boot, seed=seed)
     img = dict(metrics["image"])
     ci = dict(img.get("ci95", {}))
     if result.alpha is not None and rows:
@@ -120,6 +121,7 @@ def build_estimate(
     seed: int = 0,
     per_magnification_boot: int = 500,
     decision: Any = None,
+    metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The estimate of an :class:`~histolens.evaluation.metrics.EvalResult`, overall and per magnification.
 
@@ -129,6 +131,8 @@ def build_estimate(
             ``result``'s rows were decided by other models (cross-validation's folds).
         method: how, e.g. "5-fold patient-level cross-validation (out-of-fold predictions)".
         description: on what, e.g. "735 images of 30 patient groups in breakhis-dev".
+        metrics: ``compute_metrics(result, n_boot=n_boot, seed=seed)`` when the caller has
+            it already: its image block is the overall one (not computed twice).
     """
     rows = result.rows
     est: dict[str, Any] = {
@@ -139,7 +143,7 @@ def build_estimate(
         "classes": list(result.classes),
         "threshold": float(result.threshold),
         **_operating_point_fields(decision or result.operating_points),
-        **_block(result, rows, n_boot, seed),
+        **_block(result, rows, n_boot, seed, metrics),
         "per_magnification": {},
     }
     mags = sorted({r.magnification for r in rows if r.magnification})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,11 @@ import numpy as np
 import torch
 
 from histolens.checkpoint.io import CheckpointMetadata
-from histolens.data.imageio import load_rgb
 from histolens.data.records import Skipped, magnification_from_path
-from histolens.errors import CheckpointError, ImageLoadError
+from histolens.errors import CheckpointError
 from histolens.inference.loading import load_model
 from histolens.inference.ood import OOD_MESSAGE, OODGuard, image_size
+from histolens.inference.path_batches import iter_image_batches, load_input, stack_logits
 from histolens.inference.prediction import Prediction, probabilities_from_logits
 from histolens.models.classifier import HistoClassifier
 from histolens.models.pipeline import InputPipeline
@@ -293,10 +292,7 @@ class Predictor:
 
     def load_input(self, path: str | os.PathLike) -> torch.Tensor | Skipped:
         """One image file -> resized uint8 tensor (3, H, W), or Skipped with the reason."""
-        try:
-            return self.preprocess.resize(load_rgb(path))
-        except ImageLoadError as exc:
-            return Skipped(str(path), exc.reason)
+        return load_input(self.preprocess, path)
 
     def iter_batches(
         self,
@@ -306,20 +302,7 @@ class Predictor:
         workers: int = 2,
     ) -> Iterable[tuple[list[str], torch.Tensor | None, list[Skipped]]]:
         """Load and resize images in a thread pool; yield (paths, uint8 batch, skipped) batches."""
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for i in range(0, len(paths), batch_size):
-                chunk = [str(p) for p in paths[i : i + batch_size]]
-                results = list(pool.map(self.load_input, chunk))
-                ok = [
-                    (p, r)
-                    for p, r in zip(chunk, results, strict=True)
-                    if isinstance(r, torch.Tensor)
-                ]
-                skipped = [r for r in results if isinstance(r, Skipped)]
-                batch = torch.stack([r for _, r in ok]) if ok else None
-                yield [p for p, _ in ok], batch, skipped
-                if progress:
-                    progress(len(chunk))
+        return iter_image_batches(self.load_input, paths, batch_size, progress, workers)
 
     def predict_paths(
         self,
@@ -394,8 +377,7 @@ class Predictor:
             else:
                 sizes = [image_size(p) for p in ok_paths]
                 reasons += self.guard.reasons(batch, sizes, self.preprocess.input_size, features)
-        n_out = 1 if self.is_binary else len(self.class_names)
-        return kept, (torch.cat(chunks) if chunks else torch.zeros(0, n_out)), reasons, skipped
+        return kept, stack_logits(chunks, len(self.class_names)), reasons, skipped
 
     def logits_for_paths(
         self,
@@ -412,5 +394,4 @@ class Predictor:
             if batch is not None:
                 chunks.append(self.logits(self.to_input(batch)).cpu())
                 kept += ok_paths
-        n_out = 1 if self.is_binary else len(self.class_names)
-        return kept, (torch.cat(chunks) if chunks else torch.zeros(0, n_out)), skipped
+        return kept, stack_logits(chunks, len(self.class_names)), skipped

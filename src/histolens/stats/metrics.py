@@ -210,14 +210,8 @@ def bootstrap_ci(
     Images of one patient are correlated; resampling images would give falsely narrow intervals.
     Resamples where the statistic is undefined (NaN, e.g. one class only) are dropped.
     """
-    patients = np.asarray(patients)
-    uniq = np.unique(patients)
-    rows_of = {q: np.flatnonzero(patients == q) for q in uniq}
-    rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_boot):
-        chosen = rng.choice(uniq, size=len(uniq), replace=True)
-        idx = np.concatenate([rows_of[q] for q in chosen])
+    for idx in _resamples(np.asarray(patients), n_boot, seed):
         v = statistic(idx)
         if np.isfinite(v):
             values.append(v)
@@ -225,3 +219,27 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+# The resamples of recent (patients, n_boot, seed): an evaluation bootstraps a dozen statistics
+# over the same patients with the same seed, so each draws the same index arrays.
+_RESAMPLES: dict[tuple, list[np.ndarray]] = {}
+
+
+def _resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The row indices of ``n_boot`` resamples of the patients (with replacement), drawn from
+    ``default_rng(seed)`` one resample at a time, as every bootstrap here has drawn them."""
+    key = (patients.dtype.str, patients.shape, patients.tobytes(), n_boot, seed)
+    if key in _RESAMPLES:
+        return _RESAMPLES[key]
+    uniq = np.unique(patients)
+    rows_of = {q: np.flatnonzero(patients == q) for q in uniq}
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for _ in range(n_boot):
+        chosen = rng.choice(uniq, size=len(uniq), replace=True)
+        drawn.append(np.concatenate([rows_of[q] for q in chosen]))
+    if len(_RESAMPLES) >= 16:  # a few evaluations' worth; each entry is n_boot index arrays
+        _RESAMPLES.clear()
+    _RESAMPLES[key] = drawn
+    return drawn

@@ -19,7 +19,14 @@ import torch
 from histolens.config import TrainConfig
 from histolens.errors import ConfigError
 
-__all__ = ["launch", "lightning_devices", "quiet_lightning", "scoped_matmul_precision"]
+__all__ = [
+    "OneProcess",
+    "launch",
+    "lightning_devices",
+    "needs_fabric",
+    "quiet_lightning",
+    "scoped_matmul_precision",
+]
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -32,12 +39,47 @@ def lightning_devices(value: str) -> int | str:
     return int(value) if str(value).isdigit() else value
 
 
-def launch(train: TrainConfig) -> Any:
+class OneProcess:
+    """What the linear probe asks of a launched Fabric, for a run of one process on the CPU at
+    full precision: there Fabric adds nothing, and importing Lightning costs seconds."""
+
+    device = torch.device("cpu")
+    global_rank = 0
+    world_size = 1
+    is_global_zero = True
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Fabric's autocast at "32-true": nothing changes."""
+        return contextlib.nullcontext()
+
+
+def needs_fabric(train: TrainConfig) -> bool:
+    """Whether a run needs Lightning's Fabric: several processes (or torchrun/SLURM started
+    it), an accelerator other than the CPU, or a precision other than "32-true"."""
+    if train.accelerator not in ("auto", "cpu") or train.precision != "32-true":
+        return True
+    if train.accelerator == "auto" and (
+        torch.cuda.is_available() or torch.backends.mps.is_available()
+    ):
+        return True
+    started = any(os.environ.get(k, "1") != "1" for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+    return (
+        started
+        or train.strategy != "auto"
+        or train.num_nodes != 1
+        or lightning_devices(train.devices) != 1
+    )
+
+
+def launch(train: TrainConfig, lightning: bool = True) -> Any:
     """A launched ``lightning.fabric.Fabric`` for the run's accelerator, devices and nodes.
 
     With more than one process in all, this starts the other processes (each runs the same
-    command from its start) unless torchrun or SLURM did, and joins the process group.
+    command from its start) unless torchrun or SLURM did, and joins the process group. With
+    ``lightning=False`` (the linear probe), a run that does not need Fabric gets ``OneProcess``.
     """
+    if not lightning and not needs_fabric(train):
+        return OneProcess()
     from lightning.fabric import Fabric
 
     try:

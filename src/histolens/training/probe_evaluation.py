@@ -140,8 +140,9 @@ def _write_outputs(
         f"{len(ev.rows)} images of {len(groups)} patient groups in {Path(cfg.data.path).name}"
         f" (magnification {cfg.data.magnification})"
     )
+    n_boot = 1000  # as _evaluate's metrics, which the overall block reuses
     estimate = build_estimate(
-        ev, method, description, n_boot=1000, seed=cfg.data.seed, decision=operating_points
+        ev, method, description, n_boot, cfg.data.seed, decision=operating_points, metrics=metrics
     )
     summary: dict[str, Any] = {"split": metrics["split"], **headline_metrics(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)

@@ -6,7 +6,8 @@ fold choosing its own regularisation by inner cross-validation; fit temperature 
 the out-of-fold predictions; fit the shipped probe on all patients; write the checkpoint with
 the estimate, and the evaluation of the out-of-fold predictions. The held-out scoring and
 calibration live in :mod:`histolens.training.probe_validation`, the evaluation in
-:mod:`histolens.training.probe_evaluation`.
+:mod:`histolens.training.probe_evaluation`, the frozen features in
+:mod:`histolens.training.probe_features`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,18 +29,12 @@ from histolens.config import RunConfig
 from histolens.data.records import ImageRecord
 from histolens.data.splits import Split, balanced_class_weights, split_by_patient
 from histolens.errors import DataError
-from histolens.models.backbones import BackboneSpec, get_backbone_spec
-from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
-from histolens.models.engine import FeatureEngine, feature_engine
+from histolens.models.backbones import get_backbone_spec
 from histolens.models.feature_cache import FeatureCache
-from histolens.models.pipeline import (
-    ImageBank,
-    ImageSource,
-    InputPipeline,
-    image_source,
-)
+from histolens.models.pipeline import ImageBank
 from histolens.training.probe import ProbeFit
 from histolens.training.probe_evaluation import _evaluate
+from histolens.training.probe_features import FrozenBackbone, frozen_features
 from histolens.training.probe_validation import (
     _calibrate,
     _fit,
@@ -50,8 +45,6 @@ from histolens.training.probe_validation import (
 )
 
 if TYPE_CHECKING:
-    from histolens.models.transforms import Preprocess
-    from histolens.stain.normalize import StainNormalizer
     from histolens.stats.decisions import OperatingPoints
     from histolens.training.common import TrainResult
 
@@ -89,56 +82,6 @@ def _choose_split(cfg: RunConfig, records: list[ImageRecord], notes: list[str]) 
     return split
 
 
-def _features(
-    cfg: RunConfig,
-    model,
-    engine: FeatureEngine,
-    images: ImageSource,
-    pipeline: InputPipeline,
-    paths: Sequence[str],
-    train_paths: Sequence[str],
-    run_dir: Path,
-    feature_store: dict | None,
-    preprocess,
-    progress: bool,
-    write_outputs: bool,
-    fabric,
-) -> FeatureCache:
-    """The frozen backbone's features of ``paths`` (and ``cfg.train.probe_views`` augmented
-    views of ``train_paths``), computed once (shared out between ranks)."""
-    from histolens.training.common import FEATURE_CACHE
-
-    spec = model.spec
-    n_views = cfg.train.probe_views
-    # Augmented views depend on the augmentation too (only then: other caches keep their key).
-    views = {"views": [n_views, repr(cfg.augment)]} if n_views else {}
-    fingerprint = FeatureCache.fingerprint_of(
-        engine=engine.name,  # features of different runtimes never mix
-        backbone=spec.timm_name,
-        feature_layer=model.feature_layer,
-        pretrained=cfg.model.pretrained,
-        preprocess=preprocess.to_dict(),
-        stain=pipeline.stain.cache_key() if pipeline.stain is not None else None,
-        **views,
-    )
-    store = feature_store if feature_store is not None else {}
-    cache = store.get(fingerprint) or FeatureCache.load(run_dir / FEATURE_CACHE, fingerprint)
-    if cache is None:
-        cache = FeatureCache({}, {}, fingerprint)
-    store[fingerprint] = cache
-    before = (len(cache.clean), len(cache.views))
-    with fabric.autocast():
-        bs = cfg.train.batch_size
-        view_paths = train_paths if n_views else []
-        cache.extend(
-            engine, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
-        )
-    changed = (len(cache.clean), len(cache.views)) != before
-    if fabric.is_global_zero and write_outputs and feature_store is None and changed:
-        cache.save(run_dir / FEATURE_CACHE)
-    return cache
-
-
 def _arrays(
     cache: FeatureCache,
     recs: Sequence[ImageRecord],
@@ -157,82 +100,6 @@ def _arrays(
 
     x = torch.stack([features(r.path) for r in recs]).double().numpy()
     return x, np.array(targets(recs, classes, task)), np.array([_group_of(r) for r in recs])
-
-
-@dataclass
-class _FrozenBackbone:
-    """The frozen backbone, what its inputs were prepared with, and its cached features."""
-
-    spec: BackboneSpec
-    model: HistoClassifier
-    layer: str | None
-    preprocess: Preprocess
-    images: ImageSource
-    stain: StainNormalizer | None
-    stain_ref: str | None
-    cache: FeatureCache
-    engine: (
-        str  # what computed the features (histolens.models.engine), recorded in the run's config
-    )
-
-
-def _frozen_features(
-    cfg: RunConfig,
-    spec: BackboneSpec,
-    n_classes: int,
-    split: Split,
-    run_dir: Path,
-    bank: ImageBank | None,
-    feature_store: dict | None,
-    progress: bool,
-    write_outputs: bool,
-    fabric,
-) -> _FrozenBackbone:
-    """Build the frozen backbone and compute the features of every image of ``split`` once."""
-    from histolens.models.transforms import Augmenter, resolve_preprocess
-    from histolens.training.data import fit_stain
-
-    layer = resolve_feature_layer(spec, cfg.model.feature_layer, "linear")
-    # As the Lightning path's seed_everything: a randomly initialised backbone (--pretrained none)
-    # is then the same in every run, so features shared through feature_store match its weights.
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(spec, n_classes, cfg.model.pretrained, (), (), layer)
-    if fabric.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    size = spec.input_size_for(cfg.model.input_size)
-    preprocess = resolve_preprocess(model.backbone, size)
-    model.set_trainable(0)
-    model.eval().to(fabric.device)
-    if fabric.device.type == "cpu":
-        model.to(memory_format=torch.channels_last)
-
-    # Streamed from disk (only the features are kept) unless a shared bank holds the images.
-    images = image_source(bank, preprocess)
-    stain, stain_ref = fit_stain(cfg, images, [r.path for r in split.train + split.val], preprocess)
-    augmenter = Augmenter(cfg.augment) if cfg.train.probe_views else None
-    pipeline = InputPipeline(preprocess, augmenter, stain, cfg.train.seed, fabric.device)
-    paths = [r.path for r in split.train + split.val + split.test]
-    engine = feature_engine(
-        model, cfg.train.engine, preprocess.input_size, precision=cfg.train.precision
-    )
-    cache = _features(
-        cfg,
-        model,
-        engine,
-        images,
-        pipeline,
-        paths,
-        [r.path for r in split.train + split.val],
-        run_dir,
-        feature_store,
-        preprocess,
-        progress,
-        write_outputs,
-        fabric,
-    )
-    return _FrozenBackbone(
-        spec, model, layer, preprocess, images, stain, stain_ref, cache, engine.name
-    )
 
 
 def train_probe(
@@ -265,11 +132,11 @@ def train_probe(
         notes += _audit_notes(records, progress)
         split = _choose_split(cfg, records, notes)
     notes = list(dict.fromkeys(notes + split.warnings))
-    fabric = fabric if fabric is not None else launch(cfg.train)
+    fabric = fabric if fabric is not None else launch(cfg.train, lightning=False)
     main = fabric.is_global_zero
     for n in notes if main else ():
         log.warning(n)
-    frozen = _frozen_features(
+    frozen = frozen_features(
         cfg,
         spec,
         len(classes),
@@ -297,7 +164,7 @@ def train_probe(
 def _fit_and_write(
     cfg: RunConfig,
     run_dir: Path,
-    frozen: _FrozenBackbone,
+    frozen: FrozenBackbone,
     classes: Sequence[str],
     split: Split,
     dataset,
@@ -356,7 +223,7 @@ def _fit_and_write(
 def _save_probe_checkpoint(
     cfg: RunConfig,
     run_dir: Path,
-    frozen: _FrozenBackbone,
+    frozen: FrozenBackbone,
     classes: Sequence[str],
     split: Split,
     dataset,

@@ -11,6 +11,7 @@ is N data-parallel processes (``histolens.training.distributed``); rank 0 writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from histolens.models.feature_cache import FeatureCache
 from histolens.models.pipeline import ImageBank
 from histolens.training.common import CONFIG_FILE, FEATURE_CACHE, SPLIT_FILE, TrainResult
 from histolens.training.data import prepare_records
-from histolens.training.distributed import launch, quiet_lightning
+from histolens.training.distributed import launch, needs_fabric, quiet_lightning
 from histolens.training.lightning_module import EPOCH_LOG, LAST_CHECKPOINT, ClassifierModule
 
 __all__ = [
@@ -72,8 +73,10 @@ def train(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = _resume_config(run_dir, epochs) if resume else _new_run_config(cfg, run_dir)
-    with quiet_lightning():
-        fabric = launch(cfg.train)
+    # The linear probe on one CPU process runs without Lightning (importing it takes seconds).
+    plain = cfg.model.head == "linear" and not needs_fabric(cfg.train)
+    with contextlib.nullcontext() if plain else quiet_lightning():
+        fabric = launch(cfg.train, lightning=not plain)
         progress = progress and fabric.is_global_zero
         if resume and fabric.is_global_zero:
             _remove_stale_temp_files(run_dir)
