@@ -286,3 +286,79 @@ def slide_coverage(results, slides):
         lesion = sum(r["lesion_covered"] for r in rows) / len(rows)
         other = sum(r["other_tissue_covered"] for r in rows) / len(rows)
         click.echo(f"mean of {len(rows)} slides: lesion {lesion:.1%}, other tissue {other:.1%}")
+
+
+@slide_group.command("features")
+@checkpoint_argument()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--mpp", type=float, default=None, help=_MPP_HELP)
+@click.option("--tile-mpp", type=float, default=None, help="Microns per pixel of the model input.")
+@click.option("--tile-size", type=int, default=None, help="Square tiles of N pixels.")
+@click.option("--min-tissue", type=float, default=0.5, show_default=True)
+@click.option("--overlap", type=float, default=0.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--score-class", default=None, help="For a model of more than two classes.")
+@click.option("--shard", default=None, metavar="I/N", help="Every N-th slide from the I-th.")
+@quiet_option("No progress bar.")
+def slide_features(checkpoint, inputs, out, mpp, tile_mpp, tile_size, min_tissue, overlap,
+                   batch_size, workers, score_class, shard, quiet):  # fmt: skip
+    """One feature bag per slide (OUT/h5/<slide>.h5 with 'features'), for 'train --slides'.
+
+    The files are those of 'slide predict --save-features'. Run the same command again to
+    resume: finished slides are skipped, the current one resumes at its next batch.
+    """
+    from histolens.inference.predictor import Predictor
+    from histolens.slides.features import FeatureRun
+    from histolens.slides.outputs import SlideOutputs
+    from histolens.slides.predict import SlideOptions, find_slides, parse_shard, shard_slides
+
+    part = parse_shard(shard) if shard else None
+    options = SlideOptions(
+        slide_mpp=mpp,
+        tile_mpp=tile_mpp,
+        tile_size=tile_size,
+        min_tissue=min_tissue,
+        overlap=overlap,
+        batch_size=batch_size,
+        workers=workers,
+        score_class=score_class,
+    )
+    slides = shard_slides(find_slides(inputs), part)
+    run = FeatureRun(Predictor.from_checkpoint(checkpoint), out, options, progress=not quiet)
+    failed = []
+
+    def report(summary, path, note):
+        if summary is None:
+            if note and "already done" not in note:
+                failed.append(path)
+            click.echo(f"{path.name}: skipped: {note}", err=True)
+            return
+        bag = SlideOutputs(Path(out), summary.slide).h5
+        click.echo(f"{summary.slide}: {summary.tiles_scored} tiles -> {bag}", err=True)
+
+    try:
+        run.run(slides, report)
+    except KeyboardInterrupt:
+        click.secho("interrupted: run the same command again to resume.", fg="yellow", err=True)
+        raise SystemExit(130) from None
+    click.echo(f"{len(slides) - len(failed)} bag(s) under {Path(out) / 'h5'}")
+    if failed:
+        raise SystemExit(1)
+
+
+@slide_group.command("attention")
+@click.argument("mil_checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def slide_attention(mil_checkpoint, results):
+    """A MIL checkpoint's slide probability and attention over the bags of RESULTS ('slide
+    features'): RESULTS/attention/<slide>.csv and RESULTS/heatmaps/<slide>.attention.png."""
+    from histolens.slides.attention import attention_heatmaps
+
+    for row in attention_heatmaps(mil_checkpoint, results):
+        where = row.heatmap or "(slide file not found: no heatmap)"
+        click.echo(
+            f"{row.slide}: P = {row.probability:.3f} over {row.tiles} tiles, most attended tile "
+            f"at {row.top_tile[0]},{row.top_tile[1]}; {where}"
+        )

@@ -91,6 +91,13 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 
 @click.command("train")
 @data_option()
+@click.option(
+    "--slides",
+    "slides_csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="LABELS.csv (slide,label[,patient]; slide = a feature bag .h5): attention MIL.",
+)
 @out_option("Run directory (default runs/<backbone>-<task>-<time>).")
 @click.option(
     "--resume",
@@ -184,14 +191,21 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 @click.option("--precision", help="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed.")
 @engine_option()
 @quiet_option()
-def train_command(data_path, out, resume, recipe, config_file, quiet, **flags):
+def train_command(data_path, slides_csv, out, resume, recipe, config_file, quiet, **flags):
     """Train a classifier: frozen EfficientNet-Lite0 features and a linear probe by default.
 
     By default every patient trains the shipped model, and the metrics shown are a patient-level
     cross-validated estimate (out-of-fold predictions of every patient, 95% CIs over patients).
+    With --slides LABELS.csv it trains gated-attention MIL on slide feature bags instead.
     """
     from histolens.training.runner import train as run_training
 
+    if slides_csv is not None:
+        if data_path is not None or resume is not None:
+            raise click.UsageError("--slides trains on bags alone: leave out --data and --resume.")
+        from histolens.cli.mil import train_slides_command
+
+        return train_slides_command(slides_csv, out, flags)
     if resume is None and data_path is None:
         raise click.UsageError("give --data PATH (or --resume RUN_DIR).")
     extra = {}

@@ -1,0 +1,57 @@
+"""``histolens train --slides LABELS.csv``: attention MIL on feature bags, and its summary.
+
+Called by ``histolens.cli.train``'s command when ``--slides`` is given; heavy imports inside.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+__all__ = ["train_slides_command"]
+
+# What of the tile flags the MIL run uses; the others do not apply to bags.
+_USED = {"epochs", "lr", "seed", "cv_folds"}
+
+
+def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> None:
+    """Cross-validate MIL and mean pooling by patient, fit MIL on all slides, print the table."""
+    from histolens.training.mil import MilConfig
+    from histolens.training.mil_run import train_slides
+
+    ignored = sorted(k for k, v in flags.items() if v not in (None, False) and k not in _USED)
+    if ignored:
+        names = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        click.secho(f"note: {names} do(es) not apply to --slides.", fg="yellow", err=True)
+    config = MilConfig(
+        **{
+            k: v
+            for k, v in {
+                "epochs": flags.get("epochs"),
+                "lr": flags.get("lr"),
+                "seed": flags.get("seed"),
+            }.items()
+            if v is not None
+        }
+    )
+    folds = flags.get("cv_folds") or 5
+    out = out or Path("runs") / f"mil-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = train_slides(labels_csv, out, config, folds)
+    m = run.metrics
+    click.echo(f"Run: {run.run_dir}")
+    click.echo(
+        f"Checkpoint: {run.checkpoint} (gated-attention MIL on all {m['slides']} slides; "
+        f"positive class {run.class_names[1]})"
+    )
+    click.echo(
+        f"Slide AUC, {folds}-fold patient-level CV ({m['slides']} slides, {m['patients']} "
+        "patients; 95% CI over patients):"
+    )
+    for method, row in m["slide_auc"].items():
+        lo, hi = row["ci95"]
+        click.echo(f"  {method:<28} {row['auc']:.3f} ({lo:.3f}-{hi:.3f})")
+    click.echo(f"MIL epoch: {m['epoch_seconds_mean'] * 1000:.0f} ms")
+    for note in run.notes:
+        click.echo(f"note: {note}")

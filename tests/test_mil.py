@@ -1,0 +1,159 @@
+"""Attention MIL on tiny synthetic feature bags: the model, the folds, LABELS.csv and the run."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from histolens.errors import DataError
+from histolens.training.mil import MilConfig, build_mil_model, fit_mil, predict_mil
+from histolens.training.mil_cv import cross_validate_mil, patient_folds
+from histolens.training.mil_data import read_bag, read_slide_labels, write_bag
+from histolens.training.mil_synthetic import synthetic_bags
+
+FAST = MilConfig(hidden=16, attention=8, epochs=15, lr=2e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bags():
+    # 24 slides of 12 patients, 60 tiles of 8 features; lesions of 10-30% lie 6 units from the
+    # benign mean (6 noise standard deviations), far from any decision boundary.
+    return synthetic_bags(
+        n_slides=24, tiles=60, dim=8, lesion_range=(0.1, 0.3), lesion_distance=6.0, seed=1
+    )
+
+
+def test_attention_sums_to_one_per_bag():
+    import torch
+
+    torch.manual_seed(0)
+    model = build_mil_model(5, FAST)
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(n, 5)).astype(np.float32) for n in (1, 7, 300)]
+    _, weights = predict_mil(model, bags)
+    for bag, w in zip(bags, weights, strict=True):
+        assert w.shape == (len(bag),) and (w >= 0).all()
+        # a float32 softmax over n terms sums to 1 within ~n float32 eps
+        assert abs(w.sum() - 1.0) <= len(bag) * 1.2e-7 + 1e-6
+
+
+def test_mil_learns_a_planted_signal(tiny_bags):
+    cv = cross_validate_mil(
+        [b.features for b in tiny_bags],
+        [b.target for b in tiny_bags],
+        [b.patient for b in tiny_bags],
+        FAST,
+        n_splits=3,
+    )
+    auc = cv.table()["attention MIL"][0]
+    assert auc >= 0.85, auc  # chance is 0.5; the lesion cluster is 6 sd away
+    assert set(cv.fold) == {0, 1, 2}
+    positives = [i for i, b in enumerate(tiny_bags) if b.target]
+    hits = [tiny_bags[i].lesion[int(np.argmax(cv.attention[i]))] for i in positives]
+    assert np.mean(hits) >= 0.7
+
+
+def test_training_is_repeatable(tiny_bags):
+    bags = [b.features for b in tiny_bags[:8]]
+    y = [b.target for b in tiny_bags[:8]]
+    a = fit_mil(bags, y, FAST)
+    b = fit_mil(bags, y, FAST)
+    assert a.losses == b.losses
+
+
+def test_folds_are_patient_disjoint_and_stratified():
+    patients = [f"p{i // 3}" for i in range(30)]
+    y = [int(i // 3 % 2) for i in range(30)]
+    folds = patient_folds(y, patients, n_splits=5, seed=3)
+    seen = []
+    for train, test in folds:
+        assert not {patients[i] for i in train} & {patients[i] for i in test}
+        assert {y[i] for i in test} == {0, 1}
+        seen += list(test)
+    assert sorted(seen) == list(range(30))
+    with pytest.raises(DataError, match="at least 5 patients"):
+        patient_folds(y[:9], patients[:9], n_splits=5)
+
+
+def test_bag_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(11, 4)).astype(np.float32)
+    coords = rng.integers(0, 10_000, size=(11, 2))
+    path = write_bag(tmp_path / "s.h5", features, coords, {"lesion": np.arange(11) < 3})
+    bag = read_bag(path)
+    assert bag.name == "s" and len(bag) == 11
+    np.testing.assert_array_equal(bag.features, features)
+    np.testing.assert_array_equal(bag.coords, coords)
+    import h5py
+
+    with h5py.File(tmp_path / "nofeat.h5", "w") as f:
+        f.create_dataset("coords", data=coords)
+    with pytest.raises(DataError, match="has no 'features'"):
+        read_bag(tmp_path / "nofeat.h5")
+
+
+def _write_csv(path, rows, header=("slide", "label", "patient")):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "match"),
+    [
+        (("slide", "patient"), [["a.h5", "p"]], "missing label"),
+        (("slide", "label"), [], "no slides"),
+        (("slide", "label"), [["missing.h5", "1"]], "does not exist"),
+        (("slide", "label"), [["a.svs", "1"]], "not a feature bag"),
+        (("slide", "label"), [["a.h5", "1"], ["a.h5", "0"]], "listed twice"),
+        (("slide", "label"), [["a.h5", "1"], ["b.h5", "1"]], "exactly two slide labels"),
+        (("slide", "label"), [["a.h5", ""]], "must not be empty"),
+    ],
+)
+def test_labels_csv_errors(tmp_path, header, rows, match):
+    for name in ("a", "b"):
+        write_bag(tmp_path / f"{name}.h5", np.ones((2, 3)), np.zeros((2, 2)))
+    path = _write_csv(tmp_path / "labels.csv", rows, header)
+    with pytest.raises(DataError, match=match):
+        read_slide_labels(path)
+
+
+def test_labels_csv_reads_classes_and_patients(tmp_path):
+    for name in ("a", "b", "c"):
+        write_bag(tmp_path / f"{name}.h5", np.ones((2, 3)), np.zeros((2, 2)))
+    rows = [["a.h5", "tumour", "p1"], ["b.h5", "normal", "p1"], ["c.h5", "tumour", ""]]
+    labels = read_slide_labels(_write_csv(tmp_path / "labels.csv", rows))
+    assert labels.class_names == ("normal", "tumour")
+    assert labels.targets.tolist() == [1, 0, 1]
+    assert labels.patients == ("p1", "p1", "slide:c") and not labels.patients_given
+
+
+def test_train_slides_command(tmp_path, tiny_bags):
+    from histolens.cli.commands import main
+    from histolens.training.mil_run import load_mil
+
+    rows = []
+    for b in tiny_bags:
+        write_bag(tmp_path / f"{b.name}.h5", b.features, b.coords)
+        rows.append([f"{b.name}.h5", str(b.target), b.patient])
+    labels = _write_csv(tmp_path / "labels.csv", rows)
+    out = tmp_path / "run"
+    args = ["train", "--slides", str(labels), "--out", str(out), "--cv-folds", "3"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "10", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    assert "attention MIL" in result.output and "mean pooling + linear probe" in result.output
+    for name in ("mil.safetensors", "mil.json", "metrics.json", "oof_predictions.csv"):
+        assert (out / name).is_file()
+    model, meta = load_mil(out)
+    assert meta["schema"] == "histolens.mil" and meta["feature_dim"] == 8
+    probs, weights = predict_mil(model, [tiny_bags[0].features])
+    assert 0.0 <= probs[0] <= 1.0 and len(weights[0]) == 60
+    bad = _write_csv(tmp_path / "bad.csv", [["x.h5", "1"]], ("slide", "label"))
+    result = CliRunner().invoke(main, ["train", "--slides", str(bad)])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1
