@@ -39,8 +39,11 @@ demo: $(STAMP)
 	@echo "that the pipeline works, not how good the model is. The model's figures on real images"
 	@echo "of patients it never saw (BreakHis): docs/results.md."
 
+# The SIGKILL-and-resume test runs in a pytest process of its own: at that point of one long
+# pytest process, the process itself was killed by SIGSEGV (cause not found; the test passes alone).
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --ignore=tests/test_training_resume.py
+	$(VENV)/bin/pytest -q tests/test_training_resume.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
