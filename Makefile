@@ -39,11 +39,13 @@ demo: $(STAMP)
 	@echo "that the pipeline works, not how good the model is. The model's figures on real images"
 	@echo "of patients it never saw (BreakHis): docs/results.md."
 
-# The SIGKILL-and-resume test runs in a pytest process of its own: at that point of one long
-# pytest process, the process itself was killed by SIGSEGV (cause not found; the test passes alone).
+# The suite runs as three pytest processes: in one long process, the process itself was killed
+# by SIGSEGV late in the run (at the first in-process synthetic-data test after ~630 tests, with
+# no faulthandler traceback; every file passes alone). Cause not found: see the closing note.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q --ignore=tests/test_training_resume.py
-	$(VENV)/bin/pytest -q tests/test_training_resume.py
+	$(VENV)/bin/pytest -q tests/slides tests/web tests/gui
+	$(VENV)/bin/pytest -q $(sort $(wildcard tests/test_[a-m]*.py))
+	$(VENV)/bin/pytest -q $(sort $(wildcard tests/test_[n-z]*.py))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
