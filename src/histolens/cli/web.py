@@ -10,6 +10,7 @@ from histolens.cli.options import (
     checkpoint_option,
     count_option,
     device_option,
+    engine_option,
     onnx_runtime_option,
 )
 
@@ -59,6 +60,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 @count_option("--max-batch-files", 16, help="Files per /v1/predict/batch request.")
 @device_option()
 @onnx_runtime_option()
+@engine_option()
 @click.option(
     "--slides",
     "slides",
@@ -96,6 +98,7 @@ def serve_command(
     max_batch_files: int,
     device: str,
     onnx_runtime: str | None,
+    engine: str | None,
     slides: Path | None,
     slide_cache: Path | None,
     slide_tile_mpp: float | None,
@@ -136,6 +139,7 @@ def serve_command(
         max_batch_files=max_batch_files,
         device=device,
         onnx_runtime=onnx_runtime,
+        engine=engine,
         slides=slides,
         slide_cache=slide_cache,
         slide_tile_mpp=slide_tile_mpp,
