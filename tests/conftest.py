@@ -92,4 +92,4 @@ def estimate() -> dict:
         "66 images of 11 patient groups in manifest.csv (magnification all)",
         n_boot=100,
         per_magnification_boot=50,
-    )
+    ).to_dict()  # as a checkpoint's metadata stores it

@@ -299,19 +299,19 @@ def test_training_stores_the_calibration_of_every_patient(refer_run, synth_small
 
 def test_out_of_fold_coverage_is_reported_and_written(refer_run):
     run, result = refer_run
-    refer = result.metrics["refer"]
-    assert refer["alpha"] == 0.2 and refer["target_coverage"] == pytest.approx(0.8)
-    assert 0 <= refer["coverage"] <= 1 and 0 <= refer["refer_rate"] <= 1
-    assert "leave-one-patient-out" in refer["method"]
-    assert refer["n_patients"] == 8
+    refer = result.metrics.refer
+    assert refer.alpha == 0.2 and refer.target_coverage == pytest.approx(0.8)
+    assert 0 <= refer.coverage <= 1 and 0 <= refer.refer_rate <= 1
+    assert "leave-one-patient-out" in refer.method
+    assert refer.n_patients == 8
     metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
-    assert metrics["refer"]["coverage"] == pytest.approx(refer["coverage"])
+    assert metrics["refer"]["coverage"] == pytest.approx(refer.coverage)
     with open(run / "evaluation" / "predictions.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert {"prediction_set", "refer", "ood", "ood_reason", "probability"} <= set(rows[0])
     referred = sum(r["refer"] == "1" for r in rows)
     assert referred / len(rows) == pytest.approx(
-        (refer["refer_rate"] * (len(rows) - refer["n_ood"]) + refer["n_ood"]) / len(rows)
+        (refer.refer_rate * (len(rows) - refer.n_ood) + refer.n_ood) / len(rows)
     )
     for r in rows:
         assert r["prediction"] in r["prediction_set"].split(";")
