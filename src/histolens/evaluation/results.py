@@ -176,8 +176,7 @@ class ImageMetrics(_Record):
 
     def figure(self, name: str) -> float | None:
         """The figure called ``name`` (``roc_auc``, ...), None when the block has none."""
-        value = getattr(self, name, None) if name in _FIGURES else None
-        return None if isinstance(value, dict) else value
+        return getattr(self, name) if name in _FIGURES else None
 
     def figures(self) -> dict[str, float]:
         """Every figure the block has, by name, in the block's order."""

@@ -4,8 +4,9 @@ Steps: decode the images once; compute the frozen backbone's pooled features onc
 disk); estimate performance on unseen patients by patient-level k-fold cross-validation, each
 fold choosing its own regularisation by inner cross-validation; fit temperature and threshold on
 the out-of-fold predictions; fit the shipped probe on all patients; write the checkpoint with
-the estimate, and the evaluation of the out-of-fold predictions. The held-out scoring and
-calibration live in :mod:`histolens.training.probe_validation`, the evaluation in
+the estimate, and the evaluation of the out-of-fold predictions. The held-out scoring lives in
+:mod:`histolens.training.probe_validation` (calibrated through
+:mod:`histolens.evaluation.referral`, as the MLP head is), the evaluation in
 :mod:`histolens.training.probe_evaluation`, the frozen features in
 :mod:`histolens.training.probe_features`.
 """

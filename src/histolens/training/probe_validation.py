@@ -2,7 +2,9 @@
 
 Either a held-out test split of patients, or patient-level k-fold cross-validation whose folds
 each choose their own regularisation, temperature and threshold by inner cross-validation; and
-the temperature and threshold fitted on held-out logits. Steps of :mod:`histolens.training.probe_run`.
+the probe's referral on those held-out patients. The temperature, threshold, prediction sets
+and feature guard are fitted by :mod:`histolens.evaluation.referral`, as the MLP head's are.
+Steps of :mod:`histolens.training.probe_run`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ __all__ = ["schema_of"]
 
 def schema_of(
     record: type,
-    docs: Mapping[str, Mapping[str, Any]] = {},  # noqa: B006 (read only)
-    types: Mapping[str, Any] = {},  # noqa: B006 (read only)
+    docs: Mapping[str, Mapping[str, Any]] | None = None,
+    types: Mapping[str, Any] | None = None,
 ) -> type[BaseModel]:
     """A pydantic model of the dataclass ``record``, named as it, with its docstring.
 
@@ -29,6 +29,7 @@ def schema_of(
             of docs may serve several records (names a record lacks are not used).
         types: a field's type where the schema's differs (a nested dataclass's schema).
     """
+    docs, types = docs or {}, types or {}
     hints = typing.get_type_hints(record)
     fields = {
         f.name: f
