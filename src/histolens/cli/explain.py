@@ -17,6 +17,7 @@ from histolens.cli.options import (
     count_option,
     device_option,
     engine_option,
+    float_option,
     out_option,
     quiet_option,
     split_name_option,
@@ -142,13 +143,7 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     f"{', '.join(METHODS)}. [default: gradcam; all with --evaluate]",
 )
 @out_option("Output folder (default: <run dir>/explanations).", file_okay=False)
-@click.option(
-    "--opacity",
-    default=0.5,
-    show_default=True,
-    type=click.FloatRange(0.0, 1.0),
-    help="Opacity of the heatmap in overlays.",
-)
+@float_option("--opacity", 0.5, "Opacity of the heatmap in overlays.", 0.0, 1.0)
 # The old spelling, refused: everywhere else --alpha is the conformal error level.
 @click.option("--alpha", "old_alpha", default=None, hidden=True, expose_value=True)
 @click.option(

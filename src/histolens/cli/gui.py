@@ -6,15 +6,16 @@ from pathlib import Path
 
 import click
 
+from histolens.cli.options import path_option
+
 __all__ = ["gui_command"]
 
 
 @click.command("gui")
-@click.option(
+@path_option(
     "--checkpoint",
     "-c",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
+    exists=True,
     help="Checkpoint file or run folder to load at start (File > Open checkpoint changes it).",
 )
 @click.argument(

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from histolens.web.errors import ERROR_RESPONSES
-from histolens.web.routes import STATIC_DIR
+from histolens.web.pages import page_response
 from histolens.web.slide_jobs import AnalysisCancelled, SlideAnalyses
 from histolens.web.slide_library import SlideLibrary, UnknownSlide
 
@@ -135,8 +135,8 @@ async def heatmap(request: Request, slide_id: str) -> FileResponse:
 
 
 @slides_site.get("/slides", include_in_schema=False)
-async def viewer_page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "slides.html", headers={"Cache-Control": "no-cache"})
+async def viewer_page() -> HTMLResponse:
+    return page_response("slides.html")
 
 
 async def _unknown(request: Request, exc: UnknownSlide) -> JSONResponse:
