@@ -102,23 +102,21 @@ async def tile(request: Request, slide_id: str, level: int, col: int, row: int) 
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
-@slides_api.post(
-    "/{slide_id}/analysis",
-    response_model=SlideStatus,
-    responses=_NOT_FOUND,
-    summary="Start analysing a slide (or join the analysis under way)",
-)
+# Starting an analysis (POST) and reading its state (GET) answer with the same status.
+_ANALYSIS: dict[str, Any] = {
+    "path": "/{slide_id}/analysis",
+    "response_model": SlideStatus,
+    "responses": _NOT_FOUND,
+}
+
+
+@slides_api.post(**_ANALYSIS, summary="Start analysing a slide (or join the analysis under way)")
 async def start_analysis(request: Request, slide_id: str) -> Any:
     job, joined = await run_in_threadpool(_analyses(request).start, slide_id)
     return SlideStatus(**job.to_dict(), joined=joined)
 
 
-@slides_api.get(
-    "/{slide_id}/analysis",
-    response_model=SlideStatus,
-    responses=_NOT_FOUND,
-    summary="The slide's analysis: state and progress",
-)
+@slides_api.get(**_ANALYSIS, summary="The slide's analysis: state and progress")
 async def analysis(request: Request, slide_id: str) -> Any:
     job = await run_in_threadpool(_analyses(request).status, slide_id)
     return SlideStatus(**job.to_dict())
