@@ -128,11 +128,8 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     None,
     help="Instead of IMAGE_OR_FOLDER: images of this side of the run's split.csv.",
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(1),
-    default=None,
-    help="Explain at most this many images (evenly spread over the sorted list).",
+@count_option(
+    "--limit", None, help="Explain at most this many images (evenly spread over the sorted list)."
 )
 @click.option(
     "--method",

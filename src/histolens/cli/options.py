@@ -111,10 +111,17 @@ def out_option(
     )
 
 
-def count_option(flag: str, default: int, help: str | None = None, minimum: int = 1) -> Decorator:
-    """``flag``: a whole number of at least ``minimum`` (images, workers, folds), default shown."""
+def count_option(
+    flag: str, default: int | None, help: str | None = None, minimum: int = 1
+) -> Decorator:
+    """``flag``: a whole number of at least ``minimum`` (images, workers, folds), its default
+    shown; a default of None: no limit unless given."""
     return click.option(
-        flag, default=default, show_default=True, type=click.IntRange(minimum), help=help
+        flag,
+        default=default,
+        show_default=default is not None,
+        type=click.IntRange(minimum),
+        help=help,
     )
 
 

@@ -230,10 +230,9 @@ def _point(text: str) -> tuple[int, int]:
     metavar="X,Y",
     help="Level-0 top-left corner of a tile to explain (repeatable).",
 )
-@click.option(
+@count_option(
     "--top",
-    type=click.IntRange(1),
-    default=None,
+    None,
     help="Explain the N highest-scoring tiles of a 'slide predict' output (--results).",
 )
 @path_option(
