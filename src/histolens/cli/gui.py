@@ -6,16 +6,15 @@ from pathlib import Path
 
 import click
 
-from histolens.cli.options import path_option
-
 __all__ = ["gui_command"]
 
 
 @click.command("gui")
-@path_option(
+@click.option(
     "--checkpoint",
     "-c",
-    exists=True,
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
     help="Checkpoint file or run folder to load at start (File > Open checkpoint changes it).",
 )
 @click.argument(
