@@ -21,6 +21,7 @@ from histolens.stats.conformal_metrics import (
     patient_referrals,
     risk_coverage,
 )
+from histolens.stats.decisions import OperatingPoints
 from histolens.testing import make_checkpoint, stratified_calibration, tiny_config
 from histolens.training.runner import train
 
@@ -445,3 +446,18 @@ def test_subtypes_get_sets_of_subtypes_per_magnification():
     sizes = member.sum(1)
     assert sizes.min() >= 1 and (sizes > 1).any() and (sizes < c).any()  # sets, not all or one
     assert member[np.arange(n), y].mean() >= 0.85  # in-sample coverage near 1 - alpha
+
+
+@pytest.mark.parametrize(
+    ("read", "subject", "was", "its"),
+    [
+        (ConformalCalibration.from_dict, "conformal calibration", "was", "is"),
+        (OperatingPoints.from_dict, "operating points", "were", "are"),
+    ],
+)
+def test_stored_parts_refuse_a_newer_format_and_name_damage(read, subject, was, its):
+    newer = rf"^The checkpoint's {subject} {was} written by a newer histolens; upgrade\.$"
+    with pytest.raises(CheckpointError, match=newer):
+        read({"format_version": 99})
+    with pytest.raises(CheckpointError, match=rf"^The checkpoint's {subject} {its} damaged \("):
+        read({"format_version": "two"})

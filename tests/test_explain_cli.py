@@ -27,6 +27,14 @@ def _invoke(*args: str):
     return CliRunner().invoke(explain_command, [str(a) for a in args], catch_exceptions=False)
 
 
+def _faithfulness_rows(checkpoint, data, methods: str, out) -> dict[str, dict]:
+    """`explain --evaluate` of ``methods`` on 16 images of ``data`` (no ROAD): its rows by method."""
+    args = ["--evaluate", "-m", methods, "--max-images", "16", "--no-road", "--out", out]
+    result = _invoke(checkpoint, data, *args, "--quiet")
+    assert result.exit_code == 0, result.output
+    return {r["method"]: r for r in json.loads((out / "faithfulness.json").read_text())["rows"]}
+
+
 @pytest.fixture()
 def folder(tmp_path):
     root = tmp_path / "images"
@@ -152,21 +160,7 @@ def test_split_of_a_cross_validated_run_says_to_use_all(tmp_path, tiny_checkpoin
 
 def test_evaluate_writes_the_faithfulness_table(tmp_path, tiny_checkpoint, synth_small):
     out = tmp_path / "ev"
-    result = _invoke(
-        tiny_checkpoint,
-        synth_small,
-        "--evaluate",
-        "-m",
-        "gradcam,eigencam",
-        "--max-images",
-        "16",
-        "--no-road",
-        "--out",
-        out,
-        "--quiet",
-    )
-    assert result.exit_code == 0, result.output
-    rows = {r["method"]: r for r in json.loads((out / "faithfulness.json").read_text())["rows"]}
+    rows = _faithfulness_rows(tiny_checkpoint, synth_small, "gradcam,eigencam", out)
     assert list(rows) == ["gradcam", "eigencam", "random"]
     for r in rows.values():
         assert set(r) >= {"deletion_auc", "insertion_auc", "road", "pointing_game", "iou", "n"}
@@ -275,22 +269,7 @@ def test_trained_gradcam_beats_random_on_the_pointing_game(tmp_path):
     if train.exit_code != 0 and "Lite0" in train.output and "not installed" in train.output:
         pytest.skip("Lite0 ImageNet weights package not installed")
     assert train.exit_code == 0, train.output
-    out = tmp_path / "ev"
-    result = _invoke(
-        run,
-        data,
-        "--evaluate",
-        "-m",
-        "gradcam",
-        "--no-road",
-        "--max-images",
-        "16",
-        "--out",
-        out,
-        "--quiet",
-    )
-    assert result.exit_code == 0, result.output
-    rows = {r["method"]: r for r in json.loads((out / "faithfulness.json").read_text())["rows"]}
+    rows = _faithfulness_rows(run, data, "gradcam", tmp_path / "ev")
     assert rows["gradcam"]["n_masks"] >= 6
     assert rows["gradcam"]["pointing_game"] > rows["random"]["pointing_game"]
     assert rows["gradcam"]["iou"] > rows["random"]["iou"]

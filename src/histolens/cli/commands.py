@@ -18,6 +18,7 @@ from histolens.cli.options import (
     magnification_option,
     onnx_runtime_option,
     out_option,
+    path_option,
     patient_from_option,
     quiet_option,
     split_name_option,
@@ -315,10 +316,9 @@ def report(run_dir):
     help="Images the export is checked on, at most (fp32: validation images against PyTorch; "
     "int8: images of unseen patients against the fp32 export).",
 )
-@click.option(
+@path_option(
     "--verify-data",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
+    exists=True,
     help="int8: labelled images of patients the model was not fitted on (folder or CSV "
     "manifest) to check the int8 export on; default: the run's held-out patients, or per-fold "
     "refits of a cross-validated probe (docs/int8-guard.md).",

@@ -21,6 +21,7 @@ from histolens.cli.options import (
     lr_option,
     magnification_option,
     out_option,
+    path_option,
     pretrained_option,
     quiet_option,
     recipe_option,
@@ -91,18 +92,18 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 
 @click.command("train")
 @data_option()
-@click.option(
+@path_option(
     "--slides",
     "slides_csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
+    dir_okay=False,
     help="LABELS.csv (slide,label[,patient]; slide = a feature bag .h5): attention MIL.",
 )
 @out_option("Run directory (default runs/<backbone>-<task>-<time>).")
-@click.option(
+@path_option(
     "--resume",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    exists=True,
+    file_okay=False,
     help="Continue the run in this directory from its last checkpoint.",
 )
 @recipe_option()
