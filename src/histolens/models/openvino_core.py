@@ -6,7 +6,7 @@ dropped in the order they were made (or one dropped in another thread), the thre
 signal stack that is already unmapped, and the next signal it handles (SIGCHLD under PyTorch's
 DataLoader handler, Ctrl-C, a server's SIGTERM) kills the process with SIGSEGV before any handler,
 faulthandler's included, can run. One Core kept for the life of the process loads the plugin once
-and never unloads it early. (tests/test_openvino_core.py shows the failure in a child process.)
+and never unloads it early (tests/test_openvino.py shows the failure in a child process).
 """
 
 from __future__ import annotations
