@@ -41,7 +41,7 @@ demo: $(STAMP)
 
 # The suite: one pytest run, its test files shared out to TEST_WORKERS pytest-xdist workers (each
 # file's tests in one worker, each worker computing on its share of the cores: tests/conftest.py);
-# 2 min 22 s on a 2-core CPU against 3 min 40 s in one process. TEST_WORKERS=0 runs it in one
+# 2 min 28 s on a 2-core CPU against 3 min 40 s in one process. TEST_WORKERS=0 runs it in one
 # process. (One long process used to die of SIGSEGV late in the run: OpenVINO's CPU plugin left
 # the main thread's signal stack unmapped; the fix and its test: histolens/models/openvino_core.py.)
 TEST_WORKERS ?= 2
