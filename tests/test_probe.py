@@ -253,7 +253,7 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
     assert any(
         w.startswith("Only 4 benign patients support this estimate") for w in est["warnings"]
     )
-    assert result.metrics["split"] == "out-of-fold"
+    assert result.metrics.split == "out-of-fold"
     assert meta.metrics["roc_auc"] == pytest.approx(est["metrics"]["roc_auc"])
 
 
@@ -283,14 +283,14 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
     x = torch.stack([cache.clean[p] for p in paths]).double().numpy()
     y = np.array([int(r["label"] == "malignant") for r in rows])
     g = np.array([r["patient"] for r in rows])
-    from histolens.training.probe_run import _calibrate
+    from histolens.evaluation.referral import fit_calibration
 
     decision = np.full(len(y), np.nan)
     for k, (tr, te) in enumerate(group_folds(y, g, 3, cfg.data.seed)):
         assert not set(g[tr]) & set(g[te])
         fold = fit_linear_probe(x[tr], y[tr], g[tr], 2, cfg.train.probe_cs, 5, cfg.data.seed + k)
         # Each fold's temperature and threshold come from its own inner out-of-fold logits.
-        t_k, thr_k = _calibrate(cfg, fold.oof_logits, y[tr], 2)
+        t_k, thr_k = fit_calibration(cfg, fold.oof_logits, y[tr], 2)
         decision[te] = fold.logits(x[te])[:, 0] - t_k * np.log(thr_k / (1 - thr_k))
     temperature = read_metadata(run).temperature
     probability = np.array([float(r["p_malignant"]) for r in rows])

@@ -8,6 +8,7 @@ rows. Steps of :mod:`histolens.training.probe_run`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ import torch
 
 from histolens.checkpoint.io import BEST_CHECKPOINT, update_metadata
 from histolens.config import RunConfig
+from histolens.evaluation.referral import Referral
+from histolens.evaluation.results import Metrics
 from histolens.models.pipeline import ImageSource
 from histolens.rundir import RunDir
 from histolens.stats.decisions import OperatingPoints
-from histolens.training.probe_validation import _HeldOut, _Referral
+from histolens.training.probe_validation import _HeldOut
 
 
 def _evaluate(
@@ -28,7 +31,7 @@ def _evaluate(
     held: _HeldOut,
     calibration: tuple[float, float],
     classes: Sequence[str],
-    referral: _Referral,
+    referral: Referral,
     x_test: np.ndarray | None,
     images: ImageSource,
     dataset,
@@ -36,7 +39,7 @@ def _evaluate(
     write_outputs: bool,
     operating_points: OperatingPoints | None = None,
     content: dict[str, tuple[float, float]] | None = None,
-) -> dict[str, Any]:
+) -> Metrics:
     """Score the held-out predictions, with referrals, and write the evaluation; its metrics.
 
     A test split is decided at ``operating_points`` (per magnification); out-of-fold decision
@@ -74,8 +77,10 @@ def _evaluate(
         cfg.train.alpha,
         content,
     )
-    metrics = compute_metrics(ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed)
-    metrics["split"] = "out-of-fold" if held.n_folds else "test"
+    metrics = replace(
+        compute_metrics(ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed),
+        split="out-of-fold" if held.n_folds else "test",
+    )
     ev.metrics = metrics
     if write_outputs:
         _write_outputs(
@@ -161,8 +166,8 @@ def _write_outputs(
     estimate = build_estimate(
         ev, method, description, n_boot, cfg.data.seed, decision=operating_points, metrics=metrics
     )
-    summary: dict[str, Any] = {"split": metrics["split"], **headline_metrics(metrics)}
-    update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate, metrics=summary)
-    notes = list(notes) + estimate["warnings"]
+    summary: dict[str, Any] = {"split": metrics.split, **headline_metrics(metrics)}
+    update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate.to_dict(), metrics=summary)
+    notes = list(notes) + estimate.warnings
     write_evaluation(ev, RunDir(run_dir).evaluation.path, logs_dir=None, notes=notes)
     write_report(run_dir, evaluation_dir=RunDir(run_dir).evaluation.path)

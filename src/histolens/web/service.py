@@ -13,6 +13,7 @@ import base64
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -131,21 +132,8 @@ class ModelService:
             raise UploadRefused.unreadable(exc) from None
 
     def _prediction_out(self, pred: Prediction) -> PredictionOut:
-        return PredictionOut(
-            label=pred.label,
-            probability=pred.probability,
-            positive_probability=pred.positive_probability,
-            scores=pred.scores,
-            threshold=pred.threshold,
-            uncertain=pred.uncertain,
-            prediction_set=list(pred.prediction_set),
-            alpha=pred.alpha,
-            refer=pred.refer,
-            refer_reason=pred.refer_reason,
-            ood=pred.ood,
-            ood_reason=pred.ood_reason,
-            model_id=self.model_id,
-        )
+        # The schema's fields are the Prediction's of the same names (its path is not sent).
+        return PredictionOut.model_validate({**asdict(pred), "model_id": self.model_id})
 
     # --- predictions ----------------------------------------------------------------------------
     async def predict(

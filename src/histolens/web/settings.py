@@ -82,14 +82,7 @@ class ServiceSettings:
     @property
     def limits(self) -> Limits:
         """The limits a client may read from GET /v1/model."""
-        return Limits(
-            max_upload_bytes=self.max_upload_bytes,
-            max_batch_files=self.max_batch_files,
-            max_pixels=self.max_pixels,
-            max_queue=self.max_queue,
-            max_batch=self.max_batch,
-            batch_wait_ms=self.batch_wait_ms,
-        )
+        return Limits.model_validate(self, from_attributes=True)
 
     def body_limit_for(self, path: str) -> int | None:
         """The request-body limit of ``path`` in bytes; None for paths that take no upload."""
