@@ -27,6 +27,7 @@ from histolens.gui.display import (
 from histolens.gui.model_info import ModelSummary
 from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
 from histolens.gui.presenter import Presenter
+from histolens.gui.slide_window import SlideRequest, SlideWindows
 from histolens.gui.style import apply_style
 from histolens.gui.widgets import ImagesArea
 
@@ -72,6 +73,7 @@ class ViewerApp:
         self._build_layout()
         self._bind_keys()
         self.presenter = Presenter(self, self._executor)
+        self.slides = SlideWindows(root, lambda: self.presenter.predictor, checkpoint)
         self.show_model(None)
         self.show_methods((), "")
         self.show_prediction(None)
@@ -93,6 +95,7 @@ class ViewerApp:
         file_menu.add_command(
             label="Open folder…", accelerator="Ctrl+Shift+O", command=self.ask_folder
         )
+        file_menu.add_command(label="Open slide…", command=lambda: self.slides.ask())
         file_menu.add_separator()
         file_menu.add_command(
             label="Open checkpoint…", accelerator="Ctrl+L", command=self.ask_checkpoint
@@ -307,6 +310,7 @@ class ViewerApp:
         if self._poll_after is not None:
             self.root.after_cancel(self._poll_after)
             self._poll_after = None
+        self.slides.close()
         self.presenter.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=False)
@@ -381,12 +385,13 @@ def run_app(
     checkpoint: str | os.PathLike | None = None,
     root: tk.Tk | None = None,
     paths: Sequence[str | os.PathLike] = (),
+    slides: SlideRequest | None = None,
 ) -> None:
-    """Open the viewer window, with a checkpoint and images if given; run until it is closed."""
+    """Open the viewer window, with a checkpoint, images and slides if given; run until closed."""
     root = root or tk.Tk(className="histolens")
     # Leave room for the menu bar and the desktop's panels.
     width = min(1440, root.winfo_screenwidth() - 40)
     height = min(900, root.winfo_screenheight() - 80)
     root.geometry(f"{width}x{height}")
-    ViewerApp(root, checkpoint, paths=paths)
+    ViewerApp(root, checkpoint, paths=paths).slides.open_all(slides)
     root.mainloop()

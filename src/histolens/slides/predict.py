@@ -85,6 +85,9 @@ class SlideRun:
     fingerprint: str = ""
     times: StageTimes = field(default_factory=StageTimes)
     masking_seconds: float = 0.0
+    # Called with (tiles scored, tiles in the grid) before the first batch and after each one;
+    # an exception it raises stops the slide there (its partial file resumes next time).
+    on_progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         from histolens.inference.resume import model_fingerprint
@@ -251,6 +254,8 @@ class SlideRun:
             n_classes = len(self.predictor.class_names)
             create_partial(partial, grid.coords, grid.tissue, n_classes, attrs)
             start = 0
+        if self.on_progress is not None:
+            self.on_progress(start, n)
         if start < n:
             dataset = TileDataset(path, mpp, grid.coords[start:], size0, self.predictor.preprocess)
             workers = min(self.options.workers, max(0, (n - start) // self.options.batch_size))
@@ -274,6 +279,8 @@ class SlideRun:
                             b = stored.write(score_batch(self.predictor, batch, self.times))
                         if bar is not None:
                             bar.update(b)
+                        if self.on_progress is not None:
+                            self.on_progress(stored.done, n)
             finally:
                 dataset.close()
                 if bar is not None:
