@@ -158,9 +158,10 @@ def test_open_analyse_layers_and_region_click(plain_slide, checkpoint, predictor
     p.click(cx, cy)
     rows, box, note = view.tiles
     assert box == (cx - 240, cy - 240, cx + 240, cy + 240)
-    assert i in [r.index for r in rows] and 4 <= len(rows) <= 16
+    # The 3 x 3 tiles centred in the box, fewer where the tissue (and so the grid) ends.
+    assert i in [r.index for r in rows] and 4 <= len(rows) <= 9
     assert [r.score for r in rows] == sorted((r.score for r in rows), reverse=True)
-    assert all(r.x < box[2] and r.x + 160 > box[0] and r.y < box[3] for r in rows)
+    assert all(abs(r.x + 80 - cx) <= 160 and abs(r.y + 80 - cy) <= 160 for r in rows)
     assert note == f"{len(rows)} tiles in the region"
     p.click(10, 10)  # glass: no tiles there
     assert view.tiles[0] == [] and view.tiles[2] == "0 tiles in the region"
@@ -172,15 +173,19 @@ def test_open_analyse_layers_and_region_click(plain_slide, checkpoint, predictor
     assert p.analysis.state == "done" and len(p.results) == n and gated.calls == calls
 
 
-def test_tiles_in_a_box_are_those_that_overlap_it_highest_first():
+def test_tiles_in_a_box_are_those_centred_in_it_highest_first():
     coords = np.array([[0, 0], [100, 0], [200, 0], [0, 100], [100, 100]], np.int64)
     scores = np.array([0.1, 0.9, 0.5, 0.7, 0.9], np.float32)
     flags = np.zeros(5, bool)
     results = SlideResults(coords, scores, flags, flags, (100, 100), "malignant")
-    # x 150..250 touches tiles at x=100 and x=200; y 50..60 only the first row.
-    assert results.tiles_in((150, 50, 250, 60)).tolist() == [1, 2]
+    # Centres at 50, 150, 250: x 140..260 holds two of them; y 0..60 only the first row's.
+    assert results.tiles_in((140, 0, 260, 60)).tolist() == [1, 2]
     # Ties (0.9) by position: x, then y.
     assert results.tiles_in((0, 0, 300, 200)).tolist() == [1, 4, 3, 2, 0]
+    # A box along tile edges takes no slivers of the neighbours it touches.
+    assert results.tiles_in((96, 0, 204, 100)).tolist() == [1]
+    # A box inside one tile holds no centre: the tile it lies in.
+    assert results.tiles_in((110, 110, 120, 120)).tolist() == [4]
     assert results.tiles_in((300, 0, 400, 100)).tolist() == []  # touching an edge is no overlap
 
 
@@ -241,7 +246,7 @@ def test_grad_cam_of_a_listed_tile_at_full_resolution(plain_slide, checkpoint, t
     shown_row, tile, overlay, caption = view.tile
     assert shown_row == row and view.errors == []
     assert tile.size == overlay.size == (160, 160)  # the tile's level-0 pixels
-    assert caption in ("Grad-CAM of benign", "Grad-CAM of malignant")
+    assert caption in ("Grad-CAM · benign", "Grad-CAM · malignant")
     expected = Image.open(plain_slide).convert("RGB").crop(row.box)
     assert np.array_equal(np.asarray(tile), np.asarray(expected))
     p.close()

@@ -37,6 +37,11 @@ __all__ = ["gui_command"]
     default=None,
     help="Microns per pixel of the tiles a slide analysis scores (default: the checkpoint's).",
 )
+@click.option(
+    "--score-class",
+    default=None,
+    help="Class whose probability a slide heatmap shows (needed for a multi-class checkpoint).",
+)
 @click.argument(
     "paths",
     nargs=-1,
@@ -48,6 +53,7 @@ def gui_command(
     slides: tuple[Path, ...],
     mpp: float | None,
     tile_mpp: float | None,
+    score_class: str | None,
     paths: tuple[Path, ...],
 ) -> None:
     """Open the desktop viewer: images, folders, slides, predictions and heatmaps.
@@ -75,5 +81,6 @@ def gui_command(
     from histolens.gui.slide_window import SlideRequest
     from histolens.slides.predict import SlideOptions
 
-    options = SlideOptions(tile_mpp=tile_mpp)
-    run_app(checkpoint, root, paths, SlideRequest(slides, mpp, options) if slides else None)
+    options = SlideOptions(tile_mpp=tile_mpp, score_class=score_class)
+    # The options apply to slides opened later from the menu too.
+    run_app(checkpoint, root, paths, SlideRequest(slides, mpp, options))

@@ -149,12 +149,16 @@ class SlideResults:
             )
 
     def tiles_in(self, box: tuple[float, float, float, float]) -> np.ndarray:
-        """Indices of the tiles that overlap the level-0 ``box`` (x0, y0, x1, y1), highest
-        score first (ties by position)."""
+        """Indices of the tiles whose centre lies in the level-0 ``box`` (x0, y0, x1, y1), or,
+        for a box that holds no tile's centre, those it overlaps; highest score first (ties by
+        position). Centres, so a box drawn along tile edges takes no slivers of its neighbours."""
         x0, y0, x1, y1 = box
         tw, th = self.tile_size
         x, y = self.coords[:, 0], self.coords[:, 1]
-        hit = np.flatnonzero((x < x1) & (x + tw > x0) & (y < y1) & (y + th > y0))
+        cx, cy = x + tw / 2, y + th / 2
+        hit = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
+        if not len(hit):
+            hit = np.flatnonzero((x < x1) & (x + tw > x0) & (y < y1) & (y + th > y0))
         order = np.lexsort((y[hit], x[hit], -np.nan_to_num(self.scores[hit], nan=-1.0)))
         return hit[order]
 

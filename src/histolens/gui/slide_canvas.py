@@ -1,8 +1,8 @@
 """The slide window's canvas: the thumbnail, its layers, and region selection by mouse.
 
-Every layer is one canvas image item tagged with its name (``slide``, ``mask``, ``heatmap``;
-the heatmap over the mask's tint, the mask's outline over both), hidden or shown by its item
-state, so a toggle never redraws anything. The selected region and its tiles are rectangles
+Every layer is one canvas image item tagged with its name (``slide``, ``mask``, ``heatmap``,
+bottom to top, so the heatmap's colours are never tinted), hidden or shown by its item state,
+so a toggle never redraws anything. The selected region and its tiles are rectangles
 tagged ``region``, ``tile`` and ``selected``. Clicks and drags are reported in level-0 pixels.
 """
 
@@ -123,7 +123,8 @@ class SlideCanvas(ttk.Frame):
             )
         self._draw_region()
 
-    def _to_canvas(self, x: float, y: float) -> tuple[float, float]:
+    def to_canvas(self, x: float, y: float) -> tuple[float, float]:
+        """Canvas pixels of a level-0 point."""
         f, left, top = self._fit
         thumb = self._images["slide"]
         sx = thumb.width / self._dimensions[0] if thumb is not None else 1.0
@@ -142,8 +143,8 @@ class SlideCanvas(ttk.Frame):
         )
 
     def _rect(self, box: Sequence[int], **options) -> None:
-        x0, y0 = self._to_canvas(box[0], box[1])
-        x1, y1 = self._to_canvas(box[2], box[3])
+        x0, y0 = self.to_canvas(box[0], box[1])
+        x1, y1 = self.to_canvas(box[2], box[3])
         self.canvas.create_rectangle(x0, y0, x1, y1, **options)
 
     def _draw_region(self) -> None:

@@ -340,7 +340,9 @@ class SlidePresenter:
                 e = explain_tile(
                     self._model.explainer, reader, (row.x, row.y), (row.width, row.height)
                 )
-            caption = f"{method_label(e.method)} of {e.target_class}"
+            caption = f"{method_label(e.method)} · {e.target_class}"
+            if float(e.heatmap.max()) <= 0.0:  # nothing in the tile raises the class
+                caption += " · flat"
             return e.image, e.overlay(DEFAULT_OPACITY), caption
 
         def done(shown: tuple[Any, Any, str]) -> None:

@@ -20,6 +20,7 @@ from tkinter import ttk
 from PIL import Image, ImageTk
 
 from histolens.gui.display import RESEARCH_NOTICE
+from histolens.gui.panels import SELECT_DEBOUNCE_MS
 from histolens.gui.slide_analysis import OpenedSlide
 from histolens.gui.slide_canvas import SlideCanvas
 from histolens.gui.slide_presenter import AnalysisState, SlidePresenter, TileRow
@@ -70,6 +71,7 @@ class SlideWindow:
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="histolens-slide")
         self._on_close = on_close
         self.layer_vars = {name: tk.BooleanVar(self.top, value=True) for name in _LAYER_TITLES}
+        self._choose_after: str | None = None
         self._build()
         self.presenter = SlidePresenter(
             self, self._executor, checkpoint=checkpoint, options=options, cache=cache
@@ -178,6 +180,13 @@ class SlideWindow:
         self.presenter.select_region(x0, y0, x1, y1)
 
     def _tile_chosen(self, _event=None) -> None:
+        # Debounced: arrowing down the list should not queue a Grad-CAM for every row passed.
+        if self._choose_after is not None:
+            self.top.after_cancel(self._choose_after)
+        self._choose_after = self.top.after(SELECT_DEBOUNCE_MS, self._choose)
+
+    def _choose(self) -> None:
+        self._choose_after = None
         selection = self.tiles.selection()
         if selection:
             self.presenter.select_tile(int(selection[0]))
@@ -188,9 +197,10 @@ class SlideWindow:
 
     def close(self) -> None:
         """Stop polling and the analysis (at its next batch), and destroy the window."""
-        if self._poll_after is not None:
-            self.top.after_cancel(self._poll_after)
-            self._poll_after = None
+        for pending in (self._poll_after, self._choose_after):
+            if pending is not None:
+                self.top.after_cancel(pending)
+        self._poll_after = self._choose_after = None
         self.presenter.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -231,7 +241,8 @@ class SlideWindow:
         for row in rows:
             values = (f"{row.x:,}", f"{row.y:,}", f"{row.score:.3f}", row.flag)
             self.tiles.insert("", "end", iid=str(row.index), values=values)
-        self.tiles_title.configure(text=f"TILES  ·  {note}" if note else "TILES")
+        hint = "click the slide, or drag a box over it" if box is None else note
+        self.tiles_title.configure(text=f"TILES  ·  {hint}")
         self.slide_canvas.show_region(box, [r.box for r in rows])
 
     def show_tile(
@@ -250,7 +261,7 @@ class SlideWindow:
             )
         else:
             panel.title.configure(text="TILE")
-            panel.show(None, name)
+            panel.show(None, name or "Choose a tile in the list to see it and its Grad-CAM")
         self.tile_images.show_heatmap(overlay, caption)
         if row is not None and self.presenter.region is not None:
             rows = [r.box for r in self.presenter.rows]
