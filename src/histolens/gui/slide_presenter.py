@@ -252,7 +252,7 @@ class SlidePresenter:
                 if total
                 else "Analysis cancelled before any tile was scored."
             )
-            self._set_analysis(AnalysisState("cancelled", n, total, text))
+            self._set_analysis(AnalysisState("cancelled", n, total, f"Cancelled at {n:,} tiles"))
             self._view.show_status(text)
         else:
             s = outcome.results.summary if outcome.results is not None else None

@@ -265,10 +265,12 @@ class SlideRun:
                 num_workers=workers,
                 prefetch_factor=4 if workers else None,
             )
+            # The workers start here, before the partial file is opened: they must not inherit
+            # its handle (a child holding it keeps HDF5's lock on the file after a stop).
+            batches = iter(loader)
             bar = self._bar(n, start, outputs.name)
             try:
                 with PartialScores(partial, self.score_index, save_features) as stored:
-                    batches = iter(loader)
                     while True:
                         t0 = time.perf_counter()
                         batch = next(batches, None)
@@ -282,6 +284,7 @@ class SlideRun:
                         if self.on_progress is not None:
                             self.on_progress(stored.done, n)
             finally:
+                del batches  # its workers stop now, not when a stop's traceback is freed
                 dataset.close()
                 if bar is not None:
                     bar.close()
