@@ -1,10 +1,7 @@
-"""The Tk window of the desktop viewer: panels wired to a :class:`Presenter`.
-
-Every decision lives in the presenter; the panels (``panels``, ``widgets``) draw what it asks
-for. This module builds the window around them (menu, toolbar, error bar, status line), turns
-user input into presenter calls and implements the presenter's ``View``. Model work runs on one
-worker thread; ``after()`` polls its results, so the window never freezes.
-"""
+"""The Tk window of the desktop viewer: panels wired to a :class:`Presenter`, which makes every
+decision; this module builds the window (menu, toolbar, error bar, status line), turns input
+into presenter calls and implements its ``View``. Model work runs on one worker thread, polled
+with ``after()``, so the window never freezes."""
 
 from __future__ import annotations
 
@@ -28,6 +25,7 @@ from histolens.gui.display import (
 from histolens.gui.model_info import ModelSummary
 from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
 from histolens.gui.presenter import Presenter, open_predictor
+from histolens.gui.slide_window import SlideRequest, SlideWindows
 from histolens.gui.style import apply_style
 from histolens.gui.widgets import ImagesArea
 
@@ -76,6 +74,7 @@ class ViewerApp:
         self._bind_keys()
         load = functools.partial(open_predictor, engine=engine)
         self.presenter = Presenter(self, self._executor, load_predictor=load)
+        self.slides = SlideWindows(root, lambda: self.presenter.predictor, checkpoint)
         self.show_model(None)
         self.show_methods((), "")
         self.show_prediction(None)
@@ -97,6 +96,7 @@ class ViewerApp:
         file_menu.add_command(
             label="Open folder…", accelerator="Ctrl+Shift+O", command=self.ask_folder
         )
+        file_menu.add_command(label="Open slide…", command=lambda: self.slides.ask())
         file_menu.add_separator()
         file_menu.add_command(
             label="Open checkpoint…", accelerator="Ctrl+L", command=self.ask_checkpoint
@@ -311,6 +311,7 @@ class ViewerApp:
         if self._poll_after is not None:
             self.root.after_cancel(self._poll_after)
             self._poll_after = None
+        self.slides.close()
         self.presenter.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=False)
@@ -385,14 +386,14 @@ def run_app(
     checkpoint: str | os.PathLike | None = None,
     root: tk.Tk | None = None,
     paths: Sequence[str | os.PathLike] = (),
+    slides: SlideRequest | None = None,
     engine: str | None = None,
 ) -> None:
-    """Open the viewer window, with a checkpoint and images if given; run until it is closed.
-    ``engine`` computes the backbone's features (histolens.models.engine; None: the default)."""
+    """Open the viewer window (checkpoint, images, slides, feature ``engine`` if given)."""
     root = root or tk.Tk(className="histolens")
     # Leave room for the menu bar and the desktop's panels.
     width = min(1440, root.winfo_screenwidth() - 40)
     height = min(900, root.winfo_screenheight() - 80)
     root.geometry(f"{width}x{height}")
-    ViewerApp(root, checkpoint, paths=paths, engine=engine)
+    ViewerApp(root, checkpoint, paths=paths, engine=engine).slides.open_all(slides)
     root.mainloop()
