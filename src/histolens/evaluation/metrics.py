@@ -31,6 +31,7 @@ __all__ = [
     "EvalResult",
     "PredictionRow",
     "compute_metrics",
+    "rank_scores",
     "refer_metrics",
     "rows_from_logits",
     "with_referrals",
@@ -55,6 +56,11 @@ class PredictionRow:
     refer: bool = False
     ood: bool = False
     ood_reason: str = ""
+    # Binary: the positive-class score the image is ranked by in AUCs, when ``probs`` were moved
+    # by a threshold that differs between rows (out-of-fold rows, each centred on its fold's
+    # threshold per magnification): ranking must see the models' own scores, not the shifts.
+    # None: ``probs[1]``.
+    rank_score: float | None = None
 
     def score(self) -> float:
         """Positive-class probability (binary) or the top probability."""
@@ -259,11 +265,27 @@ def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
 _PER_MAGNIFICATION_CIS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
 
 
-def _binary_block(y, p, patients, threshold, n_boot, seed, ci_keys=None) -> dict[str, Any]:
+def rank_scores(rows: Sequence[PredictionRow]) -> np.ndarray:
+    """Each binary row's ``rank_score`` (``probs[1]`` where it has none): what AUCs rank."""
+    return np.array(
+        [r.probs[1] if r.rank_score is None else r.rank_score for r in rows], dtype=np.float64
+    )
+
+
+def _binary_block(
+    y, p, patients, threshold, n_boot, seed, ci_keys=None, rank=None
+) -> dict[str, Any]:
+    """Metrics at ``threshold`` on ``p``; the AUCs rank ``rank`` (None: ``p``)."""
+    from sklearn.metrics import average_precision_score
+
+    rank = p if rank is None else rank
     out = binary_metrics(y, p, threshold)
+    if len(np.unique(y)) == 2:
+        out["roc_auc"] = safe_auc(y, rank)
+        out["pr_auc"] = float(average_precision_score(y, rank))
     correct = (p >= threshold).astype(int) == y
     out["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
-    out["patient_auc"] = patient_level_auc(patients, y, p)
+    out["patient_auc"] = patient_level_auc(patients, y, rank)
     out["n_patients"] = int(len(np.unique(patients)))
     positive = p >= threshold
 
@@ -272,13 +294,13 @@ def _binary_block(y, p, patients, threshold, n_boot, seed, ci_keys=None) -> dict
         return float((positive[i][of_class] == bool(cls)).mean()) if of_class.any() else np.nan
 
     stats = {
-        "roc_auc": lambda i: safe_auc(y[i], p[i]),
+        "roc_auc": lambda i: safe_auc(y[i], rank[i]),
         "accuracy": lambda i: float(correct[i].mean()),
         "balanced_accuracy": lambda i: float(np.mean([rate(i, 1), rate(i, 0)])),
         "sensitivity": lambda i: rate(i, 1),
         "specificity": lambda i: rate(i, 0),
         "patient_recognition_rate": lambda i: patient_recognition_rate(patients[i], correct[i]),
-        "patient_auc": lambda i: patient_level_auc(patients[i], y[i], p[i]),
+        "patient_auc": lambda i: patient_level_auc(patients[i], y[i], rank[i]),
     }
     if n_boot:
         keys = stats if ci_keys is None else ci_keys
@@ -304,9 +326,13 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
         out["operating_point"] = str(result.operating_points.rule)
     if len(result.classes) == 2:
         p = probs[:, 1]
+        rank = rank_scores(rows)
         thr = result.thresholds()
-        out["image"] = _binary_block(y, p, patients, thr, n_boot, seed)
-        out["image_at_0.5"] = binary_metrics(y, p, 0.5)
+        out["image"] = _binary_block(y, p, patients, thr, n_boot, seed, rank=rank)
+        out["image_at_0.5"] = {
+            **binary_metrics(y, p, 0.5),
+            **{k: out["image"][k] for k in ("roc_auc", "pr_auc")},  # no threshold in a ranking
+        }
         p_raw = np.array([r.probs_uncalibrated[1] for r in rows])
         out["uncalibrated"] = {
             "brier": binary_metrics(y, p_raw, 0.5)["brier"],
@@ -321,7 +347,9 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
             for m in mags:
                 idx = np.array([r.magnification == m for r in rows])
                 block = _binary_block(
-                    y[idx], p[idx], patients[idx], thr[idx], n_boot, seed, _PER_MAGNIFICATION_CIS
+                    *(y[idx], p[idx], patients[idx], thr[idx], n_boot, seed),
+                    _PER_MAGNIFICATION_CIS,
+                    rank[idx],
                 )
                 block["threshold"] = float(thr[idx][0])
                 block["n_images"] = int(idx.sum())

@@ -78,7 +78,8 @@ def _estimate_again(meta, ops: OperatingPoints, rule: OperatingPointRule, alpha:
     """The stored estimate measured again at ``rule`` from the out-of-fold predictions."""
     from histolens.evaluation.estimate import build_estimate
     from histolens.evaluation.metrics import EvalResult, PredictionRow, with_referrals
-    from histolens.stats.conformal import centred_probabilities, leave_one_patient_out_sets
+    from histolens.stats.conformal import centred_probabilities
+    from histolens.stats.conformal_metrics import leave_one_patient_out_sets
 
     old = meta.estimate
     classes = meta.class_names
@@ -93,9 +94,10 @@ def _estimate_again(meta, ops: OperatingPoints, rule: OperatingPointRule, alpha:
             int(t),
             tuple(map(float, c)),
             tuple(map(float, c)),
+            rank_score=float(p),  # ranked by the stored probabilities, not the centred ones
         )
-        for i, (code, s, t, c) in enumerate(
-            zip(ops.patient_codes, ops.strata, ops.y, centred, strict=True)
+        for i, (code, s, t, c, p) in enumerate(
+            zip(ops.patient_codes, ops.strata, ops.y, centred, ops.p, strict=True)
         )
     ]
     ev = EvalResult(rows, classes, meta.task, 0.5, 1.0)
