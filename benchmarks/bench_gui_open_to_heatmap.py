@@ -33,6 +33,13 @@ class _View:
         return lambda *a, **k: None
 
 
+def _run_until(presenter, done) -> None:
+    """Poll the presenter, as the window's event loop does, until ``done()`` and it is idle."""
+    while not done() or presenter.busy:
+        presenter.poll()
+        time.sleep(0.001)
+
+
 def main() -> None:
     setup()
     ap = argparse.ArgumentParser(description=__doc__)
@@ -54,18 +61,14 @@ def main() -> None:
             p = Presenter(view, pool)
             t0 = time.perf_counter()
             p.open_checkpoint(ckpt)
-            while p.predictor is None or p.busy:
-                p.poll()
-                time.sleep(0.001)
+            _run_until(p, lambda p=p: p.predictor is not None)
             load_s = time.perf_counter() - t0
             ours, naive = [], []
             for i, path in enumerate(tiles):
                 view.heat = None
                 t0 = time.perf_counter()
                 p.open_image(path)
-                while view.heat is None or p.busy:
-                    p.poll()
-                    time.sleep(0.001)
+                _run_until(p, lambda view=view: view.heat is not None)
                 elapsed = time.perf_counter() - t0
                 if i:  # the first image pays one-off costs
                     ours.append(elapsed)

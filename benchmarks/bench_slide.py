@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,20 +46,10 @@ def peak_rss_mb() -> float:
 
 def make_model(folder: Path, backbone: str) -> dict[str, str]:
     """A checkpoint of ``backbone`` and its fp32 ONNX graph with the histolens metadata."""
-    import onnx
-
-    from histolens.checkpoint.io import load_checkpoint
-    from histolens.export.onnx import attach_metadata, trace_onnx
-    from histolens.inference.predictor import Predictor
-    from histolens.testing import make_checkpoint
+    from histolens.testing import make_checkpoint, unverified_onnx_export
 
     ckpt = make_checkpoint(folder / "model.safetensors", backbone=backbone)
-    predictor = Predictor.from_checkpoint(ckpt)
-    graph = folder / "graph.onnx"
-    trace_onnx(predictor.model, predictor.preprocess.input_size, graph)
-    _, meta = load_checkpoint(ckpt)
-    meta = replace(meta, export={"format": "onnx", "quantization": "none"})
-    onnx.save(attach_metadata(graph, meta, {}), str(folder / "model.onnx"))
+    unverified_onnx_export(ckpt, folder / "model.onnx")
     return {"torch": str(ckpt), "ort-fp32": str(folder / "model.onnx")}
 
 

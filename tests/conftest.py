@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,12 +19,60 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # for an engine (tests/test_engine.py checks the exported engines against PyTorch), and nothing is
 # exported into the user's own cache.
 os.environ.setdefault("HISTOLENS_ENGINE", "torch")
+# Under pytest-xdist (`make test` runs two workers), the workers share the cores: each computes on
+# its share of them (and so do the processes its tests start), instead of every worker starting
+# one thread per core and the OpenMP pools of both spinning on the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 if "HISTOLENS_CACHE" not in os.environ:
     import tempfile
 
     os.environ["HISTOLENS_CACHE"] = tempfile.mkdtemp(prefix="histolens-test-cache-")
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "breakhis-dev"
+
+
+def _modules_after_help(args: Sequence[str], modules: Sequence[str]) -> tuple[list[str], str]:
+    code = (
+        "import json, sys; from click.testing import CliRunner; "
+        "from histolens.cli.commands import main; "
+        f"r = CliRunner().invoke(main, {list(args)!r}); assert r.exit_code == 0, r.output; "
+        f"print(json.dumps([[m for m in {list(modules)!r} if m in sys.modules], r.output]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    loaded, output = json.loads(out.stdout)
+    return loaded, output
+
+
+@pytest.fixture
+def modules_after_help() -> Callable[[Sequence[str], Sequence[str]], tuple[list[str], str]]:
+    """modules_after_help(args, modules): run `histolens ARGS` (a --help) in a fresh Python and
+    return which of ``modules`` it imported, and the help text; --help must stay instant."""
+    return _modules_after_help
+
+
+def _sigkill_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], seconds: float, too_slow: str, poll: float
+) -> None:
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and not ready():
+        assert time.monotonic() < deadline, too_slow
+        time.sleep(poll)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def sigkill_when() -> Callable[..., None]:
+    """sigkill_when(proc, ready, seconds, too_slow, poll): SIGKILL ``proc`` as soon as
+    ``ready()`` holds (or it has ended), checking every ``poll`` seconds; the assertion
+    ``too_slow`` fails when ``seconds`` pass first."""
+    return _sigkill_when
 
 
 @pytest.fixture(scope="session")
@@ -92,4 +146,4 @@ def estimate() -> dict:
         "66 images of 11 patient groups in manifest.csv (magnification all)",
         n_boot=100,
         per_magnification_boot=50,
-    )
+    ).to_dict()  # as a checkpoint's metadata stores it

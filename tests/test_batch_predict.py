@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -327,7 +326,7 @@ def _partial_rows(path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_predict_resumes_without_duplicate_or_missing_rows(tmp_path):
+def test_killed_predict_resumes_without_duplicate_or_missing_rows(tmp_path, sigkill_when):
     from histolens.data.synth import generate_synthetic
 
     data = tmp_path / "data"
@@ -350,12 +349,7 @@ def test_killed_predict_resumes_without_duplicate_or_missing_rows(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and _partial_rows(partial) < 40:
-        assert time.monotonic() < deadline, "no rows written in 120 s"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, lambda: _partial_rows(partial) >= 40, 120, "no rows written in 120 s", 0.01)
     assert proc.returncode == -signal.SIGKILL, "predict ended before it could be killed"
     at_kill = _partial_rows(partial)
     assert 40 <= at_kill < n_images and not out.exists()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import click
 import pytest
 from click.testing import CliRunner
@@ -86,13 +83,7 @@ def test_combined_options_keep_their_order_and_reject_bad_values():
     assert bad.exit_code == 2 and "'40', '100', '200', '400', 'all'" in bad.output
 
 
-def test_help_loads_no_heavy_library():
+def test_help_loads_no_heavy_library(modules_after_help):
     """`histolens --help` and `histolens explain --help` stay instant: no torch, no CAM library."""
-    code = (
-        "import sys; from click.testing import CliRunner; from histolens.cli.commands import main; "
-        "r = CliRunner().invoke(main, ['explain', '--help']); assert r.exit_code == 0; "
-        "heavy = [m for m in ('torch', 'pytorch_grad_cam', 'captum') if m in sys.modules]; "
-        "print(heavy)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    loaded, _ = modules_after_help(["explain", "--help"], ["torch", "pytorch_grad_cam", "captum"])
+    assert loaded == []

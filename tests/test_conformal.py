@@ -21,6 +21,7 @@ from histolens.stats.conformal_metrics import (
     patient_referrals,
     risk_coverage,
 )
+from histolens.stats.decisions import OperatingPoints
 from histolens.testing import make_checkpoint, stratified_calibration, tiny_config
 from histolens.training.runner import train
 
@@ -299,19 +300,19 @@ def test_training_stores_the_calibration_of_every_patient(refer_run, synth_small
 
 def test_out_of_fold_coverage_is_reported_and_written(refer_run):
     run, result = refer_run
-    refer = result.metrics["refer"]
-    assert refer["alpha"] == 0.2 and refer["target_coverage"] == pytest.approx(0.8)
-    assert 0 <= refer["coverage"] <= 1 and 0 <= refer["refer_rate"] <= 1
-    assert "leave-one-patient-out" in refer["method"]
-    assert refer["n_patients"] == 8
+    refer = result.metrics.refer
+    assert refer.alpha == 0.2 and refer.target_coverage == pytest.approx(0.8)
+    assert 0 <= refer.coverage <= 1 and 0 <= refer.refer_rate <= 1
+    assert "leave-one-patient-out" in refer.method
+    assert refer.n_patients == 8
     metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
-    assert metrics["refer"]["coverage"] == pytest.approx(refer["coverage"])
+    assert metrics["refer"]["coverage"] == pytest.approx(refer.coverage)
     with open(run / "evaluation" / "predictions.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert {"prediction_set", "refer", "ood", "ood_reason", "probability"} <= set(rows[0])
     referred = sum(r["refer"] == "1" for r in rows)
     assert referred / len(rows) == pytest.approx(
-        (refer["refer_rate"] * (len(rows) - refer["n_ood"]) + refer["n_ood"]) / len(rows)
+        (refer.refer_rate * (len(rows) - refer.n_ood) + refer.n_ood) / len(rows)
     )
     for r in rows:
         assert r["prediction"] in r["prediction_set"].split(";")
@@ -445,3 +446,18 @@ def test_subtypes_get_sets_of_subtypes_per_magnification():
     sizes = member.sum(1)
     assert sizes.min() >= 1 and (sizes > 1).any() and (sizes < c).any()  # sets, not all or one
     assert member[np.arange(n), y].mean() >= 0.85  # in-sample coverage near 1 - alpha
+
+
+@pytest.mark.parametrize(
+    ("read", "subject", "was", "its"),
+    [
+        (ConformalCalibration.from_dict, "conformal calibration", "was", "is"),
+        (OperatingPoints.from_dict, "operating points", "were", "are"),
+    ],
+)
+def test_stored_parts_refuse_a_newer_format_and_name_damage(read, subject, was, its):
+    newer = rf"^The checkpoint's {subject} {was} written by a newer histolens; upgrade\.$"
+    with pytest.raises(CheckpointError, match=newer):
+        read({"format_version": 99})
+    with pytest.raises(CheckpointError, match=rf"^The checkpoint's {subject} {its} damaged \("):
+        read({"format_version": "two"})

@@ -44,7 +44,10 @@ def result() -> EvalResult:
 
 @pytest.fixture(scope="module")
 def estimate(result) -> dict:
-    return build_estimate(result, METHOD, DESCRIPTION, n_boot=200, per_magnification_boot=100)
+    # As a checkpoint's metadata stores it.
+    return build_estimate(
+        result, METHOD, DESCRIPTION, n_boot=200, per_magnification_boot=100
+    ).to_dict()
 
 
 def _arrays(rows):
@@ -187,11 +190,11 @@ def test_subtype_estimate_leads_with_balanced_accuracy():
     est = build_estimate(result, METHOD, "36 images", n_boot=200)
     y = np.array([r.target for r in rows])
     pred = np.array([int(np.argmax(r.probs)) for r in rows])
-    assert est["metrics"]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
-    lo, hi = est["ci95"]["balanced_accuracy"]
-    assert lo <= est["metrics"]["balanced_accuracy"] <= hi
-    assert est["patients_per_class"] == {"A": 4, "DC": 4, "F": 4}
-    ba = est["metrics"]["balanced_accuracy"]
+    assert est.metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    lo, hi = est.ci95["balanced_accuracy"]
+    assert lo <= est.metrics["balanced_accuracy"] <= hi
+    assert est.patients_per_class == {"A": 4, "DC": 4, "F": 4}
+    ba = est.metrics["balanced_accuracy"]
     assert headline_text(est).startswith(
         f"balanced accuracy on unseen patients {ba:.3f} (95% CI {lo:.2f}-{hi:.2f})"
     )

@@ -28,7 +28,9 @@ def test_loader_order_changes_nothing(trained_run, synth_small):
     for k in by_path_a:
         np.testing.assert_allclose(by_path_a[k], by_path_b[k], atol=1e-5)
     for key in ("roc_auc", "accuracy", "patient_recognition_rate", "patient_auc"):
-        assert a.metrics["image"][key] == pytest.approx(b.metrics["image"][key], nan_ok=True)
+        assert a.metrics.image.figure(key) == pytest.approx(
+            b.metrics.image.figure(key), nan_ok=True
+        )
 
 
 def test_rows_pair_each_record_with_its_own_logits(synth_small):

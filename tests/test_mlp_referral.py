@@ -60,9 +60,9 @@ def test_mlp_predictions_have_sets_and_a_white_tile_is_flagged(uncached_run):
 
 def test_mlp_evaluation_reports_test_coverage(uncached_run):
     run, result = uncached_run
-    refer = result.metrics["refer"]
-    assert refer["alpha"] == 0.5 and "validation patients" in refer["method"]
-    assert 0 <= refer["coverage"] <= 1
+    refer = result.metrics.refer
+    assert refer.alpha == 0.5 and "validation patients" in refer.method
+    assert 0 <= refer.coverage <= 1
     with open(run / "evaluation" / "predictions.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(_split(run)["test"])

@@ -227,9 +227,9 @@ def test_evaluation_counts_unlike_images_apart(guarded, new_patients, tmp_path):
     ]
     records.append(ImageRecord(str(white), "benign", group="g9"))
     result, _ = evaluate_checkpoint(guarded, records, n_boot=0, progress=False)
-    refer = result.metrics["refer"]
-    assert refer["n_ood"] == 1 and refer["ood_reasons"] == {"the image is nearly uniform": 1}
-    assert result.metrics["n_images"] == len(records)  # headline metrics keep every image
+    refer = result.metrics.refer
+    assert refer.n_ood == 1 and refer.ood_reasons == {"the image is nearly uniform": 1}
+    assert result.metrics.n_images == len(records)  # headline metrics keep every image
     assert sum(r.ood for r in result.rows) == 1 and result.rows[-1].ood
 
 

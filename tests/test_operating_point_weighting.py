@@ -102,19 +102,19 @@ def test_aucs_rank_the_rank_scores_not_the_shifted_probabilities():
         _rows(shifted, y, patients, mags, raw), ("benign", "malignant"), "binary", 0.5, 1.0
     )
     m = compute_metrics(ev, n_boot=20)
-    assert m["image"]["roc_auc"] == pytest.approx(safe_auc(y, raw), abs=1e-12)
+    assert m.image.roc_auc == pytest.approx(safe_auc(y, raw), abs=1e-12)
     assert abs(safe_auc(y, shifted) - safe_auc(y, raw)) > 0.05  # the shift does reorder
-    assert m["image_at_0.5"]["roc_auc"] == m["image"]["roc_auc"]
+    assert m.image_at_05.roc_auc == m.image.roc_auc
     for mag in (100, 200):
         at = mags == mag
-        block = m["per_magnification"][f"{mag}X"]
-        assert block["roc_auc"] == pytest.approx(safe_auc(y[at], raw[at]), abs=1e-12)
+        block = m.per_magnification[f"{mag}X"]
+        assert block.roc_auc == pytest.approx(safe_auc(y[at], raw[at]), abs=1e-12)
     # The decision still uses the (shifted) probabilities.
-    assert m["image"]["sensitivity"] == pytest.approx((shifted[y == 1] >= 0.5).mean())
+    assert m.image.sensitivity == pytest.approx((shifted[y == 1] >= 0.5).mean())
     # Rows without a rank score rank their probabilities, as before.
     plain = EvalResult(
         _rows(shifted, y, patients, mags), ("benign", "malignant"), "binary", 0.5, 1.0
     )
-    assert compute_metrics(plain, n_boot=0)["image"]["roc_auc"] == pytest.approx(
+    assert compute_metrics(plain, n_boot=0).image.roc_auc == pytest.approx(
         safe_auc(y, shifted), abs=1e-12
     )

@@ -265,14 +265,14 @@ def test_the_estimate_shows_each_magnifications_decision_with_its_cis():
     member[::2] = [True, False]  # every other image referred: a referral rate of 0.5
     with_referrals(ev, member, None, 0.1, "test")
     est = build_estimate(ev, "made-up folds", "test rows", n_boot=50, per_magnification_boot=50)
-    assert est["operating_point"] == "youden"
+    assert est.operating_point == "youden"
     for m in ("100X", "200X"):
-        block = est["per_magnification"][m]
-        assert block["threshold"] == ops.threshold_for(m)
+        block = est.per_magnification[m]
+        assert block.threshold == ops.threshold_for(m)
         # Each magnification decided at its own threshold separates its classes perfectly.
         for k in ("sensitivity", "specificity", "balanced_accuracy"):
-            assert block["metrics"][k] == 1.0 and block["ci95"][k] == [1.0, 1.0]
-        assert block["metrics"]["refer_rate"] == 0.5 and "refer_rate" in block["ci95"]
+            assert block.metrics[k] == 1.0 and block.ci95[k] == (1.0, 1.0)
+        assert block.metrics["refer_rate"] == 0.5 and "refer_rate" in block.ci95
     lines = estimate_lines(est)
     assert any(line.strip().startswith("100X: ROC AUC") for line in lines)
     assert any("at threshold" in line and "referral rate 0.500" in line for line in lines)

@@ -15,7 +15,8 @@ CLASSES = ["benign", "malignant"]
 
 
 def test_an_estimate_is_shown_as_estimate_lines_says_it(estimate):
-    assert checkpoint_estimate(estimate, {"roc_auc": 0.1}, CLASSES, "binary", 0.5) is estimate
+    stored = checkpoint_estimate(estimate, {"roc_auc": 0.1}, CLASSES, "binary", 0.5)
+    assert stored.to_dict() == estimate
     lines = estimate_lines(estimate)
     assert performance_lines(estimate) == lines
     # figure_lines drops exactly the two lines that say what and how many.
@@ -43,9 +44,9 @@ def test_older_test_metrics_are_labelled_with_their_split_and_size():
 
 def test_enough_test_patients_give_no_warning_and_known_classes_name_the_short_one():
     metrics = {"split": "test", "roc_auc": 0.9, "n_images": 300, "n_patients": 12}
-    assert estimate_from_metrics(metrics, CLASSES)["warnings"] == []
+    assert estimate_from_metrics(metrics, CLASSES).warnings == []
     est = estimate_from_metrics(metrics, CLASSES, patients_per_class={"benign": 4, "malignant": 8})
-    assert est["warnings"] == [
+    assert est.warnings == [
         "Only 4 benign patients support this estimate: its confidence interval rests on very few "
         "people and may not hold for new patients."
     ]
@@ -56,9 +57,9 @@ def test_enough_test_patients_give_no_warning_and_known_classes_name_the_short_o
 
 def test_the_oldest_nested_shape_and_missing_counts_still_read():
     est = estimate_from_metrics({"test": {"accuracy": 0.875, "auc": 0.931}}, CLASSES)
-    assert est["metrics"] == {"roc_auc": 0.931, "accuracy": 0.875}
-    assert est["description"] == "a held-out test split (number of patients not stored)"
-    assert est["warnings"] == [
+    assert est.metrics == {"roc_auc": 0.931, "accuracy": 0.875}
+    assert est.description == "a held-out test split (number of patients not stored)"
+    assert est.warnings == [
         "The number of test patients is not stored: the figures may not hold for new patients."
     ]
     assert estimate_from_metrics({}, CLASSES) is None

@@ -253,7 +253,7 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
     assert any(
         w.startswith("Only 4 benign patients support this estimate") for w in est["warnings"]
     )
-    assert result.metrics["split"] == "out-of-fold"
+    assert result.metrics.split == "out-of-fold"
     assert meta.metrics["roc_auc"] == pytest.approx(est["metrics"]["roc_auc"])
 
 
@@ -276,9 +276,7 @@ def test_estimate_auc_ranks_the_raw_out_of_fold_scores_and_calibrate_keeps_it(cv
     shutil.copytree(run, copy)
     again = recalibrate_checkpoint(copy, "sensitivity:0.95").estimate
     assert again is not None
-    assert again["metrics"]["roc_auc"] == pytest.approx(
-        meta.estimate["metrics"]["roc_auc"], abs=tie
-    )
+    assert again.metrics["roc_auc"] == pytest.approx(meta.estimate["metrics"]["roc_auc"], abs=tie)
 
 
 def test_checkpoint_records_the_probe(cv_run):
@@ -308,9 +306,9 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
     y = np.array([int(r["label"] == "malignant") for r in rows])
     g = np.array([r["patient"] for r in rows])
     mags = [int(r["magnification"]) if r["magnification"] else None for r in rows]
+    from histolens.evaluation.referral import fit_calibration
     from histolens.stats.decisions import fit_on_logits
     from histolens.stats.operating_points import OperatingPointRule
-    from histolens.training.probe_run import _calibrate
 
     decision = np.full(len(y), np.nan)
     for k, (tr, te) in enumerate(group_folds(y, g, 3, cfg.data.seed)):
@@ -318,7 +316,7 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
         fold = fit_linear_probe(x[tr], y[tr], g[tr], 2, cfg.train.probe_cs, 5, cfg.data.seed + k)
         # Each fold's temperature and thresholds (per magnification, every patient counted
         # once) come from its own inner out-of-fold logits.
-        t_k, _ = _calibrate(cfg, fold.oof_logits, y[tr], 2)
+        t_k, _ = fit_calibration(cfg, fold.oof_logits, y[tr], 2)
         ops = fit_on_logits(
             OperatingPointRule("youden"), fold.oof_logits, y[tr], g[tr], [mags[i] for i in tr], t_k
         )

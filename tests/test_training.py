@@ -135,7 +135,7 @@ def test_uncached_training_runs(synth_small, tmp_path):
     )
     assert (tmp_path / "u" / "best.safetensors").exists()
     assert not (tmp_path / "u" / "features.safetensors").exists()
-    assert result.metrics["image"]["n"] > 0
+    assert result.metrics.image.n > 0
 
 
 def test_unfreeze_trains_only_the_last_stages(synth_small, tmp_path):

@@ -1,12 +1,10 @@
 """Resuming a Lightning run: after a SIGKILL, refusals, and the per-epoch log without a TTY."""
 
 import csv
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -34,7 +32,7 @@ def _logged_epochs(run) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_where_it_stopped(tmp_path):
+def test_killed_run_resumes_where_it_stopped(tmp_path, sigkill_when):
     from histolens.data.synth import generate_synthetic
 
     data, run, epochs = tmp_path / "data", tmp_path / "run", 12
@@ -47,12 +45,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 90
-        while proc.poll() is None and len(_logged_epochs(run)) < 2:
-            assert time.monotonic() < deadline, "no epoch finished in 90 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        epochs_logged = lambda: len(_logged_epochs(run)) >= 2  # noqa: E731
+        sigkill_when(proc, epochs_logged, 90, "no epoch finished in 90 s", 0.05)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     at_kill = _logged_epochs(run)
     assert "\r" not in (tmp_path / "first.log").read_text()  # not a TTY: epoch lines, no bars

@@ -21,6 +21,17 @@ from histolens.gui.presenter import (
 from histolens.inference.predictor import Predictor
 from histolens.testing import make_checkpoint
 
+# The image files of the ``image_folder`` fixture in images_under's order (the text file is no
+# image), the order `histolens predict` writes its CSV in.
+IMAGE_FOLDER_FILES = [
+    "broken.png",
+    "patient_b/tile_9.png",
+    "tile_0.png",
+    "tile_1.png",
+    "tile_2.png",
+    "tile_3.png",
+]
+
 
 class FakeView:
     """Records every call the presenter makes."""
@@ -302,15 +313,7 @@ def test_folder_batch_fills_sorts_and_flags_results(loaded, image_folder):
     presenter.open_folder(image_folder)
     presenter.poll()
     names = [r.name for r in presenter.results]
-    # images_under's order, the one `histolens predict` writes its CSV in.
-    assert names == [
-        "broken.png",
-        "patient_b/tile_9.png",
-        "tile_0.png",
-        "tile_1.png",
-        "tile_2.png",
-        "tile_3.png",
-    ]
+    assert names == IMAGE_FOLDER_FILES
     broken = presenter.results[0]
     assert broken.review == "unreadable" and broken.error == "not an image file PIL can read"
     assert presenter.predictor.runs == 3  # batch_chunk=2: three chunks, each one model run
@@ -524,14 +527,7 @@ def test_switching_checkpoint_closes_the_old_explainer_and_reruns(
 
 def test_find_images_and_method_labels(image_folder, tmp_path):
     found = [Path(p).relative_to(image_folder).as_posix() for p in find_images(image_folder)]
-    assert found == [
-        "broken.png",
-        "patient_b/tile_9.png",
-        "tile_0.png",
-        "tile_1.png",
-        "tile_2.png",
-        "tile_3.png",
-    ]
+    assert found == IMAGE_FOLDER_FILES
     from histolens.data.imagefiles import images_under
 
     assert find_images(image_folder) == [str(p) for p in images_under(image_folder)]

@@ -4,7 +4,6 @@ prediction through an ONNX export."""
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -91,18 +90,9 @@ def test_coverage_command_on_predicted_synthetic_slides(tmp_path, tiny_checkpoin
 
 
 def test_slide_predict_through_an_onnx_export(tmp_path, tiny_checkpoint, small_slides):
-    import onnx
+    from histolens.testing import unverified_onnx_export
 
-    from histolens.checkpoint.io import load_checkpoint
-    from histolens.export.onnx import attach_metadata, trace_onnx
-    from histolens.inference.predictor import Predictor
-
-    torch_predictor = Predictor.from_checkpoint(tiny_checkpoint)
-    graph = tmp_path / "graph.onnx"
-    trace_onnx(torch_predictor.model, torch_predictor.preprocess.input_size, graph)
-    _, meta = load_checkpoint(tiny_checkpoint)
-    meta = replace(meta, export={"format": "onnx", "quantization": "none"})
-    onnx.save(attach_metadata(graph, meta, {}), str(tmp_path / "tiny.onnx"))
+    unverified_onnx_export(tiny_checkpoint, tmp_path / "tiny.onnx")
     outs = {}
     for name, ckpt in (("torch", tiny_checkpoint), ("onnx", tmp_path / "tiny.onnx")):
         outs[name] = tmp_path / name

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
+import socket
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -16,6 +23,16 @@ from histolens.testing import make_checkpoint, make_tissue_image
 pytest.importorskip("fastapi", reason="the web extra (fastapi) is not installed")
 
 TEST_METRICS = {"test": {"accuracy": 0.875, "auc": 0.931}}
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def _png(image: Image.Image) -> bytes:
@@ -69,3 +86,60 @@ def make_client(checkpoint) -> Iterator[Callable]:
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium through playwright (closed after the test); skips when either is absent."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found (install Debian's chromium package)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with playwright.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other tests
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture
+def serve() -> Callable[[Any], contextlib.AbstractContextManager[str]]:
+    """serve(app): a context manager running ``app`` under uvicorn on loopback, yielding its URL."""
+    pytest.importorskip("uvicorn")
+    return _serve
+
+
+def _keep_screenshot(screenshot: Path) -> None:
+    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
+        target = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, target / screenshot.name)
+
+
+@pytest.fixture
+def keep_screenshot() -> Callable[[Path], None]:
+    """keep_screenshot(path): copy it into $HISTOLENS_SCREENSHOT_DIR when that is set."""
+    return _keep_screenshot

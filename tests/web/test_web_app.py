@@ -544,3 +544,18 @@ def test_the_app_takes_its_settings_whole(checkpoint):
         assert client.app.state.service.settings is settings
     with pytest.raises(ConfigError, match="settings or their fields"):
         create_app(checkpoint, settings, max_batch=4)
+
+
+def test_both_pages_carry_the_shared_header_filled_in_for_them():
+    from histolens.web.pages import render_page
+
+    for name, heading, subject in (
+        ("index.html", "<h1>histolens</h1>", "Predictions come from"),
+        ("slides.html", "<h1>histolens slides</h1>", "Heatmaps come from"),
+    ):
+        page = render_page(name)
+        assert heading in page and subject in page
+        assert "<strong>Research use only: not for diagnosis.</strong>" in page
+        assert "header.html" not in page and "$" not in page  # no marker or slot left over
+    assert 'id="model-chip-text"' in render_page("index.html")
+    assert "model-chip" not in render_page("slides.html")

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import threading
-import time
-from pathlib import Path
-
 import pytest
 
 from histolens.testing import make_tissue_image
+from histolens.web.app import create_app
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 
 # Sum of the canvas's pixel values: changes when the heatmap opacity changes.
 CANVAS_SUM = """() => {
@@ -37,113 +19,65 @@ CANVAS_SUM = """() => {
 
 
 @pytest.fixture
-def sync_playwright():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (install Debian's chromium package)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    return playwright.sync_playwright
-
-
-@contextlib.contextmanager
-def serve(checkpoint):
-    """The service of ``checkpoint`` on a free loopback port: yields its base URL."""
-    uvicorn = pytest.importorskip("uvicorn")
-    from histolens.web.app import create_app
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other tests
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(checkpoint), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    try:
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-@pytest.fixture
-def live_server(checkpoint):
-    with serve(checkpoint) as url:
+def live_server(checkpoint, serve):
+    with serve(create_app(checkpoint)) as url:
         yield url
 
 
-def _keep_screenshot(screenshot: Path) -> None:
-    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
-        target = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(screenshot, target / screenshot.name)
-
-
 def test_upload_shows_prediction_and_heatmap_and_slider_only_redraws(
-    live_server, sync_playwright, tmp_path
+    live_server, browser, keep_screenshot, tmp_path
 ):
     image_path = tmp_path / "tile.png"
     make_tissue_image((700, 460), seed=7).save(image_path)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
-            api_calls: list[str] = []
-            page.on("request", lambda r: api_calls.append(r.url) if "/v1/" in r.url else None)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(live_server + "/")
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    api_calls: list[str] = []
+    page.on("request", lambda r: api_calls.append(r.url) if "/v1/" in r.url else None)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(live_server + "/")
 
-            assert "not for diagnosis" in page.locator(".notice").inner_text().lower()
-            page.wait_for_function(
-                "document.getElementById('model-chip-text').textContent.includes('test-')"
-            )
-            assert "test_resnet" in page.locator("#model-facts").inner_text()
-            # An older checkpoint: its test figures, labelled, with the warning in words.
-            assert "ROC AUC" in page.locator("#metrics").inner_text()
-            assert page.locator("#metrics-title").inner_text() == "Measured performance"
-            assert (
-                "number of test patients is not stored"
-                in page.locator("#metrics-warnings").inner_text()
-            )
+    assert "not for diagnosis" in page.locator(".notice").inner_text().lower()
+    page.wait_for_function(
+        "document.getElementById('model-chip-text').textContent.includes('test-')"
+    )
+    assert "test_resnet" in page.locator("#model-facts").inner_text()
+    # An older checkpoint: its test figures, labelled, with the warning in words.
+    assert "ROC AUC" in page.locator("#metrics").inner_text()
+    assert page.locator("#metrics-title").inner_text() == "Measured performance"
+    assert "number of test patients is not stored" in page.locator("#metrics-warnings").inner_text()
 
-            page.set_input_files("#file-input", str(image_path))
-            page.wait_for_selector("#result:not([hidden])")
-            label = page.locator("#label").inner_text().lower()
-            assert label in ("benign", "malignant")
-            assert page.locator("#probability").inner_text().endswith("%")
-            page.wait_for_function(
-                "document.getElementById('canvas').dataset.method === 'gradcam'", timeout=30_000
-            )
-            assert page.locator("#heatmap-busy").is_hidden()
-            size = page.evaluate("() => [canvas.width, canvas.height]")
-            assert size == [700, 460]
+    page.set_input_files("#file-input", str(image_path))
+    page.wait_for_selector("#result:not([hidden])")
+    label = page.locator("#label").inner_text().lower()
+    assert label in ("benign", "malignant")
+    assert page.locator("#probability").inner_text().endswith("%")
+    page.wait_for_function(
+        "document.getElementById('canvas').dataset.method === 'gradcam'", timeout=30_000
+    )
+    assert page.locator("#heatmap-busy").is_hidden()
+    size = page.evaluate("() => [canvas.width, canvas.height]")
+    assert size == [700, 460]
 
-            calls_before = len(api_calls)
-            page.locator("#alpha").fill("0")
-            plain = page.evaluate(CANVAS_SUM)
-            page.locator("#alpha").fill("80")
-            assert page.locator("#alpha-value").inner_text() == "80%"
-            blended = page.evaluate(CANVAS_SUM)
-            assert blended != plain  # the slider changes what is shown...
-            page.locator("#alpha").fill("55")
-            assert len(api_calls) == calls_before  # ...without asking the server again
-            assert errors == []
+    calls_before = len(api_calls)
+    page.locator("#alpha").fill("0")
+    plain = page.evaluate(CANVAS_SUM)
+    page.locator("#alpha").fill("80")
+    assert page.locator("#alpha-value").inner_text() == "80%"
+    blended = page.evaluate(CANVAS_SUM)
+    assert blended != plain  # the slider changes what is shown...
+    page.locator("#alpha").fill("55")
+    assert len(api_calls) == calls_before  # ...without asking the server again
+    assert errors == []
 
-            screenshot = tmp_path / "web_page.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    screenshot = tmp_path / "web_page.png"
+    page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
-    _keep_screenshot(screenshot)
+    keep_screenshot(screenshot)
 
 
 def test_model_panel_shows_the_estimate_with_cis_support_and_warnings(
-    sync_playwright, tmp_path, estimate
+    browser, serve, keep_screenshot, tmp_path, estimate
 ):
     from histolens.checkpoint.io import update_metadata
     from histolens.testing import make_checkpoint
@@ -151,51 +85,43 @@ def test_model_panel_shows_the_estimate_with_cis_support_and_warnings(
     path = make_checkpoint(tmp_path / "m.safetensors", metrics={"split": "out-of-fold"})
     update_metadata(path, estimate=estimate)
     auc, (lo, hi) = estimate["metrics"]["roc_auc"], estimate["ci95"]["roc_auc"]
-    with serve(path) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 1000})
-            page.goto(url + "/")
-            page.wait_for_selector("#metrics-block:not([hidden])")
-            assert page.locator("#metrics-title").inner_text() == "Performance on unseen patients"
-            headline = page.locator("#headline-figure").inner_text()
-            assert f"{auc:.3f}" in headline and f"95% CI {lo:.2f}–{hi:.2f}" in headline
-            assert (
-                "5-fold patient-level cross-validation"
-                in page.locator("#metrics-about").inner_text()
-            )
-            assert (
-                "11 patients (3 benign, 8 malignant) · 66 images"
-                in page.locator("#metrics-support").inner_text()
-            )
-            warnings = page.locator("#metrics-warnings li").all_inner_texts()
-            assert len(warnings) == 3 and warnings[0].startswith("Only 3 benign patients")
-            page.locator("#per-mag summary").click()
-            assert "100X" in page.locator("#per-mag-table").inner_text()
-            screenshot = tmp_path / "web_page_estimate.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
-    _keep_screenshot(screenshot)
+    with serve(create_app(path)) as url:
+        page = browser.new_page(viewport={"width": 1360, "height": 1000})
+        page.goto(url + "/")
+        page.wait_for_selector("#metrics-block:not([hidden])")
+        assert page.locator("#metrics-title").inner_text() == "Performance on unseen patients"
+        headline = page.locator("#headline-figure").inner_text()
+        assert f"{auc:.3f}" in headline and f"95% CI {lo:.2f}–{hi:.2f}" in headline
+        assert (
+            "5-fold patient-level cross-validation" in page.locator("#metrics-about").inner_text()
+        )
+        assert (
+            "11 patients (3 benign, 8 malignant) · 66 images"
+            in page.locator("#metrics-support").inner_text()
+        )
+        warnings = page.locator("#metrics-warnings li").all_inner_texts()
+        assert len(warnings) == 3 and warnings[0].startswith("Only 3 benign patients")
+        page.locator("#per-mag summary").click()
+        assert "100X" in page.locator("#per-mag-table").inner_text()
+        screenshot = tmp_path / "web_page_estimate.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+    keep_screenshot(screenshot)
 
 
-def test_bad_upload_shows_the_services_message(live_server, sync_playwright, tmp_path):
+def test_bad_upload_shows_the_services_message(live_server, browser, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is not an image")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(live_server + "/")
-            page.set_input_files("#file-input", str(bad))
-            page.wait_for_selector("#error:not([hidden])")
-            assert "is not an image this service can read" in page.locator("#error").inner_text()
-            assert page.locator("#dropzone").is_visible()
-        finally:
-            browser.close()
+    page = browser.new_page()
+    page.goto(live_server + "/")
+    page.set_input_files("#file-input", str(bad))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "is not an image this service can read" in page.locator("#error").inner_text()
+    assert page.locator("#dropzone").is_visible()
 
 
-def test_referred_and_unlike_images_show_the_flag_and_its_reason(sync_playwright, tmp_path):
+def test_referred_and_unlike_images_show_the_flag_and_its_reason(
+    browser, serve, keep_screenshot, tmp_path
+):
     """A calibrated, guarded checkpoint: a tile is referred with its prediction set; a white
     tile is 'not like the training images', with the reason."""
     from PIL import Image
@@ -209,38 +135,34 @@ def test_referred_and_unlike_images_show_the_flag_and_its_reason(sync_playwright
     tile, white = tmp_path / "tile.png", tmp_path / "white.png"
     make_tissue_image((700, 460), seed=7).save(tile)
     Image.new("RGB", (700, 460), "white").save(white)
-    with serve(ckpt) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            page.set_input_files("#file-input", str(tile))
-            page.wait_for_selector("#result:not([hidden])")
-            assert page.locator("#review").inner_text() == "Refer"
-            assert page.locator("#flag-reason").inner_text() == (
-                "Benign and malignant are all plausible at alpha 0.1."
-            )
-            assert page.locator("#prediction-set").inner_text() == (
-                "Prediction set {benign, malignant} at α=0.10"
-            )
-            page.wait_for_function("document.getElementById('canvas').dataset.method")
+    with serve(create_app(ckpt)) as url:
+        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.set_input_files("#file-input", str(tile))
+        page.wait_for_selector("#result:not([hidden])")
+        assert page.locator("#review").inner_text() == "Refer"
+        assert page.locator("#flag-reason").inner_text() == (
+            "Benign and malignant are all plausible at alpha 0.1."
+        )
+        assert page.locator("#prediction-set").inner_text() == (
+            "Prediction set {benign, malignant} at α=0.10"
+        )
+        page.wait_for_function("document.getElementById('canvas').dataset.method")
 
-            page.set_input_files("#file-input", str(white))
-            page.wait_for_function(
-                "document.getElementById('review').textContent.includes('training images')"
-            )
-            badge = page.locator("#review")
-            assert badge.is_visible() and badge.get_attribute("class") == "badge ood"
-            assert badge.inner_text().lower() == "not like the training images"
-            assert page.locator("#flag-reason").inner_text() == (
-                "The image is nearly uniform (no visible structure)."
-            )
-            page.wait_for_selector("#heatmap-busy", state="hidden")
-            assert errors == []
-            screenshot = tmp_path / "web_page_unlike.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
-    _keep_screenshot(screenshot)
+        page.set_input_files("#file-input", str(white))
+        page.wait_for_function(
+            "document.getElementById('review').textContent.includes('training images')"
+        )
+        badge = page.locator("#review")
+        assert badge.is_visible() and badge.get_attribute("class") == "badge ood"
+        assert badge.inner_text().lower() == "not like the training images"
+        assert page.locator("#flag-reason").inner_text() == (
+            "The image is nearly uniform (no visible structure)."
+        )
+        page.wait_for_selector("#heatmap-busy", state="hidden")
+        assert errors == []
+        screenshot = tmp_path / "web_page_unlike.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+    keep_screenshot(screenshot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -31,6 +32,17 @@ class FakePredictor:
         return [2 * x for x in images]
 
 
+def _held_worker(
+    first: list[int], fail: bool = False, **options
+) -> tuple[FakePredictor, InferenceWorker, Future]:
+    """A started worker whose predictor holds its first job (``first``) at the gate."""
+    predictor = FakePredictor(hold_first=True, fail=fail)
+    service = InferenceWorker(predictor, **options).start()
+    running = service.submit_predict(first)
+    assert predictor.entered.wait(5)
+    return predictor, service, running
+
+
 class FakeExplainer:
     instances: list[FakeExplainer] = []
 
@@ -48,10 +60,7 @@ class FakeExplainer:
 
 
 def test_queued_jobs_are_batched_and_split_back_in_order():
-    predictor = FakePredictor(hold_first=True)
-    service = InferenceWorker(predictor, max_queue=8, max_batch=8, batch_wait_ms=0).start()
-    first = service.submit_predict([1])
-    assert predictor.entered.wait(5)
+    predictor, service, first = _held_worker([1], max_queue=8, max_batch=8, batch_wait_ms=0)
     futures = [service.submit_predict([10 * i, 10 * i + 1]) for i in range(1, 4)]
     predictor.gate.set()
     assert first.result(5) == [2]
@@ -61,10 +70,7 @@ def test_queued_jobs_are_batched_and_split_back_in_order():
 
 
 def test_a_job_that_does_not_fit_waits_for_the_next_batch():
-    predictor = FakePredictor(hold_first=True)
-    service = InferenceWorker(predictor, max_queue=8, max_batch=3, batch_wait_ms=0).start()
-    service.submit_predict([0])
-    assert predictor.entered.wait(5)
+    predictor, service, _ = _held_worker([0], max_queue=8, max_batch=3, batch_wait_ms=0)
     a, b, c = (service.submit_predict(x) for x in ([1, 2], [3, 4], [5]))
     predictor.gate.set()
     assert (a.result(5), b.result(5), c.result(5)) == ([2, 4], [6, 8], [10])
@@ -73,10 +79,7 @@ def test_a_job_that_does_not_fit_waits_for_the_next_batch():
 
 
 def test_a_job_with_the_wrong_number_of_magnifications_is_refused():
-    predictor = FakePredictor(hold_first=True)
-    service = InferenceWorker(predictor, max_queue=8, max_batch=8, batch_wait_ms=0).start()
-    service.submit_predict([0])
-    assert predictor.entered.wait(5)
+    predictor, service, _ = _held_worker([0], max_queue=8, max_batch=8, batch_wait_ms=0)
     with pytest.raises(ValueError, match=r"^1 magnifications for 2 images; give one per image"):
         service.submit_predict([1, 2], [400])
     with pytest.raises(ValueError, match=r"^2 magnifications for 1 images"):
@@ -96,10 +99,7 @@ def test_a_job_with_the_wrong_number_of_magnifications_is_refused():
 
 
 def test_queue_full_is_refused_at_once():
-    predictor = FakePredictor(hold_first=True)
-    service = InferenceWorker(predictor, max_queue=2, max_batch=1).start()
-    service.submit_predict([0])
-    assert predictor.entered.wait(5)
+    predictor, service, _ = _held_worker([0], max_queue=2, max_batch=1)
     waiting = [service.submit_predict([1]), service.submit_predict([2])]
     with pytest.raises(QueueFullError, match=r"queue is full \(2 requests waiting\)"):
         service.submit_predict([3])
@@ -109,10 +109,7 @@ def test_queue_full_is_refused_at_once():
 
 
 def test_model_errors_reach_every_request_of_the_batch():
-    predictor = FakePredictor(hold_first=True, fail=True)
-    service = InferenceWorker(predictor, max_batch=8, batch_wait_ms=0).start()
-    first = service.submit_predict([1])
-    assert predictor.entered.wait(5)
+    predictor, service, first = _held_worker([1], fail=True, max_batch=8, batch_wait_ms=0)
     batched = [service.submit_predict([2, 3]), service.submit_predict([4])]
     predictor.gate.set()
     for future in [first, *batched]:
@@ -123,10 +120,7 @@ def test_model_errors_reach_every_request_of_the_batch():
 
 
 def test_close_fails_waiting_jobs_and_refuses_new_ones():
-    predictor = FakePredictor(hold_first=True)
-    service = InferenceWorker(predictor, max_queue=4, max_batch=1).start()
-    running = service.submit_predict([1])
-    assert predictor.entered.wait(5)
+    predictor, service, running = _held_worker([1], max_queue=4, max_batch=1)
     waiting = service.submit_predict([2])
     service.close(timeout=0.2)  # the worker is still held: close gives up waiting for it
     with pytest.raises(ServiceClosedError, match="shutting down"):
@@ -141,10 +135,7 @@ def test_close_fails_waiting_jobs_and_refuses_new_ones():
 
 
 def test_close_finishes_the_jobs_queued_before_it():
-    predictor = FakePredictor(hold_first=True)
-    service = InferenceWorker(predictor, max_queue=4, max_batch=1).start()
-    running = service.submit_predict([1])
-    assert predictor.entered.wait(5)
+    predictor, service, running = _held_worker([1], max_queue=4, max_batch=1)
     waiting = service.submit_predict([2])
     closer = threading.Thread(target=service.close)
     closer.start()

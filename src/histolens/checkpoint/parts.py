@@ -79,12 +79,18 @@ def _text(name: str, value: Any) -> str | None:
     raise _InvalidField(name, f"is {_r(value)}, not text")
 
 
+def _check_mapping(name: str, value: Any, problem: str | None = None) -> Mapping:
+    """``value`` when it is a mapping; else the field ``name`` is invalid (``problem`` says how,
+    default "is X, not a mapping")."""
+    if not isinstance(value, Mapping):
+        raise _InvalidField(name, problem or f"is {_r(value)}, not a mapping")
+    return value
+
+
 def _mapping(name: str, value: Any, optional: bool = False) -> dict[str, Any] | None:
     if value is None and optional:
         return None
-    if not isinstance(value, Mapping):
-        raise _InvalidField(name, f"is {_r(value)}, not a mapping")
-    return _plain(value)
+    return _plain(_check_mapping(name, value))
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,7 @@ class HeadSpec:
 
     @classmethod
     def from_dict(cls, d: Any) -> HeadSpec:
-        if not isinstance(d, Mapping):
-            raise _InvalidField("head", f"is {_r(d)}, not a mapping")
+        _check_mapping("head", d)
         if "kind" not in d:
             raise _InvalidField("head", f"has no 'kind' ({' or '.join(HEAD_KINDS)})")
         mlp = d["kind"] == "mlp"
@@ -182,11 +187,9 @@ class SplitPart:
 
     @classmethod
     def from_dict(cls, d: Any) -> SplitPart:
-        if not isinstance(d, Mapping):
-            raise _InvalidField("data", f"has a split part {_r(d)} that is not a mapping")
+        _check_mapping("data", d, f"has a split part {_r(d)} that is not a mapping")
         counts = d.get("classes") or {}
-        if not isinstance(counts, Mapping):
-            raise _InvalidField("data", "has split classes that are not a mapping")
+        _check_mapping("data", counts, "has split classes that are not a mapping")
         numbers = [d.get("images"), d.get("groups"), *counts.values()]
         if any(isinstance(n, bool) or not isinstance(n, int | None) for n in numbers):
             raise _InvalidField("data", f"has split counts {_r(numbers)}, not whole numbers")
@@ -207,11 +210,8 @@ class TrainingData:
 
     @classmethod
     def from_dict(cls, d: Any) -> TrainingData:
-        if not isinstance(d, Mapping):
-            raise _InvalidField("data", f"is {_r(d)}, not a mapping")
-        split = d.get("split") or {}
-        if not isinstance(split, Mapping):
-            raise _InvalidField("data", "has a split that is not a mapping")
+        _check_mapping("data", d)
+        split = _check_mapping("data", d.get("split") or {}, "has a split that is not a mapping")
         patient_level = d.get("patient_level_split")
         if patient_level is not None and not isinstance(patient_level, bool):
             raise _InvalidField(
@@ -247,8 +247,7 @@ def _check_preprocess(pre: Preprocess) -> None:
 
 
 def _parse_preprocess(d: Any) -> Preprocess:
-    if not isinstance(d, Mapping):
-        raise _InvalidField("preprocess", f"is {_r(d)}, not a mapping")
+    _check_mapping("preprocess", d)
     try:
         return Preprocess.from_dict(d)
     except KeyError as exc:

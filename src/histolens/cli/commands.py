@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from histolens.cli.options import (
     magnification_option,
     onnx_runtime_option,
     out_option,
+    path_option,
     patient_from_option,
     quiet_option,
     split_name_option,
@@ -216,8 +218,8 @@ def evaluate(
     )
     if adapt_bn:
         click.echo(f"Batch-norm statistics adapted to these {len(records)} images (AdaBN).")
-    result.metrics["split"] = split_name
-    n_images, n_patients = result.metrics["n_images"], result.metrics["n_patients"]
+    result.metrics = replace(result.metrics, split=split_name)
+    n_images, n_patients = result.metrics.n_images, result.metrics.n_patients
     # The figures with their CIs and the patients of each class behind them: shown here, and
     # stored in metrics.json so that the report leads with the same.
     estimate = build_estimate(
@@ -227,7 +229,7 @@ def evaluate(
         n_boot=n_boot,
         per_magnification_boot=min(n_boot, 500),
     )
-    result.metrics["estimate"] = estimate
+    result.metrics = replace(result.metrics, estimate=estimate)
     if out is None:
         mag = "" if magnification in (None, "all") else f"-{magnification}x"
         out = ckpt.parent / f"evaluation-{split_name}{mag}"
@@ -250,12 +252,12 @@ def evaluate(
 
 def _echo_referrals(result, alpha, skipped) -> None:
     """What ``evaluate`` says after the figures: prediction sets, unusual and skipped images."""
-    refer = result.metrics.get("refer") or {}
-    if "coverage" in refer:
+    refer = result.metrics.refer
+    if refer is not None and refer.coverage is not None:
         click.echo(
-            f"Prediction sets at alpha {refer['alpha']:g}: coverage {refer['coverage']:.3f} over "
-            f"patients (target {refer['target_coverage']:.2f}); "
-            f"{refer['refer_rate']:.1%} of the images referred."
+            f"Prediction sets at alpha {refer.alpha:g}: coverage {refer.coverage:.3f} over "
+            f"patients (target {refer.target_coverage:.2f}); "
+            f"{refer.refer_rate:.1%} of the images referred."
         )
     elif alpha is not None and result.alpha is None:
         click.secho(
@@ -263,8 +265,8 @@ def _echo_referrals(result, alpha, skipped) -> None:
             fg="yellow",
             err=True,
         )
-    if refer.get("n_ood"):
-        click.echo(f"{refer['n_ood']} image(s) not like the training images, counted apart.")
+    if refer is not None and refer.n_ood:
+        click.echo(f"{refer.n_ood} image(s) not like the training images, counted apart.")
     for s in skipped:
         click.secho(f"skipped {s.path}: {s.reason}", fg="yellow", err=True)
 
@@ -314,10 +316,9 @@ def report(run_dir):
     help="Images the export is checked on, at most (fp32: validation images against PyTorch; "
     "int8: images of unseen patients against the fp32 export).",
 )
-@click.option(
+@path_option(
     "--verify-data",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
+    exists=True,
     help="int8: labelled images of patients the model was not fitted on (folder or CSV "
     "manifest) to check the int8 export on; default: the run's held-out patients, or per-fold "
     "refits of a cross-validated probe (docs/int8-guard.md).",

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 
-from histolens.cli.options import magnification_option, quiet_option, seed_option, split_options
+from histolens.cli.options import (
+    float_option,
+    magnification_option,
+    quiet_option,
+    seed_option,
+    split_options,
+)
 
 __all__ = ["data_group"]
 
@@ -34,12 +40,8 @@ def data_summary(path, magnification, task, val_fraction, test_fraction, seed, g
 @data_group.command("audit")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @magnification_option("all")
-@click.option(
-    "--threshold",
-    default=0.70,
-    show_default=True,
-    type=click.FloatRange(0.5, 1.0),
-    help="Grouped cross-validated AUC at which an attribute is flagged.",
+@float_option(
+    "--threshold", 0.70, "Grouped cross-validated AUC at which an attribute is flagged.", 0.5, 1.0
 )
 @seed_option(0, help="Seed of the grouped folds.")
 @click.option(

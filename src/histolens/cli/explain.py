@@ -17,6 +17,7 @@ from histolens.cli.options import (
     count_option,
     device_option,
     engine_option,
+    float_option,
     out_option,
     quiet_option,
     split_name_option,
@@ -127,11 +128,8 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     None,
     help="Instead of IMAGE_OR_FOLDER: images of this side of the run's split.csv.",
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(1),
-    default=None,
-    help="Explain at most this many images (evenly spread over the sorted list).",
+@count_option(
+    "--limit", None, help="Explain at most this many images (evenly spread over the sorted list)."
 )
 @click.option(
     "--method",
@@ -142,13 +140,7 @@ def _resolve_methods(methods: tuple[str, ...], evaluate: bool) -> list[str]:
     f"{', '.join(METHODS)}. [default: gradcam; all with --evaluate]",
 )
 @out_option("Output folder (default: <run dir>/explanations).", file_okay=False)
-@click.option(
-    "--opacity",
-    default=0.5,
-    show_default=True,
-    type=click.FloatRange(0.0, 1.0),
-    help="Opacity of the heatmap in overlays.",
-)
+@float_option("--opacity", 0.5, "Opacity of the heatmap in overlays.", 0.0, 1.0)
 # The old spelling, refused: everywhere else --alpha is the conformal error level.
 @click.option("--alpha", "old_alpha", default=None, hidden=True, expose_value=True)
 @click.option(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from histolens.cli.options import engine_option
+
 __all__ = ["gui_command"]
 
 
@@ -23,7 +25,8 @@ __all__ = ["gui_command"]
     metavar="[IMAGE_OR_FOLDER]...",
     type=click.Path(exists=True, path_type=Path),
 )
-def gui_command(checkpoint: Path | None, paths: tuple[Path, ...]) -> None:
+@engine_option()
+def gui_command(checkpoint: Path | None, paths: tuple[Path, ...], engine: str | None) -> None:
     """Open the desktop viewer: images, folders, predictions and heatmaps.
 
     Images and folders given are opened at start: one image is shown, a folder or several
@@ -46,4 +49,4 @@ def gui_command(checkpoint: Path | None, paths: tuple[Path, ...]) -> None:
         ) from None
     from histolens.gui.app import run_app
 
-    run_app(checkpoint, root, paths)
+    run_app(checkpoint, root, paths, engine=engine)

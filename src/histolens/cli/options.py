@@ -32,11 +32,13 @@ __all__ = [
     "device_option",
     "engine_option",
     "epochs_option",
+    "float_option",
     "lr_option",
     "magnification_option",
     "onnx_runtime_option",
     "out_option",
     "patient_from_option",
+    "path_option",
     "pretrained_option",
     "quiet_option",
     "recipe_option",
@@ -109,10 +111,40 @@ def out_option(
     )
 
 
-def count_option(flag: str, default: int, help: str | None = None, minimum: int = 1) -> Decorator:
-    """``flag``: a whole number of at least ``minimum`` (images, workers, folds), default shown."""
+def count_option(
+    flag: str, default: int | None, help: str | None = None, minimum: int = 1
+) -> Decorator:
+    """``flag``: a whole number of at least ``minimum`` (images, workers, folds), its default
+    shown; a default of None: no limit unless given."""
     return click.option(
-        flag, default=default, show_default=True, type=click.IntRange(minimum), help=help
+        flag,
+        default=default,
+        show_default=default is not None,
+        type=click.IntRange(minimum),
+        help=help,
+    )
+
+
+def float_option(
+    flag: str, default: float, help: str, minimum: float = 0, maximum: float | None = None
+) -> Decorator:
+    """``flag``: a number from ``minimum`` to ``maximum`` (megabytes, an opacity), default shown."""
+    return click.option(
+        flag, default=default, show_default=True, type=click.FloatRange(minimum, maximum), help=help
+    )
+
+
+def path_option(*decls: str, help: str, **checks: bool) -> Decorator:
+    """An optional path flag, None unless given; ``checks`` are click.Path's (``exists``,
+    ``file_okay``, ``dir_okay``)."""
+    return click.option(*decls, type=click.Path(path_type=Path, **checks), default=None, help=help)
+
+
+def _choice_option(flag: str, choices: Sequence[str], help: str) -> Decorator:
+    """``flag``: one of ``choices`` (any case); None unless given, so that an environment
+    variable or the checkpoint decides then."""
+    return click.option(
+        flag, type=click.Choice(choices, case_sensitive=False), default=None, help=help
     )
 
 
@@ -126,10 +158,9 @@ def device_option() -> Decorator:
 def onnx_runtime_option() -> Decorator:
     """``--onnx-runtime``: what runs an ONNX export; None unless given, so that the environment
     variable HISTOLENS_ONNX_RUNTIME decides then, and a torch checkpoint refuses it only if given."""
-    return click.option(
+    return _choice_option(
         "--onnx-runtime",
-        type=click.Choice(ONNX_RUNTIME_CHOICES, case_sensitive=False),
-        default=None,
+        ONNX_RUNTIME_CHOICES,
         help="Which runtime runs an .onnx export (default: ONNX Runtime, or "
         "$HISTOLENS_ONNX_RUNTIME); openvino needs 'pip install openvino'.",
     )
@@ -138,10 +169,9 @@ def onnx_runtime_option() -> Decorator:
 def engine_option() -> Decorator:
     """``--engine``: what computes the frozen backbone's features (histolens.models.engine); None unless
     given, so that $HISTOLENS_ENGINE decides then (else auto)."""
-    return click.option(
+    return _choice_option(
         "--engine",
-        type=click.Choice(ENGINE_CHOICES, case_sensitive=False),
-        default=None,
+        ENGINE_CHOICES,
         help="What computes the frozen backbone's features: auto (default, or $HISTOLENS_ENGINE: "
         "the fastest runtime here, checked against PyTorch) or torch; see docs/engine.md.",
     )

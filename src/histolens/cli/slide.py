@@ -10,7 +10,13 @@ from pathlib import Path
 
 import click
 
-from histolens.cli.options import checkpoint_argument, onnx_runtime_option, quiet_option
+from histolens.cli.options import (
+    checkpoint_argument,
+    count_option,
+    onnx_runtime_option,
+    path_option,
+    quiet_option,
+)
 
 __all__ = ["slide_group"]
 
@@ -57,13 +63,9 @@ def slide_group() -> None:
     show_default=True,
     help="Share of a tile its neighbour overlaps.",
 )
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option(
-    "--workers",
-    type=click.IntRange(0),
-    default=2,
-    show_default=True,
-    help="DataLoader processes reading tiles; each opens the slide once.",
+@count_option("--batch-size", 32)
+@count_option(
+    "--workers", 2, help="DataLoader processes reading tiles; each opens the slide once.", minimum=0
 )
 @click.option(
     "--save-features",
@@ -81,13 +83,7 @@ def slide_group() -> None:
     default=None,
     help="The class the heatmap shows (default: the positive class of a binary model).",
 )
-@click.option(
-    "--top-k",
-    type=click.IntRange(1),
-    default=10,
-    show_default=True,
-    help="Tiles averaged for the slide's top-k score.",
-)
+@count_option("--top-k", 10, help="Tiles averaged for the slide's top-k score.")
 @click.option(
     "--shard",
     default=None,
@@ -122,22 +118,10 @@ def slide_predict(
     slides' files; 'histolens slide merge OUT' then builds slides.csv.
     """
     from histolens.inference.predictor import Predictor
-    from histolens.slides.predict import SlideOptions, SlideRun, find_slides, shard_slides
+    from histolens.slides.predict import SlideRun, find_slides, shard_slides
 
     part = _shard(shard)
-    options = SlideOptions(
-        slide_mpp=mpp,
-        tile_mpp=tile_mpp,
-        tile_size=tile_size,
-        min_tissue=min_tissue,
-        overlap=overlap,
-        batch_size=batch_size,
-        workers=workers,
-        save_features=save_features,
-        threshold=threshold,
-        score_class=score_class,
-        top_k=top_k,
-    )
+    options = _slide_options("save_features", "threshold", "top_k")
     slides = shard_slides(find_slides(inputs), part)
     predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
     run = SlideRun(predictor, out, options, progress=not quiet)
@@ -164,9 +148,21 @@ def slide_predict(
 
 def _shard(text: str | None) -> tuple[int, int] | None:
     """--shard I/N parsed, or None for every slide."""
-    from histolens.slides.cohort import parse_shard
+    from histolens.slides.predict import parse_shard
 
     return parse_shard(text) if text else None
+
+
+_TILING = ("tile_mpp", "tile_size", "min_tissue", "overlap", "batch_size", "workers", "score_class")
+
+
+def _slide_options(*extra: str):
+    """The command's SlideOptions: --mpp (the slide's own scale), the tiling options shared by
+    'predict' and 'features', and the ``extra`` options of this command."""
+    from histolens.slides.predict import SlideOptions
+
+    params = click.get_current_context().params
+    return SlideOptions(slide_mpp=params["mpp"], **{name: params[name] for name in _TILING + extra})
 
 
 class _SlideLog:
@@ -234,16 +230,15 @@ def _point(text: str) -> tuple[int, int]:
     metavar="X,Y",
     help="Level-0 top-left corner of a tile to explain (repeatable).",
 )
-@click.option(
+@count_option(
     "--top",
-    type=click.IntRange(1),
-    default=None,
+    None,
     help="Explain the N highest-scoring tiles of a 'slide predict' output (--results).",
 )
-@click.option(
+@path_option(
     "--results",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    exists=True,
+    file_okay=False,
     help="The --out folder of 'histolens slide predict' (for --top).",
 )
 @click.option("--method", default="gradcam", show_default=True)
@@ -297,8 +292,8 @@ def slide_coverage(results, slides):
 @click.option("--tile-size", type=int, default=None, help="Square tiles of N pixels.")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True)
 @click.option("--overlap", type=float, default=0.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True)
+@count_option("--batch-size", 32)
+@count_option("--workers", 2, minimum=0)
 @click.option("--score-class", default=None, help="For a model of more than two classes.")
 @click.option("--shard", default=None, metavar="I/N", help="Every N-th slide from the I-th.")
 @quiet_option("No progress bar.")
@@ -312,19 +307,10 @@ def slide_features(checkpoint, inputs, out, mpp, tile_mpp, tile_size, min_tissue
     from histolens.inference.predictor import Predictor
     from histolens.slides.features import FeatureRun
     from histolens.slides.outputs import SlideOutputs
-    from histolens.slides.predict import SlideOptions, find_slides, parse_shard, shard_slides
+    from histolens.slides.predict import find_slides, shard_slides
 
-    part = parse_shard(shard) if shard else None
-    options = SlideOptions(
-        slide_mpp=mpp,
-        tile_mpp=tile_mpp,
-        tile_size=tile_size,
-        min_tissue=min_tissue,
-        overlap=overlap,
-        batch_size=batch_size,
-        workers=workers,
-        score_class=score_class,
-    )
+    part = _shard(shard)
+    options = _slide_options()
     slides = shard_slides(find_slides(inputs), part)
     run = FeatureRun(Predictor.from_checkpoint(checkpoint), out, options, progress=not quiet)
     failed = []

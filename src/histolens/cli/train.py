@@ -21,6 +21,7 @@ from histolens.cli.options import (
     lr_option,
     magnification_option,
     out_option,
+    path_option,
     pretrained_option,
     quiet_option,
     recipe_option,
@@ -91,18 +92,18 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 
 @click.command("train")
 @data_option()
-@click.option(
+@path_option(
     "--slides",
     "slides_csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
+    dir_okay=False,
     help="LABELS.csv (slide,label[,patient]; slide = a feature bag .h5): attention MIL.",
 )
 @out_option("Run directory (default runs/<backbone>-<task>-<time>).")
-@click.option(
+@path_option(
     "--resume",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    exists=True,
+    file_okay=False,
     help="Continue the run in this directory from its last checkpoint.",
 )
 @recipe_option()
@@ -268,10 +269,11 @@ def _parse_input_size(text: str):
 def _train_summary(result) -> str:
     from histolens.checkpoint.io import read_metadata
     from histolens.evaluation.estimate import estimate_lines
+    from histolens.evaluation.performance import stored_estimate
     from histolens.stats.metrics import HEADLINE_METRICS
 
     meta = read_metadata(result.checkpoint) if result.checkpoint.exists() else None
-    estimate = meta.estimate if meta is not None else None
+    estimate = stored_estimate(meta)
     if result.epochs_run:
         trained = (
             f"(epoch {result.best_epoch + 1}, validation loss {result.best_val_loss:.4f}); "
@@ -289,30 +291,31 @@ def _train_summary(result) -> str:
             f"{result.seconds:.1f} s"
         )
     lines = [f"Run: {result.run_dir}", f"Checkpoint: {result.checkpoint} {trained}"]
-    img = result.metrics.get("image", {})
+    metrics = result.metrics
+    img = metrics.image if metrics is not None else None
     if estimate:
         lines += estimate_lines(estimate)
-        img = {}
-    if img:
-        ci = img.get("ci95", {})
+        img = None
+    if img is not None and metrics is not None:
+        ci = img.ci95 or {}
 
         def fmt(key: str) -> str:
-            v = img.get(key)
+            v = img.figure(key)
             if v is None:
                 return "n/a"
             lo, hi = ci.get(key, (None, None))
             band = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and lo == lo else ""
             return f"{v:.3f}{band}"
 
-        split = result.metrics.get("split", "test")
+        split = metrics.split or "test"
         lines.append(
-            f"{split.capitalize()} split ({result.metrics['n_images']} images, "
-            f"{result.metrics['n_patients']} patients):"
+            f"{split.capitalize()} split ({metrics.n_images} images, "
+            f"{metrics.n_patients} patients):"
         )
         for key, name in HEADLINE_METRICS.items():
-            if key in img:
+            if img.figure(key) is not None:
                 lines.append(f"  {name}: {fmt(key)}")
-    shown = set((estimate or {}).get("warnings", []))
+    shown = set(estimate.warnings) if estimate else set()
     for n in result.notes:
         if n not in shown:
             lines.append(f"note: {n}")

@@ -10,7 +10,10 @@ from histolens.cli.options import (
     checkpoint_option,
     count_option,
     device_option,
+    engine_option,
+    float_option,
     onnx_runtime_option,
+    path_option,
 )
 
 __all__ = ["serve_command"]
@@ -34,13 +37,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
     show_envvar=True,
     help="Require 'Authorization: Bearer TOKEN' on /v1/* (the page and /healthz stay open).",
 )
-@click.option(
-    "--max-upload-mb",
-    default=20.0,
-    show_default=True,
-    type=click.FloatRange(0.001),
-    help="Largest image upload; larger ones get 413.",
-)
+@float_option("--max-upload-mb", 20.0, "Largest image upload; larger ones get 413.", 0.001)
 @count_option(
     "--max-queue", 64, help="Requests that may wait for the model; more get 503 with Retry-After."
 )
@@ -49,27 +46,23 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
     16,
     help="Images per model call when concurrent requests are micro-batched (1: off).",
 )
-@click.option(
-    "--batch-wait-ms",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="How long a micro-batch waits for more requests after its first.",
+@float_option(
+    "--batch-wait-ms", 2.0, "How long a micro-batch waits for more requests after its first."
 )
 @count_option("--max-batch-files", 16, help="Files per /v1/predict/batch request.")
 @device_option()
 @onnx_runtime_option()
-@click.option(
+@engine_option()
+@path_option(
     "--slides",
     "slides",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    exists=True,
+    file_okay=False,
     help="A folder of whole-slide images to show in the slide viewer at /slides (only read).",
 )
-@click.option(
+@path_option(
     "--slide-cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
+    file_okay=False,
     help="Where slide analyses are kept across restarts [default: ~/.cache/histolens/slides].",
 )
 @click.option(
@@ -96,6 +89,7 @@ def serve_command(
     max_batch_files: int,
     device: str,
     onnx_runtime: str | None,
+    engine: str | None,
     slides: Path | None,
     slide_cache: Path | None,
     slide_tile_mpp: float | None,
@@ -136,6 +130,7 @@ def serve_command(
         max_batch_files=max_batch_files,
         device=device,
         onnx_runtime=onnx_runtime,
+        engine=engine,
         slides=slides,
         slide_cache=slide_cache,
         slide_tile_mpp=slide_tile_mpp,

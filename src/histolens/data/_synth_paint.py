@@ -60,12 +60,16 @@ class Patient:
 
 @dataclass(eq=False)
 class _StainMaps:
-    """A tile being painted: stain concentrations, white clefts and the nuclei's haematoxylin."""
+    """A tile being painted: stain concentrations, white clefts and the nuclei's haematoxylin,
+    over the tile's pixel grid and the stroma's mid-scale texture (which structures follow)."""
 
     c_e: np.ndarray  # eosin concentration
     c_h: np.ndarray  # haematoxylin concentration outside the nuclei
     white: np.ndarray  # 0..1 where the section is thin or torn
     nuclei: np.ndarray  # haematoxylin of nuclei; overlaps keep the max
+    medium: np.ndarray  # smooth noise at 25 px
+    yy: np.ndarray  # each pixel's row, float32
+    xx: np.ndarray  # each pixel's column, float32
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,21 @@ def render_tile(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint one tile: returns (RGB uint8 HxWx3, lesion mask uint8 HxW with 0/255)."""
     shape = (height, width)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    maps, theta, medium = _stroma(p, rng, shape)
+    maps, theta = _stroma(p, rng, shape)
     if p.label == "malignant":
-        mask, occupied = _malignant_structures(p, rng, maps, medium, yy, xx)
+        mask, occupied = _malignant_structures(p, rng, maps)
     else:
         mask = np.zeros(shape, np.uint8)
-        occupied = _benign_structures(p, rng, maps, medium, yy, xx)
+        occupied = _benign_structures(p, rng, maps)
     _stromal_cells(p, rng, maps, occupied, theta)
     _stain_nuclei(rng, maps)
-    return _optics(p, rng, maps, yy, xx), mask
+    return _optics(p, rng, maps), mask
 
 
 def _stroma(
     p: Patient, rng: np.random.Generator, shape: tuple[int, int]
-) -> tuple[_StainMaps, float, np.ndarray]:
-    """Pink stroma with clefts, no nuclei yet; also returns the fibre direction and mid texture.
+) -> tuple[_StainMaps, float]:
+    """Pink stroma with clefts, no nuclei yet; also returns the fibre direction.
 
     Stroma is wavy collagen bundles along a random direction, modulated by smooth noise.
     """
@@ -113,7 +116,8 @@ def _stroma(
     c_e *= 1 - 0.5 * np.clip(fibres - 1.6, 0, 1)  # thin pale gaps between bundles
     c_h = p.haem_background * (1 + 0.3 * medium)
     white = _white_clefts(p, rng, shape, fibres, coarse)
-    return _StainMaps(c_e, c_h, white, np.zeros(shape, np.float32)), theta, medium
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    return _StainMaps(c_e, c_h, white, np.zeros(shape, np.float32), medium, yy, xx), theta
 
 
 def _white_clefts(
@@ -131,16 +135,11 @@ def _white_clefts(
 
 
 def _malignant_structures(
-    p: Patient,
-    rng: np.random.Generator,
-    maps: _StainMaps,
-    medium: np.ndarray,
-    yy: np.ndarray,
-    xx: np.ndarray,
+    p: Patient, rng: np.random.Generator, maps: _StainMaps
 ) -> tuple[np.ndarray, np.ndarray]:
     """A lesion of tumour nests; returns (lesion mask uint8 0/255, lesion cover 0..1)."""
-    shape = maps.nuclei.shape
-    dist, cut = _lesion_distance(rng, shape, yy, xx)
+    shape, medium = maps.nuclei.shape, maps.medium
+    dist, cut = _lesion_distance(rng, shape, maps.yy, maps.xx)
     inside = dist < cut
     mask = np.zeros(shape, np.uint8)
     mask[inside] = 255
@@ -208,14 +207,7 @@ def _tumour_nuclei(
     draw_nuclei(nuclei, rng, ys[m] + jitter[0], xs[m] + jitter[1], r0, r0, 0.0, 0.05, 2.6)
 
 
-def _benign_structures(
-    p: Patient,
-    rng: np.random.Generator,
-    maps: _StainMaps,
-    medium: np.ndarray,
-    yy: np.ndarray,
-    xx: np.ndarray,
-) -> np.ndarray:
+def _benign_structures(p: Patient, rng: np.random.Generator, maps: _StainMaps) -> np.ndarray:
     """Ducts lined by rows of small, regular nuclei around a lumen; returns their cover 0..1."""
     shape = maps.nuclei.shape
     height, width = shape
@@ -229,7 +221,7 @@ def _benign_structures(
         aspect = rng.uniform(style[4], 1.0)
         rot = rng.uniform(0, np.pi)
         gland = _Gland(gy, gx, gr, aspect, rot, lumen_frac=rng.uniform(0.35, 0.6))
-        if _paint_gland(gland, epithelium, lumen, medium, yy, xx):
+        if _paint_gland(gland, epithelium, lumen, maps):
             parts += _gland_nuclei(p, rng, gland)
     if parts:
         cy, cx, a, b, ang, tone = (np.concatenate(col) for col in zip(*parts, strict=True))
@@ -239,19 +231,14 @@ def _benign_structures(
     maps.c_e = maps.c_e * (1 - 0.35 * epithelium) + epithelium * p.eosin * 0.75
     maps.c_h = maps.c_h + 0.07 * epithelium
     secretion = rng.uniform(0.0, 0.3)
-    maps.c_e = maps.c_e * (1 - lumen) + lumen * p.eosin * secretion * (1 + 0.3 * medium)
+    maps.c_e = maps.c_e * (1 - lumen) + lumen * p.eosin * secretion * (1 + 0.3 * maps.medium)
     maps.c_h = maps.c_h * (1 - lumen)
     maps.nuclei = maps.nuclei * (1 - lumen)
     return np.maximum(epithelium, lumen)
 
 
 def _paint_gland(
-    gland: _Gland,
-    epithelium: np.ndarray,
-    lumen: np.ndarray,
-    medium: np.ndarray,
-    yy: np.ndarray,
-    xx: np.ndarray,
+    gland: _Gland, epithelium: np.ndarray, lumen: np.ndarray, maps: _StainMaps
 ) -> bool:
     """Add one gland's epithelial ring and lumen (0..1); False when its box misses the tile."""
     height, width = epithelium.shape
@@ -261,10 +248,10 @@ def _paint_gland(
     x0, x1 = max(0, int(gx) - pad), min(width, int(gx) + pad)
     if y0 >= y1 or x0 >= x1:
         return False
-    dy, dx = yy[y0:y1, x0:x1] - gy, xx[y0:y1, x0:x1] - gx
+    dy, dx = maps.yy[y0:y1, x0:x1] - gy, maps.xx[y0:y1, x0:x1] - gx
     u = dx * np.cos(gland.rot) + dy * np.sin(gland.rot)
     v = dy * np.cos(gland.rot) - dx * np.sin(gland.rot)
-    d = np.sqrt(u**2 + (v / gland.aspect) ** 2) / gr + 0.04 * medium[y0:y1, x0:x1]
+    d = np.sqrt(u**2 + (v / gland.aspect) ** 2) / gr + 0.04 * maps.medium[y0:y1, x0:x1]
     epithelium[y0:y1, x0:x1] = np.maximum(epithelium[y0:y1, x0:x1], np.clip((1.0 - d) / 0.04, 0, 1))
     lumen[y0:y1, x0:x1] = np.maximum(
         lumen[y0:y1, x0:x1], np.clip((gland.lumen_frac - d) / 0.03, 0, 1)
@@ -344,16 +331,14 @@ def _stain_nuclei(rng: np.random.Generator, maps: _StainMaps) -> None:
     maps.c_h = maps.c_h * (1 - 0.9 * maps.white)
 
 
-def _optics(
-    p: Patient, rng: np.random.Generator, maps: _StainMaps, yy: np.ndarray, xx: np.ndarray
-) -> np.ndarray:
+def _optics(p: Patient, rng: np.random.Generator, maps: _StainMaps) -> np.ndarray:
     """Defocus blur, Beer-Lambert colour, vignetting and sensor noise: the RGB uint8 tile."""
     height, width = maps.c_h.shape
     c_h = ndimage.gaussian_filter(np.clip(maps.c_h, 0, None), p.blur)
     c_e = ndimage.gaussian_filter(np.clip(maps.c_e, 0, None), p.blur)
     od = c_h[..., None] * p.stain_h.astype(np.float32)
     od += c_e[..., None] * p.stain_e.astype(np.float32)
-    r2 = ((xx - width / 2) / width) ** 2 + ((yy - height / 2) / height) ** 2
+    r2 = ((maps.xx - width / 2) / width) ** 2 + ((maps.yy - height / 2) / height) ** 2
     light = p.intensity * rng.uniform(0.97, 1.03) * (1 - rng.uniform(0.05, 0.15) * r2)
     rgb = light[..., None] * np.exp(-od)
     rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(2.2)

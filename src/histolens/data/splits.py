@@ -100,11 +100,11 @@ def _validate_fractions(val_fraction: float, test_fraction: float) -> None:
 def _assign_sides(
     by_group: dict[str, list[ImageRecord]],
     group_class: dict[str, str],
-    val_fraction: float,
-    test_fraction: float,
+    held_out: dict[str, float],
     seed: int,
 ) -> dict[str, str]:
-    """The side ('train', 'val' or 'test') of each group, filled class by class in seeded order."""
+    """The side ('train', 'val' or 'test') of each group, filled class by class in seeded order;
+    ``held_out`` is each held-out side's share of the images, in the order the sides are filled."""
     rng = random.Random(seed)
     assignment: dict[str, str] = {}
     for cls in sorted(set(group_class.values())):
@@ -112,7 +112,7 @@ def _assign_sides(
         rng.shuffle(groups)
         total = sum(len(by_group[g]) for g in groups)
         remaining = list(groups)
-        for side, fraction in (("test", test_fraction), ("val", val_fraction)):
+        for side, fraction in held_out.items():
             if fraction <= 0 or len(remaining) <= 1:
                 continue
             target = fraction * total
@@ -137,15 +137,14 @@ def _missing_class_notes(
     parts: dict[str, list[ImageRecord]],
     group_class: dict[str, str],
     task: str,
-    val_fraction: float,
-    test_fraction: float,
+    held_out: dict[str, float],
 ) -> list[str]:
     """A note for each requested side that ended up without some class's images."""
     notes = []
     for name in SPLIT_NAMES:
         present = {target_of(r, task) for r in parts[name]}
         missing = sorted(set(group_class.values()) - present)
-        if missing and (name == "train" or (val_fraction if name == "val" else test_fraction) > 0):
+        if missing and (name == "train" or held_out[name] > 0):
             notes.append(
                 f"The {name} split has no {', '.join(missing)} images: too few patient groups "
                 "of that class to put one on every side."
@@ -192,11 +191,12 @@ def split_by_patient(
         g: Counter(target_of(r, task) for r in recs).most_common(1)[0][0]
         for g, recs in by_group.items()
     }
-    assignment = _assign_sides(by_group, group_class, val_fraction, test_fraction, seed)
+    held_out = {"test": test_fraction, "val": val_fraction}  # the test side is filled first
+    assignment = _assign_sides(by_group, group_class, held_out, seed)
     parts: dict[str, list[ImageRecord]] = {"train": [], "val": [], "test": []}
     for r in records:
         parts[assignment[_group_key(r)]].append(r)
-    notes += _missing_class_notes(parts, group_class, task, val_fraction, test_fraction)
+    notes += _missing_class_notes(parts, group_class, task, held_out)
     assert_patient_disjoint(parts)
     if not parts["train"]:
         raise DataError("The split left no training images; add data or lower the fractions.")

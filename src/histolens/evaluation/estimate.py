@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from histolens.evaluation.results import Estimate, EstimateBlock, Metrics, as_estimate
 from histolens.stats.metrics import HEADLINE_METRICS
 
 __all__ = [
@@ -67,7 +69,7 @@ def class_support_warnings(
     return out
 
 
-def _block(result, rows, n_boot: int, seed: int, metrics=None) -> dict[str, Any]:
+def _block(result, rows, n_boot: int, seed: int, metrics=None) -> EstimateBlock:
     from histolens.evaluation.metrics import EvalResult, compute_metrics
     from histolens.stats.metrics import bootstrap_ci
 
@@ -81,8 +83,8 @@ def _block(result, rows, n_boot: int, seed: int, metrics=None) -> dict[str, Any]
     )
     if metrics is None:
         metrics = compute_metrics(sub, n_boot=n_boot, seed=seed)
-    img = dict(metrics["image"])
-    ci = dict(img.get("ci95", {}))
+    img = metrics.image.figures()
+    ci = dict(metrics.image.ci95 or {})
     if result.alpha is not None and rows:
         # The share of images a person is asked to decide, with its CI over patients.
         refer = np.array([r.refer for r in rows], dtype=float)
@@ -103,14 +105,14 @@ def _block(result, rows, n_boot: int, seed: int, metrics=None) -> dict[str, Any]
         img["balanced_accuracy"] = balanced_accuracy(np.arange(len(rows)))
         if n_boot:
             ci["balanced_accuracy"] = bootstrap_ci(balanced_accuracy, patients, n_boot, seed)
-    return {
-        "n_images": metrics["n_images"],
-        "n_patients": metrics["n_patients"],
-        "patients_per_class": _patients_per_class(rows),
-        "metrics": {k: float(img[k]) for k in _BLOCK_KEYS if k in img},
-        "ci95": {k: [float(v[0]), float(v[1])] for k, v in ci.items() if k in _BLOCK_KEYS},
-        **({"threshold": float(np.median(sub.thresholds()))} if len(result.classes) == 2 else {}),
-    }
+    return EstimateBlock(
+        n_images=metrics.n_images,
+        n_patients=metrics.n_patients,
+        patients_per_class=_patients_per_class(rows),
+        metrics={k: float(img[k]) for k in _BLOCK_KEYS if k in img},
+        ci95={k: (float(v[0]), float(v[1])) for k, v in ci.items() if k in _BLOCK_KEYS},
+        threshold=float(np.median(sub.thresholds())) if len(result.classes) == 2 else None,
+    )
 
 
 def build_estimate(
@@ -121,8 +123,8 @@ def build_estimate(
     seed: int = 0,
     per_magnification_boot: int = 500,
     decision: Any = None,
-    metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    metrics: Metrics | None = None,
+) -> Estimate:
     """The estimate of an :class:`~histolens.evaluation.metrics.EvalResult`, overall and per magnification.
 
     Args:
@@ -135,106 +137,110 @@ def build_estimate(
             it already: its image block is the overall one (not computed twice).
     """
     rows = result.rows
-    est: dict[str, Any] = {
-        "version": 1,
-        "method": method,
-        "description": description,
-        "task": result.task,
-        "classes": list(result.classes),
-        "threshold": float(result.threshold),
-        **_operating_point_fields(decision or result.operating_points),
-        **_block(result, rows, n_boot, seed, metrics),
-        "per_magnification": {},
-    }
+    overall = _block(result, rows, n_boot, seed, metrics)
+    blocks: dict[str, EstimateBlock] = {}
     mags = sorted({r.magnification for r in rows if r.magnification})
     if len(mags) > 1:
         for m in mags:
             sub = [r for r in rows if r.magnification == m]
             if len({r.target for r in sub}) < 2:
-                est["per_magnification"][f"{m}X"] = {
-                    "n_images": len(sub),
-                    "n_patients": len({r.patient for r in sub}),
-                    "patients_per_class": _patients_per_class(sub),
-                    "metrics": {},
-                    "ci95": {},
-                }
+                blocks[f"{m}X"] = EstimateBlock(
+                    n_images=len(sub),
+                    n_patients=len({r.patient for r in sub}),
+                    patients_per_class=_patients_per_class(sub),
+                )
                 continue
-            est["per_magnification"][f"{m}X"] = _block(result, sub, per_magnification_boot, seed)
+            block = _block(result, sub, per_magnification_boot, seed)
             if decision is not None:  # the shipped model's threshold there
-                est["per_magnification"][f"{m}X"]["threshold"] = decision.threshold_for(m)
-    warnings = class_support_warnings(est["patients_per_class"], result.classes)
-    for m, block in est["per_magnification"].items():
-        warnings += class_support_warnings(block["patients_per_class"], result.classes, m)
-    est["warnings"] = warnings
-    return est
+                block = replace(block, threshold=decision.threshold_for(m))
+            blocks[f"{m}X"] = block
+    warnings = class_support_warnings(overall.patients_per_class, result.classes)
+    for m, block in blocks.items():
+        warnings += class_support_warnings(block.patients_per_class, result.classes, m)
+    op = decision or result.operating_points
+    return Estimate(
+        method=method,
+        description=description,
+        task=result.task,
+        classes=list(result.classes),
+        # Binary: the median of the images' thresholds (per magnification), as the block's.
+        threshold=float(result.threshold) if overall.threshold is None else overall.threshold,
+        operating_point=None if op is None else str(op.rule),
+        operating_points=None if op is None else op.table(),
+        n_images=overall.n_images,
+        n_patients=overall.n_patients,
+        patients_per_class=overall.patients_per_class,
+        metrics=overall.metrics,
+        ci95=overall.ci95,
+        per_magnification=blocks,
+        warnings=warnings,
+    )
 
 
-def _operating_point_fields(op) -> dict[str, Any]:
-    """The rule and the per-magnification thresholds of a decision (binary)."""
-    if op is None:
-        return {}
-    return {"operating_point": str(op.rule), "operating_points": op.table()}
-
-
-def _fmt_metric(block: dict[str, Any], key: str) -> str:
-    value = block["metrics"].get(key)
+def _fmt_metric(block: EstimateBlock | Estimate, key: str) -> str:
+    value = block.metrics.get(key)
     if value is None or not np.isfinite(value):
         return "n/a"
-    ci = block.get("ci95", {}).get(key)
+    ci = block.ci95.get(key)
     if ci and all(np.isfinite(ci)):
         return f"{value:.3f} (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
     return f"{value:.3f}"
 
 
-def _support(block: dict[str, Any]) -> str:
-    per_class = ", ".join(f"{n} {c}" for c, n in block.get("patients_per_class", {}).items())
+def _support(block: EstimateBlock | Estimate) -> str:
+    per_class = ", ".join(f"{n} {c}" for c, n in block.patients_per_class.items())
     detail = f" ({per_class})" if per_class else ""
-    return f"{block['n_images']} images of {block['n_patients']} patients{detail}"
+    return f"{block.n_images} images of {block.n_patients} patients{detail}"
 
 
-def headline_text(estimate: dict[str, Any]) -> str:
+def headline_text(estimate: Estimate | dict[str, Any]) -> str:
     """One line: the main figure with its CI and the support behind it."""
-    key = "roc_auc" if "roc_auc" in estimate.get("metrics", {}) else "balanced_accuracy"
+    estimate = as_estimate(estimate)
+    key = estimate.main_figure()
     return (
         f"{ESTIMATE_KEYS[key]} on unseen patients {_fmt_metric(estimate, key)}, "
-        f"{estimate['method']}, {_support(estimate)}"
+        f"{estimate.method}, {_support(estimate)}"
     )
 
 
-def estimate_lines(estimate: dict[str, Any] | None, per_magnification: bool = True) -> list[str]:
+def estimate_lines(
+    estimate: Estimate | dict[str, Any] | None, per_magnification: bool = True
+) -> list[str]:
     """The estimate as lines of text for a terminal, a label or a page; warnings last."""
+    estimate = as_estimate(estimate)
     if not estimate:
         return ["No estimate on unseen patients is stored with this model."]
     lines = [
-        f"Estimated on unseen patients by {estimate['method']}: {estimate['description']}.",
+        f"Estimated on unseen patients by {estimate.method}: {estimate.description}.",
         f"Support: {_support(estimate)}.",
     ]
-    if estimate.get("operating_point"):
-        lines.append(f"Operating point: {estimate['operating_point']}, chosen per magnification.")
+    if estimate.operating_point:
+        lines.append(f"Operating point: {estimate.operating_point}, chosen per magnification.")
     for key, name in _BLOCK_KEYS.items():
-        if key in estimate.get("metrics", {}):
+        if key in estimate.metrics:
             lines.append(f"  {name}: {_fmt_metric(estimate, key)}")
     if per_magnification:
         lines += per_magnification_lines(estimate)
-    lines += [f"warning: {w}" for w in estimate.get("warnings", [])]
+    lines += [f"warning: {w}" for w in estimate.warnings]
     return lines
 
 
-def per_magnification_lines(estimate: dict[str, Any] | None) -> list[str]:
+def per_magnification_lines(estimate: Estimate | dict[str, Any] | None) -> list[str]:
     """Each magnification's AUC and support, then its decision (sensitivity, specificity,
     balanced accuracy, referral rate) at its own threshold, each with its CI."""
+    estimate = as_estimate(estimate)
     lines: list[str] = []
     if estimate:
-        for m, block in estimate.get("per_magnification", {}).items():
-            key = "roc_auc" if "roc_auc" in block["metrics"] else "balanced_accuracy"
-            value = _fmt_metric(block, key) if block["metrics"] else "n/a (one class only)"
+        for m, block in estimate.per_magnification.items():
+            key = "roc_auc" if "roc_auc" in block.metrics else "balanced_accuracy"
+            value = _fmt_metric(block, key) if block.metrics else "n/a (one class only)"
             lines.append(f"  {m}: {ESTIMATE_KEYS[key]} {value}; {_support(block)}")
             decision = [
                 f"{_BLOCK_KEYS[k]} {_fmt_metric(block, k)}"
                 for k in DECISION_KEYS
-                if k in block["metrics"]
+                if k in block.metrics
             ]
             if decision:
-                at = f"at threshold {block['threshold']:.3f}: " if "threshold" in block else ""
+                at = f"at threshold {block.threshold:.3f}: " if block.threshold is not None else ""
                 lines.append(f"      {at}{'; '.join(decision)}")
     return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,15 +30,15 @@ from histolens.evaluation.metrics import (
     with_referrals,
 )
 from histolens.evaluation.records import records_for_evaluation
-from histolens.inference.predictor import Predictor, probabilities_from_logits
+from histolens.evaluation.results import Estimate, ImageMetrics, Metrics
+from histolens.inference.predictor import Predictor
 from histolens.rundir import RunDir
 from histolens.stats.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
-    fit_temperature,
 )
 from histolens.stats.metrics import HEADLINE_METRICS
-from histolens.stats.operating_points import choose_threshold_for, rule_from_train_config
+from histolens.stats.operating_points import rule_from_train_config
 
 if TYPE_CHECKING:
     from histolens.config import RunConfig
@@ -114,7 +115,7 @@ def finalize_run(
     progress: bool = True,
     notes: Sequence[str] = (),
     write_outputs: bool = True,
-) -> dict[str, Any]:
+) -> Metrics:
     """After training: fit temperature and threshold on validation, and on the same patients the
     prediction sets and the out-of-distribution guard; evaluate on test (with referrals) and, with
     ``write_outputs``, write ``evaluation/`` (the caller writes the report from it).
@@ -154,7 +155,7 @@ def finalize_run(
     # Validation patients chose the epoch, threshold and temperature: not an unseen-patient figure.
     if write_outputs and test_part == "test" and len({r.target for r in result.rows}) > 1:
         estimate = _held_out_estimate(result, cfg, test_part)
-        notes = notes + [w for w in estimate["warnings"] if w not in notes]
+        notes = notes + [w for w in estimate.warnings if w not in notes]
     _store(run_dir, cfg, referral, (temperature, threshold), summary, estimate, ops)
     if write_outputs:
         write_evaluation(
@@ -174,18 +175,16 @@ def _fit_on_validation(
     val_logits: torch.Tensor,
     classes: Sequence[str],
 ) -> tuple[float, float]:
-    """Temperature and (binary) decision threshold fitted on the validation records' logits;
-    1.0 and 0.5 when there are none."""
-    temperature, threshold = 1.0, 0.5
-    if val_records:
-        idx = {c: i for i, c in enumerate(classes)}
-        y_val = torch.tensor([idx[target_of(r, cfg.data.task)] for r in val_records])
-        temperature = fit_temperature(val_logits, y_val)
-        if len(classes) == 2:
-            p_val = probabilities_from_logits(val_logits, temperature)[:, 1].numpy()
-            rule = rule_from_train_config(cfg.train)
-            threshold = choose_threshold_for(rule, y_val.numpy(), p_val)
-    return temperature, threshold
+    """Temperature and (binary) decision threshold fitted on the validation records' logits
+    (``histolens.evaluation.referral.fit_calibration``, as the probe's); 1.0 and 0.5 when
+    there are none."""
+    from histolens.evaluation.referral import fit_calibration
+
+    if not val_records:
+        return 1.0, 0.5
+    idx = {c: i for i, c in enumerate(classes)}
+    y_val = np.array([idx[target_of(r, cfg.data.task)] for r in val_records], dtype=np.int64)
+    return fit_calibration(cfg, val_logits.numpy(), y_val, len(classes))
 
 
 def _operating_points_on_validation(
@@ -198,7 +197,6 @@ def _operating_points_on_validation(
     """The operating points per magnification chosen on the validation patients (binary, the
     path the linear probe takes on its out-of-fold logits); None without validation images."""
     from histolens.stats.decisions import fit_on_logits
-    from histolens.stats.operating_points import rule_from_train_config
 
     if len(classes) != 2 or not val_records:
         return None
@@ -233,8 +231,7 @@ def _evaluated(
         operating_points=operating_points,
     )
     add_referrals(result, scored, referral, part)
-    result.metrics = compute_metrics(result, n_boot=n_boot, seed=cfg.data.seed)
-    result.metrics["split"] = part
+    result.metrics = replace(compute_metrics(result, n_boot=n_boot, seed=cfg.data.seed), split=part)
     return result
 
 
@@ -244,7 +241,7 @@ def _store(
     referral: Referral,
     calibration: tuple[float, float],
     summary: dict[str, Any],
-    estimate: dict[str, Any] | None,
+    estimate: Estimate | None,
     operating_points: OperatingPoints | None = None,
 ) -> None:
     """Write temperature, threshold, prediction sets, guard, headline and estimate into the
@@ -260,7 +257,7 @@ def _store(
         metrics=summary,
         threshold_method=cfg.train.threshold_method,
         operating_points=None if operating_points is None else operating_points.to_dict(),
-        **({"estimate": estimate} if estimate else {}),
+        **({"estimate": estimate.to_dict()} if estimate else {}),
     )
 
 
@@ -274,26 +271,27 @@ def _temperature_bound_note(temperature: float) -> str:
     )
 
 
-def _held_out_estimate(result: EvalResult, cfg: RunConfig, test_part: str) -> dict[str, Any]:
+def _held_out_estimate(result: EvalResult, cfg: RunConfig, test_part: str) -> Estimate:
     """The estimate (histolens.evaluation.estimate) of a run's held-out split, described for its report."""
     from histolens.evaluation.estimate import build_estimate
 
     return build_estimate(
         result,
         f"the held-out {test_part} split of patients (one split, no cross-validation)",
-        f"{result.metrics['n_images']} images of {result.metrics['n_patients']} patient "
+        f"{result.metrics.n_images} images of {result.metrics.n_patients} patient "
         f"groups in {Path(str(cfg.data.path)).name} (magnification {cfg.data.magnification})",
         seed=cfg.data.seed,
     )
 
 
-def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The headline metrics, and the secondary and calibration figures, kept in the checkpoint."""
-    img = metrics["image"]
+def headline_metrics(metrics: Metrics) -> dict[str, Any]:
+    """The headline metrics, and the secondary and calibration figures, kept in the checkpoint
+    (its metadata's ``metrics``: a flat mapping, the shape checkpoints have always stored)."""
+    img = metrics.image or ImageMetrics()
     keys = (*HEADLINE_METRICS, "pr_auc", "f1", "brier", "ece", "roc_auc_ovr")
-    return {k: img[k] for k in keys if k in img} | {
-        "n_images": metrics["n_images"],
-        "n_patients": metrics["n_patients"],
+    return {k: v for k in keys if (v := img.figure(k)) is not None} | {
+        "n_images": metrics.n_images,
+        "n_patients": metrics.n_patients,
     }
 
 

@@ -76,7 +76,8 @@ def write_evaluation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = EvaluationFiles(out)
-    atomic_write_text(files.metrics, json.dumps(result.metrics, indent=2, default=float))
+    metrics = result.metrics.to_dict() if result.metrics is not None else {}
+    atomic_write_text(files.metrics, json.dumps(metrics, indent=2, default=float))
     write_predictions_csv(result, files.predictions)
     write_patients(result, files.patients)
     # Kept beside the metrics so that `histolens report` later shows the same warnings.
@@ -109,8 +110,8 @@ def write_evaluation(
     ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
     plots.plot_misclassified(wrong, out / "misclassified.png")
-    refer = result.metrics.get("refer") or {}
-    if refer.get("curve", {}).get("referred"):
+    refer = result.metrics.refer if result.metrics is not None else None
+    if refer is not None and refer.curve is not None and refer.curve.referred:
         plots.plot_risk_coverage(refer, out / "risk_coverage.png")
     if logs_dir is not None:
         plots.plot_training_curves(logs_dir, out / "training_curves.png")

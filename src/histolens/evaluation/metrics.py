@@ -8,7 +8,7 @@ from those rows only, so predictions and labels cannot misalign. Pure: no model,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,15 +16,22 @@ import torch
 
 from histolens.data.records import ImageRecord, target_of
 from histolens.errors import DataError
+from histolens.evaluation.metric_blocks import (
+    binary_block,
+    magnification_block,
+    multiclass_block,
+    ranking_figures,
+)
+from histolens.evaluation.results import (
+    ImageMetrics,
+    Metrics,
+    ReferMetrics,
+    RiskCoverage,
+)
 from histolens.inference.predictor import probabilities_from_logits
 from histolens.stats.decisions import OperatingPoints
 from histolens.stats.metrics import (
     binary_metrics,
-    bootstrap_ci,
-    multiclass_metrics,
-    patient_level_auc,
-    patient_recognition_rate,
-    safe_auc,
 )
 
 __all__ = [
@@ -74,7 +81,7 @@ class EvalResult:
     task: str
     threshold: float
     temperature: float
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics | None = None
     # The error level of the rows' prediction sets and how they were calibrated (None: no sets).
     alpha: float | None = None
     refer_method: str = ""
@@ -142,8 +149,6 @@ def with_referrals(
 ) -> EvalResult:
     """Give each row its prediction set (``member``: (n, C) booleans) and out-of-distribution
     reason; an image is referred when its set holds several classes or it is out of distribution."""
-    import dataclasses
-
     rows = []
     for i, r in enumerate(result.rows):
         s = (
@@ -153,7 +158,7 @@ def with_referrals(
         )
         reason = (ood_reasons[i] if ood_reasons is not None else None) or ""
         rows.append(
-            dataclasses.replace(
+            replace(
                 r,
                 prediction_set=s,
                 refer=len(s) > 1 or bool(reason),
@@ -167,28 +172,28 @@ def with_referrals(
     return result
 
 
-def refer_metrics(result: EvalResult) -> dict[str, Any] | None:
+def refer_metrics(result: EvalResult) -> ReferMetrics | None:
     """Coverage of the prediction sets, referrals of images and patients, and the images unlike
     the training images (counted apart: the coverage and accuracy figures leave them out)."""
     rows = result.rows
     n_ood = sum(r.ood for r in rows)
     if result.alpha is None and not n_ood:
         return None
-    out: dict[str, Any] = {"n_ood": n_ood, "ood_rate": n_ood / len(rows) if rows else 0.0}
     reasons: dict[str, int] = {}
     for r in rows:
         if r.ood:
             kind = r.ood_reason.split(" (")[0]
             reasons[kind] = reasons.get(kind, 0) + 1
-    out["ood_reasons"] = reasons
     ind = [r for r in rows if not r.ood]
     y = np.array([r.target for r in ind], dtype=int)
     pred = np.array([result.predicted(r) for r in ind], dtype=int)
-    out.update(_risk_coverage_figures(result, ind, y, pred))
+    figures: dict[str, Any] = _risk_coverage_figures(result, ind, y, pred)
     if result.alpha is not None and ind:
-        out.update(_prediction_set_figures(result, ind, y, pred))
-    out.update(_patient_referral_figures(result))
-    return out
+        figures.update(_prediction_set_figures(result, ind, y, pred))
+    figures.update(_patient_referral_figures(result))
+    return ReferMetrics(
+        n_ood=n_ood, ood_rate=n_ood / len(rows) if rows else 0.0, ood_reasons=reasons, **figures
+    )
 
 
 def _risk_coverage_figures(
@@ -203,13 +208,13 @@ def _risk_coverage_figures(
     thr = result.thresholds(ind) if len(result.classes) == 2 else None
     confidence = centred_probabilities(probs, thr)[np.arange(len(ind)), pred] if len(ind) else pred
     curve = rc_curve(pred == y, confidence)
-    return {
-        "aurc": curve["aurc"],
-        "curve": {
-            "referred": [round(float(v), 4) for v in curve["referred"]],
-            "accuracy": [round(float(v), 4) for v in curve["accuracy"]],
-        },
-    }
+    return dict(
+        aurc=curve["aurc"],
+        curve=RiskCoverage(
+            referred=[round(float(v), 4) for v in curve["referred"]],
+            accuracy=[round(float(v), 4) for v in curve["accuracy"]],
+        ),
+    )
 
 
 def _prediction_set_figures(
@@ -254,15 +259,11 @@ def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
         votes = np.bincount([result.predicted(r) for r in mine], minlength=len(result.classes))
         truth = np.bincount([r.target for r in mine], minlength=len(result.classes)).argmax()
         correct.append(bool(votes.argmax() == truth))
-    return {
-        "n_patients": len(decided),
-        "patients_referred": sorted(p for p, v in decided.items() if v),
-        "patient_accuracy_kept": float(np.mean(correct)) if correct else float("nan"),
-    }
-
-
-# The CIs each magnification's row shows (the pooled block bootstraps every statistic).
-_PER_MAGNIFICATION_CIS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
+    return dict(
+        n_patients=len(decided),
+        patients_referred=sorted(p for p, v in decided.items() if v),
+        patient_accuracy_kept=float(np.mean(correct)) if correct else float("nan"),
+    )
 
 
 def rank_scores(rows: Sequence[PredictionRow]) -> np.ndarray:
@@ -272,43 +273,7 @@ def rank_scores(rows: Sequence[PredictionRow]) -> np.ndarray:
     )
 
 
-def _binary_block(
-    y, p, patients, threshold, n_boot, seed, ci_keys=None, rank=None
-) -> dict[str, Any]:
-    """Metrics at ``threshold`` on ``p``; the AUCs rank ``rank`` (None: ``p``)."""
-    from sklearn.metrics import average_precision_score
-
-    rank = p if rank is None else rank
-    out = binary_metrics(y, p, threshold)
-    if len(np.unique(y)) == 2:
-        out["roc_auc"] = safe_auc(y, rank)
-        out["pr_auc"] = float(average_precision_score(y, rank))
-    correct = (p >= threshold).astype(int) == y
-    out["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
-    out["patient_auc"] = patient_level_auc(patients, y, rank)
-    out["n_patients"] = int(len(np.unique(patients)))
-    positive = p >= threshold
-
-    def rate(i: np.ndarray, cls: int) -> float:
-        of_class = y[i] == cls
-        return float((positive[i][of_class] == bool(cls)).mean()) if of_class.any() else np.nan
-
-    stats = {
-        "roc_auc": lambda i: safe_auc(y[i], rank[i]),
-        "accuracy": lambda i: float(correct[i].mean()),
-        "balanced_accuracy": lambda i: float(np.mean([rate(i, 1), rate(i, 0)])),
-        "sensitivity": lambda i: rate(i, 1),
-        "specificity": lambda i: rate(i, 0),
-        "patient_recognition_rate": lambda i: patient_recognition_rate(patients[i], correct[i]),
-        "patient_auc": lambda i: patient_level_auc(patients[i], y[i], rank[i]),
-    }
-    if n_boot:
-        keys = stats if ci_keys is None else ci_keys
-        out["ci95"] = {k: bootstrap_ci(stats[k], patients, n_boot, seed) for k in keys}
-    return out
-
-
-def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> Metrics:
     """Image- and patient-level metrics of ``result`` with bootstrap CIs over patients."""
     rows = result.rows
     if not rows:
@@ -316,74 +281,49 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> di
     y = np.array([r.target for r in rows])
     patients = np.array([r.patient for r in rows])
     probs = np.array([r.probs for r in rows])
-    out: dict[str, Any] = {
-        "n_images": len(rows),
-        "n_patients": int(len(np.unique(patients))),
-        "threshold": result.threshold,
-        "temperature": result.temperature,
-    }
-    if result.operating_points is not None:
-        out["operating_point"] = str(result.operating_points.rule)
-    if len(result.classes) == 2:
+    if len(result.classes) != 2:
+        image = multiclass_block(y, probs, patients, result.classes, n_boot, seed)
+        at_05 = uncalibrated = per_magnification = None
+    else:
         p = probs[:, 1]
         rank = rank_scores(rows)
         thr = result.thresholds()
-        out["image"] = _binary_block(y, p, patients, thr, n_boot, seed, rank=rank)
-        out["image_at_0.5"] = {
-            **binary_metrics(y, p, 0.5),
-            **{k: out["image"][k] for k in ("roc_auc", "pr_auc")},  # no threshold in a ranking
-        }
+        image = binary_block(y, p, patients, thr, n_boot, seed, rank=rank)
+        # No threshold in a ranking: the AUCs at 0.5 are the image block's.
+        at_05 = ImageMetrics(**{**binary_metrics(y, p, 0.5), **ranking_figures(y, rank)})
         p_raw = np.array([r.probs_uncalibrated[1] for r in rows])
-        out["uncalibrated"] = {
-            "brier": binary_metrics(y, p_raw, 0.5)["brier"],
-            "ece": binary_metrics(y, p_raw, 0.5)["ece"],
-        }
+        raw = ImageMetrics(**binary_metrics(y, p_raw, 0.5))
+        uncalibrated = ImageMetrics(brier=raw.brier, ece=raw.ece)
+        per_magnification = None
         mags = sorted({r.magnification for r in rows if r.magnification})
         if len(mags) > 1:
             # Each magnification with its own CIs over its patients and its referral rate: a
             # pooled figure hides a magnification whose decision sits elsewhere (issue 26).
-            refer = np.array([r.refer for r in rows])
-            out["per_magnification"] = {}
-            for m in mags:
-                idx = np.array([r.magnification == m for r in rows])
-                block = _binary_block(
-                    *(y[idx], p[idx], patients[idx], thr[idx], n_boot, seed),
-                    _PER_MAGNIFICATION_CIS,
-                    rank[idx],
-                )
-                block["threshold"] = float(thr[idx][0])
-                block["n_images"] = int(idx.sum())
-                block["n_benign_patients"] = int(len(np.unique(patients[idx][y[idx] == 0])))
-                block["n_malignant_patients"] = int(len(np.unique(patients[idx][y[idx] == 1])))
-                if result.alpha is not None:
-                    block["refer_rate"] = float(refer[idx].mean())
-                    if n_boot:
-                        block.setdefault("ci95", {})["refer_rate"] = bootstrap_ci(
-                            lambda i, r=refer[idx]: float(r[i].mean()),
-                            patients[idx],
-                            n_boot,
-                            seed,
-                        )
-                out["per_magnification"][f"{m}X"] = block
-    else:
-        mc = multiclass_metrics(y, probs, result.classes)
-        pred = probs.argmax(1)
-        correct = pred == y
-        mc["patient_recognition_rate"] = patient_recognition_rate(patients, correct)
-        if n_boot:
-            mc["ci95"] = {
-                "accuracy": bootstrap_ci(
-                    lambda i: float(correct[i].mean()), patients, n_boot, seed
-                ),
-                "patient_recognition_rate": bootstrap_ci(
-                    lambda i: patient_recognition_rate(patients[i], correct[i]),
+            per_magnification = {
+                f"{m}X": magnification_block(
+                    result,
+                    rows,
+                    y,
+                    p,
                     patients,
+                    thr,
+                    np.array([r.magnification == m for r in rows]),
                     n_boot,
                     seed,
-                ),
+                    rank,
+                )
+                for m in mags
             }
-        out["image"] = mc
-    refer = refer_metrics(result)
-    if refer is not None:
-        out["refer"] = refer
-    return out
+    ops = result.operating_points
+    return Metrics(
+        n_images=len(rows),
+        n_patients=int(len(np.unique(patients))),
+        threshold=result.threshold,
+        temperature=result.temperature,
+        operating_point=None if ops is None else str(ops.rule),
+        image=image,
+        image_at_05=at_05,
+        uncalibrated=uncalibrated,
+        per_magnification=per_magnification,
+        refer=refer_metrics(result),
+    )

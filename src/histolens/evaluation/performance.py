@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ from histolens.evaluation.estimate import (
     estimate_lines,
     headline_text,
 )
+from histolens.evaluation.results import CI, Estimate, EstimateBlock, as_estimate
 
 __all__ = [
     "checkpoint_estimate",
@@ -35,6 +37,7 @@ __all__ = [
     "is_from_metrics",
     "measured_on",
     "performance_lines",
+    "stored_estimate",
     "support_text",
 ]
 
@@ -64,9 +67,10 @@ def _count(value: Any) -> int | None:
     return None if number is None or math.isnan(number) else int(number)
 
 
-def is_from_metrics(estimate: dict[str, Any] | None) -> bool:
+def is_from_metrics(estimate: Estimate | dict[str, Any] | None) -> bool:
     """True for an estimate rebuilt from an older checkpoint's metrics (no per-class support)."""
-    return bool(estimate) and bool(estimate.get("from_metrics"))
+    estimate = as_estimate(estimate)
+    return estimate is not None and estimate.from_metrics
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -79,11 +83,11 @@ def _flat_metrics(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return split, metrics
 
 
-def _stored_ci95(metrics: dict[str, Any], values: dict[str, float]) -> dict[str, list[float]]:
-    """The well-formed ``[lo, hi]`` pairs of ``metrics["ci95"]`` for the figures in ``values``."""
+def _stored_ci95(metrics: dict[str, Any], values: dict[str, float]) -> dict[str, CI]:
+    """The well-formed ``(lo, hi)`` pairs of ``metrics["ci95"]`` for the figures in ``values``."""
     ci = metrics.get("ci95") if isinstance(metrics.get("ci95"), dict) else {}
     return {
-        k: [float(v[0]), float(v[1])]
+        k: (float(v[0]), float(v[1]))
         for k, v in ci.items()
         if k in values
         and isinstance(v, list | tuple)
@@ -110,7 +114,7 @@ def _support_warnings(
     n_patients: int | None,
     classes: Sequence[str],
     ppc: dict[str, int],
-    blocks: dict[str, dict[str, Any]],
+    blocks: dict[str, EstimateBlock],
 ) -> list[str]:
     """Warnings when too few patients (of each class, where known) stand behind the figures."""
     if ppc:
@@ -129,8 +133,8 @@ def _support_warnings(
     else:
         warnings = []
     for mag, block in blocks.items():
-        if block.get("patients_per_class"):
-            warnings += class_support_warnings(block["patients_per_class"], classes, mag)
+        if block.patients_per_class:
+            warnings += class_support_warnings(block.patients_per_class, classes, mag)
     return warnings
 
 
@@ -140,8 +144,8 @@ def estimate_from_metrics(
     task: str = "binary",
     threshold: float | None = None,
     patients_per_class: dict[str, int] | None = None,
-    per_magnification: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any] | None:
+    per_magnification: dict[str, EstimateBlock] | None = None,
+) -> Estimate | None:
     """An older checkpoint's (or evaluation's) headline metrics in the shape of an estimate.
 
     Args:
@@ -170,40 +174,49 @@ def estimate_from_metrics(
     ppc = dict(patients_per_class or {})
     blocks = dict(per_magnification or {})
     warnings = _support_warnings(split, n_patients, classes, ppc, blocks)
-    return {
-        "version": 1,
-        "from_metrics": True,
-        "split": split,
-        "method": _SPLIT_METHODS.get(split, f"the {split} split"),
-        "description": description,
-        "task": task,
-        "classes": list(classes),
-        "threshold": threshold,
-        "n_images": n_images,
-        "n_patients": n_patients,
-        "patients_per_class": ppc,
-        "metrics": values,
-        "ci95": ci95,
-        "per_magnification": blocks,
-        "warnings": warnings,
-    }
+    return Estimate(
+        from_metrics=True,
+        split=split,
+        method=_SPLIT_METHODS.get(split, f"the {split} split"),
+        description=description,
+        task=task,
+        classes=list(classes),
+        threshold=threshold,
+        n_images=n_images,
+        n_patients=n_patients,
+        patients_per_class=ppc,
+        metrics=values,
+        ci95=ci95,
+        per_magnification=blocks,
+        warnings=warnings,
+    )
 
 
 def checkpoint_estimate(
-    estimate: dict[str, Any] | None,
+    estimate: Estimate | dict[str, Any] | None,
     metrics: dict[str, Any] | None,
     classes: Sequence[str],
     task: str,
     threshold: float | None,
-) -> dict[str, Any] | None:
-    """A checkpoint's figures to quote: its stored estimate, or else its older test-split
-    ``metrics`` labelled as such, or None (what :func:`headline_estimate` quotes)."""
-    if isinstance(estimate, dict) and estimate.get("metrics") is not None:
+) -> Estimate | None:
+    """A checkpoint's figures to quote: its stored estimate (the metadata's JSON, read here),
+    or else its older test-split ``metrics`` labelled as such, or None (what
+    :func:`headline_estimate` quotes)."""
+    if isinstance(estimate, Estimate):
         return estimate
+    if isinstance(estimate, dict) and estimate.get("metrics") is not None:
+        return Estimate.from_dict(estimate)
     return estimate_from_metrics(metrics, list(classes), task, _number(threshold))
 
 
-def headline_estimate(meta: CheckpointMetadata | None) -> dict[str, Any] | None:
+def stored_estimate(meta: CheckpointMetadata | None) -> Estimate | None:
+    """The estimate a checkpoint stores (its metadata's ``estimate``), None when it has none."""
+    if meta is None or not meta.estimate:
+        return None
+    return Estimate.from_dict(meta.estimate)
+
+
+def headline_estimate(meta: CheckpointMetadata | None) -> Estimate | None:
     """The figures to quote for a model, with their 95% CIs: the stored estimate on unseen
     patients, or an older checkpoint's metrics labelled as what they are; None when nothing is
     stored (or there is no metadata)."""
@@ -214,65 +227,64 @@ def headline_estimate(meta: CheckpointMetadata | None) -> dict[str, Any] | None:
     )
 
 
-def support_text(block: dict[str, Any]) -> str:
+def support_text(block: Estimate | EstimateBlock) -> str:
     """'48 images of 8 patients (4 benign, 4 malignant)'; the per-class part only when known."""
-    images = block.get("n_images")
-    patients = block.get("n_patients")
+    images = block.n_images
+    patients = block.n_patients
     text = f"{'?' if patients is None else patients} patients"
     if images is not None:
         text = f"{images} images of {text}"
-    per_class = block.get("patients_per_class") or {}
+    per_class = block.patients_per_class
     if per_class:
         text += " (" + ", ".join(f"{n} {c}" for c, n in per_class.items()) + ")"
     return text
 
 
-def measured_on(estimate: dict[str, Any]) -> str:
+def measured_on(estimate: Estimate | dict[str, Any]) -> str:
     """One sentence: how the figures were measured, and on what."""
+    estimate = as_estimate(estimate)
     if is_from_metrics(estimate):
-        no_ci = "" if estimate.get("ci95") else "; no confidence interval was stored"
-        return f"Measured on {estimate['description']}{no_ci}."
-    return f"Estimated on unseen patients by {estimate['method']}: {estimate['description']}."
+        no_ci = "" if estimate.ci95 else "; no confidence interval was stored"
+        return f"Measured on {estimate.description}{no_ci}."
+    return f"Estimated on unseen patients by {estimate.method}: {estimate.description}."
 
 
-def performance_lines(estimate: dict[str, Any] | None) -> list[str]:
+def performance_lines(estimate: Estimate | dict[str, Any] | None) -> list[str]:
     """The figures as lines of text: what they were measured on, the support, each figure with
     its 95% CI, per magnification, and the warnings last (each prefixed ``warning: ``)."""
+    estimate = as_estimate(estimate)
     if not estimate:
         return ["No measured performance is stored with this model."]
     if not is_from_metrics(estimate):
         return estimate_lines(estimate)
     lines = [measured_on(estimate)]
-    if estimate.get("patients_per_class"):
+    if estimate.patients_per_class:
         lines.append(f"Support: {support_text(estimate)}.")
     # Per-magnification lines need the patients of each class, which older metrics lack.
-    blocks = {
-        m: b
-        for m, b in estimate.get("per_magnification", {}).items()
-        if b.get("patients_per_class")
-    }
-    return lines + figure_lines({**estimate, "per_magnification": blocks})
+    blocks = {m: b for m, b in estimate.per_magnification.items() if b.patients_per_class}
+    return lines + figure_lines(replace(estimate, per_magnification=blocks))
 
 
-def figure_lines(estimate: dict[str, Any]) -> list[str]:
+def figure_lines(estimate: Estimate | dict[str, Any]) -> list[str]:
     """The figures with their CIs, one line per magnification, then the warnings: the estimate's
     lines without the first two, which say what it was measured on and its support."""
     return estimate_lines(estimate)[2:]
 
 
-def headline(estimate: dict[str, Any] | None) -> str:
+def headline(estimate: Estimate | dict[str, Any] | None) -> str:
     """One line for a model card: the main figure, its CI when stored, and what it rests on."""
+    estimate = as_estimate(estimate)
     if not estimate:
         return "No measured performance is stored with this model."
     if not is_from_metrics(estimate):
         return headline_text(estimate)
-    values = estimate["metrics"]
+    values = estimate.metrics
     key = next(k for k in ("roc_auc", "balanced_accuracy", *ESTIMATE_KEYS) if k in values)
     value = values[key]
     text = f"{ESTIMATE_KEYS[key]} {'n/a' if math.isnan(value) else f'{value:.3f}'}"
-    ci = estimate.get("ci95", {}).get(key)
+    ci = estimate.ci95.get(key)
     if ci and not any(math.isnan(v) for v in ci):
         text += f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
     elif not ci:
         text += " (no confidence interval stored)"
-    return f"{text} on {estimate['description']}"
+    return f"{text} on {estimate.description}"

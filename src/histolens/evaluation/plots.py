@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from histolens.atomic import atomic_path
+from histolens.evaluation.results import ReferMetrics, RiskCoverage
 
 __all__ = [
     "plot_confusion_matrix",
@@ -259,24 +260,25 @@ def plot_misclassified(
     return _save(fig, path)
 
 
-def plot_risk_coverage(refer: dict, path: str | os.PathLike) -> Path:
+def plot_risk_coverage(refer: ReferMetrics, path: str | os.PathLike) -> Path:
     """Accuracy of the images kept against the fraction referred (least confident first), with
     the conformal operating point at ``alpha`` marked: the ``refer`` block of the metrics."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.3))
-    referred = np.asarray(refer["curve"]["referred"], dtype=float)
-    accuracy = np.asarray(refer["curve"]["accuracy"], dtype=float)
+    curve = refer.curve or RiskCoverage()
+    referred = np.asarray(curve.referred, dtype=float)
+    accuracy = np.asarray(curve.accuracy, dtype=float)
     ax.plot(
-        referred, accuracy, lw=2, label=f"least confident referred first (AURC {refer['aurc']:.3f})"
+        referred, accuracy, lw=2, label=f"least confident referred first (AURC {refer.aurc:.3f})"
     )
-    if refer.get("alpha") is not None:
+    if refer.alpha is not None:
         ax.plot(
-            [refer["refer_rate"]],
-            [refer["accuracy_kept"]],
+            [refer.refer_rate],
+            [refer.accuracy_kept],
             "o",
             color="crimson",
             ms=8,
-            label=f"prediction sets at alpha {refer['alpha']:g} (coverage {refer['coverage']:.2f})",
+            label=f"prediction sets at alpha {refer.alpha:g} (coverage {refer.coverage:.2f})",
         )
     ax.set_xlabel("fraction of images referred")
     ax.set_ylabel("accuracy of the images kept")
@@ -284,7 +286,7 @@ def plot_risk_coverage(refer: dict, path: str | os.PathLike) -> Path:
     ax.set_ylim(min(0.5, float(np.nanmin(accuracy)) - 0.02) if len(accuracy) else 0.5, 1.005)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    n_ood = refer.get("n_ood", 0)
+    n_ood = refer.n_ood
     ax.set_title(
         "Risk-coverage"
         + (f" ({n_ood} images unlike the training images left out)" if n_ood else ""),

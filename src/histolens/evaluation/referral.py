@@ -1,11 +1,20 @@
-"""Knowing when not to answer, for a run calibrated on its validation patients (the MLP head).
+"""The calibration after training, and knowing when not to answer: one path for both heads.
 
-:func:`histolens.evaluation.evaluate.finalize_run` fits the threshold and temperature of a Lightning run
-on its validation patients. The same patients' calibrated predictions calibrate the run's
-prediction sets, and their pooled features set the limit of its feature guard, whose statistics
-are those of the training (and validation) images: through the functions defined here that the
-linear probe uses too (``fit_prediction_sets``, ``fit_feature_guard``), so both heads store the
-same records in the checkpoint.
+Both heads calibrate on held-out patients' logits through the functions here: the temperature
+and threshold (:func:`fit_calibration`), the centred probabilities the prediction sets are fitted
+on (:func:`centred_calibration`), and the prediction sets with the feature guard
+(:func:`fit_held_out_referral`, giving a :class:`Referral`), so both store the same records in
+the checkpoint. The one real difference is which patients are held out, and so where the
+logits come from:
+
+- the MLP head (Lightning, :func:`histolens.evaluation.evaluate.finalize_run`) trains once, so
+  its held-out patients are its validation split (:func:`fit_referral`: one fold, training ->
+  validation, for the guard's limit);
+- the linear probe (``histolens.training.probe_validation``) is cheap to refit, so every
+  training patient is held out once by patient-level k-fold; its prediction sets are fitted on
+  each fold's own calibrated, centred probabilities (each fold has its temperature and
+  threshold), and its guard's limit on k folds.
+
 Features come from the frozen backbone's feature cache when it holds them, else from the
 model in batches.
 """
@@ -38,7 +47,10 @@ __all__ = [
     "Referral",
     "Scored",
     "add_referrals",
+    "centred_calibration",
+    "fit_calibration",
     "fit_feature_guard",
+    "fit_held_out_referral",
     "fit_prediction_sets",
     "fit_referral",
     "row_prediction_sets",
@@ -126,16 +138,89 @@ def _head_logits(predictor: Predictor, features: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Referral:
-    """The prediction sets' calibration (None when no validation image was scored) and the
-    out-of-distribution guard (its feature check None without validation patients)."""
+    """Knowing when not to answer: the prediction sets' calibration on held-out patients'
+    predictions (None when none was scored) and the out-of-distribution guard (its feature
+    check None without held-out patients to set its limit on).
+
+    ``calib_p`` are the calibrated, centred probabilities the sets were fitted on, and
+    ``held_out_distance`` each image's feature distance when its patient was held out (NaN
+    where it never was): the probe's out-of-fold evaluation reuses both."""
 
     conformal: ConformalCalibration | None
     guard: OODGuard
+    calib_p: np.ndarray | None = None
+    held_out_distance: np.ndarray | None = None
 
     def metadata(self) -> dict[str, Any]:
         """The checkpoint metadata's ``conformal`` and ``ood`` records."""
         conformal = self.conformal.to_dict() if self.conformal is not None else None
         return {"conformal": conformal, "ood": self.guard.to_dict()}
+
+
+def fit_calibration(
+    cfg: RunConfig, logits: np.ndarray | torch.Tensor, y: np.ndarray, n_classes: int
+) -> tuple[float, float]:
+    """Temperature and (two classes) threshold, by ``cfg``'s rule, fitted on held-out
+    ``logits`` (rows with NaN, not scored, left out); (1.0, 0.5) when fewer than two of them
+    can be used."""
+    from histolens.stats.calibration import fit_temperature
+    from histolens.stats.operating_points import choose_threshold_for, rule_from_train_config
+
+    logits = np.asarray(logits)
+    y = np.asarray(y)
+    ok = ~np.isnan(logits).any(1)
+    if n_classes > 2:
+        # A class absent from a fold's training patients has a logit that never wins (-1e4);
+        # its held-out images say nothing about calibration and would drive T to its bound.
+        true_logit = np.take_along_axis(np.nan_to_num(logits), y[:, None], axis=1)[:, 0]
+        ok &= true_logit > -1e3
+    if ok.sum() < 2:
+        return 1.0, 0.5
+    t_logits = torch.as_tensor(logits[ok], dtype=torch.float32)
+    t_y = torch.as_tensor(y[ok])
+    temperature = fit_temperature(t_logits, t_y)
+    threshold = 0.5
+    if n_classes == 2:
+        p = probabilities_from_logits(t_logits, temperature)[:, 1].numpy()
+        threshold = choose_threshold_for(rule_from_train_config(cfg.train), y[ok], p)
+    return temperature, threshold
+
+
+def centred_calibration(
+    logits: np.ndarray | torch.Tensor,
+    calibration: tuple[float, float],
+    n_classes: int,
+    operating_points: OperatingPoints | None = None,
+    magnifications: Sequence[int | None] = (),
+) -> np.ndarray:
+    """Held-out ``logits`` as the probabilities prediction sets are fitted on: calibrated at
+    the temperature and (two classes) centred on the threshold of ``calibration``, or on each
+    image's magnification's (``operating_points``, ``magnifications`` one per row)."""
+    temperature, threshold = calibration
+    probs = probabilities_from_logits(torch.as_tensor(logits), temperature).numpy()
+    thr = threshold
+    if operating_points is not None:
+        thr = operating_points.thresholds_for(list(magnifications)[: len(probs)])
+    return centred_probabilities(probs, thr if n_classes == 2 else None)
+
+
+def fit_held_out_referral(
+    calib_p: np.ndarray,
+    calib_y: np.ndarray,
+    classes: Sequence[str],
+    alpha: float,
+    notes: list[str],
+    features: tuple[np.ndarray, Sequence[tuple[np.ndarray, np.ndarray]]],
+    groups: np.ndarray,
+    magnifications: Sequence[int | None],
+) -> Referral:
+    """The prediction sets fitted on held-out patients' calibrated, centred probabilities
+    ``calib_p`` (``groups`` and ``magnifications``: one per row of them) and the feature guard
+    of ``features`` (all pooled features, and the patient folds whose held-out images set its
+    limit); ``notes`` says what could not be guaranteed."""
+    conformal = fit_prediction_sets(calib_p, calib_y, groups, classes, alpha, notes, magnifications)
+    feature_guard, held_out_distance = fit_feature_guard(*features)
+    return Referral(conformal, OODGuard(features=feature_guard), calib_p, held_out_distance)
 
 
 def fit_referral(
@@ -147,22 +232,23 @@ def fit_referral(
     notes: list[str],
     operating_points: OperatingPoints | None = None,
 ) -> Referral:
-    """Calibrate prediction sets on the validation patients' predictions (at the run's alpha,
-    each patient weighing the same), and fit the feature guard on the training and validation
-    images' features with its limit from the validation patients (as a fold of the probe's);
-    ``notes`` says what could not be fitted."""
-    temperature, threshold = calibration
-    probs = probabilities_from_logits(val.logits, temperature).numpy()
+    """The MLP head's referral: prediction sets calibrated on the validation patients'
+    predictions (at the run's alpha, each patient weighing the same), and the feature guard of
+    the training and validation images' features with its limit from the validation patients
+    (as a fold of the probe's); ``notes`` says what could not be fitted."""
     mags = [r.magnification for r in val.records]
-    thr = threshold if operating_points is None else operating_points.thresholds_for(mags)
-    calib_p = centred_probabilities(probs, thr if len(classes) == 2 else None)
+    calib_p = centred_calibration(val.logits, calibration, len(classes), operating_points, mags)
     y = np.array(targets(val.records, classes, cfg.data.task), dtype=np.int64)
     groups = np.array([r.group or r.patient or r.path for r in val.records], dtype=str)
-    conformal = fit_prediction_sets(calib_p, y, groups, classes, cfg.train.alpha, notes, mags)
     n_train, x = len(train.records), np.concatenate([train.features, val.features])
     folds = [(np.arange(n_train), np.arange(n_train, len(x)))] if len(val.records) else []
-    feature_guard, _ = fit_feature_guard(x, folds)
-    fitted = {"prediction sets": conformal, "feature-distance check": feature_guard}
+    referral = fit_held_out_referral(
+        calib_p, y, classes, cfg.train.alpha, notes, (x, folds), groups, mags
+    )
+    fitted = {
+        "prediction sets": referral.conformal,
+        "feature-distance check": referral.guard.features,
+    }
     missing = [name for name, fit in fitted.items() if fit is None]
     if missing:
         notes.append(
@@ -170,7 +256,7 @@ def fit_referral(
             f"{' and no '.join(missing)} (the cheap input checks still flag blank or non-H&E "
             "images). Raise --val-fraction, or add patients."
         )
-    return Referral(conformal, OODGuard(features=feature_guard))
+    return referral
 
 
 def row_prediction_sets(

@@ -28,7 +28,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -66,7 +65,7 @@ from histolens.inference.runtimes import (
     is_onnx_file,
 )
 from histolens.models.classifier import HistoClassifier
-from histolens.models.engine_export import FixedTileFeatures
+from histolens.models.engine_export import OPSET, FixedTileFeatures, trace_to_onnx
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -86,7 +85,6 @@ QUANTIZATIONS = ("none", "int8")
 # and the most image AUC an int8 export may lose against the fp32 export on unseen patients.
 FP32_TOLERANCE = 0.01
 INT8_AUC_TOLERANCE = 0.005
-OPSET = 17
 
 
 @dataclass(frozen=True)
@@ -150,23 +148,7 @@ def trace_onnx(
     """Write the fp32 ONNX graph of ``model`` at ``input_size`` (dynamic batch axis) to ``path``,
     unverified: ``export_onnx`` is the checked way to an export."""
     size = (int(input_size[0]), int(input_size[1]))
-    graph = _ExportGraph(model, size).eval()
-    names = (INPUT_NAME, *OUTPUT_NAMES)
-    with warnings.catch_warnings():
-        # The legacy exporter's deprecation notice and the tracer's constant-shape warnings: the
-        # shapes are constant by design, and the result is verified below.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            (torch.zeros(2, 3, *size),),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in names},
-            opset_version=OPSET,
-            do_constant_folding=True,
-        )
+    trace_to_onnx(_ExportGraph(model, size).eval(), size, path, INPUT_NAME, OUTPUT_NAMES)
 
 
 def attach_metadata(graph: Path, meta: CheckpointMetadata, tensors: dict[str, torch.Tensor]) -> Any:

@@ -8,6 +8,7 @@ worker thread; ``after()`` polls its results, so the window never freezes.
 
 from __future__ import annotations
 
+import functools
 import os
 import tkinter as tk
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from histolens.gui.display import (
 )
 from histolens.gui.model_info import ModelSummary
 from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
-from histolens.gui.presenter import Presenter
+from histolens.gui.presenter import Presenter, open_predictor
 from histolens.gui.style import apply_style
 from histolens.gui.widgets import ImagesArea
 
@@ -51,6 +52,7 @@ class ViewerApp:
         checkpoint: a checkpoint file or run folder to load at start.
         executor: where model work runs (default: one worker thread owned by the window).
         paths: images or folders to open at start (as ``histolens gui PATH...``).
+        engine: what computes a checkpoint's backbone features (``--engine``; None: default).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ViewerApp:
         checkpoint: str | os.PathLike | None = None,
         executor: Executor | None = None,
         paths: Sequence[str | os.PathLike] = (),
+        engine: str | None = None,
     ) -> None:
         self.root = root
         self._own_executor = executor is None
@@ -71,7 +74,8 @@ class ViewerApp:
         self._build_menu()
         self._build_layout()
         self._bind_keys()
-        self.presenter = Presenter(self, self._executor)
+        load = functools.partial(open_predictor, engine=engine)
+        self.presenter = Presenter(self, self._executor, load_predictor=load)
         self.show_model(None)
         self.show_methods((), "")
         self.show_prediction(None)
@@ -381,12 +385,14 @@ def run_app(
     checkpoint: str | os.PathLike | None = None,
     root: tk.Tk | None = None,
     paths: Sequence[str | os.PathLike] = (),
+    engine: str | None = None,
 ) -> None:
-    """Open the viewer window, with a checkpoint and images if given; run until it is closed."""
+    """Open the viewer window, with a checkpoint and images if given; run until it is closed.
+    ``engine`` computes the backbone's features (histolens.models.engine; None: the default)."""
     root = root or tk.Tk(className="histolens")
     # Leave room for the menu bar and the desktop's panels.
     width = min(1440, root.winfo_screenwidth() - 40)
     height = min(900, root.winfo_screenheight() - 80)
     root.geometry(f"{width}x{height}")
-    ViewerApp(root, checkpoint, paths=paths)
+    ViewerApp(root, checkpoint, paths=paths, engine=engine)
     root.mainloop()

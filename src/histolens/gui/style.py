@@ -41,30 +41,12 @@ def apply_style(root: tk.Tk) -> None:
     style.configure("Value.TLabel", background=PANEL, font=small)
     style.configure("Headline.TLabel", background=PANEL, foreground=ACCENT, font=(FONT, 22, "bold"))
     style.configure("Probability.TLabel", background=PANEL, font=(FONT, 13))
-    style.configure(
-        "Review.TLabel",
-        background=REVIEW_BG,
-        foreground="#3d2c00",
-        font=(FONT, 10, "bold"),
-        padding=(8, 4),
-    )
-    style.configure(
-        "Unlike.TLabel",
-        background=UNLIKE_BG,
-        foreground="#2e1500",
-        font=(FONT, 10, "bold"),
-        padding=(8, 4),
-    )
+    _badge(style, "Review.TLabel", REVIEW_BG, "#3d2c00")
+    _badge(style, "Unlike.TLabel", UNLIKE_BG, "#2e1500")
     style.configure(
         "Clear.TLabel", background=PANEL, foreground="#2e6b3a", font=(FONT, 10), padding=(0, 4)
     )
-    style.configure(
-        "Notice.TLabel",
-        background=NOTICE,
-        foreground="white",
-        font=(FONT, 10, "bold"),
-        padding=(10, 5),
-    )
+    _badge(style, "Notice.TLabel", NOTICE, "white", padding=(10, 5))
     style.configure("Error.TFrame", background=ERROR_BG)
     style.configure("Error.TLabel", background=ERROR_BG, foreground=ERROR_FG, font=(FONT, 10))
     style.configure("Status.TLabel", background="#dfe3e8", foreground=TEXT, padding=(8, 3))
@@ -73,4 +55,11 @@ def apply_style(root: tk.Tk) -> None:
     style.configure("Treeview.Heading", font=(FONT, 9, "bold"))
     style.configure(
         "Score.Horizontal.TProgressbar", troughcolor="#e3e6ea", background=ACCENT, thickness=10
+    )
+
+
+def _badge(style: ttk.Style, name: str, background: str, foreground: str, padding=(8, 4)) -> None:
+    """A label style drawn as a coloured badge of bold text."""
+    style.configure(
+        name, background=background, foreground=foreground, font=(FONT, 10, "bold"), padding=padding
     )

@@ -1,19 +1,21 @@
-"""The progress of ``histolens predict`` (and ``data synth``): images done, images/s, time left.
+"""The progress of ``histolens predict``: images done, images/s, time left.
 
-On a terminal it is a live tqdm bar; otherwise (output going to a log file) a plain line every few
-seconds, so the log gets readable lines rather than carriage returns.
+A :class:`histolens.progress.LineProgress` (a live tqdm bar on a terminal, otherwise a plain
+line every few seconds, so a log gets readable lines rather than carriage returns) that counts
+the images a resumed run had already done and says how long is left.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import IO
+
+from histolens.progress import LineProgress, is_terminal
 
 __all__ = ["ProgressReporter"]
 
 
-class ProgressReporter:
+class ProgressReporter(LineProgress):
     """Images done of the total and images/s: a live bar on a terminal, and a plain line every
     ``interval`` seconds otherwise (log files get readable lines, not carriage returns)."""
 
@@ -28,64 +30,52 @@ class ProgressReporter:
         desc: str = "Predicting",
         verb: str = "predicted",
     ) -> None:
+        super().__init__(total, desc, " images", stream, interval, enabled)
         self.verb = verb
-        self.total = total
-        self.done = initial
-        self.initial = initial
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval = interval
-        self.enabled = enabled
-        self._start = time.perf_counter()
-        self._last_line = self._start
+        self.initial = self.n = self._printed_at = initial
+        self._last = self._start  # the first line comes after ``interval`` seconds
         self._bar = None
-        if enabled and _is_terminal(self.stream):
+        if enabled and is_terminal(self.stream):
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
                 total=total,
                 initial=initial,
                 desc=desc,
-                unit=" images",
+                unit=self.unit,
                 file=self.stream,
                 dynamic_ncols=True,
             )
 
     @property
+    def done(self) -> int:
+        """Images done, those of the run being resumed included."""
+        return self.n
+
+    @property
     def images_per_second(self) -> float:
         elapsed = time.perf_counter() - self._start
-        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+        return (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def line(self) -> str:
         rate = self.images_per_second
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = f", about {left:.0f} s left" if left == left and self.done < self.total else ""
-        return f"{self.verb} {self.done:,}/{self.total:,} images, {rate:.1f} images/s{eta}"
+        left = (self.total - self.n) / rate if rate > 0 else float("nan")
+        eta = f", about {left:.0f} s left" if left == left and self.n < self.total else ""
+        return f"{self.verb} {self.n:,}/{self.total:,} images, {rate:.1f} images/s{eta}"
 
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and time.perf_counter() - self._last_line >= self.interval:
-            self._last_line = time.perf_counter()
-            print(self.line(), file=self.stream, flush=True)
+    def update(self, n: int = 1) -> None:
+        if self._bar is None:
+            super().update(n)
+            return
+        self.n += n
+        self._bar.update(n)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.enabled and self.done > self.initial:
-            print(self.line(), file=self.stream, flush=True)
-        self.enabled = False
+            self.enabled = False
+        super().close()
 
     def __enter__(self) -> ProgressReporter:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _is_terminal(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

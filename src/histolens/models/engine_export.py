@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from histolens.errors import check_choice
+from histolens.models.openvino_core import openvino_core
 
 if TYPE_CHECKING:
     from histolens.models.classifier import HistoClassifier
@@ -28,10 +30,12 @@ __all__ = [
     "CACHE_ENV",
     "FEATURE_RTOL",
     "ExportedFeatures",
+    "OPSET",
     "FixedTileFeatures",
     "engine_cache_dir",
     "feature_difference",
     "runtime_available",
+    "trace_to_onnx",
 ]
 
 log = logging.getLogger("histolens")
@@ -86,6 +90,33 @@ class FixedTileFeatures(nn.Module):
         crops = [x[:, :, y : y + h, x0 : x0 + w] for y, x0, h, w in self.tiles]
         pooled = self.model._pooled(torch.stack(crops, dim=1).flatten(0, 1))
         return pooled.view(-1, len(self.tiles), pooled.shape[-1]).mean(1)
+
+
+def trace_to_onnx(
+    graph: nn.Module,
+    input_size: tuple[int, int],
+    path: str | os.PathLike,
+    input_name: str,
+    output_names: Sequence[str],
+) -> None:
+    """Trace ``graph`` on a (2, 3, H, W) batch with the legacy exporter into ``path``: opset
+    ``OPSET``, every input and output with a dynamic batch axis, constants folded."""
+    names = (input_name, *output_names)
+    with warnings.catch_warnings():
+        # The legacy exporter's notices and the tracer's constant-shape warnings: shapes are
+        # fixed by design, and every caller checks the graph against PyTorch before use.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (torch.zeros(2, 3, *input_size),),
+            str(path),
+            dynamo=False,
+            input_names=[input_name],
+            output_names=list(output_names),
+            dynamic_axes={name: {0: "batch"} for name in names},
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
 
 
 def _weights_digest(model: HistoClassifier) -> str:
@@ -171,33 +202,18 @@ class ExportedFeatures:
         from histolens.atomic import atomic_path
 
         graph = FixedTileFeatures(self.model, input_size).eval()
-        with warnings.catch_warnings(), atomic_path(target) as tmp, torch.no_grad():
-            # The legacy exporter's notices and the tracer's constant-shape warnings: shapes
-            # are fixed by design, and the graph is checked against PyTorch before use.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                graph,
-                (torch.zeros(2, 3, *input_size),),
-                str(tmp),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["features"],
-                dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
-                opset_version=OPSET,
-                do_constant_folding=True,
-            )
+        with atomic_path(target) as tmp, torch.no_grad():
+            trace_to_onnx(graph, input_size, tmp, "input", ("features",))
 
     def _compile(self, path: Path):
         if self.name == "openvino":
-            import openvino as ov
-
             config = {
                 "INFERENCE_NUM_THREADS": self.threads,
                 "PERFORMANCE_HINT": "LATENCY",
                 # OpenVINO would compute in bf16 on CPUs that have it: not the same features.
                 "INFERENCE_PRECISION_HINT": "f32",
             }
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            compiled = openvino_core().compile_model(str(path), "CPU", config)
             request = compiled.create_infer_request()
             output = compiled.output(0)
             lock = threading.Lock()

@@ -96,6 +96,39 @@ _VGG16_BLOCKS = (
 
 _IMAGENET_NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
+
+def _hub_vit(
+    name: str,
+    hub_id: str,
+    target_layer: str,
+    description: str,
+    *,
+    architecture: str,
+    licence: str,
+    weights: str | None = None,
+    preprocess: dict[str, Any] | None = None,
+    gated: bool = True,
+    **options: Any,
+) -> BackboneSpec:
+    """A ViT on the Hugging Face hub: pooled by its token head, CAM over its patch tokens, 224 px
+    ImageNet preprocessing unless its card asks for another."""
+    return BackboneSpec(
+        name,
+        f"hf-hub:{hub_id}",
+        target_layer,
+        description,
+        weights=weights or f"Hugging Face hub {hub_id} (gated), honouring the local cache",
+        pooling="token",
+        token_output=True,
+        hub_id=hub_id,
+        architecture=architecture,
+        preprocess=preprocess or {"input_size": (3, 224, 224), **_IMAGENET_NORM},
+        licence=licence,
+        gated=gated,
+        **options,
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
@@ -154,31 +187,23 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         # Pathology foundation models on the Hugging Face hub: creation arguments, preprocessing
         # and pooled feature as their model cards give them; the hub's copy is the reference.
-        BackboneSpec(
+        _hub_vit(
             "uni",
-            "hf-hub:MahmoodLab/uni",
+            "MahmoodLab/uni",
             "blocks.23.norm1",
             "UNI (Mahmood Lab): ViT-L/16, 0.3B parameters, 1024-wide CLS token; CAM on the last "
             "block's norm, 14x14 tokens",
             weights="Hugging Face hub MahmoodLab/UNI (gated), honouring the local cache",
-            pooling="token",
-            token_output=True,
             create_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
-            hub_id="MahmoodLab/uni",
             architecture="vit_large_patch16_224",
-            preprocess={"input_size": (3, 224, 224), **_IMAGENET_NORM},
             licence="CC-BY-NC-ND-4.0",
-            gated=True,
         ),
-        BackboneSpec(
+        _hub_vit(
             "uni2-h",
-            "hf-hub:MahmoodLab/UNI2-h",
+            "MahmoodLab/UNI2-h",
             "blocks.23.norm1",
             "UNI2-h (Mahmood Lab): ViT-H/14 with 8 register tokens, 0.68B parameters, 1536-wide "
             "CLS token; CAM on the last block's norm, 16x16 tokens",
-            weights="Hugging Face hub MahmoodLab/UNI2-h (gated), honouring the local cache",
-            pooling="token",
-            token_output=True,
             num_prefix_tokens=9,
             create_kwargs={
                 "img_size": 224,
@@ -194,21 +219,15 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "reg_tokens": 8,
                 "dynamic_img_size": True,
             },
-            hub_id="MahmoodLab/UNI2-h",
             architecture="vit_giant_patch14_224",
-            preprocess={"input_size": (3, 224, 224), **_IMAGENET_NORM},
             licence="CC-BY-NC-ND-4.0",
-            gated=True,
         ),
-        BackboneSpec(
+        _hub_vit(
             "virchow2",
-            "hf-hub:paige-ai/Virchow2",
+            "paige-ai/Virchow2",
             "blocks.31.norm1",
             "Virchow2 (Paige): ViT-H/14 with 4 register tokens, 0.63B parameters; CLS token and "
             "mean patch token, 2560 wide; CAM on the last block's norm, 16x16 tokens",
-            weights="Hugging Face hub paige-ai/Virchow2 (gated), honouring the local cache",
-            pooling="token",
-            token_output=True,
             pooled="cls+mean",
             num_prefix_tokens=5,
             create_kwargs={
@@ -221,21 +240,15 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "mlp_layer": "SwiGLUPacked",
                 "act_layer": "silu",
             },
-            hub_id="paige-ai/Virchow2",
             architecture="vit_huge_patch14_224",
-            preprocess={"input_size": (3, 224, 224), **_IMAGENET_NORM},
             licence="CC-BY-NC-ND-4.0",
-            gated=True,
         ),
-        BackboneSpec(
+        _hub_vit(
             "h-optimus-0",
-            "hf-hub:bioptimus/H-optimus-0",
+            "bioptimus/H-optimus-0",
             "blocks.39.norm1",
             "H-optimus-0 (Bioptimus): ViT-g/14 with 4 register tokens, 1.1B parameters, "
             "1536-wide CLS token; CAM on the last block's norm, 16x16 tokens",
-            weights="Hugging Face hub bioptimus/H-optimus-0 (gated), honouring the local cache",
-            pooling="token",
-            token_output=True,
             num_prefix_tokens=5,
             create_kwargs={
                 "img_size": 224,
@@ -243,7 +256,6 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "dynamic_img_size": False,
                 "global_pool": "token",
             },
-            hub_id="bioptimus/H-optimus-0",
             architecture="vit_giant_patch14_reg4_dinov2",
             preprocess={
                 "input_size": (3, 224, 224),
@@ -251,22 +263,18 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "std": (0.211883, 0.230117, 0.177517),
             },
             licence="Apache-2.0",
-            gated=True,
         ),
-        BackboneSpec(
+        _hub_vit(
             "midnight",
-            "hf-hub:kaiko-ai/midnight",
+            "kaiko-ai/midnight",
             "blocks.39.norm1",
             "Midnight-12k (kaiko.ai): ViT-g/14, 1.1B parameters; CLS token and mean patch token, "
             "3072 wide; CAM on the last block's norm, 16x16 tokens",
             weights="Hugging Face hub kaiko-ai/midnight (transformers layout, read without "
             "transformers), honouring the local cache",
-            pooling="token",
-            token_output=True,
             pooled="cls+mean",
             # The checkpoint's position grid is resampled to 16x16 once, at load time.
             create_kwargs={"img_size": 224},
-            hub_id="kaiko-ai/midnight",
             architecture="vit_giant_patch14_dinov2",
             preprocess={
                 "input_size": (3, 224, 224),
@@ -276,6 +284,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             },
             hub_format="dinov2-transformers",
             licence="MIT",
+            gated=False,
         ),
     )
 }

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from histolens.atomic import atomic_write_text
 from histolens.evaluation.estimate import per_magnification_lines
-from histolens.evaluation.performance import headline, headline_estimate
+from histolens.evaluation.performance import headline, headline_estimate, stored_estimate
+from histolens.evaluation.results import Estimate, Metrics
 from histolens.report.estimate import estimate_section, lead_estimate
 from histolens.report.markup import embedded_image, fmt
 from histolens.report.metrics import headline_cards, metrics_table, refer_section
@@ -98,7 +99,8 @@ def _thresholds_text(meta: CheckpointMetadata) -> str:
 
 
 def _threshold_source(meta: CheckpointMetadata) -> str:
-    if "cross-validation" in str((meta.estimate or {}).get("method", "")):
+    stored = stored_estimate(meta)
+    if stored is not None and "cross-validation" in stored.method:
         return "the out-of-fold predictions of every training patient"
     if meta.head.is_linear:
         return "the inner out-of-fold predictions of the training patients"
@@ -117,7 +119,7 @@ def _licence_paragraph(meta: CheckpointMetadata) -> str:
     )
 
 
-def _model_card(meta: CheckpointMetadata, estimate: dict[str, Any] | None = None) -> str:
+def _model_card(meta: CheckpointMetadata, estimate: Estimate | None = None) -> str:
     data = meta.data
     shown = estimate if estimate else headline_estimate(meta)
     performance = html.escape(headline(shown))
@@ -166,7 +168,8 @@ def write_report(
     ev = Path(evaluation_dir) if evaluation_dir else run.evaluation.path
     ckpt = Path(checkpoint) if checkpoint else run_dir / BEST_CHECKPOINT
     meta = read_metadata(ckpt) if ckpt.exists() else None
-    metrics = _read_json(EvaluationFiles(ev).metrics, {})
+    stored = _read_json(EvaluationFiles(ev).metrics, {})
+    metrics = Metrics.from_dict(stored) if stored else None
     notes = list(dict.fromkeys([*_read_json(EvaluationFiles(ev).notes, []), *notes]))  # saved first
     own = evaluation_dir is None or ev.resolve() == run.evaluation.path.resolve()
     title, estimate = lead_estimate(meta, metrics, ev, own)
@@ -238,14 +241,14 @@ def _title(meta: CheckpointMetadata | None) -> str:
     )
 
 
-def _note_boxes(notes: Sequence[str], estimate: dict[str, Any] | None) -> list[str]:
+def _note_boxes(notes: Sequence[str], estimate: Estimate | None) -> list[str]:
     """A warning box per note, but for the estimate's own warnings (shown with it, below)."""
-    shown = set(estimate.get("warnings", [])) if estimate else set()
+    shown = set(estimate.warnings) if estimate else set()
     return [f'<div class="warn">{html.escape(n)}</div>' for n in notes if n not in shown]
 
 
 def _results_sections(
-    title: str, estimate: dict[str, Any] | None, metrics: dict[str, Any], ev: Path
+    title: str, estimate: Estimate | None, metrics: Metrics | None, ev: Path
 ) -> list[str]:
     """The estimate (or, without one, the headline cards), then every metric and the referrals."""
     parts = []
@@ -253,11 +256,11 @@ def _results_sections(
         parts.append(estimate_section(title, estimate))
     elif metrics:
         parts.append(
-            f"<section><h2>Headline ({html.escape(str(metrics.get('split', 'test')))} "
+            f"<section><h2>Headline ({html.escape(metrics.split or 'test')} "
             f"split)</h2>{headline_cards(metrics)}</section>"
         )
     if metrics:
-        split = html.escape(str(metrics.get("split", "test")))
+        split = html.escape(metrics.split or "test")
         parts.append(
             f"<section><h2>All metrics of these predictions ({split})</h2>"
             f"{metrics_table(metrics)}</section>"
@@ -307,7 +310,7 @@ def _gallery_section(explanations: Path) -> str:
     )
 
 
-def _model_sections(meta: CheckpointMetadata, card_estimate: dict[str, Any] | None) -> list[str]:
+def _model_sections(meta: CheckpointMetadata, card_estimate: Estimate | None) -> list[str]:
     """The model card (its performance line from ``card_estimate``), then the resolved
     configuration and package versions the model was trained with."""
     return [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from histolens.evaluation.estimate import DECISION_KEYS, DECISION_NAMES, ESTIMATE_KEYS
 from histolens.evaluation.performance import (
@@ -14,8 +14,10 @@ from histolens.evaluation.performance import (
     headline_estimate,
     is_from_metrics,
     measured_on,
+    stored_estimate,
     support_text,
 )
+from histolens.evaluation.results import Estimate, EstimateBlock, Metrics
 from histolens.report.markup import card_row, fmt
 from histolens.rundir import EvaluationFiles
 
@@ -25,16 +27,16 @@ if TYPE_CHECKING:
 __all__ = ["estimate_section", "lead_estimate"]
 
 
-def _ci_text(estimate: dict[str, Any], key: str) -> str:
-    ci = estimate.get("ci95", {}).get(key)
+def _ci_text(estimate: Estimate | EstimateBlock, key: str) -> str:
+    ci = estimate.ci95.get(key)
     if not ci or any(v is None or math.isnan(v) for v in ci):
         return ""
     return f"95% CI {ci[0]:.2f}&ndash;{ci[1]:.2f}"
 
 
-def _estimate_cards(estimate: dict[str, Any]) -> str:
+def _estimate_cards(estimate: Estimate) -> str:
     """The estimate's main figures with their CIs, and the patients behind them."""
-    values = estimate.get("metrics", {})
+    values = estimate.metrics
     keys = (
         ("roc_auc", "patient_auc", "balanced_accuracy")
         if "roc_auc" in values
@@ -49,33 +51,33 @@ def _estimate_cards(estimate: dict[str, Any]) -> str:
         for k in keys
         if k in values
     ]
-    per_class = estimate.get("patients_per_class") or {}
-    patients = html.escape(str(estimate.get("n_patients", "?")))
+    per_class = estimate.patients_per_class
+    patients = html.escape(str(estimate.n_patients))
     note = ", ".join(f"{n} {html.escape(str(c))}" for c, n in per_class.items())
     items.append(("Patients", patients, note))
-    if estimate.get("n_images") is not None:
-        items.append(("Images", html.escape(str(estimate["n_images"])), ""))
+    if estimate.n_images is not None:
+        items.append(("Images", html.escape(str(estimate.n_images)), ""))
     return card_row(items)
 
 
-def _figure_with_ci(block: dict[str, Any], key: str) -> str:
-    value = block.get("metrics", {}).get(key)
+def _figure_with_ci(block: EstimateBlock, key: str) -> str:
+    value = block.metrics.get(key)
     if value is None:
         return "n/a"
     ci = _ci_text(block, key).replace("95% CI ", "")
     return f"{fmt(value)}{f' ({ci})' if ci else ''}"
 
 
-def estimate_section(title: str, estimate: dict[str, Any]) -> str:
+def estimate_section(title: str, estimate: Estimate) -> str:
     """The figures a reader should quote: value, 95% CI, what they were measured on, the
     patients of each class behind them, per magnification, and the warnings in words."""
-    values = estimate.get("metrics", {})
+    values = estimate.metrics
     if is_from_metrics(estimate):
         how = f"<p class=how>{html.escape(measured_on(estimate))}</p>"
     else:
         how = (
-            f"<p class=how><b>Method:</b> {html.escape(str(estimate['method']))}.<br>"
-            f"<b>Data:</b> {html.escape(str(estimate['description']))}.</p>"
+            f"<p class=how><b>Method:</b> {html.escape(str(estimate.method))}.<br>"
+            f"<b>Data:</b> {html.escape(str(estimate.description))}.</p>"
         )
     support = (
         f"<p class=how><b>Patients behind these figures:</b> "
@@ -91,25 +93,25 @@ def estimate_section(title: str, estimate: dict[str, Any]) -> str:
         "<table class=fig><tr><th>Metric</th><th>Value</th><th>95% CI (bootstrap over patients)</th></tr>"
         f"{rows}</table>"
     )
-    per_mag = estimate.get("per_magnification") or {}
+    per_mag = estimate.per_magnification
     if per_mag:
-        key = "roc_auc" if "roc_auc" in values else "balanced_accuracy"
-        shown_keys = {k for b in per_mag.values() for k in b.get("metrics", {})}
+        key = estimate.main_figure()
+        shown_keys = {k for b in per_mag.values() for k in b.metrics}
         decision_keys = [k for k in DECISION_KEYS if k in shown_keys] if key == "roc_auc" else []
         body = ""
         for mag, block in per_mag.items():
-            per_class = block.get("patients_per_class") or {}
+            per_class = block.patients_per_class
             classes = ", ".join(f"{n} {html.escape(str(c))}" for c, n in per_class.items())
-            value = block.get("metrics", {}).get(key)
+            value = block.metrics.get(key)
             ci = _ci_text(block, key)
             shown = "n/a (one class only)" if value is None else fmt(value)
-            threshold = block.get("threshold")
+            threshold = block.threshold
             decision = "".join(
                 f"<td class=num>{_figure_with_ci(block, k)}</td>" for k in decision_keys
             )
             body += (
-                f"<tr><td>{html.escape(str(mag))}</td><td class=num>{block.get('n_images', '')}"
-                f"</td><td class=num>{block.get('n_patients', '')}</td><td>{classes or '?'}</td>"
+                f"<tr><td>{html.escape(str(mag))}</td><td class=num>{block.n_images}"
+                f"</td><td class=num>{block.n_patients}</td><td>{classes or '?'}</td>"
                 f"<td class=num>{shown}{f' ({ci})' if ci else ''}</td>"
                 + (
                     f"<td class=num>{'' if threshold is None else fmt(threshold)}</td>{decision}"
@@ -119,7 +121,7 @@ def estimate_section(title: str, estimate: dict[str, Any]) -> str:
                 + "</tr>"
             )
         heads = "".join(f"<th>{DECISION_NAMES[k]} (95% CI)</th>" for k in decision_keys)
-        rule = estimate.get("operating_point")
+        rule = estimate.operating_point
         about = (
             f"<p class=how>Each magnification is decided at its own threshold ({html.escape(rule)}"
             ", chosen on the out-of-fold predictions; a magnification with too few patients "
@@ -134,7 +136,7 @@ def estimate_section(title: str, estimate: dict[str, Any]) -> str:
             + (f"<th>Threshold</th>{heads}" if decision_keys else "")
             + f"</tr>{body}</table>"
         )
-    warnings = estimate.get("warnings") or []
+    warnings = estimate.warnings
     box = ""
     if warnings:
         items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
@@ -146,8 +148,8 @@ def estimate_section(title: str, estimate: dict[str, Any]) -> str:
 
 
 def lead_estimate(
-    meta: CheckpointMetadata | None, metrics: dict[str, Any], ev: Path, own_evaluation: bool
-) -> tuple[str, dict[str, Any] | None]:
+    meta: CheckpointMetadata | None, metrics: Metrics | None, ev: Path, own_evaluation: bool
+) -> tuple[str, Estimate | None]:
     """The figures this report leads with, and their section's title.
 
     An evaluation of new images ('histolens evaluate') stores its own estimate in metrics.json;
@@ -155,33 +157,35 @@ def lead_estimate(
     an estimate (older runs, the Lightning head's test split) are labelled by their split.
     """
     unseen = "Estimated performance on unseen patients"
-    if isinstance(metrics.get("estimate"), dict):
-        return "Performance on the evaluated images", metrics["estimate"]
-    if own_evaluation and meta is not None and meta.estimate is not None:
-        return unseen, meta.estimate
-    if metrics.get("image"):
+    metrics = metrics if metrics is not None else Metrics()
+    if metrics.estimate is not None:
+        return "Performance on the evaluated images", metrics.estimate
+    if own_evaluation and (stored := stored_estimate(meta)) is not None:
+        return unseen, stored
+    if metrics.image is not None:
         classes = list(meta.class_names) if meta is not None else []
         overall, per_mag_classes = _patients_per_class(EvaluationFiles(ev).predictions)
-        blocks = {}
-        for mag, block in (metrics.get("per_magnification") or {}).items():
-            blocks[mag] = {
-                "n_images": block.get("n"),
-                "n_patients": block.get("n_patients"),
-                "patients_per_class": per_mag_classes.get(mag, {}),
-                "metrics": {k: block[k] for k in ESTIMATE_KEYS if k in block},
-                "ci95": {},
-            }
+        blocks = {
+            mag: EstimateBlock(
+                n_images=block.n,
+                n_patients=block.n_patients,
+                patients_per_class=per_mag_classes.get(mag, {}),
+                metrics={k: v for k in ESTIMATE_KEYS if (v := block.figure(k)) is not None},
+            )
+            for mag, block in (metrics.per_magnification or {}).items()
+        }
+        # The headline in the flat shape of an older checkpoint's metrics.
         headline = {
-            **metrics["image"],
-            "split": metrics.get("split", "test"),
-            "n_images": metrics.get("n_images"),
-            "n_patients": metrics.get("n_patients"),
+            **metrics.image.to_dict(),
+            "split": metrics.split or "test",
+            "n_images": metrics.n_images,
+            "n_patients": metrics.n_patients,
         }
         estimate = estimate_from_metrics(
             headline,
             classes or sorted(overall),
             meta.task if meta is not None else "binary",
-            metrics.get("threshold"),
+            metrics.threshold,
             patients_per_class=overall,
             per_magnification=blocks,
         )
@@ -190,7 +194,7 @@ def lead_estimate(
     # Figures of patients held out from training (a test split, out-of-fold predictions) are an
     # estimate on unseen patients; a validation split chose the threshold, so it is not.
     held_out = estimate is not None and (
-        not is_from_metrics(estimate) or estimate.get("split") in ("test", "out-of-fold")
+        not is_from_metrics(estimate) or estimate.split in ("test", "out-of-fold")
     )
     return (unseen if held_out else "Performance"), estimate
 

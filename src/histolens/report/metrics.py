@@ -6,8 +6,8 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any
 
+from histolens.evaluation.results import ClassMetrics, ImageMetrics, Metrics, ReferMetrics
 from histolens.report.markup import card_row, embedded_image, fmt
 
 __all__ = ["headline_cards", "metrics_table", "refer_section"]
@@ -21,7 +21,7 @@ def _ci(ci: dict, key: str) -> str:
     return f"{lo:.3f} - {hi:.3f}"
 
 
-# The rows of the metrics table, in order: (key in metrics["image"], label); absent keys skipped.
+# The rows of the metrics table, in order: (figure of the image block, label); absent ones skipped.
 _METRIC_NAMES = [
     ("roc_auc", "ROC AUC (image)"),
     ("pr_auc", "PR AUC"),
@@ -41,48 +41,51 @@ _METRIC_NAMES = [
 ]
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
+def metrics_table(metrics: Metrics) -> str:
     """Every image-level metric with its CI and its value at threshold 0.5, then the per-class
     and per-magnification tables when the metrics have them."""
-    img = metrics.get("image", {})
+    img = metrics.image or ImageMetrics()
     table = _overall_table(metrics)
-    per_class = img.get("per_class")
+    per_class = img.per_class
     if per_class:
         table += _per_class_table(per_class)
-    per_mag = metrics.get("per_magnification")
+    per_mag = metrics.per_magnification
     if per_mag:
         table += _per_magnification_table(per_mag)
     return table
 
 
-def _overall_table(metrics: dict[str, Any]) -> str:
+def _overall_table(metrics: Metrics) -> str:
     """One row per metric: value at the chosen threshold, bootstrap CI, value at 0.5."""
-    img = metrics.get("image", {})
-    ci = img.get("ci95", {})
+    img = metrics.image or ImageMetrics()
+    ci = img.ci95 or {}
     rows = []
-    at05 = metrics.get("image_at_0.5", {})
+    at05 = metrics.image_at_05 or ImageMetrics()
     for key, label in _METRIC_NAMES:
-        if key not in img:
+        value = img.figure(key)
+        if value is None:
             continue
+        at = at05.figure(key)
         rows.append(
-            f"<tr><td>{label}</td><td class=num>{fmt(img[key])}</td>"
+            f"<tr><td>{label}</td><td class=num>{fmt(value)}</td>"
             f"<td class=num>{_ci(ci, key)}</td>"
-            f"<td class=num>{fmt(at05[key]) if key in at05 else ''}</td></tr>"
+            f"<td class=num>{fmt(at) if at is not None else ''}</td></tr>"
         )
+    threshold = 0.5 if metrics.threshold is None else metrics.threshold
     head = (
         "<tr><th>Metric</th><th>Value (chosen threshold "
-        f"{metrics.get('threshold', 0.5):.3f})</th><th>95% CI (bootstrap over patients)</th>"
+        f"{threshold:.3f})</th><th>95% CI (bootstrap over patients)</th>"
         "<th>At threshold 0.5</th></tr>"
     )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _per_class_table(per_class: dict[str, dict[str, Any]]) -> str:
+def _per_class_table(per_class: dict[str, ClassMetrics]) -> str:
     """Precision, recall, F1 and images of each class (multi-class tasks)."""
     pc = "".join(
-        f"<tr><td>{html.escape(c)}</td><td class=num>{v['precision']:.3f}</td>"
-        f"<td class=num>{v['recall']:.3f}</td><td class=num>{v['f1']:.3f}</td>"
-        f"<td class=num>{v['support']}</td></tr>"
+        f"<tr><td>{html.escape(c)}</td><td class=num>{v.precision:.3f}</td>"
+        f"<td class=num>{v.recall:.3f}</td><td class=num>{v.f1:.3f}</td>"
+        f"<td class=num>{v.support}</td></tr>"
         for c, v in per_class.items()
     )
     return (
@@ -91,12 +94,12 @@ def _per_class_table(per_class: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def _per_magnification_table(per_mag: dict[str, dict[str, Any]]) -> str:
+def _per_magnification_table(per_mag: dict[str, ImageMetrics]) -> str:
     """Images, patients, ROC AUC, accuracy and patient recognition rate at each magnification."""
     pm = "".join(
-        f"<tr><td>{m}</td><td class=num>{v['n']}</td><td class=num>{v['n_patients']}</td>"
-        f"<td class=num>{fmt(v['roc_auc'])}</td><td class=num>{fmt(v['accuracy'])}</td>"
-        f"<td class=num>{fmt(v['patient_recognition_rate'])}</td></tr>"
+        f"<tr><td>{m}</td><td class=num>{v.n}</td><td class=num>{v.n_patients}</td>"
+        f"<td class=num>{fmt(v.roc_auc)}</td><td class=num>{fmt(v.accuracy)}</td>"
+        f"<td class=num>{fmt(v.patient_recognition_rate)}</td></tr>"
         for m, v in per_mag.items()
     )
     return (
@@ -106,16 +109,14 @@ def _per_magnification_table(per_mag: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def refer_section(metrics: dict[str, Any], ev: Path) -> str:
-    """Prediction sets, referrals and images unlike the training images (metrics["refer"])."""
-    refer = metrics.get("refer")
-    if not refer:
+def refer_section(metrics: Metrics, ev: Path) -> str:
+    """Prediction sets, referrals and images unlike the training images (``metrics.refer``)."""
+    refer = metrics.refer
+    if refer is None:
         return ""
-    parts = _prediction_set_parts(refer) if refer.get("alpha") is not None else []
-    n_ood = int(refer.get("n_ood", 0))
-    reasons = "; ".join(
-        f"{html.escape(k)}: {v}" for k, v in (refer.get("ood_reasons") or {}).items()
-    )
+    parts = _prediction_set_parts(refer) if refer.alpha is not None else []
+    n_ood = int(refer.n_ood)
+    reasons = "; ".join(f"{html.escape(k)}: {v}" for k, v in refer.ood_reasons.items())
     parts.append(
         f"<p class=how><b>Not like the training images:</b> {n_ood} image(s)"
         + (f" ({reasons})" if reasons else "")
@@ -131,22 +132,22 @@ def refer_section(metrics: dict[str, Any], ev: Path) -> str:
     return "<section id=refer><h2>Knowing when not to answer</h2>" + "".join(parts) + "</section>"
 
 
-def _prediction_set_parts(refer: dict[str, Any]) -> list[str]:
+def _prediction_set_parts(refer: ReferMetrics) -> list[str]:
     """Cards, explanation and referred patients of the prediction sets (``refer`` has alpha)."""
-    alpha = float(refer["alpha"])
+    alpha = float(refer.alpha)  # type: ignore[arg-type]
     parts = [
         card_row(
             [
                 (
                     "Coverage on held-out patients",
-                    fmt(refer["coverage"]),
+                    fmt(refer.coverage),
                     f"target {1 - alpha:.2f} (alpha {alpha:g})",
                 ),
-                ("Images referred", fmt(refer["refer_rate"]), "set of several classes"),
-                ("Accuracy of the images kept", fmt(refer["accuracy_kept"]), ""),
+                ("Images referred", fmt(refer.refer_rate), "set of several classes"),
+                ("Accuracy of the images kept", fmt(refer.accuracy_kept), ""),
                 (
                     "Patients referred",
-                    f"{len(refer['patients_referred'])} / {refer['n_patients']}",
+                    f"{len(refer.patients_referred)} / {refer.n_patients}",
                     "half or more of their images referred",
                 ),
             ]
@@ -154,27 +155,30 @@ def _prediction_set_parts(refer: dict[str, Any]) -> list[str]:
         f"<p class=how>Each image gets the set of classes its calibrated probability does not "
         f"rule out at error level alpha = {alpha:g}; a set of several classes means "
         "<b>refer</b> to a person. Calibration: "
-        f"{html.escape(str(refer.get('method', '')))}; every patient weighs the same, so "
+        f"{html.escape(refer.method or '')}; every patient weighs the same, so "
         "coverage is a guarantee about new patients (averaged over patients: "
-        f"{fmt(refer['coverage'])}; over images: {fmt(refer['coverage_images'])}). "
-        f"Mean set size {fmt(refer['mean_set_size'])}; accuracy of the referred images "
-        f"{fmt(refer['accuracy_referred'])}; patient-level accuracy of the patients not "
-        f"referred (majority of their kept images) {fmt(refer['patient_accuracy_kept'])}.</p>",
+        f"{fmt(refer.coverage)}; over images: {fmt(refer.coverage_images)}). "
+        f"Mean set size {fmt(refer.mean_set_size)}; accuracy of the referred images "
+        f"{fmt(refer.accuracy_referred)}; patient-level accuracy of the patients not "
+        f"referred (majority of their kept images) {fmt(refer.patient_accuracy_kept)}.</p>",
     ]
-    if refer["patients_referred"]:
-        names = ", ".join(html.escape(str(p)) for p in refer["patients_referred"])
+    if refer.patients_referred:
+        names = ", ".join(html.escape(str(p)) for p in refer.patients_referred)
         parts.append(f"<p class=how><b>Patients referred:</b> {names}.</p>")
     return parts
 
 
-def headline_cards(metrics: dict[str, Any]) -> str:
+def headline_cards(metrics: Metrics) -> str:
     """Cards of the main figures, for an evaluation without an estimate to lead with."""
-    img = metrics.get("image", {})
+    img = metrics.image or ImageMetrics()
     items = [
-        ("ROC AUC", img.get("roc_auc", img.get("roc_auc_ovr"))),
-        ("Patient recognition rate", img.get("patient_recognition_rate")),
-        ("Patient-level AUC", img.get("patient_auc")),
-        ("Balanced accuracy", img.get("balanced_accuracy", img.get("accuracy"))),
-        ("Images / patients", f"{metrics.get('n_images')} / {metrics.get('n_patients')}"),
+        ("ROC AUC", img.roc_auc if img.roc_auc is not None else img.roc_auc_ovr),
+        ("Patient recognition rate", img.patient_recognition_rate),
+        ("Patient-level AUC", img.patient_auc),
+        (
+            "Balanced accuracy",
+            img.balanced_accuracy if img.balanced_accuracy is not None else img.accuracy,
+        ),
+        ("Images / patients", f"{metrics.n_images} / {metrics.n_patients}"),
     ]
     return card_row([(k, fmt(v), "") for k, v in items if v is not None])

@@ -32,6 +32,7 @@ __all__ = [
     "macenko_fit",
     "optical_density",
     "rgb_to_lab",
+    "stain_statistics",
     "tissue_mask",
 ]
 
@@ -269,3 +270,19 @@ def lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image channel mean and (unbiased) std of a (B, 3, N) LAB batch over all pixels."""
     std, mean = torch.std_mean(lab, dim=-1)
     return mean, std
+
+
+def stain_statistics(
+    pixels: torch.Tensor, io: float, alpha: float, beta: float, *, macenko: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each image's stain statistics from (B, 3, N) pixels, and (B,) whether they could be fitted.
+
+    Macenko: the stain matrix (B, 3, 2) and the max concentrations (B, 2); Reinhard: the LAB
+    mean and std (B, 3 each), fitted when the image has enough tissue and no flat channel.
+    """
+    od = optical_density(pixels, io)
+    if macenko:
+        he, _, max_conc, ok = macenko_fit(od, alpha, beta)
+        return he, max_conc, ok
+    mean, std = lab_stats(rgb_to_lab(pixels))
+    return mean, std, enough_tissue(tissue_mask(od, beta)) & (std > MIN_LAB_STD).all(dim=1)

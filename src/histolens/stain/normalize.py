@@ -34,6 +34,7 @@ from histolens.stain.math import (
     macenko_fit,
     optical_density,
     rgb_to_lab,
+    stain_statistics,
     tissue_mask,
 )
 
@@ -172,20 +173,14 @@ class StainNormalizer:
             image = as_float_image(image)
             _add_to_digest(digest, image)
             pixels, finite = flat_pixels(image.unsqueeze(0))
-            od = optical_density(pixels, self.io)
             if not bool(finite[0]):
                 continue
-            if self.method in MACENKO_METHODS:
-                he, _, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
-                if bool(ok[0]):
-                    firsts.append(he[0])
-                    seconds.append(max_conc[0])
-            else:
-                mean, std = lab_stats(rgb_to_lab(pixels))
-                ok = enough_tissue(tissue_mask(od, self.beta)) & (std > MIN_LAB_STD).all(dim=1)
-                if bool(ok[0]):
-                    firsts.append(mean[0])
-                    seconds.append(std[0])
+            first, second, ok = stain_statistics(
+                pixels, self.io, self.alpha, self.beta, macenko=self.method in MACENKO_METHODS
+            )
+            if bool(ok[0]):
+                firsts.append(first[0])
+                seconds.append(second[0])
         if not firsts:
             raise DataError(
                 f"None of the {len(tensors)} images has enough tissue to fit {self.method} "

@@ -13,17 +13,11 @@ import torch
 
 from histolens.errors import DataError, check_choice
 from histolens.stain.math import (
-    MIN_LAB_STD,
     as_float_batch,
     as_float_image,
     chunk_size,
-    enough_tissue,
     flat_pixels,
-    lab_stats,
-    macenko_fit,
-    optical_density,
-    rgb_to_lab,
-    tissue_mask,
+    stain_statistics,
 )
 from histolens.stain.normalize import MACENKO_METHODS, STAIN_METHODS
 
@@ -105,14 +99,10 @@ def _reference_features(
     usable = torch.zeros(total, dtype=torch.bool)
     for group, batch in chunks:
         pixels, ok = flat_pixels(batch)
-        od = optical_density(pixels, io)
-        if method in MACENKO_METHODS:
-            he, _, _, fitted = macenko_fit(od, alpha, beta)
-            feats = he.flatten(1)
-        else:
-            mean, std = lab_stats(rgb_to_lab(pixels))
-            fitted = enough_tissue(tissue_mask(od, beta)) & (std > MIN_LAB_STD).all(dim=1)
-            feats = torch.cat((mean, std), dim=1)
+        macenko = method in MACENKO_METHODS
+        first, second, fitted = stain_statistics(pixels, io, alpha, beta, macenko=macenko)
+        # Macenko compares the stain vectors alone; Reinhard the LAB mean and std.
+        feats = first.flatten(1) if macenko else torch.cat((first, second), dim=1)
         ok &= fitted & torch.isfinite(feats).all(dim=1)
         index = torch.tensor(group)
         features[index] = feats.double().cpu()

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from histolens.errors import CheckpointError, ConfigError, check_choice
+from histolens.errors import ConfigError, check_choice
+from histolens.stats.stored import read_stored
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -353,12 +354,7 @@ class ConformalCalibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConformalCalibration:
-        try:
-            if int(d.get("format_version", 1)) > _FORMAT_VERSION:
-                raise CheckpointError(
-                    "The checkpoint's conformal calibration was written by a newer histolens; "
-                    "upgrade."
-                )
+        def read() -> ConformalCalibration:
             return cls(
                 np.asarray(d["scores"], dtype=np.float64),
                 np.asarray(d["labels"], dtype=np.int64),
@@ -368,7 +364,5 @@ class ConformalCalibration:
                 str(d.get("score", "probability")),
                 None if d.get("strata") is None else np.array(d["strata"], dtype=object),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"The checkpoint's conformal calibration is damaged ({exc})."
-            ) from None
+
+        return read_stored(d, _FORMAT_VERSION, "The checkpoint's conformal calibration", read)

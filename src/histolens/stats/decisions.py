@@ -28,6 +28,7 @@ from histolens.stats.operating_points import (
     parse_operating_point,
     patient_weights,
 )
+from histolens.stats.stored import read_stored
 
 __all__ = [
     "AGREEMENT_QUANTILE",
@@ -187,11 +188,8 @@ class OperatingPoints:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OperatingPoints:
         """Read back ``to_dict``; CheckpointError when damaged or newer."""
-        try:
-            if int(d.get("format_version", 1)) > _FORMAT_VERSION:
-                raise CheckpointError(
-                    "The checkpoint's operating points were written by a newer histolens; upgrade."
-                )
+
+        def read() -> OperatingPoints:
             pred = d.get("predictions") or {}
             arrays = (
                 (
@@ -211,10 +209,15 @@ class OperatingPoints:
                 *arrays,
                 PatientDecision.from_dict(d.get("patient")),
             )
-        except (KeyError, TypeError, ValueError, IndexError, ConfigError) as exc:
-            raise CheckpointError(
-                f"The checkpoint's operating points are damaged ({exc})."
-            ) from None
+
+        return read_stored(
+            d,
+            _FORMAT_VERSION,
+            "The checkpoint's operating points",
+            read,
+            plural=True,
+            errors=(KeyError, TypeError, ValueError, IndexError, ConfigError),
+        )
 
 
 def _stratum_order(key: str) -> float:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from histolens.checkpoint.io import CheckpointMetadata, HeadSpec, SplitPart, TrainingData
 from histolens.config import RunConfig
 from histolens.data.records import Dataset as Records
 from histolens.data.splits import Split
+from histolens.evaluation.results import Metrics
 from histolens.models.classifier import resolve_feature_layer
 from histolens.rundir import RunDir
 
@@ -36,7 +36,7 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     seconds: float
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics | None = None  # of the evaluated split (None: not evaluated here)
     notes: list[str] = field(default_factory=list)
     first_epoch: int = 0  # where this invocation started: > 0 for a resumed run
     global_rank: int = 0  # of this process; only rank 0 wrote files and has metrics

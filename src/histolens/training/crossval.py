@@ -89,8 +89,9 @@ def _run_fold(
         progress=False,
         write_outputs=False,
     )
-    img = run.metrics["image"]
-    fold = {key: float(img[key]) for key in HEADLINE_METRICS if key in img}
+    img = run.metrics.image if run.metrics is not None else None
+    figures = img.figures() if img is not None else {}
+    fold = {key: float(figures[key]) for key in HEADLINE_METRICS if key in figures}
     fold.update(
         n_test_images=len(test_recs),
         n_test_patients=len({r.group for r in test_recs}),

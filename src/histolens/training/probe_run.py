@@ -4,8 +4,9 @@ Steps: decode the images once; compute the frozen backbone's pooled features onc
 disk); estimate performance on unseen patients by patient-level k-fold cross-validation, each
 fold choosing its own regularisation by inner cross-validation; fit temperature and threshold on
 the out-of-fold predictions; fit the shipped probe on all patients; write the checkpoint with
-the estimate, and the evaluation of the out-of-fold predictions. The held-out scoring and
-calibration live in :mod:`histolens.training.probe_validation`, the evaluation in
+the estimate, and the evaluation of the out-of-fold predictions. The held-out scoring lives in
+:mod:`histolens.training.probe_validation` (calibrated through
+:mod:`histolens.evaluation.referral`, as the MLP head is), the evaluation in
 :mod:`histolens.training.probe_evaluation`, the frozen features in
 :mod:`histolens.training.probe_features`.
 """
@@ -29,6 +30,7 @@ from histolens.config import RunConfig
 from histolens.data.records import ImageRecord
 from histolens.data.splits import Split, balanced_class_weights, split_by_patient
 from histolens.errors import DataError
+from histolens.evaluation.referral import Referral, fit_calibration
 from histolens.models.backbones import get_backbone_spec
 from histolens.models.feature_cache import FeatureCache
 from histolens.models.pipeline import ImageBank
@@ -36,11 +38,9 @@ from histolens.training.probe import ProbeFit
 from histolens.training.probe_evaluation import _evaluate
 from histolens.training.probe_features import FrozenBackbone, frozen_features
 from histolens.training.probe_validation import (
-    _calibrate,
     _fit,
     _held_out_logits,
     _operating_points,
-    _Referral,
     _referral,
 )
 
@@ -191,7 +191,7 @@ def _fit_and_write(
     final = _fit(cfg, x, y, g, n_classes, cfg.data.seed)
     x_test = _arrays(frozen.cache, split.test, classes, cfg.data.task)[0] if split.test else None
     held = _held_out_logits(cfg, final, split, x, y, g, n_classes, x_test, progress)
-    calibration = _calibrate(cfg, held.calib_logits, held.calib_y, n_classes)
+    calibration = fit_calibration(cfg, held.calib_logits, held.calib_y, n_classes)
     mags = [r.magnification for r in split.train + split.val]
     ops = None
     if n_classes == 2:  # the threshold per magnification, on the same held-out logits
@@ -217,6 +217,7 @@ def _fit_and_write(
             notes,
             write_outputs,
             ops,
+            frozen.content,
         )
     return result
 
@@ -230,7 +231,7 @@ def _save_probe_checkpoint(
     dataset,
     final: ProbeFit,
     calibration: tuple[float, float],
-    referral: _Referral,
+    referral: Referral,
     operating_points: OperatingPoints | None = None,
 ) -> Path:
     """Load ``final`` into the head and write the checkpoint (with the guard's state); its path."""

@@ -2,7 +2,9 @@
 
 Either a held-out test split of patients, or patient-level k-fold cross-validation whose folds
 each choose their own regularisation, temperature and threshold by inner cross-validation; and
-the temperature and threshold fitted on held-out logits. Steps of :mod:`histolens.training.probe_run`.
+the probe's referral on those held-out patients. The temperature, threshold, prediction sets
+and feature guard are fitted by :mod:`histolens.evaluation.referral`, as the MLP head's are.
+Steps of :mod:`histolens.training.probe_run`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from histolens.config import RunConfig
 from histolens.data.records import ImageRecord
 from histolens.data.splits import Split
 from histolens.errors import DataError
-from histolens.evaluation.referral import fit_feature_guard, fit_prediction_sets
+from histolens.evaluation.referral import (
+    Referral,
+    centred_calibration,
+    fit_calibration,
+    fit_held_out_referral,
+)
 from histolens.training.probe import ProbeFit, fit_linear_probe, group_folds
 
 if TYPE_CHECKING:
-    from histolens.inference.ood import OODGuard
-    from histolens.stats.conformal import ConformalCalibration
     from histolens.stats.decisions import OperatingPoints
 
 log = logging.getLogger("histolens")
@@ -135,7 +140,7 @@ def _cross_validated_logits(
         fit = _fit(cfg, x[tr], y[tr], g[tr], n_classes, cfg.data.seed + k)
         oof[te] = fit.logits(x[te])
         inner = fit.oof_logits if fit.oof_logits is not None else oof[te][:0]
-        t_k, thr_k = _calibrate(cfg, inner, y[tr] if len(inner) else y[:0], n_classes)
+        t_k, thr_k = fit_calibration(cfg, inner, y[tr] if len(inner) else y[:0], n_classes)
         decision[te] = oof[te]
         fold_temperature[te] = t_k
         if n_classes == 2:  # the fold's boundary p = thr_k, with p = sigmoid(z / t_k)
@@ -177,42 +182,6 @@ def _operating_points(
     return fit_on_logits(rule, logits[ok], y[ok], g[: len(logits)][ok], mags[ok], temperature)
 
 
-def _calibrate(cfg: RunConfig, logits: np.ndarray, y: np.ndarray, n_classes: int):
-    """Temperature and (two classes) threshold fitted on held-out ``logits``; (1.0, 0.5) when
-    fewer than two of them can be used."""
-    from histolens.inference.predictor import probabilities_from_logits
-    from histolens.stats.calibration import fit_temperature
-    from histolens.stats.operating_points import choose_threshold_for, rule_from_train_config
-
-    ok = ~np.isnan(logits).any(1)
-    if n_classes > 2:
-        # A class absent from a fold's training patients has a logit that never wins (-1e4);
-        # its held-out images say nothing about calibration and would drive T to its bound.
-        true_logit = np.take_along_axis(np.nan_to_num(logits), y[:, None], axis=1)[:, 0]
-        ok &= true_logit > -1e3
-    if ok.sum() < 2:
-        return 1.0, 0.5
-    t_logits = torch.as_tensor(logits[ok], dtype=torch.float32)
-    t_y = torch.as_tensor(y[ok])
-    temperature = fit_temperature(t_logits, t_y)
-    threshold = 0.5
-    if n_classes == 2:
-        p = probabilities_from_logits(t_logits, temperature)[:, 1].numpy()
-        threshold = choose_threshold_for(rule_from_train_config(cfg.train), y[ok], p)
-    return temperature, threshold
-
-
-@dataclass
-class _Referral:
-    """Knowing when not to answer: prediction sets calibrated on held-out patients' predictions,
-    and the feature distance beyond which an image is unlike the training images."""
-
-    calib_p: np.ndarray  # calibrated, centred probabilities the prediction sets were fitted on
-    conformal: ConformalCalibration | None  # None when no calibration image was scored
-    guard: OODGuard  # with a feature guard when there were held-out patients to set it on
-    held_out_distance: np.ndarray  # each training image's distance when its patient was held out
-
-
 def _referral(
     cfg: RunConfig,
     held: _HeldOut,
@@ -224,37 +193,34 @@ def _referral(
     notes: list[str],
     magnifications: Sequence[int | None],
     operating_points: OperatingPoints | None = None,
-) -> _Referral:
-    """Fit the prediction-set calibration (per magnification: ``magnifications`` of the rows of
-    ``x``) and the feature guard, noting an unreachable alpha."""
-    from histolens.inference.ood import OODGuard
+) -> Referral:
+    """The probe's referral (``histolens.evaluation.referral``, as the MLP head's), fitted on
+    its held-out patients: prediction sets (per magnification: ``magnifications`` of the rows
+    of ``x``) on the out-of-fold predictions, each fold's calibrated at its own temperature and
+    centred on its own thresholds (or on a test split's training patients' inner out-of-fold
+    ones), and the feature guard with its limit from patient-level folds."""
     from histolens.inference.predictor import probabilities_from_logits
-    from histolens.stats.conformal import centred_probabilities
 
-    temperature, threshold = calibration
-    calib_y = held.calib_y
+    n = len(held.calib_y)
     if held.n_folds:  # each fold's decision logits over its temperature: its calibrated, centred p
         calib_p = probabilities_from_logits(
             torch.as_tensor(held.logits / held.fold_temperature), 1.0
         ).numpy()
     else:
-        calib_p = probabilities_from_logits(torch.as_tensor(held.calib_logits), temperature).numpy()
-        thr = threshold
-        if operating_points is not None:  # each image centred on its magnification's threshold
-            thr = operating_points.thresholds_for(list(magnifications)[: len(calib_p)])
-        calib_p = centred_probabilities(calib_p, thr if len(classes) == 2 else None)
-    conformal = fit_prediction_sets(
-        calib_p,
-        calib_y,
-        g[: len(calib_y)],
-        classes,
-        cfg.train.alpha,
-        notes,
-        list(magnifications)[: len(calib_y)],
-    )
+        calib_p = centred_calibration(
+            held.calib_logits, calibration, len(classes), operating_points, magnifications
+        )
     try:
         guard_folds = group_folds(y, g, cfg.train.cv_folds or 5, cfg.data.seed)
     except DataError:  # one patient group: no held-out patients to set a limit on
         guard_folds = []
-    feature_guard, held_out_distance = fit_feature_guard(x, guard_folds)
-    return _Referral(calib_p, conformal, OODGuard(features=feature_guard), held_out_distance)
+    return fit_held_out_referral(
+        calib_p,
+        held.calib_y,
+        classes,
+        cfg.train.alpha,
+        notes,
+        (x, guard_folds),
+        g[:n],
+        list(magnifications)[:n],
+    )

@@ -14,13 +14,15 @@ rewrite of the checkpoint.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from histolens.errors import CheckpointError, ConfigError
+from histolens.evaluation.performance import stored_estimate
+from histolens.evaluation.results import Estimate
 from histolens.stats.decisions import OperatingPoints
 from histolens.stats.operating_points import OperatingPointRule, parse_operating_point
 
@@ -39,7 +41,7 @@ class Recalibration:
     checkpoint: Path
     before: OperatingPoints
     after: OperatingPoints
-    estimate: dict[str, Any] | None
+    estimate: Estimate | None
     notes: list[str]
 
 
@@ -74,14 +76,15 @@ def _stored_predictions(path: Path, meta) -> OperatingPoints:
     return ops
 
 
-def _estimate_again(meta, ops: OperatingPoints, rule: OperatingPointRule, alpha: float):
+def _estimate_again(
+    meta, old: Estimate, ops: OperatingPoints, rule: OperatingPointRule, alpha: float
+) -> Estimate:
     """The stored estimate measured again at ``rule`` from the out-of-fold predictions."""
     from histolens.evaluation.estimate import build_estimate
     from histolens.evaluation.metrics import EvalResult, PredictionRow, with_referrals
     from histolens.stats.conformal import centred_probabilities
     from histolens.stats.conformal_metrics import leave_one_patient_out_sets
 
-    old = meta.estimate
     classes = meta.class_names
     thresholds = cross_fitted_thresholds(ops, rule, seed=int(meta.run_config.data.seed))
     centred = centred_probabilities(np.stack([1 - ops.p, ops.p], axis=1), thresholds)
@@ -105,14 +108,14 @@ def _estimate_again(meta, ops: OperatingPoints, rule: OperatingPointRule, alpha:
         centred, ops.y, ops.patient_codes, alpha, "probability", [s or None for s in ops.strata]
     )
     method = (
-        f"{old['method']}; operating point {rule} chosen again by histolens calibrate, its "
+        f"{old.method}; operating point {rule} chosen again by histolens calibrate, its "
         f"thresholds cross-fitted over {CROSS_FIT_FOLDS} patient folds"
     )
     with_referrals(
         ev, member, None, alpha, "leave-one-patient-out over the out-of-fold predictions"
     )
     new_ops = ops.refit(rule)
-    return build_estimate(ev, method, old["description"], seed=0, decision=new_ops)
+    return build_estimate(ev, method, old.description, seed=0, decision=new_ops)
 
 
 def recalibrate_checkpoint(
@@ -152,20 +155,17 @@ def recalibrate_checkpoint(
             centred, after.y, after.patient_codes, meta.class_names, alpha, old.score, mags
         )
         changes["conformal"] = new.to_dict()
-    estimate = None
-    if meta.estimate and "cross-validation" in str(meta.estimate.get("method", "")):
-        estimate = _estimate_again(meta, before, rule, alpha)
-        changes["estimate"] = estimate
-    elif meta.estimate:
+    estimate, stored = None, stored_estimate(meta)
+    if stored is not None and "cross-validation" in stored.method:
+        estimate = _estimate_again(meta, stored, before, rule, alpha)
+        changes["estimate"] = estimate.to_dict()
+    elif stored is not None:
         stale = (
             f"This estimate was measured at the operating point the model was trained with; "
             f"its decision is now {rule} (histolens calibrate). Evaluate it on held-out "
             "patients again (histolens evaluate)."
         )
-        changes["estimate"] = {
-            **meta.estimate,
-            "warnings": [*meta.estimate.get("warnings", []), stale],
-        }
+        changes["estimate"] = replace(stored, warnings=[*stored.warnings, stale]).to_dict()
         notes.append(stale)
     update_metadata(path, **changes)
     return Recalibration(path, before, after, estimate, notes)

@@ -24,13 +24,14 @@ def describe_model(
     predictor: Predictor, settings: ServiceSettings, explain_methods: Sequence[str]
 ) -> ModelInfo:
     """The model, its checkpoint's metadata and figures, and the service's limits."""
-    from histolens.evaluation.performance import estimate_from_metrics
+    from histolens.evaluation.performance import estimate_from_metrics, stored_estimate
 
     meta = predictor.metadata
     if meta is None:
         raise CheckpointError("The service's model was not loaded from a checkpoint.")
-    estimate = meta.estimate
+    estimate = stored_estimate(meta)
     stored = estimate_from_metrics(meta.metrics, list(predictor.class_names), predictor.task)
+    quoted = estimate or stored
     return ModelInfo(
         model_id=predictor.model_id,
         backbone=predictor.backbone_name,
@@ -42,10 +43,10 @@ def describe_model(
         magnification=meta.magnification,
         saved_at=meta.saved_at,
         data=_data_summary(meta.data),
-        estimate=estimate,
+        estimate=estimate.to_dict() if estimate is not None else None,
         metrics=meta.metrics,
-        metrics_description=stored["description"] if stored else None,
-        metrics_warnings=(estimate or stored or {}).get("warnings", []),
+        metrics_description=stored.description if stored else None,
+        metrics_warnings=list(quoted.warnings) if quoted else [],
         versions=meta.versions,
         runtime=getattr(predictor.runner, "runtime", "torch"),
         explain_methods=list(explain_methods),

@@ -6,13 +6,13 @@ adds that dependency when it includes the router); ``site`` holds the page and /
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from histolens.web.errors import ERROR_RESPONSES
+from histolens.web.pages import STATIC_DIR, page_response
 from histolens.web.schemas import (
     BatchResponse,
     ExplainResponse,
@@ -24,7 +24,6 @@ from histolens.web.service import ModelService
 
 __all__ = ["STATIC_DIR", "api", "site"]
 
-STATIC_DIR = Path(__file__).parent / "static"
 _IMAGE = "An image: PNG, JPEG, TIFF, BMP or WebP."
 # A form field arrives as text; 40/100/200/400 exactly, anything else is a 422 naming the choices.
 Magnification = Literal["40", "100", "200", "400"]
@@ -121,5 +120,5 @@ async def healthz(service: Service) -> Any:
 
 
 @site.get("/", include_in_schema=False)
-async def page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+async def page() -> HTMLResponse:
+    return page_response("index.html")

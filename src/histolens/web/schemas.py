@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from histolens.evaluation import results
+from histolens.web.derive import schema_of
+
 __all__ = [
     "BatchItem",
     "BatchResponse",
@@ -115,55 +118,44 @@ class Limits(BaseModel):
     batch_wait_ms: float
 
 
-class EstimateBlock(BaseModel):
-    """Figures measured on a set of patients, with their 95% CIs and the patients behind them."""
-
-    n_images: int | None = None
-    n_patients: int | None = None
-    patients_per_class: dict[str, int] = Field(
-        default_factory=dict,
+# What /docs says of the estimate's fields; their names and types are the dataclasses' own
+# (histolens.evaluation.results), so the shape is spelled once.
+_ESTIMATE_DOCS: dict[str, dict[str, Any]] = {
+    "patients_per_class": dict(
         description="Patients of each class behind the figures.",
         examples=[{"benign": 8, "malignant": 22}],
-    )
-    metrics: dict[str, float] = Field(
-        default_factory=dict,
+    ),
+    "metrics": dict(
         description="roc_auc, patient_auc, balanced_accuracy, patient_recognition_rate, "
         "sensitivity, specificity, accuracy (binary); macro_f1, balanced_accuracy, accuracy, "
         "patient_recognition_rate (subtypes).",
-    )
-    ci95: dict[str, list[float]] = Field(
-        default_factory=dict,
+    ),
+    "ci95": dict(
         description="95% confidence interval [low, high] of each figure, by bootstrap over "
         "patients.",
-    )
-    threshold: float | None = Field(
-        None,
+    ),
+    "threshold": dict(
         description="Binary: the decision threshold these images are decided at (per "
         "magnification: that magnification's operating point).",
-    )
-
-
-class Estimate(EstimateBlock):
-    """How well the model does on patients it has not seen, measured how, on what, and how many
-    patients of each class support it; ``warnings`` say in words where that is too few."""
-
-    method: str = Field(
-        examples=["5-fold patient-level cross-validation (out-of-fold predictions)"]
-    )
-    description: str = Field(
+    ),
+    "method": dict(examples=["5-fold patient-level cross-validation (out-of-fold predictions)"]),
+    "description": dict(
         examples=["735 images of 30 patient groups in manifest.csv (magnification all)"]
-    )
-    per_magnification: dict[str, EstimateBlock] = Field(
-        default_factory=dict,
+    ),
+    "per_magnification": dict(
         description="The same figures at each magnification ('100X'): sensitivity, "
         "specificity, balanced_accuracy and refer_rate at its own threshold, with CIs.",
-    )
-    operating_point: str | None = Field(
-        None,
+    ),
+    "operating_point": dict(
         description="The rule the thresholds were chosen by, per magnification: youden, "
         "sensitivity:T or specificity:T.",
-    )
-    warnings: list[str] = Field(default_factory=list)
+    ),
+}
+
+EstimateBlock = schema_of(results.EstimateBlock, _ESTIMATE_DOCS)
+Estimate = schema_of(
+    results.Estimate, _ESTIMATE_DOCS, {"per_magnification": dict[str, EstimateBlock]}
+)
 
 
 class DataSummary(BaseModel):
@@ -217,8 +209,9 @@ class ModelInfo(BaseModel):
     versions: dict[str, Any] = Field(default_factory=dict)
     runtime: str = Field(
         "torch",
-        description="What computes the predictions: torch (a checkpoint), or onnxruntime or "
-        "openvino (an ONNX export).",
+        description="What computes the predictions: torch, or onnxruntime or openvino (an ONNX "
+        "export on that runtime, or a checkpoint whose backbone features it computes; heatmaps "
+        "always on PyTorch).",
     )
     explain_methods: list[str] = Field(
         default_factory=list, description="Methods /v1/explain accepts."

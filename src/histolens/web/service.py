@@ -13,6 +13,7 @@ import base64
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +44,18 @@ if TYPE_CHECKING:
     from histolens.explain import Explanation
     from histolens.inference.predictor import Prediction, Predictor
 
-__all__ = ["ModelService"]
+__all__ = ["ModelService", "load_predictor"]
+
+
+def load_predictor(checkpoint: str | os.PathLike, settings: ServiceSettings) -> Predictor:
+    """The Predictor of ``checkpoint`` as the service runs it: a torch checkpoint's backbone
+    forward passes on the feature engine ``settings.engine`` chooses (as ``predict`` does);
+    an ONNX export on its runtime. Heatmaps still take their gradients from PyTorch."""
+    from histolens.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, settings.device, settings.onnx_runtime)
+    predictor.use_engine(settings.engine)
+    return predictor
 
 
 class ModelService:
@@ -77,11 +89,7 @@ class ModelService:
     ) -> ModelService:
         """Load ``checkpoint`` (a file or run folder; or use a loaded Predictor) off the loop."""
         if isinstance(checkpoint, (str, os.PathLike)):
-            from histolens.inference.predictor import Predictor
-
-            checkpoint = await run_in_threadpool(
-                Predictor.from_checkpoint, checkpoint, settings.device, settings.onnx_runtime
-            )
+            checkpoint = await run_in_threadpool(load_predictor, checkpoint, settings)
         return cls(checkpoint, settings)
 
     def start(self) -> ModelService:
@@ -124,21 +132,8 @@ class ModelService:
             raise UploadRefused.unreadable(exc) from None
 
     def _prediction_out(self, pred: Prediction) -> PredictionOut:
-        return PredictionOut(
-            label=pred.label,
-            probability=pred.probability,
-            positive_probability=pred.positive_probability,
-            scores=pred.scores,
-            threshold=pred.threshold,
-            uncertain=pred.uncertain,
-            prediction_set=list(pred.prediction_set),
-            alpha=pred.alpha,
-            refer=pred.refer,
-            refer_reason=pred.refer_reason,
-            ood=pred.ood,
-            ood_reason=pred.ood_reason,
-            model_id=self.model_id,
-        )
+        # The schema's fields are the Prediction's of the same names (its path is not sent).
+        return PredictionOut.model_validate({**asdict(pred), "model_id": self.model_id})
 
     # --- predictions ----------------------------------------------------------------------------
     async def predict(

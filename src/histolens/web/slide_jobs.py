@@ -211,9 +211,9 @@ def open_viewer(predictor: Any, settings: Any) -> tuple[SlideLibrary, SlideAnaly
     def load() -> Any:
         if source is None or not source.is_file():
             return predictor
-        from histolens.inference.predictor import Predictor
+        from histolens.web.service import load_predictor
 
-        return Predictor.from_checkpoint(source, settings.device, settings.onnx_runtime)
+        return load_predictor(source, settings)
 
     options = SlideOptions(tile_mpp=settings.slide_tile_mpp, workers=settings.slide_workers)
     analyses = SlideAnalyses(

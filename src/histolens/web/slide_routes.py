@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from histolens.web.errors import ERROR_RESPONSES
-from histolens.web.routes import STATIC_DIR
+from histolens.web.pages import page_response
 from histolens.web.slide_jobs import AnalysisCancelled, SlideAnalyses
 from histolens.web.slide_library import SlideLibrary, UnknownSlide
 
@@ -102,23 +102,21 @@ async def tile(request: Request, slide_id: str, level: int, col: int, row: int) 
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
-@slides_api.post(
-    "/{slide_id}/analysis",
-    response_model=SlideStatus,
-    responses=_NOT_FOUND,
-    summary="Start analysing a slide (or join the analysis under way)",
-)
+# Starting an analysis (POST) and reading its state (GET) answer with the same status.
+_ANALYSIS: dict[str, Any] = {
+    "path": "/{slide_id}/analysis",
+    "response_model": SlideStatus,
+    "responses": _NOT_FOUND,
+}
+
+
+@slides_api.post(**_ANALYSIS, summary="Start analysing a slide (or join the analysis under way)")
 async def start_analysis(request: Request, slide_id: str) -> Any:
     job, joined = await run_in_threadpool(_analyses(request).start, slide_id)
     return SlideStatus(**job.to_dict(), joined=joined)
 
 
-@slides_api.get(
-    "/{slide_id}/analysis",
-    response_model=SlideStatus,
-    responses=_NOT_FOUND,
-    summary="The slide's analysis: state and progress",
-)
+@slides_api.get(**_ANALYSIS, summary="The slide's analysis: state and progress")
 async def analysis(request: Request, slide_id: str) -> Any:
     job = await run_in_threadpool(_analyses(request).status, slide_id)
     return SlideStatus(**job.to_dict())
@@ -135,8 +133,8 @@ async def heatmap(request: Request, slide_id: str) -> FileResponse:
 
 
 @slides_site.get("/slides", include_in_schema=False)
-async def viewer_page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "slides.html", headers={"Cache-Control": "no-cache"})
+async def viewer_page() -> HTMLResponse:
+    return page_response("slides.html")
 
 
 async def _unknown(request: Request, exc: UnknownSlide) -> JSONResponse:
