@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from histolens.atomic import atomic_open, atomic_write_text
-from histolens.evaluation.metrics import EvalResult
+from histolens.evaluation.metrics import EvalResult, rank_scores
 from histolens.inference.predictions_csv import core_columns, core_row, format_flag
 from histolens.rundir import EvaluationFiles
 
@@ -88,7 +88,10 @@ def write_evaluation(
     if len(result.classes) == 2:
         p = np.array([r.probs[1] for r in result.rows])
         p_raw = np.array([r.probs_uncalibrated[1] for r in result.rows])
-        plots.plot_roc_pr(y, p, result.threshold, out / "roc_pr.png")
+        # Ranked as the metrics rank (rank_scores), marked where each image was decided.
+        plots.plot_roc_pr(
+            y, rank_scores(result.rows), result.threshold, out / "roc_pr.png", predicted=pred
+        )
         plots.plot_probability_distribution(
             y, p, result.classes, result.threshold, out / "probability_distribution.png"
         )
