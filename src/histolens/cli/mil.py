@@ -13,11 +13,13 @@ import click
 __all__ = ["train_slides_command"]
 
 # What of the tile flags the MIL run uses; the others do not apply to bags.
-_USED = {"epochs", "lr", "seed", "cv_folds"}
+_USED = {"epochs", "lr", "seed", "cv_folds", "operating_point", "alpha"}
 
 
 def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> None:
     """Cross-validate MIL and mean pooling by patient, fit MIL on all slides, print the table."""
+    from histolens.evaluation.estimate import estimate_lines
+    from histolens.stats.conformal import DEFAULT_ALPHA
     from histolens.training.mil import MilConfig
     from histolens.training.mil_run import train_slides
 
@@ -38,7 +40,14 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
     )
     folds = flags.get("cv_folds") or 5
     out = out or Path("runs") / f"mil-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = train_slides(labels_csv, out, config, folds)
+    run = train_slides(
+        labels_csv,
+        out,
+        config,
+        folds,
+        flags.get("operating_point") or "youden",
+        flags.get("alpha") or DEFAULT_ALPHA,
+    )
     m = run.metrics
     click.echo(f"Run: {run.run_dir}")
     click.echo(
@@ -53,5 +62,14 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
         lo, hi = row["ci95"]
         click.echo(f"  {method:<28} {row['auc']:.3f} ({lo:.3f}-{hi:.3f})")
     click.echo(f"MIL epoch: {m['epoch_seconds_mean'] * 1000:.0f} ms")
+    d = run.decision
+    click.echo(
+        f"Decision (fitted on the out-of-fold slides): temperature {d.temperature:.3f}, "
+        f"threshold {d.threshold:.3f} ({d.operating_points.rule})"
+        + (f", prediction sets at alpha {d.alpha:g}" if d.alpha is not None else "")
+    )
+    for line in estimate_lines(run.estimate, per_magnification=False):
+        click.echo(line)
+    click.echo(f"Report: {run.run_dir / 'report.html'}")
     for note in run.notes:
         click.echo(f"note: {note}")

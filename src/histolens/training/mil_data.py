@@ -33,11 +33,14 @@ _NUMERIC_POSITIVE = {"1", "true", "yes"}
 
 @dataclass(frozen=True)
 class Bag:
-    """One slide's tiles: level-0 corners (N x 2) and features (N x D, float32)."""
+    """One slide's tiles: level-0 corners (N x 2) and features (N x D, float32), with the
+    fingerprint and path of the tile checkpoint that extracted them (empty when unknown)."""
 
     name: str
     features: np.ndarray
     coords: np.ndarray
+    fingerprint: str = ""
+    checkpoint: str = ""
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -63,13 +66,15 @@ def read_bag(path: str | os.PathLike) -> Bag:
                 else np.zeros((len(features), 2), np.int64)
             )
             name = str(f.attrs.get("name", path.stem))
+            fingerprint = str(f.attrs.get("checkpoint_fingerprint", ""))
+            checkpoint = str(f.attrs.get("checkpoint", ""))
     except OSError as exc:
         raise DataError(f"{path} is not a readable HDF5 bag ({exc}).") from None
     if features.ndim != 2 or len(features) == 0:
         raise DataError(f"{path}: 'features' must be N x D with at least one tile.")
     if not np.isfinite(features).all():
         raise DataError(f"{path}: 'features' holds NaN or infinite values.")
-    return Bag(name, features, coords)
+    return Bag(name, features, coords, fingerprint, checkpoint)
 
 
 def write_bag(
