@@ -73,3 +73,53 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
     click.echo(f"Report: {run.run_dir / 'report.html'}")
     for note in run.notes:
         click.echo(f"note: {note}")
+
+
+def features_from_option():
+    """``--features-from CKPT``: the tile checkpoint that makes a slide's bag for a MIL model."""
+    return click.option(
+        "--features-from",
+        type=click.Path(exists=True, path_type=Path),
+        help="With a MIL checkpoint and slides: the tile checkpoint that extracts their features "
+        "(default: the one the MIL checkpoint records).",
+    )
+
+
+def predict_slides_if_mil(checkpoint, inputs, out: Path, alpha, features_from, quiet,
+                          batch_size: int = 32, workers: int = 2) -> bool:  # fmt: skip
+    """``histolens predict`` with a MIL checkpoint: each slide's (or bag's) class, calibrated
+    probability, prediction set and attention heatmap; False for a tile checkpoint (which is
+    refused feature bags with one sentence)."""
+    from histolens.errors import ConfigError, DataError
+    from histolens.slides.mil_predict import (
+        predict_slides_mil,
+        split_bags,
+        write_slide_predictions,
+    )
+    from histolens.training.mil_run import is_mil_checkpoint, load_mil
+
+    if not is_mil_checkpoint(checkpoint):
+        bags, _ = split_bags(inputs)
+        if bags:
+            raise DataError(
+                f"{bags[0].name} is a feature bag: predict it with a MIL checkpoint "
+                "('histolens train --slides'), not a tile checkpoint."
+            )
+        if features_from is not None:
+            raise ConfigError("--features-from goes with a MIL checkpoint only.")
+        return False
+    results = out.with_suffix("")  # predictions.csv -> predictions/ (bags, heatmaps, attention)
+    rows = predict_slides_mil(
+        checkpoint, inputs, results, alpha, features_from, not quiet, batch_size, workers
+    )
+    _, meta = load_mil(checkpoint)
+    write_slide_predictions(rows, meta["class_names"], out)
+    for r in rows:
+        where = r.attention_heatmap or "no heatmap: slide file not found"
+        refer = "  [refer: both classes in the set]" if r.refer else ""
+        click.echo(
+            f"  {r.slide}: {r.label} (P({meta['positive_class']}) = {r.probability:.3f}; "
+            f"set {{{', '.join(r.prediction_set)}}}){refer}; attention {where}"
+        )
+    click.echo(f"{len(rows)} slide(s) predicted by attention MIL. Written to {out}")
+    return True

@@ -43,6 +43,7 @@ def feature_source(bags: Sequence) -> dict[str, Any]:
         "feature_dim": dims[0],
         "fingerprint": prints[0] if prints else None,
         "checkpoint": sources[0] if len(sources) == 1 else None,
+        "tiling": dict(bags[0].tiling),  # how the slides were tiled: new ones are tiled alike
     }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "MIL_SCHEMA",
     "MIL_SCHEMA_VERSION",
     "MilRun",
+    "is_mil_checkpoint",
     "load_mil",
     "save_mil",
     "train_slides",
@@ -58,6 +59,23 @@ def save_mil(path: str | os.PathLike, model, metadata: dict) -> Path:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
     return Path(path)
+
+
+def is_mil_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a file, or a run directory holding ``mil.safetensors``) is a MIL
+    checkpoint; reads only the safetensors header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "mil.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _META_KEY in (f.metadata() or {})
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def load_mil(path: str | os.PathLike):
