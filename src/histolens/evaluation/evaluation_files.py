@@ -67,10 +67,12 @@ def write_evaluation(
     out_dir: str | os.PathLike,
     logs_dir: str | os.PathLike | None = None,
     notes: Sequence[str] = (),
+    images: bool = True,
 ) -> Path:
     """metrics.json, predictions.csv, notes.json and the plots in ``out_dir`` (training curves
-    from ``logs_dir`` when given). The report (``histolens.report``) is written from these by
-    whoever orchestrates: the CLI, or training."""
+    from ``logs_dir`` when given; the misclassified images when the rows are ``images``, not
+    slides). The report (``histolens.report``) is written from these by whoever orchestrates:
+    the CLI, or training."""
     from histolens.evaluation import plots
 
     out = Path(out_dir)
@@ -109,7 +111,8 @@ def write_evaluation(
         if result.predicted(r) != r.target
     ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
-    plots.plot_misclassified(wrong, out / "misclassified.png")
+    if images:
+        plots.plot_misclassified(wrong, out / "misclassified.png")
     refer = result.metrics.refer if result.metrics is not None else None
     if refer is not None and refer.curve is not None and refer.curve.referred:
         plots.plot_risk_coverage(refer, out / "risk_coverage.png")

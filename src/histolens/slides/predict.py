@@ -183,6 +183,7 @@ class SlideRun:
             read_downsample = float(reader.level_downsamples[level])
         attrs = {
             "checkpoint_fingerprint": self.fingerprint,
+            "checkpoint": _source_of(self.predictor),
             "patch_size": int(level_size[0]),
             "patch_size_level0": np.asarray(size0, np.int64),
             "patch_level": int(level),
@@ -298,6 +299,13 @@ class SlideRun:
         return tqdm(
             total=total, initial=initial, desc=name, unit=" tiles", file=sys.stderr, leave=False
         )
+
+
+def _source_of(predictor) -> str:
+    """The absolute path of the predictor's checkpoint ('' when it was put together by hand):
+    a MIL model trained on the bags records where their features came from."""
+    source = getattr(predictor, "source", "") or ""
+    return str(Path(source).resolve()) if source else ""
 
 
 def _stat(values: np.ndarray, fn) -> float:
