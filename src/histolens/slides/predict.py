@@ -21,6 +21,7 @@ import numpy as np
 
 from histolens.errors import ConfigError, DataError
 from histolens.slides.cohort import SLIDE_SUFFIXES, find_slides, parse_shard, shard_slides
+from histolens.slides.memory import TRIM_EVERY, release_free_heap
 from histolens.slides.outputs import (
     SlideOutputs,
     SlideSummary,
@@ -263,7 +264,7 @@ class SlideRun:
             bar = self._bar(n, start, outputs.name)
             try:
                 with PartialScores(partial, self.score_index, save_features) as stored:
-                    batches = iter(loader)
+                    batches, batches_done = iter(loader), 0
                     while True:
                         t0 = time.perf_counter()
                         batch = next(batches, None)
@@ -274,6 +275,9 @@ class SlideRun:
                             b = stored.write(score_batch(self.predictor, batch, self.times))
                         if bar is not None:
                             bar.update(b)
+                        batches_done += 1
+                        if batches_done % TRIM_EVERY == 0:
+                            release_free_heap()
             finally:
                 dataset.close()
                 if bar is not None:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from histolens.models.transforms import Preprocess
+from histolens.slides.memory import model_chunk
 from histolens.slides.reader import SlideReader, open_slide
 
 __all__ = ["BatchScores", "StageTimes", "TileDataset", "score_batch"]
@@ -100,7 +101,13 @@ def score_batch(predictor, batch: torch.Tensor, times: StageTimes | None = None)
     t0 = time.perf_counter()
     inputs = predictor.to_input(batch)
     t1 = time.perf_counter()
-    logits, features = predictor.logits_and_features(inputs)
+    chunk = model_chunk(predictor)
+    if chunk is None or len(inputs) <= chunk:
+        logits, features = predictor.logits_and_features(inputs)
+    else:  # a few tiles at a time keep ONNX Runtime's arena small (histolens.slides.memory)
+        parts = [predictor.logits_and_features(part) for part in inputs.split(chunk)]
+        logits = torch.cat([p[0] for p in parts])
+        features = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
     probs = predictor.probabilities(logits)
     reasons: list[str | None] = [None] * len(probs)
     if predictor.guard is not None:
