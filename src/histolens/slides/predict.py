@@ -22,6 +22,7 @@ import numpy as np
 from histolens.errors import ConfigError, DataError
 from histolens.slides.cohort import SLIDE_SUFFIXES, find_slides, parse_shard, shard_slides
 from histolens.slides.memory import TRIM_EVERY, release_free_heap
+from histolens.slides.operating import tile_operating_point
 from histolens.slides.outputs import (
     SlideOutputs,
     SlideSummary,
@@ -108,10 +109,6 @@ class SlideRun:
                 f"scores with --score-class ({', '.join(names)})."
             )
         self.score_index = names.index(self.score_class)
-        if self.options.threshold is not None:
-            self.threshold = float(self.options.threshold)
-        else:
-            self.threshold = float(p.threshold) if p.is_binary else 0.5
         meta = p.metadata
         self.scale: TileScale = training_scale(
             p.preprocess.input_size,
@@ -121,6 +118,8 @@ class SlideRun:
             meta.training_mpp if meta is not None else None,
             meta.training_image_size if meta is not None else None,
         )
+        self.operating_point = tile_operating_point(p, self.scale, self.options.threshold)
+        self.threshold = self.operating_point.threshold
 
     # --- the cohort --------------------------------------------------------------------------
     def is_done(self, slide: Path) -> bool:
@@ -194,6 +193,9 @@ class SlideRun:
             "overlap": float(self.options.overlap),
             "class_names": ",".join(self.predictor.class_names),
             "score_class": self.score_class,
+            "magnification": self.operating_point.label,
+            "threshold": float(self.threshold),
+            "operating_point": self.operating_point.description,
             "name": outputs.name,
         }
         self._score_tiles(path, mpp, grid, size0, outputs, attrs)
@@ -219,6 +221,8 @@ class SlideRun:
             top_k=int(k),
             score_class=self.score_class,
             threshold=self.threshold,
+            magnification=self.operating_point.label,
+            operating_point=self.operating_point.description,
             tiles_above_threshold=int(above.sum()),
             tissue_mm2=round(mask_area_mm2(mask, dims, mpp), 4),
             tiles_scored=int(len(scores)),
@@ -262,6 +266,7 @@ class SlideRun:
                 prefetch_factor=4 if workers else None,
             )
             bar = self._bar(n, start, outputs.name)
+            mag = self.operating_point.magnification
             try:
                 with PartialScores(partial, self.score_index, save_features) as stored:
                     batches, batches_done = iter(loader), 0
@@ -272,7 +277,8 @@ class SlideRun:
                         if batch is None:
                             break
                         with torch.inference_mode():
-                            b = stored.write(score_batch(self.predictor, batch, self.times))
+                            scores = score_batch(self.predictor, batch, self.times, mag)
+                            b = stored.write(scores)
                         if bar is not None:
                             bar.update(b)
                         batches_done += 1

@@ -95,9 +95,15 @@ class BatchScores:
     features: np.ndarray | None = field(default=None, repr=False)
 
 
-def score_batch(predictor, batch: torch.Tensor, times: StageTimes | None = None) -> BatchScores:
-    """Score a uint8 tile batch (B, 3, H, W) exactly as ``Predictor.predict_batch`` does, keeping
-    the pooled features (for --save-features) and timing stain normalisation and the model."""
+def score_batch(
+    predictor,
+    batch: torch.Tensor,
+    times: StageTimes | None = None,
+    magnification: int | None = None,
+) -> BatchScores:
+    """Score a uint8 tile batch (B, 3, H, W) exactly as ``Predictor.predict_batch`` does, as
+    images of ``magnification`` (its threshold and prediction sets; None: unknown), keeping the
+    pooled features (for --save-features) and timing stain normalisation and the model."""
     t0 = time.perf_counter()
     inputs = predictor.to_input(batch)
     t1 = time.perf_counter()
@@ -115,7 +121,9 @@ def score_batch(predictor, batch: torch.Tensor, times: StageTimes | None = None)
         reasons = predictor.guard.reasons(
             batch, [(w, h)] * len(probs), predictor.preprocess.input_size, features
         )
-    preds = predictor.decide_batch(probs, ood_reasons=reasons)
+    preds = predictor.decide_batch(
+        probs, ood_reasons=reasons, magnifications=[magnification] * len(probs)
+    )
     t2 = time.perf_counter()
     if times is not None:
         times.stain += t1 - t0
