@@ -258,6 +258,7 @@ class SlideRun:
             start = 0
         if start < n:
             dataset = TileDataset(path, mpp, grid.coords[start:], size0, self.predictor.preprocess)
+            release_free_heap()  # the masking's freed heap is not inherited by forked workers
             workers = min(self.options.workers, max(0, (n - start) // self.options.batch_size))
             loader = DataLoader(
                 dataset,
