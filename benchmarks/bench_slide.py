@@ -67,11 +67,11 @@ class MemorySampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.worker_rss = self.total_rss = self.total_pss = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         me = os.getpid()
-        while not self._stop.wait(0.2):
+        while not self._halt.wait(0.2):
             kids = []
             for p in Path("/proc").iterdir():
                 try:
@@ -86,7 +86,7 @@ class MemorySampler(threading.Thread):
             self.total_pss = max(self.total_pss, sum(pss))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

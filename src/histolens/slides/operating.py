@@ -31,6 +31,14 @@ class TileOperatingPoint:
         """The magnification as stored in slides.csv and the HDF5 attrs ('200X', or 'pooled')."""
         return f"{self.magnification}X" if self.magnification is not None else "pooled"
 
+    def as_attrs(self) -> dict[str, str | float]:
+        """What the HDF5 attrs and the slide summary record of it."""
+        return {
+            "magnification": self.label,
+            "threshold": float(self.threshold),
+            "operating_point": self.description,
+        }
+
 
 def tile_operating_point(
     predictor, scale: TileScale, threshold: float | None = None

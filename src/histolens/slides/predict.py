@@ -193,9 +193,7 @@ class SlideRun:
             "overlap": float(self.options.overlap),
             "class_names": ",".join(self.predictor.class_names),
             "score_class": self.score_class,
-            "magnification": self.operating_point.label,
-            "threshold": float(self.threshold),
-            "operating_point": self.operating_point.description,
+            **self.operating_point.as_attrs(),
             "name": outputs.name,
         }
         self._score_tiles(path, mpp, grid, size0, outputs, attrs)
@@ -220,9 +218,7 @@ class SlideRun:
             score_topk_mean=_stat(np.sort(counted)[::-1][:k], np.mean),
             top_k=int(k),
             score_class=self.score_class,
-            threshold=self.threshold,
-            magnification=self.operating_point.label,
-            operating_point=self.operating_point.description,
+            **self.operating_point.as_attrs(),
             tiles_above_threshold=int(above.sum()),
             tissue_mm2=round(mask_area_mm2(mask, dims, mpp), 4),
             tiles_scored=int(len(scores)),
