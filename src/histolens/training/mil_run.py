@@ -64,7 +64,7 @@ def save_mil(path: str | os.PathLike, model, metadata: dict) -> Path:
 def is_mil_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` (a file, or a run directory holding ``mil.safetensors``) is a MIL
     checkpoint; reads only the safetensors header."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if path.is_dir():
@@ -74,8 +74,8 @@ def is_mil_checkpoint(path: str | os.PathLike) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
             return _META_KEY in (f.metadata() or {})
-    except (OSError, ValueError, RuntimeError):
-        return False
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return False  # not readable as one: the tile checkpoint loader says why, in one sentence
 
 
 def load_mil(path: str | os.PathLike):
