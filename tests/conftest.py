@@ -19,6 +19,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # for an engine (tests/test_engine.py checks the exported engines against PyTorch), and nothing is
 # exported into the user's own cache.
 os.environ.setdefault("HISTOLENS_ENGINE", "torch")
+# Under pytest-xdist (`make test` runs two workers), the workers share the cores: each computes on
+# its share of them (and so do the processes its tests start), instead of every worker starting
+# one thread per core and the OpenMP pools of both spinning on the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 if "HISTOLENS_CACHE" not in os.environ:
     import tempfile
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -336,3 +337,31 @@ def test_every_front_end_offers_the_flag_and_says_which_runtime_runs(onnx_path):
     with TestClient(create_app(onnx_path, onnx_runtime="openvino")) as client:
         info = client.get("/v1/model").json()
     assert info["runtime"] == "openvino"
+
+
+# Run in a child process: the failure it guards against kills the process that shows it.
+TWO_RUNNERS_THEN_A_SIGNAL = """
+import faulthandler, signal, subprocess, sys
+faulthandler.enable()  # as pytest does: the main thread gets a signal stack of its own
+signal.signal(signal.SIGCHLD, lambda *a: None)  # as PyTorch's DataLoader does
+from histolens.inference.runtimes import OpenVinoRunner
+first, second = OpenVinoRunner(sys.argv[1]), OpenVinoRunner(sys.argv[1])
+del first  # dropped in the order they were made
+del second
+subprocess.run(["true"], check=True)  # its SIGCHLD is handled on this thread
+print("survived")
+"""
+
+
+def test_runners_dropped_in_any_order_leave_signals_working(onnx_path):
+    """Each runner once made its own Core, whose CPU plugin swapped the thread's signal stack and,
+    dropped first-made-first, left it pointing at unmapped memory: the next handled signal was a
+    SIGSEGV that no handler saw (the test suite died of it). One shared Core keeps it valid."""
+    child = subprocess.run(
+        [sys.executable, "-c", TWO_RUNNERS_THEN_A_SIGNAL, str(onnx_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    assert child.stdout.strip() == "survived"

@@ -6,8 +6,12 @@ would find the wrong one when both folders run together.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -62,3 +66,20 @@ def pump(root, done: Callable[[], bool], what: str, timeout: float = 90) -> None
             return
         time.sleep(0.01)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def screenshot(display: str, target: Path) -> Path:
+    """The whole X screen as PNG (ImageMagick's import, or Pillow's ImageGrab as a fallback)."""
+    if shutil.which("import"):
+        subprocess.run(
+            ["import", "-display", display, "-window", "root", str(target)], check=True, timeout=30
+        )
+    else:
+        from PIL import ImageGrab
+
+        ImageGrab.grab(xdisplay=display).save(target)
+    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
+        out = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(target, out / target.name)
+    return target

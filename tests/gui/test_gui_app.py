@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from gui_helpers import SCREEN, pump
+from gui_helpers import SCREEN, pump, screenshot
 from PIL import Image
 
 pytestmark = pytest.mark.gui
-
-
-def screenshot(display: str, target: Path) -> Path:
-    """The whole X screen as PNG (ImageMagick's import, or Pillow's ImageGrab as a fallback)."""
-    if shutil.which("import"):
-        subprocess.run(
-            ["import", "-display", display, "-window", "root", str(target)], check=True, timeout=30
-        )
-    else:
-        from PIL import ImageGrab
-
-        ImageGrab.grab(xdisplay=display).save(target)
-    if os.environ.get("HISTOLENS_SCREENSHOT_DIR"):
-        out = Path(os.environ["HISTOLENS_SCREENSHOT_DIR"])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(target, out / target.name)
-    return target
 
 
 @pytest.fixture(scope="module")

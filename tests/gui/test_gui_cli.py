@@ -89,3 +89,16 @@ def test_images_and_folders_given_are_opened_at_start(
         assert str(app.status_text.cget("text")).startswith("Analysed 7 images:")
     finally:
         app.close()
+
+
+def test_help_names_the_slide_options():
+    result = CliRunner().invoke(gui_command, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--slide PATH", "--mpp FLOAT", "--tile-mpp FLOAT", "--score-class TEXT"):
+        assert option in result.output
+
+
+def test_a_slide_that_does_not_exist_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(gui_command, ["--slide", str(tmp_path / "nope.svs")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output

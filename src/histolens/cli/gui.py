@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from histolens.cli.options import engine_option
+
 __all__ = ["gui_command"]
 
 
@@ -17,17 +19,52 @@ __all__ = ["gui_command"]
     default=None,
     help="Checkpoint file or run folder to load at start (File > Open checkpoint changes it).",
 )
+@click.option(
+    "--slide",
+    "slides",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Whole-slide image (SVS, NDPI, MRXS, tiled TIFF, ...; or a PNG/JPEG with --mpp) to "
+    "open in a slide window; analysed at once when a checkpoint is given. Repeatable.",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Microns per level-0 pixel of the --slide files, where they lack it or it is wrong.",
+)
+@click.option(
+    "--tile-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Microns per pixel of the tiles a slide analysis scores (default: the checkpoint's).",
+)
+@click.option(
+    "--score-class",
+    default=None,
+    help="Class whose probability a slide heatmap shows (needed for a multi-class checkpoint).",
+)
 @click.argument(
     "paths",
     nargs=-1,
     metavar="[IMAGE_OR_FOLDER]...",
     type=click.Path(exists=True, path_type=Path),
 )
-def gui_command(checkpoint: Path | None, paths: tuple[Path, ...]) -> None:
-    """Open the desktop viewer: images, folders, predictions and heatmaps.
+@engine_option()
+def gui_command(
+    checkpoint: Path | None,
+    slides: tuple[Path, ...],
+    mpp: float | None,
+    tile_mpp: float | None,
+    score_class: str | None,
+    paths: tuple[Path, ...],
+    engine: str | None,
+) -> None:
+    """Open the desktop viewer: images, folders, slides, predictions and heatmaps.
 
     Images and folders given are opened at start: one image is shown, a folder or several
-    paths are classified into the results list.
+    paths are classified into the results list. Each --slide opens in a slide window with its
+    tile heatmap and tissue mask (File > Open slide... opens more).
 
     Research use only; not for diagnosis.
     """
@@ -45,5 +82,9 @@ def gui_command(checkpoint: Path | None, paths: tuple[Path, ...]) -> None:
             f"no display available ({exc}); run it on a desktop, or under xvfb-run."
         ) from None
     from histolens.gui.app import run_app
+    from histolens.gui.slide_window import SlideRequest
+    from histolens.slides.predict import SlideOptions
 
-    run_app(checkpoint, root, paths)
+    options = SlideOptions(tile_mpp=tile_mpp, score_class=score_class)
+    # The options apply to slides opened later from the menu too.
+    run_app(checkpoint, root, paths, SlideRequest(slides, mpp, options), engine=engine)

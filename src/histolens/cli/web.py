@@ -11,6 +11,7 @@ from histolens.cli.options import (
     checkpoint_option,
     count_option,
     device_option,
+    engine_option,
     float_option,
     onnx_runtime_option,
     path_option,
@@ -52,6 +53,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 @count_option("--max-batch-files", 16, help="Files per /v1/predict/batch request.")
 @device_option()
 @onnx_runtime_option()
+@engine_option()
 @path_option(
     "--slides",
     "slides",

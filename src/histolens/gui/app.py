@@ -1,13 +1,11 @@
-"""The Tk window of the desktop viewer: panels wired to a :class:`Presenter`.
-
-Every decision lives in the presenter; the panels (``panels``, ``widgets``) draw what it asks
-for. This module builds the window around them (menu, toolbar, error bar, status line), turns
-user input into presenter calls and implements the presenter's ``View``. Model work runs on one
-worker thread; ``after()`` polls its results, so the window never freezes.
-"""
+"""The Tk window of the desktop viewer: panels wired to a :class:`Presenter`, which makes every
+decision; this module builds the window (menu, toolbar, error bar, status line), turns input
+into presenter calls and implements its ``View``. Model work runs on one worker thread, polled
+with ``after()``, so the window never freezes."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tkinter as tk
 from collections.abc import Sequence
@@ -26,7 +24,8 @@ from histolens.gui.display import (
 )
 from histolens.gui.model_info import ModelSummary
 from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
-from histolens.gui.presenter import Presenter
+from histolens.gui.presenter import Presenter, open_predictor
+from histolens.gui.slide_window import SlideRequest, SlideWindows
 from histolens.gui.style import apply_style
 from histolens.gui.widgets import ImagesArea
 
@@ -51,6 +50,7 @@ class ViewerApp:
         checkpoint: a checkpoint file or run folder to load at start.
         executor: where model work runs (default: one worker thread owned by the window).
         paths: images or folders to open at start (as ``histolens gui PATH...``).
+        engine: what computes a checkpoint's backbone features (``--engine``; None: default).
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class ViewerApp:
         checkpoint: str | os.PathLike | None = None,
         executor: Executor | None = None,
         paths: Sequence[str | os.PathLike] = (),
+        engine: str | None = None,
     ) -> None:
         self.root = root
         self._own_executor = executor is None
@@ -71,7 +72,9 @@ class ViewerApp:
         self._build_menu()
         self._build_layout()
         self._bind_keys()
-        self.presenter = Presenter(self, self._executor)
+        load = functools.partial(open_predictor, engine=engine)
+        self.presenter = Presenter(self, self._executor, load_predictor=load)
+        self.slides = SlideWindows(root, lambda: self.presenter.predictor, checkpoint)
         self.show_model(None)
         self.show_methods((), "")
         self.show_prediction(None)
@@ -93,6 +96,7 @@ class ViewerApp:
         file_menu.add_command(
             label="Open folder…", accelerator="Ctrl+Shift+O", command=self.ask_folder
         )
+        file_menu.add_command(label="Open slide…", command=lambda: self.slides.ask())
         file_menu.add_separator()
         file_menu.add_command(
             label="Open checkpoint…", accelerator="Ctrl+L", command=self.ask_checkpoint
@@ -307,6 +311,7 @@ class ViewerApp:
         if self._poll_after is not None:
             self.root.after_cancel(self._poll_after)
             self._poll_after = None
+        self.slides.close()
         self.presenter.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=False)
@@ -381,12 +386,14 @@ def run_app(
     checkpoint: str | os.PathLike | None = None,
     root: tk.Tk | None = None,
     paths: Sequence[str | os.PathLike] = (),
+    slides: SlideRequest | None = None,
+    engine: str | None = None,
 ) -> None:
-    """Open the viewer window, with a checkpoint and images if given; run until it is closed."""
+    """Open the viewer window (checkpoint, images, slides, feature ``engine`` if given)."""
     root = root or tk.Tk(className="histolens")
     # Leave room for the menu bar and the desktop's panels.
     width = min(1440, root.winfo_screenwidth() - 40)
     height = min(900, root.winfo_screenheight() - 80)
     root.geometry(f"{width}x{height}")
-    ViewerApp(root, checkpoint, paths=paths)
+    ViewerApp(root, checkpoint, paths=paths, engine=engine).slides.open_all(slides)
     root.mainloop()

@@ -37,6 +37,8 @@ class ModelSummary:
     saved_at: str
     # What computes the predictions: torch, or onnxruntime / openvino for an ONNX export.
     runtime: str = "torch"
+    # True when ``runtime`` computes a torch checkpoint's backbone features (the feature engine).
+    engine: bool = False
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ModelSummary:
@@ -45,6 +47,7 @@ class ModelSummary:
             is_from_metrics,
             performance_lines,
         )
+        from histolens.models.engine import EngineClassifier
 
         meta = predictor.metadata
         estimate = headline_estimate(meta)
@@ -66,6 +69,7 @@ class ModelSummary:
             ),
             saved_at=(meta.saved_at if meta is not None else None) or "",
             runtime=getattr(getattr(predictor, "runner", None), "runtime", "torch"),
+            engine=isinstance(getattr(predictor, "runner", None), EngineClassifier),
         )
 
     def rows(self) -> list[tuple[str, str]]:
@@ -82,7 +86,10 @@ class ModelSummary:
         if self.saved_at:
             rows.append(("Saved", self.saved_at))
         rows.append(("File", self.source))
-        if self.runtime != "torch":
+        if self.engine:
+            name = _RUNTIME_NAMES.get(self.runtime, self.runtime).split(" (")[0]
+            rows.append(("Runtime", f"{name} (backbone features; heatmaps on PyTorch)"))
+        elif self.runtime != "torch":
             rows.append(("Runtime", _RUNTIME_NAMES.get(self.runtime, self.runtime)))
         return rows
 

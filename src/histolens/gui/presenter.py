@@ -59,16 +59,22 @@ __all__ = [
     "export_results",
     "find_images",
     "method_label",
+    "open_predictor",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _load_predictor(path: str) -> Predictor:
+def open_predictor(path: str, engine: str | None = None) -> Predictor:
+    """The Predictor of ``path``, a torch checkpoint's backbone forward passes on the feature
+    engine (``engine``, else $HISTOLENS_ENGINE, else auto), as ``predict`` runs it; the
+    heatmaps take their gradients from PyTorch."""
     from histolens.inference.predictor import Predictor
 
-    return Predictor.from_checkpoint(path)
+    predictor = Predictor.from_checkpoint(path)
+    predictor.use_engine(engine)
+    return predictor
 
 
 def _make_explainer(predictor: Predictor) -> Explainer:
@@ -135,7 +141,7 @@ class Presenter:
         view: View,
         executor: Executor,
         *,
-        load_predictor: Callable[[str], Predictor] = _load_predictor,
+        load_predictor: Callable[[str], Predictor] = open_predictor,
         make_explainer: Callable[[Predictor], Explainer] = _make_explainer,
         methods: Sequence[str] | Callable[[], Sequence[str]] = _available_methods,
         batch_chunk: int = BATCH_CHUNK,

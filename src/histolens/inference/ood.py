@@ -37,6 +37,7 @@ __all__ = [
     "FeatureGuard",
     "InputChecks",
     "OODGuard",
+    "content_stats",
     "image_size",
 ]
 
@@ -82,25 +83,33 @@ class InputChecks:
 
     def content_reasons(self, images_uint8: torch.Tensor) -> list[str | None]:
         """Why each resized uint8 image (B, 3, H, W) is not tissue-like, or None."""
-        x = images_uint8[:, :, ::4, ::4].to(torch.float32)
-        grey = x.mean(1).flatten(1)
-        hi, lo = x.max(1).values.flatten(1), x.min(1).values.flatten(1)
-        r, g, b = (x[:, c].flatten(1) for c in range(3))
-        coloured = (hi - lo) >= 12
-        tissue = (coloured & (g <= torch.minimum(r, b) + 4)).float().mean(1)
-        contrast = grey.std(1)
-        out: list[str | None] = []
-        for c, t in zip(contrast.tolist(), tissue.tolist(), strict=True):
-            if c < self.min_contrast:
-                out.append("the image is nearly uniform (no visible structure)")
-            elif t < self.min_tissue_fraction:
-                out.append(
-                    f"the image has almost no H&E-like (pink or purple) colour "
-                    f"({100 * t:.1f}% of pixels)"
-                )
-            else:
-                out.append(None)
-        return out
+        return [self.reason_for_content(c, t) for c, t in content_stats(images_uint8)]
+
+    def reason_for_content(self, contrast: float, tissue: float) -> str | None:
+        """Why an image of this grey-level contrast and H&E-coloured fraction (see
+        :func:`content_stats`) is not tissue-like, or None."""
+        if contrast < self.min_contrast:
+            return "the image is nearly uniform (no visible structure)"
+        if tissue < self.min_tissue_fraction:
+            return (
+                f"the image has almost no H&E-like (pink or purple) colour "
+                f"({100 * tissue:.1f}% of pixels)"
+            )
+        return None
+
+
+def content_stats(images_uint8: torch.Tensor) -> list[tuple[float, float]]:
+    """(grey-level standard deviation, fraction of H&E-coloured pixels) of each resized uint8
+    image (B, 3, H, W): what :meth:`InputChecks.reason_for_content` judges. Each image's values
+    depend on its own pixels only, so they can be taken wherever a batch is already decoded."""
+    x = images_uint8[:, :, ::4, ::4].to(torch.float32)
+    grey = x.mean(1).flatten(1)
+    hi, lo = x.max(1).values.flatten(1), x.min(1).values.flatten(1)
+    r, g, b = (x[:, c].flatten(1) for c in range(3))
+    coloured = (hi - lo) >= 12
+    tissue = (coloured & (g <= torch.minimum(r, b) + 4)).float().mean(1)
+    contrast = grey.std(1)
+    return list(zip(contrast.tolist(), tissue.tolist(), strict=True))
 
 
 @dataclass

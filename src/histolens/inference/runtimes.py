@@ -33,6 +33,7 @@ from histolens.checkpoint.onnx_file import (
     read_onnx_metadata,
 )
 from histolens.errors import CheckpointError, ConfigError, check_choice
+from histolens.models.openvino_core import openvino_core
 
 if TYPE_CHECKING:
     from histolens.checkpoint.metadata import CheckpointMetadata
@@ -156,7 +157,7 @@ class OpenVinoRunner:
         *,
         from_env: bool = False,
     ) -> None:
-        ov = _openvino(device, from_env)
+        _openvino(device, from_env)  # installed, and the device is the CPU
         self.path = Path(path)
         config = {
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
@@ -164,7 +165,7 @@ class OpenVinoRunner:
             "INFERENCE_PRECISION_HINT": "f32",
         }
         try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+            self.compiled = openvino_core().compile_model(str(path), "CPU", config)
         except Exception as exc:
             raise CheckpointError(f"OpenVINO cannot load {path} ({_first_line(exc)}).") from None
         _check_graph(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from histolens.errors import check_choice
+from histolens.models.openvino_core import openvino_core
 
 if TYPE_CHECKING:
     from histolens.models.classifier import HistoClassifier
@@ -206,15 +207,13 @@ class ExportedFeatures:
 
     def _compile(self, path: Path):
         if self.name == "openvino":
-            import openvino as ov
-
             config = {
                 "INFERENCE_NUM_THREADS": self.threads,
                 "PERFORMANCE_HINT": "LATENCY",
                 # OpenVINO would compute in bf16 on CPUs that have it: not the same features.
                 "INFERENCE_PRECISION_HINT": "f32",
             }
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            compiled = openvino_core().compile_model(str(path), "CPU", config)
             request = compiled.create_infer_request()
             output = compiled.output(0)
             lock = threading.Lock()

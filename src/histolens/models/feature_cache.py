@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +120,7 @@ class FeatureCache:
         batch_size: int = 32,
         progress: bool = True,
         fabric: Any = None,
+        on_decoded: Callable[[list[str], torch.Tensor], None] | None = None,
     ) -> None:
         """Compute features only for the images (and views) not cached yet.
 
@@ -128,6 +129,8 @@ class FeatureCache:
         augmented views; unreadable files end in ``images.skipped`` and stay out of the cache.
         With a launched ``lightning.fabric.Fabric`` of several processes, every rank must call
         this with the same arguments: each computes its share and all receive the whole result.
+        ``on_decoded(paths, uint8 batch)`` sees every batch this rank decodes, so that other
+        per-image work on the pixels (the input checks) needs no second decode.
         """
         if isinstance(model, torch.nn.Module):
             model.eval()
@@ -146,6 +149,8 @@ class FeatureCache:
         with _progress(total, "Backbone features", progress) as bar:
             done = _ThroughputEstimate(total, bar, progress)
             for paths, batch in images.batches(mine, batch_size):
+                if on_decoded is not None:
+                    on_decoded(paths, batch)
                 keep = [i for i, p in enumerate(paths) if p in wanted_clean]
                 if keep:
                     x = pipeline.eval_inputs(batch[keep])

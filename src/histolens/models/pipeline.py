@@ -84,6 +84,14 @@ class ImageStream:
         self.workers = workers or _decoder_threads()
         self.skipped: list[Skipped] = []
         self._unreadable: set[str] = set()
+        self._held: dict[str, torch.Tensor] = {}
+
+    def hold(self, images: dict[str, torch.Tensor]) -> None:
+        """Keep these decoded images (by path) until their next pass through ``batches`` or
+        ``each``, which takes them instead of decoding the files again; ``hold({})`` drops
+        the images still held. Used for the few images a run decodes before its feature pass
+        (the stain reference's)."""
+        self._held = dict(images)
 
     def __contains__(self, path: object) -> bool:
         return path not in self._unreadable
@@ -127,7 +135,7 @@ class ImageStream:
                 i = next(starts, None)
                 if i is not None:
                     chunk = paths[i : i + batch_size]
-                    futures = [pool.submit(_decode, self.preprocess, p) for p in chunk]
+                    futures = [self._held_or_decode(pool, p) for p in chunk]
                     window.append((chunk, futures))
 
             for _ in range(ahead):
@@ -139,6 +147,14 @@ class ImageStream:
                 self.add_skipped(r for r in results if isinstance(r, Skipped))
                 kept = [(p, r) for p, r in zip(chunk, results, strict=True) if torch.is_tensor(r)]
                 yield chunk, [p for p, _ in kept], [r for _, r in kept]
+
+    def _held_or_decode(self, pool: ThreadPoolExecutor, path: str) -> Future:
+        held = self._held.pop(path, None)
+        if held is None:
+            return pool.submit(_decode, self.preprocess, path)
+        done: Future = Future()
+        done.set_result(held)
+        return done
 
     def check(self, paths: Sequence[str], progress: bool = False) -> None:
         """Decode every image once (and drop it) to list the unreadable ones in ``skipped``."""
@@ -209,6 +225,9 @@ class InputPipeline:
     stain: object | None = None  # a fitted histolens.stain.normalize.StainNormalizer
     seed: int = 42
     device: torch.device = torch.device("cpu")
+    # PyTorch's CPU convolutions want channels-last inputs; an exported engine reads NCHW, so
+    # converting for it would cost a copy there and another back.
+    channels_last: bool = True
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, torch.float32) / 255.0
@@ -218,7 +237,9 @@ class InputPipeline:
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = self.preprocess.normalize(x)
-        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+        if self.channels_last and x.device.type == "cpu":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def eval_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the Predictor feeds the model: stain normalisation, then mean/std."""

@@ -63,7 +63,9 @@ class Preprocess:
         if img.width > 4 * w and img.height > 4 * h:
             img = img.reduce(max(1, min(img.width // (2 * w), img.height // (2 * h))))
         arr = np.asarray(img.convert("RGB").resize((w, h), resample), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        # Channels-first and contiguous here, in the decoding thread: stacking a batch of
+        # permuted (strided) views costs the main thread a strided copy per batch.
+        return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Float batch in [0, 1] (B, 3, H, W) -> model input."""

@@ -6,13 +6,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from histolens.atomic import atomic_path
 from histolens.errors import DataError
 
-__all__ = ["explain_tiles", "top_tiles"]
+if TYPE_CHECKING:
+    from histolens.explain import Explainer, Explanation
+    from histolens.slides.reader import SlideReader
+
+__all__ = ["explain_tile", "explain_tiles", "top_tiles"]
 
 
 def top_tiles(results: str | os.PathLike, slide_name: str, n: int) -> list[tuple[int, int]]:
@@ -30,6 +35,23 @@ def top_tiles(results: str | os.PathLike, slide_name: str, n: int) -> list[tuple
         scores, coords = f["score"][:], f["coords"][:]
     order = np.argsort(-scores, kind="stable")[:n]
     return [(int(x), int(y)) for x, y in coords[order]]
+
+
+def explain_tile(
+    explainer: Explainer,
+    reader: SlideReader,
+    corner: tuple[int, int],
+    size0: tuple[int, int],
+    method: str = "gradcam",
+) -> Explanation:
+    """The :class:`~histolens.explain.Explanation` of the tile of level-0 ``size0`` at level-0
+    ``corner`` of an open slide ``reader``, read at full resolution (level 0: the Explainer
+    resizes it for the model and maps the heatmap back to this size)."""
+    x, y = (int(v) for v in corner)
+    w, h = reader.dimensions
+    if not (0 <= x < w and 0 <= y < h):
+        raise DataError(f"Tile corner {x},{y} lies outside {reader.path.stem} ({w} x {h} px).")
+    return explainer.explain(reader.read_region((x, y), 0, size0), method)
 
 
 def explain_tiles(
@@ -63,14 +85,8 @@ def explain_tiles(
     name = Path(slide).stem
     with open_slide(slide, mpp) as reader, Explainer(predictor) as explainer:
         size0 = scale.level0_size(reader.mpp)
-        w, h = reader.dimensions
-        # Full resolution: read at level 0 (the Explainer resizes for the model and maps the
-        # heatmap back to this size).
         for x, y in corners:
-            if not (0 <= x < w and 0 <= y < h):
-                raise DataError(f"Tile corner {x},{y} lies outside {name} ({w} x {h} px).")
-            tile = reader.read_region((x, y), 0, size0)
-            result = explainer.explain(tile, method)
+            result = explain_tile(explainer, reader, (x, y), size0, method)
             target = out / f"{name}_x{x}_y{y}_{result.method}.png"
             with atomic_path(target) as tmp:
                 result.overlay().save(tmp, format="PNG")

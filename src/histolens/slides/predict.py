@@ -85,6 +85,9 @@ class SlideRun:
     fingerprint: str = ""
     times: StageTimes = field(default_factory=StageTimes)
     masking_seconds: float = 0.0
+    # Called with (tiles scored, tiles in the grid) before the first batch and after each one;
+    # an exception it raises stops the slide there (its partial file resumes next time).
+    on_progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         from histolens.inference.resume import model_fingerprint
@@ -251,6 +254,8 @@ class SlideRun:
             n_classes = len(self.predictor.class_names)
             create_partial(partial, grid.coords, grid.tissue, n_classes, attrs)
             start = 0
+        if self.on_progress is not None:
+            self.on_progress(start, n)
         if start < n:
             dataset = TileDataset(path, mpp, grid.coords[start:], size0, self.predictor.preprocess)
             workers = min(self.options.workers, max(0, (n - start) // self.options.batch_size))
@@ -260,10 +265,12 @@ class SlideRun:
                 num_workers=workers,
                 prefetch_factor=4 if workers else None,
             )
+            # The workers start here, before the partial file is opened: they must not inherit
+            # its handle (a child holding it keeps HDF5's lock on the file after a stop).
+            batches = iter(loader)
             bar = self._bar(n, start, outputs.name)
             try:
                 with PartialScores(partial, self.score_index, save_features) as stored:
-                    batches = iter(loader)
                     while True:
                         t0 = time.perf_counter()
                         batch = next(batches, None)
@@ -274,7 +281,10 @@ class SlideRun:
                             b = stored.write(score_batch(self.predictor, batch, self.times))
                         if bar is not None:
                             bar.update(b)
+                        if self.on_progress is not None:
+                            self.on_progress(stored.done, n)
             finally:
+                del batches  # its workers stop now, not when a stop's traceback is freed
                 dataset.close()
                 if bar is not None:
                     bar.close()

@@ -82,10 +82,15 @@ def write_skipped(run_dir: Path, images: ImageSource, dataset: Records) -> None:
 
 
 def fit_stain(
-    cfg: RunConfig, images: ImageSource, train_paths: Sequence[str], preprocess
+    cfg: RunConfig,
+    images: ImageSource,
+    train_paths: Sequence[str],
+    preprocess,
+    hold: bool = False,
 ) -> tuple[Any, str | None]:
     """A StainNormalizer fitted to the given reference image, or to the median of up to 200
-    training images (label-free, and robust to one unusual slide)."""
+    training images (label-free, and robust to one unusual slide). With ``hold``, a stream
+    keeps those images for the feature pass that follows (ImageStream.hold)."""
     if cfg.stain.method == "none":
         return None, None
     from histolens.data.imageio import load_rgb
@@ -101,8 +106,12 @@ def fit_stain(
     paths = [p for p in train_paths if p in images]
     step = max(1, -(-len(paths) // 200))  # a median over up to 200 images is plenty
     candidates = paths[::step]
-    decoded = images.each(candidates)
-    normalizer.fit_median(decoded)
+    decoded: dict[str, Any] = {}
+    for kept, batch in images.batches(candidates, 32):
+        decoded.update(zip(kept, batch.unbind(0), strict=True))
+    normalizer.fit_median(list(decoded.values()))
+    if hold and isinstance(images, ImageStream):  # the feature pass takes them, not the files
+        images.hold(decoded)
     return normalizer, f"median of {len(decoded)} training images"
 
 

@@ -38,11 +38,13 @@ def _evaluate(
     notes: list[str],
     write_outputs: bool,
     operating_points: OperatingPoints | None = None,
+    content: dict[str, tuple[float, float]] | None = None,
 ) -> Metrics:
     """Score the held-out predictions, with referrals, and write the evaluation; its metrics.
 
     A test split is decided at ``operating_points`` (per magnification); out-of-fold decision
-    logits are already centred on their folds' own operating points per magnification."""
+    logits are already centred on their folds' own operating points per magnification.
+    ``content`` holds the input checks' statistics of images already decoded (by path)."""
     from histolens.evaluation.evaluate import EvalResult, compute_metrics, rows_from_logits
 
     # Out-of-fold decision logits are already centred on each fold's own threshold.
@@ -66,7 +68,14 @@ def _evaluate(
     else:
         distances, refer_p = np.full(len(kept), np.nan), None
     _add_referrals(
-        ev, referral.conformal, referral.guard, images, distances, refer_p, cfg.train.alpha
+        ev,
+        referral.conformal,
+        referral.guard,
+        images,
+        distances,
+        refer_p,
+        cfg.train.alpha,
+        content,
     )
     metrics = replace(
         compute_metrics(ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed),
@@ -84,13 +93,17 @@ def _evaluate(
     return metrics
 
 
-def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: float) -> None:
+def _add_referrals(
+    ev, conformal, guard, bank, distances, oof_probs, alpha: float, content=None
+) -> None:
     """Prediction sets and out-of-distribution flags of the evaluated images.
 
     Out-of-fold predictions (``oof_probs`` given) get leave-one-patient-out sets, and their
     held-out feature distances (``distances``); a test split gets the stored calibration.
+    The input checks read ``content`` (statistics by path) and decode only the images it lacks.
     """
     from histolens.evaluation.evaluate import with_referrals
+    from histolens.inference.ood import content_stats
     from histolens.stats.conformal import centred_probabilities
     from histolens.stats.conformal_metrics import leave_one_patient_out_sets
 
@@ -118,9 +131,13 @@ def _add_referrals(ev, conformal, guard, bank, distances, oof_probs, alpha: floa
         else [None] * len(ev.rows)
     )
     paths = [r.path for r in ev.rows]
-    for i in range(0, len(paths), 64):
-        content = guard.checks.content_reasons(bank.stack(paths[i : i + 64]))
-        reasons[i : i + 64] = [c or f for c, f in zip(content, reasons[i : i + 64], strict=True)]
+    stats = dict(content or {})
+    missing = [p for p in paths if p not in stats]
+    for i in range(0, len(missing), 64):
+        chunk = missing[i : i + 64]
+        stats.update(zip(chunk, content_stats(bank.stack(chunk)), strict=True))
+    looks = [guard.checks.reason_for_content(*stats[p]) for p in paths]
+    reasons = [c or f for c, f in zip(looks, reasons, strict=True)]
     with_referrals(ev, member, reasons, alpha, method)
 
 

@@ -6,7 +6,7 @@ disk, shared out between ranks). A step of :mod:`histolens.training.probe_run`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,11 +14,18 @@ import torch
 
 from histolens.config import RunConfig
 from histolens.data.splits import Split
+from histolens.inference.ood import content_stats
 from histolens.models.backbones import BackboneSpec
 from histolens.models.classifier import HistoClassifier, build_model, resolve_feature_layer
 from histolens.models.engine import FeatureEngine, feature_engine
 from histolens.models.feature_cache import FeatureCache
-from histolens.models.pipeline import ImageBank, ImageSource, InputPipeline, image_source
+from histolens.models.pipeline import (
+    ImageBank,
+    ImageSource,
+    ImageStream,
+    InputPipeline,
+    image_source,
+)
 
 if TYPE_CHECKING:
     from histolens.models.transforms import Preprocess
@@ -42,6 +49,9 @@ class FrozenBackbone:
     engine: (
         str  # what computed the features (histolens.models.engine), recorded in the run's config
     )
+    # (grey-level contrast, H&E-coloured fraction) of the images this process decoded for the
+    # features (histolens.inference.ood.content_stats): the input checks then need no decode.
+    content: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def frozen_features(
@@ -76,13 +86,26 @@ def frozen_features(
 
     # Streamed from disk (only the features are kept) unless a shared bank holds the images.
     images = image_source(bank, preprocess)
-    stain, stain_ref = fit_stain(cfg, images, [r.path for r in split.train + split.val], preprocess)
+    train_paths = [r.path for r in split.train + split.val]
+    stain, stain_ref = fit_stain(cfg, images, train_paths, preprocess, hold=True)
     augmenter = Augmenter(cfg.augment) if cfg.train.probe_views else None
-    pipeline = InputPipeline(preprocess, augmenter, stain, cfg.train.seed, fabric.device)
-    paths = [r.path for r in split.train + split.val + split.test]
     engine = feature_engine(
         model, cfg.train.engine, preprocess.input_size, precision=cfg.train.precision
     )
+    pipeline = InputPipeline(
+        preprocess,
+        augmenter,
+        stain,
+        cfg.train.seed,
+        fabric.device,
+        channels_last=engine.name == "torch",
+    )
+    paths = [r.path for r in split.train + split.val + split.test]
+    content: dict[str, tuple[float, float]] = {}
+
+    def observe(batch_paths: list[str], batch: torch.Tensor) -> None:
+        content.update(zip(batch_paths, content_stats(batch), strict=True))
+
     cache = _features(
         cfg,
         model,
@@ -90,16 +113,19 @@ def frozen_features(
         images,
         pipeline,
         paths,
-        [r.path for r in split.train + split.val],
+        train_paths,
         run_dir,
         feature_store,
         preprocess,
         progress,
         write_outputs,
         fabric,
+        observe,
     )
+    if isinstance(images, ImageStream):
+        images.hold({})  # what the feature pass did not need (features read from a cache)
     return FrozenBackbone(
-        spec, model, layer, preprocess, images, stain, stain_ref, cache, engine.name
+        spec, model, layer, preprocess, images, stain, stain_ref, cache, engine.name, content
     )
 
 
@@ -117,9 +143,11 @@ def _features(
     progress: bool,
     write_outputs: bool,
     fabric,
+    on_decoded=None,
 ) -> FeatureCache:
     """The frozen backbone's features of ``paths`` (and ``cfg.train.probe_views`` augmented
-    views of ``train_paths``), computed once (shared out between ranks)."""
+    views of ``train_paths``), computed once (shared out between ranks); ``on_decoded`` sees
+    each decoded batch (FeatureCache.extend)."""
     from histolens.training.common import FEATURE_CACHE
 
     spec = model.spec
@@ -145,7 +173,16 @@ def _features(
         bs = cfg.train.batch_size
         view_paths = train_paths if n_views else []
         cache.extend(
-            engine, images, pipeline, paths, view_paths, n_views, bs, progress, fabric=fabric
+            engine,
+            images,
+            pipeline,
+            paths,
+            view_paths,
+            n_views,
+            bs,
+            progress,
+            fabric=fabric,
+            on_decoded=on_decoded,
         )
     changed = (len(cache.clean), len(cache.views)) != before
     if fabric.is_global_zero and write_outputs and feature_store is None and changed:

@@ -219,6 +219,7 @@ def _fit_and_write(
             notes,
             write_outputs,
             ops,
+            frozen.content,
         )
     return result
 

@@ -209,8 +209,9 @@ class ModelInfo(BaseModel):
     versions: dict[str, Any] = Field(default_factory=dict)
     runtime: str = Field(
         "torch",
-        description="What computes the predictions: torch (a checkpoint), or onnxruntime or "
-        "openvino (an ONNX export).",
+        description="What computes the predictions: torch, or onnxruntime or openvino (an ONNX "
+        "export on that runtime, or a checkpoint whose backbone features it computes; heatmaps "
+        "always on PyTorch).",
     )
     explain_methods: list[str] = Field(
         default_factory=list, description="Methods /v1/explain accepts."

@@ -44,7 +44,18 @@ if TYPE_CHECKING:
     from histolens.explain import Explanation
     from histolens.inference.predictor import Prediction, Predictor
 
-__all__ = ["ModelService"]
+__all__ = ["ModelService", "load_predictor"]
+
+
+def load_predictor(checkpoint: str | os.PathLike, settings: ServiceSettings) -> Predictor:
+    """The Predictor of ``checkpoint`` as the service runs it: a torch checkpoint's backbone
+    forward passes on the feature engine ``settings.engine`` chooses (as ``predict`` does);
+    an ONNX export on its runtime. Heatmaps still take their gradients from PyTorch."""
+    from histolens.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, settings.device, settings.onnx_runtime)
+    predictor.use_engine(settings.engine)
+    return predictor
 
 
 class ModelService:
@@ -78,11 +89,7 @@ class ModelService:
     ) -> ModelService:
         """Load ``checkpoint`` (a file or run folder; or use a loaded Predictor) off the loop."""
         if isinstance(checkpoint, (str, os.PathLike)):
-            from histolens.inference.predictor import Predictor
-
-            checkpoint = await run_in_threadpool(
-                Predictor.from_checkpoint, checkpoint, settings.device, settings.onnx_runtime
-            )
+            checkpoint = await run_in_threadpool(load_predictor, checkpoint, settings)
         return cls(checkpoint, settings)
 
     def start(self) -> ModelService:

@@ -1,5 +1,5 @@
 """The web service's settings: token, upload limits, queue and micro-batching, device, the
-runtime of an ONNX export."""
+runtime of an ONNX export, the feature engine of a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from histolens.config import ENGINES
 from histolens.data.imageio import MAX_PIXELS
-from histolens.errors import ConfigError
+from histolens.errors import ConfigError, check_choice
 from histolens.web.schemas import Limits
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "ServiceSettings"]
@@ -32,6 +33,9 @@ class ServiceSettings:
         device: torch device for the model.
         onnx_runtime: what runs an ONNX export, onnxruntime or openvino (None:
             $HISTOLENS_ONNX_RUNTIME, else onnxruntime); a torch checkpoint refuses one given.
+        engine: what computes a torch checkpoint's backbone features for predictions
+            (histolens.models.engine: auto, torch, openvino, onnxruntime; None:
+            $HISTOLENS_ENGINE, else auto). Heatmaps always use PyTorch.
     """
 
     token: str | None = None
@@ -44,6 +48,7 @@ class ServiceSettings:
     max_pixels: int = MAX_PIXELS
     device: str = "cpu"
     onnx_runtime: str | None = None
+    engine: str | None = None
     slides: Path | None = None
     slide_cache: Path | None = None
     slide_tile_mpp: float | None = None
@@ -56,6 +61,8 @@ class ServiceSettings:
                 "max_upload_bytes, max_batch_files, max_queue and max_batch must be at least 1, "
                 "and batch_wait_ms at least 0."
             )
+        if self.engine is not None:
+            object.__setattr__(self, "engine", check_choice("engine", self.engine.lower(), ENGINES))
         if not self.max_batch_bytes:
             object.__setattr__(self, "max_batch_bytes", 8 * self.max_upload_bytes)
         if self.slides is not None:

@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from histolens.errors import HistolensError
 from histolens.slides.outputs import SlideOutputs, read_summary
 from histolens.slides.predict import SlideOptions, SlideRun
@@ -211,9 +209,9 @@ def open_viewer(predictor: Any, settings: Any) -> tuple[SlideLibrary, SlideAnaly
     def load() -> Any:
         if source is None or not source.is_file():
             return predictor
-        from histolens.inference.predictor import Predictor
+        from histolens.web.service import load_predictor
 
-        return Predictor.from_checkpoint(source, settings.device, settings.onnx_runtime)
+        return load_predictor(source, settings)
 
     options = SlideOptions(tile_mpp=settings.slide_tile_mpp, workers=settings.slide_workers)
     analyses = SlideAnalyses(
@@ -253,10 +251,9 @@ def render_overlay(h5_path: Path, target: Path) -> Path:
     """Paint the tile scores of a slide's HDF5 file into a transparent RGBA PNG covering the
     whole slide (inferno colours, transparent where no tile was scored), written atomically."""
     import h5py
-    from matplotlib import colormaps
-    from PIL import Image
 
     from histolens.atomic import atomic_path
+    from histolens.slides.overlay import score_overlay
 
     with h5py.File(h5_path, "r") as f:
         coords, scores = f["coords"][:], f["score"][:]
@@ -265,14 +262,8 @@ def render_overlay(h5_path: Path, target: Path) -> Path:
     # Four overlay pixels per tile side, unless that makes the image too large.
     per_px = max(size0[0] / 4, max(width, height) / MAX_OVERLAY_SIDE, 1.0)
     ow, oh = max(1, round(width / per_px)), max(1, round(height / per_px))
-    rgba = np.zeros((oh, ow, 4), np.uint8)
-    colours = (colormaps["inferno"](np.nan_to_num(scores, nan=0.0)) * 255).astype(np.uint8)
-    for (x, y), colour in zip(coords, colours, strict=True):
-        x0, y0 = int(x / per_px), int(y / per_px)
-        x1 = max(x0 + 1, int(round((x + size0[0]) / per_px)))
-        y1 = max(y0 + 1, int(round((y + size0[1]) / per_px)))
-        rgba[y0:y1, x0:x1] = colour
+    overlay = score_overlay(coords, scores, size0, (ow, oh), (1 / per_px, 1 / per_px))
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        Image.fromarray(rgba, "RGBA").save(tmp, format="PNG")
+        overlay.save(tmp, format="PNG")
     return target
