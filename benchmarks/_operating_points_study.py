@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 RULES = ("youden", "sensitivity:0.95")
+SCORED = 100  # the magnification whose thresholds' noise the report shows
 
 
 @dataclass
@@ -36,6 +37,9 @@ class HeldOut:
     patient_thr: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RULES})
     patient_limit: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RULES})
     estimate: dict = field(default_factory=dict)  # of train on all groups (cross-validated)
+    # Per fold, the scored magnification's youden threshold: its value, its training patients
+    # (benign, malignant) and its sd in logit when those patients are bootstrapped.
+    fold_thr: list[tuple[float, tuple[int, int], float]] = field(default_factory=list)
 
     def add_fold(self, run_dir: Path, test_recs, positive: str, repeat: int) -> None:
         """The fold's held-out rows from its predictions.csv and its checkpoint's decision."""
@@ -44,6 +48,10 @@ class HeldOut:
 
         ops = read_metadata(run_dir).decision
         by_rule = {r: (ops if r == "youden" else ops.refit(r)) for r in RULES}
+        scored = str(SCORED)
+        if scored in ops.thresholds:
+            noise = _threshold_noise(ops, scored)
+            self.fold_thr.append((ops.thresholds[scored], ops.patients[scored], noise))
         by_path = {r.path: r for r in test_recs}
         with open(run_dir / "predictions.csv", newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
@@ -60,6 +68,51 @@ class HeldOut:
                     self.patient_limit[r].append(o.patient.disagreement_limit)
 
 
+def _threshold_noise(ops, stratum: str, n_boot: int = 200, seed: int = 0) -> float:
+    """The sd (in logit) of ``stratum``'s youden threshold when the fold's training patients
+    there are drawn again with replacement (a patient drawn twice counts as two)."""
+    from scipy.special import logit
+
+    from histolens.stats.operating_points import (
+        OperatingPointRule,
+        choose_threshold_for,
+        patient_weights,
+    )
+
+    at = np.asarray(ops.strata) == stratum
+    p, y, codes = ops.p[at], ops.y[at], ops.patient_codes[at]
+    patients = np.unique(codes)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        draw = rng.choice(patients, len(patients))
+        rows = [np.flatnonzero(codes == q) for q in draw]
+        yy = np.concatenate([y[i] for i in rows])
+        if len(np.unique(yy)) < 2:
+            continue
+        pp = np.concatenate([p[i] for i in rows])
+        who = np.concatenate([np.full(len(i), k) for k, i in enumerate(rows)])
+        t = choose_threshold_for(OperatingPointRule("youden"), yy, pp, patient_weights(who))
+        out.append(float(logit(np.clip(t, 1e-6, 1 - 1e-6))))
+    return float(np.std(out))
+
+
+def _window(p: np.ndarray, y: np.ndarray, target: float = 0.75) -> str:
+    """The thresholds at which the held-out images reach ``target`` sensitivity and specificity
+    both: a diagnosis of how precisely a threshold must land (never used to set one)."""
+    from scipy.special import logit
+
+    grid = np.linspace(0.005, 0.995, 991)
+    ok = [t for t in grid if (p[y == 1] >= t).mean() >= target and (p[y == 0] < t).mean() >= target]
+    if not ok:
+        return f"no single threshold gives both rates >= {target} on these held-out images"
+    width = logit(max(ok)) - logit(min(ok))
+    return (
+        f"thresholds giving both rates >= {target} on these held-out images (diagnosis only): "
+        f"{min(ok):.3f}-{max(ok):.3f}, {width:.2f} wide in logit"
+    )
+
+
 def _ci(stat, clusters: np.ndarray, n_boot: int = 1000, seed: int = 0) -> str:
     from histolens.stats.metrics import bootstrap_ci
 
@@ -74,6 +127,18 @@ def _rate(called: np.ndarray, y: np.ndarray, cls: int):
         return float((called[i][of] == bool(cls)).mean()) if of.any() else np.nan
 
     return stat
+
+
+def _per_repeat(called: np.ndarray, y: np.ndarray, at: np.ndarray, repeat: np.ndarray) -> str:
+    """Sensitivity and specificity of each repeat at ``at``, with their sd: the spread a change
+    must beat."""
+    sens, spec = [], []
+    for r in np.unique(repeat[at]):
+        i = np.flatnonzero(at & (repeat == r))
+        sens.append(_rate(called, y, 1)(i))
+        spec.append(_rate(called, y, 0)(i))
+    cells = "  ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(sens, spec, strict=True))
+    return f"{cells}  (sd {np.std(sens):.3f} / {np.std(spec):.3f})"
 
 
 def _patients(h: HeldOut, at: np.ndarray, rule: str):
@@ -108,13 +173,28 @@ def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
     )
     lines.append(
         "  rule               sensitivity [95% CI]  specificity [95% CI]  referred (alpha 0.1)"
+        "  per repeat: sens / spec (sd)"
     )
+    repeat = np.array(h.repeat)
     for rule in RULES:
         called = p >= np.array(h.thr[rule])
         sens = _ci(_rate(called[at], y[at], 1), groups[at])
         spec = _ci(_rate(called[at], y[at], 0), groups[at])
         ref = f"{refer[at].mean():.0%}" if rule == "youden" else "-"
-        lines.append(f"  {rule:<18} {sens:<21} {spec:<21} {ref}")
+        lines.append(
+            f"  {rule:<18} {sens:<21} {spec:<21} {ref:<21} {_per_repeat(called, y, at, repeat)}"
+        )
+    if h.fold_thr:
+        thr, counts, noise = zip(*h.fold_thr, strict=True)
+        benign, malignant = zip(*counts, strict=True)
+        lines.append(
+            f"  {scored}X youden threshold of the {len(thr)} folds: {min(thr):.2f}-{max(thr):.2f}"
+            f" (median {np.median(thr):.2f}), chosen on {min(benign)}-{max(benign)} benign and "
+            f"{min(malignant)}-{max(malignant)} malignant training patient groups; its sd in logit"
+            f" with those patients bootstrapped: {min(noise):.2f}-{max(noise):.2f} (median "
+            f"{np.median(noise):.2f})"
+        )
+    lines.append(f"  {_window(p[at], y[at])}")
     lines.append("")
     lines.append(
         "Per magnification, default rule: held-out (pooled over repeats) vs the estimate train printed"
@@ -143,7 +223,7 @@ def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
     )
     lines.append(
         "  rule               patient recognition   patient sensitivity   patient specificity"
-        "   | image sens  image spec"
+        "   | image sens [95% CI]   image spec [95% CI]"
     )
     for rule in RULES:
         d = _patients(h, at, rule)
@@ -151,9 +231,7 @@ def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
         rec = _ci(lambda i, a=d["accuracy"]: float(a[i].mean()), d["group"])
         psens = _ci(_rate(d["called"], d["y"], 1), d["group"])
         pspec = _ci(_rate(d["called"], d["y"], 0), d["group"])
-        isens = _rate(called_img[at], y[at], 1)(np.arange(at.sum()))
-        ispec = _rate(called_img[at], y[at], 0)(np.arange(at.sum()))
-        lines.append(
-            f"  {rule:<18} {rec:<21} {psens:<21} {pspec:<21} | {isens:.3f}       {ispec:.3f}"
-        )
+        isens = _ci(_rate(called_img[at], y[at], 1), groups[at])
+        ispec = _ci(_rate(called_img[at], y[at], 0), groups[at])
+        lines.append(f"  {rule:<18} {rec:<21} {psens:<21} {pspec:<21} | {isens:<21} {ispec}")
     return lines

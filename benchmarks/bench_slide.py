@@ -6,7 +6,9 @@ once with at least ``--tiles`` tissue tiles, and a small one with ``--small-tile
 histolens's classifier of ``--backbone`` (random weights: the figures are of speed and memory
 only), tiled at ``--tile-mpp`` so that one tile is one model input. Each measurement runs in its
 own process with 2 threads, so its peak RSS (VmHWM) is its own; DataLoader workers are separate
-processes and their largest peak is reported apart.
+processes: their peak RSS is sampled and reported apart, with the peak of main + worker RSS
+summed (an upper bound: the forked worker's RSS counts pages it shares with the main process)
+and of their PSS summed (shared pages split: the memory the pipeline holds).
 
 Per row: tiles/s of the whole pipeline (read, mask, tile, stain, infer, write), the same
 Predictor's rate on tiles already in memory (what ``bench_inference.py`` measures), their ratio
@@ -28,6 +30,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +45,48 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_mb(pid: int | str, key: str, name: str = "status") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class MemorySampler(threading.Thread):
+    """Samples the RSS and PSS of this process and its children (the reading workers) every
+    0.2 s. A forked child's VmHWM and ru_maxrss start at the parent's peak (the kernel copies it
+    at fork), so the workers' own peak is sampled; PSS splits the pages they share with the main
+    process, so summed PSS is the memory the pipeline holds."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.worker_rss = self.total_rss = self.total_pss = 0.0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self._halt.wait(0.2):
+            kids = []
+            for p in Path("/proc").iterdir():
+                try:
+                    if p.name.isdigit() and int((p / "stat").read_text().split()[3]) == me:
+                        kids.append(p.name)
+                except (OSError, IndexError, ValueError):
+                    continue
+            rss = [_proc_mb(k, "VmRSS") for k in kids]
+            pss = [_proc_mb(k, "Pss", "smaps_rollup") for k in ["self", *kids]]
+            self.worker_rss = max(self.worker_rss, max(rss, default=0.0))
+            self.total_rss = max(self.total_rss, _proc_mb("self", "VmRSS") + sum(rss))
+            self.total_pss = max(self.total_pss, sum(pss))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
 
 
 def make_model(folder: Path, backbone: str) -> dict[str, str]:
@@ -100,9 +145,12 @@ def child(args: argparse.Namespace) -> dict:
                 n += len(batch)
         return {"tiles_per_s": n / (time.perf_counter() - start), "peak_rss_mb": peak_rss_mb()}
     run = SlideRun(predictor, Path(args.out), options, progress=False)
+    sampler = MemorySampler()
+    sampler.start()
     start = time.perf_counter()
     summary = run.predict_slide(Path(args.slide))
     seconds = time.perf_counter() - start
+    sampler.stop()
     t = run.times
     busy = t.reading + t.stain + t.inference
     return {
@@ -116,7 +164,9 @@ def child(args: argparse.Namespace) -> dict:
         "tissue_mm2": summary.tissue_mm2,
         "mm2_per_min": summary.tissue_mm2 / (seconds / 60),
         "peak_rss_mb": peak_rss_mb(),
-        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "worker_peak_rss_mb": sampler.worker_rss,
+        "total_peak_rss_mb": max(sampler.total_rss, peak_rss_mb()),
+        "total_peak_pss_mb": sampler.total_pss,
         "score_mean": float(np.float32(summary.score_mean)),
     }
 
@@ -210,6 +260,8 @@ def main() -> None:
                         r["masking_s"],
                         r["peak_rss_mb"],
                         r["worker_peak_rss_mb"],
+                        r["total_peak_rss_mb"],
+                        r["total_peak_pss_mb"],
                         memory["peak_rss_mb"],
                         r["mm2_per_min"],
                     ]
@@ -227,6 +279,8 @@ def main() -> None:
             "mask s",
             "RSS MB",
             "worker RSS",
+            "main+worker RSS",
+            "PSS",
             "mem RSS",
             "mm2/min",
         ]

@@ -133,20 +133,30 @@ def test_labels_csv_reads_classes_and_patients(tmp_path):
     assert labels.patients == ("p1", "p1", "slide:c") and not labels.patients_given
 
 
-def test_train_slides_command(tmp_path, tiny_bags):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_bags):
+    """A ``train --slides`` run on the tiny bags (3 folds, 10 epochs): (run dir, CLI output)."""
+    from histolens.cli.commands import main
+
+    tmp = tmp_path_factory.mktemp("mil")
+    rows = []
+    for b in tiny_bags:
+        write_bag(tmp / f"{b.name}.h5", b.features, b.coords)
+        rows.append([f"{b.name}.h5", str(b.target), b.patient])
+    labels = _write_csv(tmp / "labels.csv", rows)
+    out = tmp / "run"
+    args = ["train", "--slides", str(labels), "--out", str(out), "--cv-folds", "3"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "10", "--seed", "0", "--alpha", "0.2"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_slides_command(tmp_path, tiny_bags, trained_run):
     from histolens.cli.commands import main
     from histolens.training.mil_run import load_mil
 
-    rows = []
-    for b in tiny_bags:
-        write_bag(tmp_path / f"{b.name}.h5", b.features, b.coords)
-        rows.append([f"{b.name}.h5", str(b.target), b.patient])
-    labels = _write_csv(tmp_path / "labels.csv", rows)
-    out = tmp_path / "run"
-    args = ["train", "--slides", str(labels), "--out", str(out), "--cv-folds", "3"]
-    result = CliRunner().invoke(main, [*args, "--epochs", "10", "--seed", "0"])
-    assert result.exit_code == 0, result.output
-    assert "attention MIL" in result.output and "mean pooling + linear probe" in result.output
+    out, output = trained_run
+    assert "attention MIL" in output and "mean pooling + linear probe" in output
     for name in ("mil.safetensors", "mil.json", "metrics.json", "oof_predictions.csv"):
         assert (out / name).is_file()
     model, meta = load_mil(out)
@@ -157,3 +167,68 @@ def test_train_slides_command(tmp_path, tiny_bags):
     result = CliRunner().invoke(main, ["train", "--slides", str(bad)])
     assert result.exit_code == 1 and "does not exist" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_run_stores_the_honest_outputs(trained_run, tiny_bags):
+    """Calibration, operating point, prediction sets, estimate and model card in the checkpoint;
+    the evaluation (one row per slide) and the report beside it."""
+    from histolens.stats.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
+    from histolens.training.mil_decision import MilDecision
+    from histolens.training.mil_run import load_mil
+
+    out, output = trained_run
+    _, meta = load_mil(out)
+    assert meta["version"] == 2
+    decision = MilDecision.from_dict(meta["decision"])
+    assert MIN_TEMPERATURE <= decision.temperature <= MAX_TEMPERATURE
+    assert 0.0 < decision.threshold < 1.0 and str(decision.operating_points.rule) == "youden"
+    assert decision.conformal.alpha == 0.2 and decision.conformal.n_patients == 12
+    estimate = meta["estimate"]
+    assert estimate["n_images"] == 24 and estimate["n_patients"] == 12
+    assert "cross-validation of attention MIL" in estimate["method"]
+    lo, hi = estimate["ci95"]["roc_auc"]
+    assert lo <= estimate["metrics"]["roc_auc"] <= hi
+    assert "refer_rate" in estimate["metrics"]  # prediction sets were measured
+    card = meta["model_card"]
+    assert set(card) == {"intended_use", "model", "data", "performance", "limitations"}
+    assert "Not for diagnosis" in card["intended_use"] and "mean pooling" in card["performance"]
+    rows = (out / "evaluation" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 25 and rows[0].startswith("path,prediction,probability")
+    report = (out / "report.html").read_text()
+    for heading in ("Estimated performance on unseen patients", "Model card", "mean pooling"):
+        assert heading in report
+    assert "Report:" in output and "threshold" in output
+    # Every slide's predicted class is in its set, and the set is one class unless referred.
+    calls = decision.decide(np.array([-3.0, 0.0, 3.0]))
+    for call in calls:
+        assert call.label in call.prediction_set
+        assert call.refer == (len(call.prediction_set) == 2)
+    assert [c.probability for c in calls] == sorted(c.probability for c in calls)
+
+
+def test_cross_fitted_estimate_is_not_tuned_on_its_own_slides():
+    """On logits without signal, a Youden threshold chosen on the slides it is measured on
+    flatters balanced accuracy; the cross-fitted estimate does not get that bonus."""
+    from histolens.stats.operating_points import choose_threshold_for, parse_operating_point
+    from histolens.training.mil_cv import MilCrossValidation
+    from histolens.training.mil_decision import cross_fitted_evaluation, fit_mil_decision
+
+    n, rule, classes = 200, parse_operating_point("youden"), ("0", "1")
+    y = np.arange(n) % 2
+    patients = tuple(f"p{i // 2}" for i in range(n))
+    fold = np.arange(n) // 2 % 5  # by patient: a patient never straddles two folds
+    in_sample, crossed = [], []
+    for seed in range(30):
+        z = np.random.default_rng(seed).normal(size=n)
+        cv = MilCrossValidation(y, patients, fold, z, z, [np.ones(1)] * n, z)
+        decision = fit_mil_decision(z, y, patients, classes, rule, 0.1, [])
+        names = [f"s{i}" for i in range(n)]
+        _, est = cross_fitted_evaluation(cv, names, classes, decision, rule, "noise", n_boot=0)
+        crossed.append(est["metrics"]["balanced_accuracy"])
+        p = 1 / (1 + np.exp(-z))
+        t = choose_threshold_for(rule, y, p)
+        in_sample.append(np.mean([((p >= t) == y)[y == c].mean() for c in (0, 1)]))
+    # Balanced accuracy of one noise run has sd ~0.035, so a mean of 30 ~0.0065; the in-sample
+    # bonus is ~0.04 (measured over 40 seeds), its mean's sd ~0.0035.
+    assert abs(np.mean(crossed) - 0.5) < 0.025, np.mean(crossed)
+    assert np.mean(in_sample) - np.mean(crossed) > 0.02, (np.mean(in_sample), np.mean(crossed))

@@ -257,6 +257,28 @@ def test_estimate_counts_every_image_and_patient(cv_run, synth_small):
     assert meta.metrics["roc_auc"] == pytest.approx(est["metrics"]["roc_auc"])
 
 
+def test_estimate_auc_ranks_the_raw_out_of_fold_scores_and_calibrate_keeps_it(cv_run, tmp_path):
+    """The AUCs rank the folds' own scores: each fold's threshold shift (per magnification) is
+    for the decision only, and choosing another operating point cannot move a ranking."""
+    import shutil
+
+    from histolens.stats.metrics import safe_auc
+    from histolens.training.recalibrate import recalibrate_checkpoint
+
+    run, _, _ = cv_run
+    meta = read_metadata(run)
+    ops = meta.decision  # the out-of-fold probabilities, at one temperature, rounded to 6 places
+    n_pairs = int((ops.y == 1).sum() * (ops.y == 0).sum())
+    # A tie made by the rounding moves the AUC by at most half a pair.
+    tie = 0.5 / n_pairs
+    assert meta.estimate["metrics"]["roc_auc"] == pytest.approx(safe_auc(ops.y, ops.p), abs=tie)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    again = recalibrate_checkpoint(copy, "sensitivity:0.95").estimate
+    assert again is not None
+    assert again.metrics["roc_auc"] == pytest.approx(meta.estimate["metrics"]["roc_auc"], abs=tie)
+
+
 def test_checkpoint_records_the_probe(cv_run):
     run, _, cfg = cv_run
     meta = read_metadata(run)
@@ -283,14 +305,22 @@ def test_predictions_are_out_of_fold_for_every_image(cv_run, synth_small):
     x = torch.stack([cache.clean[p] for p in paths]).double().numpy()
     y = np.array([int(r["label"] == "malignant") for r in rows])
     g = np.array([r["patient"] for r in rows])
+    mags = [int(r["magnification"]) if r["magnification"] else None for r in rows]
     from histolens.evaluation.referral import fit_calibration
+    from histolens.stats.decisions import fit_on_logits
+    from histolens.stats.operating_points import OperatingPointRule
 
     decision = np.full(len(y), np.nan)
     for k, (tr, te) in enumerate(group_folds(y, g, 3, cfg.data.seed)):
         assert not set(g[tr]) & set(g[te])
         fold = fit_linear_probe(x[tr], y[tr], g[tr], 2, cfg.train.probe_cs, 5, cfg.data.seed + k)
-        # Each fold's temperature and threshold come from its own inner out-of-fold logits.
-        t_k, thr_k = fit_calibration(cfg, fold.oof_logits, y[tr], 2)
+        # Each fold's temperature and thresholds (per magnification, every patient counted
+        # once) come from its own inner out-of-fold logits.
+        t_k, _ = fit_calibration(cfg, fold.oof_logits, y[tr], 2)
+        ops = fit_on_logits(
+            OperatingPointRule("youden"), fold.oof_logits, y[tr], g[tr], [mags[i] for i in tr], t_k
+        )
+        thr_k = ops.thresholds_for([mags[i] for i in te])
         decision[te] = fold.logits(x[te])[:, 0] - t_k * np.log(thr_k / (1 - thr_k))
     temperature = read_metadata(run).temperature
     probability = np.array([float(r["p_malignant"]) for r in rows])

@@ -119,7 +119,7 @@ def test_interrupted_slide_resumes_at_its_next_batch(
     resumed = SlideRun(predictor, tmp_path, options, progress=False)
     seen = []
     monkeypatch.setattr(
-        tiles, "score_batch", lambda p, b, t=None: (seen.append(len(b)), real(p, b, t))[1]
+        tiles, "score_batch", lambda p, b, *rest: (seen.append(len(b)), real(p, b, *rest))[1]
     )
     summary = resumed.predict_slide(slide)
     assert not partial.exists()

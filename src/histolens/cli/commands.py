@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from histolens.cli.mil import features_from_option, predict_slides_if_mil
 from histolens.cli.options import (
     MAGNIFICATIONS,
     alpha_option,
@@ -84,6 +85,7 @@ def main() -> None:
 @onnx_runtime_option()
 @engine_option()
 @patient_from_option()
+@features_from_option()
 @quiet_option("No progress.")
 def predict(
     checkpoint,
@@ -96,18 +98,23 @@ def predict(
     onnx_runtime,
     engine,
     patient_from,
+    features_from,
     quiet,
 ):
-    """Predict the class and calibrated probability of images or folders of images.
+    """Predict the class and calibrated probability of images or folders of images (of slides
+    or feature bags, with attention heatmaps, given a MIL checkpoint from 'train --slides').
 
-    Rows are written to OUT.partial batch by batch, and OUT appears when every image is done.
-    Run an interrupted command again, with the same inputs and --out, and it continues where it
-    stopped. Progress (images/s) goes to stderr.
+    Rows go to OUT.partial batch by batch; OUT appears when every image is done. Run an
+    interrupted command again (same inputs and --out) to continue. Progress goes to stderr.
     """
     from histolens.inference.batch import PredictionJob, ProgressReporter
     from histolens.inference.patients import check_patient_pattern
     from histolens.inference.predictor import Predictor
 
+    if predict_slides_if_mil(
+        checkpoint, inputs, out, alpha, features_from, quiet, batch_size, workers
+    ):
+        return
     pattern = check_patient_pattern(patient_from)
     predictor = Predictor.from_checkpoint(checkpoint, runtime=onnx_runtime)
     predictor.use_engine(engine)

@@ -104,10 +104,13 @@ def data_synth(out, n, seed, magnification, patients, slides, slide_size):
     """Write a synthetic H&E-like dataset (BreakHis names, lesion masks, a contact sheet).
 
     With --slides N: N synthetic whole slides at the --magnification's scale instead, with the
-    tissue and lesion masks that 'histolens slide coverage' scores heatmaps against.
+    tissue and lesion masks that 'histolens slide coverage' scores heatmaps against. With
+    --patients P too: a cohort for 'train --slides' (half the patients with one lesion of 1%-20%
+    of the tissue in each slide, the others none) and its labels.csv.
     """
     if slides:
         from histolens.slides.synthetic import write_synthetic_slides
+        from histolens.slides.synthetic_cohort import write_slide_cohort
 
         try:
             w, h = (int(v) for v in slide_size.lower().split("x"))
@@ -115,7 +118,10 @@ def data_synth(out, n, seed, magnification, patients, slides, slide_size):
             raise click.BadParameter(
                 "expected WIDTHxHEIGHT, e.g. 8192x6144", param_hint="--slide-size"
             ) from None
-        written = write_synthetic_slides(out, slides, seed, (w, h), int(magnification))
+        if patients:
+            written = write_slide_cohort(out, slides, patients, seed, (w, h), int(magnification))
+        else:
+            written = write_synthetic_slides(out, slides, seed, (w, h), int(magnification))
         click.echo(
             f"Wrote {len(written.slides)} slide(s) to {written.folder}; truth in {written.manifest}"
         )

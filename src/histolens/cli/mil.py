@@ -13,11 +13,13 @@ import click
 __all__ = ["train_slides_command"]
 
 # What of the tile flags the MIL run uses; the others do not apply to bags.
-_USED = {"epochs", "lr", "seed", "cv_folds"}
+_USED = {"epochs", "lr", "seed", "cv_folds", "operating_point", "alpha"}
 
 
 def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> None:
     """Cross-validate MIL and mean pooling by patient, fit MIL on all slides, print the table."""
+    from histolens.evaluation.estimate import estimate_lines
+    from histolens.stats.conformal import DEFAULT_ALPHA
     from histolens.training.mil import MilConfig
     from histolens.training.mil_run import train_slides
 
@@ -38,7 +40,14 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
     )
     folds = flags.get("cv_folds") or 5
     out = out or Path("runs") / f"mil-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = train_slides(labels_csv, out, config, folds)
+    run = train_slides(
+        labels_csv,
+        out,
+        config,
+        folds,
+        flags.get("operating_point") or "youden",
+        flags.get("alpha") or DEFAULT_ALPHA,
+    )
     m = run.metrics
     click.echo(f"Run: {run.run_dir}")
     click.echo(
@@ -53,5 +62,64 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
         lo, hi = row["ci95"]
         click.echo(f"  {method:<28} {row['auc']:.3f} ({lo:.3f}-{hi:.3f})")
     click.echo(f"MIL epoch: {m['epoch_seconds_mean'] * 1000:.0f} ms")
+    d = run.decision
+    click.echo(
+        f"Decision (fitted on the out-of-fold slides): temperature {d.temperature:.3f}, "
+        f"threshold {d.threshold:.3f} ({d.operating_points.rule})"
+        + (f", prediction sets at alpha {d.alpha:g}" if d.alpha is not None else "")
+    )
+    for line in estimate_lines(run.estimate, per_magnification=False):
+        click.echo(line)
+    click.echo(f"Report: {run.run_dir / 'report.html'}")
     for note in run.notes:
         click.echo(f"note: {note}")
+
+
+def features_from_option():
+    """``--features-from CKPT``: the tile checkpoint that makes a slide's bag for a MIL model."""
+    return click.option(
+        "--features-from",
+        type=click.Path(exists=True, path_type=Path),
+        help="With a MIL checkpoint and slides: the tile checkpoint that extracts their features "
+        "(default: the one the MIL checkpoint records).",
+    )
+
+
+def predict_slides_if_mil(checkpoint, inputs, out: Path, alpha, features_from, quiet,
+                          batch_size: int = 32, workers: int = 2) -> bool:  # fmt: skip
+    """``histolens predict`` with a MIL checkpoint: each slide's (or bag's) class, calibrated
+    probability, prediction set and attention heatmap; False for a tile checkpoint (which is
+    refused feature bags with one sentence)."""
+    from histolens.errors import ConfigError, DataError
+    from histolens.slides.mil_predict import (
+        predict_slides_mil,
+        split_bags,
+        write_slide_predictions,
+    )
+    from histolens.training.mil_run import is_mil_checkpoint, load_mil
+
+    if not is_mil_checkpoint(checkpoint):
+        bags, _ = split_bags(inputs)
+        if bags:
+            raise DataError(
+                f"{bags[0].name} is a feature bag: predict it with a MIL checkpoint "
+                "('histolens train --slides'), not a tile checkpoint."
+            )
+        if features_from is not None:
+            raise ConfigError("--features-from goes with a MIL checkpoint only.")
+        return False
+    results = out.with_suffix("")  # predictions.csv -> predictions/ (bags, heatmaps, attention)
+    rows = predict_slides_mil(
+        checkpoint, inputs, results, alpha, features_from, not quiet, batch_size, workers
+    )
+    _, meta = load_mil(checkpoint)
+    write_slide_predictions(rows, meta["class_names"], out)
+    for r in rows:
+        where = r.attention_heatmap or "no heatmap: slide file not found"
+        refer = "  [refer: both classes in the set]" if r.refer else ""
+        click.echo(
+            f"  {r.slide}: {r.label} (P({meta['positive_class']}) = {r.probability:.3f}; "
+            f"set {{{', '.join(r.prediction_set)}}}){refer}; attention {where}"
+        )
+    click.echo(f"{len(rows)} slide(s) predicted by attention MIL. Written to {out}")
+    return True

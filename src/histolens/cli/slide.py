@@ -130,6 +130,10 @@ def slide_predict(
         f"{run.scale.field_um[1]:.0f} um at {run.scale.mpp:.3f} um/px ({run.scale.source}).",
         err=True,
     )
+    click.echo(
+        f"Tiles decided as {run.operating_point.label}: {run.operating_point.description}.",
+        err=True,
+    )
     log = _SlideLog()
     try:
         run.run(slides, log)

@@ -137,6 +137,7 @@ def finalize_run(
     ops = _operating_points_on_validation(cfg, val.records, val.logits, classes, temperature)
     predictor.operating_points = ops
     if ops is not None:
+        threshold = predictor.threshold = ops.pooled  # one pooled threshold: the operating points'
         notes += [n for n in ops.notes() if n not in notes]
     if temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE):
         notes.append(_temperature_bound_note(temperature))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from histolens.atomic import atomic_open, atomic_write_text
-from histolens.evaluation.metrics import EvalResult
+from histolens.evaluation.metrics import EvalResult, rank_scores
 from histolens.inference.predictions_csv import core_columns, core_row, format_flag
 from histolens.rundir import EvaluationFiles
 
@@ -67,10 +67,12 @@ def write_evaluation(
     out_dir: str | os.PathLike,
     logs_dir: str | os.PathLike | None = None,
     notes: Sequence[str] = (),
+    images: bool = True,
 ) -> Path:
     """metrics.json, predictions.csv, notes.json and the plots in ``out_dir`` (training curves
-    from ``logs_dir`` when given). The report (``histolens.report``) is written from these by
-    whoever orchestrates: the CLI, or training."""
+    from ``logs_dir`` when given; the misclassified images when the rows are ``images``, not
+    slides). The report (``histolens.report``) is written from these by whoever orchestrates:
+    the CLI, or training."""
     from histolens.evaluation import plots
 
     out = Path(out_dir)
@@ -88,7 +90,10 @@ def write_evaluation(
     if len(result.classes) == 2:
         p = np.array([r.probs[1] for r in result.rows])
         p_raw = np.array([r.probs_uncalibrated[1] for r in result.rows])
-        plots.plot_roc_pr(y, p, result.threshold, out / "roc_pr.png")
+        # Ranked as the metrics rank (rank_scores), marked where each image was decided.
+        plots.plot_roc_pr(
+            y, rank_scores(result.rows), result.threshold, out / "roc_pr.png", predicted=pred
+        )
         plots.plot_probability_distribution(
             y, p, result.classes, result.threshold, out / "probability_distribution.png"
         )
@@ -106,7 +111,8 @@ def write_evaluation(
         if result.predicted(r) != r.target
     ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
-    plots.plot_misclassified(wrong, out / "misclassified.png")
+    if images:
+        plots.plot_misclassified(wrong, out / "misclassified.png")
     refer = result.metrics.refer if result.metrics is not None else None
     if refer is not None and refer.curve is not None and refer.curve.referred:
         plots.plot_risk_coverage(refer, out / "risk_coverage.png")

@@ -16,8 +16,13 @@ import torch
 
 from histolens.data.records import ImageRecord, target_of
 from histolens.errors import DataError
+from histolens.evaluation.metric_blocks import (
+    binary_block,
+    magnification_block,
+    multiclass_block,
+    ranking_figures,
+)
 from histolens.evaluation.results import (
-    ClassMetrics,
     ImageMetrics,
     Metrics,
     ReferMetrics,
@@ -27,17 +32,13 @@ from histolens.inference.predictor import probabilities_from_logits
 from histolens.stats.decisions import OperatingPoints
 from histolens.stats.metrics import (
     binary_metrics,
-    bootstrap_ci,
-    multiclass_metrics,
-    patient_level_auc,
-    patient_recognition_rate,
-    safe_auc,
 )
 
 __all__ = [
     "EvalResult",
     "PredictionRow",
     "compute_metrics",
+    "rank_scores",
     "refer_metrics",
     "rows_from_logits",
     "with_referrals",
@@ -62,6 +63,11 @@ class PredictionRow:
     refer: bool = False
     ood: bool = False
     ood_reason: str = ""
+    # Binary: the positive-class score the image is ranked by in AUCs, when ``probs`` were moved
+    # by a threshold that differs between rows (out-of-fold rows, each centred on its fold's
+    # threshold per magnification): ranking must see the models' own scores, not the shifts.
+    # None: ``probs[1]``.
+    rank_score: float | None = None
 
     def score(self) -> float:
         """Positive-class probability (binary) or the top probability."""
@@ -260,89 +266,10 @@ def _patient_referral_figures(result: EvalResult) -> dict[str, Any]:
     )
 
 
-# The CIs each magnification's row shows (the pooled block bootstraps every statistic).
-_PER_MAGNIFICATION_CIS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
-
-
-def _binary_block(y, p, patients, threshold, n_boot, seed, ci_keys=None) -> ImageMetrics:
-    correct = (p >= threshold).astype(int) == y
-    positive = p >= threshold
-
-    def rate(i: np.ndarray, cls: int) -> float:
-        of_class = y[i] == cls
-        return float((positive[i][of_class] == bool(cls)).mean()) if of_class.any() else np.nan
-
-    stats = {
-        "roc_auc": lambda i: safe_auc(y[i], p[i]),
-        "accuracy": lambda i: float(correct[i].mean()),
-        "balanced_accuracy": lambda i: float(np.mean([rate(i, 1), rate(i, 0)])),
-        "sensitivity": lambda i: rate(i, 1),
-        "specificity": lambda i: rate(i, 0),
-        "patient_recognition_rate": lambda i: patient_recognition_rate(patients[i], correct[i]),
-        "patient_auc": lambda i: patient_level_auc(patients[i], y[i], p[i]),
-    }
-    ci95 = None
-    if n_boot:
-        keys = stats if ci_keys is None else ci_keys
-        ci95 = {k: bootstrap_ci(stats[k], patients, n_boot, seed) for k in keys}
-    return ImageMetrics(
-        **binary_metrics(y, p, threshold),
-        patient_recognition_rate=patient_recognition_rate(patients, correct),
-        patient_auc=patient_level_auc(patients, y, p),
-        n_patients=int(len(np.unique(patients))),
-        ci95=ci95,
-    )
-
-
-def _magnification_block(result, rows, y, p, patients, thr, idx, n_boot, seed) -> ImageMetrics:
-    """One magnification's row (``idx``: its images): its own CIs over its patients, its
-    threshold, patients of each class and (with prediction sets) referral rate."""
-    block = _binary_block(
-        y[idx], p[idx], patients[idx], thr[idx], n_boot, seed, _PER_MAGNIFICATION_CIS
-    )
-    refer_rate, ci95 = None, block.ci95
-    if result.alpha is not None:
-        refer = np.array([r.refer for r in rows])[idx]
-        refer_rate = float(refer.mean())
-        if n_boot:
-            ci95 = {
-                **(ci95 or {}),
-                "refer_rate": bootstrap_ci(
-                    lambda i, r=refer: float(r[i].mean()), patients[idx], n_boot, seed
-                ),
-            }
-    return replace(
-        block,
-        threshold=float(thr[idx][0]),
-        n_images=int(idx.sum()),
-        n_benign_patients=int(len(np.unique(patients[idx][y[idx] == 0]))),
-        n_malignant_patients=int(len(np.unique(patients[idx][y[idx] == 1]))),
-        refer_rate=refer_rate,
-        ci95=ci95,
-    )
-
-
-def _multiclass_block(y, probs, patients, classes, n_boot, seed) -> ImageMetrics:
-    """Accuracy, per-class figures and the patient recognition rate, with CIs (subtypes)."""
-    mc = multiclass_metrics(y, probs, classes)
-    correct = probs.argmax(1) == y
-    per_class = {c: ClassMetrics(**v) for c, v in mc.pop("per_class").items()}
-    ci95 = None
-    if n_boot:
-        ci95 = {
-            "accuracy": bootstrap_ci(lambda i: float(correct[i].mean()), patients, n_boot, seed),
-            "patient_recognition_rate": bootstrap_ci(
-                lambda i: patient_recognition_rate(patients[i], correct[i]),
-                patients,
-                n_boot,
-                seed,
-            ),
-        }
-    return ImageMetrics(
-        **mc,
-        per_class=per_class,
-        patient_recognition_rate=patient_recognition_rate(patients, correct),
-        ci95=ci95,
+def rank_scores(rows: Sequence[PredictionRow]) -> np.ndarray:
+    """Each binary row's ``rank_score`` (``probs[1]`` where it has none): what AUCs rank."""
+    return np.array(
+        [r.probs[1] if r.rank_score is None else r.rank_score for r in rows], dtype=np.float64
     )
 
 
@@ -355,13 +282,15 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> Me
     patients = np.array([r.patient for r in rows])
     probs = np.array([r.probs for r in rows])
     if len(result.classes) != 2:
-        image = _multiclass_block(y, probs, patients, result.classes, n_boot, seed)
+        image = multiclass_block(y, probs, patients, result.classes, n_boot, seed)
         at_05 = uncalibrated = per_magnification = None
     else:
         p = probs[:, 1]
+        rank = rank_scores(rows)
         thr = result.thresholds()
-        image = _binary_block(y, p, patients, thr, n_boot, seed)
-        at_05 = ImageMetrics(**binary_metrics(y, p, 0.5))
+        image = binary_block(y, p, patients, thr, n_boot, seed, rank=rank)
+        # No threshold in a ranking: the AUCs at 0.5 are the image block's.
+        at_05 = ImageMetrics(**{**binary_metrics(y, p, 0.5), **ranking_figures(y, rank)})
         p_raw = np.array([r.probs_uncalibrated[1] for r in rows])
         raw = ImageMetrics(**binary_metrics(y, p_raw, 0.5))
         uncalibrated = ImageMetrics(brier=raw.brier, ece=raw.ece)
@@ -371,7 +300,7 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> Me
             # Each magnification with its own CIs over its patients and its referral rate: a
             # pooled figure hides a magnification whose decision sits elsewhere (issue 26).
             per_magnification = {
-                f"{m}X": _magnification_block(
+                f"{m}X": magnification_block(
                     result,
                     rows,
                     y,
@@ -381,6 +310,7 @@ def compute_metrics(result: EvalResult, n_boot: int = 1000, seed: int = 0) -> Me
                     np.array([r.magnification == m for r in rows]),
                     n_boot,
                     seed,
+                    rank,
                 )
                 for m in mags
             }

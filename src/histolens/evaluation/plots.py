@@ -41,25 +41,32 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_roc_pr(
-    y: np.ndarray, p: np.ndarray, threshold: float, path: str | os.PathLike, title: str = ""
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    path: str | os.PathLike,
+    title: str = "",
+    predicted: np.ndarray | None = None,
 ) -> Path:
-    """ROC and precision-recall curves side by side, with the operating point marked."""
+    """ROC and precision-recall curves side by side, with the operating point marked
+    (``predicted``, the 0/1 decisions, when they were not taken at ``threshold`` on ``p``)."""
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.3))
     y = np.asarray(y).astype(int)
-    pred = np.asarray(p) >= threshold
+    pred = np.asarray(p) >= threshold if predicted is None else np.asarray(predicted).astype(bool)
+    marker = f"threshold {threshold:.2f}" if predicted is None else "operating point"
     if len(np.unique(y)) == 2:
         fpr, tpr, _ = roc_curve(y, p)
         a.plot(fpr, tpr, lw=2, label=f"ROC AUC = {auc(fpr, tpr):.3f}")
         op_fpr = (pred & (y == 0)).sum() / max(1, (y == 0).sum())
         op_tpr = (pred & (y == 1)).sum() / max(1, (y == 1).sum())
-        a.plot([op_fpr], [op_tpr], "o", color="crimson", ms=8, label=f"threshold {threshold:.2f}")
+        a.plot([op_fpr], [op_tpr], "o", color="crimson", ms=8, label=marker)
         prec, rec, _ = precision_recall_curve(y, p)
         b.plot(rec, prec, lw=2, label=f"PR AUC = {auc(rec, prec):.3f}")
         op_prec = (pred & (y == 1)).sum() / max(1, pred.sum())
-        b.plot([op_tpr], [op_prec], "o", color="crimson", ms=8, label=f"threshold {threshold:.2f}")
+        b.plot([op_tpr], [op_prec], "o", color="crimson", ms=8, label=marker)
         b.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.2f}")
     else:
         a.text(0.5, 0.5, "one class only: no ROC", ha="center")

@@ -22,7 +22,13 @@ from histolens.slides.outputs import SlideOutputs, read_summary, write_heatmap
 from histolens.slides.reader import open_slide
 from histolens.slides.tissue import MASK_MPP
 
-__all__ = ["SlideAttention", "attention_heatmaps", "attention_paths"]
+__all__ = [
+    "SlideAttention",
+    "attention_heatmaps",
+    "attention_paths",
+    "check_bag_width",
+    "write_attention",
+]
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,42 @@ def _write_table(target: Path, coords: np.ndarray, weights: np.ndarray) -> None:
             writer.writerow([int(x), int(y), f"{w:.8g}"])
 
 
+def write_attention(
+    bag_path: Path, out: Path, coords: np.ndarray, weights: np.ndarray, caption: str
+) -> tuple[Path | None, Path]:
+    """``out/attention/<slide>.csv`` and, when the slide file named by the bag's summary
+    (``summaries/<slide>.json`` beside the bag's ``h5`` folder) is there,
+    ``out/heatmaps/<slide>.attention.png``; (heatmap or None, table)."""
+    import h5py
+
+    name = bag_path.stem
+    heatmap, table = attention_paths(out, name)
+    _write_table(table, coords, weights)
+    summary = read_summary(SlideOutputs(bag_path.parent.parent, name).summary)
+    with h5py.File(bag_path, "r") as f:
+        size0 = tuple(int(v) for v in f.attrs.get("patch_size_level0", ()))
+    if summary is None or len(size0) != 2 or not Path(summary.path).exists():
+        return None, table
+    with open_slide(summary.path, summary.slide_mpp) as reader:
+        thumbnail = reader.thumbnail(MASK_MPP)
+        dims = reader.dimensions
+    write_heatmap(thumbnail, coords, size0, weights / weights.max(), dims, heatmap, caption)
+    return heatmap, table
+
+
+def check_bag_width(path: Path, width: int, trained: int) -> None:
+    """One sentence when a bag's features are not as wide as the MIL model's."""
+    if width != trained:
+        raise DataError(
+            f"{path.name} has {width} features per tile; the MIL model was trained on "
+            f"{trained}: extract with the same backbone."
+        )
+
+
 def attention_heatmaps(
     checkpoint: str | os.PathLike, results: str | os.PathLike
 ) -> list[SlideAttention]:
     """Score every bag under ``results/h5`` with the MIL ``checkpoint``; write the attention."""
-    import h5py
-
     from histolens.training.mil import predict_mil
     from histolens.training.mil_data import read_bag
     from histolens.training.mil_run import load_mil
@@ -68,27 +104,10 @@ def attention_heatmaps(
     done = []
     for path in bags:
         bag = read_bag(path)
-        if bag.features.shape[1] != int(meta["feature_dim"]):
-            raise DataError(
-                f"{path.name} has {bag.features.shape[1]} features per tile; the MIL model was "
-                f"trained on {meta['feature_dim']}: extract with the same backbone."
-            )
+        check_bag_width(path, bag.features.shape[1], int(meta["feature_dim"]))
         (prob,), (weights,) = predict_mil(model, [bag.features])
-        heatmap, table = attention_paths(results, path.stem)
-        _write_table(table, bag.coords, weights)
-        summary = read_summary(SlideOutputs(results, path.stem).summary)
-        with h5py.File(path, "r") as f:
-            size0 = tuple(int(v) for v in f.attrs.get("patch_size_level0", ()))
-        drawn = summary is not None and len(size0) == 2 and Path(summary.path).exists()
-        if drawn:
-            with open_slide(summary.path, summary.slide_mpp) as reader:
-                thumbnail = reader.thumbnail(MASK_MPP)
-                dims = reader.dimensions
-            scaled = weights / weights.max()
-            label = f"attention / slide max (P({meta['positive_class']}) = {prob:.3f})"
-            write_heatmap(thumbnail, bag.coords, size0, scaled, dims, heatmap, label)
+        label = f"attention / slide max (P({meta['positive_class']}) = {prob:.3f})"
+        heatmap, table = write_attention(path, results, bag.coords, weights, label)
         top = tuple(int(v) for v in bag.coords[int(np.argmax(weights))])
-        done.append(
-            SlideAttention(path.stem, prob, len(bag), top, heatmap if drawn else None, table)
-        )
+        done.append(SlideAttention(path.stem, prob, len(bag), top, heatmap, table))
     return done

@@ -85,6 +85,8 @@ class SlideSummary:
     top_k: int
     score_class: str
     threshold: float
+    magnification: str
+    operating_point: str
     tiles_above_threshold: int
     tissue_mm2: float
     tiles_scored: int

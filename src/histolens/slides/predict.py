@@ -21,6 +21,8 @@ import numpy as np
 
 from histolens.errors import ConfigError, DataError
 from histolens.slides.cohort import SLIDE_SUFFIXES, find_slides, parse_shard, shard_slides
+from histolens.slides.memory import TRIM_EVERY, release_free_heap
+from histolens.slides.operating import tile_operating_point
 from histolens.slides.outputs import (
     SlideOutputs,
     SlideSummary,
@@ -110,10 +112,6 @@ class SlideRun:
                 f"scores with --score-class ({', '.join(names)})."
             )
         self.score_index = names.index(self.score_class)
-        if self.options.threshold is not None:
-            self.threshold = float(self.options.threshold)
-        else:
-            self.threshold = float(p.threshold) if p.is_binary else 0.5
         meta = p.metadata
         self.scale: TileScale = training_scale(
             p.preprocess.input_size,
@@ -123,6 +121,8 @@ class SlideRun:
             meta.training_mpp if meta is not None else None,
             meta.training_image_size if meta is not None else None,
         )
+        self.operating_point = tile_operating_point(p, self.scale, self.options.threshold)
+        self.threshold = self.operating_point.threshold
 
     # --- the cohort --------------------------------------------------------------------------
     def is_done(self, slide: Path) -> bool:
@@ -183,6 +183,7 @@ class SlideRun:
             read_downsample = float(reader.level_downsamples[level])
         attrs = {
             "checkpoint_fingerprint": self.fingerprint,
+            "checkpoint": _source_of(self.predictor),
             "patch_size": int(level_size[0]),
             "patch_size_level0": np.asarray(size0, np.int64),
             "patch_level": int(level),
@@ -196,15 +197,11 @@ class SlideRun:
             "overlap": float(self.options.overlap),
             "class_names": ",".join(self.predictor.class_names),
             "score_class": self.score_class,
+            **self.operating_point.as_attrs(),
             "name": outputs.name,
         }
         self._score_tiles(path, mpp, grid, size0, outputs, attrs)
-        import h5py
-
-        with h5py.File(outputs.h5, "r") as f:
-            scores = f["score"][:]
-            ood = f["ood"][:]
-            coords = f["coords"][:]
+        scores, ood, coords = _read_scores(outputs.h5)
         write_mask(mask, outputs.mask)
         label = f"P({self.score_class})"
         write_heatmap(thumbnail, coords, size0, scores, dims, outputs.heatmap, label)
@@ -220,7 +217,7 @@ class SlideRun:
             score_topk_mean=_stat(np.sort(counted)[::-1][:k], np.mean),
             top_k=int(k),
             score_class=self.score_class,
-            threshold=self.threshold,
+            **self.operating_point.as_attrs(),
             tiles_above_threshold=int(above.sum()),
             tissue_mm2=round(mask_area_mm2(mask, dims, mpp), 4),
             tiles_scored=int(len(scores)),
@@ -258,6 +255,7 @@ class SlideRun:
             self.on_progress(start, n)
         if start < n:
             dataset = TileDataset(path, mpp, grid.coords[start:], size0, self.predictor.preprocess)
+            release_free_heap()  # the masking's freed heap is not inherited by forked workers
             workers = min(self.options.workers, max(0, (n - start) // self.options.batch_size))
             loader = DataLoader(
                 dataset,
@@ -269,8 +267,10 @@ class SlideRun:
             # its handle (a child holding it keeps HDF5's lock on the file after a stop).
             batches = iter(loader)
             bar = self._bar(n, start, outputs.name)
+            mag = self.operating_point.magnification
             try:
                 with PartialScores(partial, self.score_index, save_features) as stored:
+                    batches_done = 0
                     while True:
                         t0 = time.perf_counter()
                         batch = next(batches, None)
@@ -278,11 +278,15 @@ class SlideRun:
                         if batch is None:
                             break
                         with torch.inference_mode():
-                            b = stored.write(score_batch(self.predictor, batch, self.times))
+                            scores = score_batch(self.predictor, batch, self.times, mag)
+                            b = stored.write(scores)
                         if bar is not None:
                             bar.update(b)
                         if self.on_progress is not None:
                             self.on_progress(stored.done, n)
+                        batches_done += 1
+                        if batches_done % TRIM_EVERY == 0:
+                            release_free_heap()
             finally:
                 del batches  # its workers stop now, not when a stop's traceback is freed
                 dataset.close()
@@ -298,6 +302,21 @@ class SlideRun:
         return tqdm(
             total=total, initial=initial, desc=name, unit=" tiles", file=sys.stderr, leave=False
         )
+
+
+def _source_of(predictor) -> str:
+    """The absolute path of the predictor's checkpoint ('' when it was put together by hand):
+    a MIL model trained on the bags records where their features came from."""
+    source = getattr(predictor, "source", "") or ""
+    return str(Path(source).resolve()) if source else ""
+
+
+def _read_scores(h5: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The finished slide file's per-tile scores, out-of-distribution flags and coordinates."""
+    import h5py
+
+    with h5py.File(h5, "r") as f:
+        return f["score"][:], f["ood"][:], f["coords"][:]
 
 
 def _stat(values: np.ndarray, fn) -> float:

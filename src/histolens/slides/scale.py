@@ -25,6 +25,7 @@ __all__ = ["BREAKHIS_IMAGE_SIZE", "BREAKHIS_MPP", "TileScale", "training_scale"]
 BREAKHIS_IMAGE_SIZE = (700, 460)  # (width, height) of every BreakHis image
 BREAKHIS_MPP = {40: 2.5, 100: 1.0, 200: 0.5, 400: 0.25}  # um/px = 100 / magnification (assumed)
 MIXED_MAGNIFICATION = 200
+SAME_FIELD = 0.05  # magnifications differ 2x or more: a field within 5% is unambiguous
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,15 @@ class TileScale:
         field_um: (width, height) of one tile in microns.
         input_size: (width, height) of the model input the tile is resized to.
         source: one phrase saying where the scale comes from (printed and stored).
+        magnification: the training magnification (BreakHis, 40 ... 400) whose image field the
+            tiles cover, within :data:`SAME_FIELD`; None where an override matches none.
     """
 
     field_um: tuple[float, float]
     input_size: tuple[int, int]
     source: str
+    # The training magnification whose field the tiles cover (None: they match none).
+    magnification: int | None = None
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(f) and f > 0 for f in self.field_um):
@@ -75,6 +80,7 @@ def training_scale(
     (square tiles of that many pixels at that scale, resized to the input) override both.
     """
     h, w = int(input_size[0]), int(input_size[1])
+    fields = _training_fields(magnification, image_mpp, image_size, (w, h))
     if tile_mpp is not None and not (math.isfinite(tile_mpp) and tile_mpp > 0):
         raise ConfigError(f"--tile-mpp must be a positive number of microns, not {tile_mpp}.")
     if tile_size is not None and tile_size < 8:
@@ -106,8 +112,39 @@ def training_scale(
         )
     if tile_size is not None:
         side = tile_size * mpp_x
-        return TileScale((side, side), (w, h), f"{source}; --tile-size {tile_size}")
-    return TileScale((w * mpp_x, h * mpp_y), (w, h), source)
+        field_um, source = (side, side), f"{source}; --tile-size {tile_size}"
+    else:
+        field_um = (w * mpp_x, h * mpp_y)
+    return TileScale(field_um, (w, h), source, _matching(field_um, fields))
+
+
+def _training_fields(
+    magnification: str,
+    image_mpp: float | None,
+    image_size: tuple[int, int] | None,
+    input_wh: tuple[int, int],
+) -> dict[int, tuple[float, float]]:
+    """The tissue field (um) of one training image at each magnification the checkpoint was
+    trained on: the recorded scale's (its magnification read off ``BREAKHIS_MPP``), else the
+    BreakHis table's at the trained magnification, or at all four for 'all'."""
+    if image_mpp is not None:
+        iw, ih = image_size if image_size is not None else input_wh
+        mags = [m for m, mpp in BREAKHIS_MPP.items() if abs(image_mpp / mpp - 1) <= SAME_FIELD]
+        return {m: (iw * image_mpp, ih * image_mpp) for m in mags}
+    mags = list(BREAKHIS_MPP) if str(magnification) == "all" else [_magnification(magnification)]
+    return {
+        m: (BREAKHIS_IMAGE_SIZE[0] * BREAKHIS_MPP[m], BREAKHIS_IMAGE_SIZE[1] * BREAKHIS_MPP[m])
+        for m in mags
+        if m in BREAKHIS_MPP
+    }
+
+
+def _matching(field_um: tuple[float, float], fields: dict[int, tuple[float, float]]) -> int | None:
+    """The magnification whose training field ``field_um`` covers within SAME_FIELD, else None."""
+    for mag, (fw, fh) in fields.items():
+        if abs(field_um[0] / fw - 1) <= SAME_FIELD and abs(field_um[1] / fh - 1) <= SAME_FIELD:
+            return mag
+    return None
 
 
 def _magnification(value: str) -> int:

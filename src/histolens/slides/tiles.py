@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from histolens.models.transforms import Preprocess
+from histolens.slides.memory import model_chunk
 from histolens.slides.reader import SlideReader, open_slide
 
 __all__ = ["BatchScores", "StageTimes", "TileDataset", "score_batch"]
@@ -94,13 +95,25 @@ class BatchScores:
     features: np.ndarray | None = field(default=None, repr=False)
 
 
-def score_batch(predictor, batch: torch.Tensor, times: StageTimes | None = None) -> BatchScores:
-    """Score a uint8 tile batch (B, 3, H, W) exactly as ``Predictor.predict_batch`` does, keeping
-    the pooled features (for --save-features) and timing stain normalisation and the model."""
+def score_batch(
+    predictor,
+    batch: torch.Tensor,
+    times: StageTimes | None = None,
+    magnification: int | None = None,
+) -> BatchScores:
+    """Score a uint8 tile batch (B, 3, H, W) exactly as ``Predictor.predict_batch`` does, as
+    images of ``magnification`` (its threshold and prediction sets; None: unknown), keeping the
+    pooled features (for --save-features) and timing stain normalisation and the model."""
     t0 = time.perf_counter()
     inputs = predictor.to_input(batch)
     t1 = time.perf_counter()
-    logits, features = predictor.logits_and_features(inputs)
+    chunk = model_chunk(predictor)
+    if chunk is None or len(inputs) <= chunk:
+        logits, features = predictor.logits_and_features(inputs)
+    else:  # a few tiles at a time keep ONNX Runtime's arena small (histolens.slides.memory)
+        parts = [predictor.logits_and_features(part) for part in inputs.split(chunk)]
+        logits = torch.cat([p[0] for p in parts])
+        features = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
     probs = predictor.probabilities(logits)
     reasons: list[str | None] = [None] * len(probs)
     if predictor.guard is not None:
@@ -108,7 +121,9 @@ def score_batch(predictor, batch: torch.Tensor, times: StageTimes | None = None)
         reasons = predictor.guard.reasons(
             batch, [(w, h)] * len(probs), predictor.preprocess.input_size, features
         )
-    preds = predictor.decide_batch(probs, ood_reasons=reasons)
+    preds = predictor.decide_batch(
+        probs, ood_reasons=reasons, magnifications=[magnification] * len(probs)
+    )
     t2 = time.perf_counter()
     if times is not None:
         times.stain += t1 - t0

@@ -46,12 +46,17 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
 
 def choose_threshold(
-    y: np.ndarray, p: np.ndarray, method: str = "youden", target_sensitivity: float = 0.95
+    y: np.ndarray,
+    p: np.ndarray,
+    method: str = "youden",
+    target_sensitivity: float = 0.95,
+    weights: np.ndarray | None = None,
 ) -> float:
     """Decision threshold on validation probabilities of the positive class.
 
     'youden' maximises sensitivity + specificity - 1; 'sensitivity' is the highest threshold whose
     sensitivity reaches the target; 'fixed' is 0.5. Falls back to 0.5 with one class only.
+    ``weights`` (one per row) weight the rates, e.g. so that every patient counts once.
     """
     from sklearn.metrics import roc_curve
 
@@ -59,7 +64,7 @@ def choose_threshold(
     p = np.asarray(p, float)
     if method == "fixed" or len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = roc_curve(y, p, sample_weight=weights)
     finite = np.isfinite(thr)
     fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
     if method == "youden":

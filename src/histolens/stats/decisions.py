@@ -26,6 +26,7 @@ from histolens.stats.operating_points import (
     OperatingPointRule,
     choose_threshold_for,
     parse_operating_point,
+    patient_weights,
 )
 from histolens.stats.stored import read_stored
 
@@ -84,7 +85,8 @@ class OperatingPoints:
         y, p, strata = y[ok], p[ok], strata[ok]
         _, codes = np.unique(np.asarray(patients, dtype=str)[ok], return_inverse=True)
         codes = codes.astype(np.int64)
-        pooled = choose_threshold_for(rule, y, p)
+        # Every patient counts once in the rates a threshold is chosen by (patient_weights).
+        pooled = choose_threshold_for(rule, y, p, patient_weights(codes))
         own: dict[str, float] = {}
         counts: dict[str, tuple[int, int]] = {}
         for s in sorted(set(strata.tolist()) - {""}, key=_stratum_order):
@@ -93,7 +95,7 @@ class OperatingPoints:
             n_pos = len(np.unique(codes[at & (y == 1)]))
             counts[s] = (n_neg, n_pos)
             if min(n_neg, n_pos) >= MIN_PATIENTS_PER_CLASS:
-                own[s] = choose_threshold_for(rule, y[at], p[at])
+                own[s] = choose_threshold_for(rule, y[at], p[at], patient_weights(codes[at]))
         keep = keep_predictions
         ops = cls(
             rule,

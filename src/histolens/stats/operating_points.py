@@ -15,7 +15,9 @@ many it would need. An image of an unknown magnification gets the pooled choice.
 The rule (:class:`OperatingPointRule`) is what the user asks for: ``youden`` (sensitivity +
 specificity - 1 at its largest), ``sensitivity:0.95`` (the highest threshold whose sensitivity
 reaches 0.95: screening) or ``specificity:0.95`` (the lowest whose specificity reaches 0.95:
-confirmation). The out-of-fold predictions the choice was made on are stored with it, so that
+confirmation). The rates a threshold is chosen by count every patient once
+(:func:`patient_weights`), not every image: images per patient vary from 1 to 76 at one
+magnification. The out-of-fold predictions the choice was made on are stored with it, so that
 ``histolens calibrate`` can choose again under another rule without retraining.
 
 Used by both heads: the linear probe (out-of-fold predictions of cross-validation, and each
@@ -25,6 +27,7 @@ fold's own choice on its inner out-of-fold predictions) and the MLP head (valida
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ __all__ = [
     "OperatingPointRule",
     "choose_threshold_for",
     "parse_operating_point",
+    "patient_weights",
     "rule_from_train_config",
 ]
 
@@ -102,9 +106,23 @@ def rule_from_train_config(train: Any) -> OperatingPointRule:
     return parse_operating_point(method)
 
 
-def choose_threshold_for(rule: OperatingPointRule, y: np.ndarray, p: np.ndarray) -> float:
+def patient_weights(patients: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """One weight per image, 1 / (images of its patient): every patient counts once.
+
+    BreakHis patients have 1 to 76 images at one magnification; weighted by image, the one
+    benign patient with 76 of the 111 benign 100X images of breakhis-dev would set the
+    specificity a threshold is chosen by, and the estimate and its CIs are about patients.
+    """
+    _, inverse, counts = np.unique(np.asarray(patients), return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].astype(np.float64)
+
+
+def choose_threshold_for(
+    rule: OperatingPointRule, y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None
+) -> float:
     """The threshold ``rule`` chooses on labels ``y`` (0/1) and positive-class probabilities
-    ``p``; 0.5 when one class is absent."""
+    ``p``, its rates weighted by ``weights`` (None: every image alike, e.g. patient_weights);
+    0.5 when one class is absent."""
     from sklearn.metrics import roc_curve
 
     from histolens.stats.calibration import choose_threshold
@@ -112,12 +130,12 @@ def choose_threshold_for(rule: OperatingPointRule, y: np.ndarray, p: np.ndarray)
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
     if rule.kind in ("youden", "fixed"):
-        return choose_threshold(y, p, rule.kind)
+        return choose_threshold(y, p, rule.kind, weights=weights)
     if rule.kind == "sensitivity":
-        return choose_threshold(y, p, "sensitivity", float(rule.target))
+        return choose_threshold(y, p, "sensitivity", float(rule.target), weights)
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = roc_curve(y, p, sample_weight=weights)
     finite = np.isfinite(thr)
     fpr, thr = fpr[finite], thr[finite]
     # The lowest threshold (largest sensitivity) whose specificity reaches the target.

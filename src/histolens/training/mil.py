@@ -25,6 +25,7 @@ __all__ = [
     "MilFit",
     "build_mil_model",
     "fit_mil",
+    "mil_logits",
     "predict_mil",
 ]
 
@@ -139,15 +140,21 @@ def fit_mil(
     return MilFit(model, seconds, losses)
 
 
-def predict_mil(model, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Slide probabilities (sigmoid of the logit) and each bag's attention weights."""
+def mil_logits(model, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Slide logits (before any temperature) and each bag's attention weights."""
     import torch
 
-    probabilities, attention = [], []
+    logits, attention = [], []
     model.eval()
     with torch.inference_mode():
         for bag in bags:
             logit, weights = model(torch.from_numpy(np.ascontiguousarray(bag, np.float32)))
-            probabilities.append(float(torch.sigmoid(logit)))
+            logits.append(float(logit))
             attention.append(weights.numpy().astype(np.float64))
-    return np.asarray(probabilities), attention
+    return np.asarray(logits, np.float64), attention
+
+
+def predict_mil(model, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Slide probabilities (sigmoid of the logit, uncalibrated) and each bag's attention."""
+    logits, attention = mil_logits(model, bags)
+    return 1.0 / (1.0 + np.exp(-logits)), attention

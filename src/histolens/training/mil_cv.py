@@ -17,7 +17,7 @@ import numpy as np
 
 from histolens.errors import DataError
 from histolens.stats.metrics import bootstrap_ci, safe_auc
-from histolens.training.mil import MilConfig, fit_mil, predict_mil
+from histolens.training.mil import MilConfig, fit_mil, mil_logits
 
 __all__ = [
     "MilCrossValidation",
@@ -91,6 +91,7 @@ class MilCrossValidation:
     mil: np.ndarray
     mean_pool: np.ndarray
     attention: list[np.ndarray]
+    logits: np.ndarray = field(default_factory=lambda: np.zeros(0))  # MIL, before calibration
     epoch_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -117,18 +118,20 @@ def cross_validate_mil(
     y = np.asarray(targets, np.int64)
     folds = patient_folds(y, patients, n_splits, config.seed)
     fold_of = np.full(len(y), -1)
-    mil_p, mean_p = np.zeros(len(y)), np.zeros(len(y))
+    mil_z, mean_p = np.zeros(len(y)), np.zeros(len(y))
     attention: list[np.ndarray] = [np.empty(0)] * len(y)
     epochs: list[float] = []
     for k, (train, test) in enumerate(folds):
         fit = fit_mil([bags[i] for i in train], y[train], config)
         epochs += fit.epoch_seconds
-        probs, weights = predict_mil(fit.model, [bags[i] for i in test])
-        mil_p[test] = probs
+        logits, weights = mil_logits(fit.model, [bags[i] for i in test])
+        mil_z[test] = logits
         for i, w in zip(test, weights, strict=True):
             attention[i] = w
         mean_p[test] = mean_pool_probe([bags[i] for i in train], y[train], [bags[i] for i in test])
         fold_of[test] = k
+    mil_p = 1.0 / (1.0 + np.exp(-mil_z))
+    seconds = time.perf_counter() - start
     return MilCrossValidation(
-        y, tuple(patients), fold_of, mil_p, mean_p, attention, epochs, time.perf_counter() - start
+        y, tuple(patients), fold_of, mil_p, mean_p, attention, mil_z, epochs, seconds
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +29,21 @@ __all__ = [
 
 # Labels read as the positive class of a 0/1 or false/true column; otherwise the class sorted last.
 _NUMERIC_POSITIVE = {"1", "true", "yes"}
+# How a bag's slide was tiled (its HDF5 attributes), so that a new slide is tiled the same way.
+_TILING = ("tile_mpp", "min_tissue", "overlap")
 
 
 @dataclass(frozen=True)
 class Bag:
-    """One slide's tiles: level-0 corners (N x 2) and features (N x D, float32)."""
+    """One slide's tiles: level-0 corners (N x 2) and features (N x D, float32), with the
+    fingerprint and path of the tile checkpoint that extracted them (empty when unknown)."""
 
     name: str
     features: np.ndarray
     coords: np.ndarray
+    fingerprint: str = ""
+    checkpoint: str = ""
+    tiling: dict[str, float] = field(default_factory=dict)  # tile_mpp, min_tissue, overlap
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -63,13 +69,16 @@ def read_bag(path: str | os.PathLike) -> Bag:
                 else np.zeros((len(features), 2), np.int64)
             )
             name = str(f.attrs.get("name", path.stem))
+            fingerprint = str(f.attrs.get("checkpoint_fingerprint", ""))
+            checkpoint = str(f.attrs.get("checkpoint", ""))
+            tiling = {k: float(f.attrs[k]) for k in _TILING if k in f.attrs}
     except OSError as exc:
         raise DataError(f"{path} is not a readable HDF5 bag ({exc}).") from None
     if features.ndim != 2 or len(features) == 0:
         raise DataError(f"{path}: 'features' must be N x D with at least one tile.")
     if not np.isfinite(features).all():
         raise DataError(f"{path}: 'features' holds NaN or infinite values.")
-    return Bag(name, features, coords)
+    return Bag(name, features, coords, fingerprint, checkpoint, tiling)
 
 
 def write_bag(

@@ -1,10 +1,12 @@
-"""``histolens train --slides LABELS.csv``: cross-validate, fit on every slide, write the run.
+"""``histolens train --slides LABELS.csv``: cross-validate, calibrate, fit on every slide, write.
 
 The run directory holds ``mil.safetensors`` (the weights, with the metadata as JSON under the
 safetensors key ``histolens_mil``), the same metadata in ``mil.json`` (``schema`` ``histolens.mil``,
-``version`` 1: the MIL model is not a tile classifier, so it does not pretend to be a
-``CheckpointMetadata``), ``oof_predictions.csv`` (each slide's out-of-fold probability from both
-methods) and ``metrics.json`` (slide AUCs with patient-bootstrap CIs).
+``version`` 2: the MIL model is not a tile classifier, so it does not pretend to be a
+``CheckpointMetadata``; it holds the decision, estimate, model card and the tile features'
+source), ``oof_predictions.csv`` (each slide's out-of-fold probability from both methods),
+``metrics.json`` (slide AUCs with patient-bootstrap CIs), ``evaluation/`` (the tile workflow's
+evaluation files, one row per slide) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -20,21 +22,32 @@ import numpy as np
 
 from histolens.atomic import atomic_open, atomic_path, atomic_write_text
 from histolens.errors import CheckpointError
+from histolens.evaluation.evaluate import headline_metrics
+from histolens.stats.conformal import DEFAULT_ALPHA
+from histolens.stats.operating_points import parse_operating_point
 from histolens.training.mil import MilConfig, build_mil_model, fit_mil
 from histolens.training.mil_cv import MilCrossValidation, cross_validate_mil
 from histolens.training.mil_data import read_bag, read_slide_labels
+from histolens.training.mil_decision import MilDecision, cross_fitted_evaluation, fit_mil_decision
+from histolens.training.mil_outputs import (
+    feature_source,
+    mil_model_card,
+    slide_auc_table,
+    write_mil_outputs,
+)
 
 __all__ = [
     "MIL_SCHEMA",
     "MIL_SCHEMA_VERSION",
     "MilRun",
+    "is_mil_checkpoint",
     "load_mil",
     "save_mil",
     "train_slides",
 ]
 
 MIL_SCHEMA = "histolens.mil"
-MIL_SCHEMA_VERSION = 1
+MIL_SCHEMA_VERSION = 2  # 2: decision, estimate, model card and feature source
 _META_KEY = "histolens_mil"
 
 
@@ -46,6 +59,23 @@ def save_mil(path: str | os.PathLike, model, metadata: dict) -> Path:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
     return Path(path)
+
+
+def is_mil_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a file, or a run directory holding ``mil.safetensors``) is a MIL
+    checkpoint; reads only the safetensors header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "mil.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _META_KEY in (f.metadata() or {})
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def load_mil(path: str | os.PathLike):
@@ -87,6 +117,8 @@ class MilRun:
     metrics: dict
     class_names: tuple[str, str]
     notes: list[str]
+    decision: MilDecision | None = None
+    estimate: dict | None = None
 
 
 def _write_oof(path: Path, labels, cv: MilCrossValidation) -> None:
@@ -112,42 +144,58 @@ def train_slides(
     out: str | os.PathLike,
     config: MilConfig = MilConfig(),
     folds: int = 5,
+    operating_point: str = "youden",
+    alpha: float = DEFAULT_ALPHA,
 ) -> MilRun:
-    """Cross-validate MIL and the mean-pooling probe by patient, then fit MIL on every slide."""
+    """Cross-validate MIL and the mean-pooling probe by patient; fit the calibration, operating
+    point and prediction sets on the out-of-fold slides and measure them cross-fitted; fit MIL on
+    every slide; write the checkpoint, the evaluation and the report."""
     labels = read_slide_labels(labels_csv)
-    bags = [read_bag(p).features for p in labels.bags]
-    dims = {b.shape[1] for b in bags}
-    if len(dims) != 1:
-        raise CheckpointError(
-            f"The bags have features of different widths ({sorted(dims)}): they come from "
-            "different backbones; extract them all with one."
-        )
+    bags = [read_bag(p) for p in labels.bags]
+    features = feature_source(bags)
     notes = []
     if not labels.patients_given:
         notes.append(
             "LABELS.csv has no patient for some slides: each such slide is its own patient."
         )
-    cv = cross_validate_mil(bags, labels.targets, labels.patients, config, folds)
-    table = cv.table()
+    x = [b.features for b in bags]
+    cv = cross_validate_mil(x, labels.targets, labels.patients, config, folds)
+    rule = parse_operating_point(operating_point)
+    classes = labels.class_names
+    decision = fit_mil_decision(
+        cv.logits, labels.targets, labels.patients, classes, rule, alpha, notes
+    )
+    n_patients = len(set(labels.patients))
+    data = f"{len(labels)} slides of {n_patients} patients in {Path(labels_csv).name}"
+    evaluation, estimate = cross_fitted_evaluation(
+        cv, [str(b) for b in labels.bags], classes, decision, rule, data, config.seed
+    )
     metrics = {
         "slides": len(labels),
-        "patients": len(set(labels.patients)),
+        "patients": n_patients,
         "folds": folds,
-        "slide_auc": {m: {"auc": a, "ci95": [lo, hi]} for m, (a, lo, hi) in table.items()},
+        "slide_auc": slide_auc_table(cv),
         "epoch_seconds_mean": float(np.mean(cv.epoch_seconds)),
+        **headline_metrics(evaluation.metrics),
     }
-    fit = fit_mil(bags, labels.targets, config)
+    fit = fit_mil(x, labels.targets, config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "schema": MIL_SCHEMA,
         "version": MIL_SCHEMA_VERSION,
         "model": "gated-attention-mil",
-        "feature_dim": int(dims.pop()),
-        "class_names": list(labels.class_names),
-        "positive_class": labels.class_names[1],
+        "feature_dim": features["feature_dim"],
+        "features": features,
+        "class_names": list(classes),
+        "positive_class": classes[1],
         "config": config.to_dict(),
+        "decision": decision.to_dict(),
+        "estimate": estimate,
         "metrics": metrics,
+        "model_card": mil_model_card(
+            decision, estimate, metrics["slide_auc"], config, features, data
+        ),
         "labels_csv": str(Path(labels_csv).resolve()),
         "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -155,4 +203,5 @@ def train_slides(
     atomic_write_text(out / "mil.json", json.dumps(meta, indent=1))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     _write_oof(out / "oof_predictions.csv", labels, cv)
-    return MilRun(out, checkpoint, cv, metrics, labels.class_names, notes)
+    write_mil_outputs(out, evaluation, meta, notes)
+    return MilRun(out, checkpoint, cv, metrics, classes, notes, decision, estimate)

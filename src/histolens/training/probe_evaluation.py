@@ -52,8 +52,11 @@ def _evaluate(
     scored = ~np.isnan(held.logits).any(1)
     kept = [r for r, ok in zip(held.records, scored, strict=True) if ok]
     logits = torch.as_tensor(held.logits[scored], dtype=torch.float32)
+    rows = rows_from_logits(kept, logits, classes, cfg.data.task, temperature)
+    if held.n_folds and len(classes) == 2:
+        rows = _ranked_by_raw_logits(rows, held.calib_logits[scored])
     ev = EvalResult(
-        rows_from_logits(kept, logits, classes, cfg.data.task, temperature),
+        rows,
         tuple(classes),
         cfg.data.task,
         threshold,
@@ -91,6 +94,22 @@ def _evaluate(
 
         write_predictions_csv(ev, RunDir(run_dir).predictions)
     return metrics
+
+
+def _ranked_by_raw_logits(rows: list, raw_logits: np.ndarray) -> list:
+    """Out-of-fold rows ranked, in their AUCs, by the folds' raw logits.
+
+    The decision logits are each moved by its fold's threshold at its magnification; those
+    shifts differ between folds and magnifications and would reorder images of different folds
+    or magnifications (measured on breakhis-dev: pooled AUC 0.888 against 0.900 raw).
+    """
+    from dataclasses import replace
+
+    from scipy.special import expit
+
+    return [
+        replace(r, rank_score=float(s)) for r, s in zip(rows, expit(raw_logits[:, 0]), strict=True)
+    ]
 
 
 def _add_referrals(

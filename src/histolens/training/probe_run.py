@@ -202,6 +202,7 @@ def _fit_and_write(
     if n_classes == 2:  # the threshold per magnification, on the same held-out logits
         ops = _operating_points(cfg, held.calib_logits, held.calib_y, g, mags, calibration[0])
         notes += [n for n in ops.notes() if n not in notes]
+        calibration = (calibration[0], ops.pooled)  # one pooled threshold: the operating points'
     referral = _referral(cfg, held, calibration, x, y, g, classes, notes, mags, ops)
     ckpt = _save_probe_checkpoint(run, final, calibration, referral, ops)
     result = TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, notes=notes)

@@ -97,9 +97,10 @@ def _estimate_again(
             int(t),
             tuple(map(float, c)),
             tuple(map(float, c)),
+            rank_score=float(p),  # ranked by the stored probabilities, not the centred ones
         )
-        for i, (code, s, t, c) in enumerate(
-            zip(ops.patient_codes, ops.strata, ops.y, centred, strict=True)
+        for i, (code, s, t, c, p) in enumerate(
+            zip(ops.patient_codes, ops.strata, ops.y, centred, ops.p, strict=True)
         )
     ]
     ev = EvalResult(rows, classes, meta.task, 0.5, 1.0)
