@@ -35,13 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    mean_sd,
-    print_table,
-    repeated_study_parser,
-    require_real_data,
-    setup,
-)
+from _common import mean_sd, print_table, repeated_study_parser, require_real_data, setup  # noqa: E402
 from _operating_points_study import HeldOut  # noqa: E402
 from _operating_points_study import report as operating_point_report  # noqa: E402
 

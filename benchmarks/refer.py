@@ -48,13 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    mean_sd,
-    print_table,
-    repeated_study_parser,
-    require_real_data,
-    setup,
-)
+from _common import mean_sd, print_table, repeated_study_parser, require_real_data, setup  # noqa: E402
 from generalisation import SCORED_MAGNIFICATION, _folds, _records  # noqa: E402
 
 ALPHAS = (0.05, 0.1, 0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -83,17 +84,8 @@ def serve_command(
     port: int,
     token: str | None,
     max_upload_mb: float,
-    max_queue: int,
-    max_batch: int,
-    batch_wait_ms: float,
-    max_batch_files: int,
-    device: str,
-    onnx_runtime: str | None,
-    engine: str | None,
-    slides: Path | None,
-    slide_cache: Path | None,
-    slide_tile_mpp: float | None,
     log_level: str,
+    **service: Any,
 ) -> None:
     """Serve a model: REST API under /v1, a web page at /, API docs at /docs; with --slides, a
     slide viewer at /slides.
@@ -103,16 +95,21 @@ def serve_command(
     from histolens.checkpoint.io import read_metadata
     from histolens.inference.loading import resolve_runtime
     from histolens.inference.runtimes import check_runtime_usable
+    from histolens.web.settings import ServiceSettings
 
+    # The other options are ServiceSettings' fields of the same names.
+    settings = ServiceSettings(
+        token=token or None, max_upload_bytes=int(max_upload_mb * 1024 * 1024), **service
+    )
     # Fail here with one line if the checkpoint or its runtime is unusable, not in the server's
     # startup log.
     meta = read_metadata(checkpoint)
-    runtime = resolve_runtime(checkpoint, onnx_runtime)
+    runtime = resolve_runtime(checkpoint, settings.onnx_runtime)
     if runtime is not None:
-        check_runtime_usable(runtime, device, from_env=onnx_runtime is None)
+        check_runtime_usable(runtime, settings.device, from_env=settings.onnx_runtime is None)
     import uvicorn
 
-    from histolens.web.app import ServiceSettings, create_app
+    from histolens.web.app import create_app
 
     if host not in LOOPBACK_HOSTS and not token:
         click.secho(
@@ -121,20 +118,6 @@ def serve_command(
             fg="yellow",
             err=True,
         )
-    settings = ServiceSettings(
-        token=token or None,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-        max_queue=max_queue,
-        max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms,
-        max_batch_files=max_batch_files,
-        device=device,
-        onnx_runtime=onnx_runtime,
-        engine=engine,
-        slides=slides,
-        slide_cache=slide_cache,
-        slide_tile_mpp=slide_tile_mpp,
-    )
     app = create_app(checkpoint, settings)
     shown_host = f"[{host}]" if ":" in host else host
     on_runtime = f" on {runtime}" if runtime else ""
@@ -142,6 +125,6 @@ def serve_command(
         f"histolens: serving {meta.model_id or checkpoint.name} "
         f"({meta.backbone}{on_runtime}) at http://{shown_host}:{port}/ (API docs at /docs)"
         + ("; API token required" if token else "")
-        + (f"; slides of {slides} at /slides" if slides else "")
+        + (f"; slides of {settings.slides} at /slides" if settings.slides else "")
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

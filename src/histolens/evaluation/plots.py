@@ -71,20 +71,16 @@ def plot_roc_pr(
     else:
         a.text(0.5, 0.5, "one class only: no ROC", ha="center")
     a.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    a.set(
-        xlabel="False positive rate (1 - specificity)",
-        ylabel="True positive rate (sensitivity)",
-        title="ROC curve",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
-    b.set(
-        xlabel="Recall (sensitivity)",
-        ylabel="Precision",
-        title="Precision-recall curve",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
+    for ax, xlabel, ylabel, title in (
+        (
+            a,
+            "False positive rate (1 - specificity)",
+            "True positive rate (sensitivity)",
+            "ROC curve",
+        ),
+        (b, "Recall (sensitivity)", "Precision", "Precision-recall curve"),
+    ):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
     a.legend(loc="lower right")
     b.legend(loc="lower left")
     if title:

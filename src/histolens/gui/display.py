@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from histolens.inference.shown import ShownPrediction
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -43,50 +45,12 @@ def method_label(method: str) -> str:
     return entry.display_name if entry is not None else method
 
 
-@dataclass(frozen=True)
-class PredictionSummary:
-    """One image's prediction, ready to display."""
+@dataclass
+class PredictionSummary(ShownPrediction):
+    """One image's prediction, ready to display: the shown prediction (histolens.inference.shown)
+    and the name of the positive class, in the viewer's words."""
 
-    label: str
-    probability: float
-    scores: dict[str, float]
-    positive_class: str | None
-    positive_probability: float | None
-    threshold: float | None
-    uncertain: bool
-    # The conformal prediction set at error level ``alpha`` (empty without a calibration), and
-    # why a person should decide: several classes plausible, or unlike the training images.
-    prediction_set: tuple[str, ...] = ()
-    alpha: float | None = None
-    refer: bool = False
-    refer_reason: str | None = None
-    ood: bool = False
-    ood_reason: str | None = None
-
-    @classmethod
-    def from_prediction(
-        cls, prediction: Prediction, positive_class: str | None
-    ) -> PredictionSummary:
-        return cls(
-            prediction.label,
-            float(prediction.probability),
-            dict(prediction.scores),
-            positive_class if prediction.positive_probability is not None else None,
-            prediction.positive_probability,
-            prediction.threshold,
-            bool(prediction.uncertain),
-            tuple(prediction.prediction_set),
-            prediction.alpha,
-            bool(prediction.refer),
-            prediction.refer_reason,
-            bool(prediction.ood),
-            prediction.ood_reason,
-        )
-
-    @property
-    def flagged(self) -> bool:
-        """A person should look: unlike the training images, referred, or close to the boundary."""
-        return self.ood or self.refer or self.uncertain
+    positive_class: str | None = None
 
     @property
     def probability_text(self) -> str:
@@ -111,11 +75,7 @@ class PredictionSummary:
     @property
     def flag(self) -> str:
         """The badge's first words, for the status line: '' when nothing is flagged."""
-        if self.ood:
-            return _ood_message().upper()
-        if self.refer:
-            return "REFER"
-        return "REVIEW NEEDED" if self.uncertain else ""
+        return _review_words(self.review).upper()
 
     @property
     def review_text(self) -> str:
@@ -150,6 +110,13 @@ def _ood_message() -> str:
     return OOD_MESSAGE
 
 
+def _review_words(review: str) -> str:
+    """The Flag column's words for a review state (histolens.inference.shown)."""
+    if review == "ood":
+        return _ood_message()
+    return {"refer": "refer", "review": "review needed"}.get(review, "")
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One line of the results list: a prediction, or a file that could not be read."""
@@ -160,24 +127,18 @@ class ResultRow:
     error: str | None = None
 
     @property
+    def shown(self) -> ShownPrediction | None:
+        """The prediction as the front ends show it (None for an unreadable file)."""
+        return ShownPrediction.from_prediction(self.prediction) if self.prediction else None
+
+    @property
     def label(self) -> str:
         return self.prediction.label if self.prediction else ""
 
     @property
     def probability(self) -> float | None:
         """The calibrated probability of the positive class (binary) or of the predicted class."""
-        if self.prediction is None:
-            return None
-        p = self.prediction.positive_probability
-        return float(self.prediction.probability if p is None else p)
-
-    @property
-    def uncertain(self) -> bool:
-        return bool(self.prediction and self.prediction.uncertain)
-
-    @property
-    def refer(self) -> bool:
-        return bool(self.prediction and self.prediction.refer)
+        return self.shown.shown_probability if self.prediction else None
 
     @property
     def ood(self) -> bool:
@@ -188,17 +149,15 @@ class ResultRow:
         """The Flag column: unreadable, not like the training images, refer or review needed."""
         if self.error:
             return "unreadable"
-        if self.ood:
-            return _ood_message()
-        if self.refer:
-            return "refer"
-        return "review needed" if self.uncertain else ""
+        return _review_words(self.shown.review) if self.prediction else ""
 
     @property
     def flag_rank(self) -> int:
         """How much the row needs a person: unreadable 3, unlike the training images 2, refer
         or review needed 1, else 0."""
-        return 3 if self.error else 2 if self.ood else int(self.refer or self.uncertain)
+        if self.error or not self.prediction:
+            return 3 if self.error else 0
+        return 2 if self.ood else int(self.shown.flagged)
 
 
 def sort_key(column: str) -> Callable[[ResultRow], Any]:

@@ -102,7 +102,7 @@ class ImageInspector:
     def _summary(self, prediction: Prediction) -> PredictionSummary:
         predictor = self._model.predictor
         positive = predictor.positive_class if predictor else None
-        return PredictionSummary.from_prediction(prediction, positive)
+        return PredictionSummary.from_prediction(prediction, positive_class=positive)
 
     def _image_failed(self, cur: _Current, exc: BaseException) -> None:
         if cur is not self.current:

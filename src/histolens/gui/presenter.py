@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 from histolens.gui.batch import BATCH_CHUNK, BatchRunner, find_images, images_in
 from histolens.gui.display import (
@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def open_predictor(path: str, engine: str | None = None) -> Predictor:
@@ -96,6 +97,31 @@ def _available_methods() -> tuple[str, ...]:
     from histolens.explain import CAM_METHODS
 
     return tuple(CAM_METHODS)
+
+
+class _Answered(Generic[T]):
+    """A read-only attribute of the presenter that one of its parts answers: ``part``'s
+    attribute ``name`` (default: the same name as the presenter's)."""
+
+    def __init__(self, part: str, doc: str | None = None, name: str | None = None) -> None:
+        self._part, self._name, self.__doc__ = part, name, doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = self._name or name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Answered[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type) -> T: ...
+
+    def __get__(self, obj: object | None, owner: type) -> T | _Answered[T]:
+        if obj is None:
+            return self
+        return getattr(getattr(obj, self._part), self._name)
+
+    def __set__(self, obj: object, value: T) -> None:
+        raise AttributeError(f"{self._name} is read-only")
 
 
 class Presenter:
@@ -132,38 +158,19 @@ class Presenter:
         self.last_export: ExportSummary | None = None
 
     # --- what the window reads ------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        """True while a job is queued or running (the window shows a busy cursor)."""
-        return self._jobs.busy
-
-    @property
-    def predictor(self) -> Predictor | None:
-        return self._model.predictor
-
-    @property
-    def explainer(self) -> Explainer | None:
-        return self._model.explainer
-
-    @property
-    def model_info(self) -> ModelSummary | None:
-        return self._model.info
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return self._inspector.methods
-
-    @property
-    def method(self) -> str:
-        return self._inspector.method
-
-    @property
-    def opacity(self) -> float:
-        return self._inspector.opacity
-
-    @property
-    def heatmap_visible(self) -> bool:
-        return self._inspector.heatmap_visible
+    busy = _Answered[bool]("_jobs", "True while a job is queued or running (a busy cursor).")
+    predictor = _Answered["Predictor | None"]("_model")
+    explainer = _Answered["Explainer | None"]("_model")
+    model_info = _Answered[ModelSummary | None]("_model", name="info")
+    methods = _Answered[tuple[str, ...]]("_inspector")
+    method = _Answered[str]("_inspector")
+    opacity = _Answered[float]("_inspector")
+    heatmap_visible = _Answered[bool]("_inspector")
+    results = _Answered[list[ResultRow]]("_batch")
+    sort_column = _Answered[str | None]("_batch")
+    sort_descending = _Answered[bool]("_batch")
+    batch_total = _Answered[int]("_batch", name="total")
+    batch_done = _Answered[int]("_batch", name="done")
 
     @property
     def current_path(self) -> str | None:
@@ -180,26 +187,6 @@ class Presenter:
         """Seconds from opening the current image to its prediction / heatmap being shown."""
         cur = self._inspector.current
         return dict(cur.timings) if cur else {}
-
-    @property
-    def results(self) -> list[ResultRow]:
-        return self._batch.results
-
-    @property
-    def sort_column(self) -> str | None:
-        return self._batch.sort_column
-
-    @property
-    def sort_descending(self) -> bool:
-        return self._batch.sort_descending
-
-    @property
-    def batch_total(self) -> int:
-        return self._batch.total
-
-    @property
-    def batch_done(self) -> int:
-        return self._batch.done
 
     def poll(self) -> int:
         """Apply finished jobs and progress reports; call often on the UI thread. Returns count."""

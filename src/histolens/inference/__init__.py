@@ -2,7 +2,7 @@
 
 Owns ``predictor`` (``Predictor``), ``loading`` (turning a checkpoint into a runnable model),
 ``runtimes`` (ONNX Runtime / OpenVINO / exported torch), ``ood`` (out-of-distribution guard),
-``prediction`` (``Prediction``: what every front end displays), ``predictions_csv`` and batch
-prediction (``batch``, ``progress``, ``resume``).
+``prediction`` (``Prediction``), ``shown`` (``ShownPrediction``: what the GUI and the web show of
+one), ``predictions_csv`` and batch prediction (``batch``, ``progress``, ``resume``).
 May import: everything below it (base, stats, data, stain, models, checkpoint).
 """

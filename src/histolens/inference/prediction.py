@@ -1,6 +1,7 @@
-"""What a prediction is: one image's ``Prediction`` and class probabilities from logits.
+"""What a prediction is: one image's ``Prediction``.
 
-``histolens.inference.predictor.Predictor`` makes them; both names are importable from there too.
+``histolens.inference.predictor.Predictor`` makes them; the name is importable from there too.
+This module stays free of torch, so that a front end can name a prediction before a model loads.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from histolens.inference.predictions_csv import prediction_row
-from histolens.stats.calibration import probabilities_from_logits
+from histolens.lazy import lazy_getattr
 
-__all__ = ["Prediction", "probabilities_from_logits"]
+__all__ = ["Prediction"]
+
+# Older code imports probabilities_from_logits from here; it is histolens.stats.calibration's.
+__getattr__ = lazy_getattr("histolens.stats", {"probabilities_from_logits": "calibration"})
 
 
 @dataclass

@@ -17,14 +17,16 @@ from histolens.errors import CheckpointError
 from histolens.inference.loading import load_model
 from histolens.inference.ood import OOD_MESSAGE, OODGuard, image_size
 from histolens.inference.path_batches import iter_image_batches, load_input, stack_logits
-from histolens.inference.prediction import Prediction, probabilities_from_logits
+from histolens.inference.prediction import Prediction
 from histolens.models.classifier import HistoClassifier
 from histolens.models.pipeline import InputPipeline
 from histolens.models.transforms import Preprocess
+from histolens.stats.calibration import probabilities_from_logits
 from histolens.stats.conformal import ConformalCalibration, centred_probabilities, check_alpha
 from histolens.stats.decisions import OperatingPoints
 
-# Prediction and probabilities_from_logits live in histolens.inference.prediction; importable here too.
+# Prediction lives in histolens.inference.prediction and probabilities_from_logits in
+# histolens.stats.calibration; both are importable here too.
 __all__ = ["Prediction", "Predictor", "probabilities_from_logits"]
 
 # Checkpoints without a conformal calibration: a probability this close to the decision threshold

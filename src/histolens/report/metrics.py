@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from histolens.evaluation.results import ClassMetrics, ImageMetrics, Metrics, ReferMetrics
@@ -82,31 +83,43 @@ def _overall_table(metrics: Metrics) -> str:
 
 def _per_class_table(per_class: dict[str, ClassMetrics]) -> str:
     """Precision, recall, F1 and images of each class (multi-class tasks)."""
-    pc = "".join(
-        f"<tr><td>{html.escape(c)}</td><td class=num>{v.precision:.3f}</td>"
-        f"<td class=num>{v.recall:.3f}</td><td class=num>{v.f1:.3f}</td>"
-        f"<td class=num>{v.support}</td></tr>"
-        for c, v in per_class.items()
-    )
-    return (
-        "<h3>Per class</h3><table><tr><th>Class</th><th>Precision</th><th>Recall</th>"
-        f"<th>F1</th><th>Images</th></tr>{pc}</table>"
+    return _sub_table(
+        "Per class",
+        ("Class", "Precision", "Recall", "F1", "Images"),
+        (
+            (html.escape(c), f"{v.precision:.3f}", f"{v.recall:.3f}", f"{v.f1:.3f}", f"{v.support}")
+            for c, v in per_class.items()
+        ),
     )
 
 
 def _per_magnification_table(per_mag: dict[str, ImageMetrics]) -> str:
     """Images, patients, ROC AUC, accuracy and patient recognition rate at each magnification."""
-    pm = "".join(
-        f"<tr><td>{m}</td><td class=num>{v.n}</td><td class=num>{v.n_patients}</td>"
-        f"<td class=num>{fmt(v.roc_auc)}</td><td class=num>{fmt(v.accuracy)}</td>"
-        f"<td class=num>{fmt(v.patient_recognition_rate)}</td></tr>"
-        for m, v in per_mag.items()
+    return _sub_table(
+        "Per magnification",
+        ("Magnification", "Images", "Patients", "ROC AUC", "Accuracy", "Patient recognition rate"),
+        (
+            (
+                m,
+                f"{v.n}",
+                f"{v.n_patients}",
+                fmt(v.roc_auc),
+                fmt(v.accuracy),
+                fmt(v.patient_recognition_rate),
+            )
+            for m, v in per_mag.items()
+        ),
     )
-    return (
-        "<h3>Per magnification</h3><table><tr><th>Magnification</th><th>Images</th>"
-        "<th>Patients</th><th>ROC AUC</th><th>Accuracy</th>"
-        f"<th>Patient recognition rate</th></tr>{pm}</table>"
+
+
+def _sub_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A titled table: a header of ``columns``, then each row's name and its numbers (markup)."""
+    body = "".join(
+        f"<tr><td>{name}</td>" + "".join(f"<td class=num>{x}</td>" for x in rest) + "</tr>"
+        for name, *rest in rows
     )
+    head = "".join(f"<th>{c}</th>" for c in columns)
+    return f"<h3>{title}</h3><table><tr>{head}</tr>{body}</table>"
 
 
 def refer_section(metrics: Metrics, ev: Path) -> str:

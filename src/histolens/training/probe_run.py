@@ -17,9 +17,9 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -154,31 +154,36 @@ def train_probe(
     if not main:  # rank 0 fits the probe on the gathered features and writes the files
         ckpt = run_dir / BEST_CHECKPOINT
         return TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, global_rank=fabric.global_rank)
-    result = _fit_and_write(
-        cfg, run_dir, frozen, classes, split, dataset, notes, progress, evaluate, write_outputs
-    )
+    cfg = replace(cfg, train=replace(cfg.train, engine=frozen.engine))
+    run = _ProbeRun(cfg, run_dir, frozen, classes, split, dataset)
+    result = _fit_and_write(run, notes, progress, evaluate, write_outputs)
     result.seconds = time.perf_counter() - start
     return result
 
 
+@dataclass(frozen=True)
+class _ProbeRun:
+    """What rank 0's steps share: the run's config (its engine resolved), folder, frozen
+    backbone and features, classes, patient-level split and dataset."""
+
+    cfg: RunConfig
+    run_dir: Path
+    frozen: FrozenBackbone
+    classes: Sequence[str]
+    split: Split
+    dataset: Any
+
+
 def _fit_and_write(
-    cfg: RunConfig,
-    run_dir: Path,
-    frozen: FrozenBackbone,
-    classes: Sequence[str],
-    split: Split,
-    dataset,
-    notes: list[str],
-    progress: bool,
-    evaluate: bool,
-    write_outputs: bool,
+    run: _ProbeRun, notes: list[str], progress: bool, evaluate: bool, write_outputs: bool
 ) -> TrainResult:
     """Rank 0's part: write the run's files, fit the probe on the train + val features, score it
     on held-out patients, and write the checkpoint and (with ``evaluate``) the evaluation."""
     from histolens.training.common import CONFIG_FILE, SPLIT_FILE, TrainResult
     from histolens.training.data import write_skipped
 
-    cfg = replace(cfg, train=replace(cfg.train, engine=frozen.engine))
+    cfg, run_dir, frozen, classes, split = run.cfg, run.run_dir, run.frozen, run.classes, run.split
+    dataset = run.dataset
     write_skipped(run_dir, frozen.images, dataset)
     if write_outputs:
         split.write_csv(run_dir / SPLIT_FILE)
@@ -199,9 +204,7 @@ def _fit_and_write(
         notes += [n for n in ops.notes() if n not in notes]
         calibration = (calibration[0], ops.pooled)  # one pooled threshold: the operating points'
     referral = _referral(cfg, held, calibration, x, y, g, classes, notes, mags, ops)
-    ckpt = _save_probe_checkpoint(
-        cfg, run_dir, frozen, classes, split, dataset, final, calibration, referral, ops
-    )
+    ckpt = _save_probe_checkpoint(run, final, calibration, referral, ops)
     result = TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, notes=notes)
     if evaluate:
         result.metrics = _evaluate(
@@ -223,12 +226,7 @@ def _fit_and_write(
 
 
 def _save_probe_checkpoint(
-    cfg: RunConfig,
-    run_dir: Path,
-    frozen: FrozenBackbone,
-    classes: Sequence[str],
-    split: Split,
-    dataset,
+    run: _ProbeRun,
     final: ProbeFit,
     calibration: tuple[float, float],
     referral: Referral,
@@ -237,6 +235,7 @@ def _save_probe_checkpoint(
     """Load ``final`` into the head and write the checkpoint (with the guard's state); its path."""
     from histolens.training.common import initial_metadata
 
+    cfg, frozen, classes, split = run.cfg, run.frozen, run.classes, run.split
     temperature, threshold = calibration
     final.load_into(frozen.model.head.out)
     weights = balanced_class_weights(split.train + split.val, classes, cfg.data.task)
@@ -249,7 +248,7 @@ def _save_probe_checkpoint(
         frozen.stain_ref,
         split,
         weights,
-        dataset,
+        run.dataset,
     )
     metadata = replace(
         metadata,
@@ -263,7 +262,7 @@ def _save_probe_checkpoint(
         ood=referral.guard.to_dict(),
         operating_points=None if operating_points is None else operating_points.to_dict(),
     )
-    ckpt = run_dir / BEST_CHECKPOINT
+    ckpt = run.run_dir / BEST_CHECKPOINT
     save_checkpoint(ckpt, {**frozen.model.state_dict(), **referral.guard.state_dict()}, metadata)
     return ckpt
 

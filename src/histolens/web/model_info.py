@@ -24,14 +24,20 @@ def describe_model(
     predictor: Predictor, settings: ServiceSettings, explain_methods: Sequence[str]
 ) -> ModelInfo:
     """The model, its checkpoint's metadata and figures, and the service's limits."""
-    from histolens.evaluation.performance import estimate_from_metrics, stored_estimate
+    from histolens.evaluation.performance import (
+        estimate_from_metrics,
+        headline_estimate,
+        is_from_metrics,
+    )
 
     meta = predictor.metadata
     if meta is None:
         raise CheckpointError("The service's model was not loaded from a checkpoint.")
-    estimate = stored_estimate(meta)
+    # The figures to quote, as the desktop viewer quotes them; "estimate" is sent only when the
+    # checkpoint stores one, and "metrics_description" always says what "metrics" were measured on.
+    quoted = headline_estimate(meta)
+    estimate = None if quoted is None or is_from_metrics(quoted) else quoted
     stored = estimate_from_metrics(meta.metrics, list(predictor.class_names), predictor.task)
-    quoted = estimate or stored
     return ModelInfo(
         model_id=predictor.model_id,
         backbone=predictor.backbone_name,

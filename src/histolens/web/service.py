@@ -13,7 +13,6 @@ import base64
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from histolens.data.imageio import load_rgb_bytes
 from histolens.data.records import magnification_from_path
 from histolens.errors import ImageLoadError, check_choice
+from histolens.inference.shown import ShownPrediction
 from histolens.web.errors import UploadRefused
 from histolens.web.guard import format_bytes
 from histolens.web.model_info import describe_model
@@ -132,8 +132,9 @@ class ModelService:
             raise UploadRefused.unreadable(exc) from None
 
     def _prediction_out(self, pred: Prediction) -> PredictionOut:
-        # The schema's fields are the Prediction's of the same names (its path is not sent).
-        return PredictionOut.model_validate({**asdict(pred), "model_id": self.model_id})
+        # The schema's fields are the shown prediction's of the same names.
+        shown = ShownPrediction.from_prediction(pred).to_dict()
+        return PredictionOut.model_validate({**shown, "model_id": self.model_id})
 
     # --- predictions ----------------------------------------------------------------------------
     async def predict(
