@@ -10,6 +10,7 @@ a cancelled one resumes from its last batch (its partial HDF5 file).
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable
@@ -181,6 +182,11 @@ class AnalysisOutcome:
     folder: Path
 
 
+# Tile readers must not be forked from a process running Tk (a forked child inherits the
+# toolkit's state and its threads' locks, and may die): they start from a clean server process.
+WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
 def run_analysis(
     predictor: Any,
     slide: OpenedSlide,
@@ -205,8 +211,9 @@ def run_analysis(
             raise AnalysisCancelled("The analysis was cancelled.")
 
     run = SlideRun(
-        predictor, folder, options, progress=False, fingerprint=fingerprint, on_progress=progress
-    )
+        predictor, folder, options, progress=False, fingerprint=fingerprint,
+        on_progress=progress, worker_start=WORKER_START,
+    )  # fmt: skip
     try:
         if stop.is_set():
             raise AnalysisCancelled("The analysis was cancelled.")

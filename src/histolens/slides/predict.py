@@ -90,6 +90,10 @@ class SlideRun:
     # Called with (tiles scored, tiles in the grid) before the first batch and after each one;
     # an exception it raises stops the slide there (its partial file resumes next time).
     on_progress: Callable[[int, int], None] | None = None
+    # How tile-reading workers start (multiprocessing's "fork", "forkserver", "spawn"; None: the
+    # platform's default). A process with a GUI toolkit must not fork: the desktop app asks for
+    # "forkserver", whose workers come from a clean process.
+    worker_start: str | None = None
 
     def __post_init__(self) -> None:
         from histolens.inference.resume import model_fingerprint
@@ -262,6 +266,7 @@ class SlideRun:
                 batch_size=self.options.batch_size,
                 num_workers=workers,
                 prefetch_factor=4 if workers else None,
+                multiprocessing_context=self.worker_start if workers else None,
             )
             # The workers start here, before the partial file is opened: they must not inherit
             # its handle (a child holding it keeps HDF5's lock on the file after a stop).
