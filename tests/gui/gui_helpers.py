@@ -57,15 +57,36 @@ class FakeExplainer:
         self.closed = True
 
 
-def pump(root, done: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    """Run the Tk event loop until ``done()`` or fail after ``timeout`` seconds."""
+def poll_until(
+    step: Callable[[], object],
+    done: Callable[[], bool],
+    what: str,
+    timeout: float,
+    interval: float = 0.01,
+) -> None:
+    """Call ``step()`` until ``done()``, every ``interval`` s; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        root.update()
+        step()
         if done():
             return
-        time.sleep(0.01)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def pump(root, done: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    """Run the Tk event loop until ``done()`` or fail after ``timeout`` seconds."""
+    poll_until(root.update, done, what, timeout)
+
+
+def assert_screenshot(root, display: str, target: Path) -> Path:
+    """Let the window settle, shoot the whole screen to ``target``, check its size; the PNG."""
+    for _ in range(20):
+        root.update()
+    shot = screenshot(display, target)
+    with Image.open(shot) as png:
+        assert png.size == SCREEN
+    return shot
 
 
 def screenshot(display: str, target: Path) -> Path:

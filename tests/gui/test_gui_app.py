@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gui_helpers import SCREEN, pump, screenshot
+from gui_helpers import SCREEN, assert_screenshot, pump, screenshot
 from PIL import Image
 
 pytestmark = pytest.mark.gui
@@ -130,11 +130,8 @@ def test_viewer_window_end_to_end(xvfb_display, breakhis_like, image_folder, tmp
         app._opacity_moved("60")
         assert not presenter.busy
         assert str(app.heatmap_panel.title.cget("text")).endswith("opacity 60%")
-        for _ in range(20):
-            root.update()
-        shot = screenshot(xvfb_display, tmp_path / "histolens-gui.png")
+        shot = assert_screenshot(root, xvfb_display, tmp_path / "histolens-gui.png")
         with Image.open(shot) as png:
-            assert png.size == SCREEN
             # Not a blank screen: the dark image canvases and the red notice are drawn.
             colours = png.convert("RGB").resize((144, 90)).getcolors(144 * 90)
             assert len(colours) > 50
@@ -191,10 +188,6 @@ def test_window_shows_refer_and_unlike_badges_with_their_reasons(
             "⚑  NOT LIKE THE TRAINING IMAGES\nThe image is nearly uniform (no visible structure)"
         )
         assert str(app.status_text.cget("text")).endswith("·  NOT LIKE THE TRAINING IMAGES")
-        for _ in range(20):
-            root.update()
-        shot = screenshot(xvfb_display, tmp_path / "histolens-gui-unlike.png")
-        with Image.open(shot) as png:
-            assert png.size == SCREEN
+        assert_screenshot(root, xvfb_display, tmp_path / "histolens-gui-unlike.png")
     finally:
         app.close()

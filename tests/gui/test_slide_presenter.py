@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from gui_helpers import poll_until
 from PIL import Image
 
 from histolens.gui.jobs import ImmediateExecutor
@@ -118,13 +118,7 @@ def _presenter(view, executor, checkpoint, predictor, tmp_path, **kwargs) -> Sli
 
 
 def _pump(presenter, done, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        presenter.poll()
-        if done():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+    poll_until(presenter.poll, done, what, timeout, 0.005)
 
 
 def test_open_analyse_layers_and_region_click(plain_slide, checkpoint, predictor, tmp_path):

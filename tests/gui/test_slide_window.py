@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gui_helpers import SCREEN, pump, screenshot
+from gui_helpers import SCREEN, assert_screenshot, pump, screenshot
 from PIL import Image
 
 from histolens.slides.predict import SlideOptions
@@ -121,11 +121,7 @@ def test_slide_window_analyses_the_cmu_slide(xvfb_display, cmu_checkpoint, tmp_p
         assert str(panel.title.cget("text")).startswith("HEATMAP  ·  Grad-CAM · ")
         assert canvas.find_withtag("selected")
         assert window.error_message == ""
-        for _ in range(20):
-            root.update()
-        shot = screenshot(xvfb_display, tmp_path / "histolens-slide.png")
-        with Image.open(shot) as png:
-            assert png.size == SCREEN
+        assert_screenshot(root, xvfb_display, tmp_path / "histolens-slide.png")
     finally:
         app.close()
 

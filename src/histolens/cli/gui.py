@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from histolens.cli.options import engine_option
+from histolens.cli.options import engine_option, microns_option
 
 __all__ = ["gui_command"]
 
@@ -27,17 +27,12 @@ __all__ = ["gui_command"]
     help="Whole-slide image (SVS, NDPI, MRXS, tiled TIFF, ...; or a PNG/JPEG with --mpp) to "
     "open in a slide window; analysed at once when a checkpoint is given. Repeatable.",
 )
-@click.option(
-    "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Microns per level-0 pixel of the --slide files, where they lack it or it is wrong.",
+@microns_option(
+    "--mpp", "Microns per level-0 pixel of the --slide files, where they lack it or it is wrong."
 )
-@click.option(
+@microns_option(
     "--tile-mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Microns per pixel of the tiles a slide analysis scores (default: the checkpoint's).",
+    "Microns per pixel of the tiles a slide analysis scores (default: the checkpoint's).",
 )
 @click.option(
     "--score-class",

@@ -35,6 +35,7 @@ __all__ = [
     "float_option",
     "lr_option",
     "magnification_option",
+    "microns_option",
     "onnx_runtime_option",
     "out_option",
     "patient_from_option",
@@ -138,6 +139,12 @@ def path_option(*decls: str, help: str, **checks: bool) -> Decorator:
     """An optional path flag, None unless given; ``checks`` are click.Path's (``exists``,
     ``file_okay``, ``dir_okay``)."""
     return click.option(*decls, type=click.Path(path_type=Path, **checks), default=None, help=help)
+
+
+def microns_option(flag: str, help: str) -> Decorator:
+    """``flag``: microns per pixel, a positive number; None unless given (the file or the
+    checkpoint decides then)."""
+    return click.option(flag, type=click.FloatRange(min=0, min_open=True), default=None, help=help)
 
 
 def _choice_option(flag: str, choices: Sequence[str], help: str) -> Decorator:

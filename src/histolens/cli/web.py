@@ -13,6 +13,7 @@ from histolens.cli.options import (
     device_option,
     engine_option,
     float_option,
+    microns_option,
     onnx_runtime_option,
     path_option,
 )
@@ -66,11 +67,9 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
     file_okay=False,
     help="Where slide analyses are kept across restarts [default: ~/.cache/histolens/slides].",
 )
-@click.option(
+@microns_option(
     "--slide-tile-mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Microns per pixel of the tiles a slide analysis scores [default: the checkpoint's].",
+    "Microns per pixel of the tiles a slide analysis scores [default: the checkpoint's].",
 )
 @click.option(
     "--log-level",

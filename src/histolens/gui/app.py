@@ -22,6 +22,7 @@ from histolens.gui.display import (
     ResultRow,
     method_label,
 )
+from histolens.gui.error_bar import ErrorBarMixin
 from histolens.gui.model_info import ModelSummary
 from histolens.gui.panels import ModelPanel, PredictionPanel, ResultsPanel
 from histolens.gui.presenter import Presenter, open_predictor
@@ -42,7 +43,7 @@ _CHECKPOINT_TYPES = [
 ]
 
 
-class ViewerApp:
+class ViewerApp(ErrorBarMixin):
     """The viewer window. Implements the presenter's :class:`~histolens.gui.display.View`.
 
     Args:
@@ -136,14 +137,7 @@ class ViewerApp:
             anchor="w",
         ).pack(fill="x", side="top")
         self._build_toolbar()
-        self.error_bar = ttk.Frame(root, style="Error.TFrame")
-        self.error_text = ttk.Label(
-            self.error_bar, style="Error.TLabel", anchor="w", wraplength=1100
-        )
-        self.error_text.pack(side="left", fill="x", expand=True, padx=10, pady=5)
-        ttk.Button(self.error_bar, text="Dismiss", command=self.clear_error).pack(
-            side="right", padx=8, pady=3
-        )
+        self._build_error_bar(root, wraplength=1100)
         status = ttk.Frame(root)
         status.pack(fill="x", side="bottom")
         self.status_text = ttk.Label(status, style="Status.TLabel", anchor="w")
@@ -353,23 +347,6 @@ class ViewerApp:
 
     def show_progress(self, done: int, total: int) -> None:
         self.results_panel.show_progress(done, total)
-
-    def show_status(self, message: str) -> None:
-        self.status_text.configure(text=message)
-
-    def show_error(self, title: str, message: str) -> None:
-        # Inline, not a modal dialog: the pathologist keeps working, and nothing blocks.
-        self.error_text.configure(text=f"{title}: {message}")
-        if not self.error_bar.winfo_ismapped():
-            self.error_bar.pack(fill="x", side="top", after=self.toolbar)
-
-    def clear_error(self) -> None:
-        self.error_bar.pack_forget()
-
-    @property
-    def error_message(self) -> str:
-        """The error bar's text, '' while it is hidden."""
-        return str(self.error_text.cget("text")) if self.error_bar.winfo_ismapped() else ""
 
     def set_busy(self, busy: bool) -> None:
         if busy:

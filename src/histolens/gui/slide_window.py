@@ -20,6 +20,7 @@ from tkinter import ttk
 from PIL import Image, ImageTk
 
 from histolens.gui.display import RESEARCH_NOTICE
+from histolens.gui.error_bar import ErrorBarMixin
 from histolens.gui.panels import SELECT_DEBOUNCE_MS
 from histolens.gui.slide_analysis import OpenedSlide
 from histolens.gui.slide_canvas import SlideCanvas
@@ -43,7 +44,7 @@ _SLIDE_TYPES = [
 _LAYER_TITLES = {"heatmap": "Heatmap", "mask": "Tissue mask"}
 
 
-class SlideWindow:
+class SlideWindow(ErrorBarMixin):
     """One slide's window. Implements :class:`~histolens.gui.slide_presenter.SlideView`.
 
     Args:
@@ -115,12 +116,7 @@ class SlideWindow:
                 ttk.Label(bar, text="0").pack(side="left")
                 ttk.Label(bar, image=self._legend_photo).pack(side="left", padx=2)
                 ttk.Label(bar, text="1").pack(side="left", padx=(0, 12))
-        self.error_bar = ttk.Frame(top, style="Error.TFrame")
-        self.error_text = ttk.Label(self.error_bar, style="Error.TLabel", anchor="w")
-        self.error_text.pack(side="left", fill="x", expand=True, padx=10, pady=5)
-        ttk.Button(self.error_bar, text="Dismiss", command=self.clear_error).pack(
-            side="right", padx=8, pady=3
-        )
+        self._build_error_bar(top)
         self.status_text = ttk.Label(top, style="Status.TLabel", anchor="w")
         self.status_text.pack(fill="x", side="bottom")
         body = ttk.PanedWindow(top, orient="horizontal")
@@ -266,22 +262,6 @@ class SlideWindow:
         if row is not None and self.presenter.region is not None:
             rows = [r.box for r in self.presenter.rows]
             self.slide_canvas.show_region(self.presenter.region, rows, row.box)
-
-    def show_status(self, message: str) -> None:
-        self.status_text.configure(text=message)
-
-    def show_error(self, title: str, message: str) -> None:
-        self.error_text.configure(text=f"{title}: {message}")
-        if not self.error_bar.winfo_ismapped():
-            self.error_bar.pack(fill="x", side="top", after=self.toolbar)
-
-    def clear_error(self) -> None:
-        self.error_bar.pack_forget()
-
-    @property
-    def error_message(self) -> str:
-        """The error bar's text, '' while it is hidden."""
-        return str(self.error_text.cget("text")) if self.error_bar.winfo_ismapped() else ""
 
     def set_busy(self, busy: bool) -> None:
         # The progress bar says what a long analysis is doing; a busy cursor over the whole
