@@ -96,7 +96,7 @@ def predict_slides_if_mil(checkpoint, inputs, out: Path, alpha, features_from, q
         split_bags,
         write_slide_predictions,
     )
-    from histolens.training.mil_run import is_mil_checkpoint, load_mil
+    from histolens.training.mil_run import is_mil_checkpoint, read_mil_metadata
 
     if not is_mil_checkpoint(checkpoint):
         bags, _ = split_bags(inputs)
@@ -112,7 +112,7 @@ def predict_slides_if_mil(checkpoint, inputs, out: Path, alpha, features_from, q
     rows = predict_slides_mil(
         checkpoint, inputs, results, alpha, features_from, not quiet, batch_size, workers
     )
-    _, meta = load_mil(checkpoint)
+    meta = read_mil_metadata(checkpoint)
     write_slide_predictions(rows, meta["class_names"], out)
     for r in rows:
         where = r.attention_heatmap or "no heatmap: slide file not found"

@@ -6,6 +6,7 @@ window (or a fake view in tests) draws them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -126,7 +127,7 @@ class ResultRow:
     prediction: Prediction | None = None
     error: str | None = None
 
-    @property
+    @functools.cached_property  # a frozen row: built once, read on every sort and redraw
     def shown(self) -> ShownPrediction | None:
         """The prediction as the front ends show it (None for an unreadable file)."""
         return ShownPrediction.from_prediction(self.prediction) if self.prediction else None

@@ -82,11 +82,12 @@ def write_mil_report(
         parts.append(estimate_section("Estimated performance on unseen patients", estimate))
     parts.append(_baseline_section(metadata.get("metrics", {}).get("slide_auc", {})))
     if metrics:
+        typed = Metrics.from_dict(metrics)
         parts.append(
             "<section><h2>All metrics of the out-of-fold slides (rows are slides)</h2>"
-            f"{metrics_table(Metrics.from_dict(metrics))}</section>"
+            f"{metrics_table(typed)}</section>"
         )
-        parts.append(refer_section(Metrics.from_dict(metrics), ev.path))
+        parts.append(refer_section(typed, ev.path))
     parts.append(_plots_section(ev.path))
     parts.append(_patients_section(EvaluationFiles(ev.path).patients))
     card = metadata.get("model_card") or {}

@@ -221,6 +221,17 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def _draw_resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    uniq = np.unique(patients)
+    rows_of = {q: np.flatnonzero(patients == q) for q in uniq}
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for _ in range(n_boot):
+        chosen = rng.choice(uniq, size=len(uniq), replace=True)
+        drawn.append(np.concatenate([rows_of[q] for q in chosen]))
+    return drawn
+
+
 # The resamples of recent (patients, n_boot, seed): an evaluation bootstraps a dozen statistics
 # over the same patients with the same seed, so each draws the same index arrays.
 _RESAMPLES: dict[tuple, list[np.ndarray]] = {}
@@ -229,16 +240,12 @@ _RESAMPLES: dict[tuple, list[np.ndarray]] = {}
 def _resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
     """The row indices of ``n_boot`` resamples of the patients (with replacement), drawn from
     ``default_rng(seed)`` one resample at a time, as every bootstrap here has drawn them."""
+    if patients.dtype.hasobject:  # its bytes are object addresses, no key for the contents
+        return _draw_resamples(patients, n_boot, seed)
     key = (patients.dtype.str, patients.shape, patients.tobytes(), n_boot, seed)
     if key in _RESAMPLES:
         return _RESAMPLES[key]
-    uniq = np.unique(patients)
-    rows_of = {q: np.flatnonzero(patients == q) for q in uniq}
-    rng = np.random.default_rng(seed)
-    drawn = []
-    for _ in range(n_boot):
-        chosen = rng.choice(uniq, size=len(uniq), replace=True)
-        drawn.append(np.concatenate([rows_of[q] for q in chosen]))
+    drawn = _draw_resamples(patients, n_boot, seed)
     if len(_RESAMPLES) >= 16:  # a few evaluations' worth; each entry is n_boot index arrays
         _RESAMPLES.clear()
     _RESAMPLES[key] = drawn

@@ -37,6 +37,7 @@ from histolens.training.mil_outputs import (
 )
 
 __all__ = [
+    "read_mil_metadata",
     "MIL_SCHEMA",
     "MIL_SCHEMA_VERSION",
     "MilRun",
@@ -66,9 +67,7 @@ def is_mil_checkpoint(path: str | os.PathLike) -> bool:
     checkpoint; reads only the safetensors header."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "mil.safetensors"
+    path = _mil_file(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return False
     try:
@@ -78,20 +77,16 @@ def is_mil_checkpoint(path: str | os.PathLike) -> bool:
         return False  # not readable as one: the tile checkpoint loader says why, in one sentence
 
 
-def load_mil(path: str | os.PathLike):
-    """(model in eval mode, metadata dict) from a ``mil.safetensors``; one sentence if it is not
-    one, or of a newer schema."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def read_mil_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a ``mil.safetensors`` (a file, or a run directory holding it), from its
+    header only; one sentence if it is not one, or of a newer schema."""
+    from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "mil.safetensors"
+    path = _mil_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = (f.metadata() or {}).get(_META_KEY)
-        state = load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"{path} is not a readable MIL checkpoint ({exc}).") from None
     if header is None:
         raise CheckpointError(f"{path} is not a MIL checkpoint (no '{_META_KEY}' metadata).")
@@ -101,6 +96,25 @@ def load_mil(path: str | os.PathLike):
             f"{path} holds {meta.get('schema')} version {meta.get('version')}; this histolens "
             f"reads {MIL_SCHEMA} up to version {MIL_SCHEMA_VERSION}."
         )
+    return meta
+
+
+def _mil_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / "mil.safetensors" if path.is_dir() else path
+
+
+def load_mil(path: str | os.PathLike):
+    """(model in eval mode, metadata dict) from a ``mil.safetensors``; one sentence if it is not
+    one, or of a newer schema."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta, path = read_mil_metadata(path), _mil_file(path)
+    try:
+        state = load_file(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"{path} is not a readable MIL checkpoint ({exc}).") from None
     model = build_mil_model(int(meta["feature_dim"]), MilConfig(**meta["config"]))
     model.load_state_dict(state)
     model.eval()

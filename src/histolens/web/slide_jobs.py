@@ -70,23 +70,6 @@ class JobState:
         return data
 
 
-class _Counting:
-    """The Predictor, counting the tiles decided (one call per batch) and stopping on cancel."""
-
-    def __init__(self, predictor: Any, job: JobState, stop: threading.Event) -> None:
-        self._predictor, self._job, self._stop = predictor, job, stop
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._predictor, name)
-
-    def decide_batch(self, probs, *args, **kwargs):
-        if self._stop.is_set():
-            raise AnalysisCancelled("The service is stopping.")
-        out = self._predictor.decide_batch(probs, *args, **kwargs)
-        self._job.tiles_done += len(out)
-        return out
-
-
 class SlideAnalyses:
     """Background analyses of a library's slides with one model.
 
@@ -173,20 +156,23 @@ class SlideAnalyses:
             if self._predictor is None:
                 self._predictor = self._load_predictor()
             folder = self.folder(entry)
+
+            def progress(done: int, total: int) -> None:  # before the first batch and after each
+                if self._stop.is_set():
+                    raise AnalysisCancelled("The service is stopping.")
+                job.tiles_done, job.tiles_total = done, total
+
             run = SlideRun(
-                _Counting(self._predictor, job, self._stop),
-                folder,
-                self.options,
-                progress=False,
-                fingerprint=self.fingerprint,
-            )
-            job.tiles_total = count_tiles(run, entry.path)
+                self._predictor, folder, self.options, progress=False,
+                fingerprint=self.fingerprint, on_progress=progress,
+            )  # fmt: skip
             summaries = run.run([entry.path], on_slide=_raise_note)
             outputs = SlideOutputs(folder, entry.path.stem)
             render_overlay(outputs.h5, folder / OVERLAY_NAME)
             summary = summaries[0] if summaries else read_summary(outputs.summary)
             job.summary = _public(summary) if summary is not None else None
-            job.tiles_done = job.tiles_total or job.tiles_done
+            if summary is not None:
+                job.tiles_done = job.tiles_total = summary.tiles_scored
             job.state = "done"
         except Exception as exc:  # reported to the client that polls, and logged
             job.state, job.message = "failed", str(exc) or type(exc).__name__
@@ -230,21 +216,6 @@ def _raise_note(summary: Any, path: Path, note: str | None) -> None:
     """``SlideRun.run``'s callback: a slide it could not read is this job's failure."""
     if summary is None and note and note != "already done with this checkpoint":
         raise HistolensError(note)
-
-
-def count_tiles(run: SlideRun, path: Path) -> int:
-    """How many tiles ``run`` will score on the slide at ``path`` (its tissue grid)."""
-    from histolens.slides.reader import open_slide
-    from histolens.slides.tissue import MASK_MPP, tile_grid, tissue_mask
-
-    with open_slide(path, run.options.slide_mpp) as reader:
-        thumbnail = reader.thumbnail(MASK_MPP)
-        mask = tissue_mask(thumbnail, reader.mpp * reader.dimensions[0] / thumbnail.size[0])
-        size0 = run.scale.level0_size(reader.mpp)
-        grid = tile_grid(
-            reader.dimensions, size0, mask, run.options.min_tissue, run.options.overlap
-        )
-    return len(grid)
 
 
 def render_overlay(h5_path: Path, target: Path) -> Path:
