@@ -45,6 +45,26 @@ def test_pyramid_has_every_level_and_reduced_levels_hold_tissue(pyramid):
         assert np.abs(np.asarray(full, np.float32) - region).mean() < 40
 
 
+def test_synthetic_slide_written_as_aperio_svs(tmp_path, bank):
+    from histolens.slides.synthetic import make_synthetic_slide, write_pyramid_tiff
+
+    slide = make_synthetic_slide(1280, 1024, 0.25, n_lesions=1, seed=3, bank=bank)
+    svs = write_pyramid_tiff(slide, tmp_path / "s.svs", levels=2, aperio=True)
+    plain = write_pyramid_tiff(slide, tmp_path / "s.tiff", levels=2)
+    import openslide
+
+    assert openslide.OpenSlide.detect_format(str(svs)) == "aperio"
+    with open_slide(svs) as s, open_slide(plain) as p:
+        assert (s.mpp, s.mpp_source, s.objective_power) == (0.25, "slide metadata", 40)
+        assert s.level_dimensions == ((1280, 1024), (320, 256))
+        # Only the metadata differ: the same JPEG tiles at every level.
+        for level in (0, 1):
+            a = s.read_region((0, 0), level, (256, 256))
+            assert np.array_equal(
+                np.asarray(a), np.asarray(p.read_region((0, 0), level, (256, 256)))
+            )
+
+
 def _aperio(path, with_power: bool):
     desc = "Aperio Image Library v12.0.15 \r\n512x512 [0,0 512x512] (256x256) JPEG/RGB Q=70"
     desc += "|AppMag = 20|Filename = fake" if with_power else "|Filename = fake"

@@ -168,13 +168,29 @@ def _level_tiles(slide: SyntheticSlide, step: int) -> Iterator[np.ndarray]:
 
 
 def write_pyramid_tiff(
-    slide: SyntheticSlide, path: str | os.PathLike, levels: int = 3, quality: int = 85
+    slide: SyntheticSlide,
+    path: str | os.PathLike,
+    levels: int = 3,
+    quality: int = 85,
+    aperio: bool = False,
 ) -> Path:
     """Write ``slide`` as a tiled JPEG pyramidal TIFF with ``levels`` levels (downsample 1, 4,
-    16, ...), atomically; memory stays one tile whatever the slide's size."""
+    16, ...), atomically; memory stays one tile whatever the slide's size.
+
+    ``aperio``: level 0 carries an Aperio ImageDescription (``MPP`` and ``AppMag`` by the 10 /
+    objective power convention), so OpenSlide, and tools that go by the format (TIAToolbox opens
+    a generic multi-page TIFF as one in-memory image), read the file as an SVS; name it ``.svs``.
+    """
     import tifffile
 
     path = Path(path)
+    description = (
+        f"Aperio Image Library histolens synthetic\r\n{slide.width}x{slide.height} "
+        f"({TIFF_TILE}x{TIFF_TILE}) JPEG/RGB Q={quality}|AppMag = {10 / slide.mpp:g}"
+        f"|MPP = {slide.mpp:g}"
+        if aperio
+        else None
+    )
     with atomic_path(path) as tmp:
         big = slide.width * slide.height * 3 > 2**31
         with tifffile.TiffWriter(tmp, bigtiff=big) as tif:
@@ -196,6 +212,7 @@ def write_pyramid_tiff(
                     resolution=(px_per_cm, px_per_cm),
                     resolutionunit="CENTIMETER",
                     metadata=None,
+                    description=description if level == 0 else None,
                 )
     return path
 
