@@ -30,7 +30,7 @@ TIAToolbox is not a histolens dependency (2.1.3 pins torch<2.13, numpy<2.4.4, pi
 script imports it from ``--tiatoolbox-path``, a folder it was installed into beside the venv:
 
     .venv/bin/python -m pip install --no-deps --target /tmp/tia_pkgs tiatoolbox
-    (then its pure-Python dependencies the same way; see docs/slides.md, "Against TIAToolbox")
+    (then the dependencies the venv lacks the same way; docs/slides.md, "Against TIAToolbox")
 
 Run: .venv/bin/python benchmarks/bench_tiatoolbox.py --tiatoolbox-path /tmp/tia_pkgs
      [--tiles 3000] [--workers 1] [--batch 32] [--no-cmu]
@@ -65,8 +65,9 @@ PROBABILITY_ATOL = 1e-3
 INSTALL_HINT = (
     "TIAToolbox could not be imported from {path}: install it beside the venv without its pins "
     "(it pins torch<2.13, numpy<2.4.4 and pillow<12.2, which conflict with ours), e.g. "
-    "'.venv/bin/python -m pip install --no-deps --target /tmp/tia_pkgs tiatoolbox' plus its "
-    "pure-Python dependencies, then pass --tiatoolbox-path /tmp/tia_pkgs."
+    "'.venv/bin/python -m pip install --no-deps --target /tmp/tia_pkgs tiatoolbox' plus the "
+    "dependencies the venv lacks (docs/slides.md lists them), then pass --tiatoolbox-path "
+    "/tmp/tia_pkgs."
 )
 
 
