@@ -253,9 +253,11 @@ def tia_child(args: argparse.Namespace) -> dict:
 
 
 def _failure(exc: BaseException, step: str) -> dict:
-    """Where an exception came from: TIAToolbox (or its dependencies) or our own code."""
+    """Where an exception came from: our own code (this script or the histolens package raised
+    it) or TIAToolbox (it, or a library under it, raised it)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = not frames or str(REPO) in frames[-1].filename
+    last = frames[-1].filename if frames else str(REPO)
+    ours = str(REPO) in last or f"{os.sep}histolens{os.sep}" in last
     return {"ours": ours, "step": step, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
