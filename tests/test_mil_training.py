@@ -142,3 +142,33 @@ def test_too_few_patients_trains_fixed_epochs():
     fit = fit_mil(x, y, MilConfig(hidden=8, attention=4, epochs=4), [b.patient for b in bags], ONE)
     assert fit.epochs == 4 and fit.best_epoch is None and fit.val_slides == 0
     assert "needs 5 patients of each label" in fit.no_split
+
+
+@pytest.mark.slow
+def test_train_slides_on_two_processes(tmp_path):
+    """``histolens train --slides --devices 2 --strategy ddp``: one summary, rank 0 writes."""
+    from histolens.training.mil_data import write_bag
+    from histolens.training.mil_run import load_mil
+
+    bags = synthetic_bags(20, 2, 30, 6, lesion_range=(0.1, 0.3), lesion_distance=6.0, seed=6)
+    rows = ["slide,label,patient"]
+    for b in bags:
+        write_bag(tmp_path / f"{b.name}.h5", b.features, b.coords)
+        rows.append(f"{b.name}.h5,{b.target},{b.patient}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "histolens", "train", "--slides", str(tmp_path / "labels.csv")]
+    flags = ["--out", str(run), "--cv-folds", "2", "--epochs", "2", "--seed", "1"]
+    ddp = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*cmd, *flags, *ddp], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Run: ") == 1  # one summary, from rank 0
+    assert "GLOBAL_RANK" not in proc.stderr  # Lightning's banners are kept quiet
+    # Not a terminal: one line per epoch, from rank 0 only (2 folds and the final model).
+    assert proc.stderr.count("epoch 1/2:") == 3, proc.stderr[-2000:]
+    _, meta = load_mil(run)
+    assert meta["estimate"]["n_images"] == 20
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temp files
