@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 from histolens.errors import DataError
 from histolens.training.mil import MilConfig, build_mil_model, predict_mil
-from histolens.training.mil_cv import cross_validate_mil, patient_folds
-from histolens.training.mil_fit import fit_mil
+from histolens.training.mil_cv import cross_validate_mil
 from histolens.training.mil_data import read_bag, read_slide_labels, write_bag
+from histolens.training.mil_fit import fit_mil
+from histolens.training.mil_folds import patient_folds
 from histolens.training.mil_synthetic import synthetic_bags
 
 FAST = MilConfig(hidden=16, attention=8, epochs=15, lr=2e-3, seed=0)
