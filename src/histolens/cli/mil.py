@@ -90,7 +90,7 @@ def train_slides_command(
         if fit["early_stopping"]:
             click.echo(
                 f"  {name}: best epoch {fit['best_epoch']} of {fit['epochs']} (validation loss "
-                f"{fit['best_val_loss']:.3f} on {fit['val_slides']} slides of "
+                f"{fit['best_val_loss']:.4f} on {fit['val_slides']} slides of "
                 f"{fit['val_patients']} held-out patients)"
             )
     d = run.decision
