@@ -63,14 +63,13 @@ def test_two_processes_step_as_one_process_accumulating_two_bags(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = _flat(torch.load(out))
 
-    start = fit_mil(x, y, MilConfig(**{**DDP_CONFIG, "epochs": 1}), processes=ONE)
     accumulated = fit_mil(x, y, MilConfig(**DDP_CONFIG, accumulate=2), processes=ONE)
     one_by_one = fit_mil(x, y, MilConfig(**DDP_CONFIG), processes=ONE)
     initial = _flat(_initial_state(x))
     moved = float(torch.linalg.vector_norm(_flat(accumulated.model.state_dict()) - initial))
     gap = float(torch.linalg.vector_norm(ddp - _flat(accumulated.model.state_dict())))
     other = float(torch.linalg.vector_norm(_flat(one_by_one.model.state_dict()) - ddp))
-    assert start.epochs == 1 and moved > 0
+    assert moved > 0
     # DDP averages the two ranks' gradients, (g0 + g1) / 2; accumulation halves each loss and
     # sums, g0 / 2 + g1 / 2: equal in float32 (halving is exact, a sum of two is commutative),
     # and bit-equal on this machine. What may differ is each gradient's own rounding where a
