@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from histolens.errors import DataError
-from histolens.training.mil import MilConfig, build_mil_model, fit_mil, predict_mil
-from histolens.training.mil_cv import cross_validate_mil, patient_folds
+from histolens.training.mil import MilConfig, build_mil_model, predict_mil
+from histolens.training.mil_cv import cross_validate_mil
 from histolens.training.mil_data import read_bag, read_slide_labels, write_bag
+from histolens.training.mil_fit import fit_mil
+from histolens.training.mil_folds import patient_folds
 from histolens.training.mil_synthetic import synthetic_bags
 
 FAST = MilConfig(hidden=16, attention=8, epochs=15, lr=2e-3, seed=0)
@@ -198,6 +201,17 @@ def test_run_stores_the_honest_outputs(trained_run, tiny_bags):
     for heading in ("Estimated performance on unseen patients", "Model card", "mean pooling"):
         assert heading in report
     assert "Report:" in output and "threshold" in output
+    # 3 folds of 8 training patients (4 of each label) are too few for an inner split; all 12
+    # patients (6 of each) are enough: the final model holds out a fifth of them (2 or 3).
+    training = json.loads((out / "metrics.json").read_text())["training"]
+    assert [f["epochs"] for f in training["folds"]] == [10, 10, 10]
+    assert not any(f["early_stopping"] for f in training["folds"])
+    final = training["final"]
+    assert final["early_stopping"] and final["val_patients"] in (2, 3)
+    assert final["val_slides"] == 2 * final["val_patients"]  # 2 slides a patient
+    assert final["best_epoch"] <= final["epochs"] <= 10
+    assert output.count("note: No early stopping for fold 1, fold 2, fold 3 (") == 1
+    assert "final model: best epoch" in output
     # Every slide's predicted class is in its set, and the set is one class unless referred.
     calls = decision.decide(np.array([-3.0, 0.0, 3.0]))
     for call in calls:

@@ -45,13 +45,17 @@ def make_checkpoint(
     licence: str | None = None,
     conformal: ConformalCalibration | None = None,
     guard: OODGuard | None = None,
+    pretrained: str = "none",
+    input_size: tuple[int, int] | None = None,
 ) -> Path:
     """A checkpoint of a randomly initialised model (timm's tiny ``test_*`` nets by default),
     with a conformal calibration and an out-of-distribution guard if given (as training stores
-    them), so that front ends can show prediction sets and flags without training."""
+    them), so that front ends can show prediction sets and flags without training.
+    ``pretrained`` gives the backbone its offline weights (a feature extractor for benchmarks)
+    and ``input_size`` the model input, instead of the backbone's own."""
     torch.manual_seed(seed)
     spec = get_backbone_spec(backbone)
-    model = build_model(spec, len(class_names), "none")
+    model = build_model(spec, len(class_names), pretrained)
     # Random BatchNorm statistics make outputs depend on the input, as a trained head would.
     with torch.no_grad():
         for m in model.head.modules():
@@ -61,13 +65,13 @@ def make_checkpoint(
     meta = CheckpointMetadata(
         backbone=spec.name,
         class_names=tuple(class_names),
-        preprocess=resolve_preprocess(model.backbone),
+        preprocess=resolve_preprocess(model.backbone, input_size),
         task="binary" if len(class_names) == 2 else "subtype",
         head=HeadSpec(),
         model_id=f"test-{backbone}",
         timm_name=spec.timm_name,
         licence=licence if licence is not None else spec.licence,
-        pretrained="none",
+        pretrained=pretrained,
         stain=stain,
         threshold=threshold,
         temperature=temperature,

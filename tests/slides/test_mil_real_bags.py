@@ -1,5 +1,6 @@
 """MIL on bags of real (synthetic) slide images: ``data synth --slides N --patients P`` ->
-``slide features`` -> ``train --slides``, at small scale, and the pointing game on the masks."""
+``slide features`` -> ``train --slides`` -> ``predict``, at small scale, and the pointing game
+on the masks."""
 
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def test_synthetic_cohort_to_mil_run(tmp_path, tiny_checkpoint):
     assert meta["estimate"]["n_images"] == 8 and meta["estimate"]["n_patients"] == 4
     assert meta["features"]["checkpoint"] == str(tiny_checkpoint.resolve())
     assert meta["class_names"] == ["lesion", "normal"]
+    # 4 patients: too few for an inner validation split, so fixed epochs, said in one line.
+    training = meta["metrics"]["training"]
+    assert [f["epochs"] for f in training["folds"]] == [3, 3]
+    assert training["final"]["early_stopping"] is False
+    assert result.output.count("No early stopping for fold 1, fold 2, the final model") == 1
+
+    # The MIL checkpoint predicts a slide: class, calibrated probability, set, attention map.
+    slide = out / "slides" / f"{manifest[0]['slide']}"
+    preds = tmp_path / "preds.csv"
+    args = ["predict", str(run), str(slide), "--out", str(preds), "--workers", "1", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with open(preds, newline="") as fh:
+        (pred,) = list(csv.DictReader(fh))
+    assert pred["prediction"] in ("lesion", "normal") and 0 <= float(pred["p_lesion"]) <= 1
+    assert pred["prediction"] in pred["prediction_set"].split(";")
+    assert (tmp_path / "preds" / "heatmaps" / f"{slide.stem}.attention.png").is_file()
 
     # The pointing game's geometry: a weight put on a tile whose centre is on the lesion mask
     # scores a hit, on a tile far from it a miss.

@@ -13,31 +13,50 @@ import click
 __all__ = ["train_slides_command"]
 
 # What of the tile flags the MIL run uses; the others do not apply to bags.
-_USED = {"epochs", "lr", "seed", "cv_folds", "operating_point", "alpha"}
+_USED = {
+    "epochs", "lr", "seed", "cv_folds", "operating_point", "alpha", "patience",
+    "accelerator", "devices", "strategy", "num_nodes",
+}  # fmt: skip
 
 
-def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> None:
+def _mil_config(flags: dict):
+    """The MIL config of the flags: --epochs is the ceiling with early stopping and the fixed
+    count without an inner split; --patience the early-stopping patience."""
+    from histolens.training.mil import MilConfig
+
+    given = {
+        "epochs": flags.get("epochs"),
+        "max_epochs": flags.get("epochs"),
+        "lr": flags.get("lr"),
+        "seed": flags.get("seed"),
+        "patience": flags.get("patience"),
+    }
+    return MilConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _mil_processes(flags: dict):
+    """Lightning's accelerator, devices, strategy and nodes, as for tile training."""
+    from histolens.training.mil_fit import MilProcesses
+
+    given = {k: flags.get(k) for k in ("accelerator", "devices", "strategy", "num_nodes")}
+    return MilProcesses(**{k: v for k, v in given.items() if v is not None})
+
+
+def train_slides_command(
+    labels_csv: Path, out: Path | None, flags: dict, quiet: bool = False
+) -> None:
     """Cross-validate MIL and mean pooling by patient, fit MIL on all slides, print the table."""
+    import sys
+
     from histolens.evaluation.estimate import estimate_lines
     from histolens.stats.conformal import DEFAULT_ALPHA
-    from histolens.training.mil import MilConfig
     from histolens.training.mil_run import train_slides
 
     ignored = sorted(k for k, v in flags.items() if v not in (None, False) and k not in _USED)
     if ignored:
         names = ", ".join("--" + k.replace("_", "-") for k in ignored)
         click.secho(f"note: {names} do(es) not apply to --slides.", fg="yellow", err=True)
-    config = MilConfig(
-        **{
-            k: v
-            for k, v in {
-                "epochs": flags.get("epochs"),
-                "lr": flags.get("lr"),
-                "seed": flags.get("seed"),
-            }.items()
-            if v is not None
-        }
-    )
+    config = _mil_config(flags)
     folds = flags.get("cv_folds") or 5
     out = out or Path("runs") / f"mil-{time.strftime('%Y%m%d-%H%M%S')}"
     run = train_slides(
@@ -47,7 +66,11 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
         folds,
         flags.get("operating_point") or "youden",
         flags.get("alpha") or DEFAULT_ALPHA,
+        _mil_processes(flags),
+        echo=not quiet and not sys.stderr.isatty(),  # a log gets one line per epoch
     )
+    if run.global_rank != 0:  # with several processes, one summary
+        return
     m = run.metrics
     click.echo(f"Run: {run.run_dir}")
     click.echo(
@@ -62,6 +85,14 @@ def train_slides_command(labels_csv: Path, out: Path | None, flags: dict) -> Non
         lo, hi = row["ci95"]
         click.echo(f"  {method:<28} {row['auc']:.3f} ({lo:.3f}-{hi:.3f})")
     click.echo(f"MIL epoch: {m['epoch_seconds_mean'] * 1000:.0f} ms")
+    for fit in [*m["training"]["folds"], {**m["training"]["final"], "fold": None}]:
+        name = "final model" if fit["fold"] is None else f"fold {fit['fold'] + 1}"
+        if fit["early_stopping"]:
+            click.echo(
+                f"  {name}: best epoch {fit['best_epoch']} of {fit['epochs']} (validation loss "
+                f"{fit['best_val_loss']:.4f} on {fit['val_slides']} slides of "
+                f"{fit['val_patients']} held-out patients)"
+            )
     d = run.decision
     click.echo(
         f"Decision (fitted on the out-of-fold slides): temperature {d.temperature:.3f}, "

@@ -206,7 +206,7 @@ def train_command(data_path, slides_csv, out, resume, recipe, config_file, quiet
             raise click.UsageError("--slides trains on bags alone: leave out --data and --resume.")
         from histolens.cli.mil import train_slides_command
 
-        return train_slides_command(slides_csv, out, flags)
+        return train_slides_command(slides_csv, out, flags, quiet)
     if resume is None and data_path is None:
         raise click.UsageError("give --data PATH (or --resume RUN_DIR).")
     extra = {}

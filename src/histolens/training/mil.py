@@ -5,14 +5,13 @@ Each tile's feature is standardised (the training tiles' mean and std, kept in t
 a softmax over the bag's tiles gives attention weights that sum to 1, the slide embedding is the
 attention-weighted mean, and a linear classifier gives the slide's logit.
 
-The loop is plain torch, one bag per step: bags differ in size, 60 bags make an epoch of
-milliseconds, and Lightning's per-step hooks would cost more than the model; every random draw
-(initial weights, dropout, bag order) comes from one seed, so a run is repeatable.
+This module holds the model, its hyper-parameters and prediction; Lightning trains it
+(:func:`histolens.training.mil_fit.fit_mil`: one bag per step, data-parallel over processes,
+early stopping on an inner patient split).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -22,9 +21,8 @@ from histolens.errors import ConfigError
 
 __all__ = [
     "MilConfig",
-    "MilFit",
     "build_mil_model",
-    "fit_mil",
+    "feature_standardisation",
     "mil_logits",
     "predict_mil",
 ]
@@ -32,8 +30,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MilConfig:
-    """Hyper-parameters of the attention MIL model and its loop (defaults as CLAM's ABMIL-small,
-    with a shorter schedule: the bags are few)."""
+    """Hyper-parameters of the attention MIL model and its loop (defaults as CLAM's ABMIL-small).
+
+    With an inner validation split (``early_stopping`` and enough patients: see
+    :mod:`histolens.training.mil_folds`) training runs at most ``max_epochs`` and stops when the
+    validation loss has not improved for ``patience`` epochs, keeping the best epoch's weights;
+    without one it runs a fixed ``epochs``. The constants were fixed before any benchmark run:
+    ``patience`` 20 and a ceiling of 100 epochs follow CLAM (patience 20, up to 200 epochs on
+    cohorts of hundreds of slides): the validation loss of ~10 slides jumps from epoch to epoch,
+    so a short patience would stop on noise, and a training loss that flattens within ~30 epochs
+    on 50 bags leaves a ceiling of 100 ample room. ``epochs`` 30 is the former fixed schedule.
+    ``accumulate`` bags make one optimiser step (N processes already step on N bags at once).
+    """
 
     hidden: int = 128
     attention: int = 64
@@ -42,10 +50,18 @@ class MilConfig:
     lr: float = 5e-4
     weight_decay: float = 1e-4
     seed: int = 0
+    early_stopping: bool = True
+    max_epochs: int = 100
+    patience: int = 20
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.attention < 1 or self.epochs < 1:
-            raise ConfigError("MIL hidden, attention and epochs must be at least 1.")
+        if min(self.hidden, self.attention, self.epochs, self.max_epochs, self.patience) < 1:
+            raise ConfigError(
+                "MIL hidden, attention, epochs, max_epochs and patience must be at least 1."
+            )
+        if self.accumulate < 1:
+            raise ConfigError(f"MIL accumulate must be at least 1, not {self.accumulate}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"MIL dropout must be in [0, 1), not {self.dropout}.")
         if self.lr <= 0:
@@ -84,60 +100,12 @@ def build_mil_model(in_dim: int, config: MilConfig):
     return GatedAttentionMIL()
 
 
-@dataclass
-class MilFit:
-    """A trained model and what its loop measured."""
-
-    model: object
-    epoch_seconds: list[float]
-    losses: list[float]
-
-
-def _standardisation(bags: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def feature_standardisation(bags: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std over all training tiles (std floored: constant features)."""
     total = sum(len(b) for b in bags)
     mean = sum(b.sum(0, dtype=np.float64) for b in bags) / total
     sq = sum(((b - mean) ** 2).sum(0, dtype=np.float64) for b in bags) / total
     return mean.astype(np.float32), np.sqrt(np.maximum(sq, 1e-12)).astype(np.float32)
-
-
-def fit_mil(
-    bags: Sequence[np.ndarray], targets: Sequence[int], config: MilConfig = MilConfig()
-) -> MilFit:
-    """Train on ``bags`` (each N_i x D) with slide ``targets`` (0/1), one bag per step, Adam,
-    binary cross-entropy weighted to balance the classes. Deterministic for a given seed."""
-    import torch
-
-    if len(bags) != len(targets) or not bags:
-        raise ConfigError("MIL training needs one target per bag and at least one bag.")
-    y = np.asarray(targets, np.float32)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    model = build_mil_model(bags[0].shape[1], config)
-    mean, std = _standardisation(bags)
-    model.mean.copy_(torch.from_numpy(mean))
-    model.std.copy_(torch.from_numpy(std))
-    positives = float(y.sum())
-    pos_weight = (len(y) - positives) / positives if 0 < positives < len(y) else 1.0
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    tensors = [torch.from_numpy(np.ascontiguousarray(b, np.float32)) for b in bags]
-    labels = torch.from_numpy(y)
-    seconds, losses = [], []
-    model.train()
-    for _ in range(config.epochs):
-        start, total = time.perf_counter(), 0.0
-        for i in rng.permutation(len(tensors)):
-            logit, _ = model(tensors[i])
-            loss = loss_fn(logit.reshape(1), labels[i].reshape(1))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach())
-        seconds.append(time.perf_counter() - start)
-        losses.append(total / len(tensors))
-    model.eval()
-    return MilFit(model, seconds, losses)
 
 
 def mil_logits(model, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -1,7 +1,8 @@
 """Patient-level cross-validation of attention MIL against mean pooling + a linear probe.
 
 Both methods see the same stratified group k-fold (patients never straddle a fold's train and
-test sides), so their out-of-fold slide probabilities are paired. The baseline averages each
+test sides), so their out-of-fold slide probabilities are paired. Inside each fold, MIL holds out
+a fifth of the training patients to stop training early (:mod:`histolens.training.mil_fit`). The baseline averages each
 bag's features and fits a standardised logistic regression (the linear probe of the tile
 workflow, on slide means). AUCs come with 95% CIs that resample patients, not slides.
 """
@@ -9,15 +10,15 @@ workflow, on slide means). AUCs come with 95% CIs that resample patients, not sl
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from histolens.errors import DataError
 from histolens.stats.metrics import bootstrap_ci, safe_auc
-from histolens.training.mil import MilConfig, fit_mil, mil_logits
+from histolens.training.mil import MilConfig, mil_logits
+from histolens.training.mil_fit import MilProcesses, fit_mil
+from histolens.training.mil_folds import patient_folds
 
 __all__ = [
     "MilCrossValidation",
@@ -26,32 +27,6 @@ __all__ = [
     "mean_pool_probe",
     "patient_folds",
 ]
-
-
-def patient_folds(
-    targets: Sequence[int], patients: Sequence[str], n_splits: int = 5, seed: int = 0
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified group k-fold over patients: (train, test) slide indices, patient-disjoint."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    groups = np.asarray(patients)
-    n_groups = len(set(patients))
-    if n_groups < n_splits:
-        raise DataError(
-            f"{n_splits}-fold cross-validation needs at least {n_splits} patients; "
-            f"the slides have {n_groups}."
-        )
-    y = np.asarray(targets)
-    if np.bincount(y, minlength=2).min() < 2:
-        raise DataError("Cross-validation needs at least two slides of each label.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class" with few patients
-        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        folds = list(cv.split(np.zeros(len(y)), y, groups))
-    for train, test in folds:
-        if set(groups[train]) & set(groups[test]):
-            raise AssertionError("a patient is on both sides of a fold")  # a bug, not bad input
-    return folds
 
 
 def mean_pool_probe(
@@ -83,7 +58,8 @@ def auc_with_ci(
 @dataclass
 class MilCrossValidation:
     """Out-of-fold slide probabilities of both methods, the fold of each slide, the attention
-    weights of each slide (from the model that did not see it), and timings."""
+    weights of each slide (from the model that did not see it), timings, each fold's training
+    record (epochs, best epoch, inner split: ``MilFit.summary``)."""
 
     targets: np.ndarray
     patients: tuple[str, ...]
@@ -94,6 +70,8 @@ class MilCrossValidation:
     logits: np.ndarray = field(default_factory=lambda: np.zeros(0))  # MIL, before calibration
     epoch_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    fits: list[dict] = field(default_factory=list)
+    global_rank: int = 0
 
     def table(self, subset: np.ndarray | None = None) -> dict[str, tuple[float, float, float]]:
         """{method: (AUC, CI low, CI high)} over all slides or a boolean ``subset``."""
@@ -112,8 +90,11 @@ def cross_validate_mil(
     patients: Sequence[str],
     config: MilConfig = MilConfig(),
     n_splits: int = 5,
+    processes: MilProcesses = MilProcesses(),
+    echo: bool = False,
 ) -> MilCrossValidation:
-    """Patient-level k-fold CV of attention MIL and the mean-pooling probe on the same folds."""
+    """Patient-level k-fold CV of attention MIL and the mean-pooling probe on the same folds
+    (``echo``: one line per MIL epoch on stderr)."""
     start = time.perf_counter()
     y = np.asarray(targets, np.int64)
     folds = patient_folds(y, patients, n_splits, config.seed)
@@ -121,9 +102,17 @@ def cross_validate_mil(
     mil_z, mean_p = np.zeros(len(y)), np.zeros(len(y))
     attention: list[np.ndarray] = [np.empty(0)] * len(y)
     epochs: list[float] = []
+    fits: list[dict] = []
+    rank = 0
     for k, (train, test) in enumerate(folds):
-        fit = fit_mil([bags[i] for i in train], y[train], config)
+        prefix = f"fold {k + 1}/{n_splits} " if echo else None
+        fit = fit_mil(
+            [bags[i] for i in train], y[train], config, [patients[i] for i in train],
+            processes, prefix,
+        )  # fmt: skip
         epochs += fit.epoch_seconds
+        fits.append({"fold": k, **fit.summary()})
+        rank = fit.global_rank
         logits, weights = mil_logits(fit.model, [bags[i] for i in test])
         mil_z[test] = logits
         for i, w in zip(test, weights, strict=True):
@@ -133,5 +122,6 @@ def cross_validate_mil(
     mil_p = 1.0 / (1.0 + np.exp(-mil_z))
     seconds = time.perf_counter() - start
     return MilCrossValidation(
-        y, tuple(patients), fold_of, mil_p, mean_p, attention, mil_z, epochs, seconds
-    )
+        y, tuple(patients), fold_of, mil_p, mean_p, attention, mil_z, epochs, seconds, fits,
+        rank,
+    )  # fmt: skip

@@ -54,6 +54,7 @@ def mil_model_card(
     config: MilConfig,
     features: dict[str, Any],
     data: str,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The model card's paragraphs (plain text, stored in the checkpoint; the report renders
     them with :data:`histolens.report.mil.MODEL_CARD_SECTIONS`)."""
@@ -65,6 +66,15 @@ def mil_model_card(
         if decision.alpha is not None
         else "no prediction sets"
     )
+    training = training or {}
+    if training.get("early_stopping"):
+        schedule = (
+            f"epoch {training['best_epoch']} of {training['epochs']} kept (lowest loss on "
+            f"{training['val_slides']} held-out slides of {training['val_patients']} patients; "
+            f"early stopping patience {config.patience})"
+        )
+    else:
+        schedule = f"{training.get('epochs', config.epochs)} epochs"
     baseline = "; ".join(
         f"{m} slide AUC {r['auc']:.3f} (95% CI {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})"
         for m, r in slide_auc.items()
@@ -77,7 +87,7 @@ def mil_model_card(
         ),
         "model": (
             f"Gated-attention MIL (Ilse et al. 2018; hidden {config.hidden}, attention "
-            f"{config.attention}, {config.epochs} epochs) on {features['feature_dim']} tile "
+            f"{config.attention}; {schedule}) on {features['feature_dim']} tile "
             f"features from {extractor}; classes {', '.join(decision.classes)}; temperature "
             f"{decision.temperature:.3f}; decision threshold {decision.threshold:.3f} "
             f"({decision.operating_points.rule.describes}) chosen on the out-of-fold slide "

@@ -5,7 +5,8 @@ safetensors key ``histolens_mil``), the same metadata in ``mil.json`` (``schema`
 ``version`` 2: the MIL model is not a tile classifier, so it does not pretend to be a
 ``CheckpointMetadata``; it holds the decision, estimate, model card and the tile features'
 source), ``oof_predictions.csv`` (each slide's out-of-fold probability from both methods),
-``metrics.json`` (slide AUCs with patient-bootstrap CIs), ``evaluation/`` (the tile workflow's
+``metrics.json`` (slide AUCs with patient-bootstrap CIs; under ``training`` each fold's and the
+final model's epochs, best epoch and inner validation split), ``evaluation/`` (the tile workflow's
 evaluation files, one row per slide) and ``report.html``.
 """
 
@@ -25,10 +26,12 @@ from histolens.errors import CheckpointError
 from histolens.evaluation.evaluate import headline_metrics
 from histolens.stats.conformal import DEFAULT_ALPHA
 from histolens.stats.operating_points import parse_operating_point
-from histolens.training.mil import MilConfig, build_mil_model, fit_mil
+from histolens.training.mil import MilConfig, build_mil_model
 from histolens.training.mil_cv import MilCrossValidation, cross_validate_mil
 from histolens.training.mil_data import read_bag, read_slide_labels
 from histolens.training.mil_decision import MilDecision, cross_fitted_evaluation, fit_mil_decision
+from histolens.training.mil_fit import MilFit, MilProcesses, fit_mil
+from histolens.training.mil_folds import INNER_FOLDS
 from histolens.training.mil_outputs import (
     feature_source,
     mil_model_card,
@@ -133,6 +136,7 @@ class MilRun:
     notes: list[str]
     decision: MilDecision | None = None
     estimate: dict | None = None
+    global_rank: int = 0  # with several processes, only rank 0 wrote the files
 
 
 def _write_oof(path: Path, labels, cv: MilCrossValidation) -> None:
@@ -153,6 +157,30 @@ def _write_oof(path: Path, labels, cv: MilCrossValidation) -> None:
             )
 
 
+def _training_record(cv: MilCrossValidation, final: MilFit, config: MilConfig) -> dict:
+    """How each fold's model and the final model were trained (``metrics.json``'s ``training``)."""
+    return {
+        "inner_validation": (
+            f"1/{INNER_FOLDS} of the training patients (stratified group k-fold); early "
+            f"stopping patience {config.patience}, at most {config.max_epochs} epochs, the best "
+            f"epoch's weights kept; a fixed {config.epochs} epochs without an inner split"
+        ),
+        "folds": cv.fits,
+        "final": final.summary(),
+    }
+
+
+def _fallback_note(cv: MilCrossValidation, final: MilFit, config: MilConfig) -> str | None:
+    """One line naming the fits that had too few patients for an inner split, or None."""
+    fits = [(f"fold {f['fold'] + 1}", f["no_split"]) for f in cv.fits]
+    fits.append(("the final model", final.no_split))
+    fell = [(name, reason) for name, reason in fits if reason]
+    if not fell:
+        return None
+    names = ", ".join(name for name, _ in fell)
+    return f"No early stopping for {names} ({fell[0][1]}): trained a fixed {config.epochs} epochs."
+
+
 def train_slides(
     labels_csv: str | os.PathLike,
     out: str | os.PathLike,
@@ -160,10 +188,13 @@ def train_slides(
     folds: int = 5,
     operating_point: str = "youden",
     alpha: float = DEFAULT_ALPHA,
+    processes: MilProcesses = MilProcesses(),
+    echo: bool = False,
 ) -> MilRun:
     """Cross-validate MIL and the mean-pooling probe by patient; fit the calibration, operating
     point and prediction sets on the out-of-fold slides and measure them cross-fitted; fit MIL on
-    every slide; write the checkpoint, the evaluation and the report."""
+    every slide (early stopping on a fifth of the patients); write the checkpoint, the evaluation
+    and the report (rank 0 only, when ``processes`` start several)."""
     labels = read_slide_labels(labels_csv)
     bags = [read_bag(p) for p in labels.bags]
     features = feature_source(bags)
@@ -173,7 +204,12 @@ def train_slides(
             "LABELS.csv has no patient for some slides: each such slide is its own patient."
         )
     x = [b.features for b in bags]
-    cv = cross_validate_mil(x, labels.targets, labels.patients, config, folds)
+    cv = cross_validate_mil(x, labels.targets, labels.patients, config, folds, processes, echo)
+    fit = fit_mil(
+        x, labels.targets, config, labels.patients, processes, "final model " if echo else None
+    )
+    fallback = _fallback_note(cv, fit, config)
+    notes += [fallback] if fallback else []
     rule = parse_operating_point(operating_point)
     classes = labels.class_names
     decision = fit_mil_decision(
@@ -190,10 +226,14 @@ def train_slides(
         "folds": folds,
         "slide_auc": slide_auc_table(cv),
         "epoch_seconds_mean": float(np.mean(cv.epoch_seconds)),
+        "training": _training_record(cv, fit, config),
         **headline_metrics(evaluation.metrics),
     }
-    fit = fit_mil(x, labels.targets, config)
     out = Path(out)
+    checkpoint = out / "mil.safetensors"
+    run = MilRun(out, checkpoint, cv, metrics, classes, notes, decision, estimate, fit.global_rank)
+    if fit.global_rank != 0:
+        return run
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "schema": MIL_SCHEMA,
@@ -208,14 +248,14 @@ def train_slides(
         "estimate": estimate,
         "metrics": metrics,
         "model_card": mil_model_card(
-            decision, estimate, metrics["slide_auc"], config, features, data
+            decision, estimate, metrics["slide_auc"], config, features, data, fit.summary()
         ),
         "labels_csv": str(Path(labels_csv).resolve()),
         "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    checkpoint = save_mil(out / "mil.safetensors", fit.model, meta)
+    save_mil(checkpoint, fit.model, meta)
     atomic_write_text(out / "mil.json", json.dumps(meta, indent=1))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     _write_oof(out / "oof_predictions.csv", labels, cv)
     write_mil_outputs(out, evaluation, meta, notes)
-    return MilRun(out, checkpoint, cv, metrics, classes, notes, decision, estimate)
+    return run
