@@ -27,7 +27,13 @@ from histolens.data._synth_paint import SUBTYPE_STYLE, Patient, render_tile
 from histolens.data.records import BENIGN_SUBTYPES, MAGNIFICATIONS, MALIGNANT_SUBTYPES
 from histolens.errors import ConfigError
 
-__all__ = ["SynthSummary", "generate_synthetic", "mask_path_for", "write_contact_sheet"]
+__all__ = [
+    "SynthSummary",
+    "draw_patient",
+    "generate_synthetic",
+    "mask_path_for",
+    "write_contact_sheet",
+]
 
 MANIFEST_COLUMNS = ("path", "label", "subtype", "patient", "group", "magnification", "mask")
 # Reference stain vectors (optical density per unit concentration) used by Macenko/torchstain.
@@ -65,6 +71,39 @@ def _split_counts(rng: np.random.Generator, total: int, parts: int) -> list[int]
     return [int(1 + e) for e in extra]
 
 
+def draw_patient(
+    rng: np.random.Generator,
+    subtype: str,
+    magnification: int,
+    index: int = 0,
+    patient: str = "",
+    n_images: int = 0,
+) -> Patient:
+    """One patient's look, drawn from ``rng``: stains, illumination, nucleus size and density,
+    eosin, background haematoxylin, gland size and blur. ``subtype`` sets the label and scales
+    nucleus and gland size; the draws do not depend on it, so two generators seeded alike give
+    one patient's benign and malignant tissue the same stains, optics and base sizes."""
+    scale = _MAG_SCALE[magnification]
+    stain_h = _H_VECTOR + rng.normal(0, 0.06, 3)
+    stain_e = _E_VECTOR + rng.normal(0, 0.06, 3)
+    return Patient(
+        index=index,
+        label="benign" if subtype in BENIGN_SUBTYPES else "malignant",
+        subtype=subtype,
+        patient=patient,
+        n_images=n_images,
+        stain_h=np.abs(stain_h) / np.linalg.norm(stain_h),
+        stain_e=np.abs(stain_e) / np.linalg.norm(stain_e),
+        intensity=float(rng.uniform(225, 252)),
+        nucleus_radius=float(rng.uniform(4.5, 6.0) * scale * SUBTYPE_STYLE[subtype][3]),
+        density=float(rng.uniform(0.6, 1.0)),
+        eosin=float(rng.uniform(0.45, 0.8)),
+        haem_background=float(rng.uniform(0.04, 0.12)),
+        gland_radius=float(rng.uniform(60, 95) * scale * SUBTYPE_STYLE[subtype][1]),
+        blur=float(rng.uniform(0.6, 1.1)),
+    )
+
+
 def make_patients(seed: int, n: int, n_patients: int, magnification: int) -> list[Patient]:
     # Benign a little fewer, as in BreakHis (about 31/69 there; 45/55 here keeps classes usable).
     n_benign = max(1, round(n * 0.45))
@@ -76,33 +115,14 @@ def make_patients(seed: int, n: int, n_patients: int, magnification: int) -> lis
     counts = _split_counts(plan_rng, n_benign, p_benign) + _split_counts(
         plan_rng, n_malignant, p_malignant
     )
-    scale = _MAG_SCALE[magnification]
     patients = []
     for index, (pid, count) in enumerate(zip(ids, counts, strict=True)):
         label = "benign" if index < p_benign else "malignant"
         within = index if label == "benign" else index - p_benign
         subtypes = BENIGN_SUBTYPES if label == "benign" else MALIGNANT_SUBTYPES
-        subtype = subtypes[within % len(subtypes)]
         rng = np.random.default_rng([seed, index, 0])
-        stain_h = _H_VECTOR + rng.normal(0, 0.06, 3)
-        stain_e = _E_VECTOR + rng.normal(0, 0.06, 3)
         patients.append(
-            Patient(
-                index=index,
-                label=label,
-                subtype=subtype,
-                patient=pid,
-                n_images=count,
-                stain_h=np.abs(stain_h) / np.linalg.norm(stain_h),
-                stain_e=np.abs(stain_e) / np.linalg.norm(stain_e),
-                intensity=float(rng.uniform(225, 252)),
-                nucleus_radius=float(rng.uniform(4.5, 6.0) * scale * SUBTYPE_STYLE[subtype][3]),
-                density=float(rng.uniform(0.6, 1.0)),
-                eosin=float(rng.uniform(0.45, 0.8)),
-                haem_background=float(rng.uniform(0.04, 0.12)),
-                gland_radius=float(rng.uniform(60, 95) * scale * SUBTYPE_STYLE[subtype][1]),
-                blur=float(rng.uniform(0.6, 1.1)),
-            )
+            draw_patient(rng, subtypes[within % len(subtypes)], magnification, index, pid, count)
         )
     return patients
 

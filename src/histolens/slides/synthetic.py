@@ -61,13 +61,25 @@ class TextureBank:
 
     @classmethod
     def paint(cls, seed: int = 0, k: int = 4, magnification: int = 200) -> TextureBank:
-        from histolens.data.synth import make_patients, render_tile
+        """The bank of ``data synth``'s first benign and first malignant patient of ``seed``
+        (two patients, each with their own look)."""
+        from histolens.data.synth import make_patients
 
         benign_p, malignant_p = make_patients(seed, 2, 2, magnification)
+        return cls.of_patients(benign_p, malignant_p, (seed,), k)
+
+    @classmethod
+    def of_patients(cls, benign, malignant, key: tuple[int, ...], k: int = 4) -> TextureBank:
+        """``k`` benign tiles painted with the ``benign`` patient's look and ``k`` malignant
+        tiles with the ``malignant`` one's (:class:`histolens.data.synth` patients), tile ``i``
+        drawn from the generator seeded ``(*key, 0 or 1, i)``."""
+        from histolens.data.synth import render_tile
+
         ben, mal, les = [], [], []
         for i in range(k):
-            ben.append(render_tile(benign_p, np.random.default_rng([seed, 0, i]), BLOCK, BLOCK)[0])
-            rgb, mask = render_tile(malignant_p, np.random.default_rng([seed, 1, i]), BLOCK, BLOCK)
+            rng = np.random.default_rng([*key, 0, i])
+            ben.append(render_tile(benign, rng, BLOCK, BLOCK)[0])
+            rgb, mask = render_tile(malignant, np.random.default_rng([*key, 1, i]), BLOCK, BLOCK)
             mal.append(rgb)
             les.append(mask > 0)
         return cls(np.stack(ben), np.stack(mal), np.stack(les))

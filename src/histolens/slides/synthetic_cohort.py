@@ -1,15 +1,34 @@
 """A synthetic slide cohort for slide-level (MIL) training: patients, labels, sized lesions.
 
 ``histolens data synth --slides N --patients P`` writes N slides of P patients (slides dealt to
-patients in turn); half the patients are positive, and each of their slides has one planted
-lesion whose area is drawn log-uniformly from ``lesion_range`` of the slide's tissue; the other
-slides have none. Beside the slides and truth masks of :func:`write_synthetic_slides`
-(``lesion.png`` marks the lesion structures inside the malignant tiles, about a quarter of their
-pixels), ``masks/<slide>.planted.png`` marks the whole area painted with malignant tiles; the
-manifest gains ``patient``, ``label`` and the true ``lesion_fraction`` (planted pixels over
-tissue pixels), and ``labels.csv`` (``slide,label,patient``) names each
-slide's bag as ``slide features`` writes it (``BAGS/h5/<slide>.h5``, ``BAGS`` = ``bags`` beside
-the slides folder by default), ready for ``histolens train --slides``.
+patients in turn); half the patients are positive (label ``tumour``), and each of their slides
+has one planted lesion whose area is drawn log-uniformly from ``lesion_range`` of the slide's
+tissue; the other patients' slides (label ``normal``) have none. ``tumour`` sorts after
+``normal``, so ``train --slides`` takes it as the positive class.
+
+**Each patient looks like themselves.** Real cohorts differ between patients (staining,
+scanner, tissue make-up), and that variation is what drowns a small lesion in a slide's
+average. So each patient gets their own :class:`~histolens.slides.synthetic.TextureBank`,
+painted as ``data synth``'s tile-level patients are: one draw of
+:func:`histolens.data.synth.draw_patient` (the ranges of ``make_patients``: stain vectors,
+illumination, nucleus size and density, eosin, background haematoxylin, gland size, blur) per
+patient, with the subtypes cycling as there (patient ``j``: benign subtype ``j % 4`` of
+A/F/PT/TA, malignant ``j % 4`` of DC/LC/MC/PC). The patient's benign tissue is painted with that
+look as benign tissue of their benign subtype; their lesion with the same draw as malignant
+tissue of their malignant subtype (same stains, optics and base sizes: one slide is stained and
+scanned once; only the malignant painting and the subtype's size factors differ). Slides of one
+patient share the bank (4 benign and 4 malignant 512-px tiles, generators seeded from
+``(seed, 27, patient)``); slides differ in tissue shape and in which bank tile paints each block.
+No constant of this design was chosen by looking at results. (:func:`write_synthetic_slides`,
+the single-slide synth, keeps one bank for all its slides.)
+
+Beside the slides and truth masks of :func:`write_synthetic_slides` (``lesion.png`` marks the
+lesion structures inside the malignant tiles, about a quarter of their pixels),
+``masks/<slide>.planted.png`` marks the whole area painted with malignant tiles; the manifest
+gains ``patient``, ``label`` and the true ``lesion_fraction`` (planted pixels over tissue
+pixels), and ``labels.csv`` (``slide,label,patient``) names each slide's bag as ``slide
+features`` writes it (``BAGS/h5/<slide>.h5``, ``BAGS`` = ``bags`` beside the slides folder by
+default), ready for ``histolens train --slides``.
 
 :func:`pointing_game` is the attention check against those masks: is the most-attended tile's
 centre on the planted (malignant-painted) area?
