@@ -49,7 +49,7 @@ def _pointing_game(work: Path, manifest: list[dict], run) -> list[bool]:
 
     hits = []
     for i, row in enumerate(manifest):
-        if row["label"] != "lesion":
+        if row["label"] != "tumour":
             continue
         name = row["slide"].removesuffix(".tiff")
         mask = np.asarray(Image.open(work / "slides" / "masks" / f"{name}.planted.png")) > 0
@@ -65,8 +65,8 @@ def _report(work: Path, run, seconds: float) -> None:
     with open(work / "slides" / "slides.csv", newline="") as fh:
         manifest = list(csv.DictReader(fh))
     cv = run.cv
-    y = cv.targets  # 1 = the class sorted last: "normal" here
-    lesion = np.array([r["label"] == "lesion" for r in manifest])
+    y = cv.targets  # 1 = the class sorted last: "tumour"
+    lesion = np.array([r["label"] == "tumour" for r in manifest])
     frac = np.array([float(r["lesion_fraction"]) for r in manifest])
     tiles = [len(a) for a in cv.attention]
     print(

@@ -29,8 +29,8 @@ def test_synthetic_cohort_to_mil_run(tmp_path, tiny_checkpoint):
     assert len(manifest) == 8 and len({r["patient"] for r in manifest}) == 4
     for r in manifest:  # a patient's slides share its label; lesions 1%-20% of the tissue
         frac = float(r["lesion_fraction"])
-        assert (0.005 < frac <= 0.2) if r["label"] == "lesion" else frac == 0.0, r
-    assert {r["label"] for r in manifest} == {"lesion", "normal"}
+        assert (0.005 < frac <= 0.2) if r["label"] == "tumour" else frac == 0.0, r
+    assert {r["label"] for r in manifest} == {"tumour", "normal"}
 
     bags = out / "bags"
     args = ["slide", "features", str(tiny_checkpoint), str(out / "slides"), "--out", str(bags)]
@@ -43,7 +43,8 @@ def test_synthetic_cohort_to_mil_run(tmp_path, tiny_checkpoint):
     _, meta = load_mil(run)
     assert meta["estimate"]["n_images"] == 8 and meta["estimate"]["n_patients"] == 4
     assert meta["features"]["checkpoint"] == str(tiny_checkpoint.resolve())
-    assert meta["class_names"] == ["lesion", "normal"]
+    # "tumour" sorts after "normal": the positive class, as sensitivity and referral need.
+    assert meta["class_names"] == ["normal", "tumour"] and meta["positive_class"] == "tumour"
     # 4 patients: too few for an inner validation split, so fixed epochs, said in one line.
     training = meta["metrics"]["training"]
     assert [f["epochs"] for f in training["folds"]] == [3, 3]
@@ -58,7 +59,7 @@ def test_synthetic_cohort_to_mil_run(tmp_path, tiny_checkpoint):
     assert result.exit_code == 0, result.output
     with open(preds, newline="") as fh:
         (pred,) = list(csv.DictReader(fh))
-    assert pred["prediction"] in ("lesion", "normal") and 0 <= float(pred["p_lesion"]) <= 1
+    assert pred["prediction"] in ("tumour", "normal") and 0 <= float(pred["p_tumour"]) <= 1
     assert pred["prediction"] in pred["prediction_set"].split(";")
     assert (tmp_path / "preds" / "heatmaps" / f"{slide.stem}.attention.png").is_file()
 

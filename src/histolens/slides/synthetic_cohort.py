@@ -56,7 +56,7 @@ from histolens.slides.synthetic import (
     write_pyramid_tiff,
 )
 
-__all__ = ["LABELS_CSV", "pointing_game", "sized_lesion", "write_slide_cohort"]
+__all__ = ["LABELS_CSV", "patient_bank", "pointing_game", "sized_lesion", "write_slide_cohort"]
 
 LABELS_CSV = "labels.csv"
 
@@ -80,6 +80,21 @@ def sized_lesion(slide, fraction: float, rng: np.random.Generator):
     return replace(slide, lesions=[Ellipse(float(cx), float(cy), rx, rx / aspect)])
 
 
+def patient_bank(seed: int, patient: int, magnification: int = 200) -> TextureBank:
+    """Patient ``patient``'s texture bank: one ``data synth`` look, painted as benign tissue of
+    their benign subtype and as malignant tissue of their malignant subtype (module docstring)."""
+    from histolens.data.records import BENIGN_SUBTYPES, MALIGNANT_SUBTYPES
+    from histolens.data.synth import draw_patient
+
+    key = (seed, 27, patient)
+    benign, malignant = (
+        draw_patient(np.random.default_rng(key), subtypes[patient % len(subtypes)],
+                     magnification, index=patient, patient=f"patient_{patient:03d}")
+        for subtypes in (BENIGN_SUBTYPES, MALIGNANT_SUBTYPES)
+    )  # fmt: skip
+    return TextureBank.of_patients(benign, malignant, key)
+
+
 def write_slide_cohort(
     out: str | os.PathLike,
     n: int,
@@ -89,9 +104,8 @@ def write_slide_cohort(
     magnification: int = 200,
     lesion_range: tuple[float, float] = (0.01, 0.20),
 ) -> SyntheticSlides:
-    """Write the cohort under ``out/slides`` (see the module docstring)."""
-    from PIL import Image
-
+    """Write the cohort under ``out/slides`` (see the module docstring), one patient at a time
+    (one texture bank in memory)."""
     from histolens.slides.scale import BREAKHIS_MPP
 
     lo, hi = lesion_range
@@ -102,41 +116,50 @@ def write_slide_cohort(
         )
     folder = Path(out) / "slides"
     mpp = BREAKHIS_MPP[magnification]
-    bank = TextureBank.paint(seed, magnification=magnification)
-    rng = np.random.default_rng([seed, 27])
-    positive = set(rng.permutation(patients)[: patients // 2].tolist())
-    rows, paths = [], []
-    for i in range(n):
-        patient = i % patients
-        slide = make_synthetic_slide(*size, mpp=mpp, n_lesions=0, seed=seed + i, bank=bank)
-        if patient in positive:
-            slide = sized_lesion(slide, float(np.exp(rng.uniform(np.log(lo), np.log(hi)))), rng)
-        path = write_pyramid_tiff(slide, folder / f"synthetic_{i:03d}.tiff")
-        tissue, lesion = slide.truth(TRUTH_STEP)
-        planted = _planted(slide, tissue.shape) & tissue
-        for kind, mask in (("tissue", tissue), ("lesion", lesion), ("planted", planted)):
-            with atomic_path(folder / "masks" / f"{path.stem}.{kind}.png") as tmp:
-                Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
-        rows.append(
-            {
-                "slide": path.name,
-                "patient": f"patient_{patient:03d}",
-                "label": "lesion" if patient in positive else "normal",
-                "lesion_fraction": round(float(planted.sum() / max(1, tissue.sum())), 5),
-                "mpp": mpp,
-                "truth_step": TRUTH_STEP,
-            }
-        )
-        paths.append(path)
+    positive = set(
+        np.random.default_rng([seed, 27]).permutation(patients)[: patients // 2].tolist()
+    )
+    rows: dict[int, dict] = {}
+    for patient in range(patients):
+        bank = patient_bank(seed, patient, magnification)
+        for i in range(patient, n, patients):
+            slide = make_synthetic_slide(*size, mpp=mpp, n_lesions=0, seed=seed + i, bank=bank)
+            if patient in positive:
+                rng = np.random.default_rng([seed, 29, i])  # this slide's lesion size and place
+                fraction = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+                slide = sized_lesion(slide, fraction, rng)
+            rows[i] = _write_slide(slide, folder / f"synthetic_{i:03d}.tiff")
+            rows[i]["patient"] = f"patient_{patient:03d}"
+            rows[i]["label"] = "tumour" if patient in positive else "normal"
+    ordered = [rows[i] for i in range(n)]
+    columns = ["slide", "patient", "label", "lesion_fraction", "mpp", "truth_step"]
     manifest = folder / SLIDE_MANIFEST
-    _write_csv(manifest, rows, list(rows[0]))
+    _write_csv(manifest, ordered, columns)
     labels = [
         {"slide": f"../bags/h5/{Path(r['slide']).stem}.h5", "label": r["label"],
          "patient": r["patient"]}
-        for r in rows
+        for r in ordered
     ]  # fmt: skip
     _write_csv(folder / LABELS_CSV, labels, ["slide", "label", "patient"])
-    return SyntheticSlides(folder, paths, manifest)
+    return SyntheticSlides(folder, [folder / r["slide"] for r in ordered], manifest)
+
+
+def _write_slide(slide, path: Path) -> dict:
+    """Write one slide and its tissue, lesion and planted masks; its manifest row so far."""
+    from PIL import Image
+
+    path = write_pyramid_tiff(slide, path)
+    tissue, lesion = slide.truth(TRUTH_STEP)
+    planted = _planted(slide, tissue.shape) & tissue
+    for kind, mask in (("tissue", tissue), ("lesion", lesion), ("planted", planted)):
+        with atomic_path(path.parent / "masks" / f"{path.stem}.{kind}.png") as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    return {
+        "slide": path.name,
+        "lesion_fraction": round(float(planted.sum() / max(1, tissue.sum())), 5),
+        "mpp": slide.mpp,
+        "truth_step": TRUTH_STEP,
+    }
 
 
 def _planted(slide, shape: tuple[int, int]) -> np.ndarray:
