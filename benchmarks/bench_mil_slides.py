@@ -2,9 +2,9 @@
 
 The product path end to end: ``histolens data synth WORK --slides 60 --patients 30`` (each
 patient painted with their own look; half the patients with one lesion of 1%-20% of the tissue
-in each slide, the others none) -> ``histolens
-slide features`` with an ImageNet-pretrained EfficientNet-Lite0 tile checkpoint (frozen; 112 px
-tiles at 0.5 um/px; no training on these slides) -> ``train --slides``'s own
+in each slide, the others none) -> ``histolens slide features`` with an ImageNet-pretrained
+EfficientNet-Lite0 tile checkpoint (frozen; 112 px tiles at 0.5 um/px; no training on these
+slides) -> ``train --slides``'s own
 ``histolens.training.mil_run.train_slides`` (5-fold patient-level CV of MIL with early stopping
 on an inner patient split, against mean pooling + a linear probe on the same folds). Prints slide
 AUC with 95% CIs over patients, by lesion-size bin (each bin's positives against all negatives;
