@@ -46,8 +46,7 @@ def _evaluate(
 
     A test split is decided at ``operating_points`` (per magnification); out-of-fold decision
     logits are already centred on their folds' own operating points per magnification.
-    ``content`` holds the input checks' statistics of images already decoded (by path).
-    ``plot_worker`` draws the plots while the metrics are computed here."""
+    ``content``: input-check statistics of images already decoded; ``plot_worker``: draws."""
     from histolens.evaluation.evaluate import EvalResult, compute_metrics, rows_from_logits
 
     # Out-of-fold decision logits are already centred on each fold's own threshold.
@@ -83,36 +82,31 @@ def _evaluate(
         cfg.train.alpha,
         content,
     )
-    if write_outputs and plot_worker is not None:
-        from histolens.evaluation.evaluation_files import evaluation_plots
-        from histolens.evaluation.metrics import refer_metrics
-
-        out = RunDir(run_dir).evaluation.path
-        out.mkdir(parents=True, exist_ok=True)
-        plot_worker.submit(evaluation_plots(ev, out, refer=refer_metrics(ev)))
+    if write_outputs and plot_worker is not None:  # drawn while the metrics are computed
+        _submit_plots(run_dir, ev, plot_worker)
     metrics = replace(
         compute_metrics(ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed),
         split="out-of-fold" if held.n_folds else "test",
     )
     ev.metrics = metrics
     if write_outputs:
-        _write_outputs(
-            run_dir,
-            ev,
-            cfg,
-            held.method,
-            dataset,
-            notes,
-            held.n_folds,
-            metrics,
-            operating_points,
-            plot_worker,
-        )
+        described = (held.method, dataset, notes, held.n_folds, metrics, operating_points)
+        _write_outputs(run_dir, ev, cfg, *described, plot_worker)
     else:
         from histolens.evaluation.evaluate import write_predictions_csv
 
         write_predictions_csv(ev, RunDir(run_dir).predictions)
     return metrics
+
+
+def _submit_plots(run_dir: Path, ev, plot_worker: PlotWorker) -> None:
+    """Hand the evaluation's plots to the worker now: it draws while the metrics are computed."""
+    from histolens.evaluation.evaluation_files import evaluation_plots
+    from histolens.evaluation.metrics import refer_metrics
+
+    out = RunDir(run_dir).evaluation.path
+    out.mkdir(parents=True, exist_ok=True)
+    plot_worker.submit(evaluation_plots(ev, out, refer=refer_metrics(ev)))
 
 
 def _ranked_by_raw_logits(rows: list, raw_logits: np.ndarray) -> list:
