@@ -61,3 +61,10 @@ def test_without_a_worker_the_plots_are_drawn_at_wait(tmp_path, image_path, monk
     assert not (tmp_path / "cm.png").exists()
     worker.wait()
     assert {p.name for p in tmp_path.glob("*.png")} >= {"cm.png", "roc.png", "wrong.png"}
+
+
+def test_a_bundled_app_draws_in_this_process(monkeypatch):
+    # In a frozen app sys.executable is the app, not Python: no worker is started.
+    monkeypatch.setattr("sys.frozen", True, raising=False)
+    with PlotWorker() as worker:
+        assert not worker.running

@@ -15,6 +15,7 @@ pickled ``None`` (done) or an error message; it exits at end of input.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -50,15 +51,20 @@ class PlotWorker:
 
     def __init__(self) -> None:
         self._calls: list[PlotCall] | None = None
+        self._proc: subprocess.Popen | None = None
+        if getattr(sys, "frozen", False):  # a bundled app: sys.executable is the app itself
+            return
+        # The worker imports the modules this process imports (the same histolens and plots).
+        path = os.pathsep.join(p for p in sys.path if p)
         try:
-            self._proc: subprocess.Popen | None = subprocess.Popen(
+            self._proc = subprocess.Popen(
                 [sys.executable, "-c", _SERVE],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": path},
             )
         except OSError as exc:
             log.debug("No plot worker (%s): plots are drawn in this process.", exc)
-            self._proc = None
 
     @property
     def running(self) -> bool:
