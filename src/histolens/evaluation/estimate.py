@@ -71,6 +71,7 @@ def class_support_warnings(
 
 def _block(result, rows, n_boot: int, seed: int, metrics=None) -> EstimateBlock:
     from histolens.evaluation.metrics import EvalResult, compute_metrics
+    from histolens.stats.bootstrap import PatientBootstrap
     from histolens.stats.metrics import bootstrap_ci
 
     sub = EvalResult(
@@ -91,7 +92,7 @@ def _block(result, rows, n_boot: int, seed: int, metrics=None) -> EstimateBlock:
         img["refer_rate"] = float(refer.mean())
         if n_boot:
             groups = np.array([r.patient for r in rows])
-            ci["refer_rate"] = bootstrap_ci(lambda i: float(refer[i].mean()), groups, n_boot, seed)
+            ci["refer_rate"] = PatientBootstrap(groups, n_boot, seed).interval_of(refer)
     if len(result.classes) > 2:
         # The subtype headline (and the probe's choice of C): compute_metrics has no balanced
         # accuracy for subtypes, so it is computed here, with its CI over patients.

@@ -17,10 +17,12 @@ import numpy as np
 
 from histolens.atomic import atomic_open, atomic_write_text
 from histolens.evaluation.metrics import EvalResult, rank_scores
+from histolens.evaluation.plot_worker import PlotCall
+from histolens.evaluation.results import ReferMetrics
 from histolens.inference.predictions_csv import core_columns, core_row, format_flag
 from histolens.rundir import EvaluationFiles
 
-__all__ = ["write_evaluation", "write_patients", "write_predictions_csv"]
+__all__ = ["evaluation_plots", "write_evaluation", "write_patients", "write_predictions_csv"]
 
 
 def write_patients(result: EvalResult, path: Path, pattern=None) -> None:
@@ -68,12 +70,14 @@ def write_evaluation(
     logs_dir: str | os.PathLike | None = None,
     notes: Sequence[str] = (),
     images: bool = True,
+    plots: bool = True,
 ) -> Path:
     """metrics.json, predictions.csv, notes.json and the plots in ``out_dir`` (training curves
     from ``logs_dir`` when given; the misclassified images when the rows are ``images``, not
     slides). The report (``histolens.report``) is written from these by whoever orchestrates:
-    the CLI, or training."""
-    from histolens.evaluation import plots
+    the CLI, or training. ``plots=False`` leaves the plots to the caller (``evaluation_plots``,
+    drawn by a :class:`~histolens.evaluation.plot_worker.PlotWorker`)."""
+    from histolens.evaluation.plot_worker import draw_plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,20 +88,44 @@ def write_evaluation(
     write_patients(result, files.patients)
     # Kept beside the metrics so that `histolens report` later shows the same warnings.
     atomic_write_text(files.notes, json.dumps(list(notes), indent=2))
+    if plots:
+        draw_plots(evaluation_plots(result, out, logs_dir, images))
+    return out
+
+
+def evaluation_plots(
+    result: EvalResult,
+    out_dir: str | os.PathLike,
+    logs_dir: str | os.PathLike | None = None,
+    images: bool = True,
+    refer: ReferMetrics | None = None,
+) -> list[PlotCall]:
+    """The plots of ``write_evaluation``, as calls of ``histolens.evaluation.plots`` (drawn by
+    ``draw_plots``, here or in a worker). ``refer``: the metrics' ``refer`` block, for a result
+    whose metrics are not computed yet (the risk-coverage curve)."""
+    out = Path(out_dir)
+    calls: list[PlotCall] = []
     y = np.array([r.target for r in result.rows])
     pred = np.array([result.predicted(r) for r in result.rows])
-    plots.plot_confusion_matrix(y, pred, result.classes, out / "confusion_matrix.png")
+    calls.append(
+        ("plot_confusion_matrix", (y, pred, result.classes, out / "confusion_matrix.png"), {})
+    )
     if len(result.classes) == 2:
         p = np.array([r.probs[1] for r in result.rows])
         p_raw = np.array([r.probs_uncalibrated[1] for r in result.rows])
         # Ranked as the metrics rank (rank_scores), marked where each image was decided.
-        plots.plot_roc_pr(
-            y, rank_scores(result.rows), result.threshold, out / "roc_pr.png", predicted=pred
+        roc = (y, rank_scores(result.rows), result.threshold, out / "roc_pr.png")
+        calls.append(("plot_roc_pr", roc, {"predicted": pred}))
+        distribution = (
+            y,
+            p,
+            result.classes,
+            result.threshold,
+            out / "probability_distribution.png",
         )
-        plots.plot_probability_distribution(
-            y, p, result.classes, result.threshold, out / "probability_distribution.png"
-        )
-        plots.plot_reliability(y, p_raw, p, result.temperature, out / "reliability.png")
+        calls.append(("plot_probability_distribution", distribution, {}))
+        reliability = (y, p_raw, p, result.temperature, out / "reliability.png")
+        calls.append(("plot_reliability", reliability, {}))
     wrong = [
         (
             r.path,
@@ -112,10 +140,11 @@ def write_evaluation(
     ]
     wrong.sort(key=lambda t: -t[3])  # the most confident mistakes first
     if images:
-        plots.plot_misclassified(wrong, out / "misclassified.png")
-    refer = result.metrics.refer if result.metrics is not None else None
+        calls.append(("plot_misclassified", (wrong, out / "misclassified.png"), {}))
+    if refer is None and result.metrics is not None:
+        refer = result.metrics.refer
     if refer is not None and refer.curve is not None and refer.curve.referred:
-        plots.plot_risk_coverage(refer, out / "risk_coverage.png")
+        calls.append(("plot_risk_coverage", (refer, out / "risk_coverage.png"), {}))
     if logs_dir is not None:
-        plots.plot_training_curves(logs_dir, out / "training_curves.png")
-    return out
+        calls.append(("plot_training_curves", (logs_dir, out / "training_curves.png"), {}))
+    return calls

@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 
 from histolens.evaluation.results import ClassMetrics, ImageMetrics
+from histolens.stats.bootstrap import PatientBootstrap
 from histolens.stats.metrics import (
     binary_metrics,
-    bootstrap_ci,
     multiclass_metrics,
     patient_level_auc,
     patient_recognition_rate,
@@ -19,6 +19,7 @@ from histolens.stats.metrics import (
 )
 
 __all__ = [
+    "BINARY_CIS",
     "PER_MAGNIFICATION_CIS",
     "binary_block",
     "magnification_block",
@@ -35,24 +36,12 @@ def binary_block(y, p, patients, threshold, n_boot, seed, ci_keys=None, rank=Non
     rank = p if rank is None else rank
     correct = (p >= threshold).astype(int) == y
     positive = p >= threshold
-
-    def rate(i: np.ndarray, cls: int) -> float:
-        of_class = y[i] == cls
-        return float((positive[i][of_class] == bool(cls)).mean()) if of_class.any() else np.nan
-
-    stats = {
-        "roc_auc": lambda i: safe_auc(y[i], rank[i]),
-        "accuracy": lambda i: float(correct[i].mean()),
-        "balanced_accuracy": lambda i: float(np.mean([rate(i, 1), rate(i, 0)])),
-        "sensitivity": lambda i: rate(i, 1),
-        "specificity": lambda i: rate(i, 0),
-        "patient_recognition_rate": lambda i: patient_recognition_rate(patients[i], correct[i]),
-        "patient_auc": lambda i: patient_level_auc(patients[i], y[i], rank[i]),
-    }
     ci95 = None
     if n_boot:
-        keys = stats if ci_keys is None else ci_keys
-        ci95 = {k: bootstrap_ci(stats[k], patients, n_boot, seed) for k in keys}
+        keys = BINARY_CIS if ci_keys is None else ci_keys
+        ci95 = _binary_cis(
+            PatientBootstrap(patients, n_boot, seed), y, rank, correct, positive, keys
+        )
     return ImageMetrics(
         **{**binary_metrics(y, p, threshold), **ranking_figures(y, rank)},
         patient_recognition_rate=patient_recognition_rate(patients, correct),
@@ -60,6 +49,36 @@ def binary_block(y, p, patients, threshold, n_boot, seed, ci_keys=None, rank=Non
         n_patients=int(len(np.unique(patients))),
         ci95=ci95,
     )
+
+
+# Every figure of a pooled binary block has a CI over patients.
+BINARY_CIS = (
+    "roc_auc",
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "patient_recognition_rate",
+    "patient_auc",
+)
+
+
+def _binary_cis(boot: PatientBootstrap, y, rank, correct, positive, keys) -> dict:
+    """The bootstrap CIs of ``keys`` (BINARY_CIS), each figure computed for every resample at
+    once; the same intervals as bootstrap_ci of the per-resample figures (stats.bootstrap)."""
+    sensitivity = boot.proportion(positive, y == 1)
+    specificity = boot.proportion(~positive, y == 0)
+    figures = {
+        "roc_auc": lambda: boot.roc_auc(y, rank),
+        "accuracy": lambda: boot.proportion(correct),
+        # np.mean([a, b]) of two floats is (a + b) / 2, NaN if either is.
+        "balanced_accuracy": lambda: (sensitivity + specificity) / 2,
+        "sensitivity": lambda: sensitivity,
+        "specificity": lambda: specificity,
+        "patient_recognition_rate": lambda: boot.recognition_rate(correct),
+        "patient_auc": lambda: boot.patient_auc(y, rank),
+    }
+    return {k: boot.interval(figures[k]()) for k in keys}
 
 
 def ranking_figures(y: np.ndarray, rank: np.ndarray) -> dict[str, float]:
@@ -86,9 +105,7 @@ def magnification_block(result, rows, y, p, patients, thr, idx, n_boot, seed, ra
         if n_boot:
             ci95 = {
                 **(ci95 or {}),
-                "refer_rate": bootstrap_ci(
-                    lambda i, r=refer: float(r[i].mean()), patients[idx], n_boot, seed
-                ),
+                "refer_rate": PatientBootstrap(patients[idx], n_boot, seed).interval_of(refer),
             }
     return replace(
         block,
@@ -108,14 +125,10 @@ def multiclass_block(y, probs, patients, classes, n_boot, seed) -> ImageMetrics:
     per_class = {c: ClassMetrics(**v) for c, v in mc.pop("per_class").items()}
     ci95 = None
     if n_boot:
+        boot = PatientBootstrap(patients, n_boot, seed)
         ci95 = {
-            "accuracy": bootstrap_ci(lambda i: float(correct[i].mean()), patients, n_boot, seed),
-            "patient_recognition_rate": bootstrap_ci(
-                lambda i: patient_recognition_rate(patients[i], correct[i]),
-                patients,
-                n_boot,
-                seed,
-            ),
+            "accuracy": boot.interval(boot.proportion(correct)),
+            "patient_recognition_rate": boot.interval(boot.recognition_rate(correct)),
         }
     return ImageMetrics(
         **mc,

@@ -230,7 +230,8 @@ class InputPipeline:
     channels_last: bool = True
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, torch.float32) / 255.0
+        # In place on the fresh float copy: the same division, one 4-byte-per-pixel batch fewer.
+        x = images.to(self.device, torch.float32).div_(255.0)
         if self.stain is not None:
             x, _ = self.stain(x)
         return x

@@ -71,7 +71,8 @@ class Preprocess:
         """Float batch in [0, 1] (B, 3, H, W) -> model input."""
         mean = torch.tensor(self.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-        return (batch - mean) / std
+        # (batch - mean) / std, dividing the difference in place: one batch-sized copy, not two.
+        return (batch - mean).div_(std)
 
 
 def resolve_preprocess(

@@ -17,6 +17,7 @@ import torch
 
 from histolens.checkpoint.io import BEST_CHECKPOINT, update_metadata
 from histolens.config import RunConfig
+from histolens.evaluation.plot_worker import PlotWorker
 from histolens.evaluation.referral import Referral
 from histolens.evaluation.results import Metrics
 from histolens.models.pipeline import ImageSource
@@ -39,12 +40,13 @@ def _evaluate(
     write_outputs: bool,
     operating_points: OperatingPoints | None = None,
     content: dict[str, tuple[float, float]] | None = None,
+    plot_worker: PlotWorker | None = None,
 ) -> Metrics:
     """Score the held-out predictions, with referrals, and write the evaluation; its metrics.
 
     A test split is decided at ``operating_points`` (per magnification); out-of-fold decision
     logits are already centred on their folds' own operating points per magnification.
-    ``content`` holds the input checks' statistics of images already decoded (by path)."""
+    ``content``: input-check statistics of images already decoded; ``plot_worker``: draws."""
     from histolens.evaluation.evaluate import EvalResult, compute_metrics, rows_from_logits
 
     # Out-of-fold decision logits are already centred on each fold's own threshold.
@@ -80,20 +82,31 @@ def _evaluate(
         cfg.train.alpha,
         content,
     )
+    if write_outputs and plot_worker is not None:  # drawn while the metrics are computed
+        _submit_plots(run_dir, ev, plot_worker)
     metrics = replace(
         compute_metrics(ev, n_boot=1000 if write_outputs else 0, seed=cfg.data.seed),
         split="out-of-fold" if held.n_folds else "test",
     )
     ev.metrics = metrics
     if write_outputs:
-        _write_outputs(
-            run_dir, ev, cfg, held.method, dataset, notes, held.n_folds, metrics, operating_points
-        )
+        described = (held.method, dataset, notes, held.n_folds, metrics, operating_points)
+        _write_outputs(run_dir, ev, cfg, *described, plot_worker)
     else:
         from histolens.evaluation.evaluate import write_predictions_csv
 
         write_predictions_csv(ev, RunDir(run_dir).predictions)
     return metrics
+
+
+def _submit_plots(run_dir: Path, ev, plot_worker: PlotWorker) -> None:
+    """Hand the evaluation's plots to the worker now: it draws while the metrics are computed."""
+    from histolens.evaluation.evaluation_files import evaluation_plots
+    from histolens.evaluation.metrics import refer_metrics
+
+    out = RunDir(run_dir).evaluation.path
+    out.mkdir(parents=True, exist_ok=True)
+    plot_worker.submit(evaluation_plots(ev, out, refer=refer_metrics(ev)))
 
 
 def _ranked_by_raw_logits(rows: list, raw_logits: np.ndarray) -> list:
@@ -168,8 +181,10 @@ def _write_outputs(
     n_folds: int,
     metrics,
     operating_points: OperatingPoints | None = None,
+    plot_worker: PlotWorker | None = None,
 ) -> None:
-    """Store the estimate and headline in the checkpoint; write the evaluation and the report."""
+    """Store the estimate and headline in the checkpoint; write the evaluation and the report
+    (once ``plot_worker``, given, has drawn the plots)."""
     from histolens.evaluation.estimate import build_estimate
     from histolens.evaluation.evaluate import headline_metrics, write_evaluation
     from histolens.report.build import write_report
@@ -186,5 +201,8 @@ def _write_outputs(
     summary: dict[str, Any] = {"split": metrics.split, **headline_metrics(metrics)}
     update_metadata(run_dir / BEST_CHECKPOINT, estimate=estimate.to_dict(), metrics=summary)
     notes = list(notes) + estimate.warnings
-    write_evaluation(ev, RunDir(run_dir).evaluation.path, logs_dir=None, notes=notes)
+    out = RunDir(run_dir).evaluation.path
+    write_evaluation(ev, out, logs_dir=None, notes=notes, plots=plot_worker is None)
+    if plot_worker is not None:
+        plot_worker.wait()  # the report shows the plots
     write_report(run_dir, evaluation_dir=RunDir(run_dir).evaluation.path)

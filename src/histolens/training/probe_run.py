@@ -30,6 +30,7 @@ from histolens.config import RunConfig
 from histolens.data.records import ImageRecord
 from histolens.data.splits import Split, balanced_class_weights, split_by_patient
 from histolens.errors import DataError
+from histolens.evaluation.plot_worker import PlotWorker
 from histolens.evaluation.referral import Referral, fit_calibration
 from histolens.models.backbones import get_backbone_spec
 from histolens.models.feature_cache import FeatureCache
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
 __all__ = ["train_probe"]
 
 log = logging.getLogger("histolens")
+
+# From this many images a run draws its plots in a worker process started with it
+# (histolens.evaluation.plot_worker): it saves about 1 s at the end of a run; a smaller run
+# takes a few seconds, and a second interpreter importing matplotlib would cost as much.
+PLOT_WORKER_MIN_IMAGES = 200
 
 
 def _group_of(r: ImageRecord) -> str:
@@ -128,35 +134,44 @@ def train_probe(
     notes: list[str] = []
     spec = get_backbone_spec(cfg.model.backbone)
     dataset, records, classes = prepare_records(cfg)
-    if split is None:
-        notes += _audit_notes(records, progress)
-        split = _choose_split(cfg, records, notes)
-    notes = list(dict.fromkeys(notes + split.warnings))
     fabric = fabric if fabric is not None else launch(cfg.train, lightning=False)
     main = fabric.is_global_zero
-    for n in notes if main else ():
-        log.warning(n)
-    frozen = frozen_features(
-        cfg,
-        spec,
-        len(classes),
-        split,
-        run_dir,
-        bank,
-        feature_store,
-        progress,
-        write_outputs,
-        fabric,
-    )
-    split = readable_split(split, frozen.images, notes)
-    if not split.train + split.val:
-        raise DataError("No readable training images.")
-    if not main:  # rank 0 fits the probe on the gathered features and writes the files
-        ckpt = run_dir / BEST_CHECKPOINT
-        return TrainResult(run_dir, ckpt, 0, 0, float("nan"), 0.0, global_rank=fabric.global_rank)
-    cfg = replace(cfg, train=replace(cfg.train, engine=frozen.engine))
-    run = _ProbeRun(cfg, run_dir, frozen, classes, split, dataset)
-    result = _fit_and_write(run, notes, progress, evaluate, write_outputs)
+    worker = None
+    if main and evaluate and write_outputs and len(records) >= PLOT_WORKER_MIN_IMAGES:
+        worker = PlotWorker()  # imports matplotlib while this process works; draws at the end
+    try:
+        if split is None:
+            notes += _audit_notes(records, progress)
+            split = _choose_split(cfg, records, notes)
+        notes = list(dict.fromkeys(notes + split.warnings))
+        for n in notes if main else ():
+            log.warning(n)
+        frozen = frozen_features(
+            cfg,
+            spec,
+            len(classes),
+            split,
+            run_dir,
+            bank,
+            feature_store,
+            progress,
+            write_outputs,
+            fabric,
+        )
+        split = readable_split(split, frozen.images, notes)
+        if not split.train + split.val:
+            raise DataError("No readable training images.")
+        if not main:  # rank 0 fits the probe on the gathered features and writes the files
+            ckpt = run_dir / BEST_CHECKPOINT
+            return TrainResult(
+                run_dir, ckpt, 0, 0, float("nan"), 0.0, global_rank=fabric.global_rank
+            )
+        cfg = replace(cfg, train=replace(cfg.train, engine=frozen.engine))
+        run = _ProbeRun(cfg, run_dir, frozen, classes, split, dataset)
+        result = _fit_and_write(run, notes, progress, evaluate, write_outputs, worker)
+    finally:
+        if worker is not None:
+            worker.close()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -175,7 +190,12 @@ class _ProbeRun:
 
 
 def _fit_and_write(
-    run: _ProbeRun, notes: list[str], progress: bool, evaluate: bool, write_outputs: bool
+    run: _ProbeRun,
+    notes: list[str],
+    progress: bool,
+    evaluate: bool,
+    write_outputs: bool,
+    plot_worker: PlotWorker | None = None,
 ) -> TrainResult:
     """Rank 0's part: write the run's files, fit the probe on the train + val features, score it
     on held-out patients, and write the checkpoint and (with ``evaluate``) the evaluation."""
@@ -221,6 +241,7 @@ def _fit_and_write(
             write_outputs,
             ops,
             frozen.content,
+            plot_worker,
         )
     return result
 
