@@ -230,8 +230,13 @@ class StainNormalizer:
         od = optical_density(pixels, self.io)
         if self.method in MACENKO_METHODS:
             normalised, fitted = self._macenko(od)
-        else:
-            normalised, fitted = self._reinhard(pixels, od)
+            ok &= fitted
+            # Finite where ok by construction (finite mixing and concentrations; exp of a huge
+            # OD overflows to inf, which the clamp turns into 1), and in [0, 1].
+            if not bool(ok.all()):
+                normalised[~ok] = pixels[~ok]
+            return normalised, ok
+        normalised, fitted = self._reinhard(pixels, od)
         ok &= fitted
         # Finite by construction; nan_to_num is the last guard that no NaN ever leaves.
         out = torch.where(ok.view(-1, 1, 1), normalised, pixels).nan_to_num_(0.0, 1.0, 0.0)
@@ -240,12 +245,14 @@ class StainNormalizer:
     def _macenko(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, conc, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
         if self.method == "macenko-h":  # (B, 2, N): haematoxylin first; no eosin
-            conc = torch.cat((conc[:, :1], torch.zeros_like(conc[:, 1:])), dim=1)
+            conc[:, 1:] = 0.0
         ratio = self.max_concentrations.to(od) / max_conc.clamp_min(MIN_MAX_CONCENTRATION)
-        # Rescaling the concentrations to the reference maxima is folded into the stain matrix.
+        # Rescaling the concentrations to the reference maxima is folded into the stain matrix,
+        # and its sign too: I / 255 = exp(-mixing @ conc) * io / 255, written over od.
         mixing = self.stain_matrix.to(od) * ratio.unsqueeze(1)  # (B, 3, 2)
-        out = torch.exp_((mixing @ conc).neg_()).mul_(self.io / 255.0)  # I / 255, unclamped
-        return out.clamp_(max=1.0), ok
+        ok &= torch.isfinite(mixing).flatten(1).all(dim=1)
+        out = torch.bmm(mixing.neg_(), conc, out=od)
+        return out.exp_().mul_(self.io / 255.0).clamp_(0.0, 1.0), ok
 
     def _reinhard(
         self, pixels: torch.Tensor, od: torch.Tensor
