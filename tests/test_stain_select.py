@@ -11,60 +11,72 @@ import torch.nn.functional as F
 
 from histolens.stain import select
 from histolens.stain.normalize import StainNormalizer
-from histolens.stain.select import order_statistic
+from histolens.stain.select import tail_order_statistics
 
 # ------------------------------------------------------------------------------ selection
 
 
-def _by_sort(values, rank, largest, mask):
+def _by_sort(values: torch.Tensor, rank: torch.Tensor, largest: bool) -> torch.Tensor:
+    """The element at ``rank`` of each row's non-NaN values, by a full sort (0.0 if none)."""
     out = []
-    for row, r, m in zip(values, rank.tolist(), mask, strict=True):
-        kept = row[m].sort(descending=largest).values
+    for row, r in zip(values, rank.tolist(), strict=True):
+        kept = row[~row.isnan()].sort(descending=largest).values
         out.append(kept[r] if r < len(kept) else torch.tensor(0.0))
     return torch.stack(out)
 
 
 def _rows(n: int) -> torch.Tensor:
     """Rows of every kind: random, sorted both ways, heavy ties, one value, and a row whose
-    every 16th value (the sample) is the largest, so the sampled threshold lets too few pass
-    and the row must be selected in full."""
+    every 16th value (the sample) is the largest or the smallest, so the sampled thresholds
+    let too few values pass and the row must be selected in full."""
     g = torch.Generator().manual_seed(0)
     rand = torch.rand(n, generator=g)
     ramp = torch.linspace(-3, 3, n)
     ties = torch.randint(0, 5, (n,), generator=g).float()
     spiky = torch.rand(n, generator=g)
-    spiky[:: select.SAMPLE_STRIDE] += 10 + torch.rand(len(spiky[:: select.SAMPLE_STRIDE]))
-    return torch.stack((rand, ramp, ramp.flip(0), ties, torch.full((n,), 0.25), spiky))
+    every = slice(None, None, select.SAMPLE_STRIDE)
+    spiky[every] += 10 + torch.rand(len(spiky[every]), generator=g)
+    dippy = -spiky
+    return torch.stack((rand, ramp, ramp.flip(0), ties, torch.full((n,), 0.25), spiky, dippy))
+
+
+def _check(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+    count = (~values.isnan()).sum(dim=1)
+    got_low, got_high = tail_order_statistics(values, count, low_rank=low, high_rank=high)
+    assert torch.equal(got_low, _by_sort(values, low, largest=False))
+    assert torch.equal(got_high, _by_sort(values, high, largest=True))
+    _, only_high = tail_order_statistics(values, count, high_rank=high)
+    only_low, _ = tail_order_statistics(values, count, low_rank=low)
+    assert torch.equal(only_high, got_high) and torch.equal(only_low, got_low)
+    # The accelerator path (topk on the rows' device), run here on the CPU, agrees exactly.
+    by_topk = select._by_topk(values, count, low, high)
+    assert torch.equal(by_topk[0], got_low) and torch.equal(by_topk[1], got_high)
 
 
 @pytest.mark.parametrize("n", [1000, 50_176])  # under and over select.DIRECT_BELOW
-@pytest.mark.parametrize("largest", [True, False])
-def test_order_statistic_is_the_element_a_full_sort_gives(n, largest):
+def test_tail_order_statistics_are_the_elements_a_full_sort_gives(n):
     values = _rows(n)
     rows = values.shape[0]
     for share in (0.0, 0.01, 0.05, 0.3):
         rank = torch.full((rows,), int(share * (n - 1)))
-        got = order_statistic(values, rank, largest=largest)
-        expected = _by_sort(values, rank, largest, torch.ones_like(values, dtype=torch.bool))
-        assert torch.equal(got, expected)
+        _check(values, rank, rank.flip(0))
 
 
-@pytest.mark.parametrize("largest", [True, False])
-def test_masked_order_statistic_counts_only_the_masked_values(largest):
+def test_nan_values_are_left_out_of_the_ranks():
     n = 50_176
     values = _rows(n)
     g = torch.Generator().manual_seed(1)
-    keep_share = torch.tensor([0.9, 0.5, 0.05, 0.7, 1.0, 0.3]).unsqueeze(1)
-    mask = torch.rand(values.shape, generator=g) < keep_share
-    mask[2, : n // 2] = False  # tissue on one half only: the strided sample sees half as much
-    count = mask.sum(dim=1)
-    rank = torch.round(0.01 * (count - 1).double()).long()
-    got = order_statistic(values, rank, largest=largest, mask=mask)
-    assert torch.equal(got, _by_sort(values, rank, largest, mask))
+    keep_share = torch.tensor([0.9, 0.5, 0.05, 0.7, 1.0, 0.3, 0.6]).unsqueeze(1)
+    drop = torch.rand(values.shape, generator=g) >= keep_share
+    drop[2, : n // 2] = True  # valid values on one half only: the sample sees half as many
+    values[drop] = math.nan
+    count = (~values.isnan()).sum(dim=1)
+    _check(values, torch.round(0.01 * (count - 1).double()).long(), (count - 1) // 100)
     # An empty row (no tissue) gives 0.0, not an error or a NaN.
-    mask[0] = False
-    rank[0] = 0
-    assert order_statistic(values, rank, largest=largest, mask=mask)[0] == 0.0
+    values[0] = math.nan
+    count[0] = 0
+    low, high = tail_order_statistics(values, count, count * 0, count * 0)
+    assert low[0] == 0.0 and high[0] == 0.0
 
 
 # ------------------------------------------------------------------------------ normaliser

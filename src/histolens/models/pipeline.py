@@ -230,9 +230,9 @@ class InputPipeline:
     channels_last: bool = True
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, torch.float32) / 255.0
+        x = images.to(self.device, torch.float32, copy=True).div_(255.0)
         if self.stain is not None:
-            x, _ = self.stain(x)
+            x, _ = self.stain(x, inplace=True)  # x is this call's own tensor
         return x
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
