@@ -9,6 +9,7 @@ per-image ``ok`` flag, never as an exception or a NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,14 @@ __all__ = [
     "chunk_size",
     "enough_tissue",
     "flat_pixels",
+    "image_statistics",
     "lab_stats",
     "lab_to_rgb",
     "macenko_fit",
     "macenko_stains",
     "macenko_unmixing",
     "optical_density",
+    "pixels_optical_density",
     "rgb_to_lab",
     "stain_statistics",
     "tissue_mask",
@@ -138,6 +141,16 @@ def chunk_size(batch: torch.Tensor) -> int:
 def optical_density(pixels: torch.Tensor, io: float) -> torch.Tensor:
     """OD = -log((I*255 + 1) / Io) of (B, 3, N) pixels in [0, 1], as torchstain computes it."""
     return (pixels * 255.0).add_(1.0).mul_(1.0 / io).log_().neg_()
+
+
+def pixels_optical_density(batch: torch.Tensor, io: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, N) optical density of a (B, 3, H, W) batch and (B,) whether it was finite: the
+    values of ``optical_density(*flat_pixels(batch))`` in one buffer instead of two."""
+    pixels = batch.flatten(2).float()
+    finite = torch.isfinite(pixels.sum(dim=(1, 2)))
+    if not bool(finite.all()):
+        pixels = torch.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0)
+    return pixels.clamp(0.0, 1.0).mul_(255.0).add_(1.0).mul_(1.0 / io).log_().neg_(), finite
 
 
 def tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
@@ -309,3 +322,45 @@ def stain_statistics(
         return he, max_conc, ok
     mean, std = lab_stats(rgb_to_lab(pixels))
     return mean, std, enough_tissue(tissue_mask(od, beta)) & (std > MIN_LAB_STD).all(dim=1)
+
+
+def image_statistics(
+    images: Iterable[Any],
+    io: float,
+    alpha: float,
+    beta: float,
+    *,
+    macenko: bool,
+    on_image: Callable[[torch.Tensor], None] | None = None,
+    chunk: int = 1,
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`stain_statistics` of each image (None where it cannot be fitted), in order.
+
+    Images of one size are fitted together, ``chunk`` at a time, while no more than a chunk
+    per size is held as floats. The default, 1, fits each image alone: a batched fit's float
+    sums run in another order (about 1e-5 on the fitted numbers), and a reference fitted
+    one image at a time is the one earlier runs computed. ``on_image`` sees every float
+    (3, H, W) image in order.
+    """
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+
+    def fit(shape: tuple[int, ...]) -> None:
+        indices, chunk = zip(*pending.pop(shape), strict=True)
+        pixels, finite = flat_pixels(torch.stack(chunk))
+        first, second, ok = stain_statistics(pixels, io, alpha, beta, macenko=macenko)
+        for j in (finite & ok).nonzero().flatten().tolist():
+            results[indices[j]] = (first[j], second[j])
+
+    for index, image in enumerate(images):
+        image = as_float_image(image)
+        if on_image is not None:
+            on_image(image)
+        results.append(None)
+        group = pending.setdefault(tuple(image.shape), [])
+        group.append((index, image))
+        if len(group) >= chunk:
+            fit(tuple(image.shape))
+    for shape in list(pending):
+        fit(shape)
+    return results

@@ -29,12 +29,13 @@ from histolens.stain.math import (
     chunk_size,
     enough_tissue,
     flat_pixels,
+    image_statistics,
     lab_stats,
     lab_to_rgb,
     macenko_fit,
     optical_density,
+    pixels_optical_density,
     rgb_to_lab,
-    stain_statistics,
     tissue_mask,
 )
 
@@ -167,20 +168,17 @@ class StainNormalizer:
             DataError: none of the images can be fitted.
         """
         tensors = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
-        firsts, seconds = [], []
         digest = hashlib.sha256()
-        for image in tensors:
-            image = as_float_image(image)
-            _add_to_digest(digest, image)
-            pixels, finite = flat_pixels(image.unsqueeze(0))
-            if not bool(finite[0]):
-                continue
-            first, second, ok = stain_statistics(
-                pixels, self.io, self.alpha, self.beta, macenko=self.method in MACENKO_METHODS
-            )
-            if bool(ok[0]):
-                firsts.append(first[0])
-                seconds.append(second[0])
+        fitted = image_statistics(
+            tensors,
+            self.io,
+            self.alpha,
+            self.beta,
+            macenko=self.method in MACENKO_METHODS,
+            on_image=lambda image: _add_to_digest(digest, image),
+        )
+        firsts = [stats[0] for stats in fitted if stats is not None]
+        seconds = [stats[1] for stats in fitted if stats is not None]
         if not firsts:
             raise DataError(
                 f"None of the {len(tensors)} images has enough tissue to fit {self.method} "
@@ -237,16 +235,10 @@ class StainNormalizer:
     def _normalise(self, batch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Normalise one chunk into ``out`` (B, 3, N; it may be ``batch`` itself) and return
         the (B,) success mask."""
+        if self.method in MACENKO_METHODS:
+            return self._macenko(batch, out)
         pixels, ok = flat_pixels(batch)
         od = optical_density(pixels, self.io)
-        if self.method in MACENKO_METHODS:
-            fitted = self._macenko(od, out)
-            ok &= fitted
-            # Finite where ok by construction (finite mixing and concentrations; exp of a huge
-            # OD overflows to inf, which the clamp turns into 1), and in [0, 1].
-            if not bool(ok.all()):
-                out[~ok] = pixels[~ok]
-            return ok
         normalised, fitted = self._reinhard(pixels, od)
         ok &= fitted
         # Finite by construction; nan_to_num is the last guard that no NaN ever leaves.
@@ -254,9 +246,10 @@ class StainNormalizer:
         out.copy_(normalised.clamp_(0.0, 1.0))
         return ok
 
-    def _macenko(self, od: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _macenko(self, batch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write the normalised chunk into ``out``; return which images were fitted."""
-        _, conc, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
+        od, ok = pixels_optical_density(batch, self.io)
+        _, conc, max_conc, fitted = macenko_fit(od, self.alpha, self.beta)
         del od
         if self.method == "macenko-h":  # (B, 2, N): haematoxylin first; no eosin
             conc[:, 1:] = 0.0
@@ -264,9 +257,16 @@ class StainNormalizer:
         # Rescaling the concentrations to the reference maxima is folded into the stain matrix,
         # and its sign too: I / 255 = exp(-mixing @ conc) * io / 255.
         mixing = self.stain_matrix.to(conc) * ratio.unsqueeze(1)  # (B, 3, 2)
-        ok &= torch.isfinite(mixing).flatten(1).all(dim=1)
+        ok &= fitted & torch.isfinite(mixing).flatten(1).all(dim=1)
+        # Images that fall back are returned as read (clamped); taken before ``out``, which
+        # may be ``batch``, is written.
+        kept = None if bool(ok.all()) else flat_pixels(batch[~ok])[0]
+        # Finite where ok by construction (finite mixing and concentrations; exp of a huge
+        # OD overflows to inf, which the clamp turns into 1), and in [0, 1].
         torch.bmm(mixing.neg_(), conc, out=out)
         out.exp_().mul_(self.io / 255.0).clamp_(0.0, 1.0)
+        if kept is not None:
+            out[~ok] = kept
         return ok
 
     def _reinhard(
@@ -339,4 +339,4 @@ class StainNormalizer:
 def _add_to_digest(digest: Any, image: torch.Tensor) -> None:
     """Feed a float (3, H, W) image's shape and exact values to a hashlib digest."""
     digest.update(repr(tuple(image.shape)).encode())
-    digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(image.detach().cpu().contiguous().numpy())  # its bytes, without a copy

@@ -63,10 +63,16 @@ def tail_order_statistics(
         keep = ~np.isnan(rows)
         limits = [[math.inf] * len(rows), [-math.inf] * len(rows)]
     else:
-        keep = (rows <= limits[0][:, None]) | (rows >= limits[1][:, None])
+        beyond = [
+            rows <= limit[:, None] if side == 0 else rows >= limit[:, None]
+            for side, limit in enumerate(limits)
+            if ranks[side] is not None
+        ]
+        keep = beyond[0] if len(beyond) == 1 else np.logical_or(*beyond, out=beyond[0])
         limits = [limits[0].tolist(), limits[1].tolist()]
-    picked = rows[keep]
-    ends = np.cumsum(np.count_nonzero(keep, axis=1)).tolist()
+    flat = np.flatnonzero(keep)  # row-major: each row's values in turn
+    picked = rows.reshape(-1)[flat]
+    ends = np.searchsorted(flat, np.arange(1, len(rows) + 1) * rows.shape[1]).tolist()
     out = [[0.0] * len(rows), [0.0] * len(rows)]
     for i, end in enumerate(ends):
         segment = picked[ends[i - 1] if i else 0 : end]
