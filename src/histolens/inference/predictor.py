@@ -153,6 +153,7 @@ class Predictor:
         """Resized uint8 batch (B, 3, H, W) -> normalised model input (stain normalised first),
         through the same ``InputPipeline`` that training evaluates with: one preprocessing path."""
         pipeline = InputPipeline(self.preprocess, stain=self.stain, device=self.device)
+        pipeline.channels_last = self.runner is None  # a runtime reads NCHW: no copy each way
         return pipeline.eval_inputs(images_uint8)
 
     def prepare(self, images: Sequence) -> torch.Tensor:

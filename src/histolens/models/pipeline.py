@@ -230,14 +230,20 @@ class InputPipeline:
     channels_last: bool = True
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
-        # In place on the fresh float copy: the same division, one 4-byte-per-pixel batch fewer.
-        x = images.to(self.device, torch.float32).div_(255.0)
+        # A fresh float copy (copy=True: even a float input), divided in place.
+        x = images.to(self.device, torch.float32, copy=True).div_(255.0)
         if self.stain is not None:
-            x, _ = self.stain(x)
+            x, _ = self.stain(x, inplace=True)  # x is this call's own tensor
         return x
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess.normalize(x)
+        # Preprocess.normalize's (x - mean) / std, over x (this pipeline's own tensor): two
+        # batch-sized allocations less, each tens of MB paged in anew once the heap is trimmed.
+        mean, std = (
+            torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            for v in (self.preprocess.mean, self.preprocess.std)
+        )
+        x = x.sub_(mean).div_(std)
         if self.channels_last and x.device.type == "cpu":
             return x.contiguous(memory_format=torch.channels_last)
         return x

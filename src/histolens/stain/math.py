@@ -9,12 +9,14 @@ per-image ``ok`` flag, never as an exception or a NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
 from histolens.errors import DataError
+from histolens.stain.select import tail_order_statistics
 
 # A tile needs at least this many tissue pixels, and this fraction of its pixels, to be fitted.
 __all__ = [
@@ -27,10 +29,14 @@ __all__ = [
     "chunk_size",
     "enough_tissue",
     "flat_pixels",
+    "image_statistics",
     "lab_stats",
     "lab_to_rgb",
     "macenko_fit",
+    "macenko_stains",
+    "macenko_unmixing",
     "optical_density",
+    "pixels_optical_density",
     "rgb_to_lab",
     "stain_statistics",
     "tissue_mask",
@@ -134,12 +140,22 @@ def chunk_size(batch: torch.Tensor) -> int:
 
 def optical_density(pixels: torch.Tensor, io: float) -> torch.Tensor:
     """OD = -log((I*255 + 1) / Io) of (B, 3, N) pixels in [0, 1], as torchstain computes it."""
-    return torch.log((pixels * 255.0 + 1.0) * (1.0 / io)).neg_()
+    return (pixels * 255.0).add_(1.0).mul_(1.0 / io).log_().neg_()
+
+
+def pixels_optical_density(batch: torch.Tensor, io: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, N) optical density of a (B, 3, H, W) batch and (B,) whether it was finite: the
+    values of ``optical_density(*flat_pixels(batch))`` in one buffer instead of two."""
+    pixels = batch.flatten(2).float()
+    finite = torch.isfinite(pixels.sum(dim=(1, 2)))
+    if not bool(finite.all()):
+        pixels = torch.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0)
+    return pixels.clamp(0.0, 1.0).mul_(255.0).add_(1.0).mul_(1.0 / io).log_().neg_(), finite
 
 
 def tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
     """(B, N) pixels whose optical density is at least ``beta`` in every channel."""
-    return (od >= beta).all(dim=1)
+    return od.amin(dim=1) >= beta  # as (od >= beta).all(dim=1), in a sixth of the time
 
 
 def enough_tissue(mask: torch.Tensor) -> torch.Tensor:
@@ -154,20 +170,17 @@ def _masked_percentiles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``q``-th and ``(100 - q)``-th percentiles of ``values[mask]``, q <= 50.
 
-    Uses torchstain's nearest rank, index round(q/100 * (n - 1)). Each row has its own count
-    of valid values, so instead of a full sort (or torch.nanquantile, which also refuses more
-    than 2**24 elements) this takes the few smallest / largest values with one topk each.
+    Uses torchstain's nearest rank, index round(q/100 * (n - 1)), each row with its own count
+    of valid values (exact order statistics: :mod:`histolens.stain.select`). ``values`` is
+    overwritten with NaN outside the mask.
     """
     count = mask.sum(dim=-1)
     last = (count - 1).clamp_min(0).to(torch.float64)
     rank_low = torch.round(0.01 * q * last).long()
     rank_high = torch.round(0.01 * (100 - q) * last).long()
     from_top = (count - 1).clamp_min(0) - rank_high
-    k = min(int(max(rank_low.max(), from_top.max())) + 1, values.shape[-1])
-    lowest = torch.where(mask, values, math.inf).topk(k, dim=-1, largest=False).values
-    highest = torch.where(mask, values, -math.inf).topk(k, dim=-1, largest=True).values
-    low = lowest.gather(-1, rank_low.clamp(max=k - 1).unsqueeze(-1)).squeeze(-1)
-    high = highest.gather(-1, from_top.clamp(max=k - 1).unsqueeze(-1)).squeeze(-1)
+    values = values.masked_fill_(~mask, math.nan)
+    low, high = tail_order_statistics(values, count, low_rank=rank_low, high_rank=from_top)
     return low, high
 
 
@@ -175,7 +188,10 @@ def _upper_percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row ``q``-th percentile (q >= 50) over the last dim, torchstain's nearest rank."""
     n = values.shape[-1]
     from_top = n - 1 - round(0.01 * q * (n - 1))
-    return values.topk(from_top + 1, dim=-1).values[..., from_top]
+    flat = values.reshape(-1, n)
+    count = torch.full((flat.shape[0],), n, dtype=torch.long, device=values.device)
+    _, high = tail_order_statistics(flat, count, high_rank=count.new_full(count.shape, from_top))
+    return high.view(values.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +208,21 @@ def macenko_fit(
     max_conc (B, 2) and ok (B,), False where the fit is degenerate (the other values of such
     an item are then meaningless but finite, so one bad tile cannot break the batch).
     """
+    he, ok, mask = macenko_stains(od, alpha, beta)
+    del mask
+    unmix = macenko_unmixing(he, ok)
+    conc = unmix @ od  # (B, 2, N)
+    max_conc = _upper_percentile(conc, 99)
+    ok &= torch.isfinite(max_conc).all(dim=1) & (max_conc > MIN_MAX_CONCENTRATION).all(dim=1)
+    return he, conc, max_conc, ok
+
+
+def macenko_stains(
+    od: torch.Tensor, alpha: float, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stain vectors of a (B, 3, N) OD batch: he (B, 3, 2), haematoxylin first, finite
+    everywhere; ok (B,), False where the tissue or its stain axes are too few to fit; and the
+    (B, N) tissue mask."""
     batch = od.shape[0]
     mask = tissue_mask(od, beta)
     ok = enough_tissue(mask)
@@ -202,7 +233,7 @@ def macenko_fit(
     mean = (od @ weights.transpose(1, 2)) / n_tissue  # (B, 3, 1)
     centred = (od - mean).mul_(weights)
     cov = centred @ centred.transpose(1, 2) / (n_tissue - 1)
-    del centred
+    del centred, weights
     ok &= torch.isfinite(cov).flatten(1).all(dim=1)
     ok &= cov.diagonal(dim1=1, dim2=2).sum(dim=1) > 1e-8  # a flat tile has no stain axes
     eye3 = torch.eye(3, dtype=od.dtype, device=od.device).expand(batch, 3, 3)
@@ -215,22 +246,27 @@ def macenko_fit(
     phi = torch.atan2(proj[:, 1], proj[:, 0])
     del proj
     phi_min, phi_max = _masked_percentiles(phi, mask, alpha)
+    del phi
     v_min = (eigvecs @ torch.stack((phi_min.cos(), phi_min.sin()), dim=-1).unsqueeze(-1))[..., 0]
     v_max = (eigvecs @ torch.stack((phi_max.cos(), phi_max.sin()), dim=-1).unsqueeze(-1))[..., 0]
     # Macenko's heuristic: the vector with the larger red OD is haematoxylin.
     h_first = (v_min[:, 0] > v_max[:, 0]).view(batch, 1)
     he = torch.stack((torch.where(h_first, v_min, v_max), torch.where(h_first, v_max, v_min)), -1)
+    ok &= torch.isfinite(he).flatten(1).all(dim=1)
+    return torch.where(ok.view(batch, 1, 1), he, eye3[:, :, :2]), ok, mask
 
-    # Least-squares concentrations of every pixel: C = (HE^T HE)^-1 HE^T OD.
+
+def macenko_unmixing(he: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 3) least-squares unmixing (HE^T HE)^-1 HE^T: concentrations C = unmixing @ OD.
+
+    Clears ``ok`` (in place) where the two stain vectors are nearly parallel."""
+    batch = he.shape[0]
     gram = he.transpose(1, 2) @ he
     ok &= torch.isfinite(gram).flatten(1).all(dim=1)
     ok &= torch.linalg.det(gram) > _MIN_STAIN_GRAM_DET
-    eye2 = torch.eye(2, dtype=od.dtype, device=od.device).expand(batch, 2, 2)
+    eye2 = torch.eye(2, dtype=he.dtype, device=he.device).expand(batch, 2, 2)
     gram = torch.where(ok.view(batch, 1, 1), gram, eye2)
-    conc = torch.linalg.solve(gram, he.transpose(1, 2)) @ od  # (B, 2, N)
-    max_conc = _upper_percentile(conc, 99)
-    ok &= torch.isfinite(max_conc).all(dim=1) & (max_conc > MIN_MAX_CONCENTRATION).all(dim=1)
-    return he, conc, max_conc, ok
+    return torch.linalg.solve(gram, he.transpose(1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,3 +322,45 @@ def stain_statistics(
         return he, max_conc, ok
     mean, std = lab_stats(rgb_to_lab(pixels))
     return mean, std, enough_tissue(tissue_mask(od, beta)) & (std > MIN_LAB_STD).all(dim=1)
+
+
+def image_statistics(
+    images: Iterable[Any],
+    io: float,
+    alpha: float,
+    beta: float,
+    *,
+    macenko: bool,
+    on_image: Callable[[torch.Tensor], None] | None = None,
+    chunk: int = 1,
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`stain_statistics` of each image (None where it cannot be fitted), in order.
+
+    Images of one size are fitted together, ``chunk`` at a time, while no more than a chunk
+    per size is held as floats. The default, 1, fits each image alone: a batched fit's float
+    sums run in another order (about 1e-5 on the fitted numbers), and a reference fitted
+    one image at a time is the one earlier runs computed. ``on_image`` sees every float
+    (3, H, W) image in order.
+    """
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+
+    def fit(shape: tuple[int, ...]) -> None:
+        indices, chunk = zip(*pending.pop(shape), strict=True)
+        pixels, finite = flat_pixels(torch.stack(chunk))
+        first, second, ok = stain_statistics(pixels, io, alpha, beta, macenko=macenko)
+        for j in (finite & ok).nonzero().flatten().tolist():
+            results[indices[j]] = (first[j], second[j])
+
+    for index, image in enumerate(images):
+        image = as_float_image(image)
+        if on_image is not None:
+            on_image(image)
+        results.append(None)
+        group = pending.setdefault(tuple(image.shape), [])
+        group.append((index, image))
+        if len(group) >= chunk:
+            fit(tuple(image.shape))
+    for shape in list(pending):
+        fit(shape)
+    return results

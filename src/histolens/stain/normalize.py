@@ -29,12 +29,13 @@ from histolens.stain.math import (
     chunk_size,
     enough_tissue,
     flat_pixels,
+    image_statistics,
     lab_stats,
     lab_to_rgb,
     macenko_fit,
     optical_density,
+    pixels_optical_density,
     rgb_to_lab,
-    stain_statistics,
     tissue_mask,
 )
 
@@ -167,20 +168,17 @@ class StainNormalizer:
             DataError: none of the images can be fitted.
         """
         tensors = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
-        firsts, seconds = [], []
         digest = hashlib.sha256()
-        for image in tensors:
-            image = as_float_image(image)
-            _add_to_digest(digest, image)
-            pixels, finite = flat_pixels(image.unsqueeze(0))
-            if not bool(finite[0]):
-                continue
-            first, second, ok = stain_statistics(
-                pixels, self.io, self.alpha, self.beta, macenko=self.method in MACENKO_METHODS
-            )
-            if bool(ok[0]):
-                firsts.append(first[0])
-                seconds.append(second[0])
+        fitted = image_statistics(
+            tensors,
+            self.io,
+            self.alpha,
+            self.beta,
+            macenko=self.method in MACENKO_METHODS,
+            on_image=lambda image: _add_to_digest(digest, image),
+        )
+        firsts = [stats[0] for stats in fitted if stats is not None]
+        seconds = [stats[1] for stats in fitted if stats is not None]
         if not firsts:
             raise DataError(
                 f"None of the {len(tensors)} images has enough tissue to fit {self.method} "
@@ -196,11 +194,16 @@ class StainNormalizer:
         self.reference_digest = digest.hexdigest()
         return self
 
-    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, batch: torch.Tensor, *, inplace: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise a batch.
 
         Args:
             batch: float (B, 3, H, W) in [0, 1] (uint8 is accepted and scaled).
+            inplace: write the result over ``batch`` when it is a contiguous float32 tensor
+                (one the caller no longer needs) instead of into a new one: a batch-sized
+                allocation less, which for tens of MB is a fresh mapping to page in each time.
 
         Returns:
             ``(normalised, fell_back)``: the batch in [0, 1], same dtype and device, and a bool
@@ -210,42 +213,61 @@ class StainNormalizer:
             raise RuntimeError(
                 f"StainNormalizer({self.method!r}) is not fitted; call fit() or from_dict()."
             )
+        fresh = batch.dtype == torch.uint8  # as_float_batch makes a new float tensor of it
         batch = as_float_batch(batch)
-        size, _, height, width = batch.shape
+        size = batch.shape[0]
         if size == 0:
             return batch.clone(), torch.zeros(0, dtype=torch.bool, device=batch.device)
+        writable = (fresh or inplace) and batch.dtype == torch.float32 and batch.is_contiguous()
+        out = batch if writable else torch.empty_like(batch, dtype=torch.float32)
         step = chunk_size(batch)
-        parts = [self._normalise(batch[i : i + step]) for i in range(0, size, step)]
-        out = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
-        ok = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
-        out = out.view(size, 3, height, width)
+        ok = torch.cat(
+            [
+                self._normalise(batch[i : i + step], out[i : i + step].flatten(2))
+                for i in range(0, size, step)
+            ]
+        )
         fell_back = ~ok
         self.seen += size
         self.fallbacks += int(fell_back.sum())
         return out.to(batch.dtype), fell_back
 
-    def _normalise(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalise one chunk; returns (B, 3, N) pixels and the (B,) success mask."""
+    def _normalise(self, batch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Normalise one chunk into ``out`` (B, 3, N; it may be ``batch`` itself) and return
+        the (B,) success mask."""
+        if self.method in MACENKO_METHODS:
+            return self._macenko(batch, out)
         pixels, ok = flat_pixels(batch)
         od = optical_density(pixels, self.io)
-        if self.method in MACENKO_METHODS:
-            normalised, fitted = self._macenko(od)
-        else:
-            normalised, fitted = self._reinhard(pixels, od)
+        normalised, fitted = self._reinhard(pixels, od)
         ok &= fitted
         # Finite by construction; nan_to_num is the last guard that no NaN ever leaves.
-        out = torch.where(ok.view(-1, 1, 1), normalised, pixels).nan_to_num_(0.0, 1.0, 0.0)
-        return out.clamp_(0.0, 1.0), ok
+        normalised = torch.where(ok.view(-1, 1, 1), normalised, pixels).nan_to_num_(0.0, 1.0, 0.0)
+        out.copy_(normalised.clamp_(0.0, 1.0))
+        return ok
 
-    def _macenko(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, conc, max_conc, ok = macenko_fit(od, self.alpha, self.beta)
+    def _macenko(self, batch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the normalised chunk into ``out``; return which images were fitted."""
+        od, ok = pixels_optical_density(batch, self.io)
+        _, conc, max_conc, fitted = macenko_fit(od, self.alpha, self.beta)
+        del od
         if self.method == "macenko-h":  # (B, 2, N): haematoxylin first; no eosin
-            conc = torch.cat((conc[:, :1], torch.zeros_like(conc[:, 1:])), dim=1)
-        ratio = self.max_concentrations.to(od) / max_conc.clamp_min(MIN_MAX_CONCENTRATION)
-        # Rescaling the concentrations to the reference maxima is folded into the stain matrix.
-        mixing = self.stain_matrix.to(od) * ratio.unsqueeze(1)  # (B, 3, 2)
-        out = torch.exp_((mixing @ conc).neg_()).mul_(self.io / 255.0)  # I / 255, unclamped
-        return out.clamp_(max=1.0), ok
+            conc[:, 1:] = 0.0
+        ratio = self.max_concentrations.to(conc) / max_conc.clamp_min(MIN_MAX_CONCENTRATION)
+        # Rescaling the concentrations to the reference maxima is folded into the stain matrix,
+        # and its sign too: I / 255 = exp(-mixing @ conc) * io / 255.
+        mixing = self.stain_matrix.to(conc) * ratio.unsqueeze(1)  # (B, 3, 2)
+        ok &= fitted & torch.isfinite(mixing).flatten(1).all(dim=1)
+        # Images that fall back are returned as read (clamped); taken before ``out``, which
+        # may be ``batch``, is written.
+        kept = None if bool(ok.all()) else flat_pixels(batch[~ok])[0]
+        # Finite where ok by construction (finite mixing and concentrations; exp of a huge
+        # OD overflows to inf, which the clamp turns into 1), and in [0, 1].
+        torch.bmm(mixing.neg_(), conc, out=out)
+        out.exp_().mul_(self.io / 255.0).clamp_(0.0, 1.0)
+        if kept is not None:
+            out[~ok] = kept
+        return ok
 
     def _reinhard(
         self, pixels: torch.Tensor, od: torch.Tensor
@@ -317,4 +339,4 @@ class StainNormalizer:
 def _add_to_digest(digest: Any, image: torch.Tensor) -> None:
     """Feed a float (3, H, W) image's shape and exact values to a hashlib digest."""
     digest.update(repr(tuple(image.shape)).encode())
-    digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(image.detach().cpu().contiguous().numpy())  # its bytes, without a copy
