@@ -219,11 +219,19 @@ class StainNormalizer:
         if size == 0:
             return batch.clone(), torch.zeros(0, dtype=torch.bool, device=batch.device)
         writable = (fresh or inplace) and batch.dtype == torch.float32 and batch.is_contiguous()
-        out = batch if writable else torch.empty_like(batch, dtype=torch.float32)
+        # A contiguous buffer whatever the batch's layout (empty_like would copy a transposed
+        # one's strides), so each chunk's (B, 3, N) is a view: ``view`` raises, never copies.
+        out = (
+            batch
+            if writable
+            else torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
+        )
         step = chunk_size(batch)
         ok = torch.cat(
             [
-                self._normalise(batch[i : i + step], out[i : i + step].flatten(2))
+                self._normalise(
+                    batch[i : i + step], out[i : i + step].view(-1, 3, out[0, 0].numel())
+                )
                 for i in range(0, size, step)
             ]
         )
