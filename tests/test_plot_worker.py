@@ -68,3 +68,18 @@ def test_a_bundled_app_draws_in_this_process(monkeypatch):
     monkeypatch.setattr("sys.frozen", True, raising=False)
     with PlotWorker() as worker:
         assert not worker.running
+
+
+def test_a_worker_that_never_answers_is_killed_and_the_plots_drawn_here(
+    tmp_path, image_path, monkeypatch
+):
+    # A worker stuck before answering (here: one that only sleeps) must not block the run.
+    monkeypatch.setattr("histolens.evaluation.plot_worker._SERVE", "import time; time.sleep(120)")
+    monkeypatch.setattr("histolens.evaluation.plot_worker._ANSWER_TIMEOUT_S", 1.0)
+    worker = PlotWorker()
+    assert worker.running
+    proc = worker._proc
+    worker.submit(_calls(tmp_path, image_path))
+    worker.wait()
+    assert not worker.running and proc.poll() is not None  # killed, not left behind
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"cm.png", "roc.png", "wrong.png"}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,6 +34,10 @@ log = logging.getLogger("histolens")
 PlotCall = tuple[str, tuple, dict]
 
 _SERVE = "from histolens.evaluation.plot_worker import _serve; _serve()"
+
+# The longest wait for the worker's answer: the six figures take a few seconds; a worker that
+# has not answered in this time is killed and the plots are drawn here.
+_ANSWER_TIMEOUT_S = 600.0
 
 
 def draw_plots(calls: Sequence[PlotCall]) -> None:
@@ -80,7 +86,7 @@ class PlotWorker:
             assert self._proc.stdin is not None
             pickle.dump(self._calls, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self._proc.stdin.flush()
-        except (OSError, pickle.PicklingError, ValueError) as exc:
+        except Exception as exc:  # any failure to hand over: the plots are drawn here
             log.debug("The plot worker did not take the plots (%s).", exc)
             self.close()
 
@@ -93,19 +99,25 @@ class PlotWorker:
         if self._proc is not None:
             try:
                 assert self._proc.stdout is not None
+                ready, _, _ = select.select([self._proc.stdout], [], [], _ANSWER_TIMEOUT_S)
+                if not ready:
+                    raise TimeoutError(f"no answer in {_ANSWER_TIMEOUT_S:.0f} s")
                 answer = pickle.load(self._proc.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as exc:
-                answer = f"the worker ended ({exc or type(exc).__name__})"
+            except Exception as exc:  # ended, hung or garbled: the plots are drawn here
+                answer = f"the worker failed ({exc or type(exc).__name__})"
         if answer is not None:  # the worker failed: the same calls here (and their errors)
             log.debug("Plots drawn in this process: %s.", answer)
-            self.close()
+            self.close(kill=True)
             draw_plots(calls)
 
-    def close(self) -> None:
-        """End the worker (it exits at the end of its input)."""
+    def close(self, kill: bool = False) -> None:
+        """End the worker: it exits at the end of its input, or at once with ``kill`` (one
+        that failed or hung)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if kill:
+            proc.kill()
         try:
             if proc.stdin is not None:
                 proc.stdin.close()
@@ -143,9 +155,23 @@ def _warm_up() -> None:
 
 
 def _serve() -> None:
-    """The worker's loop: import matplotlib now, then draw each list of calls read from stdin."""
+    """The worker's process: quiet on Ctrl-C (the parent handles it) and on any failure (the
+    parent then draws the plots itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve_loop()
+    except Exception:
+        sys.exit(1)
+
+
+def _serve_loop() -> None:
+    """Import matplotlib now, then draw each list of calls read from stdin. The answers go to
+    a private copy of stdout, and stdout itself to stderr, so nothing printed while drawing can
+    corrupt the answer stream."""
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     _warm_up()
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin, stdout = sys.stdin.buffer, answers
     while True:
         try:
             calls = pickle.load(stdin)
