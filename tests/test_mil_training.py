@@ -171,3 +171,16 @@ def test_train_slides_on_two_processes(tmp_path):
     _, meta = load_mil(run)
     assert meta["estimate"]["n_images"] == 20
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+def test_no_finite_validation_loss_is_one_clear_error_not_an_untrained_model():
+    # A NaN feature (an in-memory bag; bag files are checked when read) makes every loss NaN:
+    # EarlyStopping stops at once and no epoch is "best", which must not pass for a fit.
+    from histolens.errors import DataError
+
+    bags = synthetic_bags(40, 2, 30, 8, seed=2)
+    x, y = [b.features.copy() for b in bags], np.array([b.target for b in bags])
+    x[0][0, 0] = np.nan
+    config = MilConfig(hidden=8, attention=4, patience=2, seed=0)
+    with pytest.raises(DataError, match="no finite validation loss"):
+        fit_mil(x, y, config, [b.patient for b in bags], ONE)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from histolens.errors import ConfigError
+from histolens.errors import ConfigError, DataError
 from histolens.training.mil import MilConfig, build_mil_model, feature_standardisation
 from histolens.training.mil_folds import InnerSplit, inner_patient_split
 
@@ -170,6 +170,11 @@ def _lightning_fit(train_bags, train_y, val_bags, val_y, config, processes, echo
                 f"{processes.num_nodes} node(s): {exc}"
             ) from None
         trainer.fit(module)
+    if validate and record.best_state is None:  # EarlyStopping stops at a non-finite loss
+        raise DataError(
+            "MIL training gave no finite validation loss (NaN or inf from the first epoch): "
+            "check the feature bags for NaN or infinite values, or lower the learning rate."
+        )
     if record.best_state is not None:
         model.load_state_dict(record.best_state)
     model.cpu().eval()
