@@ -18,9 +18,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from histolens.stats.metrics import safe_auc
+from histolens.stats.metrics import percentile_interval, resample_key, safe_auc
 
 __all__ = ["PatientBootstrap"]
+
+
+# The resample counts of recent (patients, n_boot, seed): an evaluation's pooled and
+# per-magnification blocks and its estimate bootstrap the same patients with the same seed.
+_COUNTS: dict[tuple, np.ndarray] = {}
+
+
+def _draw_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) draws of each of ``n`` patients, one resample at a time from ``seed``."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, n), dtype=np.int64)
+    for b in range(n_boot):
+        # rng.choice(uniq, n) draws exactly these indices: the same resamples, one at a time.
+        counts[b] = np.bincount(rng.choice(n, size=n, replace=True), minlength=n)
+    counts.flags.writeable = False  # shared by every PatientBootstrap of these patients
+    return counts
 
 
 class PatientBootstrap:
@@ -31,14 +47,17 @@ class PatientBootstrap:
         self, patients: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
     ) -> None:
         self.n_boot, self.alpha = n_boot, alpha
-        uniq, self.inverse = np.unique(np.asarray(patients), return_inverse=True)
-        n = len(uniq)
-        rng = np.random.default_rng(seed)
-        self.counts = np.zeros((n_boot, n), dtype=np.int64)
-        for b in range(n_boot):
-            # rng.choice(uniq, n) draws exactly these indices: the same resamples, one at a time.
-            chosen = rng.choice(n, size=n, replace=True)
-            self.counts[b] = np.bincount(chosen, minlength=n)
+        patients = np.asarray(patients)
+        uniq, self.inverse = np.unique(patients, return_inverse=True)
+        key = resample_key(patients, n_boot, seed)
+        counts = _COUNTS.get(key) if key is not None else None
+        if counts is None:
+            counts = _draw_counts(len(uniq), n_boot, seed)
+            if key is not None:
+                if len(_COUNTS) >= 16:  # a few evaluations' worth
+                    _COUNTS.clear()
+                _COUNTS[key] = counts
+        self.counts = counts
 
     def _per_patient(self, flags: np.ndarray) -> np.ndarray:
         """How many rows of each patient ``flags`` marks (int64)."""
@@ -47,11 +66,7 @@ class PatientBootstrap:
 
     def interval(self, values: np.ndarray) -> tuple[float, float]:
         """The percentile CI of one figure's resample values, as bootstrap_ci takes it."""
-        kept = values[np.isfinite(values)]
-        if len(kept) < max(10, self.n_boot // 10):
-            return float("nan"), float("nan")
-        lo, hi = np.quantile(kept, [self.alpha / 2, 1 - self.alpha / 2])
-        return float(lo), float(hi)
+        return percentile_interval(values, self.n_boot, self.alpha)
 
     def interval_of(self, flags: np.ndarray) -> tuple[float, float]:
         """The CI of the fraction of rows ``flags`` marks (a referral rate, an accuracy)."""

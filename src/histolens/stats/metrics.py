@@ -210,15 +210,28 @@ def bootstrap_ci(
     Images of one patient are correlated; resampling images would give falsely narrow intervals.
     Resamples where the statistic is undefined (NaN, e.g. one class only) are dropped.
     """
-    values = []
-    for idx in _resamples(np.asarray(patients), n_boot, seed):
-        v = statistic(idx)
-        if np.isfinite(v):
-            values.append(v)
-    if len(values) < max(10, n_boot // 10):
+    values = [statistic(idx) for idx in _resamples(np.asarray(patients), n_boot, seed)]
+    return percentile_interval(np.asarray(values, dtype=np.float64), n_boot, alpha)
+
+
+def percentile_interval(
+    values: np.ndarray, n_boot: int, alpha: float = 0.05
+) -> tuple[float, float]:
+    """The percentile CI of a statistic's ``n_boot`` resample values, NaN ones dropped; NaNs
+    when fewer than a tenth of the resamples (or 10) define it."""
+    kept = values[np.isfinite(values)]
+    if len(kept) < max(10, n_boot // 10):
         return float("nan"), float("nan")
-    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    lo, hi = np.quantile(kept, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+def resample_key(patients: np.ndarray, n_boot: int, seed: int) -> tuple | None:
+    """A cache key for the resamples of (patients, n_boot, seed); None for an object array,
+    whose bytes are addresses, not contents."""
+    if patients.dtype.hasobject:
+        return None
+    return (patients.dtype.str, patients.shape, patients.tobytes(), n_boot, seed)
 
 
 def _draw_resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
@@ -240,9 +253,9 @@ _RESAMPLES: dict[tuple, list[np.ndarray]] = {}
 def _resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
     """The row indices of ``n_boot`` resamples of the patients (with replacement), drawn from
     ``default_rng(seed)`` one resample at a time, as every bootstrap here has drawn them."""
-    if patients.dtype.hasobject:  # its bytes are object addresses, no key for the contents
+    key = resample_key(patients, n_boot, seed)
+    if key is None:
         return _draw_resamples(patients, n_boot, seed)
-    key = (patients.dtype.str, patients.shape, patients.tobytes(), n_boot, seed)
     if key in _RESAMPLES:
         return _RESAMPLES[key]
     drawn = _draw_resamples(patients, n_boot, seed)
