@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "launch",
     "lightning_devices",
     "needs_fabric",
+    "lightning_advice_ignored",
     "quiet_lightning",
     "scoped_matmul_precision",
 ]
@@ -98,6 +100,27 @@ def launch(train: TrainConfig, lightning: bool = True) -> Any:
     if fabric.world_size > 1:
         fabric.launch()
     return fabric
+
+
+# Lightning's advice that does not apply to histolens's loops: data in memory or decoded by its
+# own threads (few loader workers), every rank scores the whole validation set (its logged
+# metrics need no reduction), frozen backbones in eval mode, and a pytree deprecation.
+_LIGHTNING_ADVICE = (
+    ".*does not have many workers.*",
+    ".*sync_dist=True.*",
+    ".*module\\(s\\) in eval mode.*",
+    ".*LeafSpec.*",
+)
+
+
+@contextlib.contextmanager
+def lightning_advice_ignored(*extra: str) -> Iterator[None]:
+    """Lightning's warnings that do not apply here (and the ``extra`` message patterns) off,
+    and back after."""
+    with warnings.catch_warnings():
+        for message in (*_LIGHTNING_ADVICE, *extra):
+            warnings.filterwarnings("ignore", message)
+        yield
 
 
 @contextlib.contextmanager

@@ -46,7 +46,11 @@ from histolens.training.data import (
     readable_split,
     write_skipped,
 )
-from histolens.training.distributed import lightning_devices, scoped_matmul_precision
+from histolens.training.distributed import (
+    lightning_advice_ignored,
+    lightning_devices,
+    scoped_matmul_precision,
+)
 from histolens.training.lightning_module import LAST_CHECKPOINT, ClassifierModule
 
 __all__ = ["RunOptions", "train_lightning"]
@@ -323,9 +327,7 @@ def _fit(run: _LightningRun, train_set: Dataset, val_set: Dataset | None, opts: 
     last = run.run_dir / LAST_CHECKPOINT
     # TF32 matmuls for training on GPUs; the features and the stain reference are computed at
     # full precision, as the Predictor computes them.
-    with warnings.catch_warnings(), scoped_matmul_precision("high"):
-        for message in _LIGHTNING_NOISE:
-            warnings.filterwarnings("ignore", message)
+    with lightning_advice_ignored(".*exists and is not empty.*"), scoped_matmul_precision("high"):
         trainer.fit(
             module,
             train_loader,
@@ -334,16 +336,6 @@ def _fit(run: _LightningRun, train_set: Dataset, val_set: Dataset | None, opts: 
             weights_only=False,
         )
     return trainer, export, epoch_log
-
-
-_LIGHTNING_NOISE = (
-    ".*does not have many workers.*",
-    ".*LeafSpec.*",
-    ".*module\\(s\\) in eval mode.*",
-    ".*exists and is not empty.*",
-    # Every rank scores the whole validation set: its metrics are the same on all ranks.
-    ".*sync_dist=True.*",
-)
 
 
 def _finish(run: _LightningRun, trainer, export, epoch_log, opts: RunOptions) -> TrainResult:

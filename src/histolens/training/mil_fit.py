@@ -12,7 +12,6 @@ are kept. Without enough patients it trains a fixed number of epochs and says wh
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,16 +23,6 @@ from histolens.training.mil import MilConfig, build_mil_model, feature_standardi
 from histolens.training.mil_folds import InnerSplit, inner_patient_split
 
 __all__ = ["MilFit", "MilProcesses", "fit_mil"]
-
-# Lightning's advice that does not apply: bags are in memory (no workers), and every rank scores
-# every validation bag (the logged loss needs no reduction).
-_LIGHTNING_NOISE = (
-    ".*does not have many workers.*",
-    ".*sync_dist=True.*",
-    ".*smaller than the logging interval.*",
-    ".*module\\(s\\) in eval mode.*",
-    ".*LeafSpec.*",
-)
 
 
 @dataclass(frozen=True)
@@ -122,16 +111,19 @@ def _lightning_fit(train_bags, train_y, val_bags, val_y, config, processes, echo
     import lightning as L
     import torch
 
-    from histolens.training.distributed import lightning_devices, quiet_lightning
+    from histolens.training.distributed import (
+        lightning_advice_ignored,
+        lightning_devices,
+        quiet_lightning,
+    )
     from histolens.training.mil_lightning import epoch_record, mil_module
 
     validate = len(val_bags) > 0
     epochs = config.max_epochs if validate else config.epochs
     positives = float(train_y.sum())
     pos_weight = (len(train_y) - positives) / positives if 0 < positives < len(train_y) else 1.0
-    with quiet_lightning(), warnings.catch_warnings():
-        for message in _LIGHTNING_NOISE:
-            warnings.filterwarnings("ignore", message)
+    # A few bags per epoch: fewer steps than Lightning's logging interval.
+    with quiet_lightning(), lightning_advice_ignored(".*smaller than the logging interval.*"):
         L.seed_everything(config.seed, verbose=False)
         model = build_mil_model(train_bags[0].shape[1], config)
         mean, std = feature_standardisation(train_bags)
