@@ -1,5 +1,5 @@
 """Whole-slide throughput: ``histolens slide predict`` against the same model on tiles already in
-memory, for torch eager and ONNX Runtime, with peak RSS at two slide sizes.
+memory, for torch eager, ONNX Runtime and OpenVINO, with peak RSS at two slide sizes.
 
 A synthetic pyramidal slide (``histolens.slides.synthetic``, 0.5 um/px, JPEG tiles) is written
 once with at least ``--tiles`` tissue tiles, and a small one with ``--small-tiles``. The model is
@@ -16,8 +16,13 @@ Predictor's rate on tiles already in memory (what ``bench_inference.py`` measure
 spent waiting for tiles, in stain normalisation + normalisation, and in the model, the masking
 time, peak RSS, and tissue area per minute.
 
+``ov-fp32`` is the same ONNX export run by OpenVINO (``HISTOLENS_ONNX_RUNTIME=openvino``), the
+fastest exported runtime for EfficientNet-Lite0 on the CPUs measured (``bench_inference.py``).
+``--threads`` sets the model's threads (both measurements): with fewer threads than cores, the
+reading worker has a core of its own, as it has on a machine with more cores than 2.
+
 Run: .venv/bin/python benchmarks/bench_slide.py [--tiles 20000] [--small-tiles 2000]
-     [--runtimes torch,ort-fp32] [--workers 1] [--quick]
+     [--runtimes torch,ort-fp32,ov-fp32] [--threads 2] [--workers 1] [--quick]
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, setup  # noqa: E402
+from _cpu import cpu_summary  # noqa: E402
 
-THREADS = 2
+# The exported runtimes run the same ONNX file; OpenVINO is chosen as users choose it.
+RUNTIME_ENV = {"ov-fp32": {"HISTOLENS_ONNX_RUNTIME": "openvino"}}
 
 
 def peak_rss_mb() -> float:
@@ -95,7 +102,8 @@ def make_model(folder: Path, backbone: str) -> dict[str, str]:
 
     ckpt = make_checkpoint(folder / "model.safetensors", backbone=backbone)
     unverified_onnx_export(ckpt, folder / "model.onnx")
-    return {"torch": str(ckpt), "ort-fp32": str(folder / "model.onnx")}
+    onnx = str(folder / "model.onnx")
+    return {"torch": str(ckpt), "ort-fp32": onnx, "ov-fp32": onnx}
 
 
 def make_slide(path: Path, tiles: int, tile_px: int, seed: int) -> Path:
@@ -111,7 +119,7 @@ def make_slide(path: Path, tiles: int, tile_px: int, seed: int) -> Path:
 
 def child(args: argparse.Namespace) -> dict:
     """One measurement in this process: 'slide' (the pipeline) or 'memory' (tiles in memory)."""
-    setup(THREADS)
+    setup(args.threads)
     import numpy as np
     import torch
 
@@ -171,7 +179,7 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def run_child(what: str, model: str, slide: str, out: str, opts) -> dict:
+def run_child(what: str, runtime: str, model: str, slide: str, out: str, opts) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -191,8 +199,12 @@ def run_child(what: str, model: str, slide: str, out: str, opts) -> dict:
         str(opts.tile_mpp),
         "--seconds",
         str(opts.seconds),
+        "--threads",
+        str(opts.threads),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "HF_HUB_OFFLINE": "1"}
+    env.pop("HISTOLENS_ONNX_RUNTIME", None)
+    env.update(RUNTIME_ENV.get(runtime, {}))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -204,7 +216,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=20000)
     ap.add_argument("--small-tiles", type=int, default=2000)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--runtimes", default="torch,ort-fp32")
+    ap.add_argument("--runtimes", default="torch,ort-fp32,ov-fp32")
+    ap.add_argument("--threads", type=int, default=2, help="the model's threads")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader processes reading tiles")
     ap.add_argument("--tile-mpp", type=float, default=0.5, help="um/px of the model input")
@@ -221,8 +234,10 @@ def main() -> None:
         return
     if args.quick:
         args.tiles, args.small_tiles, args.seconds = 2000, 500, 5.0
-    setup(THREADS)
+    setup(args.threads)
     from histolens.inference.predictor import Predictor
+
+    print(cpu_summary())
 
     with tempfile.TemporaryDirectory(prefix="bench-slide-") as tmp:
         folder = Path(tmp)
@@ -235,14 +250,18 @@ def main() -> None:
         print(
             f"Slides written in {time.perf_counter() - t0:.0f} s: {big.stat().st_size / 1e6:.0f}"
             f" MB and {small.stat().st_size / 1e6:.0f} MB; {args.backbone} at {input_w} px, "
-            f"{THREADS} threads, batch {args.batch}, {args.workers} reading worker(s)."
+            f"{args.threads} model thread(s), batch {args.batch}, {args.workers} reading worker(s)."
         )
         rows = []
         for runtime in args.runtimes.split(","):
             model = models[runtime]
-            memory = run_child("memory", model, str(big), str(folder / f"m-{runtime}"), args)
+            memory = run_child(
+                "memory", runtime, model, str(big), str(folder / f"m-{runtime}"), args
+            )
             for name, slide in (("large", big), ("small", small)):
-                r = run_child("slide", model, str(slide), str(folder / f"{runtime}-{name}"), args)
+                r = run_child(
+                    "slide", runtime, model, str(slide), str(folder / f"{runtime}-{name}"), args
+                )
                 if "error" in r or "error" in memory:
                     rows.append([runtime, name, r.get("error", memory.get("error"))])
                     continue

@@ -128,3 +128,37 @@ def test_bad_files_get_one_sentence(tmp_path, name, content, message):
         open_slide(tmp_path / "missing.svs")
     with pytest.raises(DataError, match="positive number"):
         open_slide(CMU, mpp=-1.0)
+
+
+@pytest.mark.parametrize(
+    "where, size0",
+    [
+        ((1536, 1536), (224, 224)),  # inside, already the model's size: the array fast path
+        ((4096 - 100, 2000), (224, 224)),  # past the right edge: transparent, composited on white
+        ((1500, 1500), (448, 448)),  # twice the model's size: resized as predict resizes
+        ((1000, 1000), (896, 896)),  # read from level 1 (downsample 4), then resized
+    ],
+)
+def test_tile_loop_reads_the_pixels_predict_would(pyramid, where, size0):
+    """The tile loop's array path gives exactly what Preprocess.resize gives on read_field's
+    image (integer pixels, the same operations: equality, not a tolerance)."""
+    import torch
+
+    from histolens.models.transforms import Preprocess
+    from histolens.slides.tiles import TileDataset
+
+    path, _ = pyramid
+    pre = Preprocess((224, 224), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    data = TileDataset(path, 0.5, np.array([where]), size0, pre)
+    try:
+        tile = data[0]
+    finally:
+        data.close()
+    with open_slide(path) as s:
+        image = s.read_field(*where, *size0, size0[0] / 224)
+        rgb = s.read_field_rgb(*where, *size0, size0[0] / 224)
+    assert tile.dtype == torch.uint8 and tile.shape == (3, 224, 224)
+    assert torch.equal(tile, pre.resize(image))
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb, np.asarray(image))
+    if where[0] + size0[0] > 4096:  # the part outside the slide reads white
+        assert (tile[:, :, -50:] == 255).all()

@@ -101,10 +101,21 @@ class SlideReader(ABC):
     def read_field(self, x: int, y: int, width: int, height: int, scale: float) -> Image.Image:
         """The level-0 field (x, y, width, height), read from the best level for a downsample
         of ``scale`` (the caller resizes it to its own size)."""
+        return self.read_region((x, y), *self._field_level(width, height, scale))
+
+    def read_field_rgb(
+        self, x: int, y: int, width: int, height: int, scale: float
+    ) -> np.ndarray | Image.Image:
+        """:meth:`read_field` for the tile loop: the same pixels, as an (H, W, 3) uint8 array
+        where the backend has them as one (no image object, no copy), else the RGB image."""
+        return self.read_field(x, y, width, height, scale)
+
+    def _field_level(self, width: int, height: int, scale: float) -> tuple[int, tuple[int, int]]:
+        """The level a level-0 field is read from for a downsample of ``scale``, and its size
+        there."""
         level = self.best_level(scale)
         ds = self.level_downsamples[level]
-        size = (max(1, round(width / ds)), max(1, round(height / ds)))
-        return self.read_region((x, y), level, size)
+        return level, (max(1, round(width / ds)), max(1, round(height / ds)))
 
     def thumbnail(self, mpp: float = 8.0) -> Image.Image:
         """The whole slide at about ``mpp`` microns per pixel (never larger than level 0)."""
@@ -135,15 +146,16 @@ class SlideReader(ABC):
         )
 
 
-def _rgba_on_white(img: Image.Image) -> Image.Image:
-    """OpenSlide's RGBA (transparent outside scanned areas) as RGB on white."""
+def _rgba_on_white(img: Image.Image) -> np.ndarray:
+    """OpenSlide's RGBA (transparent outside scanned areas) as RGB on white: an (H, W, 3) uint8
+    array, a view of the RGBA pixels where all are opaque (the common case: no copy)."""
     arr = np.asarray(img)
     alpha = arr[..., 3]
     if alpha.min() == 255:
-        return Image.fromarray(arr[..., :3])
+        return arr[..., :3]
     a = alpha[..., None].astype(np.float32) / 255.0
     rgb = arr[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
-    return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
 class OpenSlideReader(SlideReader):
@@ -196,6 +208,12 @@ class OpenSlideReader(SlideReader):
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> Image.Image:
+        return Image.fromarray(self._read_rgb(location, level, size))
+
+    def read_field_rgb(self, x: int, y: int, width: int, height: int, scale: float) -> np.ndarray:
+        return self._read_rgb((x, y), *self._field_level(width, height, scale))
+
+    def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
 
         try:

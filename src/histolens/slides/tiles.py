@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from histolens.models.transforms import Preprocess
@@ -58,7 +59,14 @@ class TileDataset(Dataset):
         if self._reader is None:
             self._reader = open_slide(self.path, self.mpp)
         x, y = (int(v) for v in self.coords[i])
-        region = self._reader.read_field(x, y, *self.size, self.downsample)
+        region = self._reader.read_field_rgb(x, y, *self.size, self.downsample)
+        if isinstance(region, np.ndarray):
+            h, w = self.preprocess.input_size
+            if region.shape[:2] == (h, w):
+                # Already the model's size: Preprocess.resize would copy it unchanged
+                # (Pillow's resize to the same size is a copy); channels first in one copy.
+                return torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1)))
+            region = Image.fromarray(region)
         return self.preprocess.resize(region)
 
     def __getstate__(self) -> dict:
