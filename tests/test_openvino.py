@@ -90,6 +90,13 @@ def test_openvino_gives_onnx_runtimes_logits_and_features(run, onnx_path):
     torch.testing.assert_close(ov(x), expected_logits, atol=LOGIT_ATOL, rtol=0)
     # Any batch size: one image at a time gives the same logits.
     torch.testing.assert_close(ov(x[:1]), expected_logits[:1], atol=1e-4, rtol=0)
+    # Each image runs in a call of its own (openvino_core.infer_per_image): its outputs are
+    # the same to the bit whatever batch it comes in, and an empty batch gives empty outputs.
+    for i in range(len(x)):
+        assert torch.equal(ov.forward_with_features(x[i : i + 1])[1], features[i : i + 1])
+    assert torch.equal(ov(x[2:5]), logits[2:5])
+    empty_logits, empty_features = ov.forward_with_features(x[:0])
+    assert empty_logits.shape == (0, 1) and empty_features.shape == (0, features.shape[1])
 
 
 def test_one_runner_serves_several_threads(run, onnx_path):

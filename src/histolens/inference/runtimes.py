@@ -33,7 +33,7 @@ from histolens.checkpoint.onnx_file import (
     read_onnx_metadata,
 )
 from histolens.errors import CheckpointError, ConfigError, check_choice
-from histolens.models.openvino_core import openvino_core
+from histolens.models.openvino_core import infer_per_image, openvino_core
 
 if TYPE_CHECKING:
     from histolens.checkpoint.metadata import CheckpointMetadata
@@ -179,9 +179,9 @@ class OpenVinoRunner:
 
     def _run(self, inputs: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         x = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
-        with self._lock:
-            result = self._request.infer({INPUT_NAME: x})  # copies: the request is reused
-            return [torch.from_numpy(result[self._outputs[name]]) for name in names]
+        with self._lock:  # one image per call, copied out: the request is reused
+            outputs = infer_per_image(self._request, x, [self._outputs[n] for n in names])
+        return [torch.from_numpy(a) for a in outputs]
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         return self._run(inputs, ["logits"])[0]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from histolens.errors import check_choice
-from histolens.models.openvino_core import openvino_core
+from histolens.models.openvino_core import infer_per_image, openvino_core
 
 if TYPE_CHECKING:
     from histolens.models.classifier import HistoClassifier
@@ -219,8 +219,8 @@ class ExportedFeatures:
             lock = threading.Lock()
 
             def run(x):
-                with lock:  # one infer request, reused; its result is copied out
-                    return request.infer({0: x})[output].copy()
+                with lock:  # one infer request, reused; one image per call (openvino_core)
+                    return infer_per_image(request, x, [output])[0]
 
             return run
         import onnxruntime as ort
