@@ -136,7 +136,7 @@ def test_bad_files_get_one_sentence(tmp_path, name, content, message):
         ((1536, 1536), (224, 224)),  # inside, already the model's size: the array fast path
         ((4096 - 100, 2000), (224, 224)),  # past the right edge: transparent, composited on white
         ((1500, 1500), (448, 448)),  # twice the model's size: resized as predict resizes
-        ((1000, 1000), (896, 896)),  # read from level 1 (downsample 4), then resized
+        ((1000, 1000), (896, 896)),  # read from level 1 (downsample 4): 224 px, the fast path
     ],
 )
 def test_tile_loop_reads_the_pixels_predict_would(pyramid, where, size0):

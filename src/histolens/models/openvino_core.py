@@ -41,15 +41,15 @@ def openvino_core() -> Any:
 
 def infer_per_image(request: Any, inputs: np.ndarray, outputs: Sequence[Any]) -> list[np.ndarray]:
     """``outputs`` of ``request`` (an OpenVINO infer request, reused) for each image of
-    ``inputs`` (N, ...) run on its own, stacked along the batch again (copies: the request's
-    output buffers are overwritten by its next call)."""
+    ``inputs`` (N, ...) run on its own, stacked along the batch again. ``infer`` returns copies
+    of the request's output buffers (``share_outputs=False``), which its next call overwrites."""
     if len(inputs) == 0:  # OpenVINO would answer an empty batch with a batch of one
         return [np.zeros((0, *_trailing_shape(o)), np.float32) for o in outputs]
     parts: list[list[np.ndarray]] = [[] for _ in outputs]
     for i in range(len(inputs)):
         result = request.infer({0: inputs[i : i + 1]})
         for part, o in zip(parts, outputs, strict=True):
-            part.append(result[o].copy())
+            part.append(result[o])
     return [np.concatenate(p) for p in parts]
 
 
