@@ -162,3 +162,7 @@ def test_tile_loop_reads_the_pixels_predict_would(pyramid, where, size0):
     assert rgb.dtype == np.uint8 and np.array_equal(rgb, np.asarray(image))
     if where[0] + size0[0] > 4096:  # the part outside the slide reads white
         assert (tile[:, :, -50:] == 255).all()
+        # ... and the part inside is the slide's own pixels, as a region wholly inside reads them
+        with open_slide(path) as s:
+            inside = np.asarray(s.read_region((4096 - 224, where[1]), 0, (224, 224)))
+        assert np.array_equal(tile[:, :, :100].permute(1, 2, 0).numpy(), inside[:, 124:])
