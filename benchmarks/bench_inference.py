@@ -50,6 +50,8 @@ OPTIONAL_BACKENDS = ("ov-fp32", "ov-int8")  # OpenVINO, when installed
 
 def openvino_forward(onnx: str):
     """A forward function of OpenVINO's CPU plugin on ``onnx`` (f32, 2 threads)."""
+    from histolens.models.openvino_core import infer_per_image
+
     try:
         import openvino as ov
     except ImportError:
@@ -64,7 +66,8 @@ def openvino_forward(onnx: str):
         },
     )
     request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x.numpy()})
+    # One image per call, as histolens runs OpenVINO (histolens.models.openvino_core).
+    return lambda x: infer_per_image(request, x.numpy(), [compiled.output(0)])
 
 
 def build(backbone: str):
