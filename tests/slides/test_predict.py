@@ -231,3 +231,29 @@ def test_slide_help_loads_no_heavy_library(modules_after_help):
     """`histolens slide predict --help` stays instant: no torch, OpenSlide or HDF5 loaded."""
     loaded, _ = modules_after_help(["slide", "predict", "--help"], ["torch", "openslide", "h5py"])
     assert loaded == []
+
+
+def test_single_threaded_input_scores_the_same_and_restores_the_threads(tiny_checkpoint):
+    """The slide loop computes the model input on one thread while reading workers run; the
+    scores are those of the multi-threaded step (the same operations; reductions in the stain
+    step may sum in another order: float32 rounding, far under 1e-6 of a probability) and
+    PyTorch's thread count is restored afterwards."""
+    import torch
+
+    from histolens.inference.predictor import Predictor
+    from histolens.slides.tiles import _torch_threads, score_batch
+
+    predictor = Predictor.from_checkpoint(tiny_checkpoint)
+    h, w = predictor.preprocess.input_size
+    batch = torch.randint(0, 256, (6, 3, h, w), generator=torch.Generator().manual_seed(0))
+    batch = batch.to(torch.uint8)
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        many = score_batch(predictor, batch)
+        one = score_batch(predictor, batch, single_threaded_input=True)
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(one.probabilities, many.probabilities, atol=1e-6, rtol=0)
+    assert (one.ood == many.ood).all() and (one.refer == many.refer).all()
+    with _torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 
-__all__ = ["MODEL_CHUNK", "TRIM_EVERY", "model_chunk", "release_free_heap"]
+__all__ = ["MODEL_CHUNK", "TRIM_EVERY", "model_chunk", "release_free_heap", "runs_on_cpu"]
 
 MODEL_CHUNK = 8
 TRIM_EVERY = 4
@@ -46,15 +46,19 @@ def release_free_heap() -> bool:
     return True
 
 
-def model_chunk(predictor) -> int | None:
-    """Tiles per forward pass: :data:`MODEL_CHUNK` where the model runs on the CPU, None (the
-    whole batch) on an accelerator, where larger batches pay."""
+def runs_on_cpu(predictor) -> bool:
+    """Whether the predictor's model runs on the CPU (not on a GPU, nor an ONNX Runtime
+    accelerator provider)."""
     runner = getattr(predictor, "runner", None)
     session = getattr(runner, "session", None)
     providers = session.get_providers() if hasattr(session, "get_providers") else []
     if any(p != "CPUExecutionProvider" for p in providers):
-        return None
+        return False
     device = getattr(predictor, "device", None)
-    if device is not None and getattr(device, "type", "cpu") != "cpu":
-        return None
-    return MODEL_CHUNK
+    return device is None or getattr(device, "type", "cpu") == "cpu"
+
+
+def model_chunk(predictor) -> int | None:
+    """Tiles per forward pass: :data:`MODEL_CHUNK` where the model runs on the CPU, None (the
+    whole batch) on an accelerator, where larger batches pay."""
+    return MODEL_CHUNK if runs_on_cpu(predictor) else None

@@ -21,7 +21,7 @@ import numpy as np
 
 from histolens.errors import ConfigError, DataError
 from histolens.slides.cohort import SLIDE_SUFFIXES, find_slides, parse_shard, shard_slides
-from histolens.slides.memory import TRIM_EVERY, release_free_heap
+from histolens.slides.memory import TRIM_EVERY, release_free_heap, runs_on_cpu
 from histolens.slides.operating import tile_operating_point
 from histolens.slides.outputs import (
     SlideOutputs,
@@ -273,6 +273,8 @@ class SlideRun:
             batches = iter(loader)
             bar = self._bar(n, start, outputs.name)
             mag = self.operating_point.magnification
+            # Reading workers share the CPU with a CPU model: its input step on one thread.
+            one_thread = bool(workers) and runs_on_cpu(self.predictor)
             try:
                 with PartialScores(partial, self.score_index, save_features) as stored:
                     batches_done = 0
@@ -283,7 +285,7 @@ class SlideRun:
                         if batch is None:
                             break
                         with torch.inference_mode():
-                            scores = score_batch(self.predictor, batch, self.times, mag)
+                            scores = score_batch(self.predictor, batch, self.times, mag, one_thread)
                             b = stored.write(scores)
                         if bar is not None:
                             bar.update(b)
