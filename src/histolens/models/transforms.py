@@ -55,9 +55,15 @@ class Preprocess:
             d.get("interpolation", "bicubic"),
         )
 
-    def resize(self, img: Image.Image) -> torch.Tensor:
-        """PIL RGB image -> uint8 tensor (3, H, W) at the model's input size."""
+    def resize(self, img: Image.Image | np.ndarray) -> torch.Tensor:
+        """PIL image, or (H, W, 3) uint8 RGB array -> uint8 tensor (3, H, W) at the model's input
+        size. An array already at that size only changes layout (Pillow's resize to the same size
+        is a copy): one copy, no image object."""
         h, w = self.input_size
+        if isinstance(img, np.ndarray):
+            if img.shape[:2] == (h, w):
+                return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+            img = Image.fromarray(img)
         resample = _PIL_INTERPOLATION.get(self.interpolation, Image.Resampling.BICUBIC)
         # Reduce huge images cheaply first; the final resample keeps the requested filter.
         if img.width > 4 * w and img.height > 4 * h:

@@ -103,12 +103,11 @@ class SlideReader(ABC):
         of ``scale`` (the caller resizes it to its own size)."""
         return self.read_region((x, y), *self._field_level(width, height, scale))
 
-    def read_field_rgb(
-        self, x: int, y: int, width: int, height: int, scale: float
-    ) -> np.ndarray | Image.Image:
-        """:meth:`read_field` for the tile loop: the same pixels, as an (H, W, 3) uint8 array
-        where the backend has them as one (no image object, no copy), else the RGB image."""
-        return self.read_field(x, y, width, height, scale)
+    def read_field_rgb(self, x: int, y: int, width: int, height: int, scale: float) -> np.ndarray:
+        """:meth:`read_field`'s pixels as an (H, W, 3) uint8 array, for the tile loop (a backend
+        that has them as one returns it without an image object)."""
+        img = self.read_field(x, y, width, height, scale)
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
     def _field_level(self, width: int, height: int, scale: float) -> tuple[int, tuple[int, int]]:
         """The level a level-0 field is read from for a downsample of ``scale``, and its size
