@@ -20,9 +20,11 @@ time, peak RSS, and tissue area per minute.
 fastest exported runtime for EfficientNet-Lite0 on the CPUs measured (``bench_inference.py``).
 ``--threads`` sets the model's threads (both measurements): with fewer threads than cores, the
 reading worker has a core of its own, as it has on a machine with more cores than 2.
+``--repeat N`` runs N rounds (each runtime's in-memory rate and both slides, the runtimes taking
+turns) and prints each ratio's median: on a shared host one round's ratio can move by 0.15.
 
 Run: .venv/bin/python benchmarks/bench_slide.py [--tiles 20000] [--small-tiles 2000]
-     [--runtimes torch,ort-fp32,ov-fp32] [--threads 2] [--workers 1] [--quick]
+     [--runtimes torch,ort-fp32,ov-fp32] [--threads 2] [--workers 1] [--repeat 1] [--quick]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,6 +226,12 @@ def main() -> None:
     ap.add_argument("--tile-mpp", type=float, default=0.5, help="um/px of the model input")
     ap.add_argument("--seconds", type=float, default=20.0, help="of the in-memory timing")
     ap.add_argument("--quick", action="store_true", help="2,000 and 500 tiles: a smoke run")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of (in memory, large, small) per runtime; the median ratio is printed",
+    )
     ap.add_argument("--child", default=None)
     ap.add_argument("--model", default="")
     ap.add_argument("--slide", default="")
@@ -252,19 +261,22 @@ def main() -> None:
             f" MB and {small.stat().st_size / 1e6:.0f} MB; {args.backbone} at {input_w} px, "
             f"{args.threads} model thread(s), batch {args.batch}, {args.workers} reading worker(s)."
         )
-        rows = []
-        for runtime in args.runtimes.split(","):
+        rows, ratios = [], {}
+        rounds = [(runtime, i) for i in range(args.repeat) for runtime in args.runtimes.split(",")]
+        for runtime, i in rounds:
             model = models[runtime]
             memory = run_child(
-                "memory", runtime, model, str(big), str(folder / f"m-{runtime}"), args
+                "memory", runtime, model, str(big), str(folder / f"m-{runtime}-{i}"), args
             )
             for name, slide in (("large", big), ("small", small)):
                 r = run_child(
-                    "slide", runtime, model, str(slide), str(folder / f"{runtime}-{name}"), args
+                    "slide", runtime, model, str(slide), str(folder / f"{runtime}-{name}-{i}"), args
                 )
                 if "error" in r or "error" in memory:
                     rows.append([runtime, name, r.get("error", memory.get("error"))])
                     continue
+                ratio = r["tiles_per_s"] / memory["tiles_per_s"]
+                ratios.setdefault((runtime, name), []).append(ratio)
                 rows.append(
                     [
                         runtime,
@@ -272,7 +284,7 @@ def main() -> None:
                         r["tiles"],
                         r["tiles_per_s"],
                         memory["tiles_per_s"],
-                        r["tiles_per_s"] / memory["tiles_per_s"],
+                        ratio,
                         r["reading_share"],
                         r["stain_share"],
                         r["inference_share"],
@@ -305,6 +317,11 @@ def main() -> None:
         ]
         width = len(headers)
         print_table(headers, [r + [""] * (width - len(r)) for r in rows])
+        if args.repeat > 1:
+            # Rounds alternate the runtimes, so a slow spell of a shared host falls on each.
+            for (runtime, name), values in ratios.items():
+                listed = ", ".join(f"{v:.3f}" for v in values)
+                print(f"{runtime} {name}: median ratio {statistics.median(values):.3f} ({listed})")
 
 
 if __name__ == "__main__":
