@@ -24,11 +24,14 @@ __all__ = [
     "OpenSlideReader",
     "PillowReader",
     "SlideReader",
+    "TIFF_TILES_ENV",
     "mpp_from_objective",
     "open_slide",
 ]
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# Set to 0 to read every region through OpenSlide (histolens.slides.tiff_tiles is then unused).
+TIFF_TILES_ENV = "HISTOLENS_TIFF_TILES"
 # Where a slide stores an objective power but no pixel size: um/px = 10 / power (20x -> 0.5,
 # 40x -> 0.25), the convention of Aperio scanners and TIAToolbox's ``objective_power2mpp``.
 OBJECTIVE_MPP_RULE = "10 / objective power"
@@ -195,6 +198,14 @@ class OpenSlideReader(SlideReader):
         else:
             self._slide.close()
             raise _ask_for_mpp(path, "records neither microns per pixel nor objective power")
+        # Tiled JPEG TIFFs (SVS, generic) are read from their decoded tiles where that gives
+        # OpenSlide's pixels (histolens.slides.tiff_tiles); OpenSlide reads everything else.
+        self._tiles = None
+        if os.environ.get(TIFF_TILES_ENV, "1").strip() != "0":
+            from histolens.slides.tiff_tiles import TiffTiles
+
+            vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
+            self._tiles = TiffTiles.open(path, vendor, self.level_dimensions, self._agrees)
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -213,6 +224,16 @@ class OpenSlideReader(SlideReader):
         return self._read_rgb((x, y), *self._field_level(width, height, scale))
 
     def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if self._tiles is not None:
+            ds = self.level_downsamples[level]
+            region = self._tiles.read(location, level, size, ds)
+            if region is not None:
+                return region
+        return self._read_openslide(location, level, size)
+
+    def _read_openslide(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         import openslide
 
         try:
@@ -223,6 +244,27 @@ class OpenSlideReader(SlideReader):
             raise DataError(f"{self.path} cannot be read at {location} (corrupt: {exc}).") from None
         return _rgba_on_white(region)
 
+    def _agrees(self, tiles) -> bool:
+        """Whether ``tiles`` reads what OpenSlide reads: a region across tile borders in the
+        middle of level 0, and the corner of the smallest level, equal to the last bit."""
+        (w, h), last = self.dimensions, self.level_count - 1
+        side = (min(256, w), min(256, h))
+        middle = (max(0, w // 2 - 128), max(0, h // 2 - 128))
+        lw, lh = self.level_dimensions[last]
+        probes = [(middle, 0, side), ((0, 0), last, (min(256, lw), min(256, lh)))]
+        for location, level, size in probes:
+            mine = tiles.read(location, level, size, self.level_downsamples[level])
+            if mine is None or not np.array_equal(
+                mine, self._read_openslide(location, level, size)
+            ):
+                return False
+        return True
+
+    @property
+    def reads_tiles(self) -> bool:
+        """Whether level-aligned regions come from decoded TIFF tiles rather than OpenSlide."""
+        return self._tiles is not None
+
     def _thumbnail(self, size: tuple[int, int]) -> Image.Image:
         w, h = self.dimensions
         level = self.best_level(min(w / size[0], h / size[1]))
@@ -230,6 +272,9 @@ class OpenSlideReader(SlideReader):
         return region.resize(size, Image.Resampling.BOX)
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
+            self._tiles = None
         self._slide.close()
 
 
