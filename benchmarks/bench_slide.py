@@ -20,11 +20,14 @@ time, peak RSS, and tissue area per minute.
 fastest exported runtime for EfficientNet-Lite0 on the CPUs measured (``bench_inference.py``).
 ``--threads`` sets the model's threads (both measurements): with fewer threads than cores, the
 reading worker has a core of its own, as it has on a machine with more cores than 2.
-``--repeat N`` runs N rounds (each runtime's in-memory rate and both slides, the runtimes taking
+``--reading both`` also runs each slide with every region read through OpenSlide
+(``HISTOLENS_TIFF_TILES=0``) beside histolens's reader of decoded TIFF tiles, side by side in
+each round. ``--repeat N`` runs N rounds (each runtime's in-memory rate and both slides, the runtimes taking
 turns) and prints each ratio's median: on a shared host one round's ratio can move by 0.15.
 
 Run: .venv/bin/python benchmarks/bench_slide.py [--tiles 20000] [--small-tiles 2000]
-     [--runtimes torch,ort-fp32,ov-fp32] [--threads 2] [--workers 1] [--repeat 1] [--quick]
+     [--runtimes torch,ort-fp32,ov-fp32] [--threads 2] [--workers 1] [--repeat 1]
+     [--reading tiles|openslide|both] [--quick]
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, setup  # noqa: E402
 from _cpu import cpu_summary  # noqa: E402
+
+from histolens.slides.reader import TIFF_TILES_ENV  # noqa: E402
 
 # The exported runtimes run the same ONNX file; OpenVINO is chosen as users choose it.
 RUNTIME_ENV = {"ov-fp32": {"HISTOLENS_ONNX_RUNTIME": "openvino"}}
@@ -182,7 +187,9 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def run_child(what: str, runtime: str, model: str, slide: str, out: str, opts) -> dict:
+def run_child(
+    what: str, runtime: str, model: str, slide: str, out: str, opts, env_extra: dict | None = None
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -208,6 +215,7 @@ def run_child(what: str, runtime: str, model: str, slide: str, out: str, opts) -
     env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "HF_HUB_OFFLINE": "1"}
     env.pop("HISTOLENS_ONNX_RUNTIME", None)
     env.update(RUNTIME_ENV.get(runtime, {}))
+    env.update(env_extra or {})
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -225,6 +233,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="DataLoader processes reading tiles")
     ap.add_argument("--tile-mpp", type=float, default=0.5, help="um/px of the model input")
     ap.add_argument("--seconds", type=float, default=20.0, help="of the in-memory timing")
+    ap.add_argument(
+        "--reading",
+        default="tiles",
+        help="tiles (histolens's reader), openslide (every region through OpenSlide), or both",
+    )
     ap.add_argument("--quick", action="store_true", help="2,000 and 500 tiles: a smoke run")
     ap.add_argument(
         "--repeat",
@@ -237,6 +250,8 @@ def main() -> None:
     ap.add_argument("--slide", default="")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.reading == "both":
+        args.reading = "tiles,openslide"
     if args.child:
         args.what = args.child
         print(json.dumps(child(args)))
@@ -262,24 +277,27 @@ def main() -> None:
             f"{args.threads} model thread(s), batch {args.batch}, {args.workers} reading worker(s)."
         )
         rows, ratios = [], {}
+        readings = args.reading.split(",")
         rounds = [(runtime, i) for i in range(args.repeat) for runtime in args.runtimes.split(",")]
         for runtime, i in rounds:
             model = models[runtime]
             memory = run_child(
                 "memory", runtime, model, str(big), str(folder / f"m-{runtime}-{i}"), args
             )
-            for name, slide in (("large", big), ("small", small)):
-                r = run_child(
-                    "slide", runtime, model, str(slide), str(folder / f"{runtime}-{name}-{i}"), args
-                )
+            cases = [(m, n, sl) for m in readings for n, sl in (("large", big), ("small", small))]
+            for reading, name, slide in cases:
+                label = runtime if reading == "tiles" else f"{runtime} (openslide)"
+                out = folder / f"{runtime}-{reading}-{name}-{i}"
+                env = {TIFF_TILES_ENV: "1" if reading == "tiles" else "0"}
+                r = run_child("slide", runtime, model, str(slide), str(out), args, env)
                 if "error" in r or "error" in memory:
-                    rows.append([runtime, name, r.get("error", memory.get("error"))])
+                    rows.append([label, name, r.get("error", memory.get("error"))])
                     continue
                 ratio = r["tiles_per_s"] / memory["tiles_per_s"]
-                ratios.setdefault((runtime, name), []).append(ratio)
+                ratios.setdefault((label, name), []).append(ratio)
                 rows.append(
                     [
-                        runtime,
+                        label,
                         name,
                         r["tiles"],
                         r["tiles_per_s"],

@@ -7,13 +7,16 @@ compressions, a decoder that differs) the reader must use OpenSlide.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
+from histolens.errors import DataError
 from histolens.slides import tiff_tiles
 from histolens.slides.reader import TIFF_TILES_ENV, open_slide
 from histolens.slides.tiff_tiles import TiffTiles
@@ -45,20 +48,85 @@ def _regions(reader, n: int, seed: int):
         yield (x, y), level, (int(rng.integers(1, 520)), int(rng.integers(1, 520)))
 
 
-@pytest.mark.parametrize("which", ["generic TIFF pyramid", "synthetic SVS", "CMU SVS (real)"])
-def test_tiles_read_exactly_what_openslide_reads(which, pyramid, aperio_svs):
-    path = {"generic TIFF pyramid": pyramid[0], "synthetic SVS": aperio_svs, "CMU SVS (real)": CMU}
+@pytest.fixture(scope="module")
+def svs_with_thumbnail(tmp_path_factory):
+    """An Aperio layout as scanners write it: level 0, a stripped thumbnail page, then a tiled
+    level 1 (OpenSlide's levels are the tiled pages only)."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    level0 = np.asarray(Image.fromarray(base).resize((1280, 1024), Image.Resampling.BICUBIC))
+    level1 = np.asarray(Image.fromarray(level0).resize((320, 256), Image.Resampling.BOX))
+    thumb = np.asarray(Image.fromarray(level0).resize((160, 128), Image.Resampling.BOX))
+    desc = (
+        "Aperio Image Library v12.0.15 \r\n1280x1024 (256x256) JPEG/RGB Q=70|AppMag = 20|MPP = 0.5"
+    )
+    path = tmp_path_factory.mktemp("svs-thumb") / "t.svs"
+    with tifffile.TiffWriter(path) as tw:
+        kw = {"compression": "jpeg", "photometric": "rgb", "metadata": None}
+        tw.write(level0, tile=(256, 256), description=desc, **kw)
+        tw.write(thumb, **kw)
+        tw.write(level1, tile=(256, 256), **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def odd_pyramid(tmp_path_factory, bank):
+    """A generic pyramid of odd size: its reduced levels' downsamples are not whole numbers."""
+    from histolens.slides.synthetic import make_synthetic_slide, write_pyramid_tiff
+
+    slide = make_synthetic_slide(2049, 1537, 0.5, n_lesions=1, seed=4, bank=bank)
+    return write_pyramid_tiff(slide, tmp_path_factory.mktemp("odd") / "odd.tiff", levels=3)
+
+
+SLIDES = ["generic TIFF pyramid", "synthetic SVS", "CMU SVS (real)", "SVS with a thumbnail page"]
+
+
+@pytest.mark.parametrize("which", SLIDES)
+def test_tiles_read_exactly_what_openslide_reads(which, pyramid, aperio_svs, svs_with_thumbnail):
+    path = dict(zip(SLIDES, [pyramid[0], aperio_svs, CMU, svs_with_thumbnail], strict=True))
     with open_slide(path[which]) as s:
         assert s.reads_tiles
+        if which == "SVS with a thumbnail page":
+            assert s.level_dimensions == ((1280, 1024), (320, 256))
         served = 0
         for location, level, size in _regions(s, 160, seed=len(which)):
-            direct = s._tiles.read(location, level, size, s.level_downsamples[level])
+            direct = s._tiles.read(location, level, size)
             served += direct is not None
             expected = s._read_openslide(location, level, size)
             got = s._read_rgb(location, level, size)
             assert got.shape == (size[1], size[0], 3) and got.dtype == np.uint8
             assert np.array_equal(got, expected), (location, level, size)
         assert served >= 80  # the level-aligned half at least came from the tiles
+
+
+def test_levels_off_a_whole_downsample_are_left_to_openslide(odd_pyramid):
+    with open_slide(odd_pyramid) as s:
+        assert s.reads_tiles and s.level_downsamples[1] != round(s.level_downsamples[1])
+        assert s._tiles.read((0, 0), 1, (64, 64)) is None  # level 1: OpenSlide's
+        assert s._tiles.read((512, 512), 0, (64, 64)) is not None  # level 0: the tiles'
+        for location, level, size in _regions(s, 120, seed=11):
+            expected = s._read_openslide(location, level, size)
+            assert np.array_equal(s._read_rgb(location, level, size), expected)
+
+
+def test_a_tile_that_does_not_decode_is_reported_by_openslide(tmp_path, pyramid):
+    broken = tmp_path / "broken.tiff"
+    shutil.copyfile(pyramid[0], broken)
+    with tifffile.TiffFile(broken) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        index = 1 * across + 1  # level-0 pixels (256-511, 256-511): far from the probe
+        offset = page.dataoffsets[index]
+    with open(broken, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * 16)  # no JPEG start: neither decoder can read it
+    with open_slide(broken) as s:
+        assert s.reads_tiles
+        good = s._read_openslide((2048, 2048), 0, (64, 64))
+        assert np.array_equal(s._read_rgb((2048, 2048), 0, (64, 64)), good)
+        # (OpenSlide refuses every read after its first error, so that one comes last.)
+        with pytest.raises(DataError, match="cannot be read at"):
+            s.read_region((300, 300), 0, (64, 64))
 
 
 def test_the_tile_cache_stays_within_its_bound(pyramid, monkeypatch):

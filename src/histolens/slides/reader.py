@@ -12,11 +12,15 @@ import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from histolens.errors import DataError, ImageLoadError
+
+if TYPE_CHECKING:
+    from histolens.slides.tiff_tiles import TiffTiles
 
 __all__ = [
     "OBJECTIVE_MPP_RULE",
@@ -204,8 +208,13 @@ class OpenSlideReader(SlideReader):
         if os.environ.get(TIFF_TILES_ENV, "1").strip() != "0":
             from histolens.slides.tiff_tiles import TiffTiles
 
-            vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
-            self._tiles = TiffTiles.open(path, vendor, self.level_dimensions, self._agrees)
+            self._tiles = TiffTiles.open(
+                path,
+                props.get(openslide.PROPERTY_NAME_VENDOR),
+                self.level_dimensions,
+                self.level_downsamples,
+                self._agrees,
+            )
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -225,8 +234,7 @@ class OpenSlideReader(SlideReader):
 
     def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         if self._tiles is not None:
-            ds = self.level_downsamples[level]
-            region = self._tiles.read(location, level, size, ds)
+            region = self._tiles.read(location, level, size)
             if region is not None:
                 return region
         return self._read_openslide(location, level, size)
@@ -244,16 +252,11 @@ class OpenSlideReader(SlideReader):
             raise DataError(f"{self.path} cannot be read at {location} (corrupt: {exc}).") from None
         return _rgba_on_white(region)
 
-    def _agrees(self, tiles) -> bool:
-        """Whether ``tiles`` reads what OpenSlide reads: a region across tile borders in the
-        middle of level 0, and the corner of the smallest level, equal to the last bit."""
-        (w, h), last = self.dimensions, self.level_count - 1
-        side = (min(256, w), min(256, h))
-        middle = (max(0, w // 2 - 128), max(0, h // 2 - 128))
-        lw, lh = self.level_dimensions[last]
-        probes = [(middle, 0, side), ((0, 0), last, (min(256, lw), min(256, lh)))]
+    def _agrees(self, tiles: TiffTiles, probes: list) -> bool:
+        """Whether ``tiles`` reads each probe region (location, level, size) exactly as
+        OpenSlide does."""
         for location, level, size in probes:
-            mine = tiles.read(location, level, size, self.level_downsamples[level])
+            mine = tiles.read(location, level, size)
             if mine is None or not np.array_equal(
                 mine, self._read_openslide(location, level, size)
             ):

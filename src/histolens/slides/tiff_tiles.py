@@ -1,17 +1,22 @@
 """Regions of a tiled JPEG TIFF pyramid (Aperio SVS, generic tiled TIFF) read straight from its
-tiles: each tile is decoded once (tifffile + imagecodecs, the libjpeg-turbo OpenSlide uses too)
-and kept in a small cache, and a region is cut from the decoded tiles by array copies.
+tiles: each tile is decoded once (imagecodecs' libjpeg-turbo, the colour space set from the TIFF
+tags as OpenSlide sets it) and kept in a small cache, and a region is cut from decoded tiles by
+array copies.
 
 Why: OpenSlide composites every region through cairo, about 0.55-0.8 ms of CPU for a 224-pixel
 tile even when its tiles are in OpenSlide's cache (``benchmarks/results/bench_slide.txt``); on a
-2-core machine that is CPU the model does not get. The slide pipeline's reading workers read
-level-aligned regions of exactly these files, so :class:`TiffTiles` serves them and leaves
-everything else (other vendors and compressions, regions at fractional level coordinates,
-thumbnails) to OpenSlide.
+2-core machine that is CPU the model does not get. The slide pipeline's reading workers, the
+thumbnail and the viewers read regions on whole pixels of a level, which :class:`TiffTiles`
+serves; everything else stays with OpenSlide.
 
-Only what is checked is served: every OpenSlide level must be a tiled 8-bit RGB/YCbCr JPEG page of
-the same size, and a region read both ways when the file is opened must agree to the last bit,
-or :meth:`TiffTiles.open` returns None and OpenSlide reads everything.
+Only what is checked is served. The levels must be the pages OpenSlide takes as levels, in its
+order (Aperio: every tiled page; generic TIFF: page 0 and the reduced-resolution tiled pages,
+widest first), each a tiled 8-bit RGB or YCbCr JPEG page of OpenSlide's size with every tile
+stored (OpenSlide fills a missing Aperio tile from the level above; a missing generic TIFF tile is
+an error), a level's downsample a whole number, and a probe in the middle of every level read
+both ways when the file is opened equal to the bit; otherwise :meth:`TiffTiles.open` returns None
+and OpenSlide reads everything. A tile that fails to decode later leaves its region to OpenSlide,
+which reports a corrupt file in its own words.
 """
 
 from __future__ import annotations
@@ -19,37 +24,53 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["CACHE_BYTES", "TiffTiles"]
 
-# Vendors whose levels are plain tiled TIFF pages in OpenSlide's own order (OpenSlide's
-# "openslide.vendor" property); Philips, Ventana, NDPI and the rest keep OpenSlide.
+# OpenSlide's "openslide.vendor" values whose levels are plain tiled TIFF pages; Philips, Ventana,
+# NDPI and the others keep OpenSlide.
 VENDORS = ("aperio", "generic-tiff")
-# Decoded tiles kept per reader: a row of 256-pixel tiles across a 100,000-pixel-wide slide is
-# 77 MB, so a row-by-row scan decodes a tile about once; each reading worker holds its own.
+# Decoded tiles kept per reader (each reading worker holds its own). A tissue row of 224-pixel
+# tiles spans two rows of 256-pixel TIFF tiles; where those need more than this (tissue wider
+# than about 40,000 pixels), a row-by-row scan decodes a tile up to twice, which still costs less
+# than OpenSlide's compositing.
 CACHE_BYTES = 64 << 20
 WHITE = 255
+# libjpeg's colour spaces (J_COLOR_SPACE), chosen from the page's photometric tag as OpenSlide
+# does, never guessed from the JPEG's own markers.
+_JCS_RGB, _JCS_YCBCR = 2, 3
+
+Region = tuple[tuple[int, int], int, tuple[int, int]]
 
 
 class TiffTiles:
     """Decoded-tile access to the levels of one tiled JPEG TIFF, in OpenSlide's level order."""
 
-    def __init__(self, path: Path, tiff, pages: list) -> None:
-        self.path = path
+    def __init__(self, tiff, pages: Sequence, downsamples: Sequence[float]) -> None:
         self._tiff = tiff
-        self._pages = pages
+        self._pages = list(pages)
+        self._downsamples = [int(round(d)) if _whole(d) else None for d in downsamples]
+        self._colorspaces = [_colorspace(p) for p in self._pages]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
-        self._lock = threading.Lock()  # one file handle and one cache; GUI threads share them
+        self._lock = threading.Lock()  # the file handle and the cache; viewer threads share them
 
     @classmethod
-    def open(cls, path: Path, vendor: str | None, level_dimensions, check) -> TiffTiles | None:
-        """The tiles of ``path`` if every level (``level_dimensions``, OpenSlide's) is a tiled
-        JPEG page this class decodes and ``check(tiles)`` (a comparison with OpenSlide) passes;
-        None otherwise."""
+    def open(
+        cls,
+        path: Path,
+        vendor: str | None,
+        level_dimensions: Sequence[tuple[int, int]],
+        level_downsamples: Sequence[float],
+        agrees: Callable[[TiffTiles, list[Region]], bool],
+    ) -> TiffTiles | None:
+        """The tiles of ``path`` if its levels (OpenSlide's dimensions and downsamples) are
+        pages this class decodes and ``agrees(tiles, probes)`` (a comparison with OpenSlide on
+        a region in the middle of every level) holds; None otherwise."""
         if vendor not in VENDORS:
             return None
         import tifffile
@@ -59,12 +80,15 @@ class TiffTiles:
         except Exception:  # noqa: BLE001  (anything tifffile refuses stays with OpenSlide)
             return None
         try:
-            pages = [_page_of(tiff, dims) for dims in level_dimensions]
-            if any(p is None for p in pages):
+            pages = _level_pages(tiff, vendor)
+            if len(pages) != len(level_dimensions) or not all(
+                (p.imagewidth, p.imagelength) == tuple(d) and _decodable(p)
+                for p, d in zip(pages, level_dimensions, strict=False)
+            ):
                 tiff.close()
                 return None
-            tiles = cls(path, tiff, pages)
-            if not check(tiles):
+            tiles = cls(tiff, pages, level_downsamples)
+            if not agrees(tiles, tiles._probes(level_dimensions)):
                 tiles.close()
                 return None
             return tiles
@@ -73,15 +97,17 @@ class TiffTiles:
             return None
 
     def read(
-        self, location: tuple[int, int], level: int, size: tuple[int, int], downsample: float
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray | None:
         """The (H, W, 3) uint8 region of ``size`` at ``level`` whose top-left corner is level-0
-        ``location``, white outside the image; None where the corner does not fall on a whole
-        pixel of the level (OpenSlide resamples those)."""
-        lx, ly = location[0] / downsample, location[1] / downsample
-        if not (_whole(lx) and _whole(ly)):
+        ``location``, white outside the image; None where OpenSlide must read it (a corner off
+        the level's pixel grid, a level whose downsample is not whole, a tile that does not
+        decode)."""
+        ds = self._downsamples[level]
+        x, y = int(location[0]), int(location[1])  # as OpenSlide's reader takes them
+        if ds is None or x % ds or y % ds:
             return None
-        x0, y0 = round(lx), round(ly)
+        x0, y0 = x // ds, y // ds
         w, h = int(size[0]), int(size[1])
         page = self._pages[level]
         iw, ih = page.imagewidth, page.imagelength
@@ -93,40 +119,61 @@ class TiffTiles:
         if ax0 >= ax1 or ay0 >= ay1:
             return out
         across = math.ceil(iw / tw)
-        with self._lock:
-            for row in range(ay0 // th, (ay1 - 1) // th + 1):
-                for col in range(ax0 // tw, (ax1 - 1) // tw + 1):
+        for row in range(ay0 // th, (ay1 - 1) // th + 1):
+            for col in range(ax0 // tw, (ax1 - 1) // tw + 1):
+                try:
                     tile = self._tile(level, row * across + col)
-                    # The overlap of this tile with the region, in level pixels.
-                    sx0, sy0 = max(ax0, col * tw), max(ay0, row * th)
-                    sx1, sy1 = min(ax1, (col + 1) * tw), min(ay1, (row + 1) * th)
-                    if tile is None:
-                        continue  # a tile the file does not store reads white, as in OpenSlide
-                    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
-                        sy0 - row * th : sy1 - row * th, sx0 - col * tw : sx1 - col * tw
-                    ]
+                except Exception:  # noqa: BLE001  (OpenSlide re-reads it and names the fault)
+                    return None
+                # The overlap of this tile with the region, in level pixels.
+                sx0, sy0 = max(ax0, col * tw), max(ay0, row * th)
+                sx1, sy1 = min(ax1, (col + 1) * tw), min(ay1, (row + 1) * th)
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - row * th : sy1 - row * th, sx0 - col * tw : sx1 - col * tw
+                ]
         return out
 
-    def _tile(self, level: int, index: int) -> np.ndarray | None:
+    def _probes(self, level_dimensions: Sequence[tuple[int, int]]) -> list[Region]:
+        """A region across tile borders in the middle of every level, on its pixel grid."""
+        probes = []
+        for level, (w, h) in enumerate(level_dimensions):
+            ds = self._downsamples[level]
+            if ds is None:
+                continue
+            size = (min(256, w), min(256, h))
+            corner = (max(0, w // 2 - 128) * ds, max(0, h // 2 - 128) * ds)
+            probes.append((corner, level, size))
+        return probes
+
+    def _tile(self, level: int, index: int) -> np.ndarray:
         key = (level, index)
-        tile = self._cache.get(key)
-        if tile is not None:
-            self._cache.move_to_end(key)
-            return tile
         page = self._pages[level]
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-        if not count:
-            return None
-        fh = self._tiff.filehandle
-        fh.seek(offset)
-        data = fh.read(count)
-        decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        tile = np.ascontiguousarray(decoded[0])
-        self._cache[key] = tile
-        self._cached_bytes += tile.nbytes
-        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
+        with self._lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+            fh = self._tiff.filehandle
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+        import imagecodecs
+
+        tile = imagecodecs.jpeg_decode(  # the GIL is released: threads decode side by side
+            data,
+            bitspersample=8,
+            tables=page.jpegtables,
+            colorspace=self._colorspaces[level],
+            outcolorspace=_JCS_RGB,
+            shape=(page.tilelength, page.tilewidth),
+        )
+        if tile.shape != (page.tilelength, page.tilewidth, 3):
+            raise ValueError(f"tile {index} decodes to {tile.shape}")
+        with self._lock:
+            self._cache[key] = tile
+            self._cached_bytes += tile.nbytes
+            while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
         return tile
 
     def close(self) -> None:
@@ -140,24 +187,37 @@ def _whole(value: float) -> bool:
     return abs(value - round(value)) < 1e-9
 
 
-def _page_of(tiff, dims: tuple[int, int]):
-    """The tiled 8-bit RGB/YCbCr JPEG page of ``dims`` (width, height), or None."""
+def _level_pages(tiff, vendor: str) -> list:
+    """The pages OpenSlide takes as levels: Aperio, every tiled page in file order; generic
+    TIFF, page 0 and the tiled reduced-resolution pages, widest first."""
+    pages = list(tiff.pages)
+    if vendor == "aperio":
+        return [p for p in pages if p.is_tiled]
+    levels = [p for i, p in enumerate(pages) if p.is_tiled and (i == 0 or p.subfiletype & 1)]
+    return sorted(levels, key=lambda p: -p.imagewidth)
+
+
+def _decodable(page) -> bool:
+    """A tiled 8-bit RGB/YCbCr JPEG page of one plane with every tile stored."""
     from tifffile import COMPRESSION, PHOTOMETRIC, PLANARCONFIG
 
-    for page in tiff.pages:
-        if (page.imagewidth, page.imagelength) != tuple(dims):
-            continue
-        ok = (
-            page.is_tiled
-            and page.compression == COMPRESSION.JPEG
-            and page.photometric in (PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR)
-            and page.samplesperpixel == 3
-            and page.bitspersample == 8
-            and page.planarconfig == PLANARCONFIG.CONTIG
-            and page.imagedepth == 1
-            and len(page.dataoffsets)
-            == math.ceil(page.imagewidth / page.tilewidth)
-            * math.ceil(page.imagelength / page.tilelength)
-        )
-        return page if ok else None
-    return None
+    tiles = math.ceil(page.imagewidth / page.tilewidth) * math.ceil(
+        page.imagelength / page.tilelength
+    )
+    return bool(
+        page.compression == COMPRESSION.JPEG
+        and page.photometric in (PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR)
+        and page.samplesperpixel == 3
+        and page.bitspersample == 8
+        and not page.extrasamples
+        and page.planarconfig == PLANARCONFIG.CONTIG
+        and page.imagedepth == 1
+        and len(page.dataoffsets) == tiles
+        and all(page.databytecounts)
+    )
+
+
+def _colorspace(page) -> int:
+    from tifffile import PHOTOMETRIC
+
+    return _JCS_YCBCR if page.photometric == PHOTOMETRIC.YCBCR else _JCS_RGB
