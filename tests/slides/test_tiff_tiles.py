@@ -129,6 +129,23 @@ def test_a_tile_that_does_not_decode_is_reported_by_openslide(tmp_path, pyramid)
             s.read_region((300, 300), 0, (64, 64))
 
 
+def test_a_tile_cut_before_its_end_is_left_to_openslide(tmp_path, pyramid):
+    cut = tmp_path / "cut.tiff"
+    shutil.copyfile(pyramid[0], cut)
+    with tifffile.TiffFile(cut) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        index = 1 * across + 1  # level-0 pixels (256-511, 256-511): far from the probes
+        end = page.dataoffsets[index] + page.databytecounts[index]
+    with open(cut, "r+b") as fh:
+        fh.seek(end - 2)
+        fh.write(b"\0\0")  # the JPEG end marker gone
+    with open_slide(cut) as s:
+        assert s.reads_tiles
+        assert s._tiles.read((300, 300), 0, (64, 64)) is None  # OpenSlide decides
+        assert s._tiles.read((2048, 2048), 0, (64, 64)) is not None
+
+
 def test_the_tile_cache_stays_within_its_bound(pyramid, monkeypatch):
     path, _ = pyramid
     with open_slide(path) as s:
@@ -184,3 +201,5 @@ def test_threads_sharing_one_reader_get_the_same_pixels(pyramid):
         for t in threads:
             t.join()
         assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+        cache = s._tiles._cache
+        assert s._tiles._cached_bytes == sum(t.nbytes for t in cache.values())

@@ -208,13 +208,17 @@ class OpenSlideReader(SlideReader):
         if os.environ.get(TIFF_TILES_ENV, "1").strip() != "0":
             from histolens.slides.tiff_tiles import TiffTiles
 
-            self._tiles = TiffTiles.open(
-                path,
-                props.get(openslide.PROPERTY_NAME_VENDOR),
-                self.level_dimensions,
-                self.level_downsamples,
-                self._agrees,
-            )
+            try:
+                self._tiles = TiffTiles.open(
+                    path,
+                    props.get(openslide.PROPERTY_NAME_VENDOR),
+                    self.level_dimensions,
+                    self.level_downsamples,
+                    self._agrees,
+                )
+            except DataError:  # OpenSlide could not read a probe: the slide is corrupt
+                self._slide.close()
+                raise
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:

@@ -88,13 +88,16 @@ class TiffTiles:
                 tiff.close()
                 return None
             tiles = cls(tiff, pages, level_downsamples)
-            if not agrees(tiles, tiles._probes(level_dimensions)):
-                tiles.close()
-                return None
-            return tiles
         except Exception:  # noqa: BLE001  (a file that fails here is read by OpenSlide instead)
             tiff.close()
             return None
+        ok = False
+        try:  # OpenSlide's own error on a probe (a corrupt slide) goes to the caller
+            ok = agrees(tiles, tiles._probes(level_dimensions))
+        finally:
+            if not ok:
+                tiles.close()
+        return tiles if ok else None
 
     def read(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -103,12 +106,14 @@ class TiffTiles:
         ``location``, white outside the image; None where OpenSlide must read it (a corner off
         the level's pixel grid, a level whose downsample is not whole, a tile that does not
         decode)."""
+        w, h = int(size[0]), int(size[1])
+        if not 0 <= level < len(self._pages) or w <= 0 or h <= 0:
+            return None  # OpenSlide's answer (white, or its error) stands
         ds = self._downsamples[level]
         x, y = int(location[0]), int(location[1])  # as OpenSlide's reader takes them
         if ds is None or x % ds or y % ds:
             return None
         x0, y0 = x // ds, y // ds
-        w, h = int(size[0]), int(size[1])
         page = self._pages[level]
         iw, ih = page.imagewidth, page.imagelength
         tw, th = page.tilewidth, page.tilelength
@@ -156,11 +161,15 @@ class TiffTiles:
             fh = self._tiff.filehandle
             fh.seek(page.dataoffsets[index])
             data = fh.read(page.databytecounts[index])
+        # A short read or a tile cut before its end marker goes to OpenSlide, whose decoder
+        # stops on what libjpeg only warns about (damage inside the entropy-coded data that
+        # still decodes is not caught here: OpenSlide would refuse it).
+        if len(data) != page.databytecounts[index] or data[-2:] != b"\xff\xd9":
+            raise ValueError(f"tile {index} is truncated")
         import imagecodecs
 
-        tile = imagecodecs.jpeg_decode(  # the GIL is released: threads decode side by side
+        tile = imagecodecs.jpeg8_decode(  # the GIL is released: threads decode side by side
             data,
-            bitspersample=8,
             tables=page.jpegtables,
             colorspace=self._colorspaces[level],
             outcolorspace=_JCS_RGB,
@@ -169,6 +178,8 @@ class TiffTiles:
         if tile.shape != (page.tilelength, page.tilewidth, 3):
             raise ValueError(f"tile {index} decodes to {tile.shape}")
         with self._lock:
+            if key in self._cache:  # another thread decoded it meanwhile: keep one copy
+                return self._cache[key]
             self._cache[key] = tile
             self._cached_bytes += tile.nbytes
             while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
