@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -12,6 +13,17 @@ import pytest
 from gui_helpers import SCREEN
 
 from histolens.testing import make_checkpoint, make_tissue_image
+
+
+@pytest.fixture(autouse=True)
+def _collect_tk_objects_on_the_main_thread() -> Iterator[None]:
+    """Tk objects (variables, images) a test leaves in reference cycles are collected here, on
+    the main thread. Collected later by whichever thread next triggers the garbage collector (a
+    later test file's worker thread, in the same pytest-xdist worker), Tkinter raises 'main
+    thread is not in main loop', and Tcl can abort the whole process ('async handler deleted by
+    the wrong thread'), which xdist reports as a crashed worker."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
