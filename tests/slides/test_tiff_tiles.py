@@ -109,17 +109,23 @@ def test_levels_off_a_whole_downsample_are_left_to_openslide(odd_pyramid):
             assert np.array_equal(s._read_rgb(location, level, size), expected)
 
 
-def test_a_tile_that_does_not_decode_is_reported_by_openslide(tmp_path, pyramid):
-    broken = tmp_path / "broken.tiff"
-    shutil.copyfile(pyramid[0], broken)
-    with tifffile.TiffFile(broken) as tif:
+def _damaged_copy(source: Path, target: Path, at_end: bool, nbytes: int) -> Path:
+    """A copy of ``source`` with ``nbytes`` zero bytes written over the start (or the end) of
+    the level-0 tile covering pixels (256-511, 256-511), far from the opening probes."""
+    shutil.copyfile(source, target)
+    with tifffile.TiffFile(target) as tif:
         page = tif.pages[0]
-        across = -(-page.imagewidth // page.tilewidth)
-        index = 1 * across + 1  # level-0 pixels (256-511, 256-511): far from the probe
-        offset = page.dataoffsets[index]
-    with open(broken, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(b"\0" * 16)  # no JPEG start: neither decoder can read it
+        index = -(-page.imagewidth // page.tilewidth) + 1
+        start, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(target, "r+b") as fh:
+        fh.seek(start + count - nbytes if at_end else start)
+        fh.write(b"\0" * nbytes)
+    return target
+
+
+def test_a_tile_that_does_not_decode_is_reported_by_openslide(tmp_path, pyramid):
+    # No JPEG start marker: neither decoder can read the tile.
+    broken = _damaged_copy(pyramid[0], tmp_path / "broken.tiff", at_end=False, nbytes=16)
     with open_slide(broken) as s:
         assert s.reads_tiles
         good = s._read_openslide((2048, 2048), 0, (64, 64))
@@ -130,16 +136,7 @@ def test_a_tile_that_does_not_decode_is_reported_by_openslide(tmp_path, pyramid)
 
 
 def test_a_tile_cut_before_its_end_is_left_to_openslide(tmp_path, pyramid):
-    cut = tmp_path / "cut.tiff"
-    shutil.copyfile(pyramid[0], cut)
-    with tifffile.TiffFile(cut) as tif:
-        page = tif.pages[0]
-        across = -(-page.imagewidth // page.tilewidth)
-        index = 1 * across + 1  # level-0 pixels (256-511, 256-511): far from the probes
-        end = page.dataoffsets[index] + page.databytecounts[index]
-    with open(cut, "r+b") as fh:
-        fh.seek(end - 2)
-        fh.write(b"\0\0")  # the JPEG end marker gone
+    cut = _damaged_copy(pyramid[0], tmp_path / "cut.tiff", at_end=True, nbytes=2)  # no end marker
     with open_slide(cut) as s:
         assert s.reads_tiles
         assert s._tiles.read((300, 300), 0, (64, 64)) is None  # OpenSlide decides
