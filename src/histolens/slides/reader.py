@@ -12,15 +12,11 @@ import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from histolens.errors import DataError, ImageLoadError
-
-if TYPE_CHECKING:
-    from histolens.slides.tiff_tiles import TiffTiles
 
 __all__ = [
     "OBJECTIVE_MPP_RULE",
@@ -214,7 +210,7 @@ class OpenSlideReader(SlideReader):
                     props.get(openslide.PROPERTY_NAME_VENDOR),
                     self.level_dimensions,
                     self.level_downsamples,
-                    self._agrees,
+                    self._read_openslide,
                 )
             except DataError:  # OpenSlide could not read a probe: the slide is corrupt
                 self._slide.close()
@@ -255,17 +251,6 @@ class OpenSlideReader(SlideReader):
         except openslide.OpenSlideError as exc:
             raise DataError(f"{self.path} cannot be read at {location} (corrupt: {exc}).") from None
         return _rgba_on_white(region)
-
-    def _agrees(self, tiles: TiffTiles, probes: list) -> bool:
-        """Whether ``tiles`` reads each probe region (location, level, size) exactly as
-        OpenSlide does."""
-        for location, level, size in probes:
-            mine = tiles.read(location, level, size)
-            if mine is None or not np.array_equal(
-                mine, self._read_openslide(location, level, size)
-            ):
-                return False
-        return True
 
     @property
     def reads_tiles(self) -> bool:

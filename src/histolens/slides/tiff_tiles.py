@@ -66,11 +66,11 @@ class TiffTiles:
         vendor: str | None,
         level_dimensions: Sequence[tuple[int, int]],
         level_downsamples: Sequence[float],
-        agrees: Callable[[TiffTiles, list[Region]], bool],
+        reference: Callable[[tuple[int, int], int, tuple[int, int]], np.ndarray],
     ) -> TiffTiles | None:
         """The tiles of ``path`` if its levels (OpenSlide's dimensions and downsamples) are
-        pages this class decodes and ``agrees(tiles, probes)`` (a comparison with OpenSlide on
-        a region in the middle of every level) holds; None otherwise."""
+        pages this class decodes and a region in the middle of every level reads exactly what
+        ``reference(location, level, size)`` (OpenSlide) reads; None otherwise."""
         if vendor not in VENDORS:
             return None
         import tifffile
@@ -93,7 +93,10 @@ class TiffTiles:
             return None
         ok = False
         try:  # OpenSlide's own error on a probe (a corrupt slide) goes to the caller
-            ok = agrees(tiles, tiles._probes(level_dimensions))
+            ok = all(
+                (mine := tiles.read(*probe)) is not None and np.array_equal(mine, reference(*probe))
+                for probe in tiles._probes(level_dimensions)
+            )
         finally:
             if not ok:
                 tiles.close()
@@ -117,10 +120,11 @@ class TiffTiles:
         page = self._pages[level]
         iw, ih = page.imagewidth, page.imagelength
         tw, th = page.tilewidth, page.tilelength
-        out = np.full((h, w, 3), WHITE, np.uint8)
-        # The part of the region inside the image, in level pixels.
+        # The part of the region inside the image, in level pixels; outside it reads white.
         ax0, ay0 = max(x0, 0), max(y0, 0)
         ax1, ay1 = min(x0 + w, iw), min(y0 + h, ih)
+        inside = (ax0, ay0, ax1, ay1) == (x0, y0, x0 + w, y0 + h)
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), WHITE, np.uint8)
         if ax0 >= ax1 or ay0 >= ay1:
             return out
         across = math.ceil(iw / tw)
