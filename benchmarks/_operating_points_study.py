@@ -38,8 +38,8 @@ class HeldOut:
     patient_limit: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RULES})
     estimate: dict = field(default_factory=dict)  # of train on all groups (cross-validated)
     # Per fold, the scored magnification's youden threshold: its value, its training patients
-    # (benign, malignant) and its sd in logit when those patients are bootstrapped.
-    fold_thr: list[tuple[float, tuple[int, int], float]] = field(default_factory=list)
+    # (benign, malignant) and its sd in logit, chosen each way, when those are bootstrapped.
+    fold_thr: list[tuple[float, tuple[int, int], dict[str, float]]] = field(default_factory=list)
 
     def add_fold(self, run_dir: Path, test_recs, positive: str, repeat: int) -> None:
         """The fold's held-out rows from its predictions.csv and its checkpoint's decision."""
@@ -68,33 +68,39 @@ class HeldOut:
                     self.patient_limit[r].append(o.patient.disagreement_limit)
 
 
-def _threshold_noise(ops, stratum: str, n_boot: int = 200, seed: int = 0) -> float:
-    """The sd (in logit) of ``stratum``'s youden threshold when the fold's training patients
-    there are drawn again with replacement (a patient drawn twice counts as two)."""
+def _threshold_noise(ops, stratum: str, n_boot: int = 200, seed: int = 0) -> dict[str, float]:
+    """The sd (in logit) of ``stratum``'s youden threshold, chosen each way (``separate`` and
+    ``shared``), when the fold's training patients are drawn again with replacement within each
+    class (a patient drawn twice counts as two); draws leaving ``stratum`` without a threshold
+    of its own are skipped for both ways alike."""
     from scipy.special import logit
 
-    from histolens.stats.operating_points import (
-        OperatingPointRule,
-        choose_threshold_for,
-        patient_weights,
-    )
+    from histolens.stats.decisions import OperatingPoints
+    from histolens.stats.operating_points import MAGNIFICATION_THRESHOLDS
 
-    at = np.asarray(ops.strata) == stratum
-    p, y, codes = ops.p[at], ops.y[at], ops.patient_codes[at]
+    p, y, codes = ops.p, ops.y, ops.patient_codes
+    strata = np.asarray(ops.strata, dtype=object)
     patients = np.unique(codes)
+    label = {q: int(y[codes == q][0]) for q in patients}
+    by_class = [np.array([q for q in patients if label[q] == c]) for c in (0, 1)]
     rng = np.random.default_rng(seed)
-    out = []
+    out: dict[str, list[float]] = {m: [] for m in MAGNIFICATION_THRESHOLDS}
     for _ in range(n_boot):
-        draw = rng.choice(patients, len(patients))
+        draw = np.concatenate([rng.choice(c, len(c)) for c in by_class])
         rows = [np.flatnonzero(codes == q) for q in draw]
-        yy = np.concatenate([y[i] for i in rows])
-        if len(np.unique(yy)) < 2:
-            continue
-        pp = np.concatenate([p[i] for i in rows])
+        idx = np.concatenate(rows)
         who = np.concatenate([np.full(len(i), k) for k, i in enumerate(rows)])
-        t = choose_threshold_for(OperatingPointRule("youden"), yy, pp, patient_weights(who))
-        out.append(float(logit(np.clip(t, 1e-6, 1 - 1e-6))))
-    return float(np.std(out))
+        chosen = {
+            m: OperatingPoints.fit(
+                "youden", y[idx], p[idx], who, strata[idx], keep_predictions=False, method=m
+            ).thresholds.get(stratum)
+            for m in out
+        }
+        if any(t is None for t in chosen.values()):
+            continue
+        for m, t in chosen.items():
+            out[m].append(float(logit(np.clip(t, 1e-6, 1 - 1e-6))))
+    return {m: float(np.std(v)) for m, v in out.items()}
 
 
 def _window(p: np.ndarray, y: np.ndarray, target: float = 0.75) -> str:
@@ -190,9 +196,18 @@ def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
         lines.append(
             f"  {scored}X youden threshold of the {len(thr)} folds: {min(thr):.2f}-{max(thr):.2f}"
             f" (median {np.median(thr):.2f}), chosen on {min(benign)}-{max(benign)} benign and "
-            f"{min(malignant)}-{max(malignant)} malignant training patient groups; its sd in logit"
-            f" with those patients bootstrapped: {min(noise):.2f}-{max(noise):.2f} (median "
-            f"{np.median(noise):.2f})"
+            f"{min(malignant)}-{max(malignant)} malignant training patient groups"
+        )
+        for way in noise[0]:
+            sd = np.array([n[way] for n in noise])
+            lines.append(
+                f"    its sd in logit when the fold's training patients are bootstrapped, chosen "
+                f"{way}: {sd.min():.2f}-{sd.max():.2f} (median {np.median(sd):.2f})"
+            )
+        shared = np.array([n["shared"] for n in noise])
+        separate = np.array([n["separate"] for n in noise])
+        lines.append(
+            f"    shared below separate in {(shared < separate).sum()} of {len(noise)} folds"
         )
     lines.append(f"  {_window(p[at], y[at])}")
     lines.append("")

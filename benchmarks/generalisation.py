@@ -99,6 +99,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "linear probe, 294x448 tiles, blocks.2+5, no stain": ("default", {"stain.method": "none"}),
     "linear probe, 224 px, blocks.2+5, Macenko": ("default", {"model.input_size": None}),
     DEFAULT: ("default", {}),
+    "default, but each magnification's threshold chosen on its own images (separate)": (
+        "default",
+        {"train.magnification_thresholds": "separate"},
+    ),
+    "default, but each patient weighs the same in the probe's loss": (
+        "default",
+        {"train.probe_weighting": "patient"},
+    ),
     "default, but C chosen by inner patient-level CV": (
         "default",
         {"train.probe_cs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
@@ -389,6 +397,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="only configurations containing one of these")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument(
+        "--operating-points-all",
+        action="store_true",
+        help="the operating-point study for every configuration run, not only the default",
+    )
+    ap.add_argument(
         "--engine",
         choices=["auto", "torch", "openvino", "onnxruntime"],
         default=None,
@@ -432,14 +445,19 @@ def main() -> None:
             continue
         start = time.perf_counter()
         # The default's decision per magnification and per patient (issue 26), from its folds.
-        study = HeldOut() if name == DEFAULT and args.task == "binary" else None
+        wanted = name == DEFAULT or args.operating_points_all
+        study = HeldOut() if wanted and args.task == "binary" else None
         runs = run_config(
             records, classes, args.task, seeds, data, recipe, overrides, shared, study
         )
         rows.append(_summarise(name, runs, time.perf_counter() - start))
         print("  ".join(map(str, rows[-1])), flush=True)
         if study is not None:
-            study_lines = operating_point_report(study, study.estimate, SCORED_MAGNIFICATION)
+            study_lines += [
+                *([""] if study_lines else []),
+                f"== {name}",
+                *operating_point_report(study, study.estimate, SCORED_MAGNIFICATION),
+            ]
     keys = (
         ["image AUC", "balanced accuracy", "patient recognition rate", "patient AUC"]
         if args.task == "binary"

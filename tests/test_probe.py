@@ -459,3 +459,27 @@ def test_probe_trains_on_the_mean_of_clean_and_augmented_views(synth_small, tmp_
     assert not torch.allclose(w_views, w_plain)  # the averaged views trained the probe
     with pytest.raises(ConfigError, match="probe_views must be 0 or more"):
         tiny_config(synth_small, **{"train.probe_views": -1})
+
+
+def test_patient_weighting_gives_every_patient_of_a_class_the_same_weight():
+    from histolens.training.probe import patient_weights
+
+    x, y, groups = grouped_data(n_groups=8, per_group=3)
+    # Uneven patients: the first patient of each class gets 12 more images.
+    extra = np.concatenate([np.flatnonzero(groups == "p00"), np.flatnonzero(groups == "p01")])
+    x = np.concatenate([x] + [x[extra]] * 4)
+    y = np.concatenate([y] + [y[extra]] * 4)
+    groups = np.concatenate([groups] + [groups[extra]] * 4)
+    w = patient_weights(y, groups)
+    assert w.sum() == pytest.approx(len(y))  # as class_weight="balanced": C means the same
+    for c in (0, 1):
+        per_patient = [w[groups == g].sum() for g in np.unique(groups[y == c])]
+        assert per_patient == pytest.approx([len(y) / 2 / len(per_patient)] * len(per_patient))
+    fit = fit_linear_probe(x, y, groups, 2, (0.1,), inner_folds=4, seed=0, weighting="patient")
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+    reference.fit(x, y, logisticregression__sample_weight=w)
+    np.testing.assert_allclose(fit.logits(x)[:, 0], reference.decision_function(x), atol=1e-6)
+    image_weighted = fit_linear_probe(x, y, groups, 2, (0.1,), inner_folds=4, seed=0)
+    assert np.abs(image_weighted.logits(x) - fit.logits(x)).max() > 1e-3
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        fit_linear_probe(x, y, groups, 2, (0.1,), weighting="group")

@@ -174,6 +174,9 @@ class TrainConfig:
     # (histolens.stats.decisions): youden, sensitivity:T or specificity:T; None: as
     # threshold_method says (youden by default).
     operating_point: str | None = None
+    # How magnifications with enough patients get their thresholds: "shared" (one choice with
+    # each magnification's logit offset taken out) or "separate" (each on its own images).
+    magnification_thresholds: str = "shared"
     seed: int = 42
     # The estimate on unseen patients: patient-level k-fold cross-validation (out-of-fold
     # predictions of every patient), then the shipped model is fitted on all patients.
@@ -183,6 +186,9 @@ class TrainConfig:
     # One strong value is the default: on breakhis-dev the inner-CV choice swung between 1e-3
     # and 1e-1 from fold to fold and generalised worse (README, "Why these defaults").
     probe_cs: tuple[float, ...] = (3e-3,)
+    # Linear probe: how its loss weighs the training images: "image" (each image of a class the
+    # same) or "patient" (each patient group of a class the same; histolens.training.probe).
+    probe_weighting: str = "image"
     # Linear probe: each training image's features are the mean of its clean view and this many
     # augmented views (``augment``: geometric and/or stain jitter); 0 = the clean view only.
     # Predictions always use the clean view. Measured in the README; not the default.
@@ -200,6 +206,9 @@ class TrainConfig:
         check_choice("threshold method", self.threshold_method, ["youden", "sensitivity", "fixed"])
         if self.engine is not None:
             check_choice("engine", self.engine, ENGINES)
+        from histolens.stats.operating_points import check_magnification_thresholds
+
+        check_magnification_thresholds(self.magnification_thresholds)
         if self.operating_point is not None:
             from histolens.stats.operating_points import parse_operating_point
 
@@ -218,6 +227,7 @@ class TrainConfig:
         if self.probe_views < 0:
             raise ConfigError(f"probe_views must be 0 or more, got {self.probe_views}.")
         self.probe_cs = tuple(float(c) for c in self.probe_cs)
+        check_choice("probe weighting", self.probe_weighting, ["image", "patient"])
         if not self.probe_cs or min(self.probe_cs) <= 0:
             raise ConfigError("probe_cs must be one or more positive numbers.")
         if not 0 <= self.label_smoothing < 1:

@@ -15,13 +15,19 @@ from histolens.cli.options import checkpoint_argument
     help="youden, sensitivity:0.95 (screening: few cancers missed) or specificity:0.95 "
     "(confirmation: few benign cases called malignant); chosen per magnification.",
 )
-def calibrate_command(checkpoint, operating_point):
+@click.option(
+    "--magnification-thresholds",
+    type=click.Choice(["shared", "separate"]),
+    help="shared: one choice over all magnifications with enough patients, each moved by its "
+    "offset; separate: each on its own images (default: as the checkpoint chose).",
+)
+def calibrate_command(checkpoint, operating_point, magnification_thresholds):
     """Choose the decision threshold per magnification again from the stored out-of-fold
     predictions, and rewrite the checkpoint (no retraining)."""
     from histolens.evaluation.estimate import estimate_lines
     from histolens.training.recalibrate import recalibrate_checkpoint
 
-    result = recalibrate_checkpoint(checkpoint, operating_point)
+    result = recalibrate_checkpoint(checkpoint, operating_point, magnification_thresholds)
     click.echo(
         f"Rewrote {result.checkpoint}: operating point {result.before.rule} -> {result.after.rule}."
     )

@@ -69,6 +69,7 @@ _CONFIG_KEYS = {
     "threshold_method": "train.threshold_method",
     "target_sensitivity": "train.target_sensitivity",
     "operating_point": "train.operating_point",
+    "magnification_thresholds": "train.magnification_thresholds",
     "alpha": "train.alpha",
     "accelerator": "train.accelerator",
     "devices": "train.devices",
@@ -178,6 +179,12 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
     "--operating-point",
     help="Where the decision sits, chosen per magnification on out-of-fold predictions: "
     "youden (default), sensitivity:0.95 (screening) or specificity:0.95 (confirmation).",
+)
+@click.option(
+    "--magnification-thresholds",
+    type=click.Choice(["shared", "separate"]),
+    help="shared (default): one choice over all magnifications with enough patients, on "
+    "probabilities with each magnification's offset taken out; separate: each on its own images.",
 )
 @alpha_option(
     help="Error level of the prediction sets (default 0.1): a new patient's image has its true "

@@ -205,7 +205,9 @@ def _operating_points_on_validation(
     groups = [r.group or r.patient or r.path for r in val_records]
     mags = [r.magnification for r in val_records]
     rule = rule_from_train_config(cfg.train)
-    return fit_on_logits(rule, val_logits.numpy(), y, groups, mags, temperature)
+    return fit_on_logits(
+        rule, val_logits.numpy(), y, groups, mags, temperature, cfg.train.magnification_thresholds
+    )
 
 
 def _evaluated(

@@ -297,7 +297,16 @@ def _fold_logits(
     for k, (tr, te) in enumerate(group_folds(y, groups, cfg.train.cv_folds or 5, cfg.data.seed)):
         if len(np.unique(y[tr])) < 2:
             continue
-        fit = fit_linear_probe(x[tr], y[tr], groups[tr], n_classes, cs, 5, cfg.data.seed + k)
+        fit = fit_linear_probe(
+            x[tr],
+            y[tr],
+            groups[tr],
+            n_classes,
+            cs,
+            5,
+            cfg.data.seed + k,
+            cfg.train.probe_weighting,
+        )
         mine = np.isin(where, te)
         out32[mine], out8[mine] = fit.logits(f32[mine]), fit.logits(f8[mine])
     scored_ok = ~np.isnan(out32).any(1)

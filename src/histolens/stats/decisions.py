@@ -22,9 +22,12 @@ from histolens.errors import CheckpointError, ConfigError
 from histolens.stats.conformal import _strata
 from histolens.stats.operating_points import (
     _FORMAT_VERSION,
+    DEFAULT_MAGNIFICATION_THRESHOLDS,
     MIN_PATIENTS_PER_CLASS,
     OperatingPointRule,
+    check_magnification_thresholds,
     choose_threshold_for,
+    magnification_offsets,
     parse_operating_point,
     patient_weights,
 )
@@ -50,7 +53,9 @@ class OperatingPoints:
     out-of-fold predictions they were chosen on.
 
     ``thresholds`` holds only the magnifications with a choice of their own; ``patients`` the
-    (benign, malignant) patient counts of every known magnification.
+    (benign, malignant) patient counts of every known magnification. ``method`` says how those
+    were chosen (:data:`histolens.stats.operating_points.MAGNIFICATION_THRESHOLDS`): ``shared``
+    (one choice with each magnification's logit ``offsets`` taken out) or ``separate``.
     """
 
     rule: OperatingPointRule
@@ -64,6 +69,8 @@ class OperatingPoints:
     strata: np.ndarray | None = None
     # The decision per patient (PatientDecision below), chosen on the same predictions' patients.
     patient: PatientDecision | None = None
+    method: str = "separate"  # checkpoints from before "shared" existed chose separately
+    offsets: dict[str, float] = field(default_factory=dict)  # logit offsets ("shared")
 
     @classmethod
     def fit(
@@ -74,10 +81,13 @@ class OperatingPoints:
         patients: Sequence[Any] | np.ndarray,
         magnifications: Sequence[Any] | np.ndarray | None,
         keep_predictions: bool = True,
+        method: str = DEFAULT_MAGNIFICATION_THRESHOLDS,
     ) -> OperatingPoints:
         """Choose the pooled and per-magnification thresholds on held-out predictions (``p``:
-        calibrated positive-class probabilities; NaN rows are left out)."""
+        calibrated positive-class probabilities; NaN rows are left out), the latter ``method``'s
+        way (``shared`` or ``separate``)."""
         rule = parse_operating_point(rule)
+        check_magnification_thresholds(method)
         y = np.asarray(y, dtype=np.int64)
         p = np.asarray(p, dtype=np.float64)
         strata = _strata(magnifications, len(y))
@@ -96,6 +106,9 @@ class OperatingPoints:
             counts[s] = (n_neg, n_pos)
             if min(n_neg, n_pos) >= MIN_PATIENTS_PER_CLASS:
                 own[s] = choose_threshold_for(rule, y[at], p[at], patient_weights(codes[at]))
+        offsets: dict[str, float] = {}
+        if method == "shared" and len(own) > 1 and rule.kind != "fixed":
+            own, offsets = _shared_thresholds(rule, y, p, codes, strata, list(own))
         keep = keep_predictions
         ops = cls(
             rule,
@@ -106,6 +119,8 @@ class OperatingPoints:
             y if keep else None,
             codes if keep else None,
             strata if keep else None,
+            method=method,
+            offsets=offsets,
         )
         if not keep:
             return ops
@@ -117,14 +132,17 @@ class OperatingPoints:
         """Whether the predictions chosen on are stored (``refit`` needs them)."""
         return self.p is not None and self.y is not None and len(self.p) > 0
 
-    def refit(self, rule: OperatingPointRule | str) -> OperatingPoints:
-        """The same predictions, chosen on under another rule."""
+    def refit(self, rule: OperatingPointRule | str, method: str | None = None) -> OperatingPoints:
+        """The same predictions, chosen on under another rule (and ``method``; None: this
+        one's)."""
         if not self.has_predictions:
             raise CheckpointError(
                 "This checkpoint stores no out-of-fold predictions to choose an operating "
                 "point on; retrain it with this histolens and --operating-point instead."
             )
-        return OperatingPoints.fit(rule, self.y, self.p, self.patient_codes, self.strata)
+        return OperatingPoints.fit(
+            rule, self.y, self.p, self.patient_codes, self.strata, method=method or self.method
+        )
 
     def threshold_for(self, magnification: Any) -> float:
         """The threshold an image of ``magnification`` is decided at (pooled: unknown or too
@@ -158,12 +176,20 @@ class OperatingPoints:
             {
                 "magnification": f"{s}X",
                 "threshold": self.threshold_for(s),
-                "basis": "own" if s in self.thresholds else "pooled (too few patients)",
+                "basis": self._basis(s),
                 "benign_patients": neg,
                 "malignant_patients": pos,
             }
             for s, (neg, pos) in self.patients.items()
         ]
+
+    def _basis(self, stratum: str) -> str:
+        """Where ``stratum``'s threshold comes from, in words."""
+        if stratum not in self.thresholds:
+            return "pooled (too few patients)"
+        if stratum in self.offsets:
+            return f"shared, offset {self.offsets[stratum]:+.2f} logit"
+        return "own"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for the checkpoint's metadata."""
@@ -172,6 +198,8 @@ class OperatingPoints:
             "rule": str(self.rule),
             "pooled": float(self.pooled),
             "thresholds": {k: float(v) for k, v in self.thresholds.items()},
+            "method": self.method,
+            "offsets": {k: float(v) for k, v in self.offsets.items()},
             "patients": {k: [int(a), int(b)] for k, (a, b) in self.patients.items()},
             "min_patients_per_class": MIN_PATIENTS_PER_CLASS,
             "patient": None if self.patient is None else self.patient.to_dict(),
@@ -208,6 +236,8 @@ class OperatingPoints:
                 {str(k): (int(v[0]), int(v[1])) for k, v in (d.get("patients") or {}).items()},
                 *arrays,
                 PatientDecision.from_dict(d.get("patient")),
+                method=check_magnification_thresholds(str(d.get("method", "separate"))),
+                offsets={str(k): float(v) for k, v in (d.get("offsets") or {}).items()},
             )
 
         return read_stored(
@@ -218,6 +248,31 @@ class OperatingPoints:
             plural=True,
             errors=(KeyError, TypeError, ValueError, IndexError, ConfigError),
         )
+
+
+def _shared_thresholds(
+    rule: OperatingPointRule,
+    y: np.ndarray,
+    p: np.ndarray,
+    codes: np.ndarray,
+    strata: np.ndarray,
+    eligible: list[str],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The ``shared`` thresholds of the ``eligible`` magnifications, and their logit offsets.
+
+    Each eligible magnification's logits are moved by its offset
+    (:func:`~histolens.stats.operating_points.magnification_offsets`) onto one scale; ``rule``
+    chooses one threshold there, every patient counting once; each magnification's threshold is
+    that one moved back by its offset."""
+    from scipy.special import expit, logit
+
+    at = np.isin(strata, eligible)
+    z = logit(np.clip(p[at], 1e-12, 1 - 1e-12))
+    offsets = magnification_offsets(z, y[at], codes[at], strata[at])
+    shift = np.array([offsets[s] for s in strata[at]])
+    t = choose_threshold_for(rule, y[at], expit(z - shift), patient_weights(codes[at]))
+    t_logit = float(logit(np.clip(t, 1e-12, 1 - 1e-12)))
+    return {s: float(expit(t_logit + offsets[s])) for s in eligible}, offsets
 
 
 def _stratum_order(key: str) -> float:
@@ -234,9 +289,11 @@ def fit_on_logits(
     patients: Sequence[Any] | np.ndarray,
     magnifications: Sequence[Any] | np.ndarray | None,
     temperature: float,
+    method: str = DEFAULT_MAGNIFICATION_THRESHOLDS,
 ) -> OperatingPoints:
     """The operating points of a binary model's held-out logits (n, 1) at ``temperature``: the
-    one path both heads take (the probe's out-of-fold logits, the MLP's validation logits)."""
+    one path both heads take (the probe's out-of-fold logits, the MLP's validation logits);
+    ``method``: how magnifications get their thresholds (``shared`` or ``separate``)."""
     import torch
 
     from histolens.stats.calibration import probabilities_from_logits
@@ -244,7 +301,7 @@ def fit_on_logits(
     z = torch.as_tensor(np.asarray(logits).reshape(len(logits), -1)[:, :1], dtype=torch.float32)
     # The same float32 probabilities the pooled choice has always been made on.
     p = probabilities_from_logits(z, temperature)[:, 1].numpy().astype(np.float64)
-    return OperatingPoints.fit(rule, y, p, patients, magnifications)
+    return OperatingPoints.fit(rule, y, p, patients, magnifications, method=method)
 
 
 def _centred(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

@@ -36,10 +36,14 @@ import numpy as np
 from histolens.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_MAGNIFICATION_THRESHOLDS",
+    "MAGNIFICATION_THRESHOLDS",
     "MIN_PATIENTS_PER_CLASS",
     "OPERATING_POINT_FORMS",
     "OperatingPointRule",
+    "check_magnification_thresholds",
     "choose_threshold_for",
+    "magnification_offsets",
     "parse_operating_point",
     "patient_weights",
     "rule_from_train_config",
@@ -51,6 +55,18 @@ __all__ = [
 # one patient is held out (as cross-validation and a new patient do), never on a single patient.
 # Below it, one atypical patient would set the threshold for everyone at that magnification.
 MIN_PATIENTS_PER_CLASS = 3
+
+# How the magnifications with enough patients get their thresholds:
+# - "shared": one choice for all of them, on probabilities with each magnification's offset taken
+#   out (:func:`magnification_offsets`), moved back by that offset; every patient of every such
+#   magnification takes part in the choice, and each magnification's position rests on its
+#   patients of both classes;
+# - "separate": each magnification chooses on its own images alone.
+# On breakhis-dev a training fold has 4 benign patients at 100X: a separate Youden threshold there
+# moved by 0.54-1.37 in logit (median 0.68) when those patients were drawn again, a shared one by
+# 0.31-0.87 (median 0.54), smaller in all 15 folds (docs/operating-points.md).
+MAGNIFICATION_THRESHOLDS = ("shared", "separate")
+DEFAULT_MAGNIFICATION_THRESHOLDS = "shared"
 
 OPERATING_POINT_FORMS = "youden, sensitivity:T or specificity:T (T in (0, 1], e.g. 0.95)"
 _FORMAT_VERSION = 1
@@ -104,6 +120,59 @@ def rule_from_train_config(train: Any) -> OperatingPointRule:
     if method == "sensitivity":
         return OperatingPointRule("sensitivity", float(train.target_sensitivity))
     return parse_operating_point(method)
+
+
+def check_magnification_thresholds(method: str) -> str:
+    """``method`` if it is one of :data:`MAGNIFICATION_THRESHOLDS`, else a ConfigError."""
+    if method not in MAGNIFICATION_THRESHOLDS:
+        raise ConfigError(
+            f"Unknown way to choose thresholds per magnification '{method}'; use "
+            f"{' or '.join(MAGNIFICATION_THRESHOLDS)}."
+        )
+    return method
+
+
+def magnification_offsets(
+    z: np.ndarray, y: np.ndarray, patients: np.ndarray, strata: np.ndarray
+) -> dict[str, float]:
+    """How far each magnification's logits sit from the first one's, the same for both classes.
+
+    Each (patient, magnification) cell's mean logit ``u`` is modelled as a class level plus a
+    magnification offset, ``u = a[class] + b[magnification]`` (``b`` of the first magnification
+    in sorted order is 0), fitted by least squares with every cell counting once. Magnification
+    moves both classes' logits alike (on breakhis-dev's folds, 100X sat 1.1-1.6 below 200X for
+    benign and malignant patients alike), so an offset rests on all of a magnification's patients,
+    not only on the few of its rarer class. Every stratum in ``strata`` needs patients of both
+    classes or of a class also seen elsewhere; the caller passes only magnifications that have
+    :data:`MIN_PATIENTS_PER_CLASS` of each.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y).astype(int)
+    patients = np.asarray(patients)
+    strata = np.asarray(strata, dtype=object)
+    keys = sorted(set(strata.tolist()), key=_stratum_key)
+    if len(keys) < 2:
+        return {k: 0.0 for k in keys}
+    col = {k: i for i, k in enumerate(keys)}
+    cells: dict[tuple[Any, str, int], list[float]] = {}
+    for zi, yi, q, s in zip(z, y, patients, strata, strict=True):
+        cells.setdefault((q, s, int(yi)), []).append(float(zi))
+    design = np.zeros((len(cells), 2 + len(keys) - 1))
+    u = np.empty(len(cells))
+    for r, ((_, s, c), values) in enumerate(cells.items()):
+        design[r, c] = 1.0
+        if col[s] > 0:
+            design[r, 1 + col[s]] = 1.0
+        u[r] = float(np.mean(values))
+    coef, *_ = np.linalg.lstsq(design, u, rcond=None)
+    return {k: (0.0 if col[k] == 0 else float(coef[1 + col[k]])) for k in keys}
+
+
+def _stratum_key(key: str) -> tuple[float, str]:
+    try:
+        return (float(key), key)
+    except ValueError:
+        return (float("inf"), key)
 
 
 def patient_weights(patients: Sequence[Any] | np.ndarray) -> np.ndarray:

@@ -18,7 +18,19 @@ import torch
 
 from histolens.errors import DataError
 
-__all__ = ["DEFAULT_CS", "ProbeFit", "fit_linear_probe", "group_folds", "grouped_scores"]
+__all__ = [
+    "DEFAULT_CS",
+    "WEIGHTINGS",
+    "ProbeFit",
+    "fit_linear_probe",
+    "group_folds",
+    "grouped_scores",
+    "patient_weights",
+]
+
+# How the probe's loss weighs its training images: "image" (each image of a class the same,
+# classes balanced) or "patient" (each patient of a class the same, classes balanced).
+WEIGHTINGS = ("image", "patient")
 
 # Inverse regularisation strengths tried by the inner cross-validation: with ~1,000-dimensional
 # features and tens of patients, strong regularisation wins (measured: README, "Why these defaults").
@@ -71,14 +83,43 @@ def group_folds(
         return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y, groups) if len(te)]
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, n_classes: int):
+def patient_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Sample weights under which every class weighs the same and, within a class, every patient
+    group: an image weighs n / (classes * groups of its class * images of its group and class).
+
+    They sum to n, as scikit-learn's ``class_weight="balanced"`` does, so a probe's ``C`` means
+    the same strength under either weighting."""
+    y = np.asarray(y)
+    groups = np.asarray(groups)
+    w = np.empty(len(y), dtype=np.float64)
+    classes = np.unique(y)
+    for c in classes:
+        mine = y == c
+        _, inverse, counts = np.unique(groups[mine], return_inverse=True, return_counts=True)
+        w[mine] = 1.0 / (len(counts) * counts[inverse])
+    return w * len(y) / len(classes)
+
+
+def _fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    C: float,
+    n_classes: int,
+    groups: np.ndarray | None = None,
+):
+    """Standardise, fit, fold the standardisation back in. ``groups``: weigh each patient group
+    of a class the same (:func:`patient_weights`); None: each image (classes balanced)."""
     from sklearn.linear_model import LogisticRegression
 
     mean = x.mean(0)
     sd = x.std(0)
     sd[sd < 1e-8] = 1.0
-    model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
-    model.fit((x - mean) / sd, y)
+    if groups is None:
+        model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
+        model.fit((x - mean) / sd, y)
+    else:
+        model = LogisticRegression(C=C, max_iter=5000)
+        model.fit((x - mean) / sd, y, sample_weight=patient_weights(y, groups))
     coef = model.coef_  # (1, D) for two classes, (K, D) otherwise
     if n_classes > 2 and coef.shape[0] != n_classes:
         # A class absent from this training fold: give it a logit that never wins.
@@ -115,6 +156,7 @@ def grouped_scores(
     n_classes: int,
     C: float,
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    weighting: str = "image",
 ) -> np.ndarray:
     """Out-of-fold logits of a probe with strength ``C`` over the given folds."""
     n_out = 1 if n_classes == 2 else n_classes
@@ -122,7 +164,7 @@ def grouped_scores(
     for tr, te in folds:
         if len(np.unique(y[tr])) < 2:
             continue
-        w, b = _fit(x[tr], y[tr], C, n_classes)
+        w, b = _fit(x[tr], y[tr], C, n_classes, groups[tr] if weighting == "patient" else None)
         out[te] = x[te] @ w.T + b
     return out
 
@@ -135,12 +177,15 @@ def fit_linear_probe(
     Cs: Sequence[float] = DEFAULT_CS,
     inner_folds: int = 5,
     seed: int = 0,
+    weighting: str = "image",
 ) -> ProbeFit:
     """Fit the probe on all given images, with C chosen by inner patient-level cross-validation.
 
     Binary: the inner score is the pooled out-of-fold ROC AUC; subtypes: balanced accuracy. Ties
-    go to the stronger regularisation (smaller C).
+    go to the stronger regularisation (smaller C). ``weighting``: one of :data:`WEIGHTINGS`.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(y, dtype=int)
     groups = np.asarray(groups)
@@ -153,12 +198,12 @@ def fit_linear_probe(
     if len(np.unique(groups)) >= 4:
         folds = group_folds(y, groups, inner_folds, seed)
         for c in Cs:
-            oofs[c] = grouped_scores(x, y, groups, n_classes, c, folds)
+            oofs[c] = grouped_scores(x, y, groups, n_classes, c, folds, weighting)
             ok = ~np.isnan(oofs[c]).any(1)
             scores[c] = _score(y[ok], oofs[c][ok], n_classes) if ok.any() else float("nan")
         finite = {c: s for c, s in scores.items() if np.isfinite(s)}
         if finite:
             best = max(finite.values())
             C = min(c for c, s in finite.items() if s >= best - 1e-9)
-    weight, bias = _fit(x, y, C, n_classes)
+    weight, bias = _fit(x, y, C, n_classes, groups if weighting == "patient" else None)
     return ProbeFit(weight, bias, C, scores, oofs.get(C))

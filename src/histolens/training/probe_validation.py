@@ -37,7 +37,9 @@ log = logging.getLogger("histolens")
 
 def _fit(cfg: RunConfig, x, y, g, n_classes: int, seed: int) -> ProbeFit:
     """The probe on these images, C chosen from ``cfg``'s candidates by 5-fold inner CV."""
-    return fit_linear_probe(x, y, g, n_classes, cfg.train.probe_cs, 5, seed)
+    return fit_linear_probe(
+        x, y, g, n_classes, cfg.train.probe_cs, 5, seed, cfg.train.probe_weighting
+    )
 
 
 @dataclass
@@ -179,7 +181,15 @@ def _operating_points(
     ok = ~np.isnan(logits).any(1)
     mags = np.array(list(magnifications), dtype=object)[: len(logits)]
     rule = rule_from_train_config(cfg.train)
-    return fit_on_logits(rule, logits[ok], y[ok], g[: len(logits)][ok], mags[ok], temperature)
+    return fit_on_logits(
+        rule,
+        logits[ok],
+        y[ok],
+        g[: len(logits)][ok],
+        mags[ok],
+        temperature,
+        cfg.train.magnification_thresholds,
+    )
 
 
 def _referral(

@@ -24,7 +24,11 @@ from histolens.errors import CheckpointError, ConfigError
 from histolens.evaluation.performance import stored_estimate
 from histolens.evaluation.results import Estimate
 from histolens.stats.decisions import OperatingPoints
-from histolens.stats.operating_points import OperatingPointRule, parse_operating_point
+from histolens.stats.operating_points import (
+    OperatingPointRule,
+    check_magnification_thresholds,
+    parse_operating_point,
+)
 
 __all__ = ["Recalibration", "cross_fitted_thresholds", "recalibrate_checkpoint"]
 
@@ -46,16 +50,27 @@ class Recalibration:
 
 
 def cross_fitted_thresholds(
-    ops: OperatingPoints, rule: OperatingPointRule, n_folds: int = CROSS_FIT_FOLDS, seed: int = 0
+    ops: OperatingPoints,
+    rule: OperatingPointRule,
+    n_folds: int = CROSS_FIT_FOLDS,
+    seed: int = 0,
+    method: str | None = None,
 ) -> np.ndarray:
-    """Each stored prediction's threshold chosen by ``rule`` on the other patient folds' ones."""
+    """Each stored prediction's threshold chosen by ``rule`` (and ``method``; None: ``ops``'s)
+    on the other patient folds' ones."""
     from histolens.training.probe import group_folds
 
     y, codes = ops.y, ops.patient_codes
     thresholds = np.full(len(y), ops.pooled)
     for tr, te in group_folds(y, codes, n_folds, seed):
         fold = OperatingPoints.fit(
-            rule, y[tr], ops.p[tr], codes[tr], ops.strata[tr], keep_predictions=False
+            rule,
+            y[tr],
+            ops.p[tr],
+            codes[tr],
+            ops.strata[tr],
+            keep_predictions=False,
+            method=method or ops.method,
         )
         thresholds[te] = fold.thresholds_for(ops.strata[te])
     return thresholds
@@ -77,7 +92,12 @@ def _stored_predictions(path: Path, meta) -> OperatingPoints:
 
 
 def _estimate_again(
-    meta, old: Estimate, ops: OperatingPoints, rule: OperatingPointRule, alpha: float
+    meta,
+    old: Estimate,
+    ops: OperatingPoints,
+    rule: OperatingPointRule,
+    alpha: float,
+    thresholds_way: str,
 ) -> Estimate:
     """The stored estimate measured again at ``rule`` from the out-of-fold predictions."""
     from histolens.evaluation.estimate import build_estimate
@@ -86,7 +106,9 @@ def _estimate_again(
     from histolens.stats.conformal_metrics import leave_one_patient_out_sets
 
     classes = meta.class_names
-    thresholds = cross_fitted_thresholds(ops, rule, seed=int(meta.run_config.data.seed))
+    thresholds = cross_fitted_thresholds(
+        ops, rule, seed=int(meta.run_config.data.seed), method=thresholds_way
+    )
     centred = centred_probabilities(np.stack([1 - ops.p, ops.p], axis=1), thresholds)
     rows = [
         PredictionRow(
@@ -114,18 +136,24 @@ def _estimate_again(
     with_referrals(
         ev, member, None, alpha, "leave-one-patient-out over the out-of-fold predictions"
     )
-    new_ops = ops.refit(rule)
+    new_ops = ops.refit(rule, thresholds_way)
     return build_estimate(ev, method, old.description, seed=0, decision=new_ops)
 
 
 def recalibrate_checkpoint(
-    checkpoint: str | os.PathLike, operating_point: str | OperatingPointRule
+    checkpoint: str | os.PathLike,
+    operating_point: str | OperatingPointRule,
+    magnification_thresholds: str | None = None,
 ) -> Recalibration:
-    """Rewrite ``checkpoint``'s decision at ``operating_point`` (one atomic write)."""
+    """Rewrite ``checkpoint``'s decision at ``operating_point`` (one atomic write), its
+    magnifications' thresholds chosen ``magnification_thresholds``' way (``shared`` or
+    ``separate``; None: as the checkpoint chose them)."""
     from histolens.checkpoint.io import read_metadata, resolve_checkpoint_path, update_metadata
     from histolens.stats.conformal import DEFAULT_ALPHA, ConformalCalibration, centred_probabilities
 
     rule = parse_operating_point(operating_point)
+    if magnification_thresholds is not None:
+        check_magnification_thresholds(magnification_thresholds)
     path = resolve_checkpoint_path(checkpoint)
     if path.suffix.lower() == ".onnx":
         raise ConfigError(
@@ -133,7 +161,8 @@ def recalibrate_checkpoint(
         )
     meta = read_metadata(path)
     before = _stored_predictions(path, meta)
-    after = before.refit(rule)
+    method = magnification_thresholds or before.method
+    after = before.refit(rule, method)
     notes = after.notes()
     changes: dict[str, Any] = {
         "threshold": after.pooled,
@@ -142,7 +171,11 @@ def recalibrate_checkpoint(
     }
     config = dict(meta.config)
     if config:
-        config["train"] = {**config.get("train", {}), "operating_point": str(rule)}
+        config["train"] = {
+            **config.get("train", {}),
+            "operating_point": str(rule),
+            "magnification_thresholds": method,
+        }
         changes["config"] = config
     alpha = DEFAULT_ALPHA
     if meta.conformal is not None:
@@ -157,7 +190,7 @@ def recalibrate_checkpoint(
         changes["conformal"] = new.to_dict()
     estimate, stored = None, stored_estimate(meta)
     if stored is not None and "cross-validation" in stored.method:
-        estimate = _estimate_again(meta, stored, before, rule, alpha)
+        estimate = _estimate_again(meta, stored, before, rule, alpha, method)
         changes["estimate"] = estimate.to_dict()
     elif stored is not None:
         stale = (
