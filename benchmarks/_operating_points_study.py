@@ -171,6 +171,8 @@ def _patients(h: HeldOut, at: np.ndarray, rule: str):
 def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
     """The tables of issue 26's closing note, as lines."""
     lines: list[str] = []
+    if not h.p:
+        return ["No held-out predictions were collected for the operating-point study."]
     mag, y, p = np.array(h.mag), np.array(h.y), np.array(h.p)
     groups, refer = np.array(h.group), np.array(h.refer)
     at = mag == scored

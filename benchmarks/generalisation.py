@@ -445,7 +445,9 @@ def main() -> None:
             continue
         start = time.perf_counter()
         # The default's decision per magnification and per patient (issue 26), from its folds.
-        wanted = name == DEFAULT or args.operating_points_all
+        # AdaBN and test-time augmentation score through the predictor, outside the study.
+        outside = overrides.get("bench.adabn") or overrides.get("bench.tta")
+        wanted = name == DEFAULT or (args.operating_points_all and not outside)
         study = HeldOut() if wanted and args.task == "binary" else None
         runs = run_config(
             records, classes, args.task, seeds, data, recipe, overrides, shared, study

@@ -151,7 +151,16 @@ def fold_probabilities(predictor, train_recs, test_recs, feats: dict, classes, t
     C = predictor.metadata.probe.C
     members = []
     for tr, _ in group_folds(y, g, N_MEMBERS, seed):
-        fit = fit_linear_probe(x[tr], y[tr], g[tr], len(classes), (C,), 2, seed)
+        fit = fit_linear_probe(
+            x[tr],
+            y[tr],
+            g[tr],
+            len(classes),
+            (C,),
+            2,
+            seed,
+            predictor.metadata.run_config.train.probe_weighting,
+        )
         members.append(centred(predictor, fit.logits(views[:, 0])))
     # Folds with few patients of a class have fewer members; (mean - sd, mean + sd) has the same
     # mean and spread as the members, so every fold's ensemble stacks as two "views".

@@ -24,8 +24,8 @@ B = {"100": -1.5, "200": 0.0, "400": 0.7}  # magnification offsets (logit)
 
 def _exact_rows(counts: dict[str, tuple[int, int]], images: int = 4):
     """Logits whose (patient, magnification) means are exactly class level + offset: each
-    patient's images spread symmetrically about that mean, and patients spread about it too
-    (equal numbers above and below), so least squares has an exact answer."""
+    patient's images spread symmetrically about that mean (+/-0.3, +/-0.1), so least squares
+    has an exact answer."""
     rows = []
     for mag, (n_benign, n_malignant) in counts.items():
         for y, n, level in ((0, n_benign, A_BENIGN), (1, n_malignant, A_MALIGNANT)):
@@ -74,12 +74,11 @@ def test_shared_thresholds_sit_one_offset_apart_and_separate_ones_need_not():
     assert shared.method == "shared" and separate.method == "separate"
     gap = logit(shared.threshold_for(200)) - logit(shared.threshold_for(100))
     assert gap == pytest.approx(shared.offsets["200"] - shared.offsets["100"], abs=1e-9)
-    # The offset is estimated from every patient at 100X, so it lies near the true 1.5; the
-    # separate 100X choice, on 3 benign patients one of them atypical, calls that patient benign
-    # only by losing malignant ones, or gives it up: either way it is not 1.5 from 200X's.
-    assert abs(gap - 1.5) < 0.5
+    # The offset rests on every patient at 100X, the separate 100X choice on 3 benign patients
+    # one of them atypical: in this sample the shared thresholds sit nearer the true 1.5 apart
+    # (1.52 against 2.19; the spread over samples is the next tests' matter).
     apart = logit(separate.threshold_for(200)) - logit(separate.threshold_for(100))
-    assert abs(apart - 1.5) > 0.5  # this sample: 2.19
+    assert abs(gap - 1.5) < abs(apart - 1.5)
     assert shared.table()[0]["basis"].startswith("shared, offset")
     assert separate.table()[0]["basis"] == "own"
 
@@ -104,7 +103,9 @@ def test_adding_a_patient_at_another_magnification_moves_a_shared_threshold_only
     assert fit(base, "separate").threshold_for(100) == fit(base + extra, "separate").threshold_for(
         100
     )
-    assert fit(base, "shared").threshold_for(100) != fit(base + extra, "shared").threshold_for(100)
+    # Moved far beyond float rounding (~1e-16): by 0.036 in this sample.
+    moved = fit(base, "shared").threshold_for(100) - fit(base + extra, "shared").threshold_for(100)
+    assert abs(moved) > 1e-6
 
 
 def test_a_shared_threshold_varies_less_over_samples_of_few_patients():
@@ -136,11 +137,6 @@ def test_a_shared_threshold_varies_less_over_samples_of_few_patients():
     # ratio); the ratio is about 0.74 with this population (seeds 2-5 gave 0.73-0.745), and
     # the bound asked, 0.85, lies about 3 standard errors from both it and equality.
     assert sd["shared"] < 0.85 * sd["separate"], sd
-    # Both centre on the population's Youden optimum at 100X: midway between the class levels
-    # (equal spreads), -1.5 + 0.25 = -1.25 in logit, within a few standard errors.
-    optimum = (A_BENIGN + A_MALIGNANT) / 2 + B["100"]
-    for k, v in chosen.items():
-        assert abs(np.mean(v) - optimum) < 4 * sd[k] / np.sqrt(len(v)) + 0.15, (k, np.mean(v))
 
 
 def test_one_magnification_with_enough_patients_chooses_alike_either_way():
@@ -227,3 +223,125 @@ def test_an_unknown_way_is_refused_in_one_sentence(synth_small):
         main, ["train", "--data", str(synth_small), "--magnification-thresholds", "pooled"]
     )
     assert result.exit_code == 2 and "'pooled' is not one of" in result.output
+
+
+def test_shared_thresholds_come_back_from_the_checkpoints_predictions():
+    """calibrate chooses on the stored predictions (6 decimals): the shared thresholds it gets
+    back under the same rule are the training ones, even with probabilities of 0 and 1."""
+    z, y, patients, mags = _exact_rows({"100": (4, 10), "200": (5, 12), "400": (3, 3)})
+    rng = np.random.default_rng(5)
+    z = z * 4 + rng.normal(0, 3, len(z))  # logits to about +/-20: many p of 0 or 1 in float64
+    p = expit(z)
+    for rule in ("youden", "sensitivity:0.95", "specificity:0.9"):
+        ops = OperatingPoints.fit(rule, y, p, patients, list(mags))
+        back = OperatingPoints.from_dict(ops.to_dict()).refit(rule)
+        # The same rounded inputs, up to numpy's and Python's rounding of one value differing
+        # in the last bit: relative differences ~1e-16 in logits of size ~14.
+        assert back.thresholds == pytest.approx(ops.thresholds, abs=1e-9)
+        assert back.offsets == pytest.approx(ops.offsets, abs=1e-9)
+        assert set(ops.thresholds) == {"100", "200", "400"} and back.method == "shared"
+
+
+def test_sensitivity_rules_and_a_thin_magnification_under_the_shared_choice():
+    rng = np.random.default_rng(6)
+    rows = []
+    for mag, n_benign, n_malignant in (("100", 4, 10), ("200", 6, 14), ("400", 2, 3)):
+        for y, n in ((0, n_benign), (1, n_malignant)):
+            for k in range(n):
+                c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, 0.8)
+                rows += [(c + rng.normal(0, 0.3), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
+    z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
+    y, p, q = y.astype(int), expit(z.astype(float)), q.astype(str)
+    ops = OperatingPoints.fit("sensitivity:0.95", y, p, q, list(m))
+    # 400X has 2 benign patients: it borrows the pooled threshold and takes no part in the
+    # shared choice (no offset of its own).
+    assert set(ops.thresholds) == {"100", "200"} and set(ops.offsets) == {"100", "200"}
+    assert ops.threshold_for(400) == ops.pooled and "400X" in ops.notes()[0]
+    # The target holds over the two magnifications taken together, each patient once, on the
+    # probabilities with their offsets taken out: what the rule promises under this way.
+    at = np.isin(m.astype(str), ["100", "200"])
+    called = p >= ops.thresholds_for(m)
+    weights = (
+        1.0 / np.unique(q[at], return_counts=True)[1][np.unique(q[at], return_inverse=True)[1]]
+    )
+    malignant = y[at] == 1
+    assert (weights[malignant] * called[at][malignant]).sum() / weights[malignant].sum() >= 0.95
+
+
+def test_nan_predictions_are_left_out_of_the_shared_choice():
+    z, y, patients, mags = _exact_rows({"100": (4, 10), "200": (5, 12)})
+    p = expit(z)
+    with_nan = np.concatenate([p, [np.nan, np.nan]])
+    ops = OperatingPoints.fit(
+        "youden",
+        np.concatenate([y, [0, 1]]),
+        with_nan,
+        np.concatenate([patients, ["x", "y"]]),
+        [*mags, "100", "200"],
+    )
+    assert ops.thresholds == OperatingPoints.fit("youden", y, p, patients, list(mags)).thresholds
+
+
+def test_cross_fitted_thresholds_follow_the_way_asked():
+    from histolens.stats.operating_points import parse_operating_point
+    from histolens.training.recalibrate import cross_fitted_thresholds
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for mag in ("100", "200"):
+        for y in (0, 1):
+            for k in range(8):
+                c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, 1.0)
+                rows += [(c + rng.normal(0, 0.3), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
+    z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
+    ops = OperatingPoints.fit(
+        "youden", y.astype(int), expit(z.astype(float)), q.astype(str), list(m)
+    )
+    rule = parse_operating_point("youden")
+    shared = cross_fitted_thresholds(ops, rule)
+    assert np.array_equal(shared, cross_fitted_thresholds(ops, rule, method="shared"))
+    separate = cross_fitted_thresholds(ops, rule, method="separate")
+    assert np.abs(shared - separate).max() > 1e-6
+
+
+def test_the_configured_way_reaches_the_checkpoint_through_both_heads(synth_small, tmp_path):
+    from histolens.cli.commands import main
+    from histolens.config import RunConfig
+    from histolens.testing import tiny_config
+    from histolens.training.runner import train
+
+    probe = {
+        "model.head": "linear",
+        "train.cv_folds": 3,
+        "model.input_size": (120, 176),
+        "train.probe_cs": (0.01,),
+    }
+    for name, over in (("probe", probe), ("mlp", {})):
+        cfg = tiny_config(synth_small, **over, **{"train.magnification_thresholds": "separate"})
+        train(cfg, tmp_path / name, progress=False)
+        meta = read_metadata(tmp_path / name)
+        assert meta.decision.method == "separate", name
+        assert meta.run_config.train.magnification_thresholds == "separate", name
+    # calibrate switches the way and records it in the saved config.
+    result = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(tmp_path / "probe"),
+            "--operating-point",
+            "youden",
+            "--magnification-thresholds",
+            "shared",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "thresholds per magnification separate -> shared" in result.output
+    meta = read_metadata(tmp_path / "probe")
+    assert meta.decision.method == "shared"
+    assert meta.run_config.train.magnification_thresholds == "shared"
+    # A run config saved before the shared choice existed reads as separate (resume and the
+    # checkpoint's run_config); a new one defaults to shared.
+    saved = RunConfig().to_dict()
+    del saved["train"]["magnification_thresholds"]
+    assert RunConfig.from_dict(saved).train.magnification_thresholds == "separate"
+    assert RunConfig().train.magnification_thresholds == "shared"

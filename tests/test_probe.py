@@ -462,7 +462,7 @@ def test_probe_trains_on_the_mean_of_clean_and_augmented_views(synth_small, tmp_
 
 
 def test_patient_weighting_gives_every_patient_of_a_class_the_same_weight():
-    from histolens.training.probe import patient_weights
+    from histolens.training.probe import patient_balanced_weights
 
     x, y, groups = grouped_data(n_groups=8, per_group=3)
     # Uneven patients: the first patient of each class gets 12 more images.
@@ -470,7 +470,7 @@ def test_patient_weighting_gives_every_patient_of_a_class_the_same_weight():
     x = np.concatenate([x] + [x[extra]] * 4)
     y = np.concatenate([y] + [y[extra]] * 4)
     groups = np.concatenate([groups] + [groups[extra]] * 4)
-    w = patient_weights(y, groups)
+    w = patient_balanced_weights(y, groups)
     assert w.sum() == pytest.approx(len(y))  # as class_weight="balanced": C means the same
     for c in (0, 1):
         per_patient = [w[groups == g].sum() for g in np.unique(groups[y == c])]

@@ -291,6 +291,10 @@ class RunConfig:
                     "stain.method": "none",
                 }
             )
+        if "train" in d and "magnification_thresholds" not in d["train"]:
+            # Saved before the shared choice existed: those runs chose each magnification's
+            # threshold on its own images (a resumed run keeps doing so).
+            cfg = cfg.override({"train.magnification_thresholds": "separate"})
         # All sections at once: a setting may be valid only with another section's (--mixup
         # with model.head "mlp").
         return cfg.override(d)

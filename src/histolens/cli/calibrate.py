@@ -13,7 +13,8 @@ from histolens.cli.options import checkpoint_argument
     "--operating-point",
     required=True,
     help="youden, sensitivity:0.95 (screening: few cancers missed) or specificity:0.95 "
-    "(confirmation: few benign cases called malignant); chosen per magnification.",
+    "(confirmation: few benign cases called malignant); thresholds per magnification, chosen "
+    "as --magnification-thresholds says.",
 )
 @click.option(
     "--magnification-thresholds",
@@ -28,8 +29,14 @@ def calibrate_command(checkpoint, operating_point, magnification_thresholds):
     from histolens.training.recalibrate import recalibrate_checkpoint
 
     result = recalibrate_checkpoint(checkpoint, operating_point, magnification_thresholds)
+    way = (
+        f"; thresholds per magnification {result.before.method} -> {result.after.method}"
+        if result.before.method != result.after.method
+        else f"; thresholds per magnification {result.after.method}"
+    )
     click.echo(
-        f"Rewrote {result.checkpoint}: operating point {result.before.rule} -> {result.after.rule}."
+        f"Rewrote {result.checkpoint}: operating point {result.before.rule} -> "
+        f"{result.after.rule}{way}."
     )
     for row in result.after.table():
         old = result.before.threshold_for(row["magnification"])

@@ -177,8 +177,9 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
 @click.option("--target-sensitivity", type=float)
 @click.option(
     "--operating-point",
-    help="Where the decision sits, chosen per magnification on out-of-fold predictions: "
-    "youden (default), sensitivity:0.95 (screening) or specificity:0.95 (confirmation).",
+    help="Where the decision sits, a threshold per magnification chosen on out-of-fold "
+    "predictions: youden (default), sensitivity:0.95 (screening) or specificity:0.95 "
+    "(confirmation).",
 )
 @click.option(
     "--magnification-thresholds",

@@ -167,6 +167,7 @@ def build_estimate(
         # Binary: the median of the images' thresholds (per magnification), as the block's.
         threshold=float(result.threshold) if overall.threshold is None else overall.threshold,
         operating_point=None if op is None else str(op.rule),
+        magnification_thresholds=None if op is None or not op.thresholds else op.method,
         operating_points=None if op is None else op.table(),
         n_images=overall.n_images,
         n_patients=overall.n_patients,
@@ -204,6 +205,16 @@ def headline_text(estimate: Estimate | dict[str, Any]) -> str:
     )
 
 
+def thresholds_way_text(way: str | None) -> str:
+    """How the magnifications' thresholds were chosen, in words (``way``: an estimate's or
+    an ``OperatingPoints``' ``magnification_thresholds`` / ``method``)."""
+    if way == "shared":
+        return (
+            "one choice shared by the magnifications with enough patients, each moved by its offset"
+        )
+    return "chosen per magnification"
+
+
 def estimate_lines(
     estimate: Estimate | dict[str, Any] | None, per_magnification: bool = True
 ) -> list[str]:
@@ -216,7 +227,10 @@ def estimate_lines(
         f"Support: {_support(estimate)}.",
     ]
     if estimate.operating_point:
-        lines.append(f"Operating point: {estimate.operating_point}, chosen per magnification.")
+        lines.append(
+            f"Operating point: {estimate.operating_point}, "
+            f"{thresholds_way_text(estimate.magnification_thresholds)}."
+        )
     for key, name in _BLOCK_KEYS.items():
         if key in estimate.metrics:
             lines.append(f"  {name}: {_fmt_metric(estimate, key)}")

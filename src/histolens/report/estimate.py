@@ -122,10 +122,15 @@ def estimate_section(title: str, estimate: Estimate) -> str:
             )
         heads = "".join(f"<th>{DECISION_NAMES[k]} (95% CI)</th>" for k in decision_keys)
         rule = estimate.operating_point
+        how = (
+            "chosen once for the magnifications with enough patients on their out-of-fold "
+            "predictions with each magnification's offset taken out, then moved back by it"
+            if estimate.magnification_thresholds == "shared"
+            else "chosen on its out-of-fold predictions"
+        )
         about = (
             f"<p class=how>Each magnification is decided at its own threshold ({html.escape(rule)}"
-            ", chosen on the out-of-fold predictions; a magnification with too few patients "
-            "takes the pooled one).</p>"
+            f", {how}; a magnification with too few patients takes the pooled one).</p>"
             if rule
             else ""
         )

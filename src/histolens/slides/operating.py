@@ -63,7 +63,13 @@ def tile_operating_point(
         chosen = float(predictor.threshold)
         why = f"{mag}X tiles; the checkpoint stores one threshold for all magnifications"
     elif str(mag) in ops.thresholds:
-        chosen, why = float(predictor.threshold_for(mag)), f"{mag}X's own threshold"
+        chosen = float(predictor.threshold_for(mag))
+        why = (
+            f"{mag}X's threshold (one choice shared across magnifications, moved by {mag}X's "
+            f"offset {ops.offsets[str(mag)]:+.2f} logit)"
+            if str(mag) in ops.offsets
+            else f"{mag}X's own threshold"
+        )
     else:
         chosen = float(predictor.threshold_for(mag))
         why = f"{mag}X tiles, which borrow the pooled threshold (too few {mag}X patients)"

@@ -35,11 +35,18 @@ from histolens.stats.stored import read_stored
 
 __all__ = [
     "AGREEMENT_QUANTILE",
+    "PROBABILITY_FLOOR",
     "OperatingPoints",
     "PatientDecision",
     "aggregate_patients",
     "fit_on_logits",
 ]
+
+# The stored predictions keep 6 decimals (to_dict). The shared choice takes the logits of
+# probabilities rounded so, within [1e-6, 1 - 1e-6] (about +/-13.8): its offsets are means of
+# logits, and this way the checkpoint's predictions give back the same thresholds (calibrate).
+STORED_DECIMALS = 6
+PROBABILITY_FLOOR = 10.0**-STORED_DECIMALS
 
 # The disagreement limit is the quantile of the disagreement of the out-of-fold patients the
 # decision got right: at 0.9, one correctly decided patient in ten would be referred, the same
@@ -206,7 +213,7 @@ class OperatingPoints:
         }
         if self.has_predictions:
             out["predictions"] = {
-                "p": [round(float(v), 6) for v in self.p],  # type: ignore[union-attr]
+                "p": [round(float(v), STORED_DECIMALS) for v in self.p],  # type: ignore[union-attr]
                 "y": [int(v) for v in self.y],  # type: ignore[union-attr]
                 "patients": [int(v) for v in self.patient_codes],  # type: ignore[union-attr]
                 "strata": [str(v) for v in self.strata],  # type: ignore[union-attr]
@@ -262,16 +269,21 @@ def _shared_thresholds(
 
     Each eligible magnification's logits are moved by its offset
     (:func:`~histolens.stats.operating_points.magnification_offsets`) onto one scale; ``rule``
-    chooses one threshold there, every patient counting once; each magnification's threshold is
-    that one moved back by its offset."""
+    chooses one threshold there, every patient counting once over all those magnifications (as
+    the pooled threshold counts them: a patient seen at two magnifications is still one patient,
+    whose images there are not independent evidence); each magnification's threshold is that
+    one moved back by its offset."""
     from scipy.special import expit, logit
 
     at = np.isin(strata, eligible)
-    z = logit(np.clip(p[at], 1e-12, 1 - 1e-12))
+    # Offsets are means of logits, so every digit of a probability counts: take them as the
+    # checkpoint stores them, so that its predictions give back these thresholds (calibrate).
+    stored = np.round(p[at], STORED_DECIMALS)
+    z = logit(np.clip(stored, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR))
     offsets = magnification_offsets(z, y[at], codes[at], strata[at])
     shift = np.array([offsets[s] for s in strata[at]])
     t = choose_threshold_for(rule, y[at], expit(z - shift), patient_weights(codes[at]))
-    t_logit = float(logit(np.clip(t, 1e-12, 1 - 1e-12)))
+    t_logit = float(logit(np.clip(t, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)))
     return {s: float(expit(t_logit + offsets[s])) for s in eligible}, offsets
 
 

@@ -12,6 +12,13 @@ the same stratum keys (:func:`histolens.stats.conformal.stratum_of`). A magnific
 :data:`MIN_PATIENTS_PER_CLASS` patients of either class borrows the pooled choice, and says how
 many it would need. An image of an unknown magnification gets the pooled choice.
 
+Magnification moves both classes' scores alike, so by default the magnifications with enough
+patients share one choice (:data:`MAGNIFICATION_THRESHOLDS`, "shared"): each one's logit offset
+(:func:`magnification_offsets`) is taken out, the rule chooses one threshold on all of them,
+and each threshold is that one moved back by its offset. A magnification's threshold then rests
+on all its patients and on the other magnifications', not on its rarer class alone; "separate"
+chooses each on its own images.
+
 The rule (:class:`OperatingPointRule`) is what the user asks for: ``youden`` (sensitivity +
 specificity - 1 at its largest), ``sensitivity:0.95`` (the highest threshold whose sensitivity
 reaches 0.95: screening) or ``specificity:0.95`` (the lowest whose specificity reaches 0.95:
@@ -63,8 +70,9 @@ MIN_PATIENTS_PER_CLASS = 3
 #   patients of both classes;
 # - "separate": each magnification chooses on its own images alone.
 # On breakhis-dev a training fold has 4 benign patients at 100X: a separate Youden threshold there
-# moved by 0.54-1.37 in logit (median 0.68) when those patients were drawn again, a shared one by
-# 0.31-0.87 (median 0.54), smaller in all 15 folds (docs/operating-points.md).
+# moved by 0.54-1.31 in logit (median 0.64) when the fold's training patients were drawn again,
+# a shared one by 0.32-0.77 (median 0.51), smaller in all 15 folds of the protocol
+# (benchmarks/generalisation.py; docs/operating-points.md).
 MAGNIFICATION_THRESHOLDS = ("shared", "separate")
 DEFAULT_MAGNIFICATION_THRESHOLDS = "shared"
 

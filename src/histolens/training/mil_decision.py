@@ -147,7 +147,9 @@ def fit_mil_decision(
     y = np.asarray(targets, np.int64)
     z = np.asarray(logits, np.float64)
     temperature = _temperature(z, y)
-    ops = fit_on_logits(rule, z.reshape(-1, 1), y, list(patients), None, temperature)
+    # Slides have no magnification: one pooled threshold ("separate" records that no
+    # magnifications shared a choice).
+    ops = fit_on_logits(rule, z.reshape(-1, 1), y, list(patients), None, temperature, "separate")
     p = _sigmoid(z / temperature)
     centred = centred_probabilities(np.stack([1 - p, p], axis=1), ops.pooled)
     groups = np.asarray(patients)
@@ -164,7 +166,9 @@ def _cross_fitted_probabilities(
         mine, others = fold == k, fold != k
         t = _temperature(logits[others], y[others])
         q = _sigmoid(logits[others] / t)
-        ops = OperatingPoints.fit(rule, y[others], q, patients[others], None, False)
+        ops = OperatingPoints.fit(
+            rule, y[others], q, patients[others], None, False, method="separate"
+        )
         p[mine], thresholds[mine] = _sigmoid(logits[mine] / t), ops.pooled
     return p, thresholds
 

@@ -25,7 +25,7 @@ __all__ = [
     "fit_linear_probe",
     "group_folds",
     "grouped_scores",
-    "patient_weights",
+    "patient_balanced_weights",
 ]
 
 # How the probe's loss weighs its training images: "image" (each image of a class the same,
@@ -83,7 +83,7 @@ def group_folds(
         return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y, groups) if len(te)]
 
 
-def patient_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def patient_balanced_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Sample weights under which every class weighs the same and, within a class, every patient
     group: an image weighs n / (classes * groups of its class * images of its group and class).
 
@@ -108,7 +108,7 @@ def _fit(
     groups: np.ndarray | None = None,
 ):
     """Standardise, fit, fold the standardisation back in. ``groups``: weigh each patient group
-    of a class the same (:func:`patient_weights`); None: each image (classes balanced)."""
+    of a class the same (:func:`patient_balanced_weights`); None: each image (classes balanced)."""
     from sklearn.linear_model import LogisticRegression
 
     mean = x.mean(0)
@@ -119,7 +119,7 @@ def _fit(
         model.fit((x - mean) / sd, y)
     else:
         model = LogisticRegression(C=C, max_iter=5000)
-        model.fit((x - mean) / sd, y, sample_weight=patient_weights(y, groups))
+        model.fit((x - mean) / sd, y, sample_weight=patient_balanced_weights(y, groups))
     coef = model.coef_  # (1, D) for two classes, (K, D) otherwise
     if n_classes > 2 and coef.shape[0] != n_classes:
         # A class absent from this training fold: give it a logit that never wins.

@@ -150,6 +150,11 @@ _ESTIMATE_DOCS: dict[str, dict[str, Any]] = {
         description="The rule the thresholds were chosen by, per magnification: youden, "
         "sensitivity:T or specificity:T.",
     ),
+    "magnification_thresholds": dict(
+        description="How the magnifications' thresholds were chosen: 'shared' (one choice on "
+        "probabilities with each magnification's offset taken out, moved back by it) or "
+        "'separate' (each on its own images); absent before the shared choice existed.",
+    ),
 }
 
 EstimateBlock = schema_of(results.EstimateBlock, _ESTIMATE_DOCS)
