@@ -345,3 +345,34 @@ def test_the_configured_way_reaches_the_checkpoint_through_both_heads(synth_smal
     del saved["train"]["magnification_thresholds"]
     assert RunConfig.from_dict(saved).train.magnification_thresholds == "separate"
     assert RunConfig().train.magnification_thresholds == "shared"
+
+
+def test_the_estimate_the_report_and_the_terminal_say_which_way():
+    from histolens.evaluation.estimate import build_estimate, estimate_lines
+    from histolens.evaluation.evaluate import EvalResult, PredictionRow
+    from histolens.report.estimate import estimate_section
+
+    z, y, patients, mags = _exact_rows({"100": (4, 10), "200": (5, 12)})
+    p = expit(z)
+    rows = [
+        PredictionRow(
+            f"/d/{q}-{i}.png", q, int(m), ("benign", "malignant")[t], int(t), (1 - v, v), (1 - v, v)
+        )
+        for i, (v, t, q, m) in enumerate(zip(p, y, patients, mags, strict=True))
+    ]
+    result = EvalResult(rows, ("benign", "malignant"), "binary", 0.5, 1.0)
+    for way, words in (("shared", "offset"), ("separate", "chosen per magnification")):
+        ops = OperatingPoints.fit("youden", y, p, patients, list(mags), method=way)
+        est = build_estimate(
+            result,
+            "5-fold patient-level cross-validation",
+            "made up",
+            n_boot=20,
+            per_magnification_boot=10,
+            decision=ops,
+        )
+        assert est.magnification_thresholds == way
+        assert words in "\n".join(estimate_lines(est))
+        html = estimate_section("Estimate", est)
+        assert ("offset taken out" in html) == (way == "shared")
+        assert "<b>Method:</b> 5-fold patient-level cross-validation." in html

@@ -183,12 +183,15 @@ def test_the_web_schema_is_derived_from_the_dataclass():
     from histolens.web import schemas
 
     api = schemas.Estimate.model_validate(OLD_ESTIMATE).model_dump()
-    # The fields the API has always sent; bookkeeping (version, task, classes) stays out.
+    # The fields the API sends (magnification_thresholds since the shared choice: null for an
+    # older estimate); bookkeeping (version, task, classes) stays out.
+    assert api["magnification_thresholds"] is None
     assert set(api) == {
         "method",
         "description",
         "threshold",
         "operating_point",
+        "magnification_thresholds",
         "n_images",
         "n_patients",
         "patients_per_class",

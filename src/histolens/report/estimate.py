@@ -68,6 +68,23 @@ def _figure_with_ci(block: EstimateBlock, key: str) -> str:
     return f"{fmt(value)}{f' ({ci})' if ci else ''}"
 
 
+def _thresholds_about(estimate: Estimate) -> str:
+    """A paragraph saying how each magnification's threshold was chosen ('' without a rule)."""
+    rule = estimate.operating_point
+    if not rule:
+        return ""
+    chosen = (
+        "chosen once for the magnifications with enough patients on their out-of-fold "
+        "predictions with each magnification's offset taken out, then moved back by it"
+        if estimate.magnification_thresholds == "shared"
+        else "chosen on its out-of-fold predictions"
+    )
+    return (
+        f"<p class=how>Each magnification is decided at its own threshold ({html.escape(rule)}"
+        f", {chosen}; a magnification with too few patients takes the pooled one).</p>"
+    )
+
+
 def estimate_section(title: str, estimate: Estimate) -> str:
     """The figures a reader should quote: value, 95% CI, what they were measured on, the
     patients of each class behind them, per magnification, and the warnings in words."""
@@ -121,21 +138,8 @@ def estimate_section(title: str, estimate: Estimate) -> str:
                 + "</tr>"
             )
         heads = "".join(f"<th>{DECISION_NAMES[k]} (95% CI)</th>" for k in decision_keys)
-        rule = estimate.operating_point
-        how = (
-            "chosen once for the magnifications with enough patients on their out-of-fold "
-            "predictions with each magnification's offset taken out, then moved back by it"
-            if estimate.magnification_thresholds == "shared"
-            else "chosen on its out-of-fold predictions"
-        )
-        about = (
-            f"<p class=how>Each magnification is decided at its own threshold ({html.escape(rule)}"
-            f", {how}; a magnification with too few patients takes the pooled one).</p>"
-            if rule
-            else ""
-        )
         table += (
-            "<h3>Per magnification</h3>" + about + "<table class=fig><tr><th>Magnification</th>"
+            "<h3>Per magnification</h3>" + _thresholds_about(estimate) + "<table class=fig><tr><th>Magnification</th>"
             f"<th>Images</th><th>Patients</th><th>Patients per class</th>"
             f"<th>{ESTIMATE_KEYS[key]}</th>"
             + (f"<th>Threshold</th>{heads}" if decision_keys else "")
