@@ -139,7 +139,9 @@ def estimate_section(title: str, estimate: Estimate) -> str:
             )
         heads = "".join(f"<th>{DECISION_NAMES[k]} (95% CI)</th>" for k in decision_keys)
         table += (
-            "<h3>Per magnification</h3>" + _thresholds_about(estimate) + "<table class=fig><tr><th>Magnification</th>"
+            "<h3>Per magnification</h3>"
+            + _thresholds_about(estimate)
+            + "<table class=fig><tr><th>Magnification</th>"
             f"<th>Images</th><th>Patients</th><th>Patients per class</th>"
             f"<th>{ESTIMATE_KEYS[key]}</th>"
             + (f"<th>Threshold</th>{heads}" if decision_keys else "")
