@@ -1,11 +1,12 @@
 """The operating points of issue 26 on the protocol: what each fold's shipped decision does on
 its held-out groups, per magnification and per patient, against the estimate ``train`` prints.
 
-Used by ``generalisation.py`` for the default configuration: each fold's model decides its
-held-out groups' images (every magnification) at the thresholds its checkpoint stores (chosen on
-the fold's own training groups' out-of-fold predictions), under the default rule (Youden per
-magnification) and under ``sensitivity:0.95`` (chosen again from the same stored predictions, as
-``histolens calibrate`` does). Held-out figures pool the repeats; their 95% CIs resample patient
+Used by ``generalisation.py`` for the default configuration (``--operating-points-all``: every
+configuration): each fold's model decides its held-out groups' images (every magnification) at
+the thresholds its checkpoint stores (chosen on the fold's own training groups' out-of-fold
+predictions), under the default rule (Youden per magnification) and under ``sensitivity:0.95``
+and ``specificity:0.95`` (chosen again from the same stored predictions, as ``histolens
+calibrate`` does). Held-out figures pool the repeats; their 95% CIs resample patient
 groups (a group's images in every repeat move together). The estimate is that of one ``train``
 of the default on all groups (5-fold patient-level cross-validation), as a user would see it.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-RULES = ("youden", "sensitivity:0.95")
+RULES = ("youden", "sensitivity:0.95", "specificity:0.95")
+REFERENCE = 200  # the magnification the scored one's logit gap is measured from
 SCORED = 100  # the magnification whose thresholds' noise the report shows
 
 
@@ -40,6 +42,10 @@ class HeldOut:
     # Per fold, the scored magnification's youden threshold: its value, its training patients
     # (benign, malignant) and its sd in logit, chosen each way, when those are bootstrapped.
     fold_thr: list[tuple[float, tuple[int, int], dict[str, float]]] = field(default_factory=list)
+    # Per fold, the scored magnification's mean logit minus REFERENCE's, per class (benign,
+    # malignant), over the fold's training patients' out-of-fold predictions: whether
+    # magnification moves both classes alike (what the shared choice assumes).
+    fold_gap: list[tuple[float, float]] = field(default_factory=list)
 
     def add_fold(self, run_dir: Path, test_recs, positive: str, repeat: int) -> None:
         """The fold's held-out rows from its predictions.csv and its checkpoint's decision."""
@@ -52,6 +58,10 @@ class HeldOut:
         if scored in ops.thresholds:
             noise = _threshold_noise(ops, scored)
             self.fold_thr.append((ops.thresholds[scored], ops.patients[scored], noise))
+        if ops.has_predictions:
+            gap = _class_gaps(ops, scored, str(REFERENCE))
+            if gap is not None:
+                self.fold_gap.append(gap)
         by_path = {r.path: r for r in test_recs}
         with open(run_dir / "predictions.csv", newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
@@ -101,6 +111,26 @@ def _threshold_noise(ops, stratum: str, n_boot: int = 200, seed: int = 0) -> dic
         for m, t in chosen.items():
             out[m].append(float(logit(np.clip(t, 1e-6, 1 - 1e-6))))
     return {m: float(np.std(v)) for m, v in out.items()}
+
+
+def _class_gaps(ops, stratum: str, reference: str) -> tuple[float, float] | None:
+    """Per class, the mean over patients of each patient's mean logit at ``stratum`` minus the
+    same at ``reference`` (None when a class is missing at either)."""
+    from scipy.special import logit
+
+    z = logit(np.clip(ops.p, 1e-6, 1 - 1e-6))
+    strata = np.asarray(ops.strata, dtype=object)
+    out = []
+    for c in (0, 1):
+        level = []
+        for s in (stratum, reference):
+            at = (strata == s) & (ops.y == c)
+            pats = np.unique(ops.patient_codes[at])
+            if not len(pats):
+                return None
+            level.append(np.mean([z[at & (ops.patient_codes == q)].mean() for q in pats]))
+        out.append(float(level[0] - level[1]))
+    return out[0], out[1]
 
 
 def _window(p: np.ndarray, y: np.ndarray, target: float = 0.75) -> str:
@@ -205,6 +235,14 @@ def report(h: HeldOut, estimate: dict, scored: int = 100) -> list[str]:
             lines.append(
                 f"    its sd in logit when the fold's training patients are bootstrapped, chosen "
                 f"{way}: {sd.min():.2f}-{sd.max():.2f} (median {np.median(sd):.2f})"
+            )
+        if h.fold_gap:
+            gaps = np.array(h.fold_gap)
+            lines.append(
+                f"    {scored}X minus {REFERENCE}X mean logit of the folds' training patients "
+                f"(out-of-fold): benign {gaps[:, 0].min():+.2f} to {gaps[:, 0].max():+.2f} "
+                f"(median {np.median(gaps[:, 0]):+.2f}), malignant {gaps[:, 1].min():+.2f} to "
+                f"{gaps[:, 1].max():+.2f} (median {np.median(gaps[:, 1]):+.2f})"
             )
         shared = np.array([n["shared"] for n in noise])
         separate = np.array([n["separate"] for n in noise])

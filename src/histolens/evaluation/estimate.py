@@ -167,7 +167,9 @@ def build_estimate(
         # Binary: the median of the images' thresholds (per magnification), as the block's.
         threshold=float(result.threshold) if overall.threshold is None else overall.threshold,
         operating_point=None if op is None else str(op.rule),
-        magnification_thresholds=None if op is None or not op.thresholds else op.method,
+        magnification_thresholds=(
+            None if op is None or not op.thresholds else ("shared" if op.shared else "separate")
+        ),
         operating_points=None if op is None else op.table(),
         n_images=overall.n_images,
         n_patients=overall.n_patients,

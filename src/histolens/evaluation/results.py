@@ -250,8 +250,9 @@ class Estimate(_Record):
     classes: list[str] = _spec(always=True, factory=list, api=False)
     threshold: float | None = _spec(always=True)
     operating_point: str | None = _spec()
-    # How the magnifications' thresholds were chosen: "shared" or "separate" (None: before
-    # the shared choice existed, which chose separately).
+    # How the magnifications' thresholds were chosen: "shared" (several magnifications shared
+    # one choice) or "separate"; None: no magnification had a threshold of its own (or the
+    # estimate predates the shared choice, which chose separately).
     magnification_thresholds: str | None = _spec()
     operating_points: list[dict[str, Any]] | None = _spec(api=False)
     n_images: int | None = _spec(always=True)

@@ -94,7 +94,7 @@ def _thresholds_text(meta: CheckpointMetadata) -> str:
     if ops is None:
         return f"{meta.threshold:.3f}"
     own = ", ".join(f"{m}X {t:.3f}" for m, t in ops.thresholds.items())
-    way = "one shared choice moved by each one's offset" if ops.offsets else "each on its own"
+    way = "one shared choice moved by each one's offset" if ops.shared else "each on its own"
     where = f" ({html.escape(str(ops.rule))} per magnification, {way}: {own})" if own else ""
     return f"{ops.pooled:.3f} pooled{where}"
 

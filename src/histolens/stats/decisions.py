@@ -42,9 +42,9 @@ __all__ = [
     "fit_on_logits",
 ]
 
-# The stored predictions keep 6 decimals (to_dict). The shared choice takes the logits of
-# probabilities rounded so, within [1e-6, 1 - 1e-6] (about +/-13.8): its offsets are means of
-# logits, and this way the checkpoint's predictions give back the same thresholds (calibrate).
+# The stored predictions keep 6 decimals (to_dict), and thresholds are chosen on predictions
+# rounded so (numpy's rounding; Python's round of the result gives the same float). The shared
+# choice takes logits within [1e-6, 1 - 1e-6] (about +/-13.8).
 STORED_DECIMALS = 6
 PROBABILITY_FLOOR = 10.0**-STORED_DECIMALS
 
@@ -99,7 +99,9 @@ class OperatingPoints:
         p = np.asarray(p, dtype=np.float64)
         strata = _strata(magnifications, len(y))
         ok = np.isfinite(p)
-        y, p, strata = y[ok], p[ok], strata[ok]
+        # Chosen on the probabilities as the checkpoint stores them (to_dict), so that choosing
+        # again on the stored ones (calibrate) gives back these thresholds exactly.
+        y, p, strata = y[ok], np.round(p[ok], STORED_DECIMALS), strata[ok]
         _, codes = np.unique(np.asarray(patients, dtype=str)[ok], return_inverse=True)
         codes = codes.astype(np.int64)
         # Every patient counts once in the rates a threshold is chosen by (patient_weights).
@@ -133,6 +135,12 @@ class OperatingPoints:
             return ops
         thresholds = ops.thresholds_for(strata)
         return replace(ops, patient=PatientDecision.fit(rule, p, y, codes, thresholds))
+
+    @property
+    def shared(self) -> bool:
+        """Whether several magnifications shared one choice (``method`` shared, and more than
+        one magnification with a threshold of its own, under a rule other than fixed)."""
+        return bool(self.offsets)
 
     @property
     def has_predictions(self) -> bool:
@@ -195,7 +203,10 @@ class OperatingPoints:
         if stratum not in self.thresholds:
             return "pooled (too few patients)"
         if stratum in self.offsets:
-            return f"shared, offset {self.offsets[stratum]:+.2f} logit"
+            # Offsets are from the lowest magnification chosen on together (its offset is 0).
+            base = next((s for s, v in self.offsets.items() if v == 0.0), None)
+            where = f" from {base}X" if base is not None else ""
+            return f"shared, offset {self.offsets[stratum]:+.2f} logit{where}"
         return "own"
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +224,7 @@ class OperatingPoints:
         }
         if self.has_predictions:
             out["predictions"] = {
+                # Rounded in fit already: this only drops float noise from the JSON text.
                 "p": [round(float(v), STORED_DECIMALS) for v in self.p],  # type: ignore[union-attr]
                 "y": [int(v) for v in self.y],  # type: ignore[union-attr]
                 "patients": [int(v) for v in self.patient_codes],  # type: ignore[union-attr]
@@ -276,10 +288,8 @@ def _shared_thresholds(
     from scipy.special import expit, logit
 
     at = np.isin(strata, eligible)
-    # Offsets are means of logits, so every digit of a probability counts: take them as the
-    # checkpoint stores them, so that its predictions give back these thresholds (calibrate).
-    stored = np.round(p[at], STORED_DECIMALS)
-    z = logit(np.clip(stored, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR))
+    # ``p`` is rounded as the checkpoint stores it (fit); 0 and 1 are kept off infinity.
+    z = logit(np.clip(p[at], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR))
     offsets = magnification_offsets(z, y[at], codes[at], strata[at])
     shift = np.array([offsets[s] for s in strata[at]])
     t = choose_threshold_for(rule, y[at], expit(z - shift), patient_weights(codes[at]))

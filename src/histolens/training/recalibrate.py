@@ -195,7 +195,8 @@ def recalibrate_checkpoint(
     elif stored is not None:
         stale = (
             f"This estimate was measured at the operating point the model was trained with; "
-            f"its decision is now {rule} (histolens calibrate). Evaluate it on held-out "
+            f"its decision is now {rule}, thresholds per magnification {method} (histolens "
+            "calibrate). Evaluate it on held-out "
             "patients again (histolens evaluate)."
         )
         changes["estimate"] = replace(stored, warnings=[*stored.warnings, stale]).to_dict()

@@ -153,7 +153,9 @@ _ESTIMATE_DOCS: dict[str, dict[str, Any]] = {
     "magnification_thresholds": dict(
         description="How the magnifications' thresholds were chosen: 'shared' (one choice on "
         "probabilities with each magnification's offset taken out, moved back by it) or "
-        "'separate' (each on its own images); absent before the shared choice existed.",
+        "'separate' (each on its own images); null when no magnification has a threshold of "
+        "its own (one class of too few patients everywhere, slides) or for an estimate from "
+        "before the shared choice existed.",
     ),
 }
 
