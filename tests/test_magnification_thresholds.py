@@ -343,6 +343,14 @@ def test_the_configured_way_reaches_the_checkpoint_through_both_heads(synth_smal
     meta = read_metadata(tmp_path / "probe")
     assert meta.decision.method == "shared"
     assert meta.run_config.train.magnification_thresholds == "shared"
+    # Calibrated twice, the estimate names only the latest choice.
+    again = CliRunner().invoke(
+        main, ["calibrate", str(tmp_path / "probe"), "--operating-point", "sensitivity:0.9"]
+    )
+    assert again.exit_code == 0, again.output
+    method = read_metadata(tmp_path / "probe").estimate["method"]
+    assert method.count("chosen again by histolens calibrate") == 1
+    assert "operating point sensitivity:0.9 chosen again" in method
     # A run config saved before the shared choice existed reads as separate (resume and the
     # checkpoint's run_config); a new one defaults to shared.
     saved = RunConfig().to_dict()
@@ -378,7 +386,7 @@ def test_the_estimate_the_report_and_the_terminal_say_which_way():
         assert est.magnification_thresholds == way
         assert words in "\n".join(estimate_lines(est))
         html = estimate_section("Estimate", est)
-        assert ("offset taken out" in html) == (way == "shared")
+        assert ("moved to each by its offset" in html) == (way == "shared")
         assert "<b>Method:</b> 5-fold patient-level cross-validation." in html
     # Asked to share, but only 100X has enough patients: nothing was shared, and the estimate
     # says so.

@@ -74,8 +74,8 @@ def _thresholds_about(estimate: Estimate) -> str:
     if not rule:
         return ""
     chosen = (
-        "chosen once for the magnifications with enough patients on their out-of-fold "
-        "predictions with each magnification's offset taken out, then moved back by it"
+        "one choice on the out-of-fold predictions, shared by the magnifications with enough "
+        "patients and moved to each by its offset"
         if estimate.magnification_thresholds == "shared"
         else "chosen on its out-of-fold predictions"
     )

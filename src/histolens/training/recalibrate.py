@@ -35,6 +35,7 @@ __all__ = ["Recalibration", "cross_fitted_thresholds", "recalibrate_checkpoint"]
 # Patient folds the new estimate's thresholds are cross-fitted over (as training's default
 # --cv-folds).
 CROSS_FIT_FOLDS = 5
+_CHOSEN_AGAIN = "; operating point "  # how an estimate's method names a later choice
 
 
 @dataclass
@@ -129,8 +130,10 @@ def _estimate_again(
     member = leave_one_patient_out_sets(
         centred, ops.y, ops.patient_codes, alpha, "probability", [s or None for s in ops.strata]
     )
+    # A model calibrated before says so once: the latest choice replaces the earlier one.
+    measured = old.method.split(_CHOSEN_AGAIN, 1)[0]
     method = (
-        f"{old.method}; operating point {rule} chosen again by histolens calibrate, its "
+        f"{measured}{_CHOSEN_AGAIN}{rule} chosen again by histolens calibrate, its "
         f"thresholds cross-fitted over {CROSS_FIT_FOLDS} patient folds"
     )
     with_referrals(
