@@ -39,6 +39,25 @@ def _exact_rows(counts: dict[str, tuple[int, int]], images: int = 4):
     return z.astype(float), y.astype(int), patients.astype(str), mags.astype(str)
 
 
+def _sampled(rng, counts: dict[str, tuple[int, int]], patient_sd: float, image_sd: float):
+    """Rows (logit, label, patient, magnification) of a location-shift population: each
+    patient's level is its class level + its magnification's offset + N(0, patient_sd), and
+    its 3 images scatter about it by N(0, image_sd)."""
+    rows = []
+    for mag, (n_benign, n_malignant) in counts.items():
+        for y, n in ((0, n_benign), (1, n_malignant)):
+            for k in range(n):
+                c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, patient_sd)
+                rows += [(c + rng.normal(0, image_sd), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
+    return rows
+
+
+def _arrays(rows):
+    """Rows as (probabilities, labels, patients, magnifications) arrays."""
+    z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
+    return expit(z.astype(float)), y.astype(int), q.astype(str), m.astype(str)
+
+
 def test_offsets_are_recovered_from_unbalanced_classes_and_magnifications():
     z, y, patients, mags = _exact_rows({"100": (4, 10), "200": (5, 17), "400": (3, 3)})
     off = magnification_offsets(z, y, patients, mags)
@@ -85,20 +104,13 @@ def test_shared_thresholds_sit_one_offset_apart_and_separate_ones_need_not():
 
 def test_adding_a_patient_at_another_magnification_moves_a_shared_threshold_only():
     rng = np.random.default_rng(1)
-    base = []
-    for mag in ("100", "200"):
-        for y in (0, 1):
-            for k in range(4):
-                c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, 0.8)
-                base += [(c + rng.normal(0, 0.3), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
+    base = _sampled(rng, {"100": (4, 4), "200": (4, 4)}, 0.8, 0.3)
     # One more benign patient at 200X, scoring high: it takes part in the shared choice.
     extra = [(A_MALIGNANT + 0.4 + 0.01 * i, 0, "200-0-extra", "200") for i in range(3)]
 
     def fit(rows, method):
-        z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
-        return OperatingPoints.fit(
-            "youden", y.astype(int), expit(z.astype(float)), q.astype(str), list(m), method=method
-        )
+        p, y, q, m = _arrays(rows)
+        return OperatingPoints.fit("youden", y, p, q, list(m), method=method)
 
     assert fit(base, "separate").threshold_for(100) == fit(base + extra, "separate").threshold_for(
         100
@@ -114,22 +126,10 @@ def test_a_shared_threshold_varies_less_over_samples_of_few_patients():
     rng = np.random.default_rng(2)
     chosen = {"shared": [], "separate": []}
     for _ in range(400):
-        rows = []
-        for mag, n_benign, n_malignant in (("100", 3, 10), ("200", 12, 20)):
-            for y, n in ((0, n_benign), (1, n_malignant)):
-                for k in range(n):
-                    c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, 1.0)
-                    rows += [(c + rng.normal(0, 0.4), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
-        z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
+        p, y, q, m = _arrays(_sampled(rng, {"100": (3, 10), "200": (12, 20)}, 1.0, 0.4))
         for method in chosen:
             ops = OperatingPoints.fit(
-                "youden",
-                y.astype(int),
-                expit(z.astype(float)),
-                q.astype(str),
-                list(m),
-                keep_predictions=False,
-                method=method,
+                "youden", y, p, q, list(m), keep_predictions=False, method=method
             )
             chosen[method].append(logit(ops.threshold_for(100)))
     sd = {k: float(np.std(v)) for k, v in chosen.items()}
@@ -165,38 +165,19 @@ def test_the_way_and_offsets_travel_through_the_checkpoint_and_calibrate(tmp_pat
     update_metadata(ckpt, operating_points=ops.to_dict(), threshold=ops.pooled)
     back = read_metadata(ckpt).decision
     assert back.method == "shared" and back.offsets == pytest.approx(ops.offsets)
-    # Calibrate keeps the stored way unless asked; asked, it says so in the saved config.
+    # Calibrate keeps the stored way unless asked (the saved config: the next test).
     runner = CliRunner()
     result = runner.invoke(main, ["calibrate", str(ckpt), "--operating-point", "sensitivity:0.9"])
     assert result.exit_code == 0, result.output
     assert read_metadata(ckpt).decision.method == "shared"
     assert "shared, offset" in result.output
-    result = runner.invoke(
-        main,
-        [
-            "calibrate",
-            str(ckpt),
-            "--operating-point",
-            "youden",
-            "--magnification-thresholds",
-            "separate",
-        ],
-    )
+    asked = ["calibrate", str(ckpt), "--operating-point", "youden", "--magnification-thresholds"]
+    result = runner.invoke(main, [*asked, "separate"])
     assert result.exit_code == 0, result.output
     meta = read_metadata(ckpt)
     assert meta.decision.method == "separate" and meta.decision.offsets == {}
     assert "(own;" in result.output
-    bad = runner.invoke(
-        main,
-        [
-            "calibrate",
-            str(ckpt),
-            "--operating-point",
-            "youden",
-            "--magnification-thresholds",
-            "pooled",
-        ],
-    )
+    bad = runner.invoke(main, [*asked, "pooled"])
     assert bad.exit_code == 2 and "'pooled' is not one of" in bad.output
 
 
@@ -246,14 +227,7 @@ def test_thresholds_come_back_exactly_from_the_checkpoints_predictions():
 
 def test_sensitivity_rules_and_a_thin_magnification_under_the_shared_choice():
     rng = np.random.default_rng(6)
-    rows = []
-    for mag, n_benign, n_malignant in (("100", 4, 10), ("200", 6, 14), ("400", 2, 3)):
-        for y, n in ((0, n_benign), (1, n_malignant)):
-            for k in range(n):
-                c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, 0.8)
-                rows += [(c + rng.normal(0, 0.3), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
-    z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
-    y, p, q = y.astype(int), expit(z.astype(float)), q.astype(str)
+    p, y, q, m = _arrays(_sampled(rng, {"100": (4, 10), "200": (6, 14), "400": (2, 3)}, 0.8, 0.3))
     ops = OperatingPoints.fit("sensitivity:0.95", y, p, q, list(m))
     # 400X has 2 benign patients: it borrows the pooled threshold and takes no part in the
     # shared choice (no offset of its own).
@@ -289,16 +263,8 @@ def test_cross_fitted_thresholds_follow_the_way_asked():
     from histolens.training.recalibrate import cross_fitted_thresholds
 
     rng = np.random.default_rng(7)
-    rows = []
-    for mag in ("100", "200"):
-        for y in (0, 1):
-            for k in range(8):
-                c = (A_MALIGNANT if y else A_BENIGN) + B[mag] + rng.normal(0, 1.0)
-                rows += [(c + rng.normal(0, 0.3), y, f"{mag}-{y}-{k}", mag) for _ in range(3)]
-    z, y, q, m = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
-    ops = OperatingPoints.fit(
-        "youden", y.astype(int), expit(z.astype(float)), q.astype(str), list(m), method="separate"
-    )
+    p, y, q, m = _arrays(_sampled(rng, {"100": (8, 8), "200": (8, 8)}, 1.0, 0.3))
+    ops = OperatingPoints.fit("youden", y, p, q, list(m), method="separate")
     rule = parse_operating_point("youden")
     # Without a way asked, the stored one (separate here, not the default).
     separate = cross_fitted_thresholds(ops, rule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from histolens.cli.options import checkpoint_argument
+from histolens.cli.options import checkpoint_argument, magnification_thresholds_option
 
 
 @click.command("calibrate")
@@ -16,12 +16,7 @@ from histolens.cli.options import checkpoint_argument
     "(confirmation: few benign cases called malignant); thresholds per magnification, chosen "
     "as --magnification-thresholds says.",
 )
-@click.option(
-    "--magnification-thresholds",
-    type=click.Choice(["shared", "separate"]),
-    help="shared: one choice over all magnifications with enough patients, each moved by its "
-    "offset; separate: each on its own images (default: as the checkpoint chose).",
-)
+@magnification_thresholds_option("as the checkpoint chose")
 def calibrate_command(checkpoint, operating_point, magnification_thresholds):
     """Choose the decision threshold per magnification again from the stored out-of-fold
     predictions, and rewrite the checkpoint (no retraining)."""

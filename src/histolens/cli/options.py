@@ -209,6 +209,23 @@ def alpha_option(
     )
 
 
+# The ways of choosing thresholds per magnification (histolens.stats.operating_points
+# .MAGNIFICATION_THRESHOLDS, spelled out to keep this module's imports light).
+MAGNIFICATION_THRESHOLD_WAYS = ("shared", "separate")
+
+
+def magnification_thresholds_option(default: str) -> Decorator:
+    """``--magnification-thresholds shared|separate``; ``default`` says, in words, what holds
+    without it."""
+    return click.option(
+        "--magnification-thresholds",
+        type=click.Choice(MAGNIFICATION_THRESHOLD_WAYS),
+        help="shared: one choice over the magnifications with enough patients, on probabilities "
+        "with each magnification's offset taken out, moved back by it; separate: each on its "
+        f"own images (default: {default}).",
+    )
+
+
 def seed_option(default: int | None = None, help: str | None = None) -> Decorator:
     """``--seed``; None as the default means "the config's seed"."""
     return click.option(

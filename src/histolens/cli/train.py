@@ -20,6 +20,7 @@ from histolens.cli.options import (
     epochs_option,
     lr_option,
     magnification_option,
+    magnification_thresholds_option,
     out_option,
     path_option,
     pretrained_option,
@@ -181,12 +182,7 @@ def _run_config(recipe: str, config_file, flags: dict, extra: dict):
     "predictions: youden (default), sensitivity:0.95 (screening) or specificity:0.95 "
     "(confirmation).",
 )
-@click.option(
-    "--magnification-thresholds",
-    type=click.Choice(["shared", "separate"]),
-    help="shared (default): one choice over all magnifications with enough patients, on "
-    "probabilities with each magnification's offset taken out; separate: each on its own images.",
-)
+@magnification_thresholds_option("shared")
 @alpha_option(
     help="Error level of the prediction sets (default 0.1): a new patient's image has its true "
     "class in its set with probability 1 - alpha; sets of several classes mean 'refer'."
