@@ -196,6 +196,10 @@ def test_an_unknown_way_is_refused_in_one_sentence(synth_small):
     from histolens.cli.commands import main
     from histolens.config import RunConfig
 
+    from histolens.cli.options import MAGNIFICATION_THRESHOLD_WAYS
+    from histolens.stats.operating_points import MAGNIFICATION_THRESHOLDS
+
+    assert MAGNIFICATION_THRESHOLD_WAYS == MAGNIFICATION_THRESHOLDS  # the CLI offers them all
     with pytest.raises(ConfigError, match="use shared or separate"):
         check_magnification_thresholds("pooled")
     with pytest.raises(ConfigError, match="use shared or separate"):
