@@ -194,9 +194,8 @@ def test_operating_points_stored_before_the_shared_way_read_as_separate():
 
 def test_an_unknown_way_is_refused_in_one_sentence(synth_small):
     from histolens.cli.commands import main
-    from histolens.config import RunConfig
-
     from histolens.cli.options import MAGNIFICATION_THRESHOLD_WAYS
+    from histolens.config import RunConfig
     from histolens.stats.operating_points import MAGNIFICATION_THRESHOLDS
 
     assert MAGNIFICATION_THRESHOLD_WAYS == MAGNIFICATION_THRESHOLDS  # the CLI offers them all
