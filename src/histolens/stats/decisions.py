@@ -30,6 +30,7 @@ from histolens.stats.operating_points import (
     magnification_offsets,
     parse_operating_point,
     patient_weights,
+    stratum_sort_key,
 )
 from histolens.stats.stored import read_stored
 
@@ -106,18 +107,24 @@ class OperatingPoints:
         codes = codes.astype(np.int64)
         # Every patient counts once in the rates a threshold is chosen by (patient_weights).
         pooled = choose_threshold_for(rule, y, p, patient_weights(codes))
-        own: dict[str, float] = {}
         counts: dict[str, tuple[int, int]] = {}
-        for s in sorted(set(strata.tolist()) - {""}, key=_stratum_order):
+        for s in sorted(set(strata.tolist()) - {""}, key=stratum_sort_key):
             at = strata == s
-            n_neg = len(np.unique(codes[at & (y == 0)]))
-            n_pos = len(np.unique(codes[at & (y == 1)]))
-            counts[s] = (n_neg, n_pos)
-            if min(n_neg, n_pos) >= MIN_PATIENTS_PER_CLASS:
-                own[s] = choose_threshold_for(rule, y[at], p[at], patient_weights(codes[at]))
+            counts[s] = (
+                len(np.unique(codes[at & (y == 0)])),
+                len(np.unique(codes[at & (y == 1)])),
+            )
+        eligible = [s for s, n in counts.items() if min(n) >= MIN_PATIENTS_PER_CLASS]
         offsets: dict[str, float] = {}
-        if method == "shared" and len(own) > 1 and rule.kind != "fixed":
-            own, offsets = _shared_thresholds(rule, y, p, codes, strata, list(own))
+        if method == "shared" and len(eligible) > 1 and rule.kind != "fixed":
+            own, offsets = _shared_thresholds(rule, y, p, codes, strata, eligible)
+        else:
+            own = {
+                s: choose_threshold_for(
+                    rule, y[strata == s], p[strata == s], patient_weights(codes[strata == s])
+                )
+                for s in eligible
+            }
         keep = keep_predictions
         ops = cls(
             rule,
@@ -295,13 +302,6 @@ def _shared_thresholds(
     t = choose_threshold_for(rule, y[at], expit(z - shift), patient_weights(codes[at]))
     t_logit = float(logit(np.clip(t, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)))
     return {s: float(expit(t_logit + offsets[s])) for s in eligible}, offsets
-
-
-def _stratum_order(key: str) -> float:
-    try:
-        return float(key)
-    except ValueError:
-        return float("inf")
 
 
 def fit_on_logits(

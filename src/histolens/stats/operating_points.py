@@ -54,6 +54,7 @@ __all__ = [
     "parse_operating_point",
     "patient_weights",
     "rule_from_train_config",
+    "stratum_sort_key",
 ]
 
 # A magnification chooses its own threshold only with at least this many patients of each class
@@ -150,8 +151,8 @@ def magnification_offsets(
     in sorted order is 0), fitted by least squares with every cell counting once. Magnification
     moves both classes' logits alike (on breakhis-dev's 15 protocol folds the training patients'
     100X logits sat below 200X by a median of 1.31 for benign and 1.21 for malignant patients:
-    benchmarks/results/generalisation-binary.txt, run 15), so an offset rests on all of a magnification's patients,
-    not only on the few of its rarer class. Every stratum in ``strata`` needs patients of both
+    benchmarks/results/generalisation-binary.txt, run 15), so an offset rests on all of a
+    magnification's patients, not only on the few of its rarer class. Every stratum in ``strata`` needs patients of both
     classes or of a class also seen elsewhere; the caller passes only magnifications that have
     :data:`MIN_PATIENTS_PER_CLASS` of each.
     """
@@ -159,7 +160,7 @@ def magnification_offsets(
     y = np.asarray(y).astype(int)
     patients = np.asarray(patients)
     strata = np.asarray(strata, dtype=object)
-    keys = sorted(set(strata.tolist()), key=_stratum_key)
+    keys = sorted(set(strata.tolist()), key=stratum_sort_key)
     if len(keys) < 2:
         return {k: 0.0 for k in keys}
     col = {k: i for i, k in enumerate(keys)}
@@ -177,7 +178,9 @@ def magnification_offsets(
     return {k: (0.0 if col[k] == 0 else float(coef[1 + col[k]])) for k in keys}
 
 
-def _stratum_key(key: str) -> tuple[float, str]:
+def stratum_sort_key(key: str) -> tuple[float, str]:
+    """Magnification strata in order: numeric ones by value ("40" before "100"), others after,
+    by name."""
     try:
         return (float(key), key)
     except ValueError:

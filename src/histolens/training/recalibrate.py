@@ -93,22 +93,19 @@ def _stored_predictions(path: Path, meta) -> OperatingPoints:
 
 
 def _estimate_again(
-    meta,
-    old: Estimate,
-    ops: OperatingPoints,
-    rule: OperatingPointRule,
-    alpha: float,
-    thresholds_way: str,
+    meta, old: Estimate, ops: OperatingPoints, decision: OperatingPoints, alpha: float
 ) -> Estimate:
-    """The stored estimate measured again at ``rule`` from the out-of-fold predictions."""
+    """The stored estimate measured again from the stored out-of-fold predictions (``ops``, as
+    the checkpoint holds them) at the new ``decision`` (its rule and way, chosen on them)."""
     from histolens.evaluation.estimate import build_estimate
     from histolens.evaluation.metrics import EvalResult, PredictionRow, with_referrals
     from histolens.stats.conformal import centred_probabilities
     from histolens.stats.conformal_metrics import leave_one_patient_out_sets
 
     classes = meta.class_names
+    rule = decision.rule
     thresholds = cross_fitted_thresholds(
-        ops, rule, seed=int(meta.run_config.data.seed), method=thresholds_way
+        ops, rule, seed=int(meta.run_config.data.seed), method=decision.method
     )
     centred = centred_probabilities(np.stack([1 - ops.p, ops.p], axis=1), thresholds)
     rows = [
@@ -139,8 +136,7 @@ def _estimate_again(
     with_referrals(
         ev, member, None, alpha, "leave-one-patient-out over the out-of-fold predictions"
     )
-    new_ops = ops.refit(rule, thresholds_way)
-    return build_estimate(ev, method, old.description, seed=0, decision=new_ops)
+    return build_estimate(ev, method, old.description, seed=0, decision=decision)
 
 
 def recalibrate_checkpoint(
@@ -193,7 +189,7 @@ def recalibrate_checkpoint(
         changes["conformal"] = new.to_dict()
     estimate, stored = None, stored_estimate(meta)
     if stored is not None and "cross-validation" in stored.method:
-        estimate = _estimate_again(meta, stored, before, rule, alpha, method)
+        estimate = _estimate_again(meta, stored, before, after, alpha)
         changes["estimate"] = estimate.to_dict()
     elif stored is not None:
         stale = (
